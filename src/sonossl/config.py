@@ -1,0 +1,155 @@
+"""Typed parameters, read from ``params.yaml``.
+
+``params.yaml`` is the single place where a user changes a run. It holds named profiles (``tiny`` for tests,
+``default`` for ``dvc repro`` on two cores, ``gpu`` for full size) and ``profile:`` picks the active one:
+
+    params = load_params("params.yaml")               # the active profile
+    params = load_params("params.yaml", profile="tiny")
+    params.simulate.videos, params.preprocess.size
+
+Unknown keys and wrongly typed values fail here, at load time, naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES = ("tiny", "default", "gpu")
+
+
+@dataclass(frozen=True)
+class SimulateParams:
+    """The fetal sweep simulator (see SIMULATOR.md and ``sonossl.data.simulate``)."""
+
+    videos: int = 8  # number of sweeps, one virtual fetus each
+    seconds: float = 10.0  # length of each sweep
+    fps: float = 20.0  # frame rate of the written video
+    height: int = 192  # frame height in pixels; the width is 4/3 of it (the overlay sits beside the fan)
+    beams: int = 160  # beam lines across the sector (lateral sampling before scan conversion)
+    samples: int = 288  # samples along each beam (axial sampling)
+    saliency_size: int = 48  # side of the stored saliency maps, which cover the whole frame
+    crf: int = 18  # H.264 quality (0 = lossless)
+    seed: int = 0
+    workers: int = 0  # parallel processes; 0 = one per core
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Fractions of videos (or patients, where ``patient_id`` is given) per split; test takes the rest."""
+
+    train: float = 0.7
+    val: float = 0.15
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """Raw videos -> clip dataset (see ``sonossl.data.clips``)."""
+
+    size: int = 112  # side of the square output frames
+    fps: float | None = None  # resample to this frame rate; null keeps the source rate
+    saliency_size: int = 32  # side of the stored saliency targets
+    max_frames: int | None = None  # per video, after resampling; null keeps all
+    blank_mean: float = 8.0  # a frame whose sector crop has a mean grey level below this is dropped ...
+    blank_std: float = 3.0  # ... and so is one whose grey-level standard deviation is below this
+    max_reject_fraction: float = 0.25  # fail when more than this share of the listed videos is unusable
+    workers: int = 0  # parallel processes; 0 = one per core
+    seed: int = 0  # split assignment
+    split: SplitParams = field(default_factory=SplitParams)
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str
+    simulate: SimulateParams
+    preprocess: PreprocessParams
+    datasets: dict[str, str]
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking names and types; ``where`` names the place in the file."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{where}.{name}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        return str(value)
+    raise ParamsError(f"{where}: unsupported parameter type {tp}")  # pragma: no cover
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: parameter file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    profile = profile or doc.get("profile", "default")
+    if profile not in PROFILES:
+        raise ParamsError(f"{path}: profile {profile!r} is not one of {list(PROFILES)}")
+    if profile not in doc:
+        raise ParamsError(f"{path}: the active profile {profile!r} has no block in the file")
+    block = doc[profile] or {}
+    known = {"simulate", "preprocess"}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ParamsError(f"{path}: {profile}: unknown section(s) {unknown}; valid sections are {sorted(known)}")
+    return Params(
+        profile=profile,
+        simulate=_build(SimulateParams, block.get("simulate"), f"{path}: {profile}.simulate"),
+        preprocess=_build(PreprocessParams, block.get("preprocess"), f"{path}: {profile}.preprocess"),
+        datasets=_coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets"),
+    )
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """Plain-dict view of a parameter dataclass, for ``meta.json`` and model cards."""
+    return dataclasses.asdict(obj)
