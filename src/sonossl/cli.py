@@ -43,13 +43,14 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_contact_sheet(args: argparse.Namespace) -> int:
     from sonossl.data.contact_sheet import contact_sheet
 
-    path = contact_sheet(args.raw, args.out, per_class=args.per_class, seed=args.seed)
+    path = contact_sheet(args.raw, args.out, per_class=args.per_class, seed=args.seed, real=args.real)
     print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sonossl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sonossl", description="Self-supervised learning for ultrasound video: the pipeline's steps.")
     parser.add_argument("--version", action="version", version=f"sonossl {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--per-class", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", type=Path, default=None, help="another raw dataset to show below (real videos)")
     p.set_defaults(func=_cmd_contact_sheet)
     return parser
 

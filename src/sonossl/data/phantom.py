@@ -178,7 +178,7 @@ class Phantom:
         roll += rng.normal(0, 15)
         rotation = base @ _rot("z", roll)
         rotation = _rot("x", rng.normal(0, 8)) @ _rot("z", rng.normal(0, 12)) @ rotation  # tilt in the uterus
-        origin = np.array([rng.uniform(-15, 15), rng.uniform(-20, 20), rng.uniform(78, 92)])
+        origin = np.array([rng.uniform(-15, 15), rng.uniform(-20, 20), rng.uniform(82, 96)])
         pose = FetalPose(rotation=rotation, origin=origin, presentation=presentation, spine=spine)
 
         def limb(sign, y, z_down, spread):
@@ -196,11 +196,11 @@ class Phantom:
         shanks = tuple(limb(s, -0.2, 1.0, 0.1) for s in (1, -1))
         arms = tuple(limb(s, 0.8, 0.6, 0.35) for s in (1, -1))
         # The uterus holds the whole fetus (rump z=-40 to vertex z=116) with fluid around it.
-        uterus_c = origin + rotation @ np.array([0.0, 0.0, 38.0 * scale]) + np.array([0.0, 0.0, 12.0])
-        uterus_semi = np.array([rng.uniform(80, 95), rng.uniform(115, 130), rng.uniform(62, 72)])
-        placenta_dir = [np.array(v, float) for v in ([0, 0, -1], [0, 0, 1], [0, 1, 0], [0, -1, 0], [1, 0, 0])][
-            int(rng.integers(5))
-        ]
+        uterus_c = origin + rotation @ np.array([0.0, 0.0, 30.0 * scale]) + np.array([0.0, 0.0, 12.0])
+        uterus_semi = np.array([rng.uniform(80, 95), rng.uniform(125, 140), rng.uniform(62, 72)])
+        # Placenta: posterior, fundal, lateral or (less often) anterior, where it lies between probe and fetus.
+        sites = ([0, 0, 1], [0, 1, 0], [0, -1, 0], [1, 0, 0], [-1, 0, 0], [0, 0, -1])
+        placenta_dir = np.array(sites[int(rng.choice(6, p=[0.3, 0.15, 0.15, 0.15, 0.15, 0.1]))], float)
         cord = np.array([[0, 22, -14], [0, 33, -22], [8, 42, -8], [18, 44, 10], [26, 40, 26.0]])
         cord[2:] += rng.normal(0, 6, (3, 3))
         wall = (2.0, 2.0 + rng.uniform(8, 18), 0.0)
@@ -210,7 +210,7 @@ class Phantom:
 
     # ---- landmarks (fetal coordinates) used by the plane definitions ----
     def hip(self, side: int) -> np.ndarray:
-        return np.array([8.5 * side, -4.0, -28.0])
+        return np.array([9.5 * side, -3.0, -36.0])  # at the lower trunk surface: the thigh starts outside the body
 
     def femur_ends(self, side: int) -> tuple[np.ndarray, np.ndarray]:
         d = self.femur_dirs[0 if side > 0 else 1]
@@ -238,7 +238,7 @@ class Phantom:
         cavity = in_uterus & (rho <= 1.0 - 8.0 / self.uterus_semi.min())
         tid[cavity] = T["fluid"]
         side = rel @ self.placenta_dir / np.maximum(rho, 1e-6)
-        tid[cavity & (rho > 1.0 - 34.0 / self.uterus_semi.min()) & (side > 0.55)] = T["placenta"]
+        tid[cavity & (rho > 1.0 - 30.0 / self.uterus_semi.min()) & (side > 0.6)] = T["placenta"]
 
         # Fetal structures: only points near the fetus are worth evaluating.
         q = self.pose.to_fetal(w, self.scale)

@@ -119,6 +119,7 @@ def sonographer_path(
     start[4] = transverse_psi(0.0)
     p = start
     lost_done = False
+    visited: set[str] = set()
     reachable = {}
     for c in canon:
         if pose_for_plane(c, sector) is not None:
@@ -146,7 +147,10 @@ def sonographer_path(
             end[2:4] = rng.normal(0, 0.05, 2)
             p = move(p, end, seconds, "sweep")
             continue
-        name = list(reachable)[int(rng.integers(len(reachable)))]
+        # A sonographer works through a checklist: planes not yet visited in this sweep come first.
+        todo = [k for k in reachable if k not in visited] or list(reachable)
+        name = todo[int(rng.integers(len(todo)))]
+        visited.add(name)
         c = reachable[name][int(rng.integers(len(reachable[name])))]
         tgt = pose_for_plane(c, sector, psi_near=p[4])
         delta = np.concatenate([rng.normal(0, 6.0, 2), rng.normal(0, 0.14, 2), rng.normal(0, np.radians(10), 1)])

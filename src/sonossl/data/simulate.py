@@ -56,7 +56,7 @@ def render_sweep(index: int, params: SimulateParams) -> Sweep:
     """Render video ``index`` of the dataset; depends only on (params, index), never on the process."""
     rng = np.random.default_rng([params.seed, index])
     phantom = Phantom.random(rng)
-    depth = float(rng.uniform(100.0, 140.0))
+    depth = float(rng.uniform(120.0, 155.0))  # deep enough for a posterior spine
     sector = Sector(radius=float(rng.uniform(38.0, 50.0)), depth=depth, half_angle=float(rng.uniform(30.0, 37.5)))
     settings = Settings.random(rng, depth)
     canon = canonical_planes(phantom)
@@ -165,7 +165,9 @@ def simulate(out_dir: str | Path, params: SimulateParams, progress: bool = True)
             writer.writerow(rows[i])
         atomic_write_text(staging / "labels.csv", buf.getvalue())
         atomic_write_text(staging / "simulator.json", json.dumps(
-            {"simulator_version": SIMULATOR_VERSION, "params": as_dict(params), "classes": list(CLASSES)},
+            # `workers` changes how fast, never what: leave it out so the bytes do not depend on it.
+            {"simulator_version": SIMULATOR_VERSION, "classes": list(CLASSES),
+             "params": {k: v for k, v in as_dict(params).items() if k != "workers"}},
             indent=2, sort_keys=True) + "\n")
     counts = {c: int(sum(int(r[f"n_{c}"]) for r in rows.values())) for c in CLASSES}
     return SimulateReport(out_dir, len(rows), int(sum(int(r["frames"]) for r in rows.values())), counts,
