@@ -132,10 +132,10 @@ class BModeRenderer:
     # ---- rendering ----
     def _psf(self, field: np.ndarray) -> np.ndarray:
         s = self.settings
-        out = gaussian_filter1d(field, sigma=0.3 / self.dr, axis=0, mode="nearest")
-        # Lateral resolution: ~0.35 mm at the focus, widening with distance from it; in beam units at each depth.
+        out = gaussian_filter1d(field, sigma=0.4 / self.dr, axis=0, mode="nearest")
+        # Lateral resolution: ~0.5 mm (sigma) at the focus, widening with distance from it; in beams at each depth.
         depth = self.r - self.sector.radius
-        sigma_mm = 0.35 + 0.011 * np.abs(depth - s.focus_mm)
+        sigma_mm = 0.5 + 0.012 * np.abs(depth - s.focus_mm)
         sigma_beams = sigma_mm / (self.r * (self.theta[1] - self.theta[0]))
         edges = np.linspace(0, self.samples, 9).astype(int)
         res = np.empty_like(out)

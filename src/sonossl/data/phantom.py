@@ -196,8 +196,8 @@ class Phantom:
         shanks = tuple(limb(s, -0.2, 1.0, 0.1) for s in (1, -1))
         arms = tuple(limb(s, 0.8, 0.6, 0.35) for s in (1, -1))
         # The uterus holds the whole fetus (rump z=-40 to vertex z=116) with fluid around it.
-        uterus_c = origin + rotation @ np.array([0.0, 0.0, 30.0 * scale]) + np.array([0.0, 0.0, 12.0])
-        uterus_semi = np.array([rng.uniform(80, 95), rng.uniform(125, 140), rng.uniform(62, 72)])
+        uterus_c = origin + rotation @ np.array([0.0, 0.0, 20.0 * scale]) + np.array([0.0, 0.0, 5.0])
+        uterus_semi = np.array([rng.uniform(85, 100), rng.uniform(135, 150), rng.uniform(70, 80)])
         # Placenta: posterior, fundal, lateral or (less often) anterior, where it lies between probe and fetus.
         sites = ([0, 0, 1], [0, 1, 0], [0, -1, 0], [1, 0, 0], [-1, 0, 0], [0, 0, -1])
         placenta_dir = np.array(sites[int(rng.choice(6, p=[0.3, 0.15, 0.15, 0.15, 0.15, 0.1]))], float)
