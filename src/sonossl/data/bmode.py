@@ -200,7 +200,12 @@ class BModeRenderer:
 
     def render(self, phantom: Phantom, plane: ImagePlane, t: float, contact: float,
                rng: np.random.Generator) -> np.ndarray:
-        img = self.scan_convert(self.log_compress(self.envelope(phantom, plane, t, contact, rng)))
+        if contact <= 0.0:
+            # Probe lifted off the skin: no echoes reach it, the sector goes black but for a faint noise floor.
+            polar = np.abs(rng.normal(0.0, 2.0, (self.samples, self.beams)))
+        else:
+            polar = self.log_compress(self.envelope(phantom, plane, t, contact, rng))
+        img = self.scan_convert(polar)
         img = np.where(self.overlay_mask, self.overlay, img)
         return np.clip(np.round(img), 0, 255).astype(np.uint8)
 

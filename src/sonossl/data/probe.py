@@ -23,6 +23,9 @@ from sonossl.data.phantom import Phantom
 from sonossl.data.planes import Canonical, ImagePlane, Sector
 
 MAX_TILT_DEG = 38.0
+# How often each plane is chosen when reachable: the sagittal spine is reachable in fewer fetuses (spine up or down)
+# and the transverse trunk planes are also crossed by every sweep, so the weights even out the classes.
+TARGET_WEIGHT = {"head": 1.0, "abdomen": 0.7, "heart": 0.8, "femur": 1.2, "spine": 2.5}
 SEGMENTS = ("sweep", "travel", "search", "hold", "lost")
 _X = np.array([1.0, 0.0, 0.0])
 _Z = np.array([0.0, 0.0, 1.0])
@@ -149,7 +152,8 @@ def sonographer_path(
             continue
         # A sonographer works through a checklist: planes not yet visited in this sweep come first.
         todo = [k for k in reachable if k not in visited] or list(reachable)
-        name = todo[int(rng.integers(len(todo)))]
+        w = np.array([TARGET_WEIGHT[k] for k in todo])
+        name = todo[int(rng.choice(len(todo), p=w / w.sum()))]
         visited.add(name)
         c = reachable[name][int(rng.integers(len(reachable[name])))]
         tgt = pose_for_plane(c, sector, psi_near=p[4])
