@@ -5,9 +5,12 @@
 
     params = load_params("params.yaml")               # the active profile
     params = load_params("params.yaml", profile="tiny")
-    params.simulate.videos, params.preprocess.size
+    params.simulate.videos, params.preprocess.frame_size
 
 Unknown keys and wrongly typed values fail here, at load time, naming the file and the field.
+
+Never name a parameter ``size`` or ``nfiles``: DVC 3.67 leaves keys with those names out of its run-cache key, so
+changing one would make ``dvc repro`` restore a stale output from the run cache instead of rerunning the stage.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class SplitParams:
 class PreprocessParams:
     """Raw videos -> clip dataset (see ``sonossl.data.clips``)."""
 
-    size: int = 112  # side of the square output frames
+    frame_size: int = 112  # side of the square output frames
     fps: float | None = None  # resample to this frame rate; null keeps the source rate
     saliency_size: int = 32  # side of the stored saliency targets
     max_frames: int | None = None  # per video, after resampling; null keeps all

@@ -13,6 +13,7 @@ the container declares.
     encode_video("sweep.mp4", frames_uint8_THW, fps=20)
     probe_video("sweep.mp4").frames                       # 200 (as declared by the container)
     for frame in iter_frames("sweep.mp4"): frame.index, frame.time, frame.image   # (H, W) uint8
+    with open_video("sweep.mp4") as video: video.info.fps, next(video.frames())
     frames, times = read_video("sweep.mp4")              # (T, H, W) uint8, (T,) seconds from the first frame
 """
 
@@ -60,9 +61,10 @@ def encode_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18
     return Path(path)
 
 
-# Decoder threading: frame threads ("AUTO") overlap the decoding of consecutive frames, which also helps codecs
-# without slices (mpeg4, gif); sonossl runs one decoder per process, so the threads do not multiply much.
-THREAD_TYPE = "AUTO"
+# Decoder threading: slice threads work only inside a decode call. Frame threads ("AUTO") decode ahead on their own
+# and may log while Python frees their codec context, which deadlocks on the GIL while logging is captured; they buy
+# nothing when, as in preprocessing, one decoder runs per core.
+THREAD_TYPE = "SLICE"
 # A container that declares N frames but yields fewer than this share of them is truncated.
 MIN_DECLARED_SHARE = 0.9
 
@@ -80,6 +82,17 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"),
     (0, b"FLV", "FLV"),
 )
+
+
+# 8-bit formats whose first plane is luma: grey is that plane, stretched from the limited (MPEG) range 16-235 to
+# 0-255 unless the frame is flagged full range. This is what ``frame.to_ndarray(format="gray")`` computes (equal, or
+# within one grey level where swscale picks a lower-precision path), at a third of its cost.
+_LUMA_FORMATS = frozenset(
+    {"yuv420p", "yuv422p", "yuv444p", "yuv410p", "yuv411p", "yuv440p", "nv12", "nv21"}
+    | {"yuvj420p", "yuvj422p", "yuvj444p", "yuvj440p"}
+)
+_LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+_FULL_RANGE = 2  # AVCOL_RANGE_JPEG
 
 
 class VideoError(ValueError):
@@ -106,9 +119,19 @@ class VideoInfo:
 
 @dataclass(frozen=True)
 class DecodedFrame:
+    """One decoded frame. ``image`` is its grey image; ``levels`` and ``lut`` are the same without the copy:
+    the stored levels (the luma plane, as decoded) and the table that maps them to grey (None: they are grey), so
+    a caller that crops or resizes first can map only the pixels it keeps."""
+
     index: int  # position in decoding order, 0-based (the row of per-frame annotations)
     time: float  # presentation time in seconds from the first frame
-    image: np.ndarray  # (H, W) uint8 grey levels
+    levels: np.ndarray  # (H, W) uint8, possibly a strided view into the decoder's buffer
+    lut: np.ndarray | None = None  # (256,) uint8
+
+    @property
+    def image(self) -> np.ndarray:
+        """Grey levels (H, W) uint8."""
+        return self.levels if self.lut is None else self.lut[self.levels]
 
 
 def _sniff(path: Path) -> str:
@@ -131,6 +154,24 @@ def _sniff(path: Path) -> str:
     return "not a video (unrecognised file format)"
 
 
+def _levels(frame) -> tuple[np.ndarray, np.ndarray | None]:
+    """(stored levels, lut to grey or None) of a decoded ``av.VideoFrame``; see ``gray_image``."""
+    name = frame.format.name
+    if name not in _LUMA_FORMATS:
+        return frame.to_ndarray(format="gray"), None
+    plane = frame.planes[0]
+    luma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+    if frame.color_range == _FULL_RANGE or name.startswith("yuvj"):
+        return luma, None
+    return luma, _LIMITED_TO_FULL
+
+
+def gray_image(frame) -> np.ndarray:
+    """Grey levels (H, W) uint8 of a decoded ``av.VideoFrame``, the same levels as ``to_ndarray(format="gray")``."""
+    levels, lut = _levels(frame)
+    return np.array(levels) if lut is None else lut[levels]
+
+
 def _first_error(logs: list) -> str | None:
     import av.logging
 
@@ -140,21 +181,42 @@ def _first_error(logs: list) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _error_log() -> Iterator[list]:
-    """Collect FFmpeg's error messages from all threads (decoders conceal damage and only log it)."""
-    import av.logging
+class _ErrorLog:
+    """FFmpeg's error messages from all threads while a file is open (decoders conceal damage and only log it).
 
-    previous, skip = av.logging.get_level(), av.logging.get_skip_repeated()
-    av.logging.set_level(av.logging.ERROR)
-    # PyAV holds back a repeated message until a different one arrives, which would hand it to the next file.
-    av.logging.set_skip_repeated(False)
-    try:
-        with av.logging.Capture(local=False) as logs:
-            yield logs
-    finally:
-        av.logging.set_level(previous)
-        av.logging.set_skip_repeated(skip)
+    PyAV's log callback takes the GIL from FFmpeg's threads; closing a decoder (which joins its frame threads with
+    the GIL held) while one of them logs would deadlock. So logging is switched off again before every close.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self._capture = None
+        self._previous = None
+        self._skip = None
+
+    def start(self) -> None:
+        import av.logging
+
+        self._previous, self._skip = av.logging.get_level(), av.logging.get_skip_repeated()
+        av.logging.set_level(av.logging.ERROR)
+        # PyAV holds back a repeated message until a different one arrives, which would hand it to the next file.
+        av.logging.set_skip_repeated(False)
+        self._capture = av.logging.Capture(local=False)
+        self.messages = self._capture.__enter__()
+
+    def stop(self) -> None:
+        import av.logging
+
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+            av.logging.set_level(None)  # C-level no-op callback: threads never wait for the GIL
+            av.logging.set_skip_repeated(self._skip)
+
+    def restore(self) -> None:
+        import av.logging
+
+        av.logging.set_level(self._previous)
 
 
 def _check_file(path: Path) -> None:
@@ -166,14 +228,14 @@ def _check_file(path: Path) -> None:
         raise VideoError(path, "empty file (0 bytes)")
 
 
-@contextlib.contextmanager
-def _open_video(path: Path, logs: list) -> Iterator[tuple]:
-    """Open ``path`` and yield (container, first video stream), mapping failures to VideoError."""
+def _open_container(path: Path, logs: list):
+    """``av.open`` with failures mapped to VideoError; returns (container, first video stream)."""
     import av
 
-    _check_file(path)
     try:
         container = av.open(str(path), mode="r", metadata_errors="ignore")
+    except PermissionError:
+        raise VideoError(path, "not readable (permission denied)") from None
     except av.error.FFmpegError as e:
         kind = _sniff(path)
         if kind.startswith("not a video"):
@@ -187,54 +249,59 @@ def _open_video(path: Path, logs: list) -> Iterator[tuple]:
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise VideoError(path, "unsupported codec (no decoder for the video stream in this FFmpeg build)")
-        yield container, stream
-    finally:
+    except BaseException:
         container.close()
+        raise
+    return container, stream
 
 
-def probe_video(path: str | Path) -> VideoInfo:
-    """Container-level facts about the first video stream, without decoding; VideoError when unusable."""
-    path = Path(path)
-    with _error_log() as logs, _open_video(path, logs) as (container, stream):
-        rate = stream.average_rate or stream.guessed_rate
-        duration = None
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / 1_000_000
-        return VideoInfo(
-            container=container.format.name,
-            codec=stream.codec_context.name,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
-            frames=int(stream.frames or 0),
-            fps=float(rate) if rate else None,
-            duration=duration,
-        )
+def _stream_info(container, stream) -> VideoInfo:
+    rate = stream.average_rate or stream.guessed_rate
+    duration = None
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000
+    return VideoInfo(
+        container=container.format.name,
+        codec=stream.codec_context.name,
+        width=stream.codec_context.width,
+        height=stream.codec_context.height,
+        frames=int(stream.frames or 0),
+        fps=float(rate) if rate else None,
+        duration=duration,
+    )
 
 
-def iter_frames(path: str | Path, thread_type: str = THREAD_TYPE) -> Iterator[DecodedFrame]:
-    """Decode ``path`` frame by frame as grey images with presentation times; VideoError when unusable.
+class Video:
+    """An open video file: ``info`` from the container, ``frames()`` to decode it. Made by ``open_video``."""
 
-    Times come from each frame's pts (not index / fps), shifted so the first frame is at 0, and are made strictly
-    increasing (a repeated or missing pts gets the previous time plus one nominal frame interval). A decode error,
-    a decoder error message (concealed damage) or fewer frames than the container declares raise VideoError; frames
-    already yielded then belong to an unusable file. Stopping the iteration early skips those end-of-file checks.
-    """
-    import av
-
-    path = Path(path)
-    with _error_log() as logs, _open_video(path, logs) as (container, stream):
+    def __init__(self, path: Path, container, stream, logs: list, thread_type: str) -> None:
+        self.path = path
+        self.info = _stream_info(container, stream)
+        self._container, self._stream, self._logs = container, stream, logs
         stream.thread_type = thread_type
-        rate = stream.average_rate or stream.guessed_rate
-        step = 1.0 / float(rate) if rate else 1.0 / 25.0
-        declared = int(stream.frames or 0)
+
+    def frames(self) -> Iterator[DecodedFrame]:
+        """Decode frame by frame as grey images with presentation times; VideoError when the file is unusable.
+
+        Times come from each frame's pts (not index / fps), shifted so the first frame is at 0, and are made
+        strictly increasing (a repeated or missing pts gets the previous time plus one nominal frame interval). A
+        decode error, a decoder error message (concealed damage) or fewer frames than the container declares raise
+        VideoError; frames already yielded then belong to an unusable file. Stopping early skips the end-of-file
+        checks.
+        """
+        import av
+
+        path, logs = self.path, self._logs
+        step = 1.0 / self.info.fps if self.info.fps else 1.0 / 25.0
         index, start, last = 0, None, None
         try:
-            for frame in container.decode(stream):
-                error = _first_error(logs)
-                if error:
-                    raise VideoError(path, f"corrupt video data (decoder error at frame {index}: {error})")
+            for frame in self._container.decode(self._stream):
+                if logs:
+                    error = _first_error(logs)
+                    if error:
+                        raise VideoError(path, f"corrupt video data (decoder error at frame {index}: {error})")
                 t = frame.time
                 if t is None:
                     t = last + step if last is not None else 0.0
@@ -244,7 +311,8 @@ def iter_frames(path: str | Path, thread_type: str = THREAD_TYPE) -> Iterator[De
                 if last is not None and t <= last:
                     t = last + step
                 last = t
-                yield DecodedFrame(index=index, time=t, image=frame.to_ndarray(format="gray"))
+                levels, lut = _levels(frame)
+                yield DecodedFrame(index=index, time=t, levels=levels, lut=lut)
                 index += 1
         except av.error.DecoderNotFoundError:
             raise VideoError(path, "unsupported codec (no decoder for the video stream in this FFmpeg build)") from None
@@ -256,8 +324,44 @@ def iter_frames(path: str | Path, thread_type: str = THREAD_TYPE) -> Iterator[De
             raise VideoError(path, f"corrupt video data (decoder error: {error})")
         if index == 0:
             raise VideoError(path, "no decodable frames")
+        declared = self.info.frames
         if declared and index < MIN_DECLARED_SHARE * declared - 1:
             raise VideoError(path, f"truncated (decoded {index} of the {declared} frames the container declares)")
+
+
+@contextlib.contextmanager
+def open_video(path: str | Path, thread_type: str = THREAD_TYPE) -> Iterator[Video]:
+    """Open ``path`` for decoding (once, for both its info and its frames); VideoError when it is unusable."""
+    path = Path(path)
+    _check_file(path)
+    log = _ErrorLog()
+    container = stream = None
+    log.start()
+    try:
+        container, stream = _open_container(path, log.messages)
+        yield Video(path, container, stream, log.messages, thread_type)
+    finally:
+        log.stop()
+        try:
+            if container is not None:
+                # Decoder threads still at work (the caller stopped early) finish here, without the GIL; the codec
+                # context is freed later, whenever Python collects it, and must find them idle by then.
+                stream.codec_context.flush_buffers()
+                container.close()
+        finally:
+            log.restore()
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Container-level facts about the first video stream, without decoding; VideoError when unusable."""
+    with open_video(path) as video:
+        return video.info
+
+
+def iter_frames(path: str | Path, thread_type: str = THREAD_TYPE) -> Iterator[DecodedFrame]:
+    """Decode ``path`` frame by frame (see ``Video.frames``); VideoError when unusable."""
+    with open_video(path, thread_type) as video:
+        yield from video.frames()
 
 
 def read_video(path: str | Path, thread_type: str = THREAD_TYPE) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,175 @@
+"""Shared test fixtures: synthetic ultrasound-like frames (a fan with speckle and overlays) and tiny video files.
+
+The fan mimics the simulator's output: a curvilinear sector (apex above the image top, near-field arc at the top)
+on black in a 4:3 frame, speckle everywhere inside (dark but never black fluid), white text at the top left and a
+depth scale on the right, both outside the fan. Videos are written with PyAV in the formats real data comes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+POCUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pocus"
+
+
+@dataclass
+class Fan:
+    frames: np.ndarray  # (T, H, W) uint8
+    mask: np.ndarray  # (H, W) bool, the imaging sector
+    overlays: list[tuple[int, int, int, int]]  # (x0, y0, x1, y1) boxes of static overlays, exclusive ends
+
+
+def fan_frames(t: int = 12, h: int = 96, w: int = 128, seed: int = 0, overlay: bool = True) -> Fan:
+    """A moving speckle fan with a dark fluid region and, optionally, overlays outside it."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    ay, ax = -0.30 * h, w / 2  # apex above the image
+    r = np.hypot(y - ay, x - ax)
+    angle = np.degrees(np.arctan2(x - ax, y - ay))
+    half = 32.0  # opening 64 degrees
+    r0, r1 = 0.36 * h, 1.22 * h
+    mask = (r >= r0) & (r <= r1) & (np.abs(angle) <= half)
+    depth = np.clip((r - r0) / (r1 - r0), 0, 1)
+    fluid = ((x - 0.45 * w) / (0.12 * w)) ** 2 + ((y - 0.55 * h) / (0.10 * h)) ** 2 < 1
+    frames = np.zeros((t, h, w), dtype=np.uint8)
+    for i in range(t):
+        speckle = rng.rayleigh(1.0, (h, w))
+        speckle = ndimage.uniform_filter(speckle, size=2)
+        level = 150 * (1 - 0.5 * depth) * np.where(fluid, 0.12, 1.0) * speckle
+        frames[i] = np.where(mask, np.clip(level + 8, 8, 255), 0).astype(np.uint8)
+    boxes: list[tuple[int, int, int, int]] = []
+    if overlay:
+        canvas = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(canvas)
+        draw.text((2, 1), "FR 20", fill=255)
+        x0, x1 = w - 6, w - 3  # depth scale: a bar with ticks, right of the fan
+        draw.rectangle([x1 - 1, 4, x1, h // 2 + 8], fill=200)
+        for ty in range(4, h // 2 + 8, 8):
+            draw.rectangle([x0, ty, x1, ty], fill=200)
+        layer = np.asarray(canvas)
+        assert not (layer > 0)[mask].any(), "test fixture: overlays must lie outside the fan"
+        ys, xs = np.nonzero(layer[: h // 4, : w // 2])
+        boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+        ys, xs = np.nonzero(layer[:, w // 2 :])
+        boxes.append((int(xs.min()) + w // 2, int(ys.min()), int(xs.max()) + 1 + w // 2, int(ys.max()) + 1))
+        frames = np.maximum(frames, layer[None])
+    return Fan(frames=frames, mask=mask, overlays=boxes)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: float = 10.0, kind: str | None = None) -> Path:
+    """Write grey frames (T, H, W) with PyAV; ``kind`` (default: from the suffix) picks container and codec:
+    mp4 (H.264), avi / mov (MPEG-4 part 2), mpeg (MPEG-2 program stream), gif, mkv (FFV1, lossless)."""
+    import av
+
+    from sonossl.data.video import encode_video
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = kind or path.suffix.lstrip(".").lower()
+    if kind == "mp4":
+        return encode_video(path, frames, fps=fps)
+    formats = {
+        "avi": ("avi", "mpeg4", "yuv420p", {"qscale": "2"}),
+        "mov": ("mov", "mpeg4", "yuv420p", {"qscale": "2"}),
+        "mpeg": ("mpeg", "mpeg2video", "yuv420p", {"qscale": "2"}),
+        "gif": ("gif", "gif", "gray", {}),
+        "mkv": ("matroska", "ffv1", "gray", {}),
+    }
+    fmt, codec, pix_fmt, options = formats[kind]
+    _, h, w = frames.shape
+    with av.open(str(path), mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.options = options
+        for frame in frames:
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")
+            if pix_fmt != "gray":
+                vf = vf.reformat(format=pix_fmt)
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_vfr_video(path: Path, frames: np.ndarray, times_ms: list[int]) -> Path:
+    """A variable-frame-rate file: lossless FFV1 in Matroska with each frame's pts set by hand (milliseconds)."""
+    import av
+
+    _, h, w = frames.shape
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=1000)
+        stream.width, stream.height, stream.pix_fmt = w, h, "gray"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, ms in zip(frames, times_ms, strict=True):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")
+            vf.pts, vf.time_base = ms, Fraction(1, 1000)
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_audio_only(path: Path) -> Path:
+    """An mp4 with one AAC audio stream and no video."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        for i in range(8):
+            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            af.sample_rate, af.pts = 8000, i * 1024
+            for packet in stream.encode(af):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_unknown_codec(path: Path, frames: np.ndarray) -> Path:
+    """An AVI whose video FourCC names no codec FFmpeg can decode (the MPEG-4 tag is overwritten)."""
+    write_video(path, frames, kind="avi")
+    data = path.read_bytes()
+    assert data.count(b"FMP4") >= 1
+    path.write_bytes(data.replace(b"FMP4", b"ZQZQ"))
+    return path
+
+
+def smooth_frames(t: int = 10, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    """Smooth moving gradients with texture that lossy codecs keep within a few grey levels."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = rng.uniform(0, 2 * np.pi, 3)
+    out = []
+    for i in range(t):
+        img = 128 + 60 * np.sin(x / 9 + base[0] + 0.3 * i) * np.cos(y / 7 + base[1]) + 30 * np.sin((x + y) / 13 + base[2])
+        out.append(np.clip(img, 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+@pytest.fixture
+def fan() -> Callable[..., Fan]:
+    return fan_frames
+
+
+@pytest.fixture
+def video_writer() -> Callable[..., Path]:
+    return write_video
+
+
+@pytest.fixture
+def pocus_dir() -> Path:
+    if not (POCUS / "labels.csv").is_file():
+        pytest.skip(f"real data missing: {POCUS} (the POCUS videos exist only in this workplace)")
+    return POCUS

@@ -1,0 +1,60 @@
+"""params.yaml: profiles load, bad entries fail naming the field, and no name trips DVC's run cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sonossl.config import PROFILES, Params, ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_of_the_repository_loads(profile):
+    params = load_params(REPO / "params.yaml", profile)
+    assert params.profile == profile and params.simulate.videos >= 1 and params.preprocess.frame_size >= 8
+    assert "sim" in params.datasets
+
+
+def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
+    names = set()
+    for f in dataclasses.fields(Params):
+        tp = typing.get_type_hints(Params)[f.name]
+        if dataclasses.is_dataclass(tp):
+            for sub in dataclasses.fields(tp):
+                names.add(sub.name)
+                inner = typing.get_type_hints(tp)[sub.name]
+                if dataclasses.is_dataclass(inner):
+                    names |= {g.name for g in dataclasses.fields(inner)}
+    assert names and not names & {"size", "nfiles"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["tiny"]["preprocess"].update(frame_sise=3), "tiny.preprocess: unknown key(s) ['frame_sise']"),
+        (lambda d: d["tiny"]["simulate"].update(videos="many"), "tiny.simulate.videos: expected an integer"),
+        (lambda d: d["tiny"]["preprocess"].update(split={"train": "most"}), "tiny.preprocess.split.train"),
+        (lambda d: d.update(profile="huge"), "profile 'huge' is not one of"),
+        (lambda d: d["tiny"].update(train={}), "unknown section(s) ['train']"),
+    ],
+)
+def test_bad_entries_fail_naming_the_file_and_field(tmp_path, edit, message):
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["profile"] = "tiny"
+    edit(doc)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ParamsError, match="parameter file not found"):
+        load_params(tmp_path / "nope.yaml")
