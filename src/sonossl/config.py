@@ -59,8 +59,8 @@ class PreprocessParams:
     fps: float | None = None  # resample to this frame rate; null keeps the source rate
     saliency_size: int = 32  # side of the stored saliency targets
     max_frames: int | None = None  # per video, after resampling; null keeps all
-    blank_mean: float = 8.0  # a frame whose sector crop has a mean grey level below this is dropped ...
-    blank_std: float = 3.0  # ... and so is one whose grey-level standard deviation is below this
+    blank_mean: float = 2.0  # a frame whose sector crop has a mean grey level below this (black) is dropped ...
+    blank_std: float = 3.0  # ... and so is one whose grey-level standard deviation is below this (uniform)
     max_reject_fraction: float = 0.25  # fail when more than this share of the listed videos is unusable
     workers: int = 0  # parallel processes; 0 = one per core
     seed: int = 0  # split assignment
