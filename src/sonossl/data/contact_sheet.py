@@ -17,6 +17,7 @@ import numpy as np
 from sonossl.atomic import atomic_file
 
 TILE_HEIGHT = 192
+CAPTION = 16  # pixels of caption band under each tile
 
 
 def _frames_by_label(raw_dir: Path) -> dict[str, list[tuple[str, int]]]:
@@ -55,14 +56,15 @@ def _pick(items: list[tuple[str, int]], k: int, rng: np.random.Generator) -> lis
 
 
 def _tile(frame: np.ndarray, caption: str, height: int):
+    """The frame scaled to ``height``, with its caption in a band above it (not over the scanner's own text)."""
     from PIL import Image, ImageDraw
 
     img = Image.fromarray(frame).convert("L")
-    img = img.resize((max(1, round(img.width * height / img.height)), height), Image.BILINEAR).convert("RGB")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([0, height - 14, img.width, height], fill=(0, 0, 0))
-    draw.text((3, height - 13), caption, fill=(255, 210, 0))
-    return img
+    img = img.resize((max(1, round(img.width * height / img.height)), height), Image.BILINEAR)
+    tile = Image.new("RGB", (img.width, height + CAPTION), (0, 0, 0))
+    tile.paste(img.convert("RGB"), (0, CAPTION))
+    ImageDraw.Draw(tile).text((4, 2), caption, fill=(255, 210, 0))
+    return tile
 
 
 def _rows(raw_dir: Path, per_class: int, rng: np.random.Generator, prefix: str = "") -> list[list]:
@@ -92,11 +94,12 @@ def contact_sheet(raw_dir: str | Path, out_png: str | Path, per_class: int = 4, 
     if real is not None:
         rows += _rows(Path(real), per_class, rng, prefix="real ")
     width = max(sum(t.width for t in row) for row in rows)
-    sheet = Image.new("RGB", (width, TILE_HEIGHT * len(rows)), (24, 24, 24))
+    row_height = TILE_HEIGHT + CAPTION
+    sheet = Image.new("RGB", (width, row_height * len(rows)), (24, 24, 24))
     for r, row in enumerate(rows):
         x = 0
         for tile in row:
-            sheet.paste(tile, (x, r * TILE_HEIGHT))
+            sheet.paste(tile, (x, r * row_height))
             x += tile.width
     with atomic_file(out_png) as tmp:
         sheet.save(tmp, format="PNG", optimize=True)
