@@ -366,20 +366,9 @@ def _frame_crop(frame: DecodedFrame, crop: CropBox, size: int) -> np.ndarray:
         image = image.resize((size, size), Image.Resampling.BOX, reducing_gap=1.0)
     else:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
-    if frame.lut is not None:
-        image = image.point(_lut_list(frame.lut))
-    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size, size)
-
-
-_lut_lists: dict[int, tuple[np.ndarray, list[int]]] = {}
-
-
-def _lut_list(lut: np.ndarray) -> list[int]:
-    """``lut`` as the list PIL's ``point`` takes (converted once per table)."""
-    cached = _lut_lists.get(id(lut))
-    if cached is None or cached[0] is not lut:
-        cached = _lut_lists[id(lut)] = (lut, lut.tolist())
-    return cached[1]
+    small = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size, size)
+    # numpy indexing, not PIL's point(): point() rebuilds its table from a Python list on every call.
+    return small if frame.lut is None else frame.lut[small]
 
 
 def _is_blank(small: np.ndarray, params: PreprocessParams) -> bool:
