@@ -156,3 +156,17 @@ def test_overlay_is_outside_the_fan_and_shadow_follows_bone(monkeypatch):
     monkeypatch.setattr(bmode, "ATTEN", atten)
     no_shadow = r.envelope(phantom, plane, 0.0, 1.0, np.random.default_rng(0))[behind, beam].mean()
     assert env < 0.2 * no_shadow
+
+
+def test_contact_sheet_shows_a_row_per_class(sim, tmp_path):
+    from PIL import Image
+
+    from sonossl.data.contact_sheet import CAPTION, TILE_HEIGHT, contact_sheet
+
+    labels = set()
+    for npz in (sim / "annotations").glob("*.npz"):
+        labels |= set(load_annotations(npz).labels)
+    png = contact_sheet(sim, tmp_path / "sheet.png", per_class=2)
+    with Image.open(png) as img:
+        assert img.height == len(labels) * (TILE_HEIGHT + CAPTION) and img.width > TILE_HEIGHT
+        assert np.asarray(img.convert("L")).std() > 10  # frames, not an empty canvas
