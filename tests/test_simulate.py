@@ -16,7 +16,7 @@ from sonossl.data.bmode import BModeRenderer, Settings, scatterers
 from sonossl.data.phantom import Phantom
 from sonossl.data.planes import CLASSES, MAX_DIST_MM, ImagePlane, Sector, canonical_planes, label_frame
 from sonossl.data.probe import plane_from_pose, pose_for_plane
-from sonossl.data.simulate import simulate
+from sonossl.data.simulate import scene, simulate
 from sonossl.data.video import read_video
 
 TINY = SimulateParams(videos=3, seconds=3.0, fps=10.0, height=96, beams=64, samples=112, saliency_size=24, seed=7)
@@ -71,11 +71,8 @@ def test_labels_are_recomputed_from_the_stored_probe_pose(sim):
     sweep = render_sweep(0, TINY)
     ann = load_annotations(sim / "annotations/sweep_000.npz")
     assert (sweep.labels == ann.labels).all()
-    rng = np.random.default_rng([TINY.seed, 0])
-    phantom = Phantom.random(rng)
-    depth = float(rng.uniform(120.0, 155.0))
-    sector = Sector(radius=float(rng.uniform(38.0, 50.0)), depth=depth, half_angle=float(rng.uniform(30.0, 37.5)))
-    canon = canonical_planes(phantom)
+    sc = scene(0, TINY)
+    sector, canon = sc.sector, canonical_planes(sc.phantom)
     for t in range(len(ann.labels)):
         if ann.extra["contact"][t] > 0:
             lab = label_frame(plane_from_pose(ann.extra["pose"][t].astype(np.float64), sector), canon).name

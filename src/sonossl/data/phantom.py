@@ -282,7 +282,7 @@ class Phantom:
 
         # Limbs: soft tissue capsules around bones.
         for k, s in enumerate((1, -1)):
-            f0, f1 = self.femur_ends(s)
+            _, f1 = self.femur_ends(s)
             knee = f1 + 2.0 * self.femur_dirs[k]
             ankle = knee + 30.0 * self.shank_dirs[k]
             paint(capsule(q, self.hip(s), knee, 7.5), "fetal_skin")
@@ -311,7 +311,7 @@ class Phantom:
         paint(brain, "brain")
 
         # Head interior (transventricular level tv_z; thalami and cerebellum lower, as in the real planes).
-        hx, hy, hz = a.head_c
+        hy = a.head_c[1]
         tv = a.tv_z
         paint(brain & (np.abs(x) < 0.7), "falx")
         paint(brain & ellipsoid(q, (0, hy + 13.0, tv), (2.6, 4.2, 6.0)), "csf")  # cavum septi pellucidi

@@ -85,7 +85,7 @@ def canonical_planes(ph: Phantom) -> list[Canonical]:
     a, pose, s = ph.anat, ph.pose, ph.scale
     W = lambda q: pose.to_world(np.atleast_2d(np.asarray(q, float)), s)  # noqa: E731
     fz, fx = pose.axis_world([0, 0, 1]), pose.axis_world([1, 0, 0])
-    hx, hy, hz = a.head_c
+    hy = a.head_c[1]
     tv = a.tv_z
     planes = [
         Canonical("head", W([0, hy, tv])[0], fz, W([

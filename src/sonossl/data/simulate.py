@@ -52,13 +52,30 @@ class Sweep:
     row: dict[str, object]
 
 
-def render_sweep(index: int, params: SimulateParams) -> Sweep:
-    """Render video ``index`` of the dataset; depends only on (params, index), never on the process."""
+@dataclass
+class Scene:
+    """What video ``index`` is made of, before the sonographer moves: fetus, probe geometry, scanner settings."""
+
+    rng: np.random.Generator  # continues into the probe path and the gaze
+    phantom: Phantom
+    sector: Sector
+    settings: Settings
+
+
+def scene(index: int, params: SimulateParams) -> Scene:
+    """The scene of video ``index``; depends only on (params.seed, index), never on the process."""
     rng = np.random.default_rng([params.seed, index])
     phantom = Phantom.random(rng)
     depth = float(rng.uniform(120.0, 155.0))  # deep enough for a posterior spine
     sector = Sector(radius=float(rng.uniform(38.0, 50.0)), depth=depth, half_angle=float(rng.uniform(30.0, 37.5)))
-    settings = Settings.random(rng, depth)
+    return Scene(rng, phantom, sector, Settings.random(rng, depth))
+
+
+def render_sweep(index: int, params: SimulateParams) -> Sweep:
+    """Render video ``index`` of the dataset; depends only on (params, index), never on the process."""
+    sc = scene(index, params)
+    rng, phantom, sector, settings = sc.rng, sc.phantom, sc.sector, sc.settings
+    depth = sector.depth
     canon = canonical_planes(phantom)
     n = max(2, int(round(params.seconds * params.fps)))
     path = sonographer_path(phantom, canon, n, params.fps, sector, rng)
