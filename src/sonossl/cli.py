@@ -48,6 +48,56 @@ def _cmd_contact_sheet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from sonossl.config import load_params
+    from sonossl.train.pretrain import pretrain
+
+    params = load_params(args.params, args.profile).pretrain
+    metrics = pretrain(args.clips, args.out, params, mode=args.mode, resume=args.resume, progress=not args.quiet)
+    if metrics:  # rank 0
+        print(json.dumps({k: metrics[k] for k in ("mode", "val", "chance", "clips_per_s")}, indent=2))
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from sonossl.config import as_dict, load_params
+    from sonossl.train.finetune import finetune
+
+    params = load_params(args.params, args.profile)
+    ft = params.finetune
+    if args.fractions == "all":
+        fractions = ft.fractions if args.task == "planes" else ft.saliency_fractions
+    elif args.fractions == "ablation":
+        fractions = ft.ablation_fractions
+    else:
+        fractions = [float(x) for x in args.fractions.split(",")]
+    metrics = finetune(args.clips, args.out, ft, task=args.task, encoder=args.encoder,
+                       encoder_spec=None if args.encoder else as_dict(params.pretrain.encoder),
+                       fractions=fractions, resume=args.resume, progress=not args.quiet)
+    keys = ("macro_f1", "accuracy") if args.task == "planes" else ("cc", "kld", "nss", "sim", "auc_judd")
+    summary = {r["name"]: {k: (r["test"] or {}).get(k) for k in keys} for r in metrics["runs"]}
+    print(json.dumps({"selected": metrics["selected"], "test": summary}, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from sonossl.evaluate.report import evaluate
+
+    metrics = evaluate(args.pretrain, args.finetune, args.out, crossval=args.crossval)
+    print((args.out / "results.md").read_text())
+    print(f"{len(metrics)} metric groups -> {args.out / 'metrics.json'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sonossl.config import load_params
+    from sonossl.export import export
+
+    card = export(args.clips, args.finetune, args.out, load_params(args.params, args.profile))
+    print(json.dumps({k: card[k] for k in ("model_version", "classes", "metrics")}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sonossl", description="Self-supervised learning for ultrasound video: the pipeline's steps.")
@@ -65,6 +115,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", required=True, type=Path, help="raw dataset folder: labels.csv + videos")
     p.add_argument("--out", required=True, type=Path, help="clip dataset folder to write (replaced atomically)")
     p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("pretrain", help="pretext pretraining of the frame encoder on unlabelled clips")
+    _add_params_args(p)
+    p.add_argument("--clips", required=True, type=Path, help="clip dataset (output of preprocess)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: encoder.pt, metrics.json, live/")
+    p.add_argument("--mode", default="both-sequential",
+                   help="order | transform | both-sequential | both-parallel (default: both-sequential)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.pt when it belongs to the same run")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="downstream training (linear probe and fine-tune) at several label fractions")
+    _add_params_args(p)
+    p.add_argument("--clips", required=True, type=Path, help="clip dataset with labels (and saliency maps)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: metrics.json, model.pt, runs/")
+    p.add_argument("--task", default="planes", choices=["planes", "saliency"])
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="pretrained encoder (a pretrain output folder); omitted = from scratch")
+    p.add_argument("--fractions", default="all",
+                   help="label fractions: all (params), ablation (params: ablation_fractions), or e.g. 0.05,0.2")
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="results report (markdown tables, metrics, confusion plots) of all runs")
+    p.add_argument("--pretrain", required=True, type=Path, help="folder of pretrain outputs (one per mode)")
+    p.add_argument("--finetune", required=True, type=Path, help="folder of finetune outputs")
+    p.add_argument("--crossval", type=Path, default=None, help="POCUS cross-validation results.json, if run")
+    p.add_argument("--out", required=True, type=Path, help="report folder: results.md, metrics.json, plots/")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="the model to serve: best by validation, model card, reference statistics")
+    _add_params_args(p)
+    p.add_argument("--clips", required=True, type=Path, help="the clip dataset the models were trained on")
+    p.add_argument("--finetune", required=True, type=Path, help="folder of finetune outputs to choose from")
+    p.add_argument("--out", required=True, type=Path, help="export folder (replaced atomically)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("contact-sheet", help="PNG of sample frames per class from a raw dataset")
     p.add_argument("--raw", required=True, type=Path)

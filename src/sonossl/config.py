@@ -68,11 +68,104 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True)
+class EncoderParams:
+    """The frame encoder (see ``sonossl.models.encoder``)."""
+
+    name: str = "resnet18"  # resnet18 | small_cnn
+    width: int = 64  # channels of the first stage (64 = the standard ResNet-18)
+    maxpool: bool = True  # the stem's max-pool; off doubles the feature-map size (for small frames)
+
+
+@dataclass(frozen=True)
+class TransformParams:
+    """Discrete sets of the transform task (see ``sonossl.pretext.transforms``)."""
+
+    rotations: list[float] = field(default_factory=lambda: [-15.0, 0.0, 15.0])  # degrees
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.2, 1.4])  # zoom factors
+    shears: list[float] = field(default_factory=lambda: [-8.0, 0.0, 8.0])  # degrees
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    order: float = 1.0
+    transform: float = 1.0  # applied to the mean of the three transform heads' losses
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Pretext pretraining (see ``sonossl.train.pretrain``); the mode is the stage's argument."""
+
+    encoder: EncoderParams = field(default_factory=EncoderParams)
+    k: int = 4  # frames per clip
+    stride: int = 3  # frames between consecutive clip frames (of the clip dataset's frame rate)
+    n_permutations: int | None = None  # order classes; null = all 12 for k=4, 24 Hamming-distant ones above
+    crop: int = 64  # side of the network input, sampled inside the frame
+    max_shift: float = 4.0  # crop-centre jitter, pixels
+    transform: TransformParams = field(default_factory=TransformParams)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    epochs: int = 10
+    clips_per_epoch: int | None = None  # null = one clip per valid start in the training videos
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    val_clips: int = 512  # fixed held-out clips (validation videos) for pretext accuracy
+    seed: int = 0
+    amp: bool = True  # bfloat16 autocast, on GPU only
+    channels_last: bool = True  # on GPU only
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Downstream training (see ``sonossl.train.finetune``)."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.2, 1.0])  # of the training videos, labelled
+    ablation_fractions: list[float] = field(default_factory=lambda: [0.05])  # for the ablation encoders
+    saliency_fractions: list[float] = field(default_factory=lambda: [0.2])
+    epochs: int = 10
+    saliency_epochs: int = 8
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    probe_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse L2 strengths tried
+    frames_per_epoch: int = 2048  # labelled frames drawn per epoch (with replacement when fewer are labelled)
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """Choice of the served model and its reference statistics (see ``sonossl.export``)."""
+
+    select_metric: str = "val_macro_f1"  # plane-detection runs, highest wins
+    saliency_metric: str = "val_cc"  # saliency runs, highest wins
+    embedding_dims: int = 16  # PCA dimensions of the logged / reference embeddings
+    reference_frames: int = 2000  # training frames summarised in the reference statistics (at most)
+
+
+@dataclass(frozen=True)
+class CrossvalParams:
+    """POCUS video classification, k-fold grouped by patient (see ``sonossl.train.crossval``)."""
+
+    folds: int = 5
+    frames_per_video: int = 32  # evenly spaced training frames per video and epoch
+    pretrain_epochs: int = 6
+    finetune_epochs: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str
     simulate: SimulateParams
     preprocess: PreprocessParams
     datasets: dict[str, str]
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    crossval: CrossvalParams = field(default_factory=CrossvalParams)
 
 
 class ParamsError(ValueError):
@@ -106,6 +199,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {value!r}")
@@ -141,16 +239,15 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
     if profile not in doc:
         raise ParamsError(f"{path}: the active profile {profile!r} has no block in the file")
     block = doc[profile] or {}
-    known = {"simulate", "preprocess"}
+    sections = {"simulate": SimulateParams, "preprocess": PreprocessParams, "pretrain": PretrainParams,
+                "finetune": FinetuneParams, "export": ExportParams, "crossval": CrossvalParams}
+    known = set(sections)
     unknown = sorted(set(block) - known)
     if unknown:
         raise ParamsError(f"{path}: {profile}: unknown section(s) {unknown}; valid sections are {sorted(known)}")
-    return Params(
-        profile=profile,
-        simulate=_build(SimulateParams, block.get("simulate"), f"{path}: {profile}.simulate"),
-        preprocess=_build(PreprocessParams, block.get("preprocess"), f"{path}: {profile}.preprocess"),
-        datasets=_coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets"),
-    )
+    built = {name: _build(cls, block.get(name), f"{path}: {profile}.{name}") for name, cls in sections.items()}
+    return Params(profile=profile, datasets=_coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets"),
+                  **built)
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

@@ -1,0 +1,174 @@
+"""The evaluate step: one results report from every pretrain and finetune output.
+
+Reads ``<pretrain>/<mode>/metrics.json`` and ``<finetune>/<name>/metrics.json`` (and ``crossval`` results when
+given) and writes:
+
+- ``results.md``: the tables the README shows (plane detection by initialisation, method and label fraction; per-class
+  F1 at the smallest fraction; saliency; pretext accuracy per head against chance; POCUS cross-validation);
+- ``metrics.json``: the headline numbers, flat, for ``dvc metrics show``;
+- ``plots/confusion_<init>.json``: test confusion pairs of the fine-tune at the smallest fraction, for ``dvc plots``.
+
+    evaluate("models/pretrain", "models/finetune", "reports")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sonossl.atomic import atomic_write_text
+
+# finetune output names: <init>-<task>; init names as they appear in the tables
+INITS = {"ssl": "SSL (both-sequential)", "order": "order only", "transform": "transform only",
+         "parallel": "both-parallel", "scratch": "scratch (random init)"}
+SALIENCY_KEYS = ("kld", "cc", "nss", "sim", "auc_judd")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); rerun the stage that writes it") from None
+
+
+def _runs(finetune: dict[str, dict]) -> dict[tuple[str, str, str, float], dict]:
+    out = {}
+    for name, m in finetune.items():
+        init = name.rsplit("-", 1)[0]
+        for r in m["runs"]:
+            out[(init, m["task"], r["method"], r["fraction"])] = r
+    return out
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def planes_table(runs: dict, fractions: list[float]) -> list[str]:
+    head = ["encoder"] + [f"{m} {_pct(f)}" for m in ("probe", "finetune") for f in fractions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for init, label in INITS.items():
+        cells = []
+        for m in ("probe", "finetune"):
+            for f in fractions:
+                r = runs.get((init, "planes", m, f))
+                cells.append(_fmt(r["test"]["macro_f1"]) if r and r.get("test") else "–")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def per_class_table(runs: dict, fraction: float) -> list[str]:
+    rows = [(init, m, runs.get((init, "planes", m, fraction))) for init in ("ssl", "scratch")
+            for m in ("probe", "finetune")]
+    rows = [r for r in rows if r[2] and r[2].get("test")]
+    if not rows:
+        return []
+    classes = list(rows[0][2]["test"]["per_class"])
+    head = ["encoder", "method"] + classes + ["macro-F1", "accuracy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for init, m, r in rows:
+        t = r["test"]
+        pcs = [_fmt(t["per_class"][c]["f1"]) if t["per_class"][c]["support"] else "n/a" for c in classes]
+        lines.append(f"| {INITS[init]} | {m} | " + " | ".join(pcs) + f" | {_fmt(t['macro_f1'])} | "
+                     f"{_fmt(t['accuracy'])} |")
+    support = rows[0][2]["test"]["per_class"]
+    lines.append("")
+    lines.append("Test frames per class: " + ", ".join(f"{c} {support[c]['support']}" for c in classes) + ".")
+    return lines
+
+
+def saliency_table(runs: dict) -> list[str]:
+    rows = sorted(((k, r) for k, r in runs.items() if k[1] == "saliency" and r.get("test")),
+                  key=lambda kr: (kr[0][3], list(INITS).index(kr[0][0]) if kr[0][0] in INITS else 99))
+    if not rows:
+        return []
+    head = ["encoder", "labels", "KLD ↓", "CC ↑", "NSS ↑", "SIM ↑", "AUC-Judd ↑"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (init, _, _, frac), r in rows:
+        lines.append(f"| {INITS.get(init, init)} | {_pct(frac)} | " +
+                     " | ".join(_fmt(r["test"][k]) for k in SALIENCY_KEYS) + " |")
+    return lines
+
+
+def pretext_table(pretrain: dict[str, dict]) -> list[str]:
+    heads = ["order", "rotation", "scale", "shear"]
+    head = ["pretext mode"] + [f"{h} acc (chance)" for h in heads]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, m in pretrain.items():
+        cells = []
+        for h in heads:
+            v, c = m["val"].get(f"{h}_acc"), m["chance"].get(f"{h}_acc")
+            cells.append("–" if v is None else f"{v:.3f} ({c:.3f})")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def crossval_table(cv: dict) -> list[str]:
+    head = ["encoder", "method", "video accuracy", "per-fold accuracy"] + [f"F1 {c}" for c in cv["classes"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in cv["results"]:
+        folds = ", ".join(f"{a:.2f}" for a in r["fold_accuracy"])
+        lines.append(f"| {r['init']} | {r['method']} | {_fmt(r['accuracy'])} | {folds} | " +
+                     " | ".join(_fmt(r["per_class_f1"][c]) for c in cv["classes"]) + " |")
+    return lines
+
+
+def confusion_pairs_from_matrix(matrix: list[list[int]], classes: list[str]) -> list[dict[str, str]]:
+    return [{"actual": classes[i], "predicted": classes[j]}
+            for i, row in enumerate(matrix) for j, n in enumerate(row) for _ in range(int(n))]
+
+
+def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
+             crossval: str | Path | None = None) -> dict[str, Any]:
+    pretrain_dir, finetune_dir, out_dir = Path(pretrain_dir), Path(finetune_dir), Path(out_dir)
+    pretrain = {p.parent.name: _read(p) for p in sorted(pretrain_dir.glob("*/metrics.json"))}
+    finetune = {p.parent.name: _read(p) for p in sorted(finetune_dir.glob("*/metrics.json"))}
+    if not finetune:
+        raise FileNotFoundError(f"{finetune_dir}: no */metrics.json; run the finetune stages first")
+    runs = _runs(finetune)
+    fractions = sorted({k[3] for k in runs if k[1] == "planes"})
+    smallest = fractions[0] if fractions else None
+    data_versions = sorted({m["data_version"] for m in finetune.values()})
+
+    md = ["### Standard-plane detection (simulated sweeps): test macro-F1", "",
+          *planes_table(runs, fractions), ""]
+    if smallest is not None:
+        md += [f"### Per-class test F1 at {_pct(smallest)} of the training videos", "",
+               *per_class_table(runs, smallest), ""]
+    sal = saliency_table(runs)
+    if sal:
+        md += ["### Saliency prediction (simulated gaze): test scores", "", *sal, ""]
+    if pretrain:
+        md += ["### Pretext accuracy on held-out videos", "", *pretext_table(pretrain), ""]
+    cv = _read(Path(crossval)) if crossval and Path(crossval).is_file() else None
+    if cv:
+        md += [f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
+               *crossval_table(cv), ""]
+    md.append(f"Clip dataset version(s): {', '.join(data_versions)}.")
+
+    metrics: dict[str, Any] = {}
+    for (init, task, method, frac), r in sorted(runs.items()):
+        if r.get("test"):
+            key = f"{task}/{init}/{method}@{frac:g}"
+            metrics[key] = ({"macro_f1": r["test"]["macro_f1"], "accuracy": r["test"]["accuracy"]}
+                            if task == "planes" else {k: r["test"][k] for k in SALIENCY_KEYS})
+    for mode, m in pretrain.items():
+        metrics[f"pretext/{mode}"] = m["val"] | {"chance_" + k: v for k, v in m["chance"].items()}
+    if cv:
+        for r in cv["results"]:
+            metrics[f"pocus/{r['init']}/{r['method']}"] = {"accuracy": r["accuracy"], **r["per_class_f1"]}
+
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    for init in ("ssl", "scratch"):
+        r = runs.get((init, "planes", "finetune", smallest))
+        pairs = confusion_pairs_from_matrix(r["test"]["confusion"], r["test"]["classes"]) if r and r.get("test") else []
+        atomic_write_text(out_dir / "plots" / f"confusion_{init}.json", json.dumps(pairs) + "\n")
+    atomic_write_text(out_dir / "results.md", "\n".join(md) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,241 @@
+"""The export step: choose the model to serve and write it with its model card and reference statistics.
+
+From the finetune outputs it takes the plane-detection model with the best validation score (``select_metric``,
+validation macro-F1 by default: the test videos play no part in the choice) and the best saliency model
+(``saliency_metric``), and writes ``<out>/``:
+
+- ``model.pt``: both networks (spec + weights), the classes, the PCA that reduces embeddings for logging, and the
+  input contract; loads with ``weights_only=True`` through ``load_bundle``;
+- ``model_card.json`` / ``model_card.md``: model version, clip dataset (feature) version, raw data version, the
+  parameters, validation and test metrics, classes, lineage, and the input contract for serving;
+- ``reference/``: the training data as the model saw it, for drift monitoring: ``embeddings.npy`` (PCA-reduced),
+  ``image_stats.parquet`` (``sonossl.monitor.image_stats``) and ``labels.npy``.
+
+Versions: the feature version is the clip dataset's; the raw version is a hash of the raw inputs listed in its
+``meta.json``; the model version is a hash of the feature version, the training parameters and the weights.
+
+    card = export("data/clips/sim", "models/finetune", "models/export", params)
+    bundle = load_bundle("models/export");  out = bundle.predict(frames_u8)   # probs, saliency, embedding
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sonossl import __version__
+from sonossl.atomic import atomic_dir
+from sonossl.config import Params, as_dict
+from sonossl.data.clips import load_clip_dataset
+from sonossl.models.downstream import PlaneClassifier, SaliencyModel
+from sonossl.models.encoder import build_encoder
+from sonossl.monitor.image_stats import image_stats
+from sonossl.train.finetune import EVAL_BATCH, to_input
+from sonossl.train.loop import load_checkpoint
+
+BUNDLE_FILE = "model.pt"
+BUNDLE_FORMAT = 1
+
+
+def _candidates(finetune_dir: Path, task: str, metric: str) -> list[tuple[float, str, Path, dict]]:
+    found = []
+    for mpath in sorted(finetune_dir.glob("*/metrics.json")):
+        m = json.loads(mpath.read_text())
+        if m["task"] != task:
+            continue
+        key = metric.removeprefix("val_")
+        selected = next(r for r in m["runs"] if r["name"] == m["selected"])
+        if not selected.get("val") or key not in selected["val"]:
+            raise ValueError(f"{mpath}: the selected run has no validation {key!r}; valid metrics are "
+                             f"{sorted('val_' + k for k in (selected.get('val') or {}) if k != 'per_class')}")
+        found.append((float(selected["val"][key]), mpath.parent.name, mpath.parent / "model.pt", m))
+    if not found:
+        raise FileNotFoundError(f"{finetune_dir}: no finetune output for the {task} task")
+    return sorted(found, key=lambda c: -c[0])
+
+
+def _weights_hash(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """An exported model in memory: ``predict`` takes preprocessed uint8 frames (N, S, S)."""
+
+    planes: PlaneClassifier
+    saliency: SaliencyModel
+    classes: list[str]
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    card: dict[str, Any]
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.card["input"]["frame_size"])
+
+    @torch.no_grad()
+    def predict(self, frames: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        frames = torch.as_tensor(np.asarray(frames))
+        if frames.dtype != torch.uint8 or frames.ndim != 3:
+            raise ValueError(f"frames must be uint8 (N, H, W), got {frames.dtype} {tuple(frames.shape)}")
+        outs: dict[str, list[np.ndarray]] = {"probs": [], "saliency": [], "embedding": []}
+        for i in range(0, len(frames), EVAL_BATCH):
+            x = to_input(frames[i:i + EVAL_BATCH])
+            emb = self.planes.encoder(x)
+            outs["probs"].append(torch.softmax(self.planes.head(emb), 1).numpy())
+            outs["saliency"].append(self.saliency(x).exp().numpy())
+            outs["embedding"].append(emb.numpy())
+        res = {k: np.concatenate(v) for k, v in outs.items()}
+        res["embedding_reduced"] = self.reduce(res["embedding"])
+        res["label"] = np.array(self.classes)[res["probs"].argmax(1)]
+        return res
+
+    def reduce(self, emb: np.ndarray) -> np.ndarray:
+        return ((emb - self.pca_mean) @ self.pca_components.T).astype(np.float32)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load ``model.pt`` (and the model card) from an export folder, or from ``/mnt/models`` in KServe."""
+    path = Path(path)
+    ckpt = load_checkpoint(path / BUNDLE_FILE if path.is_dir() else path)
+    if ckpt.get("bundle_format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: not an exported sonossl model (bundle format {BUNDLE_FORMAT})")
+    planes = PlaneClassifier(build_encoder(ckpt["planes"]["encoder"]), len(ckpt["classes"]))
+    planes.load_state_dict(ckpt["planes"]["state_dict"])
+    sal = SaliencyModel(build_encoder(ckpt["saliency"]["encoder"]), int(ckpt["saliency"]["out_size"]))
+    sal.load_state_dict(ckpt["saliency"]["state_dict"])
+    planes.eval()
+    sal.eval()
+    return Bundle(planes, sal, list(ckpt["classes"]), ckpt["pca_mean"].numpy(), ckpt["pca_components"].numpy(),
+                  json.loads(ckpt["card"]))
+
+
+def _raw_version(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta.get("inputs", {}), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _card_markdown(card: dict[str, Any]) -> str:
+    m = card["metrics"]
+    lines = [f"# Model card: sonossl {card['model_version']}", "",
+             f"Standard-plane detection ({', '.join(card['classes'])}), saliency prediction and frame embeddings "
+             "for ultrasound frames, from a self-supervised encoder (Jiao et al., ISBI 2020).", "",
+             "## Versions and lineage", "",
+             f"- model version: `{card['model_version']}` (sonossl {card['sonossl_version']})",
+             f"- clip dataset (feature) version: `{card['data']['feature_version']}`",
+             f"- raw data version: `{card['data']['raw_version']}` ({card['data']['videos']} videos, "
+             f"{card['data']['frames']} frames)",
+             f"- plane model: `{card['planes']['source']}` run `{card['planes']['run']}` "
+             f"(encoder: {card['planes']['origin'].get('pretext') or 'scratch'})",
+             f"- saliency model: `{card['saliency']['source']}` run `{card['saliency']['run']}`", "",
+             "## Metrics (test videos; selection on validation videos only)", "",
+             f"- plane detection: macro-F1 {m['planes']['test']['macro_f1']}, accuracy {m['planes']['test']['accuracy']}"
+             f" (validation macro-F1 {m['planes']['val']['macro_f1']})",
+             "- saliency: " + ", ".join(f"{k} {v}" for k, v in m["saliency"]["test"].items() if k != "n"), "",
+             "## Input contract", "",
+             *(f"- {k}: {v}" for k, v in card["input"].items()), "",
+             "## Output", "", *(f"- {k}: {v}" for k, v in card["output"].items()), "",
+             "## Reference statistics", "",
+             f"- {card['reference']['frames']} training frames: PCA-{card['reference']['embedding_dims']} embeddings "
+             f"and image statistics ({', '.join(card['reference']['image_stats'])})", ""]
+    return "\n".join(lines)
+
+
+def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path, params: Params,
+           progress: bool = True) -> dict[str, Any]:
+    ep = params.export
+    finetune_dir, out_dir = Path(finetune_dir), Path(out_dir)
+    data = load_clip_dataset(clips_dir)
+    planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
+    sal_score, sal_src, sal_path, sal_m = _candidates(finetune_dir, "saliency", ep.saliency_metric)[0]
+    pck, sck = load_checkpoint(planes_path), load_checkpoint(sal_path)
+    planes = PlaneClassifier(build_encoder(pck["encoder"]), len(pck["classes"]))
+    planes.load_state_dict(pck["state_dict"])
+    planes.eval()
+
+    # reference: training frames, evenly spaced, as the model sees them
+    idx = data.index
+    train_rows = np.flatnonzero(idx.split.to_numpy() == "train")
+    pick = train_rows[np.linspace(0, len(train_rows) - 1, min(ep.reference_frames, len(train_rows))).astype(int)]
+    frames = np.asarray(data.frames[pick])
+    with torch.no_grad():
+        emb = np.concatenate([planes.encoder(to_input(torch.from_numpy(frames[i:i + EVAL_BATCH]))).numpy()
+                              for i in range(0, len(frames), EVAL_BATCH)])
+    dims = min(ep.embedding_dims, emb.shape[1], len(emb))
+    mean = emb.mean(0)
+    _, _, vt = np.linalg.svd(emb - mean, full_matrices=False)
+    components = vt[:dims].astype(np.float32)
+    reduced = ((emb - mean) @ components.T).astype(np.float32)
+    videos = {v["video_idx"]: v for v in data.meta.get("videos", [])}
+    source_hw = np.array([(videos.get(int(v), {}).get("height", data.frames.shape[1]),
+                           videos.get(int(v), {}).get("width", data.frames.shape[2]))
+                          for v in idx.video_idx.to_numpy()[pick]])
+    stats = image_stats(frames, source_hw)
+
+    weights = _weights_hash(pck["state_dict"]) + _weights_hash(sck["state_dict"])
+    model_version = hashlib.sha256(json.dumps(
+        [data.version, as_dict(params.pretrain), as_dict(params.finetune), weights]).encode()).hexdigest()[:12]
+    sel = lambda m: next(r for r in m["runs"] if r["name"] == m["selected"])  # noqa: E731
+    pr, sr = sel(planes_m), sel(sal_m)
+    card = {
+        "model_version": model_version,
+        "sonossl_version": __version__,
+        "classes": list(pck["classes"]),
+        "data": {"feature_version": data.version, "raw_version": _raw_version(data.meta),
+                 "clips": str(clips_dir), "videos": int(idx.video_idx.nunique()), "frames": int(len(idx))},
+        "planes": {"source": planes_src, "run": pck["run"], "origin": pck.get("origin", {}),
+                   "select_metric": ep.select_metric, "select_value": planes_score, "encoder": pck["encoder"]},
+        "saliency": {"source": sal_src, "run": sck["run"], "origin": sck.get("origin", {}),
+                     "select_metric": ep.saliency_metric, "select_value": sal_score, "encoder": sck["encoder"]},
+        "metrics": {
+            "planes": {"val": {k: pr["val"][k] for k in ("macro_f1", "accuracy")},
+                       "test": ({k: pr["test"][k] for k in ("macro_f1", "accuracy")} if pr.get("test") else None)},
+            "saliency": {"val": sr["val"], "test": sr.get("test")},
+        },
+        "params": {"preprocess": as_dict(params.preprocess), "pretrain": as_dict(params.pretrain),
+                   "finetune": as_dict(params.finetune), "export": as_dict(ep)},
+        "input": {
+            "frames": "grey uint8, one clip or batch (N, H, W); encoded video or image bytes are decoded first",
+            "preprocessing": "sonossl.data.clips: crop inside the ultrasound sector, resize to frame_size (area)",
+            "frame_size": int(data.frames.shape[1]),
+            "scaling": "grey / 255; the encoder normalises internally",
+        },
+        "output": {
+            "probs": f"(N, {len(pck['classes'])}) softmax over classes, in the order of `classes`",
+            "label": "(N,) class name with the highest probability",
+            "saliency": f"(N, {int(sck['saliency_size'])}, {int(sck['saliency_size'])}) map over the frame, sums to 1",
+            "embedding": f"(N, {emb.shape[1]}) pooled encoder features; embedding_reduced (N, {dims}) after PCA",
+        },
+        "reference": {"frames": int(len(pick)), "embedding_dims": dims, "image_stats": list(stats.columns)},
+    }
+    bundle = {
+        "bundle_format": BUNDLE_FORMAT,
+        "classes": list(pck["classes"]),
+        "planes": {"encoder": pck["encoder"], "state_dict": pck["state_dict"]},
+        "saliency": {"encoder": sck["encoder"], "state_dict": sck["state_dict"], "out_size": sck["saliency_size"]},
+        "pca_mean": torch.from_numpy(mean.astype(np.float32)),
+        "pca_components": torch.from_numpy(components),
+        "card": json.dumps(card),
+    }
+    with atomic_dir(out_dir) as tmp:
+        buf = io.BytesIO()
+        torch.save({"format": 1, **bundle}, buf)
+        (tmp / BUNDLE_FILE).write_bytes(buf.getvalue())
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / "model_card.md").write_text(_card_markdown(card))
+        ref = tmp / "reference"
+        ref.mkdir()
+        np.save(ref / "embeddings.npy", reduced)
+        np.save(ref / "labels.npy", idx.label.to_numpy()[pick].astype(str))
+        stats.to_parquet(ref / "image_stats.parquet", index=False)
+    return card

@@ -1,0 +1,1 @@
+"""Networks: the frame encoder, the pretext heads and the downstream heads."""

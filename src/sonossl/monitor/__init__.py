@@ -1,0 +1,1 @@
+"""Monitoring: image statistics and reference data for drift reports."""

@@ -1,0 +1,408 @@
+"""The finetune step: downstream training from a pretrained encoder (or from scratch), at several label fractions.
+
+For standard-plane detection (``task="planes"``), at each fraction f of the training videos (the same seeded video
+order for every fraction, so the 5 % videos are among the 20 % ones):
+
+- ``probe``: a linear probe, logistic regression (class-balanced, L2 strength chosen on the validation videos) on
+  the frozen encoder's embeddings; folded into one ``nn.Linear`` so that it serves like any model;
+- ``finetune``: the whole network (encoder + linear layer) trained with a class-balanced cross-entropy and batched
+  augmentation (shift, zoom, flip, gain), the epoch with the best validation macro-F1 kept.
+
+For saliency prediction (``task="saliency"``): the encoder plus a light decoder, trained end to end with the KL
+divergence to the gaze density; the epoch with the best validation CC kept; scored with KLD, CC, NSS, SIM, AUC-Judd.
+
+Selection uses the validation videos only; the test videos are scored once, at the end, for the report. Outputs:
+``metrics.json`` (every run: validation and test scores, per-class figures, confusion matrix), ``model.pt`` (the run
+with the best validation score, for ``export``), ``runs/<method>@<fraction>/`` (checkpoints, dvclive curves).
+
+    finetune("data/clips/sim", "models/finetune/ssl-planes", params.finetune, task="planes",
+             encoder="models/pretrain/both-sequential")
+    finetune(..., encoder=None, encoder_spec={"name": "resnet18", "width": 16})      # scratch
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sonossl.atomic import atomic_write_text
+from sonossl.config import FinetuneParams, as_dict
+from sonossl.data.clips import ClipDataset, load_clip_dataset
+from sonossl.evaluate.classification_metrics import classification_report
+from sonossl.evaluate.saliency_metrics import saliency_scores
+from sonossl.models.downstream import PlaneClassifier, SaliencyModel
+from sonossl.models.encoder import Encoder, build_encoder
+from sonossl.train.loop import LoopParams, fingerprint, fit, load_best, save_checkpoint
+from sonossl.train.pretrain import frames_tensor, load_encoder, seed_for
+
+log = logging.getLogger(__name__)
+
+TASKS = ("planes", "saliency")
+MODEL_FILE = "model.pt"
+EVAL_BATCH = 256
+
+
+# ------------------------------------------------------------------------------------------------ data selection
+
+
+def video_order(index, seed: int, split: str = "train") -> list[int]:
+    """The training videos in a fixed random order; a fraction f takes the first ceil(f * n) of them."""
+    vids = np.unique(index.video_idx[index.split == split].to_numpy())
+    rng = np.random.default_rng(seed)
+    return [int(v) for v in rng.permutation(vids)]
+
+
+def labelled_videos(order: list[int], fraction: float) -> list[int]:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction} must be in (0, 1]")
+    return order[: max(1, math.ceil(fraction * len(order)))]
+
+
+def class_list(index) -> list[str]:
+    labels = index.label.dropna().unique()
+    if len(labels) < 2:
+        raise ValueError("the clip dataset has fewer than 2 labelled classes; plane detection needs labels")
+    return sorted(str(x) for x in labels)
+
+
+def balanced_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+
+
+def augment_frames(x: torch.Tensor, gen: torch.Generator, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched shift (±6 %), zoom (0.9-1.1), horizontal flip and gain/offset of (B, 1, S, S) frames in [0, 1].
+
+    Returns the frames and the flip mask (for targets that must follow, such as saliency maps).
+    """
+    b = len(x)
+    zoom = 1 + 0.1 * (2 * torch.rand(b, generator=gen) - 1)
+    sx = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = sx / zoom
+    theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = 0.06 * (2 * torch.rand(b, 2, generator=gen) - 1)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    gain = (1 + 0.2 * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)).to(x.device)
+    offset = (0.06 * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)).to(x.device)
+    return (x * gain + offset).clamp_(0, 1), sx < 0
+
+
+def to_input(frames_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, S, S) -> float (B, 1, S, S) in [0, 1]: the encoder's input contract."""
+    return frames_u8.float().div_(255.0).unsqueeze(1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, frames: torch.Tensor, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Model outputs for ``frames[rows]``, in eval mode, batched, on CPU."""
+    model.eval()
+    outs = [model(to_input(frames[torch.as_tensor(rows[i:i + EVAL_BATCH])]).to(device)).float().cpu()
+            for i in range(0, len(rows), EVAL_BATCH)]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+# ------------------------------------------------------------------------------------------------ training tasks
+
+
+class _FrameTask:
+    """Frames drawn with replacement from ``train_rows``, ``frames_per_epoch`` per epoch."""
+
+    def __init__(self, model: nn.Module, frames: torch.Tensor, train_rows: np.ndarray, val_rows: np.ndarray,
+                 params: FinetuneParams):
+        self.model, self.frames, self.params = model, frames, params
+        self.train_rows, self.val_rows = np.asarray(train_rows), np.asarray(val_rows)
+
+    def steps_per_epoch(self, world: int) -> int:
+        return max(1, self.params.frames_per_epoch // (self.params.batch_size * world))
+
+    def batches(self, epoch: int, rank: int, world: int, device: torch.device):
+        gen = torch.Generator().manual_seed(seed_for(self.params.seed, epoch, rank))
+        for _ in range(self.steps_per_epoch(world)):
+            pick = torch.randint(len(self.train_rows), (self.params.batch_size,), generator=gen)
+            rows = torch.from_numpy(self.train_rows)[pick]
+            x, flipped = augment_frames(to_input(self.frames[rows]).to(device), gen)
+            yield x, rows, flipped
+
+
+class PlaneTask(_FrameTask):
+    def __init__(self, model, frames, labels: np.ndarray, train_rows, val_rows, params, n_classes: int):
+        super().__init__(model, frames, train_rows, val_rows, params)
+        self.labels = torch.as_tensor(labels)
+        self.n_classes = n_classes
+        self.weights = balanced_weights(labels[train_rows], n_classes)
+
+    def loss(self, model, batch):
+        x, rows, _ = batch
+        y = self.labels[rows].to(x.device)
+        logits = model(x).float()
+        loss = F.cross_entropy(logits, y, weight=self.weights.to(x.device))
+        return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
+
+    def validate(self, model, device):
+        if len(self.val_rows) == 0:
+            return {}
+        pred = predict(model, self.frames, self.val_rows, device).argmax(1).numpy()
+        rep = classification_report(self.labels[self.val_rows].numpy(), pred, list(range(self.n_classes)))
+        return {"macro_f1": rep["macro_f1"], "acc": rep["accuracy"]}
+
+
+class SaliencyTask(_FrameTask):
+    def __init__(self, model, frames, saliency: torch.Tensor, train_rows, val_rows, params):
+        super().__init__(model, frames, train_rows, val_rows, params)
+        self.saliency = saliency
+
+    def loss(self, model, batch):
+        x, rows, flipped = batch
+        target = self.saliency[rows].to(x.device)
+        target = torch.where(flipped.to(x.device)[:, None, None], target.flip(-1), target)
+        # zoom/shift are small against the coarse maps; the flip must follow the frame
+        log_p = model(x).float()
+        return -(target * log_p).flatten(1).sum(1).mean(), {}
+
+    def validate(self, model, device):
+        if len(self.val_rows) == 0:
+            return {}
+        log_p = predict(model, self.frames, self.val_rows, device)
+        p = log_p.exp().flatten(1)
+        g = self.saliency[torch.as_tensor(self.val_rows)].flatten(1)
+        pc, gc = p - p.mean(1, keepdim=True), g - g.mean(1, keepdim=True)
+        cc = (pc * gc).sum(1) / (pc.norm(dim=1) * gc.norm(dim=1)).clamp_min(1e-12)
+        kld = (g * torch.log(1e-12 + g / (p + 1e-12))).sum(1)
+        return {"cc": float(cc.mean()), "kld": float(kld.mean())}
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class _Data:
+    data: ClipDataset
+    frames: torch.Tensor
+    classes: list[str]
+    labels: np.ndarray  # class index per row, -1 where unlabelled
+    split: np.ndarray
+    video_idx: np.ndarray
+
+
+def _open(clips_dir: str | Path) -> _Data:
+    data = load_clip_dataset(clips_dir)
+    classes = class_list(data.index)
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = np.array([lookup.get(str(v), -1) if v is not None else -1 for v in data.index.label], dtype=np.int64)
+    return _Data(data, frames_tensor(data), classes, labels, data.index.split.to_numpy(),
+                 data.index.video_idx.to_numpy())
+
+
+def _rows(d: _Data, videos: list[int] | None = None, split: str | None = None, need_label: bool = True) -> np.ndarray:
+    mask = np.ones(len(d.labels), dtype=bool)
+    if videos is not None:
+        mask &= np.isin(d.video_idx, videos)
+    if split is not None:
+        mask &= d.split == split
+    if need_label:
+        mask &= d.labels >= 0
+    return np.flatnonzero(mask)
+
+
+def _loop(params: FinetuneParams, epochs: int, select: str) -> LoopParams:
+    return LoopParams(epochs=epochs, lr=params.lr, weight_decay=params.weight_decay,
+                      warmup_epochs=params.warmup_epochs, seed=params.seed, amp=params.amp,
+                      channels_last=params.channels_last, select=select)
+
+
+def _fresh_encoder(encoder: str | Path | None, encoder_spec: dict[str, Any] | None) -> tuple[Encoder, dict]:
+    if encoder is not None:
+        enc, ckpt = load_encoder(encoder)
+        return enc, {"encoder": str(encoder), "pretext": ckpt.get("pretext", {}).get("mode"),
+                     "pretrain_data_version": ckpt.get("data_version")}
+    if encoder_spec is None:
+        raise ValueError("finetune: give a pretrained encoder, or an encoder spec to train from scratch")
+    return build_encoder(encoder_spec), {"encoder": None, "pretext": None}
+
+
+@torch.no_grad()
+def embed(encoder: Encoder, frames: torch.Tensor, rows: np.ndarray, device: torch.device) -> np.ndarray:
+    return predict(encoder, frames, rows, device).numpy()
+
+
+def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_val: np.ndarray,
+                 n_classes: int, cs: list[float], seed: int) -> tuple[nn.Linear, dict[str, Any]]:
+    """Logistic regression on frozen embeddings, C picked by validation macro-F1, folded into an ``nn.Linear``."""
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
+    best = None
+    for c in cs:
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
+        clf.fit((z_train - mu) / sd, y_train)
+        score = classification_report(y_val, clf.predict((z_val - mu) / sd), list(range(n_classes)))["macro_f1"] \
+            if len(y_val) else 0.0
+        if best is None or score > best[0]:
+            best = (score, c, clf)
+    score, c, clf = best
+    layer = nn.Linear(z_train.shape[1], n_classes)
+    w = np.zeros((n_classes, z_train.shape[1]))
+    b = np.full(n_classes, -1e4)  # classes never seen in training are never predicted
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:  # binary: sklearn keeps one row for the positive class
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    w[clf.classes_] = coef / sd
+    b[clf.classes_] = intercept - (coef / sd) @ mu
+    layer.weight.data = torch.tensor(w, dtype=torch.float32)
+    layer.bias.data = torch.tensor(b, dtype=torch.float32)
+    return layer, {"C": c, "val_macro_f1": score}
+
+
+def _plane_runs(d: _Data, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
+                methods: list[str], resume: bool, progress: bool, device: torch.device,
+                run_key: str) -> tuple[list[dict], dict]:
+    order = video_order(d.data.index, params.seed)
+    n_cls = len(d.classes)
+    val_rows, test_rows = _rows(d, split="val"), _rows(d, split="test")
+    runs, best_state = [], None
+    probe_encoder, z_all = None, None
+    for frac in fractions:
+        vids = labelled_videos(order, frac)
+        train_rows = _rows(d, vids, "train")
+        for method in methods:
+            t0 = time.perf_counter()
+            name = f"{method}@{frac:g}"
+            if method == "probe":
+                if probe_encoder is None:
+                    probe_encoder = make_encoder().to(device)
+                    needed = np.flatnonzero(d.labels >= 0)
+                    z_all = np.zeros((len(d.labels), probe_encoder.dim), dtype=np.float32)
+                    z_all[needed] = embed(probe_encoder, d.frames, needed, device)
+                layer, info = linear_probe(z_all[train_rows], d.labels[train_rows], z_all[val_rows],
+                                           d.labels[val_rows], n_cls, params.probe_c, params.seed)
+                model = PlaneClassifier(probe_encoder, n_cls)
+                model.head[1] = layer
+                extra = {"C": info["C"]}
+            else:
+                torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
+                model = PlaneClassifier(make_encoder(), n_cls)
+                task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls)
+                res = fit(task, out_dir / "runs" / name, _loop(params, params.epochs, "val_macro_f1"),
+                          resume=resume, progress=progress, run_id=fingerprint(run_key, name))
+                best = load_best(model, out_dir / "runs" / name)
+                extra = {"best_epoch": best["epoch"], "history": res.history}
+            model = model.to(device)
+            val = classification_report(d.labels[val_rows], predict(model, d.frames, val_rows, device).argmax(1)
+                                        .numpy(), d.classes) if len(val_rows) else None
+            test = classification_report(d.labels[test_rows], predict(model, d.frames, test_rows, device).argmax(1)
+                                         .numpy(), d.classes) if len(test_rows) else None
+            run = {"name": name, "method": method, "fraction": frac, "videos": len(vids),
+                   "frames": int(len(train_rows)), "seconds": round(time.perf_counter() - t0, 1),
+                   "val": val, "test": test, **extra}
+            runs.append(run)
+            log.info("%s: val macro-F1 %s, test macro-F1 %s", name, val and val["macro_f1"], test and test["macro_f1"])
+            score = val["macro_f1"] if val else -1
+            if best_state is None or score > best_state["score"]:
+                best_state = {"score": score, "run": name,
+                              "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    return runs, best_state
+
+
+def _saliency_runs(d: _Data, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
+                   resume: bool, progress: bool, device: torch.device, run_key: str) -> tuple[list[dict], dict]:
+    if d.data.saliency is None:
+        raise ValueError(f"{d.data.path}: no saliency maps in this clip dataset; the saliency task needs them")
+    saliency = torch.from_numpy(np.array(d.data.saliency, dtype=np.float32))
+    has = d.data.index.has_saliency.to_numpy()
+    order = video_order(d.data.index, params.seed)
+    out_size = saliency.shape[-1]
+    val_rows = np.flatnonzero((d.split == "val") & has)
+    test_rows = np.flatnonzero((d.split == "test") & has)
+    runs, best_state = [], None
+    for frac in fractions:
+        vids = labelled_videos(order, frac)
+        train_rows = np.flatnonzero(np.isin(d.video_idx, vids) & (d.split == "train") & has)
+        t0 = time.perf_counter()
+        name = f"finetune@{frac:g}"
+        torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
+        model = SaliencyModel(make_encoder(), out_size)
+        task = SaliencyTask(model, d.frames, saliency, train_rows, val_rows, params)
+        res = fit(task, out_dir / "runs" / name, _loop(params, params.saliency_epochs, "val_cc"), resume=resume,
+                  progress=progress, run_id=fingerprint(run_key, name))
+        best = load_best(model, out_dir / "runs" / name)
+        model = model.to(device)
+
+        def scores(rows: np.ndarray) -> dict[str, float] | None:
+            if not len(rows):
+                return None
+            pred = predict(model, d.frames, rows, device).exp().numpy()
+            return saliency_scores(pred, saliency[torch.as_tensor(rows)].numpy())
+
+        run = {"name": name, "method": "finetune", "fraction": frac, "videos": len(vids),
+               "frames": int(len(train_rows)), "seconds": round(time.perf_counter() - t0, 1),
+               "val": scores(val_rows), "test": scores(test_rows), "best_epoch": best["epoch"],
+               "history": res.history}
+        runs.append(run)
+        log.info("%s: val CC %s, test CC %s", name, run["val"] and run["val"]["cc"], run["test"] and run["test"]["cc"])
+        score = run["val"]["cc"] if run["val"] else -1
+        if best_state is None or score > best_state["score"]:
+            best_state = {"score": score, "run": name, "out_size": out_size,
+                          "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    return runs, best_state
+
+
+def _file_hash(path: str | Path | None) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+
+
+def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams, task: str = "planes",
+             encoder: str | Path | None = None, encoder_spec: dict[str, Any] | None = None,
+             fractions: list[float] | None = None, methods: tuple[str, ...] = ("probe", "finetune"),
+             name: str | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train and score the downstream ``task`` from ``encoder`` (a pretrain output) or from scratch."""
+    if task not in TASKS:
+        raise ValueError(f"finetune task {task!r} is not one of {list(TASKS)}")
+    out_dir = Path(out_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = _open(clips_dir)
+    _, origin = _fresh_encoder(encoder, encoder_spec)  # fail early on a bad encoder
+
+    def make_encoder() -> Encoder:
+        return _fresh_encoder(encoder, encoder_spec)[0]
+
+    run_key = fingerprint(as_dict(params), task, d.data.version, origin,
+                          _file_hash(Path(encoder) / "encoder.pt" if encoder and Path(encoder).is_dir() else encoder))
+    if task == "planes":
+        fractions = fractions or params.fractions
+        runs, best = _plane_runs(d, out_dir, params, make_encoder, fractions, list(methods), resume, progress, device,
+                                 run_key)
+    else:
+        fractions = fractions or params.saliency_fractions
+        runs, best = _saliency_runs(d, out_dir, params, make_encoder, fractions, resume, progress, device, run_key)
+    spec = dict(make_encoder().spec)
+    metrics = {
+        "name": name or out_dir.name, "task": task, "init": "scratch" if encoder is None else "pretrained",
+        **origin, "data_version": d.data.version, "classes": d.classes if task == "planes" else None,
+        "params": as_dict(params), "runs": runs, "selected": best["run"],
+        "selected_val": round(best["score"], 4),
+    }
+    save_checkpoint(out_dir / MODEL_FILE, {
+        "task": task, "encoder": spec, "state_dict": best["state_dict"], "classes": d.classes,
+        "saliency_size": best.get("out_size"), "run": best["run"], "data_version": d.data.version,
+        "origin": origin, "val_score": best["score"],
+    })
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,304 @@
+"""One training loop for every step: pretext pretraining, fine-tuning, and the folds of the cross-validation.
+
+A step provides a ``TrainTask`` (its model, its batches, its loss, its validation); ``fit`` does the rest, the
+same way for all of them:
+
+- seeds: batches of epoch e on rank r come from a generator seeded by (seed, e, r), so a resumed run draws the
+  same data as an uninterrupted one;
+- AdamW with linear warm-up and a cosine decay, per step;
+- on GPU, bfloat16 autocast and channels_last;
+- a checkpoint after every epoch (``checkpoints/last.pt``, written atomically: a kill leaves the previous one), the
+  best model by the validation metric (``best.pt``), and ``resume=True`` continuing from ``last.pt``;
+- DDP under ``torchrun`` (gloo on CPU, nccl on GPU), each rank taking its own share of every epoch's batches;
+- dvclive metrics (one step per epoch) and a progress bar, on rank 0.
+
+    result = fit(task, "models/pretrain/both-sequential", LoopParams(epochs=10, lr=1e-3), resume=True)
+    result.best, result.history[-1]
+
+Checkpoints hold only tensors and plain values and load with ``torch.load(..., weights_only=True)``; a damaged
+checkpoint gives an error naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sonossl.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (truncated, corrupted, or from another run)."""
+
+
+@dataclass(frozen=True)
+class LoopParams:
+    epochs: int
+    lr: float
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    amp: bool = True  # GPU only
+    channels_last: bool = True  # GPU only
+    select: str | None = None  # validation metric that picks best.pt (higher is better); None = last epoch
+
+
+class TrainTask(Protocol):
+    model: nn.Module
+
+    def steps_per_epoch(self, world: int) -> int: ...
+
+    def batches(self, epoch: int, rank: int, world: int, device: torch.device) -> Iterable[Any]:
+        """This rank's batches of ``epoch`` (``steps_per_epoch(world)`` of them), on ``device``."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch and per-batch numbers to average over the epoch (e.g. accuracies)."""
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Validation numbers (rank 0 only); empty when there is nothing to validate on."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch: train_* and val_*
+    best: dict[str, float] | None = None  # the entry of best.pt's epoch
+    seconds: float = 0.0  # wall time of this call
+    samples_per_s: float = 0.0  # training throughput of this call (examples seen / training time)
+    resumed_from: int = 0  # epochs already done when this call started
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); else one process on one device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return Distributed(rank=rank, world=dist.get_world_size(), device=device)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``), with a clear error when it is damaged."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "it is truncated or corrupted: delete it to start over, or restore it"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a sonossl checkpoint of format {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class _Live:
+    """dvclive on rank 0, one step per epoch; a no-op elsewhere."""
+
+    def __init__(self, directory: Path | None, resume: bool):
+        self.live = None
+        if directory is not None:
+            from dvclive import Live
+
+            self.live = Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.live is None:
+            return
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(name.replace("_", "/", 1), value)
+        self.live.next_step()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of what defines a run (parameters, data version, mode...): ``--resume`` only continues a
+    checkpoint with the same fingerprint, so a changed parameter can never continue a stale run."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool = False, progress: bool = True,
+        live: bool = True, dist_env: Distributed | None = None, run_id: str = "") -> FitResult:
+    """Train ``task.model`` for ``params.epochs``; see the module docstring. Returns the per-epoch history.
+
+    ``run_id`` (see ``fingerprint``) is stored in the checkpoint; ``resume`` continues only a matching one.
+    """
+    out_dir = Path(out_dir)
+    env = dist_env or setup_distributed()
+    last_path, best_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
+    model = task.model.to(env.device)
+    on_gpu = env.device.type == "cuda"
+    if on_gpu and params.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        for m in model.modules():
+            if hasattr(m, "channels_last"):
+                m.channels_last = True
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    result = FitResult()
+    start_epoch = 0
+    ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
+    if ckpt is not None and ckpt.get("run_id", "") != run_id:
+        if env.main:
+            log.info("%s belongs to another run (parameters or data changed); starting over", last_path)
+        ckpt = None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_epoch = int(ckpt["epoch"])
+        result.history = list(ckpt["history"])
+        result.best = ckpt.get("best")
+        result.resumed_from = start_epoch
+        if env.main:
+            log.info("%s: resuming after epoch %d of %d", last_path, start_epoch, params.epochs)
+    elif not resume and last_path.exists() and env.main:
+        log.info("%s exists; starting over (pass resume=True to continue it)", last_path)
+    train_model: nn.Module = model
+    if env.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if on_gpu else None)
+
+    steps = task.steps_per_epoch(env.world)
+    total = steps * params.epochs
+    warmup = int(round(params.warmup_epochs * steps))
+    tracker = _Live(out_dir / "live" if (live and env.main) else None, resume=resume and start_epoch > 0)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and params.amp
+                else contextlib.nullcontext())
+    t0 = time.perf_counter()
+    seen, train_time = 0, 0.0
+    try:
+        for epoch in range(start_epoch, params.epochs):
+            train_model.train()
+            sums: dict[str, float] = {}
+            n_batches = 0
+            te = time.perf_counter()
+            bar = _progress(task.batches(epoch, env.rank, env.world, env.device), steps,
+                            f"epoch {epoch + 1}/{params.epochs}", progress and env.main)
+            for i, batch in enumerate(bar):
+                for group in opt.param_groups:
+                    group["lr"] = params.lr * _lr_factor(epoch * steps + i, total, warmup)
+                with autocast:
+                    loss, numbers = task.loss(train_model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                             "lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n_batches += 1
+                seen += _batch_len(batch)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for k, v in numbers.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if hasattr(bar, "set_postfix") and i % 10 == 0:
+                    bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}")
+            train_time += time.perf_counter() - te
+            entry = {"epoch": epoch + 1, **{f"train_{k}": round(v / max(1, n_batches), 5) for k, v in sums.items()}}
+            if env.main:
+                model.eval()
+                with torch.no_grad(), autocast:
+                    entry.update({f"val_{k}": round(float(v), 5) for k, v in task.validate(model, env.device).items()})
+                result.history.append(entry)
+                improved = params.select is None or result.best is None or (
+                    entry.get(params.select, -math.inf) > result.best.get(params.select, -math.inf))
+                if improved:
+                    result.best = entry
+                    save_checkpoint(best_path, {"epoch": epoch + 1, "model": model.state_dict(), "entry": entry})
+                save_checkpoint(last_path, {"epoch": epoch + 1, "run_id": run_id, "model": model.state_dict(),
+                                            "optimizer": opt.state_dict(), "history": result.history,
+                                            "best": result.best})
+                tracker.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch)
+                if progress:
+                    shown = {k: v for k, v in entry.items() if k.startswith("val_") or k == "train_loss"}
+                    log.info("epoch %d/%d %s", epoch + 1, params.epochs, shown)
+            if env.world > 1:
+                dist.barrier()
+    finally:
+        tracker.close()
+    result.seconds = time.perf_counter() - t0
+    result.samples_per_s = seen * env.world / train_time if train_time else 0.0
+    return result
+
+
+def load_best(task_model: nn.Module, out_dir: str | Path) -> dict[str, float]:
+    """Load ``best.pt`` of a finished ``fit`` into the model; returns its history entry."""
+    ckpt = load_checkpoint(Path(out_dir) / "checkpoints" / "best.pt")
+    _unwrap(task_model).load_state_dict(ckpt["model"])
+    return ckpt["entry"]
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, (tuple, list)):
+        return _batch_len(batch[0])
+    if hasattr(batch, "__len__"):
+        return len(batch)
+    return 0
+
+
+def _progress(it: Iterable[Any], total: int, desc: str, show: bool) -> Iterator[Any]:
+    if not show:
+        return iter(it)
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
