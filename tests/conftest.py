@@ -173,3 +173,27 @@ def pocus_dir() -> Path:
     if not (POCUS / "labels.csv").is_file():
         pytest.skip(f"real data missing: {POCUS} (the POCUS videos exist only in this workplace)")
     return POCUS
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_clips(tmp_path_factory) -> Path:
+    """A clip dataset from the simulator on the tiny profile (shared by the training tests; read-only)."""
+    from sonossl.config import load_params
+    from sonossl.data.clips import preprocess
+    from sonossl.data.simulate import simulate
+
+    params = load_params(REPO / "params.yaml", profile="tiny")
+    root = tmp_path_factory.mktemp("tiny")
+    simulate(root / "raw", params.simulate, progress=False)
+    preprocess(root / "raw", root / "clips", params.preprocess, progress=False)
+    return root / "clips"
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    from sonossl.config import load_params
+
+    return load_params(REPO / "params.yaml", profile="tiny")

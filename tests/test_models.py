@@ -1,0 +1,52 @@
+"""Encoders and heads: shapes for every registered encoder and pretext mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sonossl.models.downstream import PlaneClassifier, SaliencyModel
+from sonossl.models.encoder import ENCODERS, build_encoder
+from sonossl.models.pretext_heads import PretextModel
+from sonossl.pretext.batch import MODES, PretextBatchMaker
+from sonossl.pretext.permutations import permutation_set
+from sonossl.pretext.transforms import TransformSet
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_encoder_embeds_any_frame_size(name):
+    enc = build_encoder({"name": name, "width": 8}).eval()
+    for side in (32, 48):
+        assert enc(torch.rand(2, 1, side, side)).shape == (2, enc.dim)
+    assert len(enc.feature_maps(torch.rand(1, 1, 32, 32))) == 4
+
+
+def test_resnet18_is_torchvision_resnet18_at_width_64():
+    enc = build_encoder({"name": "resnet18", "width": 64})
+    n = sum(p.numel() for p in enc.parameters())
+    assert 11_000_000 < n < 11_300_000  # ResNet-18 without fc, one input channel
+
+
+def test_unknown_encoder_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="resnet18"):
+        build_encoder({"name": "vgg"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pretext_model_outputs_one_logit_set_per_head(mode):
+    maker = PretextBatchMaker(mode, permutation_set(4), TransformSet(), 48, 32)
+    batch = maker(torch.randint(0, 255, (3, 4, 48, 48), dtype=torch.uint8), torch.Generator().manual_seed(0))
+    model = PretextModel(build_encoder({"name": "small_cnn", "width": 8}), mode, 4, 12, TransformSet().sizes)
+    out = model(batch)
+    if mode != "transform":
+        assert out["order"].shape == (3, 12)
+    if mode != "order":
+        assert {out[h].shape for h in ("rotation", "scale", "shear")} == {(3, 3)}
+
+
+def test_downstream_heads():
+    enc = build_encoder({"name": "small_cnn", "width": 8})
+    assert PlaneClassifier(enc, 6)(torch.rand(2, 1, 32, 32)).shape == (2, 6)
+    log_p = SaliencyModel(enc, 16)(torch.rand(2, 1, 32, 32))
+    assert log_p.shape == (2, 16, 16)
+    assert torch.allclose(log_p.exp().sum((1, 2)), torch.ones(2), atol=1e-5)

@@ -1,0 +1,87 @@
+"""The pretext tasks: permutation classes, transforms that cannot be read from the border, the batch maker."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from sonossl.pretext.batch import MODES, PretextBatchMaker, clip_starts
+from sonossl.pretext.permutations import class_distance, permutation_set
+from sonossl.pretext.transforms import TransformSet, sampling_grid, warp_clips
+
+
+def test_k4_has_12_classes_covering_every_permutation_once_with_its_reverse():
+    perms = permutation_set(4)
+    assert perms.shape == (12, 4)
+    members = {tuple(p) for p in perms} | {tuple(p[::-1]) for p in perms}
+    assert members == set(itertools.permutations(range(4)))
+
+
+def test_larger_k_uses_a_fixed_hamming_distant_subset():
+    a, b = permutation_set(6, 20, seed=0), permutation_set(6, 20, seed=0)
+    assert a.shape == (20, 6) and (a == b).all()
+    dmin = min(class_distance(p, np.delete(a, i, 0)).min() for i, p in enumerate(a))
+    assert dmin >= 4  # far apart, also from each other's reverses
+    with pytest.raises(ValueError, match="n_classes"):
+        permutation_set(4, 13)
+
+
+def _maker(mode="both-sequential", source=48, crop=32):
+    return PretextBatchMaker(mode, permutation_set(4), TransformSet(), source=source, crop=crop, max_shift=2.0)
+
+
+def test_constant_clips_look_the_same_under_every_transform():
+    """The border cannot give the transform away: a constant frame gives the same crop under all 27 transforms,
+    so no network can do better than chance on it."""
+    tset = TransformSet()
+    idx = torch.tensor(list(itertools.product(range(3), range(3), range(3))))
+    frames = torch.full((len(idx), 4, 48, 48), 0.6)
+    maker = _maker()
+    shift = torch.full((len(idx), 2), maker.shift)  # the largest jitter, towards a corner
+    out = warp_clips(frames, tset.matrices(idx[:, 0], idx[:, 1], idx[:, 2]), shift, 32)
+    assert torch.allclose(out, torch.full_like(out, 0.6), atol=1e-5)
+    # and every sample point lies on or inside the outermost pixel centres of the frame
+    grid = sampling_grid(tset.matrices(idx[:, 0], idx[:, 1], idx[:, 2]), shift, 48, 32)
+    assert grid.abs().max() <= 1 - 1 / 48 + 1e-5
+
+
+def test_a_crop_that_would_show_padding_is_refused():
+    with pytest.raises(ValueError, match="too large"):
+        TransformSet().max_shift(source=48, crop=40)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_maker_shapes_and_targets(mode):
+    gen = torch.Generator().manual_seed(0)
+    clips = torch.randint(0, 255, (5, 4, 48, 48), dtype=torch.uint8)
+    batch = _maker(mode)(clips, gen)
+    assert len(batch) == 5
+    assert ("order" in batch.targets) == (mode != "transform")
+    assert ("rotation" in batch.targets) == (mode != "order")
+    for clip in (batch.order_clips, batch.transform_clips):
+        if clip is not None:
+            assert clip.shape == (5, 4, 1, 32, 32) and 0 <= clip.min() and clip.max() <= 1
+    assert batch.same_clips == (mode == "both-sequential")
+
+
+def test_order_target_names_the_shuffle():
+    """Frames whose grey level is their time: after shuffling, the levels spell the permutation of the class."""
+    levels = torch.tensor([20, 80, 140, 200], dtype=torch.uint8)
+    clips = levels[None, :, None, None].expand(64, 4, 48, 48).contiguous()
+    maker = PretextBatchMaker("order", permutation_set(4), TransformSet(), 48, 32, max_shift=0.0, gain=0.0,
+                              offset=0.0)
+    batch = maker(clips, torch.Generator().manual_seed(1))
+    seen = batch.order_clips[:, :, 0, 16, 16] * 255
+    order = seen.argsort(dim=1).argsort(dim=1)  # rank of each position = the frame it shows
+    perms = permutation_set(4)
+    for shown, cls in zip(order.numpy(), batch.targets["order"].numpy()):
+        assert tuple(shown) in {tuple(perms[cls]), tuple(perms[cls][::-1])}
+
+
+def test_clip_starts_stay_inside_one_video():
+    video_idx = np.array([0] * 5 + [1] * 2 + [2] * 7)
+    starts = clip_starts(video_idx, k=3, stride=2)
+    assert starts.tolist() == [0, 7, 8, 9]

@@ -1,0 +1,163 @@
+"""The training loop and the steps on it: pretrain, finetune, evaluate, export on the tiny profile; checkpoints,
+resume after kill -9, damaged checkpoints, DDP under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sonossl.train.loop import CheckpointError, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "sonossl.cli", "-q", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_pretrain_writes_encoder_metrics_and_resumes(tiny_clips, tiny_params, tmp_path):
+    from sonossl.train.pretrain import load_encoder, pretrain
+
+    p = tiny_params.pretrain
+    m = pretrain(tiny_clips, tmp_path / "pt", p, mode="both-parallel", progress=False)
+    assert set(m["val"]) >= {"order_acc", "rotation_acc", "scale_acc", "shear_acc"}
+    assert m["chance"]["order_acc"] == round(1 / 12, 4)
+    enc, ckpt = load_encoder(tmp_path / "pt")
+    assert ckpt["pretext"]["permutations"] == [list(x) for x in ckpt["pretext"]["permutations"]]
+    assert len(ckpt["pretext"]["permutations"]) == 12 and ckpt["data_version"] == m["data_version"]
+    live = json.loads((tmp_path / "pt/live/metrics.json").read_text())
+    assert "val" in live and "train" in live
+
+    # more epochs with --resume continues after the last finished one
+    longer = dataclasses.replace(p, epochs=p.epochs + 1)
+    hist = load_checkpoint(tmp_path / "pt/checkpoints/last.pt")["history"]
+    assert len(hist) == p.epochs
+    pretrain(tiny_clips, tmp_path / "pt", longer, mode="both-parallel", resume=True, progress=False)
+    # other parameters changed too: a resume would be wrong, so it starts over
+    ck = load_checkpoint(tmp_path / "pt/checkpoints/last.pt")
+    assert ck["epoch"] == longer.epochs
+
+
+def test_resume_continues_only_the_same_run(tiny_clips, tiny_params, tmp_path, caplog):
+    from sonossl.train.pretrain import pretrain
+
+    p = dataclasses.replace(tiny_params.pretrain, epochs=2)
+    pretrain(tiny_clips, tmp_path / "pt", p, mode="transform", progress=False)
+    ck = load_checkpoint(tmp_path / "pt/checkpoints/last.pt")
+    assert ck["epoch"] == 2
+    caplog.set_level("INFO")
+    pretrain(tiny_clips, tmp_path / "pt", p, mode="transform", resume=True, progress=True)
+    assert "resuming after epoch 2 of 2" in caplog.text
+    caplog.clear()
+    pretrain(tiny_clips, tmp_path / "pt", dataclasses.replace(p, lr=5e-4), mode="transform", resume=True)
+    assert "belongs to another run" in caplog.text
+
+
+def test_truncated_checkpoint_names_the_file(tiny_clips, tiny_params, tmp_path):
+    from sonossl.train.pretrain import pretrain
+
+    pretrain(tiny_clips, tmp_path / "pt", tiny_params.pretrain, mode="order", progress=False)
+    last = tmp_path / "pt/checkpoints/last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=str(last)):
+        load_checkpoint(last)
+    proc = _cli("pretrain", "--profile", "tiny", "--clips", str(tiny_clips), "--mode", "order",
+                "--out", str(tmp_path / "pt"), "--resume")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "last.pt" in out and "truncated or corrupted" in out
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_from_the_last_checkpoint(tiny_clips, tmp_path):
+    params = tmp_path / "params.yaml"
+    import yaml
+
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["tiny"]["pretrain"].update(epochs=40, clips_per_epoch=64)
+    params.write_text(yaml.safe_dump(doc))
+    args = ("pretrain", "--params", str(params), "--profile", "tiny", "--clips", str(tiny_clips),
+            "--mode", "both-sequential", "--out", str(tmp_path / "pt"), "--resume")
+    proc = _cli(*args)
+    last = tmp_path / "pt/checkpoints/last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and load_checkpoint(last)["epoch"] >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(last)["epoch"]  # the file is whole: written atomically
+    assert 3 <= done < 40
+    proc = _cli(*args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resuming after epoch {done} of 40" in out
+    ck = load_checkpoint(last)
+    assert ck["epoch"] == 40 and [h["epoch"] for h in ck["history"]] == list(range(1, 41))
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_two_processes_on_cpu(tiny_clips, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sonossl.cli", "-q",
+                           "pretrain", "--profile", "tiny", "--clips", str(tiny_clips), "--mode", "both-sequential",
+                           "--out", str(tmp_path / "ddp")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = json.loads((tmp_path / "ddp/metrics.json").read_text())
+    assert m["world_size"] == 2
+    assert (tmp_path / "ddp/encoder.pt").is_file()
+
+
+def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path):
+    from sonossl.config import as_dict
+    from sonossl.evaluate.report import evaluate
+    from sonossl.export import load_bundle, export
+    from sonossl.train.finetune import finetune
+    from sonossl.train.pretrain import pretrain
+
+    pretrain(tiny_clips, tmp_path / "pt/both-sequential", tiny_params.pretrain, progress=False)
+    ft = tiny_params.finetune
+    enc = tmp_path / "pt/both-sequential"
+    spec = as_dict(tiny_params.pretrain.encoder)
+    m = finetune(tiny_clips, tmp_path / "ft/ssl-planes", ft, encoder=enc, progress=False)
+    assert [r["name"] for r in m["runs"]] == ["probe@0.5", "finetune@0.5", "probe@1", "finetune@1"]
+    test = m["runs"][0]["test"]
+    assert set(test) >= {"macro_f1", "per_class", "confusion"} and len(test["confusion"]) == len(m["classes"])
+    finetune(tiny_clips, tmp_path / "ft/scratch-planes", ft, encoder_spec=spec, progress=False)
+    s = finetune(tiny_clips, tmp_path / "ft/ssl-saliency", ft, task="saliency", encoder=enc, progress=False)
+    assert set(s["runs"][0]["test"]) >= {"kld", "cc", "nss", "sim", "auc_judd"}
+
+    metrics = evaluate(tmp_path / "pt", tmp_path / "ft", tmp_path / "reports")
+    md = (tmp_path / "reports/results.md").read_text()
+    assert "SSL (both-sequential)" in md and "scratch (random init)" in md and "Pretext accuracy" in md
+    assert "planes/ssl/finetune@0.5" in metrics
+    assert json.loads((tmp_path / "reports/plots/confusion_ssl.json").read_text())
+
+    card = export(tiny_clips, tmp_path / "ft", tmp_path / "export", tiny_params)
+    assert card["data"]["feature_version"] == m["data_version"] and card["model_version"]
+    assert (tmp_path / "export/model_card.md").read_text().startswith("# Model card")
+    bundle = load_bundle(tmp_path / "export")
+    frames = np.load(tiny_clips / "frames.npy")[:5]
+    out = bundle.predict(frames)
+    assert out["probs"].shape == (5, len(card["classes"])) and np.allclose(out["probs"].sum(1), 1, atol=1e-5)
+    side = card["output"]["saliency"].split(",")[1].strip()
+    assert out["saliency"].shape[1] == int(side) and np.allclose(out["saliency"].sum((1, 2)), 1, atol=1e-4)
+    ref = np.load(tmp_path / "export/reference/embeddings.npy")
+    assert ref.shape[1] == out["embedding_reduced"].shape[1]
+    # the exported model predicts what the finetune run measured
+    assert torch.load(tmp_path / "export/model.pt", weights_only=True)["bundle_format"] == 1
