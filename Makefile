@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench contact-sheet clean
+.PHONY: setup run test bench results contact-sheet clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -23,13 +23,18 @@ $(STAMP): pyproject.toml
 # The POCUS stage needs the real videos beside the repository; without them, everything else still runs.
 run: setup
 	@if [ -d $(POCUS) ]; then dvc repro; \
-	else echo "note: $(POCUS) not found: skipping preprocess@pocus"; dvc repro simulate preprocess@sim; fi
+	else echo "note: $(POCUS) not found: skipping preprocess@pocus and crossval"; dvc repro export evaluate; fi
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/preprocess.py
+	$(BIN)/python benchmarks/train_throughput.py
+
+# Copy the results table of the last `dvc repro` (reports/results.md) into the README, between its markers.
+results:
+	$(BIN)/python -m sonossl.cli readme-results --results reports/results.md --readme README.md
 
 contact-sheet: setup
 	sonossl contact-sheet --raw data/raw/sim --out docs/contact_sheet.png --per-class 6 --real $(POCUS)

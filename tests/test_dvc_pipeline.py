@@ -74,3 +74,27 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
     meta2 = json.loads((root / "data/clips/sim/meta.json").read_text())
     assert meta2["version"] != meta["version"]
     assert "Running stage" not in _dvc(root, "repro")
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
+    """simulate -> preprocess -> pretrain (4 modes) -> finetune -> evaluate -> export; metrics listed by DVC."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    _copy_repo(root)
+
+    def tiny_sim_only(doc):
+        doc["profile"] = "tiny"
+        doc["datasets"] = {"sim": "data/raw/sim"}
+
+    _edit_params(root, tiny_sim_only)
+    out = _dvc(root, "repro")
+    for stage in ("pretrain@order", "finetune@ssl-planes", "scratch@saliency", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in out, out
+    shown = _dvc(root, "metrics", "show")
+    assert "reports/metrics.json" in shown and "models/pretrain/both-sequential/metrics.json" in shown
+    card = json.loads((root / "models/export/model_card.json").read_text())
+    meta = json.loads((root / "data/clips/sim/meta.json").read_text())
+    assert card["data"]["feature_version"] == meta["version"]
+    assert "| SSL (both-sequential) |" in (root / "reports/results.md").read_text()
+    assert "Running stage" not in _dvc(root, "repro")

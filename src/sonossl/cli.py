@@ -89,6 +89,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_crossval(args: argparse.Namespace) -> int:
+    from sonossl.config import load_params
+    from sonossl.train.crossval import crossval
+
+    out = crossval(args.clips, args.out, load_params(args.params, args.profile), progress=not args.quiet,
+                   report=args.report)
+    print(json.dumps({f"{r['init']} {r['method']}": {"accuracy": r["accuracy"], **r["per_class_f1"]}
+                      for r in out["results"]}, indent=2))
+    return 0
+
+
+def _cmd_readme_results(args: argparse.Namespace) -> int:
+    from sonossl.evaluate.report import insert_into_readme
+
+    print(insert_into_readme(args.results, args.readme, extra=args.extra))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from sonossl.config import load_params
     from sonossl.export import export
@@ -144,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crossval", type=Path, default=None, help="POCUS cross-validation results.json, if run")
     p.add_argument("--out", required=True, type=Path, help="report folder: results.md, metrics.json, plots/")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("crossval", help="POCUS video classification: k-fold by patient, SSL vs scratch")
+    _add_params_args(p)
+    p.add_argument("--clips", required=True, type=Path, help="clip dataset with video labels and patient_id")
+    p.add_argument("--out", required=True, type=Path, help="output folder: results.json, metrics.json, folds/")
+    p.add_argument("--report", type=Path, default=None, help="also write the results table (markdown) here")
+    p.set_defaults(func=_cmd_crossval)
+
+    p = sub.add_parser("readme-results", help="copy reports/results.md into the README's results block")
+    p.add_argument("--results", type=Path, default=Path("reports/results.md"))
+    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--extra", type=Path, nargs="*", default=[Path("reports/crossval.md")],
+                   help="more reports to append when they exist (default: reports/crossval.md)")
+    p.set_defaults(func=_cmd_readme_results)
 
     p = sub.add_parser("export", help="the model to serve: best by validation, model card, reference statistics")
     _add_params_args(p)

@@ -150,8 +150,9 @@ class CrossvalParams:
     """POCUS video classification, k-fold grouped by patient (see ``sonossl.train.crossval``)."""
 
     folds: int = 5
-    frames_per_video: int = 32  # evenly spaced training frames per video and epoch
+    frames_per_video: int = 32  # evenly spaced training frames per video (fine-tune and probe)
     pretrain_epochs: int = 6
+    pretrain_clips_per_epoch: int = 3000  # per fold (the pretrain section's other settings apply)
     finetune_epochs: int = 8
     seed: int = 0
 

@@ -119,6 +119,15 @@ def crossval_table(cv: dict) -> list[str]:
     return lines
 
 
+def crossval_markdown(cv: dict) -> str:
+    minutes = cv.get("seconds", 0) / 60
+    return "\n".join([
+        f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
+        *crossval_table(cv), "",
+        f"{cv['videos']} videos of {cv['patients']} patients; clip dataset version {cv['data_version']}; "
+        f"{minutes:.1f} min on this machine.", ""])
+
+
 def confusion_pairs_from_matrix(matrix: list[list[int]], classes: list[str]) -> list[dict[str, str]]:
     return [{"actual": classes[i], "predicted": classes[j]}
             for i, row in enumerate(matrix) for j, n in enumerate(row) for _ in range(int(n))]
@@ -148,8 +157,7 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
         md += ["### Pretext accuracy on held-out videos", "", *pretext_table(pretrain), ""]
     cv = _read(Path(crossval)) if crossval and Path(crossval).is_file() else None
     if cv:
-        md += [f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
-               *crossval_table(cv), ""]
+        md += [crossval_markdown(cv)]
     md.append(f"Clip dataset version(s): {', '.join(data_versions)}.")
 
     metrics: dict[str, Any] = {}
@@ -172,3 +180,20 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
     atomic_write_text(out_dir / "results.md", "\n".join(md) + "\n")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+BEGIN, END = "<!-- results:begin (make results) -->", "<!-- results:end -->"
+
+
+def insert_into_readme(results_md: str | Path, readme: str | Path, extra: list[str | Path] = ()) -> Path:
+    """Replace the README's results block (between the markers) with ``results.md`` and the ``extra`` reports that
+    exist (the POCUS cross-validation), atomically."""
+    results_md, readme = Path(results_md), Path(readme)
+    body = "\n".join([results_md.read_text().strip()] + [Path(e).read_text().strip() for e in extra
+                                                           if Path(e).is_file()])
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme}: no results block; add the lines {BEGIN!r} and {END!r} where the table goes")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return atomic_write_text(readme, f"{head}{BEGIN}\n{body}\n{END}{tail}")
