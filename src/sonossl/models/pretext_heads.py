@@ -1,11 +1,12 @@
 """Pretext heads and the pretext model (Jiao et al., ISBI 2020; order head after VCOP, Xu et al., CVPR 2019).
 
-The encoder embeds every frame of a clip with shared weights. The order head reads each pair of frame features
-(i < j) through a shared layer, concatenates the pair codes in a fixed pair order and classifies the permutation.
-The order head sees each frame as its last feature map pooled to a coarse ``ORDER_GRID`` x ``ORDER_GRID`` grid rather
-than one global vector, so that it can compare where structures are from frame to frame (motion), which a global
-average would erase. The transform heads, one per factor (rotation, scale, shear), read the clip feature: the mean
-of its frames' pooled embeddings.
+The encoder embeds every frame of a clip with shared weights. The order head reads each pair of frames (i < j)
+through a shared layer, concatenates the pair codes in a fixed pair order and classifies the permutation. A pair is
+(f_i, f_j, |f_i - f_j|): the difference hands the head a distance between frames from the start, and the order of a
+clip up to reversal is what the distances between its frames imply (frames close in time look alike). Each frame
+is its third-stage feature map pooled to an ``ORDER_GRID`` x ``ORDER_GRID`` grid rather than one global vector, so
+that where structures are, and how they moved, is not averaged away. The transform heads, one per factor
+(rotation, scale, shear), read the clip feature: the mean of its frames' pooled last-stage embeddings.
 
     model = PretextModel(encoder, mode="both-sequential", k=4, n_orders=12, transform_sizes={"rotation": 3, ...})
     logits = model(batch)             # {"order": (B, 12), "rotation": (B, 3), "scale": (B, 3), "shear": (B, 3)}
@@ -29,12 +30,13 @@ class OrderHead(nn.Module):
     def __init__(self, dim: int, k: int, n_classes: int, hidden: int = 128, dropout: float = 0.0):
         super().__init__()
         self.pairs = list(itertools.combinations(range(k), 2))
-        self.pair = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(inplace=True))
+        self.pair = nn.Sequential(nn.Linear(3 * dim, hidden), nn.ReLU(inplace=True))
         self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(len(self.pairs) * hidden, n_classes))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, K, D) -> (B, n_classes)
         i, j = zip(*self.pairs)
-        pairs = torch.cat([feats[:, list(i)], feats[:, list(j)]], dim=-1)  # (B, P, 2D)
+        a, b = feats[:, list(i)], feats[:, list(j)]
+        pairs = torch.cat([a, b, (a - b).abs()], dim=-1)  # (B, P, 3D)
         return self.out(self.pair(pairs).flatten(1))
 
 
