@@ -60,7 +60,7 @@ class LoopParams:
 
 
 class TrainTask(Protocol):
-    model: nn.Module
+    model: nn.Module  # may also set ``find_unused_parameters = True`` for DDP when some weights get no gradient
 
     def steps_per_epoch(self, world: int) -> int: ...
 
@@ -215,7 +215,10 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
         log.info("%s exists; starting over (pass resume=True to continue it)", last_path)
     train_model: nn.Module = model
     if env.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if on_gpu else None)
+        # a task may leave part of the network unused (the order-only mode never reads the last stage)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if on_gpu else None,
+            find_unused_parameters=getattr(task, "find_unused_parameters", False))
 
     steps = task.steps_per_epoch(env.world)
     total = steps * params.epochs

@@ -78,6 +78,7 @@ class PretextTask:
                                        crop=params.crop, max_shift=params.max_shift)
         encoder = build_encoder(as_dict(params.encoder))
         self.model = PretextModel(encoder, mode, params.k, len(self.permutations), self.transforms.sizes)
+        self.find_unused_parameters = mode == "order"  # its head reads the third stage only
         self.clips_per_epoch = params.clips_per_epoch or len(self.train_starts)
         self.val = self._fixed_val(val_starts)
 
