@@ -32,7 +32,7 @@ from sonossl.config import Params, as_dict
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
 from sonossl.models.encoder import build_encoder
-from sonossl.train.finetune import PlaneTask, _loop, _open, embed, linear_probe, predict
+from sonossl.train.finetune import PlaneTask, embed, finetune_loop_params, linear_probe, open_labelled, predict
 from sonossl.train.loop import fit, load_best
 from sonossl.train.pretrain import load_encoder, pretrain_on, seed_for
 
@@ -62,7 +62,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     """Run the cross-validation; writes ``results.json`` and ``metrics.json`` (and the markdown ``report``)."""
     t0 = time.perf_counter()
     cv, out_dir = params.crossval, Path(out_dir)
-    d = _open(clips_dir)
+    d = open_labelled(clips_dir)
     idx = d.data.index
     if idx.patient_id.isna().any():
         raise ValueError(f"{clips_dir}: crossval groups by patient_id, which is missing for some videos")
@@ -110,7 +110,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                     model = PlaneClassifier(make_encoder(), len(d.classes))
                     task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, ft_fold, len(d.classes))
                     run_dir = fold_dir / f"{init}-finetune"
-                    fit(task, run_dir, _loop(ft_fold, ft_fold.epochs, "val_macro_f1"), progress=progress)
+                    fit(task, run_dir, finetune_loop_params(ft_fold, ft_fold.epochs, "val_macro_f1"), progress=progress)
                     load_best(model, run_dir)
                 model = model.to(device)
                 probs = torch.softmax(predict(model, d.frames, test_rows, device), 1).numpy()

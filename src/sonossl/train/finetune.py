@@ -191,7 +191,7 @@ class SaliencyTask(_FrameTask):
 
 
 @dataclass
-class _Data:
+class LabelledFrames:
     data: ClipDataset
     frames: torch.Tensor
     classes: list[str]
@@ -200,16 +200,17 @@ class _Data:
     video_idx: np.ndarray
 
 
-def _open(clips_dir: str | Path) -> _Data:
+def open_labelled(clips_dir: str | Path) -> LabelledFrames:
+    """A clip dataset in memory with its class list and per-row class indices (-1 where unlabelled)."""
     data = load_clip_dataset(clips_dir)
     classes = class_list(data.index)
     lookup = {c: i for i, c in enumerate(classes)}
     labels = np.array([lookup.get(str(v), -1) if v is not None else -1 for v in data.index.label], dtype=np.int64)
-    return _Data(data, frames_tensor(data), classes, labels, data.index.split.to_numpy(),
+    return LabelledFrames(data, frames_tensor(data), classes, labels, data.index.split.to_numpy(),
                  data.index.video_idx.to_numpy())
 
 
-def _rows(d: _Data, videos: list[int] | None = None, split: str | None = None, need_label: bool = True) -> np.ndarray:
+def _rows(d: LabelledFrames, videos: list[int] | None = None, split: str | None = None, need_label: bool = True) -> np.ndarray:
     mask = np.ones(len(d.labels), dtype=bool)
     if videos is not None:
         mask &= np.isin(d.video_idx, videos)
@@ -220,7 +221,7 @@ def _rows(d: _Data, videos: list[int] | None = None, split: str | None = None, n
     return np.flatnonzero(mask)
 
 
-def _loop(params: FinetuneParams, epochs: int, select: str) -> LoopParams:
+def finetune_loop_params(params: FinetuneParams, epochs: int, select: str) -> LoopParams:
     return LoopParams(epochs=epochs, lr=params.lr, weight_decay=params.weight_decay,
                       warmup_epochs=params.warmup_epochs, seed=params.seed, amp=params.amp,
                       channels_last=params.channels_last, select=select)
@@ -269,7 +270,7 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
     return layer, {"C": c, "val_macro_f1": score}
 
 
-def _plane_runs(d: _Data, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
+def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
                 methods: list[str], resume: bool, progress: bool, device: torch.device,
                 run_key: str) -> tuple[list[dict], dict]:
     order = video_order(d.data.index, params.seed)
@@ -298,7 +299,7 @@ def _plane_runs(d: _Data, out_dir: Path, params: FinetuneParams, make_encoder, f
                 torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
                 model = PlaneClassifier(make_encoder(), n_cls)
                 task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls)
-                res = fit(task, out_dir / "runs" / name, _loop(params, params.epochs, "val_macro_f1"),
+                res = fit(task, out_dir / "runs" / name, finetune_loop_params(params, params.epochs, "val_macro_f1"),
                           resume=resume, progress=progress, run_id=fingerprint(run_key, name))
                 best = load_best(model, out_dir / "runs" / name)
                 extra = {"best_epoch": best["epoch"], "history": res.history}
@@ -319,7 +320,7 @@ def _plane_runs(d: _Data, out_dir: Path, params: FinetuneParams, make_encoder, f
     return runs, best_state
 
 
-def _saliency_runs(d: _Data, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
+def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
                    resume: bool, progress: bool, device: torch.device, run_key: str) -> tuple[list[dict], dict]:
     if d.data.saliency is None:
         raise ValueError(f"{d.data.path}: no saliency maps in this clip dataset; the saliency task needs them")
@@ -338,7 +339,7 @@ def _saliency_runs(d: _Data, out_dir: Path, params: FinetuneParams, make_encoder
         torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
         model = SaliencyModel(make_encoder(), out_size)
         task = SaliencyTask(model, d.frames, saliency, train_rows, val_rows, params)
-        res = fit(task, out_dir / "runs" / name, _loop(params, params.saliency_epochs, "val_cc"), resume=resume,
+        res = fit(task, out_dir / "runs" / name, finetune_loop_params(params, params.saliency_epochs, "val_cc"), resume=resume,
                   progress=progress, run_id=fingerprint(run_key, name))
         best = load_best(model, out_dir / "runs" / name)
         model = model.to(device)
@@ -377,7 +378,7 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
         raise ValueError(f"finetune task {task!r} is not one of {list(TASKS)}")
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = _open(clips_dir)
+    d = open_labelled(clips_dir)
     _, origin = _fresh_encoder(encoder, encoder_spec)  # fail early on a bad encoder
 
     def make_encoder() -> Encoder:

@@ -147,14 +147,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class _Live:
-    """dvclive on rank 0, one step per epoch; a no-op elsewhere."""
+    """dvclive on rank 0, one step per epoch; a no-op elsewhere.
+
+    Only dvclive's files are used (metrics.json and plots/, registered as plots in dvc.yaml); its DVC-experiment
+    integration is skipped: it is not needed, and it fails in a git repository without commits ("Empty git repo").
+    """
 
     def __init__(self, directory: Path | None, resume: bool):
         self.live = None
         if directory is not None:
             from dvclive import Live
 
-            self.live = Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+            class FileLive(Live):
+                def _init_dvc(self) -> None:
+                    pass
+
+            self.live = FileLive(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
     def log(self, values: dict[str, float], step: int) -> None:
         if self.live is None:
