@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = "preprocess@sim"  # the data stages (simulate is upstream); the training stages have their own test below
 
 
 def _copy_repo(dst: Path) -> None:
@@ -53,27 +54,27 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
 
     _edit_params(root, tiny_sim_only)
 
-    out = _dvc(root, "repro")
+    out = _dvc(root, "repro", DATA)
     assert "Running stage 'simulate'" in out and "Running stage 'preprocess@sim'" in out
     meta = json.loads((root / "data/clips/sim/meta.json").read_text())
     assert (root / "data/raw/sim/labels.csv").is_file() and (root / "data/clips/sim/frames.npy").is_file()
     assert "version" in meta and (root / "dvc.lock").is_file()
 
-    out = _dvc(root, "repro")
+    out = _dvc(root, "repro", DATA)
     assert "Running stage" not in out, out
     assert "up to date" in _dvc(root, "status")
 
     # Another profile's block is not tracked: editing it reruns nothing.
     _edit_params(root, lambda d: d["default"]["preprocess"].update(frame_size=100))
-    assert "Running stage" not in _dvc(root, "repro")
+    assert "Running stage" not in _dvc(root, "repro", DATA)
 
     # A preprocessing parameter of the active profile: preprocess reruns, the simulation does not.
     _edit_params(root, lambda d: d["tiny"]["preprocess"].update(frame_size=24))
-    out = _dvc(root, "repro")
+    out = _dvc(root, "repro", DATA)
     assert "Running stage 'preprocess@sim'" in out and "Running stage 'simulate'" not in out, out
     meta2 = json.loads((root / "data/clips/sim/meta.json").read_text())
     assert meta2["version"] != meta["version"]
-    assert "Running stage" not in _dvc(root, "repro")
+    assert "Running stage" not in _dvc(root, "repro", DATA)
 
 
 @pytest.mark.slow
