@@ -62,7 +62,7 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
 
     out = _dvc(root, "repro", DATA)
     assert "Running stage" not in out, out
-    assert "up to date" in _dvc(root, "status")
+    assert "up to date" in _dvc(root, "status", DATA)
 
     # Another profile's block is not tracked: editing it reruns nothing.
     _edit_params(root, lambda d: d["default"]["preprocess"].update(frame_size=100))
