@@ -177,13 +177,26 @@ class _Live:
             self.live.end()
 
 
+def code_version() -> str:
+    """A hash of the package's source: a checkpoint written by other code is not resumed."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(*parts: Any) -> str:
-    """A short hash of what defines a run (parameters, data version, mode...): ``--resume`` only continues a
-    checkpoint with the same fingerprint, so a changed parameter can never continue a stale run."""
+    """A short hash of what defines a run (parameters, data version, mode... and the code): ``--resume`` only
+    continues a checkpoint with the same fingerprint, so a changed parameter or a new version of the code can never
+    continue a stale run; resuming is for interruptions."""
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([code_version(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool = False, progress: bool = True,
