@@ -42,17 +42,23 @@ def _dvc(root: Path, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
+def _tiny_sim_repo(tmp_path: Path) -> Path:
+    """A copy of the repository on the tiny profile, simulated data only (POCUS has its own tests)."""
     root = tmp_path / "repo"
     root.mkdir()
     _copy_repo(root)
 
     def tiny_sim_only(doc):
         doc["profile"] = "tiny"
-        doc["datasets"] = {"sim": "data/raw/sim"}  # POCUS is covered by its own test; keep this one quick
+        doc["datasets"] = {"sim": "data/raw/sim"}
 
     _edit_params(root, tiny_sim_only)
+    return root
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
+    root = _tiny_sim_repo(tmp_path)
 
     out = _dvc(root, "repro", DATA)
     assert "Running stage 'simulate'" in out and "Running stage 'preprocess@sim'" in out
@@ -80,15 +86,7 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
 @pytest.mark.slow
 def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     """simulate -> preprocess -> pretrain (4 modes) -> finetune -> evaluate -> export; metrics listed by DVC."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    _copy_repo(root)
-
-    def tiny_sim_only(doc):
-        doc["profile"] = "tiny"
-        doc["datasets"] = {"sim": "data/raw/sim"}
-
-    _edit_params(root, tiny_sim_only)
+    root = _tiny_sim_repo(tmp_path)
     out = _dvc(root, "repro", "export", "evaluate")  # without POCUS (crossval has its own test), as `make run` does
     for stage in ("pretrain@order", "finetune@ssl-planes", "scratch@saliency", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out, out

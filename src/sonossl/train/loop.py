@@ -221,7 +221,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
     if ckpt is not None and ckpt.get("run_id", "") != run_id:
         if env.main:
-            log.info("%s belongs to another run (parameters or data changed); starting over", last_path)
+            log.info("%s belongs to another run (parameters, data or code changed); starting over", last_path)
         ckpt = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
