@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 run: setup
 	@if [ -d $(POCUS) ]; then dvc repro; \
 	else echo "note: $(POCUS) not found: skipping preprocess@pocus and crossval"; dvc repro export evaluate; fi
+	@echo "results: reports/results.md (and reports/crossval.md); \`make results\` copies them into README.md"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
