@@ -1,0 +1,22 @@
+"""Artefact storage on S3 (AWS, MinIO or any S3-compatible server): see ``sonossl.storage.s3``.
+
+    from sonossl.storage import upload, download
+    upload("models/export", "s3://my-bucket/sonossl/models/export")
+    download("s3://my-bucket/sonossl/models/export", "restored/export")   # sha256-verified, atomic
+"""
+
+from sonossl.storage.s3 import (
+    StorageError,
+    client,
+    download,
+    endpoint_from_env,
+    file_sha256,
+    get_bytes,
+    list_uris,
+    parse_s3_uri,
+    put_bytes,
+    upload,
+)
+
+__all__ = ["StorageError", "client", "download", "endpoint_from_env", "file_sha256", "get_bytes", "list_uris",
+           "parse_s3_uri", "put_bytes", "upload"]

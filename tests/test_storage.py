@@ -1,0 +1,330 @@
+"""``sonossl.storage`` and ``sonossl artifacts`` against a real S3 server (moto, server mode, on 127.0.0.1):
+byte-identical round trips (multipart included), checksum verification, a server that dies mid-transfer, clear
+errors for missing objects, refused credentials and unreachable endpoints, and no secrets in logs or output."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sonossl.storage import StorageError, download, get_bytes, list_uris, parse_s3_uri, put_bytes, upload
+from sonossl.storage import s3 as s3mod
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1024**2
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzzSECRET"  # a distinctive value to look for in logs and output
+
+
+def _tree(root: Path, big: int = 11 * MiB) -> dict[str, bytes]:
+    """A folder with nested files, an empty file, odd names and one file above the multipart threshold."""
+    rng = np.random.default_rng(0)
+    files = {
+        "model.pt": rng.bytes(big),
+        "model_card.json": b'{"model_version": "abc"}\n',
+        "reference/embeddings.npy": rng.bytes(3000),
+        "reference/a b+c (1).txt": "frame \u00e9\n".encode(),
+        "empty.txt": b"",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def _read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fast_client(server, attempts: int = 2):
+    return s3mod.client(server.endpoint_url, max_attempts=attempts)
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("s3://bucket/a/b.txt", ("bucket", "a/b.txt")),
+    ("s3://bucket", ("bucket", "")),
+    ("s3://bucket/", ("bucket", "")),
+    ("s3://bucket/prefix/", ("bucket", "prefix/")),
+])
+def test_parse_s3_uri(uri, expected):
+    assert parse_s3_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["bucket/key", "s3:/bucket/key", "s3://", "s3:///key", "http://bucket/key", "", None])
+def test_parse_s3_uri_refuses_what_is_not_an_s3_uri(uri):
+    with pytest.raises(StorageError, match="not an S3 URI"):
+        parse_s3_uri(uri)
+
+
+def test_push_pull_tree_is_byte_identical_multipart_included(s3_server, tmp_path):
+    src = tmp_path / "export"
+    files = _tree(src)
+    uri = f"s3://{s3_server.bucket}/runs/export"
+    keys = upload(src, uri, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    assert keys == sorted(f"runs/export/{rel}" for rel in files)
+    assert list_uris(uri) == [f"s3://{s3_server.bucket}/{k}" for k in keys]
+
+    s3 = s3_server.client()
+    head = s3.head_object(Bucket=s3_server.bucket, Key="runs/export/model.pt")
+    assert head["ETag"].endswith('-3"'), head["ETag"]  # 11 MiB in 5 MiB parts: a real multipart upload
+    assert head["Metadata"]["sha256"] == hashlib.sha256(files["model.pt"]).hexdigest()  # x-amz-meta-sha256
+    for key in keys:
+        meta = s3.head_object(Bucket=s3_server.bucket, Key=key)["Metadata"]
+        assert meta["sha256"] == hashlib.sha256(files[key.removeprefix("runs/export/")]).hexdigest()
+
+    # Pull into a folder that holds an older version: it is replaced as a whole.
+    dst = tmp_path / "restored"
+    (dst / "stale").mkdir(parents=True)
+    (dst / "stale" / "old.bin").write_bytes(b"old")
+    assert download(uri, dst) == dst
+    assert _read_tree(dst) == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "restored"]  # no staging or temp files left
+
+    # One object to a file, and into an existing folder.
+    download(f"{uri}/reference/embeddings.npy", tmp_path / "one" / "emb.npy")
+    assert (tmp_path / "one" / "emb.npy").read_bytes() == files["reference/embeddings.npy"]
+    assert download(f"{uri}/model_card.json", tmp_path / "one") == tmp_path / "one" / "model_card.json"
+    assert (tmp_path / "one" / "model_card.json").read_bytes() == files["model_card.json"]
+
+    # Pushing the same tree again sends nothing: every object is already there with the same sha256.
+    seen = s3_server.bytes_seen
+    assert upload(src, uri, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB) == keys
+    assert s3_server.bytes_seen == seen
+    # A changed file is sent again, and only that one.
+    (src / "model_card.json").write_bytes(b'{"model_version": "def"}\n')
+    upload(src, uri)
+    assert s3_server.bytes_seen == seen + len(b'{"model_version": "def"}\n')
+    assert get_bytes(f"{uri}/model_card.json") == b'{"model_version": "def"}\n'
+
+
+def test_single_file_push_and_bytes_round_trip(s3_server, tmp_path):
+    f = tmp_path / "metrics.json"
+    f.write_bytes(b'{"f1": 0.5}')
+    assert upload(f, f"s3://{s3_server.bucket}/m/") == ["m/metrics.json"]  # a trailing slash: keep the name
+    assert upload(f, f"s3://{s3_server.bucket}/m/renamed.json") == ["m/renamed.json"]
+    assert put_bytes(b"\x00\x01log line\n", f"s3://{s3_server.bucket}/logs/2026/01.jsonl") == "logs/2026/01.jsonl"
+    assert get_bytes(f"s3://{s3_server.bucket}/logs/2026/01.jsonl") == b"\x00\x01log line\n"
+    assert list_uris(f"s3://{s3_server.bucket}") == [
+        f"s3://{s3_server.bucket}/{k}" for k in ("logs/2026/01.jsonl", "m/metrics.json", "m/renamed.json")]
+    assert list_uris(f"s3://{s3_server.bucket}/nothing/here") == []
+    with pytest.raises(StorageError, match="not an object URI"):
+        put_bytes(b"x", f"s3://{s3_server.bucket}/prefix/")
+
+
+def test_corrupted_object_is_detected_and_nothing_is_written(s3_server, tmp_path):
+    src = tmp_path / "src"
+    files = _tree(src, big=6 * MiB)
+    uri = f"s3://{s3_server.bucket}/models/export"
+    upload(src, uri, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    s3 = s3_server.client()
+    key = "models/export/model.pt"
+    meta = s3.head_object(Bucket=s3_server.bucket, Key=key)["Metadata"]
+    bad = bytearray(files["model.pt"])
+    bad[12345] ^= 0xFF  # one flipped bit's worth of damage, same size, the old metadata kept
+    s3.put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(bad), Metadata=meta)
+    expected, got = meta["sha256"], hashlib.sha256(bytes(bad)).hexdigest()
+
+    with pytest.raises(StorageError) as err:
+        download(f"{uri}/model.pt", tmp_path / "out" / "model.pt")
+    message = str(err.value)
+    assert f"s3://{s3_server.bucket}/{key}" in message and "checksum mismatch" in message
+    assert expected in message and got in message
+    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor a temporary one
+
+    # A whole prefix: the destination folder keeps its previous content, and no staging folder is left.
+    dst = tmp_path / "restored"
+    dst.mkdir()
+    (dst / "previous.txt").write_text("previous version")
+    with pytest.raises(StorageError, match="checksum mismatch"):
+        download(uri, dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "restored", "src"]
+    assert _read_tree(dst) == {"previous.txt": b"previous version"}
+
+    with pytest.raises(StorageError, match=f"{key}: checksum mismatch"):
+        get_bytes(f"s3://{s3_server.bucket}/{key}")
+    # An object written by another tool has no checksum to check against: refused, not trusted.
+    s3.put_object(Bucket=s3_server.bucket, Key="foreign.bin", Body=b"abc")
+    with pytest.raises(StorageError, match="no sha256 metadata"):
+        get_bytes(f"s3://{s3_server.bucket}/foreign.bin")
+
+
+def test_keys_that_would_escape_the_destination_are_refused(s3_server, tmp_path):
+    s3 = s3_server.client()
+    put_bytes(b"ok", f"s3://{s3_server.bucket}/ds/ok.txt")
+    digest = hashlib.sha256(b"evil").hexdigest()
+    s3.put_object(Bucket=s3_server.bucket, Key="ds/sub/../../../evil.txt", Body=b"evil", Metadata={"sha256": digest})
+    assert f"s3://{s3_server.bucket}/ds/sub/../../../evil.txt" in list_uris(f"s3://{s3_server.bucket}/ds")
+    with pytest.raises(StorageError, match="outside the destination"):
+        download(f"s3://{s3_server.bucket}/ds", tmp_path / "a" / "b" / "dst")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "a" / "evil.txt").exists()
+    assert not (tmp_path / "a" / "b" / "dst").exists()
+
+
+def test_missing_object_and_bucket_give_clear_errors(s3_server, tmp_path):
+    b = s3_server.bucket
+    with pytest.raises(StorageError, match=f"s3://{b}/nope.bin: no such object"):
+        get_bytes(f"s3://{b}/nope.bin")
+    with pytest.raises(StorageError, match=f"cannot download s3://{b}/nope: no such object or prefix"):
+        download(f"s3://{b}/nope", tmp_path / "x")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        download("s3://no-such-bucket/k", tmp_path / "x")
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        upload(f, "s3://no-such-bucket/k")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        upload(tmp_path / "missing", f"s3://{b}/k")
+    assert not (tmp_path / "x").exists()
+
+
+def test_server_stopped_mid_download_then_retry(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3mod, "BACKOFF_S", 0.05)
+    files = _tree(tmp_path / "src")
+    uri = f"s3://{s3_server.bucket}/export"
+    upload(tmp_path / "src", uri)
+    dst = tmp_path / "dst"
+
+    s3_server.crash_after_bytes = s3_server.bytes_seen + 3 * MiB  # dies 3 MiB into the 11 MiB object
+    with pytest.raises(StorageError) as err:
+        download(uri, dst, client=_fast_client(s3_server))
+    message = str(err.value)
+    assert s3_server.endpoint_url in message and "unreachable or closed the connection" in message
+    assert s3_server.bytes_seen > 3 * MiB  # it did fail in the middle of the transfer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial file, no staging folder
+
+    s3_server.start()  # same port, same buckets
+    download(uri, dst, client=_fast_client(s3_server))
+    assert _read_tree(dst) == files
+
+
+def test_server_stopped_mid_upload_then_retry_leaves_no_duplicates(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3mod, "BACKOFF_S", 0.05)
+    files = _tree(tmp_path / "src")
+    uri = f"s3://{s3_server.bucket}/export"
+    s3_server.crash_after_bytes = 6 * MiB  # inside the multipart upload of the 11 MiB model.pt
+    with pytest.raises(StorageError) as err:
+        upload(tmp_path / "src", uri, client=_fast_client(s3_server), multipart_threshold=5 * MiB,
+               multipart_chunksize=5 * MiB)
+    assert s3_server.endpoint_url in str(err.value) and "unreachable or closed the connection" in str(err.value)
+
+    s3_server.start()
+    s3 = s3_server.client()
+    assert "model.pt" not in {k.rsplit("/", 1)[-1] for k in s3_server.objects()}  # no partial object is visible
+    unfinished = s3.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", [])
+    assert [u["Key"] for u in unfinished] == ["export/model.pt"]  # the dead transfer's parts
+
+    keys = upload(tmp_path / "src", uri, client=_fast_client(s3_server), multipart_threshold=5 * MiB,
+                  multipart_chunksize=5 * MiB)
+    stored = s3_server.objects()
+    assert sorted(stored) == keys == sorted(f"export/{rel}" for rel in files)  # each key once, nothing else
+    assert stored == {f"export/{rel}": data for rel, data in files.items()}
+    assert s3.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", []) == []  # leftovers aborted
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_endpoint_names_it_and_never_shows_the_secret(s3_server, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setattr(s3mod, "BACKOFF_S", 0.05)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    caplog.set_level(logging.DEBUG)  # botocore's debug log included: it must not hold the secret either
+    with pytest.raises(StorageError) as err:
+        get_bytes(f"s3://{s3_server.bucket}/x", client=s3mod.client(endpoint, max_attempts=2))
+    assert endpoint in str(err.value) and "unreachable" in str(err.value)
+    captured = capsys.readouterr()
+    assert SECRET not in str(err.value) + caplog.text + captured.out + captured.err
+    assert "Authorization" in caplog.text  # the debug log was really captured (a signed request was made)
+
+    (tmp_path / "f.txt").write_text("x")
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY=SECRET, AWS_MAX_ATTEMPTS="1")  # fail fast: 2 tries, 1 s apart
+    proc = subprocess.run([sys.executable, "-m", "sonossl.cli", "-q", "artifacts", "push", str(tmp_path / "f.txt"),
+                           f"s3://{s3_server.bucket}/f.txt", "--endpoint-url", endpoint], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("sonossl artifacts: error: cannot upload to")
+    assert endpoint in proc.stderr and "Traceback" not in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_refused_and_missing_credentials_are_clear_errors(s3_server, tmp_path, monkeypatch, caplog):
+    import moto.settings
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks keys: ours is unknown
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StorageError) as err:
+        get_bytes(f"s3://{s3_server.bucket}/x")
+    assert "access denied by" in str(err.value) and s3_server.endpoint_url in str(err.value)
+    assert "InvalidAccessKeyId" in str(err.value) and SECRET not in str(err.value) + caplog.text
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="no usable AWS credentials .*AWS_ACCESS_KEY_ID"):
+        get_bytes(f"s3://{s3_server.bucket}/x")
+
+
+def test_cli_push_pull(s3_server, tmp_path):
+    files = _tree(tmp_path / "export", big=300_000)
+    uri = f"s3://{s3_server.bucket}/cli/export"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sonossl.cli", "-q", "artifacts", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    push = cli("push", str(tmp_path / "export"), uri, "--endpoint-url", s3_server.endpoint_url)
+    assert push.returncode == 0, push.stderr
+    size = sum(len(d) for d in files.values())
+    assert push.stdout.strip() == (f"pushed {tmp_path / 'export'} -> {uri}: 5 file(s), {size:,} bytes in place "
+                                   "(sha256 in metadata)")
+    assert "uploaded 5 of 5 file(s)" in push.stderr
+    pull = cli("pull", uri, str(tmp_path / "back"))  # endpoint from AWS_ENDPOINT_URL_S3
+    assert pull.returncode == 0, pull.stderr
+    assert pull.stdout.strip() == f"pulled {uri} -> {tmp_path / 'back'}: 5 file(s), {size:,} bytes (sha256 verified)"
+    assert _read_tree(tmp_path / "back") == files
+    missing = cli("pull", f"s3://{s3_server.bucket}/cli/nothing", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "no such object or prefix" in missing.stderr
+
+
+def test_credentials_from_a_profile_are_used(s3_server, tmp_path, monkeypatch):
+    """With moto checking signatures, the keys of a named profile (not the environment's) get access."""
+    import json
+
+    import boto3
+    import moto.settings
+
+    iam = boto3.client("iam", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    iam.create_user(UserName="pipeline")
+    policy = iam.create_policy(PolicyName="s3-all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    iam.attach_user_policy(UserName="pipeline", PolicyArn=policy["Policy"]["Arn"])
+    key = iam.create_access_key(UserName="pipeline")["AccessKey"]
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[pipeline]\naws_access_key_id = {key['AccessKeyId']}\n"
+                           f"aws_secret_access_key = {key['SecretAccessKey']}\n")
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_PROFILE", "pipeline")
+    uri = f"s3://{s3_server.bucket}/from-profile.txt"
+    put_bytes(b"signed with the profile's key", uri)
+    assert get_bytes(uri) == b"signed with the profile's key"
+
+    monkeypatch.setenv("AWS_PROFILE", "nobody")  # a profile that does not exist: a clear error, not a traceback
+    with pytest.raises(StorageError, match=r"The config profile \(nobody\) could not be found: set AWS_PROFILE"):
+        get_bytes(uri)
+    monkeypatch.delenv("AWS_PROFILE")
+    with pytest.raises(StorageError, match="Invalid endpoint: 127.0.0.1:9000"):
+        s3mod.client("127.0.0.1:9000")
