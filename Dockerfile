@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+# The one sonossl image: every pipeline step (`sonossl <step>`), the Kubeflow components and the KServe model
+# server (`python -m sonossl.serve`). VARIANT picks the torch build:
+#   docker build --build-arg VARIANT=cpu  -t ghcr.io/sonossl/sonossl:0.1.0      .
+#   docker build --build-arg VARIANT=cuda -t ghcr.io/sonossl/sonossl:0.1.0-cuda .
+# The tag follows the package version (pyproject.toml); the cuda variant adds "-cuda".
+ARG VARIANT=cpu
+ARG BASE_IMAGE_CPU=python:3.11-slim-bookworm
+# The cu130 torch wheels carry CUDA's user-space libraries (cuBLAS, cuDNN, NCCL) as pip packages, and the node's
+# NVIDIA container toolkit mounts the driver: a plain Python base serves both. An nvidia/cuda base works too
+# (--build-arg BASE_IMAGE_CUDA=...) if it has Python 3.11.
+ARG BASE_IMAGE_CUDA=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE_CPU} AS base-cpu
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+FROM ${BASE_IMAGE_CUDA} AS base-cuda
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+FROM base-${VARIANT}
+ARG VARIANT
+ARG SONOSSL_VERSION=0.1.0
+LABEL org.opencontainers.image.title="sonossl" \
+      org.opencontainers.image.description="Self-supervised learning for ultrasound video: pipeline steps and KServe model server" \
+      org.opencontainers.image.version="${SONOSSL_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.sonossl.variant="${VARIANT}"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH} \
+    SONOSSL_VARIANT=${VARIANT}
+
+RUN python -m venv /opt/venv
+# torch first, from the variant's wheel index, at the versions pinned in pyproject.toml; `pip install .` then
+# keeps it (2.14.1+cpu satisfies ==2.14.1) and installs everything else at its pin.
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+# the Kubeflow component and pipeline definitions, so `sonossl pipeline compile` works inside the image too
+COPY components ./components
+COPY pipelines ./pipelines
+RUN pip install . \
+ && python -c "import sonossl, torch; print('sonossl', sonossl.__version__, 'torch', torch.__version__)"
+# `sonossl <step>` reads ./params.yaml by default: the profiles travel with the image.
+COPY params.yaml ./
+
+# A fixed non-root uid, so pod securityContexts (runAsNonRoot, runAsUser: 1000) match the image.
+RUN groupadd --gid 1000 sonossl \
+ && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/sonossl --shell /usr/sbin/nologin sonossl \
+ && mkdir -p /work && chown sonossl:sonossl /work
+USER 1000:1000
+ENV HOME=/home/sonossl
+
+# No ENTRYPOINT: `docker run IMAGE sonossl preprocess ...` runs a step, `docker run IMAGE python -m sonossl.serve ...`
+# the model server, and Kubeflow and KServe set the command themselves.
+EXPOSE 8080
+CMD ["sonossl", "--help"]

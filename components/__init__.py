@@ -1,0 +1,36 @@
+"""Kubeflow components of sonossl: one lightweight Python component per step, all in one image.
+
+Each component is a typed interface with a docstring; its body imports ``sonossl`` inside the container and calls one
+function of ``sonossl.pipeline.steps``. They are ``@dsl.component``s with ``install_kfp_package=False`` and no
+packages to install: the image (``IMAGE``, tagged with the package version) already holds sonossl and kfp, and
+``kfp.local``'s SubprocessRunner runs them with this interpreter. The helpers below add what the cluster needs.
+
+    from components import gpu_step, with_s3_credentials
+    task = gpu_step(with_s3_credentials(pretrain(clips=..., data_version=..., profile="gpu")))
+"""
+
+from __future__ import annotations
+
+from kfp import kubernetes
+from kfp.dsl import PipelineTask
+
+from sonossl.pipeline import IMAGE, S3_SECRET
+
+__all__ = ["IMAGE", "S3_SECRET", "gpu_step", "with_s3_credentials", "COMPONENT_OPTIONS"]
+
+# Every component: the project image, nothing installed at run time.
+COMPONENT_OPTIONS = {"base_image": IMAGE, "install_kfp_package": False, "packages_to_install": []}
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+def with_s3_credentials(task: PipelineTask) -> PipelineTask:
+    """S3 credentials (and endpoint, region) from the Kubernetes Secret ``S3_SECRET``, as environment variables."""
+    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV})
+
+
+def gpu_step(task: PipelineTask, gpus: int = 1, shm: str = "16Gi", retries: int = 2) -> PipelineTask:
+    """A GPU step: ``nvidia.com/gpu``, a memory-backed ``/dev/shm`` for the data loader's workers (the container
+    default of 64 MiB is too small), and retries with back-off for preempted or failed nodes."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=shm)
+    return task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)

@@ -1,0 +1,40 @@
+"""The finetune component: downstream training from a pretrained encoder, or from scratch (GPU step).
+
+    from components.finetune import finetune
+    ssl = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="ssl-planes", encoder=enc)
+    scratch = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="scratch-planes")
+"""
+
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def finetune(clips: Input[Dataset], data_version: str, profile: str, task: str, name: str, model: Output[Model],
+             metrics: Output[Metrics], encoder: Optional[Input[Model]] = None, epochs: int = 0,
+             learning_rate: float = 0.0):
+    """Linear probe and fine-tune at the profile's label fractions (``sonossl.train.finetune.finetune``).
+
+    Args:
+        clips: the clip dataset (with labels and saliency maps).
+        data_version: its version id (part of the cache key).
+        profile: the parameter profile.
+        task: planes (standard-plane detection) or saliency.
+        name: the run's name, <init>-<task> (ssl-planes, scratch-saliency...), as evaluate and export read it.
+        model: the output folder: model.pt (best run by validation), metrics.json, runs/.
+        metrics: validation and test scores of every run (<method>@<fraction>.<split>.<metric>).
+        encoder: a pretrain output; none trains from random initialisation (the scratch baseline).
+        epochs: overrides the profile's epochs when > 0.
+        learning_rate: overrides the profile's learning rate when > 0.
+    """
+    from sonossl.pipeline.steps import finetune_step
+
+    scores = finetune_step(clips.path, model.path, profile, task, name, encoder.path if encoder else None, epochs,
+                           learning_rate)
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    model.metadata.update({"data_version": data_version, "task": task, "name": name})

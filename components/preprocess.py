@@ -1,0 +1,30 @@
+"""The preprocess component: a raw dataset (S3 prefix, DVC revision or local folder) -> a versioned clip dataset.
+
+    from components.preprocess import preprocess
+    task = preprocess(dataset="s3://datasets/raw/sim", profile="default")   # outputs: "clips", "Output" (version)
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def preprocess(dataset: str, profile: str, clips: Output[Dataset]) -> str:
+    """Decode, validate, crop and resize the raw videos into a clip dataset (``sonossl.data.clips.preprocess``).
+
+    Args:
+        dataset: the raw dataset: ``s3://bucket/prefix``, ``dvc://<path>?repo=<url>&rev=<rev>`` or a folder.
+        profile: the parameter profile (tiny, default, gpu) of the image's params.yaml.
+        clips: the clip dataset (frames, index, saliency, meta.json).
+
+    Returns:
+        The clip dataset's version id (a hash of the inputs and parameters): later steps take it as a parameter,
+        so their cache keys change exactly when the data does.
+    """
+    from sonossl.pipeline.steps import preprocess_step
+
+    version = preprocess_step(dataset, clips.path, profile)
+    clips.metadata["version"] = version
+    return version

@@ -1,0 +1,90 @@
+"""The training pipeline: preprocess -> pretrain -> finetune (SSL and scratch, in parallel) -> evaluate -> export,
+then deploy, only when the new model beats the serving champion on the configured metric.
+
+It runs the main line of ``dvc.yaml`` (both-sequential pretraining; SSL and scratch fine-tuning for plane detection
+and saliency), not the whole ablation, with the same library calls. Every task runs the project image, a pipeline
+parameter (``image``, default ``ghcr.io/sonossl/sonossl:<package version>``) applied with ``set_container_image``:
+the components' ``base_image`` is fixed when they are compiled, and the KFP backend resolves a parameter in a task's
+image only when the parameter is the whole reference (its driver substitutes the parameter's value for the whole
+string), so the parameter is the full image reference, not a tag to append.
+
+    kfp dsl compile --py pipelines/training.py --output training.yaml
+    sonossl pipeline submit --host https://kubeflow.example.org/pipeline --param dataset=s3://datasets/raw/sim
+"""
+
+from kfp import dsl
+from kfp.dsl import Model
+
+from components import gpu_step, with_s3_credentials
+from components.champion import champion
+from components.deploy import deploy
+from components.evaluate import evaluate
+from components.export import export
+from components.finetune import finetune
+from components.preprocess import preprocess
+from components.pretrain import pretrain
+from sonossl.pipeline import IMAGE
+
+
+@dsl.pipeline(name="sonossl-training",
+              description="Self-supervised pretraining on ultrasound clips, fine-tuning (SSL and scratch), "
+                          "evaluation, export, and deployment when the new model beats the serving one.")
+def training(dataset: str, profile: str = "default", pretrain_epochs: int = 0, pretrain_lr: float = 0.0,
+             finetune_epochs: int = 0, finetune_lr: float = 0.0, image: str = IMAGE,
+             deploy_metric: str = "planes.val.macro_f1", model_store: str = "s3://sonossl/models/export",
+             service_name: str = "sonossl", namespace: str = "sonossl", service_account: str = "sonossl-s3",
+             runtime: str = "sonossl", canary_percent: int = 0, serve_gpu: bool = False,
+             deploy_dry_run: bool = False) -> Model:
+    """Args:
+        dataset: the raw dataset: s3://bucket/prefix, dvc://<path>?repo=<git url>&rev=<revision>, or a folder.
+        profile: parameter profile of params.yaml (tiny, default, gpu).
+        pretrain_epochs: pretraining epochs; 0 keeps the profile's.
+        pretrain_lr: pretraining learning rate; 0 keeps the profile's.
+        finetune_epochs: fine-tuning epochs (planes and saliency); 0 keeps the profile's.
+        finetune_lr: fine-tuning learning rate; 0 keeps the profile's.
+        image: the project image every step runs (and the model server); change its tag to run another
+            release, e.g. ghcr.io/sonossl/sonossl:0.2.0.
+        deploy_metric: metric of the deploy gate, as the InferenceService annotates it (planes.val.macro_f1,
+            saliency.val.cc, planes.test.macro_f1...; higher is better). The default is a validation score: like
+            every other model choice here, promotion does not look at the test videos.
+        model_store: s3:// prefix the deployed model is uploaded under (<model_store>/<model version>).
+        service_name: the InferenceService to create or update.
+        namespace: its namespace.
+        service_account: its service account (S3 access for the storage initializer).
+        runtime: the ServingRuntime's name.
+        canary_percent: traffic share of a new model (0: all at once).
+        serve_gpu: serve on a GPU node.
+        deploy_dry_run: upload nothing, apply nothing: only render the InferenceService (run-local sets it).
+    """
+    # A location does not identify its contents (an S3 prefix can change), so preprocess always runs; the version
+    # id it returns is a parameter of every later step, so their cache keys follow the data.
+    pre = with_s3_credentials(preprocess(dataset=dataset, profile=profile)).set_caching_options(False)
+    pre.set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
+    clips, version = pre.outputs["clips"], pre.outputs["Output"]
+
+    pt = pretrain(clips=clips, data_version=version, profile=profile, epochs=pretrain_epochs,
+                  learning_rate=pretrain_lr)
+    gpu_step(with_s3_credentials(pt)).set_container_image(image).set_display_name("pretrain (both-sequential)")
+
+    runs = {}
+    ssl = {"encoder": pt.outputs["encoder"]}
+    for name, task, init in [("ssl-planes", "planes", ssl), ("ssl-saliency", "saliency", ssl),
+                             ("scratch-planes", "planes", {}), ("scratch-saliency", "saliency", {})]:
+        ft = finetune(clips=clips, data_version=version, profile=profile, task=task, name=name,
+                      epochs=finetune_epochs, learning_rate=finetune_lr, **init)  # no encoder: from scratch
+        gpu_step(with_s3_credentials(ft)).set_container_image(image).set_display_name(f"finetune ({name})")
+        runs[name.replace("-", "_")] = ft.outputs["model"]
+
+    ev = evaluate(encoder=pt.outputs["encoder"], **runs).set_container_image(image)
+    exp = export(clips=clips, data_version=version, profile=profile, metric=deploy_metric, **runs)
+    exp.set_container_image(image).after(ev)  # a report for every model that may be served
+
+    gate = champion(name=service_name, namespace=namespace, metric=deploy_metric, score=exp.outputs["score"])
+    gate.set_container_image(image).set_caching_options(False)  # the champion can change between runs
+    with dsl.If(gate.output == "deploy", name="beats-champion"):
+        dep = deploy(model=exp.outputs["model"], model_store=model_store, name=service_name, namespace=namespace,
+                     image=image, service_account=service_account, runtime=runtime, canary_percent=canary_percent,
+                     gpu=serve_gpu, dry_run=deploy_dry_run)
+        with_s3_credentials(dep).set_container_image(image).set_caching_options(False)
+        dep.set_retry(num_retries=2, backoff_duration="30s")
+    return exp.outputs["model"]

@@ -1,0 +1,309 @@
+"""The deploy step: serve an exported model with KServe, as an InferenceService created or updated in place.
+
+``deploy`` builds a ``V1beta1InferenceService`` with the kserve client's model classes: the predictor runs the
+project's ServingRuntime (``k8s/base/servingruntime.yaml``, model format ``sonossl``) on the image the pipeline ran
+with; ``storageUri`` is the exported model folder in S3, fetched by KServe's storage initializer with the S3
+credentials that the service account carries (``k8s/base/s3-secret.yaml``); resources, a readiness probe and, for
+GPU, one ``nvidia.com/gpu`` and one warm replica. With ``canary_percent`` the new revision gets that share of the
+traffic and the previous one keeps the rest, until a deploy without it promotes the new one to 100 %.
+The model card's versions and metrics become annotations (``sonossl.io/model-version``,
+``sonossl.io/planes.val.macro_f1``, ...): ``champion_metric`` reads them back from the live service, so the
+pipeline deploys only a better model.
+The rendered object is checked strictly against KServe's types (``sonossl.manifests``) before it is sent.
+On a cluster: get, then create when absent (404) or replace (a full update, so a finished canary's
+``canaryTrafficPercent`` does not linger as it would under a merge patch).
+
+    isvc = deploy("s3://models/sonossl/3b4fb01c4761", name="sonossl", namespace="sonossl", image=DEFAULT_IMAGE,
+                  canary_percent=10, service_account="sonossl-s3", model_card="models/export", dry_run=True)
+    champion_metric("sonossl", "sonossl", "planes.val.macro_f1")   # the served model's score, or None
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sonossl import __version__
+
+log = logging.getLogger(__name__)
+
+IMAGE_REPOSITORY = "ghcr.io/sonossl/sonossl"
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"
+ANNOTATION_PREFIX = "sonossl.io/"
+MODEL_FORMAT = "sonossl"
+HTTP_PORT = 8080
+KSERVE_GROUP, KSERVE_VERSION, KSERVE_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+
+# CPU replicas start in seconds and cost nothing idle (Knative scales them to zero); a GPU replica waits for a GPU
+# node and CUDA start-up, so one stays warm.
+RESOURCES = {
+    False: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+    True: {"requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+           "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}},
+}
+REPLICAS = {False: (0, 3), True: (1, 2)}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_ANNOTATION_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+class DeployError(ValueError):
+    """The cluster refused or could not be reached (a ValueError, so the CLI prints one clear line)."""
+
+
+def _check_name(value: Any, field: str, pattern: re.Pattern[str], max_len: int, what: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value) or len(value) > max_len:
+        raise ValueError(f"{field}={value!r} is not a valid {what} (lower-case letters, digits and '-', "
+                         f"at most {max_len} characters)")
+    return value
+
+
+def _check_model_uri(uri: Any) -> str:
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ValueError(f"model_uri={uri!r}: KServe fetches the model from S3 here; give the exported model folder "
+                         "as s3://BUCKET/PREFIX (upload it with `sonossl artifacts push models/export s3://...`)")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"model_uri={uri!r}: {bucket!r} is not a valid S3 bucket name")
+    if not key.strip("/"):
+        raise ValueError(f"model_uri={uri!r} names a whole bucket; give the folder of the exported model, "
+                         f"e.g. s3://{bucket}/models/sonossl/<model version>")
+    return uri.rstrip("/")
+
+
+def _check_canary(percent: Any) -> int | None:
+    if percent is None:
+        return None
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise ValueError(f"canary_percent={percent!r}: give a whole percentage 0-100 of the traffic for the new "
+                         "model (or none to send it all the traffic)")
+    return percent
+
+
+def load_model_card(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """A model card from a dict, a ``model_card.json``, an export folder, or ``s3://.../`` export folder."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    src = str(source)
+    if src.startswith("s3://"):
+        from sonossl.storage import get_bytes
+
+        uri = src if src.endswith(".json") else f"{src.rstrip('/')}/model_card.json"
+        where, text = uri, get_bytes(uri).decode()
+    else:
+        path = Path(src)
+        path = path / "model_card.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no model card (an export folder holds model_card.json; run "
+                                    "`sonossl export` first)")
+        where, text = str(path), path.read_text()
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not a valid model card: {e}") from None
+    if not isinstance(card, dict) or "model_version" not in card:
+        raise ValueError(f"{where}: not a model card (no model_version); it is written by `sonossl export`")
+    return card
+
+
+def _fmt(value: Any) -> str:
+    return format(float(value), ".6g")
+
+
+def card_annotations(card: Mapping[str, Any]) -> dict[str, str]:
+    """Versions and metrics of a model card as ``sonossl.io/...`` annotations (values are strings in Kubernetes).
+
+    A metric is named by its path under the card's ``metrics``: ``planes.val.macro_f1``, ``planes.test.accuracy``,
+    ``saliency.val.cc``; that is the name ``champion_metric`` and the pipeline's ``deploy_metric`` take."""
+    data = card.get("data") or {}
+    ann = {"model-version": str(card["model_version"]),
+           "sonossl-version": str(card.get("sonossl_version", "")),
+           "feature-version": str(data.get("feature_version", "")),
+           "raw-version": str(data.get("raw_version", ""))}
+    for task, splits in (card.get("metrics") or {}).items():
+        for split, values in (splits or {}).items():
+            for k, v in (values or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n" and math.isfinite(v):
+                    ann[f"{task}.{split}.{k}"] = _fmt(v)
+    out = {}
+    for k, v in ann.items():
+        if not v:
+            continue
+        if not _ANNOTATION_NAME.fullmatch(k) or len(k) > 63:
+            raise ValueError(f"model card: {k!r} cannot be an annotation name (letters, digits, '-', '_', '.')")
+        out[ANNOTATION_PREFIX + k] = v
+    return out
+
+
+def render(model_uri: str, *, name: str, namespace: str, image: str, canary_percent: int | None,
+           service_account: str, runtime: str = "sonossl", gpu: bool = False,
+           card: Mapping[str, Any] | None = None) -> Any:
+    """The InferenceService as a ``kserve.models.V1beta1InferenceService`` (arguments checked, nothing sent)."""
+    from kserve.models import (V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1ModelFormat,
+                               V1beta1ModelSpec, V1beta1PredictorSpec)
+    from kubernetes.client import (V1HTTPGetAction, V1ObjectMeta, V1Probe, V1ResourceRequirements,
+                                   V1Toleration)
+
+    model_uri = _check_model_uri(model_uri)
+    # KServe derives Knative route and host names from it: DNS-1035, and short enough for the route name
+    _check_name(name, "name", _DNS1035, 45, "InferenceService name")
+    _check_name(namespace, "namespace", _DNS1123_LABEL, 63, "namespace")
+    _check_name(service_account, "service_account", _DNS1123_SUBDOMAIN, 253, "service account name")
+    _check_name(runtime, "runtime", _DNS1123_SUBDOMAIN, 253, "ServingRuntime name")
+    canary_percent = _check_canary(canary_percent)
+    if not isinstance(image, str) or not image or any(c.isspace() for c in image):
+        raise ValueError(f"image={image!r}: give a container image reference such as {DEFAULT_IMAGE}")
+
+    annotations = card_annotations(card) if card else {}
+    annotations[ANNOTATION_PREFIX + "model-uri"] = model_uri
+    labels = {"app.kubernetes.io/name": "sonossl", "app.kubernetes.io/component": "predictor",
+              "app.kubernetes.io/part-of": "sonossl"}
+    if card:
+        labels[ANNOTATION_PREFIX + "model-version"] = str(card["model_version"])
+    lo, hi = REPLICAS[gpu]
+    res = RESOURCES[gpu]
+    model = V1beta1ModelSpec(
+        name="kserve-container", model_format=V1beta1ModelFormat(name=MODEL_FORMAT), runtime=runtime,
+        storage_uri=model_uri, protocol_version="v2",
+        # the image the pipeline trained with, over the runtime's default: served code = trained code
+        image=image,
+        resources=V1ResourceRequirements(requests=dict(res["requests"]), limits=dict(res["limits"])),
+        readiness_probe=V1Probe(http_get=V1HTTPGetAction(path="/v2/health/ready", port=HTTP_PORT),
+                                initial_delay_seconds=5, period_seconds=10, timeout_seconds=5, failure_threshold=3))
+    predictor = V1beta1PredictorSpec(
+        model=model, service_account_name=service_account, min_replicas=lo, max_replicas=hi,
+        canary_traffic_percent=canary_percent,
+        tolerations=[V1Toleration(**GPU_TOLERATION)] if gpu else None)
+    return V1beta1InferenceService(
+        api_version=f"{KSERVE_GROUP}/{KSERVE_VERSION}", kind="InferenceService",
+        metadata=V1ObjectMeta(name=name, namespace=namespace, labels=labels, annotations=annotations),
+        spec=V1beta1InferenceServiceSpec(predictor=predictor))
+
+
+def _client() -> Any:
+    """KServeClient from the kubeconfig (KUBECONFIG, ~/.kube/config) or the in-cluster service account."""
+    from kserve import KServeClient
+    from kubernetes.config import ConfigException
+
+    # the kubernetes client reads KUBECONFIG once, at import: pass the current one
+    try:
+        return KServeClient(config_file=os.environ.get("KUBECONFIG") or None)
+    except (ConfigException, FileNotFoundError, TypeError) as e:
+        raise DeployError(f"no Kubernetes configuration ({e}): set KUBECONFIG, or run inside the cluster with a "
+                          "service account (k8s/base/rbac.yaml)") from None
+
+
+def _get(kc: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    from kubernetes.client.rest import ApiException
+
+    host = kc.api_instance.api_client.configuration.host
+    try:
+        return kc.api_instance.get_namespaced_custom_object(KSERVE_GROUP, KSERVE_VERSION, namespace,
+                                                             KSERVE_PLURAL, name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise DeployError(f"reading InferenceService {namespace}/{name} from {host}: {e.status} {e.reason}: "
+                          f"{(e.body or '')[:300]}") from None
+    except Exception as e:  # urllib3 connection errors after its retries
+        raise DeployError(f"cannot reach the Kubernetes API at {host}: {e}") from None
+
+
+def deploy(model_uri: str, *, name: str, namespace: str, image: str, canary_percent: int | None,
+           service_account: str, runtime: str = "sonossl", gpu: bool = False, dry_run: bool = False,
+           model_card: Mapping[str, Any] | str | Path | None = None) -> dict[str, Any]:
+    """Create or update the InferenceService ``namespace/name`` serving ``model_uri``; return it as a dict.
+
+    ``model_card`` (a dict, a local export folder or model_card.json) supplies the version and metric annotations;
+    when it is not given, a real deploy reads ``<model_uri>/model_card.json`` from S3 (which also proves the model
+    is there) and a dry run renders without them. ``dry_run`` only renders and checks the object."""
+    from sonossl.manifests import check, to_dict
+
+    model_uri = _check_model_uri(model_uri)
+    card = load_model_card(model_card) if model_card is not None else None
+    if card is None and not dry_run:
+        card = load_model_card(model_uri)
+    if card is None:
+        log.info("dry run without a model card: no version or metric annotations")
+    isvc = render(model_uri, name=name, namespace=namespace, image=image, canary_percent=canary_percent,
+                  service_account=service_account, runtime=runtime, gpu=gpu, card=card)
+    rendered = to_dict(isvc)
+    check(rendered)  # the same strict check as k8s/: a wrong field fails here, not in the cluster's webhook
+    traffic = "all traffic" if canary_percent is None else f"{canary_percent}% canary"
+    if dry_run:
+        log.info("dry run: InferenceService %s/%s (%s), not sent", namespace, name, traffic)
+        return rendered
+
+    kc = _client()
+    current = _get(kc, name, namespace)
+    try:
+        if current is None:
+            out = kc.create(isvc, namespace=namespace)
+            action = "created"
+        else:
+            meta = current.get("metadata") or {}
+            isvc.metadata.resource_version = meta["resourceVersion"]
+            # keep what others put on the object (kubectl, GitOps tools); ours are replaced
+            for field in ("labels", "annotations"):
+                theirs = {k: v for k, v in (meta.get(field) or {}).items() if not k.startswith(ANNOTATION_PREFIX)}
+                setattr(isvc.metadata, field, {**theirs, **(getattr(isvc.metadata, field) or {})})
+            out = kc.replace(name, isvc, namespace=namespace)
+            action = "updated"
+    except RuntimeError as e:  # KServeClient wraps the API's error in a RuntimeError
+        raise DeployError(f"InferenceService {namespace}/{name}: the cluster refused the "
+                          f"{'create' if current is None else 'update'}: {str(e).strip()[:500]}") from None
+    log.info("%s InferenceService %s/%s: model %s, %s", action, namespace, name,
+             (card or {}).get("model_version", model_uri), traffic)
+    return out
+
+
+def served_model(name: str, namespace: str) -> dict[str, str] | None:
+    """What the live InferenceService serves: its ``sonossl.io/`` annotations without the prefix (``model-uri``,
+    ``model-version``, ``planes.val.macro_f1``, ...). None, with a log line saying why, when there is no cluster
+    configuration or no InferenceService of that name; a cluster that refuses or cannot be reached is an error."""
+    try:
+        kc = _client()
+    except DeployError as e:
+        log.info("InferenceService %s/%s: unknown, %s", namespace, name, e)
+        return None
+    current = _get(kc, name, namespace)
+    if current is None:
+        log.info("InferenceService %s/%s: none of that name", namespace, name)
+        return None
+    ann = (current.get("metadata") or {}).get("annotations") or {}
+    return {k.removeprefix(ANNOTATION_PREFIX): v for k, v in ann.items() if k.startswith(ANNOTATION_PREFIX)}
+
+
+def champion_metric(name: str, namespace: str, metric: str) -> float | None:
+    """The serving model's ``metric`` from the live InferenceService's ``sonossl.io/<metric>`` annotation.
+
+    None, with a log line saying why, when there is no cluster configuration, no such InferenceService, or no
+    such annotation: then any new model may be deployed. An unreadable value or a refusing cluster is an error.
+    During a canary the annotations are the newest revision's: promote or roll back before comparing again."""
+    key = metric.removeprefix(ANNOTATION_PREFIX)
+    served = served_model(name, namespace)
+    if served is None:
+        log.info("champion %s/%s: no champion", namespace, name)
+        return None
+    value = served.get(key)
+    if value is None:
+        log.info("champion %s/%s: no annotation %s%s: its %s is unknown", namespace, name, ANNOTATION_PREFIX, key,
+                 key)
+        return None
+    try:
+        out = float(value)
+    except ValueError:
+        raise DeployError(f"InferenceService {namespace}/{name}: annotation {ANNOTATION_PREFIX}{key}={value!r} is "
+                          "not a number; fix or remove it (kubectl annotate isvc ...)") from None
+    log.info("champion %s/%s: %s = %s (model %s)", namespace, name, key, out, served.get("model-version", "?"))
+    return out

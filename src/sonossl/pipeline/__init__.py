@@ -1,0 +1,20 @@
+"""Kubeflow Pipelines for sonossl: the library side of ``components/`` and ``pipelines/``.
+
+The components (``components/``) and pipelines (``pipelines/``) are thin: each component body calls one function of
+``sonossl.pipeline.steps``, which calls the same library step a DVC stage calls. This package also compiles the
+pipelines (``spec``), submits them to a cluster (``submit``) and runs the training pipeline on this machine with
+``kfp.local`` (``local``). All of them run in one image, tagged with the package version:
+
+    from sonossl.pipeline import IMAGE        # ghcr.io/sonossl/sonossl:<sonossl version>
+    sonossl pipeline compile --out dist/pipelines
+    sonossl pipeline run-local --out runs/local --profile tiny
+"""
+
+from __future__ import annotations
+
+from sonossl import __version__
+from sonossl.deploy import IMAGE_REPOSITORY
+
+IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"  # the tag follows the package version
+# Kubernetes Secret holding the S3 credentials (k8s/ creates it); its keys become the tasks' environment.
+S3_SECRET = "sonossl-s3"

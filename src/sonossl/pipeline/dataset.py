@@ -1,0 +1,87 @@
+"""Where a pipeline run reads its raw dataset from: an S3 prefix, a DVC revision, or a local folder.
+
+The training pipeline's ``dataset`` parameter names one raw dataset (``labels.csv`` + videos) in one of three forms:
+
+- ``s3://bucket/prefix``: the objects under the prefix (``sonossl.storage``; credentials from the environment);
+- ``dvc://<path>?repo=<git url or folder>&rev=<revision>``: the DVC-tracked folder ``<path>`` as it was at git
+  revision ``rev`` (a tag, branch or commit) of the repository ``repo``, read through ``dvc.api.DVCFileSystem``
+  from the repository's DVC remote or cache; ``repo`` defaults to the working directory, ``rev`` to its HEAD;
+- a local folder (absolute, or relative to the working directory): used in place; this is what ``run-local`` uses.
+
+    raw = fetch_raw_dataset("dvc://data/raw/sim?repo=https://github.com/org/sonossl.git&rev=v0.1.0", "/tmp/raw")
+    raw = fetch_raw_dataset("s3://datasets/raw/sim", "/tmp/raw")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+DVC_SCHEME = "dvc://"
+
+
+@dataclass(frozen=True)
+class DvcLocation:
+    path: str
+    repo: str | None
+    rev: str | None
+
+
+def parse_dvc_location(location: str) -> DvcLocation:
+    """Split ``dvc://<path>?repo=...&rev=...``; unknown query keys and a missing path are errors."""
+    if not location.startswith(DVC_SCHEME):
+        raise ValueError(f"dataset {location!r}: a DVC location starts with {DVC_SCHEME!r}")
+    path, _, query = location[len(DVC_SCHEME):].partition("?")
+    fields = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    unknown = sorted(set(fields) - {"repo", "rev"})
+    if unknown or not path.strip("/"):
+        extra = f"; unknown key(s) {unknown}" if unknown else ""
+        raise ValueError(f"dataset {location!r}: expected dvc://<path in the repository>?repo=<git url or folder>"
+                         f"&rev=<revision> (repo and rev optional){extra}")
+    one = lambda k: fields[k][-1] if k in fields and fields[k][-1] else None  # noqa: E731
+    return DvcLocation(path=path.strip("/"), repo=one("repo"), rev=one("rev"))
+
+
+def fetch_raw_dataset(location: str, dest: str | Path) -> Path:
+    """Make the raw dataset at ``location`` available locally and return its folder (``dest`` unless local)."""
+    location = location.strip()
+    dest = Path(dest)
+    if not location:
+        raise ValueError("dataset: empty location; give an s3:// prefix, a dvc:// location or a local folder")
+    if location.startswith("s3://"):
+        from sonossl import storage
+
+        return Path(storage.download(location, dest))
+    if location.startswith(DVC_SCHEME):
+        return _fetch_dvc(parse_dvc_location(location), dest)
+    if "://" in location:
+        raise ValueError(f"dataset {location!r}: unsupported scheme; give an s3:// prefix, a dvc:// location "
+                         "or a local folder")
+    path = Path(location).expanduser().resolve()
+    if not (path / "labels.csv").is_file():
+        raise FileNotFoundError(f"dataset {location!r}: {path / 'labels.csv'} not found; a raw dataset folder holds "
+                                "labels.csv and the videos it lists")
+    return path
+
+
+def _fetch_dvc(loc: DvcLocation, dest: Path) -> Path:
+    from dvc.api import DVCFileSystem
+
+    repo = loc.repo or str(Path.cwd())
+    try:
+        fs = DVCFileSystem(repo, rev=loc.rev)
+        if not fs.isdir(loc.path):
+            raise FileNotFoundError(f"dataset dvc://{loc.path}: no such folder in {repo} at revision "
+                                    f"{loc.rev or 'HEAD'}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(loc.path, str(dest), recursive=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # dvc raises many types (SCM, remote, revision errors): one clear message
+        raise ValueError(f"dataset dvc://{loc.path} (repo {repo}, rev {loc.rev or 'HEAD'}): {type(e).__name__}: "
+                         f"{e}") from e
+    if not (dest / "labels.csv").is_file():
+        raise FileNotFoundError(f"dataset dvc://{loc.path}: no labels.csv in it; a raw dataset folder holds "
+                                "labels.csv and the videos it lists")
+    return dest

@@ -1,0 +1,116 @@
+"""Run the whole training pipeline on this machine with ``kfp.local`` (SubprocessRunner, this interpreter).
+
+Each component runs as a subprocess of this Python, as it would in its container, on a pipeline root under
+``out_dir``; the deploy step only renders the InferenceService (``deploy_dry_run``) and the champion lookup finds no
+cluster, so nothing outside this machine is touched. Without a ``dataset``, the profile's simulated sweeps are
+rendered first (as the ``simulate`` DVC stage does) into ``<out_dir>/raw``.
+
+    summary = run_local("dist/run-local", profile="tiny")
+    summary["model_version"], summary["tasks"]["export"]["artifacts"]["metrics"]["metadata"]
+
+Outputs land under ``<out_dir>/kfp/sonossl-training-<timestamp>/<task>/<output>``; temporary files of the tasks under
+``<out_dir>/tmp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sonossl.pipeline.steps import PARAMS_ENV
+
+PIPELINE_NAME = "sonossl-training"
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Environment for the task subprocesses (they inherit it), restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _simulated_dataset(out_dir: Path, params_file: Path, profile: str) -> Path:
+    from sonossl.config import load_params
+    from sonossl.data.simulate import simulate
+
+    raw = out_dir / "raw"
+    if not (raw / "labels.csv").is_file():  # deterministic per seed: an earlier rendering is the same data
+        simulate(raw, load_params(params_file, profile).simulate, progress=True)
+    return raw
+
+
+def _task_outputs(task_dir: Path) -> dict[str, Any]:
+    """What a finished local task produced: output parameters, and artefacts with their metadata (the values
+    logged with ``log_metric`` for a Metrics artefact)."""
+    path = task_dir / "executor_output.json"
+    if not path.is_file():
+        return {}
+    out = json.loads(path.read_text())
+    artifacts = {name: {"uri": a["artifacts"][0]["uri"], "metadata": a["artifacts"][0].get("metadata", {})}
+                 for name, a in out.get("artifacts", {}).items() if a.get("artifacts")}
+    return {"parameters": out.get("parameterValues", {}), "artifacts": artifacts}
+
+
+def summarize_run(run_dir: str | Path) -> dict[str, Any]:
+    """Per task of a local run: its parameters and artefacts (metrics included), keyed by task name."""
+    run_dir = Path(run_dir)
+    return {d.name: _task_outputs(d) for d in sorted(run_dir.iterdir()) if d.is_dir()}
+
+
+def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = None,
+              params_file: str | Path = "params.yaml", arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the training pipeline locally; returns a summary (run folder, model version, metrics per task)."""
+    from kfp import local
+
+    from sonossl.config import load_params
+
+    out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
+    load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dataset is None:
+        dataset = str(_simulated_dataset(out_dir, params_file, profile))
+    root = out_dir / "kfp"
+    (out_dir / "tmp").mkdir(exist_ok=True)
+    before = set(root.glob(f"{PIPELINE_NAME}-*")) if root.is_dir() else set()
+    arguments = {"deploy_dry_run": True, **(arguments or {})}
+
+    from sonossl.pipeline.spec import pipeline_function
+
+    training = pipeline_function("training")
+    t0 = time.perf_counter()
+    with _environ(TMPDIR=str(out_dir / "tmp"), **{PARAMS_ENV: str(params_file)}):
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        task = training(dataset=dataset, profile=profile, **arguments)
+    seconds = time.perf_counter() - t0
+    runs = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
+    if not runs:
+        raise RuntimeError(f"kfp.local wrote no run under {root}")
+    run_dir = runs[-1]
+    model = Path(task.output.path)
+    card = json.loads((model / "model_card.json").read_text())
+    tasks = summarize_run(run_dir)
+    decision = tasks.get("champion", {}).get("parameters", {}).get("Output")
+    isvc = json.loads(tasks["deploy"]["parameters"]["Output"]) if "deploy" in tasks else None
+    return {"run": str(run_dir), "seconds": round(seconds, 1), "profile": profile, "dataset": dataset,
+            "model": str(model), "model_version": card["model_version"],
+            "feature_version": card["data"]["feature_version"],
+            "report": tasks.get("evaluate", {}).get("artifacts", {}).get("report", {}).get("uri"),
+            "deploy": decision,
+            "inference_service": isvc and {"name": isvc["metadata"]["name"],
+                                           "namespace": isvc["metadata"]["namespace"],
+                                           "storageUri": isvc["spec"]["predictor"]["model"]["storageUri"],
+                                           "dry_run": bool(arguments.get("deploy_dry_run"))},
+            "tasks": tasks}

@@ -1,0 +1,101 @@
+"""Compile the pipelines to Kubeflow's YAML (the IR a cluster runs and the UI uploads), the same bytes every time.
+
+The pipelines are ``pipelines/training.py`` and ``pipelines/monitoring.py``; ``kfp dsl compile --py <file>`` gives
+the same YAML as this module with no parameter overrides. ``parameters`` replaces parameter defaults in the YAML (the
+values a run gets when it names none); run parameters are typed from the pipeline's own declarations.
+
+    paths = compile_pipelines("dist/pipelines")                     # training.yaml, monitoring.yaml
+    compile_pipeline("training", "training.yaml", {"image": "ghcr.io/sonossl/sonossl:0.2.0"})
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from sonossl.atomic import atomic_write_bytes
+
+PIPELINES = {"training": ("pipelines.training", "training"), "monitoring": ("pipelines.monitoring", "monitoring")}
+# Parameter types of the pipeline IR, as Python types for ``key=value`` arguments
+_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool}
+
+
+def pipeline_function(name: str) -> Callable[..., Any]:
+    if name not in PIPELINES:
+        raise ValueError(f"pipeline {name!r} is not one of {sorted(PIPELINES)}")
+    module, attr = PIPELINES[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def parameter_types(name: str) -> dict[str, type]:
+    """The pipeline's run parameters and their Python types (from its compiled spec)."""
+    spec = pipeline_function(name).pipeline_spec
+    params = spec.root.input_definitions.parameters
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    return {key: _TYPES[pipeline_spec_pb2.ParameterType.ParameterTypeEnum.Name(p.parameter_type)]
+            for key, p in sorted(params.items())}
+
+
+def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
+    """``key -> text`` (from ``--param key=value``) as the types the pipeline declares; unknown keys fail."""
+    types = parameter_types(name)
+    out: dict[str, Any] = {}
+    for key, text in values.items():
+        if key not in types:
+            raise ValueError(f"--param {key}={text}: the {name} pipeline has no parameter {key!r}; its parameters "
+                             f"are {sorted(types)}")
+        tp = types[key]
+        try:
+            if tp is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                out[key] = text.lower() in ("true", "1", "yes")
+            else:
+                out[key] = tp(text)
+        except ValueError:
+            raise ValueError(f"--param {key}={text}: expected {tp.__name__}") from None
+    return out
+
+
+def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``; a pair without ``=`` fails."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param {pair!r}: expected key=value")
+        out[key.strip()] = value
+    return out
+
+
+def compile_pipeline(name: str, path: str | Path, parameters: dict[str, Any] | None = None) -> Path:
+    """Write the pipeline's YAML to ``path`` (atomically); ``parameters`` replace defaults."""
+    from kfp import compiler
+
+    func = pipeline_function(name)
+    if parameters:
+        parameters = typed_parameters(name, {k: str(v) for k, v in parameters.items()})
+    with tempfile.TemporaryDirectory(prefix="sonossl-compile-") as tmp:
+        out = Path(tmp) / f"{name}.yaml"
+        compiler.Compiler().compile(func, str(out), pipeline_parameters=parameters or None)
+        return atomic_write_bytes(Path(path), out.read_bytes())
+
+
+def compile_pipelines(out_dir: str | Path, names: Iterable[str] = tuple(PIPELINES),
+                      parameters: dict[str, Any] | None = None) -> list[Path]:
+    """``<out_dir>/<name>.yaml`` for each pipeline; ``parameters`` apply to each pipeline that declares them."""
+    out_dir = Path(out_dir)
+    names = list(names)
+    unknown = set(parameters or {}) - {k for n in names for k in parameter_types(n)}
+    if unknown:
+        raise ValueError(f"--param: no pipeline among {names} has parameter(s) {sorted(unknown)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        own = {k: v for k, v in (parameters or {}).items() if k in parameter_types(name)}
+        paths.append(compile_pipeline(name, out_dir / f"{name}.yaml", own))
+    return paths

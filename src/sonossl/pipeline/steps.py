@@ -1,0 +1,246 @@
+"""What the Kubeflow components run: each function takes paths and plain values and calls one library step.
+
+A component body (``components/*.py``) is a few lines: it calls one of these functions with its artefact paths and
+logs the flat metrics it returns through ``log_metric``. These functions call the same library steps, with the same
+arguments, as the DVC stages do (``dvc.yaml`` through ``sonossl.cli``), so a pipeline run and ``dvc repro`` share one
+code path. Parameters come from the profile named by the pipeline, in the parameter file ``$SONOSSL_PARAMS``
+(default: ``params.yaml`` in the working directory, which is where the image keeps it).
+
+    version = preprocess_step("s3://datasets/raw/sim", "/tmp/clips", profile="default")
+    metrics = finetune_step("/tmp/clips", "/tmp/ssl-planes", "default", task="planes", name="ssl-planes",
+                            encoder="/tmp/encoder")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sonossl.config import Params, ParamsError, load_params
+
+log = logging.getLogger(__name__)
+
+PARAMS_ENV = "SONOSSL_PARAMS"
+# The pipeline's main line: finetune output names as ``evaluate`` and ``export`` expect them (<init>-<task>).
+FINETUNE_RUNS = ("ssl-planes", "ssl-saliency", "scratch-planes", "scratch-saliency")
+PRETRAIN_MODE = "both-sequential"
+DEPLOY, KEEP = "deploy", "keep"
+
+
+def _logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def params_path() -> Path:
+    path = Path(os.environ.get(PARAMS_ENV) or "params.yaml")
+    if not path.is_file():
+        raise ParamsError(f"{path.resolve()}: parameter file not found; set {PARAMS_ENV} to the params.yaml that "
+                          "holds the pipeline's profiles (the image keeps one in its working directory)")
+    return path
+
+
+def load_profile(profile: str, pretrain_epochs: int = 0, pretrain_lr: float = 0.0, finetune_epochs: int = 0,
+                 finetune_lr: float = 0.0) -> Params:
+    """The named profile, with the pipeline's overrides applied (0 keeps the profile's value)."""
+    for name, value in [("pretrain_epochs", pretrain_epochs), ("pretrain_lr", pretrain_lr),
+                        ("finetune_epochs", finetune_epochs), ("finetune_lr", finetune_lr)]:
+        if value < 0:
+            raise ParamsError(f"pipeline parameter {name}={value}: must be positive, or 0 for the profile's value")
+    params = load_params(params_path(), profile)
+    pt, ft = params.pretrain, params.finetune
+    if pretrain_epochs:
+        pt = dataclasses.replace(pt, epochs=int(pretrain_epochs))
+    if pretrain_lr:
+        pt = dataclasses.replace(pt, lr=float(pretrain_lr))
+    if finetune_epochs:
+        ft = dataclasses.replace(ft, epochs=int(finetune_epochs), saliency_epochs=int(finetune_epochs))
+    if finetune_lr:
+        ft = dataclasses.replace(ft, lr=float(finetune_lr))
+    return dataclasses.replace(params, pretrain=pt, finetune=ft)
+
+
+def _flat(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
+    """Numbers of a (nested) metrics dict as ``prefix.key`` -> float, for ``Metrics.log_metric``."""
+    out: dict[str, float] = {}
+    for k, v in (values or {}).items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, bool) or k == "n":  # counts of scored frames are not metrics
+            continue
+        if isinstance(v, (int, float)):
+            out[key] = float(v)
+        elif isinstance(v, dict) and k not in ("per_class",):
+            out.update(_flat(key, v))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- steps
+
+
+def preprocess_step(dataset: str, out_dir: str | Path, profile: str) -> str:
+    """Raw dataset (S3 prefix, DVC revision or folder) -> clip dataset at ``out_dir``; returns its version id."""
+    from sonossl.data.clips import preprocess
+    from sonossl.pipeline.dataset import fetch_raw_dataset
+
+    _logging()
+    params = load_profile(profile).preprocess
+    with tempfile.TemporaryDirectory(prefix="sonossl-raw-") as tmp:
+        raw = fetch_raw_dataset(dataset, Path(tmp) / "raw")
+        report = preprocess(raw, out_dir, params, progress=True)
+    version = json.loads((Path(out_dir) / "meta.json").read_text())["version"]
+    log.info("clip dataset %s: %s", version, json.dumps(report.summary()))
+    return version
+
+
+def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode: str = PRETRAIN_MODE,
+                  epochs: int = 0, lr: float = 0.0) -> dict[str, float]:
+    """Pretext pretraining, as the ``pretrain@<mode>`` stage; returns held-out pretext accuracy and chance."""
+    from sonossl.train.pretrain import pretrain
+
+    _logging()
+    params = load_profile(profile, pretrain_epochs=epochs, pretrain_lr=lr).pretrain
+    metrics = pretrain(clips_dir, out_dir, params, mode=mode, resume=True, progress=True)
+    return _flat("val", metrics["val"]) | _flat("chance", metrics["chance"])
+
+
+def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task: str, name: str,
+                  encoder: str | Path | None = None, epochs: int = 0, lr: float = 0.0) -> dict[str, float]:
+    """Downstream training at the profile's fractions, as the ``finetune@ssl-*`` / ``scratch@*`` stages; returns
+    the validation and test scores of every run (``<run>.val.<metric>``, ``<run>.test.<metric>``)."""
+    from sonossl.config import as_dict
+    from sonossl.train.finetune import finetune
+
+    _logging()
+    params = load_profile(profile, finetune_epochs=epochs, finetune_lr=lr)
+    ft = params.finetune
+    fractions = ft.fractions if task == "planes" else ft.saliency_fractions
+    metrics = finetune(clips_dir, out_dir, ft, task=task, encoder=encoder,
+                       encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=fractions,
+                       name=name, resume=True, progress=True)
+    out = {"selected_val": float(metrics["selected_val"])}
+    for run in metrics["runs"]:
+        out |= _flat(f"{run['name']}.val", run["val"]) | _flat(f"{run['name']}.test", run["test"])
+    return out
+
+
+def gather(dest: str | Path, runs: dict[str, str | Path]) -> Path:
+    """A folder of links ``dest/<name>`` -> run output, the layout ``evaluate`` and ``export`` read."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, path in runs.items():
+        if not (Path(path) / "metrics.json").is_file():
+            raise FileNotFoundError(f"{path}: no metrics.json; the {name} step did not finish")
+        (dest / name).symlink_to(Path(path).resolve(), target_is_directory=True)
+    return dest
+
+
+def evaluate_step(encoder: str | Path, finetunes: dict[str, str | Path], report_md: str | Path,
+                  out_dir: str | Path | None = None) -> dict[str, float]:
+    """The results report of the main line (as the ``evaluate`` stage, without the ablation encoders): writes
+    ``results.md`` to ``report_md`` and returns the headline test metrics."""
+    from sonossl.evaluate.report import evaluate
+
+    _logging()
+    with tempfile.TemporaryDirectory(prefix="sonossl-eval-") as tmp:
+        pretrain_dir = gather(Path(tmp) / "pretrain", {PRETRAIN_MODE: encoder})
+        finetune_dir = gather(Path(tmp) / "finetune", finetunes)
+        out = Path(out_dir) if out_dir else Path(tmp) / "reports"
+        metrics = evaluate(pretrain_dir, finetune_dir, out)
+        shutil.copyfile(out / "results.md", report_md)
+    return _flat("", metrics)
+
+
+def export_step(clips_dir: str | Path, finetunes: dict[str, str | Path], out_dir: str | Path, profile: str,
+                metric: str) -> tuple[str, float, dict[str, float]]:
+    """The model to serve, as the ``export`` stage (chosen among the main line's runs); returns its model version,
+    its value of ``metric`` (the deploy gate's) and its validation and test metrics."""
+    from sonossl.export import export
+
+    _logging()
+    params = load_profile(profile)
+    with tempfile.TemporaryDirectory(prefix="sonossl-export-") as tmp:
+        card = export(clips_dir, gather(Path(tmp) / "finetune", finetunes), out_dir, params, progress=True)
+    return card["model_version"], card_metric(card, metric), _flat("", card["metrics"])
+
+
+def card_metric(card: dict[str, Any], metric: str) -> float:
+    """A model card's ``metric`` under the name the InferenceService's annotations give it (``planes.val.macro_f1``,
+    ``planes.val.macro_f1``, ``saliency.val.cc``...: ``sonossl.deploy.card_annotations``), so that the new model
+    and the serving champion are compared on the same number."""
+    from sonossl.deploy import ANNOTATION_PREFIX, card_annotations
+
+    # metrics are <task>.<split>.<metric>; the other annotations are versions
+    numbers = {k.removeprefix(ANNOTATION_PREFIX): float(v) for k, v in card_annotations(card).items()
+               if k.count(".") >= 3}
+    if metric not in numbers:
+        raise ValueError(f"deploy metric {metric!r} is not in the model card; valid metrics are {sorted(numbers)}")
+    return numbers[metric]
+
+
+def deploy_decision(score: float, champion: float | None) -> str:
+    """``deploy`` when the new model beats the serving champion (or none is serving), else ``keep``."""
+    return DEPLOY if champion is None or score > champion else KEEP
+
+
+def champion_step(name: str, namespace: str, metric: str, score: float) -> str:
+    """Compare the new model's ``metric`` with the serving champion's; the pipeline deploys on ``deploy``."""
+    from sonossl.deploy import champion_metric
+
+    _logging()
+    champion = champion_metric(name, namespace, metric)
+    decision = deploy_decision(score, champion)
+    log.info("%s: new model %.4f, serving champion %s -> %s", metric, score,
+             "none" if champion is None else f"{champion:.4f}", decision)
+    return decision
+
+
+def deploy_step(model_dir: str | Path, model_store: str, name: str, namespace: str, image: str,
+                canary_percent: int, service_account: str, runtime: str, gpu: bool, dry_run: bool) -> str:
+    """Upload the export folder to ``<model_store>/<model version>`` and roll it out as a KServe InferenceService
+    (``sonossl.deploy.deploy``); on ``dry_run`` nothing leaves this machine: the InferenceService that would be
+    applied is only rendered. Returns it as JSON."""
+    from sonossl.deploy import deploy, load_model_card
+
+    _logging()
+    if not model_store.startswith("s3://"):
+        raise ValueError(f"pipeline parameter model_store={model_store!r}: give the s3:// prefix KServe reads "
+                         "models from (the service account's S3 secret must reach it)")
+    if not 0 <= canary_percent <= 100:
+        raise ValueError(f"pipeline parameter canary_percent={canary_percent}: must be 0 (full rollout) to 100")
+    card = load_model_card(model_dir)
+    model_uri = f"{model_store.rstrip('/')}/{card['model_version']}"
+    if dry_run:
+        log.info("dry run: %s would be uploaded to %s", model_dir, model_uri)
+    else:
+        from sonossl import storage
+
+        keys = storage.upload(model_dir, model_uri)
+        log.info("uploaded %d file(s) to %s", len(keys), model_uri)
+    isvc = deploy(model_uri, name=name, namespace=namespace, image=image, canary_percent=canary_percent or None,
+                  service_account=service_account, runtime=runtime, gpu=gpu, dry_run=dry_run, model_card=card)
+    return json.dumps(isvc, indent=2, sort_keys=True, default=str)
+
+
+def drift_step(model_uri: str, request_log: str, report_html: str | Path, reports: str = "") -> tuple[bool, dict]:
+    """Drift report of the endpoint's request log against the model's reference (``sonossl.monitor.drift``);
+    writes its HTML to ``report_html``. With ``reports`` (a folder or s3:// prefix) the report is also kept there,
+    per window, with the index of all windows; returns (drift detected, flat numbers of the summary)."""
+    from sonossl.monitor.drift import drift_report
+
+    _logging()
+    with tempfile.TemporaryDirectory(prefix="sonossl-drift-") as tmp:
+        result = drift_report(model_uri, request_log, reports or Path(tmp) / "reports")
+        if str(result.html).startswith("s3://"):
+            from sonossl import storage
+
+            Path(report_html).write_bytes(storage.get_bytes(str(result.html)))
+        else:
+            shutil.copyfile(result.html, report_html)
+    log.info("drift report %s: %s", result.summary["window"], "DRIFT" if result.drift_detected else "no drift")
+    return bool(result.drift_detected), _flat("", result.summary)

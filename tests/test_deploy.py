@@ -1,0 +1,262 @@
+"""The deploy step (``sonossl.deploy``): the rendered InferenceService, its checks, and the create/update flow.
+
+Dry runs are checked strictly against KServe's types. No cluster runs here, so the create/update flow talks, through
+the real kserve and kubernetes clients, to a minimal stand-in of the Kubernetes API's custom-object endpoints on
+127.0.0.1 (get, create, replace with resourceVersion), and reads the model card from a real local S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sonossl.deploy import DeployError, champion_metric, deploy
+from sonossl.manifests import check
+
+ARGS = dict(name="sonossl", namespace="sonossl", image="ghcr.io/sonossl/sonossl:0.1.0", service_account="sonossl-s3")
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_clips, tiny_params, tmp_path_factory) -> Path:
+    """A real export (model card included) of scratch models on the tiny profile: about 15 s."""
+    from sonossl.config import as_dict
+    from sonossl.export import export
+    from sonossl.train.finetune import finetune
+
+    root = tmp_path_factory.mktemp("deploy")
+    spec = as_dict(tiny_params.pretrain.encoder)
+    for task in ("planes", "saliency"):
+        finetune(tiny_clips, root / f"ft/scratch-{task}", tiny_params.finetune, task=task, encoder_spec=spec,
+                 fractions=[1.0], progress=False)
+    export(tiny_clips, root / "ft", root / "export", tiny_params)
+    return root / "export"
+
+
+def test_dry_run_renders_a_valid_inferenceservice_with_the_card(tiny_export):
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    isvc = deploy("s3://models/sonossl/v1/", canary_percent=10, model_card=tiny_export, dry_run=True, **ARGS)
+    check(isvc)  # strictly against kserve.models.V1beta1InferenceService
+    p = isvc["spec"]["predictor"]
+    assert p["model"]["storageUri"] == "s3://models/sonossl/v1"
+    assert p["serviceAccountName"] == "sonossl-s3" and p["canaryTrafficPercent"] == 10
+    assert p["model"]["modelFormat"] == {"name": "sonossl"} and p["model"]["runtime"] == "sonossl"
+    assert p["model"]["image"] == ARGS["image"]
+    assert p["model"]["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert p["model"]["resources"]["limits"] and p["minReplicas"] == 0 and "tolerations" not in p
+    ann = isvc["metadata"]["annotations"]
+    assert ann["sonossl.io/model-version"] == card["model_version"]
+    assert ann["sonossl.io/feature-version"] == card["data"]["feature_version"]
+    assert float(ann["sonossl.io/planes.test.macro_f1"]) == pytest.approx(card["metrics"]["planes"]["test"]["macro_f1"])
+    assert float(ann["sonossl.io/saliency.val.cc"]) == pytest.approx(card["metrics"]["saliency"]["val"]["cc"])
+    assert "sonossl.io/saliency.val.n" not in ann  # a count, not a metric
+    assert isvc["metadata"]["labels"]["sonossl.io/model-version"] == card["model_version"]
+
+
+def test_dry_run_on_gpu():
+    isvc = deploy("s3://models/sonossl/v1", canary_percent=None, gpu=True, dry_run=True, **ARGS)
+    check(isvc)
+    p = isvc["spec"]["predictor"]
+    assert p["minReplicas"] == 1 and "canaryTrafficPercent" not in p
+    assert p["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert p["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"model_uri": "models/export"}, r"model_uri='models/export': KServe fetches the model from S3"),
+    ({"model_uri": "gs://bucket/model"}, r"s3://BUCKET/PREFIX"),
+    ({"model_uri": "s3://Bad_Bucket/m"}, r"'Bad_Bucket' is not a valid S3 bucket name"),
+    ({"model_uri": "s3://models/"}, r"names a whole bucket"),
+    ({"canary_percent": 101}, r"canary_percent=101: give a whole percentage 0-100"),
+    ({"canary_percent": -5}, r"canary_percent=-5"),
+    ({"canary_percent": 12.5}, r"canary_percent=12.5"),
+    ({"canary_percent": True}, r"canary_percent=True"),
+    ({"name": "Sonossl_1"}, r"name='Sonossl_1' is not a valid InferenceService name"),
+    ({"name": "x" * 46}, r"at most 45 characters"),
+    ({"namespace": "my ns"}, r"namespace='my ns'"),
+    ({"service_account": ""}, r"service_account=''"),
+    ({"image": ""}, r"image='': give a container image reference"),
+])
+def test_bad_arguments_fail_with_a_clear_error(change, error):
+    kwargs = {"model_uri": "s3://models/sonossl/v1", "canary_percent": None, **ARGS, **change}
+    with pytest.raises(ValueError, match=error):
+        deploy(kwargs.pop("model_uri"), dry_run=True, **kwargs)
+
+
+def test_a_bad_model_card_fails_with_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model card"):
+        deploy("s3://models/v1", canary_percent=None, model_card=tmp_path, dry_run=True, **ARGS)
+    (tmp_path / "model_card.json").write_text('{"metrics": {}}')
+    with pytest.raises(ValueError, match=r"model_card.json: not a model card \(no model_version\)"):
+        deploy("s3://models/v1", canary_percent=None, model_card=tmp_path, dry_run=True, **ARGS)
+
+
+def test_cli_dry_run_prints_the_inferenceservice_as_yaml(tiny_export, capsys):
+    from sonossl.cli import main
+
+    rc = main(["deploy", "--model-uri", "s3://models/sonossl/v1", "--name", "ultrasound", "--namespace", "serving",
+               "--canary-percent", "25", "--service-account", "sa-s3", "--gpu", "--model-card", str(tiny_export),
+               "--dry-run"])
+    assert rc == 0
+    isvc = yaml.safe_load(capsys.readouterr().out)
+    check(isvc)
+    assert (isvc["metadata"]["name"], isvc["metadata"]["namespace"]) == ("ultrasound", "serving")
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 25
+    assert isvc["spec"]["predictor"]["model"]["image"].endswith("-cuda")  # --gpu: the cuda image by default
+    rc = main(["deploy", "--model-uri", "s3://models/sonossl/v1", "--canary-percent", "150", "--dry-run"])
+    assert rc == 2 and "canary_percent=150" in capsys.readouterr().err
+
+
+def test_without_cluster_configuration_there_is_no_champion(monkeypatch, caplog):
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+    with caplog.at_level(logging.INFO, logger="sonossl.deploy"):
+        assert champion_metric("sonossl", "sonossl", "planes.test.macro_f1") is None
+    assert "no Kubernetes configuration" in caplog.text
+
+
+class FakeKubeAPI:
+    """The custom-object endpoints of a Kubernetes API server for InferenceServices, in memory, on 127.0.0.1."""
+
+    PATH = re.compile(r"/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/?]+))?")
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.refuse_with: int | None = None
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _status(self, code: int, reason: str) -> None:
+                self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                                  "code": code, "message": reason})
+
+            def _handle(self, method: str) -> None:
+                api.requests.append((method, self.path))
+                m = api.PATH.fullmatch(self.path.split("?")[0])
+                if not m:
+                    return self._status(404, "NotFound")
+                if api.refuse_with:
+                    return self._status(api.refuse_with, "Forbidden")
+                ns, name = m.groups()
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+                current = api.objects.get((ns, name or (body or {}).get("metadata", {}).get("name")))
+                if method == "GET":
+                    return self._send(200, current) if current else self._status(404, "NotFound")
+                if method == "POST":
+                    if current:
+                        return self._status(409, "AlreadyExists")
+                    body["metadata"].update(resourceVersion="1", generation=1, namespace=ns)
+                    api.objects[(ns, body["metadata"]["name"])] = body
+                    return self._send(201, body)
+                if method == "PUT":
+                    if not current:
+                        return self._status(404, "NotFound")
+                    if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                        return self._status(409, "Conflict")
+                    version = int(current["metadata"]["resourceVersion"]) + 1
+                    body["metadata"].update(resourceVersion=str(version), generation=version, namespace=ns)
+                    api.objects[(ns, name)] = body
+                    return self._send(200, body)
+                return self._status(405, "MethodNotAllowed")
+
+            def do_GET(self):
+                self._handle("GET")
+
+            def do_POST(self):
+                self._handle("POST")
+
+            def do_PUT(self):
+                self._handle("PUT")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
+        return path
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def kube_api(tmp_path, monkeypatch):
+    import kubernetes.client
+
+    saved = kubernetes.client.Configuration.get_default_copy()
+    api = FakeKubeAPI()
+    monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+    yield api
+    api.close()
+    kubernetes.client.Configuration.set_default(saved)  # loading the kubeconfig set the client's global default
+
+
+def test_deploy_creates_then_updates_and_promotes(tiny_export, s3_server, kube_api, caplog):
+    from sonossl.storage import upload
+
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    uri = f"s3://{s3_server.bucket}/models/{card['model_version']}"
+    upload(tiny_export, uri)
+    metric = "planes.test.macro_f1"
+    with caplog.at_level(logging.INFO, logger="sonossl.deploy"):
+        assert champion_metric("sonossl", "sonossl", metric) is None  # nothing served yet: 404
+    assert "none of that name" in caplog.text
+
+    # first deploy: the card is read from S3 next to the model, the service is created
+    created = deploy(uri, canary_percent=None, **ARGS)
+    assert [m for m, _ in kube_api.requests] == ["GET", "GET", "POST"]
+    stored = kube_api.objects[("sonossl", "sonossl")]
+    assert created["metadata"]["resourceVersion"] == "1" and stored["spec"]["predictor"]["model"]["storageUri"] == uri
+    check({k: v for k, v in stored.items()})
+    served = champion_metric("sonossl", "sonossl", metric)
+    assert served == pytest.approx(card["metrics"]["planes"]["test"]["macro_f1"])
+
+    # someone else's annotation survives our updates; ours are replaced
+    stored["metadata"]["annotations"]["team.example.com/owner"] = "imaging"
+    canary = deploy(uri, canary_percent=20, **ARGS)
+    assert kube_api.requests[-1][0] == "PUT" and canary["metadata"]["resourceVersion"] == "2"
+    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    assert canary["metadata"]["annotations"]["team.example.com/owner"] == "imaging"
+
+    # promotion: a deploy without a canary replaces the spec, so the canary split is gone
+    promoted = deploy(uri, canary_percent=None, **ARGS)
+    assert "canaryTrafficPercent" not in promoted["spec"]["predictor"]
+    assert promoted["metadata"]["resourceVersion"] == "3"
+
+
+def test_a_refusing_cluster_gives_a_clear_error(kube_api):
+    kube_api.refuse_with = 403
+    refused = r"reading InferenceService sonossl/sonossl from http://127\.0\.0\.1:\d+: 403"
+    with pytest.raises(DeployError, match=refused):
+        deploy("s3://models/v1", canary_percent=None, model_card={"model_version": "abc"}, **ARGS)
+    with pytest.raises(DeployError, match="403"):
+        champion_metric("sonossl", "sonossl", "planes.test.macro_f1")
+
+
+def test_an_unreachable_cluster_gives_a_clear_error(kube_api):
+    kube_api.close()
+    with pytest.raises(DeployError, match=r"cannot reach the Kubernetes API at http://127\.0\.0\.1:\d+"):
+        deploy("s3://models/v1", canary_percent=None, model_card={"model_version": "abc"}, **ARGS)

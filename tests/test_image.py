@@ -1,0 +1,122 @@
+"""The Dockerfile, checked offline (no Docker engine here): variants, pins, user, entry points, build context.
+
+The image itself is built elsewhere (`docker build --build-arg VARIANT=cpu|cuda`, see the README); these tests keep
+the Dockerfile in step with pyproject.toml, the installed torch build and the k8s/ manifests.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from pathlib import Path
+
+from sonossl import __version__
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def instructions() -> list[tuple[str, str]]:
+    """The Dockerfile as (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    lines, out, buf = (REPO / "Dockerfile").read_text().splitlines(), [], ""
+    for line in lines:
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        buf += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            word, _, rest = buf.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+            buf = ""
+    return out
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def pins() -> dict[str, str]:
+    deps = pyproject()["project"]["dependencies"]
+    return dict(re.fullmatch(r"([A-Za-z0-9_.\[\]-]+)==(\S+)", d).groups() for d in deps)
+
+
+def test_torch_pins_agree_with_pyproject_and_the_makefile():
+    torch_lines = [a for i, a in instructions() if i == "RUN" and "torch==" in a]
+    assert len(torch_lines) == 1
+    found = dict(re.findall(r"(torch|torchvision)==(\S+)", torch_lines[0]))
+    p = pins()
+    assert found == {"torch": p["torch"], "torchvision": p["torchvision"]}
+    assert f"torch=={p['torch']} torchvision=={p['torchvision']}" in (REPO / "Makefile").read_text()
+    # torch first (from the variant's index), then the package with all its other pins
+    runs = [a for i, a in instructions() if i == "RUN"]
+    assert runs.index(torch_lines[0]) < next(n for n, a in enumerate(runs) if re.search(r"pip install \.( |$)", a))
+
+
+def test_both_variants_pick_a_base_and_a_torch_index():
+    ins = instructions()
+    assert ("ARG", "VARIANT=cpu") in ins
+    stages = {m.group(1): n for n, (i, a) in enumerate(ins) if i == "FROM" and (m := re.search(r" AS (\S+)$", a))}
+    assert {"base-cpu", "base-cuda"} <= set(stages)
+    assert [a for i, a in ins if i == "FROM"][-1] == "base-${VARIANT}"
+    index = {}
+    for stage, start in stages.items():
+        env = next(a for i, a in ins[start:] if i == "ENV" and "TORCH_INDEX_URL" in a)
+        index[stage] = re.search(r"TORCH_INDEX_URL=(\S+)", env).group(1)
+    assert index["base-cpu"] == "https://download.pytorch.org/whl/cpu"
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d{3}", index["base-cuda"])
+    # the cuda variant installs the CUDA build tested here (torch 2.14.1+cu130 -> whl/cu130); read without importing
+    import importlib.util
+
+    torch_dir = Path(importlib.util.find_spec("torch").origin).parent
+    cuda = re.search(r"^cuda\b.*=\s*'([\d.]+)'", (torch_dir / "version.py").read_text(), re.M)
+    if cuda:  # a CPU-only torch here says nothing about which CUDA index matches
+        assert index["base-cuda"].endswith("/cu" + cuda.group(1).replace(".", ""))
+
+
+def test_runs_as_a_non_root_user_that_matches_the_manifests():
+    ins = instructions()
+    users = [a for i, a in ins if i == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    uid = users[-1].split(":")[0]
+    assert any(i == "RUN" and f"useradd --uid {uid}" in a for i, a in ins)
+    # the pods' securityContext says the same uid
+    for path in (REPO / "k8s").rglob("*.yaml"):
+        for m in re.finditer(r"runAsUser: (\d+)", path.read_text()):
+            assert m.group(1) == uid, path
+
+
+def test_version_label_and_entry_points():
+    ins = instructions()
+    assert ("ARG", f"SONOSSL_VERSION={__version__}") in ins and pyproject()["project"]["version"] == __version__
+    labels = " ".join(a for i, a in ins if i == "LABEL")
+    assert 'org.opencontainers.image.version="${SONOSSL_VERSION}"' in labels
+    # `docker run IMAGE sonossl <step>` and `docker run IMAGE python -m sonossl.serve` both need no ENTRYPOINT
+    assert not [a for i, a in ins if i == "ENTRYPOINT"]
+    assert [a for i, a in ins if i == "CMD"][-1] == '["sonossl", "--help"]'
+    assert pyproject()["project"]["scripts"]["sonossl"] == "sonossl.cli:main"
+    import importlib.util
+
+    assert importlib.util.find_spec("sonossl.cli") is not None
+    assert importlib.util.find_spec("sonossl.serve.__main__") is not None, "python -m sonossl.serve: no __main__"
+
+
+def test_build_context_holds_what_the_dockerfile_copies():
+    """.dockerignore is an allow-list: every COPY source must be allowed, and the venv and data must not be."""
+    rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines()
+             if r.strip() and not r.startswith("#")]
+
+    def included(path: str) -> bool:
+        keep = True
+        for rule in rules:
+            neg, pat = rule.startswith("!"), rule.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, pat) or path.startswith(pat + "/") or fnmatch.fnmatch(path, "*/" + pat):
+                keep = neg
+        return keep
+
+    copies = [a.split()[:-1] for i, a in instructions() if i == "COPY"]
+    sources = [s for c in copies for s in c if not s.startswith("--")]
+    assert sources
+    for src in sources:
+        assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+        assert included(src), f"COPY {src}: excluded by .dockerignore"
+    for heavy in (".venv", "data", "models", ".git", ".dvc/cache", "reports"):
+        assert not included(heavy), f"{heavy} would be sent to the Docker daemon"

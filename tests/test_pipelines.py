@@ -1,0 +1,379 @@
+"""Kubeflow pipelines: the compiled YAML (golden copy, deterministic, the same as the kfp SDK's own CLI gives), the
+cluster settings in it (GPU, /dev/shm, S3 secret, retries, image tag, deploy gate), `sonossl pipeline submit`
+errors against real local servers, dataset locations (S3 on a local S3 server, DVC revision), and a full kfp.local
+run of the training pipeline on tiny whose metrics match a `dvc repro` of the same stages."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sonossl import __version__
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "pipelines" / "golden"
+SONOSSL = [sys.executable, "-m", "sonossl.cli"]
+KFP = str(Path(sys.executable).parent / "kfp")
+# Metrics are written rounded to 4 decimals; a kfp.local run and `dvc repro` run the same code on the same data
+# with the same seeds, so they must agree to that rounding (on this CPU they are identical: see the test).
+TOLERANCE = 1e-4
+
+
+def _run(*args: str, cwd: Path = REPO, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def _docs(path: Path) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+def test_compile_is_deterministic_and_matches_the_golden_yaml(tmp_path):
+    from sonossl.pipeline.spec import compile_pipelines
+
+    first = _run(*SONOSSL, "pipeline", "compile", "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    compile_pipelines(tmp_path / "b")  # again, in this process
+    for name in ("training", "monitoring"):
+        a, b = (tmp_path / "a" / f"{name}.yaml").read_bytes(), (tmp_path / "b" / f"{name}.yaml").read_bytes()
+        assert a == b, f"{name}: two compiles differ"
+        assert a == (GOLDEN / f"{name}.yaml").read_bytes(), (
+            f"pipelines/golden/{name}.yaml is stale: if the change is intended, run "
+            "`sonossl pipeline compile --out pipelines/golden` and commit the result")
+
+
+@pytest.mark.parametrize("name", ["training", "monitoring"])
+def test_the_kfp_sdk_cli_compiles_the_same_yaml(tmp_path, name):
+    """Users who know Kubeflow compile with kfp's own CLI, from the repository root."""
+    out = tmp_path / f"{name}.yaml"
+    proc = _run(KFP, "dsl", "compile", "--py", f"pipelines/{name}.py", "--output", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert out.read_bytes() == (GOLDEN / f"{name}.yaml").read_bytes()
+
+
+def test_training_yaml_carries_the_cluster_settings():
+    spec, platform = _docs(GOLDEN / "training.yaml")
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) >= {"dataset", "profile", "pretrain_epochs", "pretrain_lr", "finetune_epochs", "finetune_lr",
+                           "image", "deploy_metric", "deploy_dry_run"}
+    assert params["image"]["defaultValue"] == f"ghcr.io/sonossl/sonossl:{__version__}"
+    assert "defaultValue" not in params["dataset"]  # required
+
+    # one image for all, a run parameter, whole (the KFP driver resolves a parameter in an image only as the whole
+    # string); lightweight components with nothing installed at run time
+    for name, ex in executors.items():
+        assert ex["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}", name
+        assert "pip install" not in " ".join(ex["container"]["command"]), name
+    components = spec["components"]
+    assert {c.removeprefix("comp-").split("-")[0] for c in components} >= {
+        "preprocess", "pretrain", "finetune", "evaluate", "export", "champion", "deploy"}
+
+    # GPU steps: accelerator, memory-backed /dev/shm, S3 secret as env, retries
+    gpu_tasks = [t for t in tasks if t.startswith(("pretrain", "finetune"))]
+    assert len(gpu_tasks) == 5
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for t in gpu_tasks:
+        res = executors[f"exec-{t}"]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+        assert {"mountPath": "/dev/shm", "medium": "Memory", "volumeName": "dshm", "sizeLimit": "16Gi"} \
+            in k8s[f"exec-{t}"]["emptyDirMounts"]
+        env = k8s[f"exec-{t}"]["secretAsEnv"][0]
+        assert env["secretName"] == "sonossl-s3"
+        assert {"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "AWS_ACCESS_KEY_ID"} in env["keyToEnv"]
+        assert tasks[t]["retryPolicy"]["maxRetryCount"] == 2
+    # SSL and scratch fine-tuning run in parallel: the scratch runs wait for nothing but the data
+    scratch = [t for t in gpu_tasks if "encoder" not in tasks[t]["inputs"].get("artifacts", {})
+               and t.startswith("finetune")]
+    assert len(scratch) == 2 and all(tasks[t]["dependentTasks"] == ["preprocess"] for t in scratch)
+
+    # caching keys on the data: preprocess always runs and its version id feeds every later step
+    assert tasks["preprocess"]["cachingOptions"] == {}  # enableCache false is left out of the IR
+    for t in gpu_tasks + ["export"]:
+        assert tasks[t]["inputs"]["parameters"]["data_version"]["taskOutputParameter"] == {
+            "outputParameterKey": "Output", "producerTask": "preprocess"}
+
+    # deploy only when the champion gate says so
+    cond = tasks["condition-1"]
+    assert cond["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--champion-Output'] == 'deploy'"
+    assert "deploy" in components["comp-condition-1"]["dag"]["tasks"]
+
+
+def test_compile_overrides_defaults_and_rejects_unknown_parameters(tmp_path):
+    proc = _run(*SONOSSL, "pipeline", "compile", "--out", str(tmp_path), "--param", "image=ghcr.io/sonossl/sonossl:0.9.1",
+                "--param", "profile=gpu")
+    assert proc.returncode == 0, proc.stderr
+    spec, _ = _docs(tmp_path / "training.yaml")
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["image"]["defaultValue"] == "ghcr.io/sonossl/sonossl:0.9.1"
+    assert params["profile"]["defaultValue"] == "gpu"
+    mon, _ = _docs(tmp_path / "monitoring.yaml")
+    assert mon["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == "ghcr.io/sonossl/sonossl:0.9.1"
+
+    proc = _run(*SONOSSL, "pipeline", "compile", "--out", str(tmp_path / "x"), "--param", "epochs=3")
+    assert proc.returncode == 2 and "has parameter(s) ['epochs']" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------- submit
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_to_an_unreachable_host_fails_fast_with_one_clear_line():
+    port = _closed_port()
+    t0 = time.monotonic()
+    proc = _run(*SONOSSL, "pipeline", "submit", "--host", f"http://127.0.0.1:{port}",
+                "--param", "dataset=s3://datasets/raw/sim", timeout=60)
+    assert proc.returncode == 1
+    assert time.monotonic() - t0 < 30
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"sonossl pipeline submit: error: cannot reach the Kubeflow Pipelines API at "
+                                f"http://127.0.0.1:{port}"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+class _Rejecting(http.server.BaseHTTPRequestHandler):
+    """An API that rejects every request with ``status`` (or lets the health check through, as an RBAC proxy in
+    front of the pipelines API can, so that kfp.Client's own request is the one refused)."""
+
+    status = 401
+    healthz_open = False
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).seen.append(f"{self.command} {self.path.split('?')[0]} {self.headers.get('Authorization')}")
+        ok = self.healthz_open and self.path == "/apis/v2beta1/healthz"
+        self.send_response(200 if ok else self.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"multi_user": false}' if ok else b'{"error": "unauthorized"}')
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status,token,healthz_open", [(401, None, False), (403, "expired-token", False),
+                                                       (403, "expired-token", True)])
+def test_submit_to_a_host_that_rejects_the_credentials(status, token, healthz_open):
+    handler = type("Handler", (_Rejecting,), {"status": status, "seen": [], "healthz_open": healthz_open})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        args = ["--token", token] if token else []
+        proc = _run(*SONOSSL, "pipeline", "submit", "--host", host, "--param", "dataset=s3://d/raw", *args)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 1
+    assert f"rejected the credentials (HTTP {status}" in proc.stderr and "--token" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    auth = f"Bearer {token}" if token else None
+    assert handler.seen[0] == f"GET /apis/v2beta1/healthz {auth}"
+    if healthz_open:  # then kfp.Client asked for the experiment, with the token, and was refused
+        assert handler.seen[-1] == f"GET /apis/v2beta1/experiments {auth}"
+        assert all(seen.endswith(auth) for seen in handler.seen)
+    else:
+        assert len(handler.seen) == 1
+
+
+def test_submit_checks_parameters_before_any_network_call():
+    proc = _run(*SONOSSL, "pipeline", "submit", "--host", f"http://127.0.0.1:{_closed_port()}",
+                "--param", "epochs=3")
+    assert proc.returncode == 2 and "no parameter 'epochs'" in proc.stderr and "pretrain_epochs" in proc.stderr
+    proc = _run(*SONOSSL, "pipeline", "submit", "--host", "http://127.0.0.1:1", "--param", "pretrain_epochs=many")
+    assert proc.returncode == 2 and "pretrain_epochs=many: expected int" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ steps, datasets
+
+
+def test_deploy_gate_and_metric_names():
+    from sonossl.pipeline.steps import card_metric, deploy_decision
+
+    assert deploy_decision(0.5, None) == "deploy"  # nothing served yet
+    assert deploy_decision(0.51, 0.5) == "deploy"
+    assert deploy_decision(0.5, 0.5) == "keep" and deploy_decision(0.4, 0.5) == "keep"
+    card = {"model_version": "abc", "metrics": {"planes": {"val": {"macro_f1": 0.5}, "test": {"macro_f1": 0.25}},
+                                                "saliency": {"test": {"cc": 0.1, "n": 15}}}}
+    assert card_metric(card, "planes.test.macro_f1") == 0.25 and card_metric(card, "saliency.test.cc") == 0.1
+    with pytest.raises(ValueError, match=r"'planes.test.f1' is not in the model card; valid metrics are "
+                                         r"\['planes.test.macro_f1', 'planes.val.macro_f1', 'saliency.test.cc'\]"):
+        card_metric(card, "planes.test.f1")
+
+
+def test_dataset_locations_are_parsed_and_checked(tmp_path):
+    from sonossl.pipeline.dataset import fetch_raw_dataset, parse_dvc_location
+
+    loc = parse_dvc_location("dvc://data/raw/sim?repo=https://github.com/o/r.git&rev=v1.2")
+    assert (loc.path, loc.repo, loc.rev) == ("data/raw/sim", "https://github.com/o/r.git", "v1.2")
+    assert parse_dvc_location("dvc://data/raw/sim").rev is None
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_dvc_location("dvc://data/raw/sim?branch=main")
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        fetch_raw_dataset("gs://bucket/raw", tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="labels.csv"):
+        fetch_raw_dataset(str(tmp_path), tmp_path / "x")
+
+
+def test_an_s3_dataset_is_fetched_from_a_local_s3_server(tiny_clips, s3_server, tmp_path):
+    from sonossl.pipeline.dataset import fetch_raw_dataset
+    from sonossl.storage import upload
+
+    raw = tiny_clips.parent / "raw"  # the simulated sweeps the tiny clip dataset was made from
+    upload(raw, f"s3://{s3_server.bucket}/raw/sim")
+    got = fetch_raw_dataset(f"s3://{s3_server.bucket}/raw/sim", tmp_path / "raw")
+    files = sorted(p.relative_to(raw) for p in raw.rglob("*") if p.is_file())
+    assert files and sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file()) == files
+    assert all((got / f).read_bytes() == (raw / f).read_bytes() for f in files)
+
+
+# ---------------------------------------------------------------------------------- kfp.local vs dvc repro
+
+
+def _close(a, b, where: str) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert math.isclose(a, b, abs_tol=TOLERANCE), f"{where}: {a} (kfp) != {b} (dvc)"
+    else:
+        assert a == b, f"{where}: {a!r} (kfp) != {b!r} (dvc)"
+
+
+def _scores(run: dict) -> dict:
+    return {k: run[k] for k in ("name", "fraction", "videos", "frames", "val", "test")}
+
+
+@pytest.mark.slow
+def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
+    """`dvc repro` of the main line in a temporary repository, committed; then `sonossl pipeline run-local` with the
+    raw data read from that repository's HEAD through a dvc:// location. Both call the same library steps: the
+    clip dataset version, pretext accuracy and every fine-tune run's validation and test scores must match."""
+    from test_dvc_pipeline import _dvc, _tiny_sim_repo
+
+    root = _tiny_sim_repo(tmp_path)
+    stages = ("finetune@ssl-planes", "finetune@ssl-saliency", "scratch@planes", "scratch@saliency")
+    _dvc(root, "repro", *stages)
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny"]):
+        subprocess.run(cmd, cwd=root, check=True, env={**os.environ, **git}, capture_output=True)
+
+    out = tmp_path / "kfp"
+    t0 = time.monotonic()
+    proc = _run(*SONOSSL, "pipeline", "run-local", "--params", str(root / "params.yaml"), "--profile", "tiny",
+                "--out", str(out), "--dataset", f"dvc://data/raw/sim?repo={root}&rev=HEAD", cwd=tmp_path,
+                timeout=900)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:])
+    run = Path(summary["run"])
+    print(f"kfp.local run of the training pipeline on tiny: {seconds:.0f} s")
+
+    # the whole graph ran: 5 training tasks, evaluate, export, the gate and (dry-run) deploy
+    assert sorted(p.name for p in run.iterdir()) == ["champion", "deploy", "evaluate", "export", "finetune",
+                                                    "finetune-2", "finetune-3", "finetune-4", "preprocess",
+                                                    "pretrain"]
+    meta = json.loads((root / "data/clips/sim/meta.json").read_text())
+    assert summary["feature_version"] == meta["version"]
+    assert json.loads((run / "preprocess/clips/meta.json").read_text())["version"] == meta["version"]
+
+    dvc_pt = json.loads((root / "models/pretrain/both-sequential/metrics.json").read_text())
+    kfp_pt = json.loads((run / "pretrain/encoder/metrics.json").read_text())
+    _close(kfp_pt["val"], dvc_pt["val"], "pretrain val")
+    logged = json.loads((run / "pretrain/executor_output.json").read_text())["artifacts"]["metrics"]
+    assert logged["artifacts"][0]["metadata"]["val.order_acc"] == kfp_pt["val"]["order_acc"]  # via log_metric
+
+    names = {}
+    for task in ("finetune", "finetune-2", "finetune-3", "finetune-4"):
+        kfp_ft = json.loads((run / task / "model/metrics.json").read_text())
+        name = kfp_ft["name"]
+        names[name] = task
+        dvc_ft = json.loads((root / "models/finetune" / name / "metrics.json").read_text())
+        assert [r["name"] for r in kfp_ft["runs"]] == [r["name"] for r in dvc_ft["runs"]], name
+        for k, d in zip(kfp_ft["runs"], dvc_ft["runs"]):
+            if name == "scratch-planes" and k["method"] == "probe":
+                # The linear probe on a random encoder draws that encoder from torch's global generator without
+                # seeding it (sonossl.train.finetune), and torch seeds it anew in every process: these runs differ
+                # between any two processes, two `dvc repro`s included. Same data, same probe set-up:
+                assert (k["videos"], k["frames"], k["fraction"]) == (d["videos"], d["frames"], d["fraction"])
+                continue
+            _close(_scores(k), _scores(d), f"{name} {k['name']}")
+        if name != "scratch-planes":  # its selection may fall on a probe run
+            assert kfp_ft["selected"] == dvc_ft["selected"], name
+    assert sorted(names) == ["scratch-planes", "scratch-saliency", "ssl-planes", "ssl-saliency"]
+
+    # the exported model, the report, and the gate: no cluster, no champion -> deploy (rendered only)
+    card = json.loads((Path(summary["model"]) / "model_card.json").read_text())
+    assert card["model_version"] == summary["model_version"] and card["data"]["feature_version"] == meta["version"]
+    assert "| SSL (both-sequential) |" in Path(summary["report"]).read_text()
+    assert summary["metrics"]["planes.test.macro_f1"] == card["metrics"]["planes"]["test"]["macro_f1"]
+    assert summary["deploy"] == "deploy"
+    isvc = summary["inference_service"]
+    assert isvc == {"name": "sonossl", "namespace": "sonossl", "dry_run": True,
+                    "storageUri": f"s3://sonossl/models/export/{card['model_version']}"}
+    rendered = json.loads(json.loads((run / "deploy/executor_output.json").read_text())["parameterValues"]["Output"])
+    assert rendered["metadata"]["annotations"]["sonossl.io/planes.test.macro_f1"] == \
+        format(card["metrics"]["planes"]["test"]["macro_f1"], ".6g")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # kfp.local on the image tag
+def test_the_monitoring_pipeline_reports_drift_of_a_real_request_log(tiny_export, tiny_clips, tmp_path, monkeypatch):
+    """A real server logs the tiny sweeps it serves; the monitoring pipeline (kfp.local) reports on that log."""
+    from kfp import local
+
+    from conftest import start_server, stop_server
+    from sonossl.pipeline.spec import pipeline_function
+    from sonossl.serve.client import Client
+
+    raw = tiny_clips.parent / "raw"
+    videos = [raw / line.split(",")[0] for line in (raw / "labels.csv").read_text().splitlines()[1:]]
+    srv = start_server(tiny_export, tmp_path, str(tmp_path / "requests"))
+    try:
+        frames = sum(Client(srv.url).infer_video(v)["probs"].shape[0] for v in videos)
+    finally:
+        stop_server(srv)
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    pipeline_function("monitoring")(model_uri=str(tiny_export), request_log=str(tmp_path / "requests"),
+                                    reports=str(tmp_path / "reports"))
+    (run,) = (tmp_path / "root").glob("sonossl-monitoring-*")
+    out = json.loads((run / "drift/executor_output.json").read_text())
+    logged = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert logged["frames"] == frames and logged["reference_frames"] > 0 and "embedding.score" in logged
+    assert out["parameterValues"]["Output"] is False  # it served the training sweeps themselves: no drift
+    assert (run / "drift/report").read_text().lstrip().lower().startswith("<!doctype html")
+    index = json.loads((tmp_path / "reports/index.json").read_text())  # the kept history: one window so far
+    assert [(w["frames"], w["drift_detected"]) for w in index] == [(frames, False)]
