@@ -1,0 +1,163 @@
+"""Serving latency: a 4-frame clip through the real server against the same work in process, in the same run.
+
+The baseline is the in-process call on the same clip: training's preprocessing (sector crop, resize) and the bundle's
+forward pass (``prepare_clip`` + ``Bundle.predict``), which is what the server does per request; the forward pass
+alone is reported too. The server is ``python -m sonossl.serve`` on 127.0.0.1 (one process, as in the image), called
+over HTTP with v2 JSON requests (UINT8 frames) at concurrency 1 and 4, with the request log on, and once more at
+concurrency 1 with the log off (what logging costs). At concurrency 1, blocks of 10 requests alternate with blocks of
+10 in-process calls, so both see the same machine noise. Medians of the per-request latencies; p99; requests/s.
+Target: at concurrency 1, p50 at most 1.5x the in-process call. Writes ``benchmarks/results/serve.json``.
+
+    python benchmarks/serve.py [--model-dir models/export] [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _percentiles(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+class _InProcess:
+    """The baseline: the same clip through ``prepare_clip`` + ``Bundle.predict`` in this process."""
+
+    def __init__(self, model_dir: Path, clip: np.ndarray):
+        from sonossl.config import PreprocessParams
+        from sonossl.export import load_bundle
+        from sonossl.serve.frames import prepare_clip
+
+        self.bundle, self.clip, self.prepare = load_bundle(model_dir), clip, prepare_clip
+        pre = self.bundle.card["params"]["preprocess"]
+        self.params = dataclasses.replace(PreprocessParams(), frame_size=pre["frame_size"],
+                                          blank_mean=pre["blank_mean"], blank_std=pre["blank_std"])
+        self.prepared = prepare_clip(clip, self.params).frames
+
+    def full(self) -> None:
+        self.bundle.predict(self.prepare(self.clip, self.params).frames)
+
+    def forward(self) -> None:
+        self.bundle.predict(self.prepared)
+
+
+def _timed(fn, n: int) -> list[float]:
+    ms = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t) * 1e3)
+    return ms
+
+
+def _start(model_dir: Path, port: int, log_dir: Path | None):
+    from sonossl.serve.client import Client
+
+    cmd = [sys.executable, "-m", "sonossl.serve", "--model-dir", str(model_dir), "--http-port", str(port),
+           "--host", "127.0.0.1"]
+    if log_dir is not None:
+        cmd += ["--request-log", str(log_dir)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    Client(f"http://127.0.0.1:{port}").wait_ready(timeout=120, process=server)
+    return server
+
+
+def _interleaved(base: _InProcess, url: str, clip: np.ndarray, requests: int, block: int = 10):
+    """Alternate blocks of in-process calls and server requests (concurrency 1), so both see the same noise."""
+    from sonossl.serve.client import Client
+
+    client = Client(url)
+    for _ in range(5):
+        client.infer_frames(clip)
+        base.full()
+    full, forward, served = [], [], []
+    t_served = 0.0
+    for _ in range(requests // block):
+        full += _timed(base.full, block)
+        forward += _timed(base.forward, block)
+        t = time.perf_counter()
+        served += _timed(lambda: client.infer_frames(clip), block)
+        t_served += time.perf_counter() - t
+    return full, forward, {**_percentiles(served), "requests_per_s": round(len(served) / t_served, 2),
+                           "requests": len(served)}
+
+
+def _concurrent(url: str, clip: np.ndarray, requests: int, c: int) -> dict[str, float]:
+    from sonossl.serve.client import Client
+
+    clients = [Client(url) for _ in range(c)]  # one connection each
+    for cl in clients:
+        cl.infer_frames(clip)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(c) as pool:
+        parts = list(pool.map(lambda cl: _timed(lambda: cl.infer_frames(clip), requests // c), clients))
+    wall = time.perf_counter() - t0
+    ms = [m for p in parts for m in p]
+    return {**_percentiles(ms), "requests_per_s": round(len(ms) / wall, 2), "requests": len(ms)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, default=REPO / "models/export")
+    ap.add_argument("--raw", type=Path, default=REPO / "data/raw/sim")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--port", type=int, default=18282)
+    args = ap.parse_args()
+
+    from sonossl.data.video import read_video
+
+    first = (args.raw / "labels.csv").read_text().splitlines()[1].split(",")[0]
+    frames, _ = read_video(args.raw / first)
+    clip = np.ascontiguousarray(frames[10:14])  # 4 frames as the scanner shows them (sector crop in the server)
+    base = _InProcess(args.model_dir, clip)
+    url = f"http://127.0.0.1:{args.port}"
+    with tempfile.TemporaryDirectory(prefix="sonossl-serve-bench-") as tmp:
+        server = _start(args.model_dir, args.port, Path(tmp) / "requests")
+        try:
+            full, forward, logged_c1 = _interleaved(base, url, clip, args.requests)
+            logged_c4 = _concurrent(url, clip, args.requests, 4)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        server = _start(args.model_dir, args.port, None)
+        try:
+            full2, _, unlogged_c1 = _interleaved(base, url, clip, args.requests)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    ref = _percentiles(full)["p50_ms"]
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "clip": list(clip.shape), "requests": args.requests,
+        "in_process": {"preprocess_and_forward": _percentiles(full), "forward_only": _percentiles(forward)},
+        "server_with_request_log": {"concurrency_1": logged_c1, "concurrency_4": logged_c4},
+        "server_without_request_log": {"concurrency_1": unlogged_c1},
+        "ratio_p50_c1_vs_in_process": round(logged_c1["p50_ms"] / ref, 3),
+        "ratio_p50_c1_vs_forward_only": round(logged_c1["p50_ms"] / _percentiles(forward)["p50_ms"], 3),
+        "ratio_p50_c1_log_on_vs_off": round(logged_c1["p50_ms"] / unlogged_c1["p50_ms"], 3),
+        "in_process_p50_ms_beside_the_unlogged_server": _percentiles(full2)["p50_ms"],
+        "target": "p50 at concurrency 1 at most 1.5x the in-process call",
+    }
+    out = REPO / "benchmarks/results/serve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Drift reports: what the endpoint saw (the request log) against the reference exported with the model.
+
+An Evidently 0.7 report compares, per frame, the image statistics (``sonossl.monitor.image_stats``: mean grey level,
+contrast, speckle SNR, sector coverage) with ``ValueDrift`` (normed Wasserstein distance) and the PCA-reduced
+embeddings with ``EmbeddingsDrift`` (maximum mean discrepancy, RBF kernel at the median distance: scale-free). Each
+score becomes a pass/fail test against its threshold.
+
+Thresholds come from the model's own held-out data. Frames of one video are alike, so a window holding a handful of
+new videos lies further from the reference than per-frame statistics expect, even when nothing changed; a fixed
+textbook threshold then cries drift at every report. The export stores the same statistics for the validation
+videos (new videos from the training source); each report first scores them against the reference (the baseline
+printed in the report) and sets every threshold to ``margin`` times its baseline, never below Evidently's default
+(0.1 for the statistics, 0.015 for the embeddings).
+Drift is declared when at least ``drift_share`` of the statistics drift, or the embeddings drift, or that share of
+frames comes at a frame size the training data never had.
+
+Only rows of the model version being checked are compared (embeddings of another model are another space); blank
+frames are left out, as training leaves them out. Reports are kept per time window: ``<out>/<window>/drift.html``
+and ``drift.json`` (Evidently's), ``summary.json`` (ours), and an index (``index.html``, ``index.json``) listing every
+window with its verdict and model version. ``out`` may be an ``s3://`` prefix.
+
+    result = drift_report("models/export", "logs/requests", "reports/drift")
+    result.drift_detected, result.summary["columns"]["mean"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sonossl.monitor.image_stats import STAT_COLUMNS
+
+log = logging.getLogger(__name__)
+
+EVIDENTLY_WASSERSTEIN = 0.1  # Evidently's default thresholds: the floors of ours
+EVIDENTLY_MMD = 0.015
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    margin: float = 2.5  # threshold = margin x the held-out baseline score
+    drift_share: float = 0.5  # share of drifted statistics (or of frames at an unseen size) that is drift
+    min_frames: int = 30  # fewer current frames than this is not enough to judge
+    columns: tuple[str, ...] = STAT_COLUMNS
+
+
+@dataclass
+class DriftResult:
+    drift_detected: bool
+    summary: dict[str, Any]
+    html: Path | str
+    json: Path | str
+    out: Path | str = field(default="")
+
+
+def _is_s3(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _local_model_dir(model_dir: str | Path, tmp: Path) -> Path:
+    if _is_s3(model_dir):
+        from sonossl.storage import download
+
+        return Path(download(str(model_dir).rstrip("/") + "/", tmp / "model"))
+    return Path(model_dir)
+
+
+def load_reference(model_dir: str | Path):
+    """(model card, reference frame table, held-out frame table) of an export folder; tables hold the image
+    statistics and ``emb_*`` columns."""
+    import pandas as pd
+
+    model_dir = Path(model_dir)
+    ref_dir = model_dir / "reference"
+    needed = [model_dir / "model_card.json", ref_dir / "embeddings.npy", ref_dir / "image_stats.parquet",
+              ref_dir / "heldout_embeddings.npy", ref_dir / "heldout_image_stats.parquet"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir}: not a sonossl export with reference statistics (missing: "
+                                f"{', '.join(missing)}); run `sonossl export` (or `dvc repro export`)")
+    card = json.loads(needed[0].read_text())
+
+    def table(emb_file: Path, stats_file: Path) -> pd.DataFrame:
+        t = pd.read_parquet(stats_file)
+        emb = np.load(emb_file)
+        for j in range(emb.shape[1]):
+            t[f"emb_{j}"] = emb[:, j]
+        return t
+
+    return card, table(needed[1], needed[2]), table(needed[3], needed[4])
+
+
+def _evidently_scores(reference, current, columns: list[str], emb_cols: list[str], thresholds: dict[str, float]):
+    """Run the Evidently report; returns (snapshot, {column or 'embedding': (score, passed)})."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift, ValueDrift
+    from evidently.metrics.embeddings import MMDDriftMethod
+    from evidently.tests import lt
+
+    definition = DataDefinition(numerical_columns=columns + emb_cols, embeddings={"embedding": emb_cols})
+    metrics = [ValueDrift(column=c, method="wasserstein", threshold=thresholds[c]) for c in columns]
+    metrics.append(EmbeddingsDrift(embeddings_name="embedding",
+                                   drift_method=MMDDriftMethod(threshold=thresholds["embedding"]),
+                                   tests=[lt(thresholds["embedding"])]))
+    snap = Report(metrics, include_tests=True).run(
+        current_data=Dataset.from_pandas(current[columns + emb_cols].reset_index(drop=True), data_definition=definition),
+        reference_data=Dataset.from_pandas(reference[columns + emb_cols], data_definition=definition))
+    scores = {}
+    for m in snap.dict()["metrics"]:
+        name = m["metric_name"]
+        for c in columns:
+            if name.startswith(f"ValueDrift(column={c},"):
+                scores[c] = float(m["value"])
+        if name.startswith("EmbeddingsDrift("):
+            scores["embedding"] = float(m["value"])
+    return snap, scores
+
+
+def _window_name(current, window: str | None) -> str:
+    if window:
+        if "/" in window or window.startswith("."):
+            raise ValueError(f"window name {window!r} must be a plain name (no '/', not starting with '.')")
+        return window
+    first, last = current.ts.min(), current.ts.max()
+    return f"{first:%Y%m%dT%H%M%S}_{last:%Y%m%dT%H%M%S}"
+
+
+def _index_html(entries: list[dict[str, Any]]) -> str:
+    rows = "\n".join(
+        f"<tr class=\"{'drift' if e['drift_detected'] else 'ok'}\"><td><a href=\"{e['window']}/drift.html\">"
+        f"{e['window']}</a></td><td>{e['from']}</td><td>{e['to']}</td><td>{e['frames']}</td>"
+        f"<td>{'DRIFT' if e['drift_detected'] else 'no drift'}</td><td>{', '.join(e['drifted']) or '-'}</td>"
+        f"<td><code>{e['model_version']}</code></td></tr>"
+        for e in sorted(entries, key=lambda e: e["from"], reverse=True))
+    return ("<!doctype html><meta charset=utf-8><title>sonossl drift reports</title>"
+            "<style>body{font-family:sans-serif}td,th{padding:4px 10px;text-align:left}"
+            "tr.drift{background:#fdd}tr.ok{background:#dfd}</style>"
+            "<h1>sonossl drift reports</h1><p>One row per time window, newest first; open a window for Evidently's "
+            "report.</p><table><tr><th>window</th><th>from</th><th>to</th><th>frames</th><th>verdict</th>"
+            f"<th>drifted</th><th>model version</th></tr>\n{rows}\n</table>\n")
+
+
+def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) -> tuple[str, str]:
+    """Window folder + updated index, atomically on disk or object by object on S3."""
+    from sonossl.atomic import atomic_write_text
+
+    with tempfile.TemporaryDirectory(prefix="sonossl-drift-") as tmp:
+        stage = Path(tmp)
+        snap.save_html(str(stage / "drift.html"))
+        snap.save_json(str(stage / "drift.json"))
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        entry = {k: summary[k] for k in ("window", "from", "to", "frames", "drift_detected", "drifted",
+                                         "model_version")}
+        if _is_s3(out):
+            from sonossl.storage import StorageError, get_bytes, put_bytes, upload
+
+            prefix = str(out).rstrip("/")
+            upload(stage, f"{prefix}/{window}/")
+            try:
+                entries = json.loads(get_bytes(f"{prefix}/index.json"))
+            except StorageError:
+                entries = []
+            entries = [e for e in entries if e["window"] != window] + [entry]
+            put_bytes((json.dumps(entries, indent=2) + "\n").encode(), f"{prefix}/index.json")
+            put_bytes(_index_html(entries).encode(), f"{prefix}/index.html")
+            return f"{prefix}/{window}/drift.html", f"{prefix}/{window}/drift.json"
+        out = Path(out)
+        target = out / window
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("drift.html", "drift.json", "summary.json"):
+            atomic_write_text(target / name, (stage / name).read_text())
+        index = out / "index.json"
+        entries = json.loads(index.read_text()) if index.is_file() else []
+        entries = [e for e in entries if e["window"] != window] + [entry]
+        atomic_write_text(index, json.dumps(entries, indent=2) + "\n")
+        atomic_write_text(out / "index.html", _index_html(entries))
+        return str(target / "drift.html"), str(target / "drift.json")
+
+
+def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *, params: DriftParams | None = None,
+                 since: datetime | None = None, until: datetime | None = None,
+                 window: str | None = None) -> DriftResult:
+    """Compare the request log (folder or ``s3://`` prefix) in [since, until) with the model's reference."""
+    from sonossl.monitor.request_log import read_request_log
+
+    params = params or DriftParams()
+    with tempfile.TemporaryDirectory(prefix="sonossl-model-") as tmp:
+        card, reference, heldout = load_reference(_local_model_dir(model_dir, Path(tmp)))
+    version = card["model_version"]
+    rows = read_request_log(log, since, until)
+    columns = list(params.columns)
+    emb_cols = [c for c in reference.columns if c.startswith("emb_")]
+    missing = [c for c in columns + emb_cols + ["model_version", "blank", "height", "width"] if c not in rows.columns]
+    if missing:
+        raise ValueError(f"request log {log}: rows lack the columns {missing}; is it a log of this model?")
+    other = rows[rows.model_version != version]
+    current = rows[(rows.model_version == version) & ~rows.blank.astype(bool)]
+    if len(current) < params.min_frames:
+        raise ValueError(f"request log {log}: {len(current)} usable frames of model {version} in the window "
+                         f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
+                         f"{int(rows.blank.astype(bool).sum())} blank frames left out)")
+
+    # the baseline: held-out videos of the training source, scored exactly as the current window will be
+    floors = {**{c: EVIDENTLY_WASSERSTEIN for c in columns}, "embedding": EVIDENTLY_MMD}
+    _, baseline = _evidently_scores(reference, heldout, columns, emb_cols, floors)
+    thresholds = {k: max(floors[k], params.margin * baseline[k]) for k in floors}
+    snap, scores = _evidently_scores(reference, current, columns, emb_cols, thresholds)
+
+    seen_sizes = set(map(tuple, reference[["height", "width"]].astype(int).to_numpy()))
+    sizes = current[["height", "width"]].astype(int).apply(tuple, axis=1)
+    unseen_share = float((~sizes.isin(seen_sizes)).mean())
+    col_drift = {c: scores[c] >= thresholds[c] for c in columns}
+    share = sum(col_drift.values()) / len(columns)
+    emb_drift = scores["embedding"] >= thresholds["embedding"]
+    size_drift = unseen_share >= params.drift_share
+    detected = share >= params.drift_share or emb_drift or size_drift
+    name = _window_name(current, window)
+    summary = {
+        "window": name, "from": str(current.ts.min()), "to": str(current.ts.max()),
+        "model_version": version, "feature_version": card["data"]["feature_version"],
+        "frames": int(len(current)), "frames_other_versions": int(len(other)),
+        "frames_blank": int(rows[rows.model_version == version].blank.astype(bool).sum()),
+        "reference_frames": int(len(reference)), "heldout_frames": int(len(heldout)),
+        "drift_detected": bool(detected),
+        "drifted": [c for c in columns if col_drift[c]] + (["embedding"] if emb_drift else [])
+        + (["frame_size"] if size_drift else []),
+        "columns": {c: {"score": round(scores[c], 4), "threshold": round(thresholds[c], 4),
+                        "baseline": round(baseline[c], 4), "drift": bool(col_drift[c])} for c in columns},
+        "embedding": {"score": round(scores["embedding"], 4), "threshold": round(thresholds["embedding"], 4),
+                      "baseline": round(baseline["embedding"], 4), "drift": bool(emb_drift)},
+        "frame_size": {"unseen_share": round(unseen_share, 4), "reference": sorted(f"{w}x{h}" for h, w in seen_sizes),
+                       "current": sorted({f"{w}x{h}" for h, w in sizes}), "drift": bool(size_drift)},
+        "drifted_share": round(share, 4), "params": asdict(params),
+        "method": "normed Wasserstein distance per statistic; MMD of the embeddings; "
+                  "thresholds = margin x held-out baseline (at least 0.1 and 0.015, Evidently's defaults)",
+    }
+    html, js = _write_outputs(out_dir, name, snap, summary)
+    return DriftResult(drift_detected=bool(detected), summary=summary, html=html, json=js, out=str(out_dir))
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal: the verdict and every score against its threshold."""
+    lines = [f"drift report {summary['window']} (model {summary['model_version']}, {summary['frames']} frames): "
+             + ("DRIFT in " + ", ".join(summary["drifted"]) if summary["drift_detected"] else "no drift")]
+    for name, s in [*summary["columns"].items(), ("embedding", summary["embedding"])]:
+        lines.append(f"  {name:<12} {s['score']:8.3f}  threshold {s['threshold']:7.3f}  (held-out {s['baseline']:.3f})"
+                     + ("  DRIFT" if s["drift"] else ""))
+    fs = summary["frame_size"]
+    lines.append(f"  frame size   {', '.join(fs['current'])} (training: {', '.join(fs['reference'])})"
+                 + ("  DRIFT" if fs["drift"] else ""))
+    return "\n".join(lines)

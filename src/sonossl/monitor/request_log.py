@@ -1,0 +1,177 @@
+"""The request log: what the endpoint saw, one row per frame, for drift monitoring.
+
+Each served frame becomes a row with the timestamp, request id and model version, the PCA-reduced embedding
+(``emb_0``...), the image statistics of ``sonossl.monitor.image_stats`` (computed on the preprocessed frame, as for
+the reference exported with the model), the predicted label and its probability, and whether the frame was blank.
+Raw images are never logged.
+
+Rows are queued by the request handler and written by a background thread, so logging adds no latency to a request:
+every ``flush_seconds`` (or ``max_rows`` rows) one part file ``date=YYYY-MM-DD/part-<time>-<pid>-<n>.jsonl`` is written
+whole, atomically on a local disk and as one object on S3 (``s3://bucket/prefix``, through ``sonossl.storage``). A
+failed write is logged and retried with the next flush; the queue is bounded, so a storage outage costs log rows,
+never memory or requests.
+
+    log = RequestLog("logs/requests")            # or "s3://bucket/sonossl/requests"
+    log.append(rows); log.flush(); log.close()
+    frame = read_request_log("logs/requests")    # DataFrame, oldest first
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 100_000  # rows held while storage is unreachable; older rows are dropped beyond this
+
+
+def _is_s3(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _join(uri: str | Path, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *parts]) if _is_s3(uri) else str(Path(uri, *parts))
+
+
+class RequestLog:
+    """Append-only request log in a local folder or under an S3 prefix, written off the request path."""
+
+    def __init__(self, uri: str | Path, flush_seconds: float = 5.0, max_rows: int = 2000):
+        if flush_seconds <= 0 or max_rows < 1:
+            raise ValueError(f"request log: flush_seconds must be > 0 and max_rows >= 1, got {flush_seconds}, {max_rows}")
+        self.uri = str(uri)
+        self.flush_seconds, self.max_rows = flush_seconds, max_rows
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._pending: list[dict[str, Any]] = []
+        self._parts = 0
+        self.written_rows = 0
+        self.dropped_rows = 0
+        if not _is_s3(self.uri):
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="sonossl-request-log", daemon=True)
+        self._thread.start()
+
+    def append(self, rows: list[dict[str, Any]] | Any) -> None:
+        """Queue rows (or a callable returning rows, evaluated in the writer thread); never blocks."""
+        self._queue.put(rows)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Write everything queued so far; blocks until it is written (or ``timeout`` seconds)."""
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(timeout):
+            raise TimeoutError(f"request log {self.uri}: not flushed within {timeout} s")
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = ...
+            if item is None:
+                self._write()
+                return
+            if isinstance(item, threading.Event):
+                self._write()
+                item.set()
+                continue
+            if item is not ...:
+                try:
+                    rows = item() if callable(item) else item
+                except Exception:  # noqa: BLE001 - a bad row must never stop the writer
+                    log.exception("request log: could not build log rows")
+                    rows = []
+                self._pending.extend(rows)
+            if len(self._pending) >= self.max_rows or time.monotonic() >= deadline:
+                self._write()
+                deadline = time.monotonic() + self.flush_seconds
+
+    def _write(self) -> None:
+        if not self._pending:
+            return
+        if len(self._pending) > MAX_PENDING:
+            self.dropped_rows += len(self._pending) - MAX_PENDING
+            log.warning("request log %s: storage unavailable, dropped %d oldest rows", self.uri,
+                        len(self._pending) - MAX_PENDING)
+            del self._pending[: len(self._pending) - MAX_PENDING]
+        now = datetime.now(UTC)
+        self._parts += 1
+        name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{self._parts:06d}.jsonl"
+        body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self._pending).encode()
+        target = _join(self.uri, f"date={now:%Y-%m-%d}", name)
+        try:
+            if _is_s3(self.uri):
+                from sonossl.storage import put_bytes
+
+                put_bytes(body, target)
+            else:
+                from sonossl.atomic import atomic_write_bytes
+
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(target, body)
+        except Exception as e:  # noqa: BLE001 - the server keeps serving; rows are retried at the next flush
+            log.warning("request log: could not write %s (%s); will retry", target, e)
+            return
+        self.written_rows += len(self._pending)
+        self._pending = []
+
+
+def _part_files(uri: str) -> list[str]:
+    if _is_s3(uri):
+        from sonossl.storage import list_uris
+
+        return sorted(u for u in list_uris(uri) if u.endswith(".jsonl"))
+    root = Path(uri)
+    if not root.is_dir():
+        raise FileNotFoundError(f"request log {uri}: no such folder")
+    return [str(p) for p in sorted(root.rglob("*.jsonl"))]
+
+
+def read_request_log(uri: str | Path, since: datetime | None = None, until: datetime | None = None):
+    """All rows of a request log (local folder or ``s3://`` prefix), oldest first, within [since, until)."""
+    import pandas as pd
+
+    uri = str(uri)
+    frames = []
+    for name in _part_files(uri):
+        if _is_s3(uri):
+            from sonossl.storage import get_bytes
+
+            text = get_bytes(name).decode()
+        else:
+            text = Path(name).read_text()
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name}: line {n} is not JSON ({e.msg})") from None
+        if rows:
+            frames.append(pd.DataFrame(rows))
+    if not frames:
+        raise FileNotFoundError(f"request log {uri}: no log files (part-*.jsonl) found")
+    out = pd.concat(frames, ignore_index=True)
+    if "ts" not in out.columns:
+        raise ValueError(f"request log {uri}: rows have no `ts` column; is this a sonossl request log?")
+    out["ts"] = pd.to_datetime(out["ts"], utc=True)
+    if since is not None:
+        out = out[out.ts >= pd.Timestamp(since)]
+    if until is not None:
+        out = out[out.ts < pd.Timestamp(until)]
+    return out.sort_values("ts", kind="stable").reset_index(drop=True)

@@ -1,0 +1,96 @@
+"""What a client sends, turned into the frames the model sees: decode, sector crop, resize, blank check.
+
+The code is training's own, imported: ``sonossl.data.video`` decodes encoded bytes (any container and codec the
+training data may come in, or a still image), and ``sonossl.data.clips`` finds the ultrasound sector over the clip,
+crops inside it, resizes to the model's frame size and flags blank frames with the training thresholds. A frame
+served is therefore preprocessed exactly as a frame trained on. The sector is found from the clip's brightness and
+motion, so send a clip (a few frames of one sweep) where you can; a single frame still works from brightness alone.
+
+    clip = decode_media(data, max_frames=256)          # encoded video or image bytes -> (N, H, W) uint8
+    prepared = prepare_clip(clip, preprocess_params)   # -> frames (N, S, S), blank (N,), source size, crop box
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sonossl.config import PreprocessParams
+from sonossl.data.clips import _frame_crop, _is_blank, _snap_crop, _video_crop
+from sonossl.data.sector import CropBox
+from sonossl.data.video import DecodedFrame
+
+MIN_SIDE = 16  # smaller frames hold no ultrasound image worth a prediction
+
+
+class RequestError(ValueError):
+    """The request cannot be served as sent; the message says what is wrong (a 4xx for the client)."""
+
+
+@dataclass
+class PreparedClip:
+    frames: np.ndarray  # (N, S, S) uint8, as the model sees them
+    blank: np.ndarray  # (N,) bool: dark or uniform crops, which training drops
+    source_hw: tuple[int, int]  # the frame size as sent
+    crop: CropBox  # the sector crop, in source pixels
+
+
+def check_shape(shape: tuple[int, ...] | list[int], max_frames: int, max_side: int) -> None:
+    """Shape and size limits of a clip (N, H, W); RequestError naming the problem."""
+    if len(shape) != 3:
+        raise RequestError(f"frames must have shape [N, H, W] (or [H, W] for one frame), got {list(shape)}")
+    n, h, w = shape
+    if n == 0:
+        raise RequestError("empty batch: the request holds no frames")
+    if n > max_frames:
+        raise RequestError(f"too many frames: {n} in one request, the limit is {max_frames}; split the clip")
+    if min(h, w) < MIN_SIDE or max(h, w) > max_side:
+        raise RequestError(f"frame size {w}x{h} is outside the accepted range ({MIN_SIDE} to {max_side} pixels a side)")
+
+
+def decode_media(data: bytes, max_frames: int, max_side: int = 4096) -> list[DecodedFrame]:
+    """Decode an encoded video or image into frames; RequestError when the bytes are not decodable or too long."""
+    from sonossl.data.video import VideoError, open_video
+
+    if not data:
+        raise RequestError("empty bytes: expected an encoded video or image")
+    frames: list[DecodedFrame] = []
+    with tempfile.TemporaryDirectory(prefix="sonossl-serve-") as tmp:
+        path = Path(tmp) / "media"
+        path.write_bytes(data)
+        try:
+            with open_video(path) as video:
+                for f in video.frames():
+                    if len(frames) == max_frames:
+                        raise RequestError(f"too many frames: the video has more than {max_frames}, the limit "
+                                           "per request; split the clip")
+                    if frames and f.levels.shape != frames[0].levels.shape:
+                        raise RequestError("frame size changes within the video")
+                    # the decoder reuses its buffers: keep a copy of the stored levels (and their map to grey)
+                    frames.append(DecodedFrame(f.index, f.time, np.array(f.levels), f.lut))
+        except VideoError as e:
+            raise RequestError(f"undecodable bytes: {e.reason}") from None
+    if not frames:
+        raise RequestError("undecodable bytes: no frames")
+    h, w = frames[0].levels.shape
+    check_shape((len(frames), h, w), max_frames, max_side)
+    return frames
+
+
+def as_decoded(frames: np.ndarray) -> list[DecodedFrame]:
+    """A uint8 (N, H, W) array as decoded frames (grey levels, no map)."""
+    return [DecodedFrame(i, float(i), np.ascontiguousarray(f)) for i, f in enumerate(frames)]
+
+
+def prepare_clip(frames: list[DecodedFrame] | np.ndarray, params: PreprocessParams) -> PreparedClip:
+    """Sector crop and resize, as in ``sonossl.data.clips.preprocess``; one crop box for the whole clip."""
+    if isinstance(frames, np.ndarray):
+        frames = as_decoded(frames)
+    crop = _snap_crop(_video_crop(frames), params.frame_size)
+    small = np.stack([_frame_crop(f, crop, params.frame_size) for f in frames])
+    blank = np.array([_is_blank(s, params) for s in small], dtype=bool)
+    h, w = frames[0].levels.shape
+    return PreparedClip(frames=small, blank=blank, source_hw=(int(h), int(w)), crop=crop)

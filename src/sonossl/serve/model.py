@@ -1,0 +1,231 @@
+"""The served model: a ``kserve.Model`` answering Open Inference Protocol v2 and v1 with the exported bundle.
+
+Input (one clip per request):
+- v2 (``POST /v2/models/sonossl/infer``): one input, either ``UINT8`` with shape ``[N, H, W]`` (or ``[H, W]``) of grey
+  frames as the scanner shows them (any H and W), or ``BYTES`` with shape ``[1]`` holding an encoded video or image
+  (base64 in JSON; raw with the binary-data extension).
+- v1 (``POST /v1/models/sonossl:predict``): ``{"instances": [frame, ...]}`` with each frame an H x W list of grey
+  levels, or ``{"instances": [{"b64": "<encoded video or image>"}]}``.
+
+Preprocessing is training's (``sonossl.serve.frames``). Output, per frame: ``probs`` (N, C) in the order of the
+model card's classes, ``label``, ``saliency`` (N, s, s) over the cropped frame (s in the model card; it sums to 1),
+``embedding`` (N, D) and ``blank`` (dark or uniform frames, which the model was not trained on). Every response
+names the model version. Bad requests raise ``kserve.errors.InvalidInput`` (HTTP 400) with a message that says what
+is wrong; the request log (``sonossl.monitor.request_log``) is fed off the request path.
+
+    model = SonosslModel("sonossl", "models/export"); model.load()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import logging
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kserve
+import numpy as np
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from sonossl.config import PreprocessParams
+from sonossl.serve.frames import PreparedClip, RequestError, check_shape, decode_media, prepare_clip
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_frames: int = 256  # per request
+    max_side: int = 4096  # pixels, per frame side
+    max_body_bytes: int = 64 * 2**20  # enforced by the server before the body is read (HTTP 413)
+
+
+def _uint8_tensor(data: Any, shape: list[int], where: str) -> np.ndarray:
+    """Validate JSON data as grey levels and return them as uint8 with ``shape``."""
+    try:
+        arr = np.asarray(data)
+    except ValueError:
+        raise RequestError(f"{where}: data is ragged (rows of different lengths)") from None
+    if arr.dtype == object or arr.dtype.kind not in "iuf":
+        raise RequestError(f"{where}: data must be numbers (grey levels 0-255), got {arr.dtype.name} values")
+    if arr.size != int(np.prod(shape)):
+        raise RequestError(f"{where}: shape {shape} needs {int(np.prod(shape))} values, data holds {arr.size}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise RequestError(f"{where}: data contains NaN or infinite values")
+        if (arr != np.round(arr)).any():
+            raise RequestError(f"{where}: grey levels must be whole numbers")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise RequestError(f"{where}: grey levels must lie in 0-255, got {arr.min()}..{arr.max()}")
+    return arr.astype(np.uint8).reshape(shape)
+
+
+def _b64(value: Any, where: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise RequestError(f"{where}: expected base64 text of an encoded video or image, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{where}: not valid base64") from None
+
+
+class SonosslModel(kserve.Model):
+    def __init__(self, name: str = "sonossl", model_dir: str | Path = DEFAULT_MODEL_DIR, limits: Limits = Limits(),
+                 request_log=None):
+        super().__init__(name)
+        self.model_dir = Path(model_dir)
+        self.limits = limits
+        self.request_log = request_log
+        self.bundle = None
+
+    def load(self) -> bool:
+        from sonossl.export import load_bundle
+
+        self.bundle = load_bundle(self.model_dir)
+        card = self.bundle.card
+        self.model_version = card["model_version"]
+        pre = card["params"]["preprocess"]
+        self.preprocess_params = dataclasses.replace(
+            PreprocessParams(), frame_size=int(pre["frame_size"]), blank_mean=float(pre["blank_mean"]),
+            blank_std=float(pre["blank_std"]))
+        self.ready = True
+        log.info("loaded sonossl model %s from %s", self.model_version, self.model_dir)
+        return self.ready
+
+    # -- requests -> clips ----------------------------------------------------------------------------------------
+
+    def _clip_v2(self, request: InferRequest) -> tuple[list | np.ndarray, str]:
+        if len(request.inputs) != 1:
+            names = [i.name for i in request.inputs]
+            raise RequestError(f"expected exactly one input (frames), got {len(names)}: {names}")
+        inp = request.inputs[0]
+        where = f"input {inp.name!r}"
+        shape = [int(s) for s in inp.shape]
+        if any(s < 0 for s in shape):
+            raise RequestError(f"{where}: shape {shape} has a negative size")
+        raw = getattr(inp, "_raw_data", None)
+        if inp.datatype == "UINT8":
+            if len(shape) not in (2, 3):
+                raise RequestError(f"{where}: UINT8 frames must have shape [N, H, W] or [H, W], got {shape}")
+            if len(shape) == 2:
+                shape = [1, *shape]
+            check_shape(shape, self.limits.max_frames, self.limits.max_side)
+            if raw is not None:
+                if len(raw) != int(np.prod(shape)):
+                    raise RequestError(f"{where}: shape {shape} needs {int(np.prod(shape))} bytes, got {len(raw)}")
+                return np.frombuffer(raw, np.uint8).reshape(shape), "v2"
+            return _uint8_tensor(inp.data, shape, where), "v2"
+        if inp.datatype == "BYTES":
+            if raw is not None:
+                items = list(inp.as_numpy().ravel())
+            else:
+                items = list(np.asarray(inp.data, dtype=object).ravel()) if inp.data is not None else []
+            if shape != [1] or len(items) != 1:
+                raise RequestError(f"{where}: BYTES input must hold one encoded video or image (shape [1]), "
+                                   f"got shape {shape} with {len(items)} element(s)")
+            return decode_media(_b64(items[0], where), self.limits.max_frames, self.limits.max_side), "v2"
+        raise RequestError(f"{where}: datatype {inp.datatype} is not accepted; send UINT8 frames [N, H, W] "
+                           "or BYTES holding an encoded video or image")
+
+    def _clip_v1(self, payload: dict) -> list | np.ndarray:
+        instances = payload.get("instances")
+        if not isinstance(instances, list):
+            raise RequestError('v1 request: expected {"instances": [...]} with frames or {"b64": ...}')
+        if not instances:
+            raise RequestError("empty batch: `instances` is empty")
+        if all(isinstance(i, dict) for i in instances):
+            if len(instances) != 1 or set(instances[0]) != {"b64"}:
+                raise RequestError('v1 request: send one instance {"b64": "<encoded video or image>"} per request')
+            return decode_media(_b64(instances[0]["b64"], "instances[0].b64"), self.limits.max_frames,
+                                self.limits.max_side)
+        if len(instances) > self.limits.max_frames:
+            raise RequestError(f"too many frames: {len(instances)} in one request, the limit is "
+                               f"{self.limits.max_frames}; split the clip")
+        first = np.asarray(instances[0], dtype=object)
+        if first.ndim != 2:
+            raise RequestError(f"v1 request: each instance must be one frame, an H x W list of grey levels "
+                               f"(instances[0] has {first.ndim} dimension(s))")
+        shape = [len(instances), *first.shape]
+        check_shape(shape, self.limits.max_frames, self.limits.max_side)
+        return _uint8_tensor(instances, shape, "instances")
+
+    # -- inference ------------------------------------------------------------------------------------------------
+
+    async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        # The forward pass runs in a worker thread: the event loop keeps answering health checks meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(None, self._predict, payload, headers or {})
+
+    def _predict(self, payload: dict | InferRequest, headers: dict[str, str]) -> dict | InferResponse:
+        try:
+            if isinstance(payload, InferRequest):
+                clip, protocol = self._clip_v2(payload)
+            elif isinstance(payload, dict):
+                clip, protocol = self._clip_v1(payload), "v1"
+            else:
+                raise RequestError(f"unsupported request body ({type(payload).__name__})")
+            prepared = prepare_clip(clip, self.preprocess_params)
+        except RequestError as e:
+            raise InvalidInput(str(e)) from None
+        out = self.bundle.predict(prepared.frames)
+        request_id = (payload.id if isinstance(payload, InferRequest) else None) or headers.get("x-request-id") \
+            or uuid.uuid4().hex
+        if self.request_log is not None:
+            ts = datetime.now(UTC).isoformat()
+            self.request_log.append(lambda: self._log_rows(ts, str(request_id), protocol, prepared, out))
+        if protocol == "v1":
+            return self._v1_response(prepared, out)
+        return self._v2_response(str(request_id), prepared, out)
+
+    def _log_rows(self, ts: str, request_id: str, protocol: str, prepared: PreparedClip,
+                  out: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Rows for the request log (built in the log's thread); no pixels."""
+        from sonossl.monitor.image_stats import image_stats
+
+        stats = image_stats(prepared.frames, prepared.source_hw).to_dict("records")
+        emb = out["embedding_reduced"]
+        rows = []
+        for i, s in enumerate(stats):
+            row = {"ts": ts, "request_id": request_id, "model_version": self.model_version, "protocol": protocol,
+                   "frame": i, "blank": bool(prepared.blank[i]), "label": str(out["label"][i]),
+                   "confidence": round(float(out["probs"][i].max()), 5)}
+            row.update({k: (float(v) if k not in ("height", "width") else int(v)) for k, v in s.items()})
+            row.update({f"emb_{j}": round(float(v), 6) for j, v in enumerate(emb[i])})
+            rows.append(row)
+        return rows
+
+    def _v1_response(self, prepared: PreparedClip, out: dict[str, np.ndarray]) -> dict:
+        classes = self.bundle.classes
+        preds = [{"label": str(out["label"][i]),
+                  "probs": {c: round(float(p), 6) for c, p in zip(classes, out["probs"][i], strict=True)},
+                  "saliency": np.round(out["saliency"][i], 7).tolist(),
+                  "embedding": np.round(out["embedding"][i], 6).tolist(),
+                  "blank": bool(prepared.blank[i])}
+                 for i in range(len(prepared.frames))]
+        return {"predictions": preds, "model_version": self.model_version, "classes": classes}
+
+    def _v2_response(self, request_id: str, prepared: PreparedClip, out: dict[str, np.ndarray]) -> InferResponse:
+        def tensor(name: str, arr: np.ndarray) -> InferOutput:
+            dtype = {"f": "FP32", "b": "BOOL", "U": "BYTES", "O": "BYTES"}[arr.dtype.kind]
+            data = arr.astype(np.float32) if dtype == "FP32" else arr
+            o = InferOutput(name=name, shape=list(arr.shape), datatype=dtype)
+            o.set_data_from_numpy(data if dtype != "BYTES" else data.astype(object), binary_data=False)
+            return o
+
+        outputs = [tensor("probs", out["probs"]), tensor("label", out["label"].astype(object)),
+                   tensor("saliency", out["saliency"]), tensor("embedding", out["embedding"]),
+                   tensor("blank", prepared.blank)]
+        return InferResponse(response_id=request_id, model_name=self.name, model_version=self.model_version,
+                             infer_outputs=outputs,
+                             parameters={"model_version": self.model_version,
+                                         "classes": ",".join(self.bundle.classes)})

@@ -1,0 +1,89 @@
+"""The model server: KServe's own ModelServer, with the listen address made configurable and a request size limit.
+
+KServe 0.21 binds its REST server to 0.0.0.0, hard-coded. Inside a cluster that is what a pod needs; on a laptop or
+in tests it exposes the model to the network, so ``serve`` takes ``host`` (0.0.0.0 in the image, 127.0.0.1 by
+default) and sets it on the uvicorn config KServe builds. Bodies over ``Limits.max_body_bytes`` are refused with
+HTTP 413 before they are read, so one oversized upload cannot exhaust the server's memory.
+
+    serve("models/export", host="127.0.0.1", port=8080, request_log="logs/requests")   # blocks until stopped
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from kserve import ModelServer
+from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
+from kserve.protocol.rest.server import RESTServer
+
+from sonossl.serve.model import DEFAULT_MODEL_DIR, Limits, SonosslModel
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body declared larger than ``max_bytes``, 411 for a body of unknown length."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            status, message = None, None
+            if length is None and headers.get(b"transfer-encoding"):
+                status, message = 411, "send the request with a Content-Length header"
+            elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                status, message = 413, (f"request body of {length.decode(errors='replace')} bytes is over the limit of "
+                                        f"{self.max_bytes} bytes; send fewer frames per request")
+            if status is not None:
+                body = json.dumps({"error": message}).encode()
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+class _ModelServer(ModelServer):
+    """KServe's ModelServer (one REST worker, no gRPC) listening on ``host``."""
+
+    def __init__(self, host: str, **kwargs):
+        super().__init__(**kwargs)
+        self.host = host
+
+    def start(self, models) -> None:
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = RESTServer(
+            FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
+            access_log_format=self.access_log_format, workers=1, grace_period=self.grace_period,
+            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive)
+        # the uvicorn server reads its config when it binds: this is the only address it listens on
+        self._rest_server.config.host = self.host
+        self.servers.append(self._rest_server.start())
+        self.setup_event_loop()
+        self.register_signal_handler()
+        log.info("sonossl serving on http://%s:%d (v1 and v2)", self.host, self.http_port)
+        asyncio.run(self._serve())
+
+
+def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", port: int = 8080,
+          name: str = "sonossl", limits: Limits = Limits(), request_log: str | None = None,
+          log_flush_seconds: float = 5.0) -> None:
+    """Load the exported model and serve it until SIGTERM/SIGINT; the request log is flushed on the way out."""
+    from sonossl.monitor.request_log import RequestLog
+
+    rlog = RequestLog(request_log, flush_seconds=log_flush_seconds) if request_log else None
+    model = SonosslModel(name, model_dir, limits=limits, request_log=rlog)
+    model.load()
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    try:
+        _ModelServer(host, http_port=port, enable_grpc=False).start([model])
+    finally:
+        if rlog is not None:
+            rlog.close()

@@ -1,0 +1,118 @@
+"""Drift reports end to end: a real server (tiny model) logs what it serves; ``sonossl drift`` compares time windows
+of that log with the model's reference. Three windows: new sweeps from the training simulator (no drift), sweeps
+from a scanner set 12 dB brighter (drift), and real lung POCUS videos (drift)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from conftest import POCUS, start_server, stop_server
+
+
+def _send(client, paths: list[Path]) -> tuple[datetime, datetime, int]:
+    start = datetime.now(UTC)
+    n = sum(client.infer_video(p)["probs"].shape[0] for p in paths)
+    time.sleep(0.01)
+    return start, datetime.now(UTC), n
+
+
+def _videos(raw: Path) -> list[Path]:
+    return [raw / line.split(",")[0] for line in (raw / "labels.csv").read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export, tiny_params, tmp_path_factory):
+    """The request log of one server that saw three windows of traffic; the windows' (since, until, frames)."""
+    from sonossl.data.simulate import simulate
+    from sonossl.serve.client import Client
+
+    if not (POCUS / "labels.csv").is_file():
+        pytest.skip(f"real data missing: {POCUS}")
+    work = tmp_path_factory.mktemp("drift")
+    sim = dataclasses.replace(tiny_params.simulate, seed=11)  # sweeps the model never saw, same scanner
+    simulate(work / "heldout", sim, progress=False)
+    simulate(work / "bright", dataclasses.replace(sim, gain_db=12.0), progress=False)
+    import pandas as pd
+
+    pocus = pd.read_csv(POCUS / "labels.csv")
+    short = pocus[pocus.frames <= 40].sort_values("frames").head(8)  # small real videos, a few of each class
+    srv = start_server(tiny_export, work, str(work / "requests"))
+    try:
+        client = Client(srv.url)
+        windows = {"heldout": _send(client, _videos(work / "heldout")),
+                   "bright": _send(client, _videos(work / "bright")),
+                   "pocus": _send(client, [POCUS / p for p in short.path])}
+    finally:
+        stop_server(srv)
+    return work / "requests", windows
+
+
+def test_three_windows_no_drift_then_drift_then_drift(served, tiny_export, tmp_path):
+    from sonossl.monitor.drift import drift_report
+
+    log, windows = served
+    results = {name: drift_report(tiny_export, log, tmp_path / "reports", since=since, until=until, window=name)
+               for name, (since, until, _) in windows.items()}
+    for name, r in results.items():
+        print(name, json.dumps({k: r.summary[k] for k in ("drifted", "columns", "embedding", "frames")}))
+    assert not results["heldout"].drift_detected
+    assert results["bright"].drift_detected and "mean" in results["bright"].summary["drifted"]
+    assert results["pocus"].drift_detected
+    for name, r in results.items():
+        assert r.summary["frames"] == windows[name][2]  # every served frame was logged, none blank here
+        assert Path(r.html).stat().st_size > 100_000 and json.loads(Path(r.json).read_text())["metrics"]
+    index = json.loads((tmp_path / "reports/index.json").read_text())
+    assert {e["window"]: e["drift_detected"] for e in index} == {"heldout": False, "bright": True, "pocus": True}
+    html = (tmp_path / "reports/index.html").read_text()
+    assert all(f'href="{w}/drift.html"' in html for w in windows)
+
+
+def test_cli_exit_code_says_whether_there_is_drift(served, tiny_export, tmp_path, capsys):
+    from sonossl.cli import main
+
+    log, windows = served
+    common = ["drift", "--model-dir", str(tiny_export), "--log", str(log), "--out", str(tmp_path)]
+    since, until, _ = windows["heldout"]
+    assert main([*common, "--since", since.isoformat(), "--until", until.isoformat(), "--window", "a"]) == 0
+    assert "no drift" in capsys.readouterr().out
+    since, until, _ = windows["bright"]
+    assert main([*common, "--since", since.isoformat(), "--until", until.isoformat(), "--window", "b"]) == 1
+    out = capsys.readouterr().out
+    assert "DRIFT in" in out and "threshold" in out and "report:" in out
+
+
+def test_too_few_frames_and_other_model_versions(served, tiny_export, tmp_path):
+    from sonossl.monitor.drift import drift_report
+    from sonossl.monitor.request_log import RequestLog, read_request_log
+
+    log, windows = served
+    rows = read_request_log(log)
+    other = tmp_path / "log"
+    rl = RequestLog(other)
+    rl.append([{**r, "model_version": "someoldmodel"} for r in rows.assign(ts=rows.ts.astype(str)).to_dict("records")])
+    rl.close()
+    with pytest.raises(ValueError, match=r"0 usable frames of model .* \d+ rows of other model versions"):
+        drift_report(tiny_export, other, tmp_path / "reports")
+    since, _, _ = windows["heldout"]
+    with pytest.raises(ValueError, match="need at least 30"):
+        drift_report(tiny_export, log, tmp_path / "reports", since=since, until=since)
+    with pytest.raises(FileNotFoundError, match="not a sonossl export"):
+        drift_report(tmp_path, log, tmp_path / "reports")
+
+
+def test_drift_reports_to_s3(served, tiny_export, s3_server, tmp_path):
+    from sonossl.monitor.drift import drift_report
+
+    log, windows = served
+    since, until, _ = windows["pocus"]
+    prefix = f"s3://{s3_server.bucket}/drift"
+    r = drift_report(tiny_export, log, prefix, since=since, until=until, window="pocus")
+    assert r.drift_detected and r.html == f"{prefix}/pocus/drift.html"
+    keys = set(s3_server.objects())
+    assert {"drift/index.json", "drift/index.html", "drift/pocus/drift.html", "drift/pocus/summary.json"} <= keys

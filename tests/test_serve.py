@@ -1,0 +1,213 @@
+"""The KServe endpoint, for real: ``python -m sonossl.serve`` on 127.0.0.1 serving the model exported on the tiny
+profile, called over HTTP with v2 and v1 requests, bad inputs, a concurrent burst, and its request log checked."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import start_server, stop_server
+
+MAX_FRAMES = 40
+MAX_BODY_MB = 4
+
+
+def _sweep(tiny_clips: Path, i: int = 0) -> Path:
+    raw = tiny_clips.parent / "raw"
+    return raw / sorted(line.split(",")[0] for line in (raw / "labels.csv").read_text().splitlines()[1:])[i]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    srv = start_server(tiny_export, work, str(work / "requests"), "--max-frames", str(MAX_FRAMES),
+                       "--max-body-mb", str(MAX_BODY_MB))
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from sonossl.serve.client import Client
+
+    return Client(server.url)
+
+
+def _expected(tiny_export: Path, frames: np.ndarray) -> dict:
+    """The in-process answer: training's preprocessing and the bundle, no server."""
+    import dataclasses
+
+    from sonossl.config import PreprocessParams
+    from sonossl.export import load_bundle
+    from sonossl.serve.frames import prepare_clip
+
+    bundle = load_bundle(tiny_export)
+    pre = bundle.card["params"]["preprocess"]
+    params = dataclasses.replace(PreprocessParams(), frame_size=pre["frame_size"], blank_mean=pre["blank_mean"],
+                                 blank_std=pre["blank_std"])
+    return bundle.predict(prepare_clip(frames, params).frames)
+
+
+def test_v2_frames_match_the_in_process_model(client, tiny_export, tiny_clips):
+    from sonossl.data.video import read_video
+
+    frames, _ = read_video(_sweep(tiny_clips))
+    frames = frames[:12]
+    out = client.infer_frames(frames)
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    n, c = len(frames), len(card["classes"])
+    assert out["model_version"] == card["model_version"] and out["classes"] == card["classes"]
+    assert out["probs"].shape == (n, c) and np.allclose(out["probs"].sum(1), 1, atol=1e-5)
+    size = int(card["output"]["saliency"].split(",")[1])
+    assert out["saliency"].shape == (n, size, size) and np.allclose(out["saliency"].sum((1, 2)), 1, atol=1e-3)
+    assert out["embedding"].shape[0] == n and out["blank"].shape == (n,)
+    expected = _expected(tiny_export, frames)
+    assert np.allclose(out["probs"], expected["probs"], atol=1e-5)
+    assert list(out["label"]) == list(expected["label"])
+    assert np.allclose(out["embedding"], expected["embedding"], atol=1e-4)
+
+
+def test_v2_encoded_video_and_image(client, tiny_clips, tmp_path):
+    from PIL import Image
+
+    from sonossl.data.video import read_video
+
+    path = _sweep(tiny_clips, 1)
+    frames, _ = read_video(path)
+    out = client.infer_video(path)  # mp4 bytes, decoded by the server
+    assert out["probs"].shape[0] == len(frames)
+    assert np.allclose(out["probs"], client.infer_frames(frames)["probs"], atol=1e-5)
+    png = io.BytesIO()
+    Image.fromarray(frames[0]).save(png, format="PNG")
+    one = client.infer_video(png.getvalue())  # a still image: one frame
+    assert one["probs"].shape[0] == 1 and one["saliency"].shape[0] == 1
+
+
+def test_v1_frames_and_b64(server, tiny_clips):
+    from sonossl.data.video import read_video
+
+    frames, _ = read_video(_sweep(tiny_clips))
+    url = f"{server.url}/v1/models/sonossl:predict"
+    r = requests.post(url, json={"instances": frames[:3].tolist()}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["predictions"]) == 3 and body["model_version"]
+    p = body["predictions"][0]
+    assert set(p) == {"label", "probs", "saliency", "embedding", "blank"}
+    assert abs(sum(p["probs"].values()) - 1) < 1e-4 and p["label"] in body["classes"]
+    b64 = base64.b64encode(_sweep(tiny_clips).read_bytes()).decode()
+    r = requests.post(url, json={"instances": [{"b64": b64}]}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == len(frames)
+
+
+def _v2(data=None, shape=(2, 32, 32), datatype="UINT8", name="frames"):
+    if data is None:
+        data = [0] * int(np.prod(shape))
+    return {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}
+
+
+BAD_V2 = {
+    "wrong datatype": (_v2(datatype="FP32"), 400, "datatype FP32 is not accepted"),
+    "shape does not match the data": (_v2(data=[1, 2, 3]), 400, "needs 2048 values, data holds 3"),
+    "wrong rank": (_v2(shape=(2, 2, 16, 16)), 400, "must have shape [N, H, W]"),
+    "empty batch": (_v2(data=[], shape=(0, 32, 32)), 400, "empty batch"),
+    "out of range": (_v2(data=[300] * 2048), 400, "must lie in 0-255"),
+    "not numbers": (_v2(data=["a"] * 2048), 400, "must be numbers"),
+    "two inputs": ({"inputs": _v2()["inputs"] * 2}, 400, "exactly one input"),
+    "undecodable bytes": (_v2(data=[base64.b64encode(b"this is no video").decode()], shape=(1,),
+                              datatype="BYTES"), 400, "undecodable bytes: not a video"),
+    "not base64": (_v2(data=["***"], shape=(1,), datatype="BYTES"), 400, "not valid base64"),
+    "too many frames": (_v2(shape=(MAX_FRAMES + 1, 16, 16)), 400, f"the limit is {MAX_FRAMES}"),
+    "frame too small": (_v2(shape=(1, 4, 4)), 400, "outside the accepted range"),
+}
+
+
+def test_bad_inputs_get_a_4xx_that_names_the_problem_and_the_server_stays_up(server, client, tiny_clips):
+    infer = f"{server.url}/v2/models/sonossl/infer"
+    for case, (body, status, message) in BAD_V2.items():
+        r = requests.post(infer, json=body, timeout=30)
+        assert r.status_code == status, (case, r.status_code, r.text)
+        assert message in r.text, (case, r.text)
+    # JSON that is not JSON; NaN (Python's json writes it, strict JSON has no NaN)
+    r = requests.post(infer, data=b'{"inputs": [', headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and "JSON decode error" in r.text
+    r = requests.post(f"{server.url}/v1/models/sonossl:predict", data=b"{not json", timeout=30)
+    assert r.status_code == 400 and "Unrecognized request format" in r.text
+    nan = json.dumps(_v2(data=[float("nan")] * 2048))
+    r = requests.post(infer, data=nan, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "NaN" in r.text
+    # over the size limit: refused before the body is read
+    big = b"0" * (MAX_BODY_MB * 2**20 + 1)
+    r = requests.post(infer, data=big, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "over the limit" in r.text
+    # v1 mistakes
+    for body, message in [({"instances": []}, "empty batch"), ({"rows": [1]}, "expected {\"instances\""),
+                          ({"instances": [[1, 2, 3]]}, "H x W list"),
+                          ({"instances": [{"b64": "", "x": 1}]}, "one instance")]:
+        r = requests.post(f"{server.url}/v1/models/sonossl:predict", json=body, timeout=30)
+        assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
+    # still serving
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+    assert client.infer_video(_sweep(tiny_clips))["probs"].shape[0] > 0
+
+
+def test_a_concurrent_burst_is_served_without_error(client, tiny_clips):
+    from sonossl.data.video import read_video
+
+    frames, _ = read_video(_sweep(tiny_clips, 2))
+    clips = [frames[i % 20:i % 20 + 4] for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(client.infer_frames, clips))
+    assert all(o["probs"].shape[0] == 4 for o in outs)
+    # same input, same answer, whatever the interleaving
+    assert np.allclose(outs[0]["probs"], outs[20]["probs"], atol=1e-5)
+
+
+def test_request_log_holds_statistics_and_embeddings_but_no_pixels(server, client, tiny_clips, tiny_export):
+    import time
+
+    from sonossl.monitor.request_log import read_request_log
+
+    frames = np.full((3, 64, 80), 0, np.uint8)
+    frames[:, 10:60, 10:70] = 90  # a bright box: not blank
+    request_id = client.infer_frames(frames)["id"]
+    deadline, rows = time.monotonic() + 10, []
+    while len(rows) < 3 and time.monotonic() < deadline:  # the log is written every 0.2 s, off the request path
+        time.sleep(0.2)
+        if list(server.log_dir.rglob("*.jsonl")):
+            log = read_request_log(server.log_dir)
+            rows = log[log.request_id == request_id]
+    assert len(rows) == 3 and set(rows.width) == {80}
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    dims = card["reference"]["embedding_dims"]
+    assert {"ts", "request_id", "model_version", "mean", "contrast", "speckle_snr", "coverage", "label",
+            "confidence", "blank"} <= set(rows.columns)
+    assert [c for c in rows.columns if c.startswith("emb_")] == [f"emb_{j}" for j in range(dims)]
+    assert set(rows.model_version) == {card["model_version"]}
+    assert rows.request_id.nunique() == 1 and rows.frame.tolist() == [0, 1, 2]
+    # nothing that could hold an image: every value is a scalar
+    raw = "".join(p.read_text() for p in server.log_dir.rglob("*.jsonl"))
+    assert "[" not in raw
+
+
+def test_request_log_to_s3(tiny_export, s3_server, tmp_path, tiny_clips):
+    from sonossl.monitor.request_log import read_request_log
+    from sonossl.serve.client import Client
+
+    uri = f"s3://{s3_server.bucket}/sonossl/requests"
+    srv = start_server(tiny_export, tmp_path, uri)
+    try:
+        n = Client(srv.url).infer_video(_sweep(tiny_clips))["probs"].shape[0]
+    finally:
+        output = stop_server(srv)  # SIGTERM flushes the log
+    assert "Traceback" not in output
+    rows = read_request_log(uri)
+    assert len(rows) == n and rows.request_id.nunique() == 1
+    assert all(k.startswith("sonossl/requests/date=") and k.endswith(".jsonl") for k in s3_server.objects())
