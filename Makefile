@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench results contact-sheet clean
+.PHONY: setup run test bench drift-demo results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -32,6 +32,11 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/serve.py
+
+# Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
+drift-demo: setup
+	$(BIN)/python benchmarks/drift_cases.py
 
 # Copy the results table of the last `dvc repro` (reports/results.md) into the README, between its markers.
 results:
@@ -39,6 +44,17 @@ results:
 
 contact-sheet: setup
 	sonossl contact-sheet --raw data/raw/sim --out docs/contact_sheet.png --per-class 6 --real $(POCUS)
+
+# The one image (Dockerfile): cpu variant tagged <version>, cuda variant <version>-cuda. Needs Docker.
+IMAGE ?= ghcr.io/sonossl/sonossl
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	docker build --build-arg VARIANT=cpu  --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
+	docker build --build-arg VARIANT=cuda --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(VERSION)-cuda .
+
+image-push: image
+	docker push $(IMAGE):$(VERSION)
+	docker push $(IMAGE):$(VERSION)-cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache

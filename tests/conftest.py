@@ -197,3 +197,205 @@ def tiny_params():
     from sonossl.config import load_params
 
     return load_params(REPO / "params.yaml", profile="tiny")
+
+
+class S3Server:
+    """A real S3 server for tests: moto in server mode (``ThreadedMotoServer``) on 127.0.0.1, in this process.
+
+    ``stop()`` behaves like a crashed server: the port stops listening and every open connection is cut, in-flight
+    transfers included; ``start()`` again serves the same buckets (moto keeps them in this process) on the same
+    port. ``crash_after_bytes = N`` makes the server stop by itself once N bytes of object data have gone through
+    it (request bodies of PUTs, response bodies of GETs, counted together): a failure in the middle of a transfer.
+    """
+
+    def __init__(self, bucket: str) -> None:
+        import threading
+
+        self.bucket = bucket
+        self.port = 0
+        self.crash_after_bytes: int | None = None
+        self.bytes_seen = 0
+        self._moto = None
+        self._lock = threading.Lock()  # request threads count bytes concurrently
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+    def start(self) -> "S3Server":
+        import socket
+
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        server = self
+        connections: set[socket.socket] = set()
+
+        class Handler(MotoRequestHandler):
+            def setup(self):
+                super().setup()
+                connections.add(self.connection)
+
+            def finish(self):
+                connections.discard(self.connection)
+                super().finish()
+
+        def app(environ, start_response):
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            if environ["REQUEST_METHOD"] == "PUT":
+                server._count(length)
+            body = moto_app(environ, start_response)
+            if environ["REQUEST_METHOD"] != "GET":
+                return body
+            return server._chunked(body)
+
+        moto_app = DomainDispatcherApplication(create_backend_app)
+
+        class Moto(ThreadedMotoServer):
+            def _server_entry(self) -> None:
+                self._server = make_server(self._ip_address, self._port, app, True, request_handler=Handler)
+                self._server_ready_event.set()
+                self._server.serve_forever()
+
+        self._connections = connections
+        self._moto = Moto(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._moto.start()
+        self.port = self._moto.get_host_and_port()[1]
+        return self
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_seen += n
+            crash = self.crash_after_bytes is not None and self.bytes_seen > self.crash_after_bytes
+            if crash:
+                self.crash_after_bytes = None
+                self.stop()
+        if crash:
+            raise ConnectionAbortedError("test S3 server stopped")
+
+    def _chunked(self, body):
+        for block in body:
+            for i in range(0, len(block), 256 * 1024):
+                self._count(len(block[i:i + 256 * 1024]))
+                yield block[i:i + 256 * 1024]
+
+    def stop(self) -> None:
+        import socket
+        import threading
+
+        if self._moto is None:
+            return
+        moto, self._moto = self._moto, None
+        srv = moto._server
+        # shutdown() waits for the serve loop; from a request thread that is fine (the loop runs in its own thread)
+        threading.Thread(target=srv.shutdown, daemon=True).start()
+        srv.socket.close()
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def objects(self) -> dict[str, bytes]:
+        s3 = self.client()
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+                for o in page.get("Contents", [])]
+        return {k: s3.get_object(Bucket=self.bucket, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3 server on 127.0.0.1 with a fresh, empty bucket (``.bucket``) at ``.endpoint_url``.
+
+    The environment holds dummy credentials, the region and ``AWS_ENDPOINT_URL_S3`` (so boto3 and
+    ``sonossl.storage`` reach this server without arguments), and nothing from the user's ~/.aws.
+    """
+    import uuid
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server = S3Server(bucket=f"test-{uuid.uuid4().hex[:12]}").start()  # moto's buckets live for the whole session
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.endpoint_url)
+    server.client().create_bucket(Bucket=server.bucket)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_clips, tiny_params, tmp_path_factory) -> Path:
+    """A model exported on the tiny profile (pretrain -> finetune planes and saliency -> export); read-only."""
+    from sonossl.export import export
+    from sonossl.train.finetune import finetune
+    from sonossl.train.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    pretrain(tiny_clips, root / "pretrain", tiny_params.pretrain, progress=False)
+    for task in ("planes", "saliency"):
+        finetune(tiny_clips, root / "finetune" / f"ssl-{task}", tiny_params.finetune, task=task,
+                 encoder=root / "pretrain", progress=False)
+    export(tiny_clips, root / "finetune", root / "export", tiny_params, progress=False)
+    return root / "export"
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    process: object
+    log_dir: Path | None
+    output: Path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, work: Path, request_log: str | None = None, *extra: str) -> ServerProcess:
+    """``python -m sonossl.serve`` on 127.0.0.1 and a free port, ready to answer; stop it with ``stop_server``."""
+    import subprocess
+    import sys
+
+    from sonossl.serve.client import Client
+
+    port = free_port()
+    output = work / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "sonossl.serve", "--model-dir", str(model_dir), "--http-port", str(port),
+           "--host", "127.0.0.1", "--log-flush-seconds", "0.2", *extra]
+    if request_log:
+        cmd += ["--request-log", str(request_log)]
+    with open(output, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        Client(url).wait_ready(timeout=120, process=process)
+    except Exception:
+        process.kill()
+        raise RuntimeError(f"server did not start: {output.read_text()[-3000:]}") from None
+    return ServerProcess(url, process, Path(request_log) if request_log and "://" not in request_log else None, output)
+
+
+def stop_server(server: ServerProcess) -> str:
+    """SIGTERM (the request log is flushed on the way out), then the server's output."""
+    import subprocess
+
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+    return server.output.read_text()

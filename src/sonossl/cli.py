@@ -15,6 +15,16 @@ from pathlib import Path
 from sonossl import __version__
 
 
+def _utc_time(text: str):
+    from datetime import UTC, datetime
+
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r} (e.g. 2026-11-27T08:00)") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
 def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)")
     p.add_argument("--profile", default=None, help="profile to use instead of the file's `profile:` (tiny|default|gpu)")
@@ -116,6 +126,112 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_drift(args: argparse.Namespace) -> int:
+    from sonossl.monitor.drift import DriftParams, drift_report, summary_text
+
+    params = DriftParams(margin=args.margin, drift_share=args.drift_share, min_frames=args.min_frames)
+    result = drift_report(args.model_dir, args.log, args.out, params=params, since=args.since, until=args.until,
+                          window=args.window)
+    print(summary_text(result.summary))
+    print(f"report: {result.html}")
+    return 1 if result.drift_detected else 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from sonossl.serve.__main__ import main as serve_main
+
+    return serve_main(args.serve_args)
+
+
+def _cmd_artifacts(args: argparse.Namespace) -> int:
+    from sonossl.storage import client, download, upload
+
+    s3 = client(args.endpoint_url)
+    if args.action == "push":
+        files = [args.local] if args.local.is_file() else [p for p in args.local.rglob("*") if p.is_file()]
+        keys = upload(args.local, args.uri, client=s3, progress=not args.quiet)
+        size = sum(p.stat().st_size for p in files)
+        # keys already holding identical bytes are not sent again; the log line above says how many were sent
+        print(f"pushed {args.local} -> {args.uri}: {len(keys)} file(s), {size:,} bytes in place (sha256 in metadata)")
+    else:
+        out = download(args.uri, args.local, client=s3, progress=not args.quiet)
+        files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        print(f"pulled {args.uri} -> {out}: {len(files)} file(s), {size:,} bytes (sha256 verified)")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    if args.action == "compile":
+        from sonossl.pipeline.spec import compile_pipelines, parse_pairs
+
+        names = ["training", "monitoring"] if args.pipeline == "all" else [args.pipeline]
+        for path in compile_pipelines(args.out, names, parse_pairs(args.param)):
+            print(path)
+        return 0
+    if args.action == "submit":
+        from sonossl.pipeline.spec import parse_pairs
+        from sonossl.pipeline.submit import SubmitError, submit
+
+        try:
+            out = submit(args.host, args.pipeline, parse_pairs(args.param), namespace=args.namespace,
+                         experiment=args.experiment, token=args.token, run_name=args.run_name,
+                         schedule=args.schedule, timeout=args.timeout)
+        except SubmitError as e:
+            print(f"sonossl pipeline submit: error: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(out, indent=2))
+        return 0
+    from sonossl.pipeline.local import run_local
+    from sonossl.pipeline.spec import parse_pairs, typed_parameters
+
+    summary = run_local(args.out, profile=args.profile, dataset=args.dataset, params_file=args.params,
+                        arguments=typed_parameters("training", parse_pairs(args.param)))
+    tasks = summary.pop("tasks")
+    summary["metrics"] = tasks["export"]["artifacts"]["metrics"]["metadata"]  # the exported model's
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sonossl.deploy import DEFAULT_IMAGE, deploy
+
+    image = args.image or (f"{DEFAULT_IMAGE}-cuda" if args.gpu else DEFAULT_IMAGE)
+    isvc = deploy(args.model_uri, name=args.name, namespace=args.namespace, image=image,
+                  canary_percent=args.canary_percent, service_account=args.service_account, runtime=args.runtime,
+                  gpu=args.gpu, dry_run=args.dry_run, model_card=args.model_card)
+    if args.dry_run:
+        print(yaml.safe_dump(isvc, sort_keys=False), end="")
+    else:
+        meta = isvc.get("metadata") or {}
+        print(json.dumps({"inferenceservice": f"{meta.get('namespace')}/{meta.get('name')}",
+                          "model_version": (meta.get("annotations") or {}).get("sonossl.io/model-version"),
+                          "canary_percent": args.canary_percent, "resource_version": meta.get("resourceVersion")},
+                         indent=2))
+    return 0
+
+
+def _cmd_champion(args: argparse.Namespace) -> int:
+    from sonossl.deploy import served_model
+
+    served = served_model(args.name, args.namespace)
+    if served is None:
+        print(f"sonossl champion: no InferenceService {args.namespace}/{args.name} (or no cluster configuration)",
+              file=sys.stderr)
+        return 1
+    if args.field is None:
+        print(json.dumps(served, indent=2))
+        return 0
+    if args.field not in served:
+        print(f"sonossl champion: InferenceService {args.namespace}/{args.name} has no annotation "
+              f"sonossl.io/{args.field}; it has: {', '.join(sorted(served)) or 'none'}", file=sys.stderr)
+        return 1
+    print(served[args.field])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sonossl", description="Self-supervised learning for ultrasound video: the pipeline's steps.")
@@ -191,6 +307,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", type=Path, default=None, help="another raw dataset to show below (real videos)")
     p.set_defaults(func=_cmd_contact_sheet)
+
+    p = sub.add_parser("drift", help="Evidently drift report of the request log against the model's reference")
+    p.add_argument("--model-dir", required=True, help="export folder (or s3:// prefix) with reference statistics")
+    p.add_argument("--log", required=True, help="request log: folder or s3:// prefix (written by the server)")
+    p.add_argument("--out", required=True, help="reports folder or s3:// prefix: <window>/drift.html + index.html")
+    p.add_argument("--since", type=_utc_time, default=None, help="start of the window (ISO time, UTC); default: all")
+    p.add_argument("--until", type=_utc_time, default=None, help="end of the window (ISO time, UTC, exclusive)")
+    p.add_argument("--window", default=None, help="name of the window's report folder (default: from its times)")
+    p.add_argument("--margin", type=float, default=2.5, help="threshold = margin x the held-out baseline score")
+    p.add_argument("--drift-share", type=float, default=0.5, help="share of drifted statistics that is drift")
+    p.add_argument("--min-frames", type=int, default=30, help="fewer usable frames than this is an error")
+    p.set_defaults(func=_cmd_drift)
+
+    p = sub.add_parser("serve", help="serve an exported model (same as python -m sonossl.serve; --help there)",
+                       add_help=False)
+    p.add_argument("serve_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("artifacts", help="push/pull files and folders to/from S3 or MinIO, sha256-verified")
+    actions = p.add_subparsers(dest="action", required=True)
+    endpoint_help = ("S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL_S3 or "
+                     "AWS_ENDPOINT_URL, else AWS); credentials come from AWS_* variables or AWS_PROFILE")
+    a = actions.add_parser("push", help="upload a file or a folder (recursively); identical objects are skipped")
+    a.add_argument("local", type=Path, help="file or folder to upload")
+    a.add_argument("uri", help="s3://bucket/prefix (a folder's files go under it)")
+    a.add_argument("--endpoint-url", default=None, help=endpoint_help)
+    a.set_defaults(func=_cmd_artifacts)
+    a = actions.add_parser("pull", help="download an object, or a prefix into a folder (replaced when complete)")
+    a.add_argument("uri", help="s3://bucket/key or s3://bucket/prefix")
+    a.add_argument("local", type=Path, help="file or folder to write")
+    a.add_argument("--endpoint-url", default=None, help=endpoint_help)
+    a.set_defaults(func=_cmd_artifacts)
+    p = sub.add_parser("pipeline", help="Kubeflow pipelines: compile to YAML, submit to a cluster, run locally")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("compile", help="write the pipelines' YAML (the same bytes every time)")
+    a.add_argument("--out", type=Path, default=Path("dist/pipelines"),
+                   help="folder for <pipeline>.yaml (default: dist/pipelines)")
+    a.add_argument("--pipeline", default="all", choices=["all", "training", "monitoring"])
+    a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="replace a parameter's default in the YAML, e.g. profile=gpu (repeatable)")
+    a.set_defaults(func=_cmd_pipeline)
+    a = actions.add_parser("submit", help="start a run (or a recurring run) on Kubeflow Pipelines via kfp.Client")
+    a.add_argument("--host", required=True,
+                   help="the Kubeflow Pipelines API, e.g. https://kubeflow.example.org/pipeline")
+    a.add_argument("--pipeline", default="training", choices=["training", "monitoring"])
+    a.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
+    a.add_argument("--experiment", default="sonossl", help="experiment name (created when missing)")
+    a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run parameter, e.g. dataset=s3://datasets/raw/sim (repeatable)")
+    a.add_argument("--token", default=None, help="bearer token (e.g. `kubectl create token ...`)")
+    a.add_argument("--run-name", default=None)
+    a.add_argument("--schedule", default=None, metavar="CRON",
+                   help="a recurring run on this cron schedule, e.g. '0 6 * * *' (the monitoring pipeline)")
+    a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the API (default: 10)")
+    a.set_defaults(func=_cmd_pipeline)
+    a = actions.add_parser("run-local", help="run the training pipeline on this machine with kfp.local")
+    _add_params_args(a)
+    a.set_defaults(profile="tiny")
+    a.add_argument("--out", type=Path, default=Path("dist/run-local"),
+                   help="folder for the pipeline root, raw data and temp files (default: dist/run-local)")
+    a.add_argument("--dataset", default=None,
+                   help="raw dataset (folder, s3:// prefix or dvc:// location); default: simulate the profile's")
+    a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another pipeline parameter, e.g. pretrain_epochs=1 (repeatable)")
+    a.set_defaults(func=_cmd_pipeline)
+    p = sub.add_parser("deploy", help="serve an exported model with KServe: create or update its InferenceService")
+    p.add_argument("--model-uri", required=True, help="the export folder in S3 (s3://BUCKET/PREFIX): the storageUri")
+    p.add_argument("--name", default="sonossl", help="InferenceService name (default: sonossl)")
+    p.add_argument("--namespace", default="sonossl", help="its namespace (default: sonossl)")
+    p.add_argument("--image", default=None,
+                   help="serving image (default: ghcr.io/sonossl/sonossl:<version>, with -cuda when --gpu)")
+    p.add_argument("--canary-percent", type=int, default=None,
+                   help="share of the traffic for the new model, 0-100 (default: all of it)")
+    p.add_argument("--service-account", default="sonossl-s3",
+                   help="service account carrying the S3 credentials (default: sonossl-s3)")
+    p.add_argument("--runtime", default="sonossl", help="ServingRuntime name (default: sonossl)")
+    p.add_argument("--model-card", type=Path, default=None,
+                   help="local export folder or model_card.json for the annotations (default: the card at "
+                        "--model-uri, read from S3; none on --dry-run)")
+    p.add_argument("--gpu", action="store_true", help="one nvidia.com/gpu per replica, one replica always warm")
+    p.add_argument("--dry-run", action="store_true", help="print the InferenceService as YAML; send nothing")
+    p.set_defaults(func=_cmd_deploy)
+
+    p = sub.add_parser("champion", help="what the live InferenceService serves: model URI, version, metrics")
+    p.add_argument("--name", default="sonossl", help="InferenceService name (default: sonossl)")
+    p.add_argument("--namespace", default="sonossl", help="its namespace (default: sonossl)")
+    p.add_argument("--field", default=None,
+                   help="print only this annotation (without sonossl.io/), e.g. model-uri or planes.val.macro_f1")
+    p.set_defaults(func=_cmd_champion)
     return parser
 
 

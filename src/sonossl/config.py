@@ -39,6 +39,9 @@ class SimulateParams:
     samples: int = 288  # samples along each beam (axial sampling)
     saliency_size: int = 48  # side of the stored saliency maps, which cover the whole frame
     crf: int = 18  # H.264 quality (0 = lossless)
+    # A scanner preset shift: added to every video's gain (dB). 0 for training data; other values render the same
+    # kind of sweeps from a scanner set brighter or darker, to check that drift monitoring notices.
+    gain_db: float = 0.0
     seed: int = 0
     workers: int = 0  # parallel processes; 0 = one per core
 

@@ -9,7 +9,9 @@ validation macro-F1 by default: the test videos play no part in the choice) and 
 - ``model_card.json`` / ``model_card.md``: model version, clip dataset (feature) version, raw data version, the
   parameters, validation and test metrics, classes, lineage, and the input contract for serving;
 - ``reference/``: the training data as the model saw it, for drift monitoring: ``embeddings.npy`` (PCA-reduced),
-  ``image_stats.parquet`` (``sonossl.monitor.image_stats``) and ``labels.npy``.
+  ``image_stats.parquet`` (``sonossl.monitor.image_stats``) and ``labels.npy``; and the same for frames of the
+  validation videos (``heldout_*``): how far new videos from the training source lie from the reference, which
+  ``sonossl.monitor.drift`` uses to set its thresholds.
 
 Versions: the feature version is the clip dataset's; the raw version is a hash of the raw inputs listed in its
 ``meta.json``; the model version is a hash of the feature version, the training parameters and the weights.
@@ -147,7 +149,9 @@ def _card_markdown(card: dict[str, Any]) -> str:
              "## Output", "", *(f"- {k}: {v}" for k, v in card["output"].items()), "",
              "## Reference statistics", "",
              f"- {card['reference']['frames']} training frames: PCA-{card['reference']['embedding_dims']} embeddings "
-             f"and image statistics ({', '.join(card['reference']['image_stats'])})", ""]
+             f"and image statistics ({', '.join(card['reference']['image_stats'])})",
+             f"- {card['reference']['heldout_frames']} frames of the validation videos, the same statistics: how far "
+             "new videos from the training source lie from the reference (drift thresholds are set from them)", ""]
     return "\n".join(lines)
 
 
@@ -163,24 +167,30 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     planes.load_state_dict(pck["state_dict"])
     planes.eval()
 
-    # reference: training frames, evenly spaced, as the model sees them
+    # reference: training frames, evenly spaced, as the model sees them; held-out: the same from validation videos
     idx = data.index
-    train_rows = np.flatnonzero(idx.split.to_numpy() == "train")
-    pick = train_rows[np.linspace(0, len(train_rows) - 1, min(ep.reference_frames, len(train_rows))).astype(int)]
-    frames = np.asarray(data.frames[pick])
-    with torch.no_grad():
-        emb = np.concatenate([planes.encoder(to_input(torch.from_numpy(frames[i:i + EVAL_BATCH]))).numpy()
-                              for i in range(0, len(frames), EVAL_BATCH)])
+    videos = {v["video_idx"]: v for v in data.meta.get("videos", [])}
+
+    def sample(split: str, n: int) -> tuple[np.ndarray, np.ndarray, Any]:
+        rows = np.flatnonzero(idx.split.to_numpy() == split)
+        pick = rows[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
+        frames = np.asarray(data.frames[pick])
+        with torch.no_grad():
+            emb = [planes.encoder(to_input(torch.from_numpy(frames[i:i + EVAL_BATCH]))).numpy()
+                   for i in range(0, len(frames), EVAL_BATCH)]
+        source_hw = np.array([(videos.get(int(v), {}).get("height", data.frames.shape[1]),
+                               videos.get(int(v), {}).get("width", data.frames.shape[2]))
+                              for v in idx.video_idx.to_numpy()[pick]]).reshape(-1, 2)
+        return pick, (np.concatenate(emb) if emb else np.zeros((0, planes.encoder.dim), np.float32)), \
+            image_stats(frames, source_hw)
+
+    pick, emb, stats = sample("train", ep.reference_frames)
+    held_pick, held_emb, held_stats = sample("val", max(1, ep.reference_frames // 4))
     dims = min(ep.embedding_dims, emb.shape[1], len(emb))
     mean = emb.mean(0)
     _, _, vt = np.linalg.svd(emb - mean, full_matrices=False)
     components = vt[:dims].astype(np.float32)
     reduced = ((emb - mean) @ components.T).astype(np.float32)
-    videos = {v["video_idx"]: v for v in data.meta.get("videos", [])}
-    source_hw = np.array([(videos.get(int(v), {}).get("height", data.frames.shape[1]),
-                           videos.get(int(v), {}).get("width", data.frames.shape[2]))
-                          for v in idx.video_idx.to_numpy()[pick]])
-    stats = image_stats(frames, source_hw)
 
     weights = _weights_hash(pck["state_dict"]) + _weights_hash(sck["state_dict"])
     model_version = hashlib.sha256(json.dumps(
@@ -216,7 +226,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
             "saliency": f"(N, {int(sck['saliency_size'])}, {int(sck['saliency_size'])}) map over the frame, sums to 1",
             "embedding": f"(N, {emb.shape[1]}) pooled encoder features; embedding_reduced (N, {dims}) after PCA",
         },
-        "reference": {"frames": int(len(pick)), "embedding_dims": dims, "image_stats": list(stats.columns)},
+        "reference": {"frames": int(len(pick)), "heldout_frames": int(len(held_pick)), "embedding_dims": dims,
+                      "image_stats": list(stats.columns)},
     }
     bundle = {
         "bundle_format": BUNDLE_FORMAT,
@@ -238,4 +249,6 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         np.save(ref / "embeddings.npy", reduced)
         np.save(ref / "labels.npy", idx.label.to_numpy()[pick].astype(str))
         stats.to_parquet(ref / "image_stats.parquet", index=False)
+        np.save(ref / "heldout_embeddings.npy", ((held_emb - mean) @ components.T).astype(np.float32))
+        held_stats.to_parquet(ref / "heldout_image_stats.parquet", index=False)
     return card

@@ -726,10 +726,14 @@ def _video_splits(kept: list[_Task], listing: pd.DataFrame, params: PreprocessPa
     patients = listing["patient_id"] if "patient_id" in listing.columns else None
     patient_of = {t.idx: (patients.iloc[t.idx] or None) if patients is not None else None for t in kept}
     group_of = {t.idx: patient_of[t.idx] or t.path for t in kept}
+    # The stratum of a video: the listing's optional `stratum` column (for instance the simulator's main standard
+    # plane of a sweep, so that every plane reaches validation and test), else its label.
+    given = listing["stratum"] if "stratum" in listing.columns else None
     labels: dict[str, Counter] = {}
     for t in kept:
-        labels.setdefault(group_of[t.idx], Counter())[t.label] += 1
-    # A group's stratum is its most common video label (ties: the first in sorted order).
+        stratum = (given.iloc[t.idx] or None) if given is not None else None
+        labels.setdefault(group_of[t.idx], Counter())[stratum or t.label] += 1
+    # A group's stratum is its videos' most common one (ties: the first in sorted order).
     strata = {g: min(c.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))[0] for g, c in labels.items()}
     split_of = assign_splits(strata, params.split, params.seed)
     return patient_of, {i: split_of[g] for i, g in group_of.items()}

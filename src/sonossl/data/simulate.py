@@ -4,7 +4,7 @@ Each video is one virtual fetus (``phantom``) scanned by a virtual sonographer (
 (``bmode``), labelled from the geometry of each slice (``planes``), with a gaze-like saliency map per frame
 (``gaze``). The output is a raw dataset in the one schema every source uses:
 
-    out/labels.csv                 path, label, patient_id, annotations, frames, fps, ... (one row per video)
+    out/labels.csv                 path, label, patient_id, stratum, annotations, frames, fps, ... (one row per video)
     out/videos/sweep_000.mp4       H.264 through PyAV
     out/annotations/sweep_000.npz  per frame: labels, saliency, slice geometry, probe pose and segment
     out/simulator.json             the parameters
@@ -23,7 +23,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,10 @@ def scene(index: int, params: SimulateParams) -> Scene:
     phantom = Phantom.random(rng)
     depth = float(rng.uniform(120.0, 155.0))  # deep enough for a posterior spine
     sector = Sector(radius=float(rng.uniform(38.0, 50.0)), depth=depth, half_angle=float(rng.uniform(30.0, 37.5)))
-    return Scene(rng, phantom, sector, Settings.random(rng, depth))
+    settings = Settings.random(rng, depth)
+    if params.gain_db:
+        settings = replace(settings, gain_db=settings.gain_db + params.gain_db)
+    return Scene(rng, phantom, sector, settings)
 
 
 def render_sweep(index: int, params: SimulateParams) -> Sweep:
@@ -115,8 +118,11 @@ def render_sweep(index: int, params: SimulateParams) -> Sweep:
 
     name = f"sweep_{index:03d}"
     counts = Counter(labels.tolist())
+    planes = {c: k for c, k in counts.items() if c != "background" and k > 0}
     row: dict[str, object] = {
         "path": f"videos/{name}.mp4", "label": "", "patient_id": f"fetus-{params.seed}-{index:03d}",
+        # the plane the sweep shows most: preprocess spreads sweeps over the splits by it
+        "stratum": min(planes, key=lambda c: (-planes[c], c)) if planes else "background",
         "annotations": f"annotations/{name}.npz", "frames": n, "fps": params.fps, "width": renderer.width,
         "height": renderer.height, "ga_weeks": round(phantom.ga_weeks, 2), "presentation": phantom.pose.presentation,
         "spine": phantom.pose.spine, "depth_mm": round(depth, 1), "freq_mhz": round(settings.freq_mhz, 2),

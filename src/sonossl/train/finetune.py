@@ -286,6 +286,7 @@ def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_e
             name = f"{method}@{frac:g}"
             if method == "probe":
                 if probe_encoder is None:
+                    torch.manual_seed(seed_for(params.seed, 1))  # a scratch probe: the same random encoder every run
                     probe_encoder = make_encoder().to(device)
                     needed = np.flatnonzero(d.labels >= 0)
                     z_all = np.zeros((len(d.labels), probe_encoder.dim), dtype=np.float32)
