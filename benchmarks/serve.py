@@ -1,10 +1,12 @@
 """Serving latency: a 4-frame clip through the real server against the same work in process, in the same run.
 
-The baseline is the in-process call on the same clip: training's preprocessing (sector crop, resize) and the bundle's
-forward pass (``prepare_clip`` + ``Bundle.predict``), which is what the server does per request; the forward pass
-alone is reported too. The server is ``python -m sonossl.serve`` on 127.0.0.1 (one process, as in the image), called
-over HTTP with v2 JSON requests (UINT8 frames) at concurrency 1 and 4, with the request log on, and once more at
-concurrency 1 with the log off (what logging costs). At concurrency 1, blocks of 10 requests alternate with blocks of
+The clip is 4 frames of a simulated sweep (256x192), encoded as a small mp4, as a scanner export or a client that
+holds a video would send it. The baseline is the in-process call on the same bytes: decode, training's
+preprocessing (sector crop, resize) and the bundle's forward pass (``decode_media`` + ``prepare_clip`` +
+``Bundle.predict``), which is what the server does per request; the forward pass alone is reported too. The server is
+``python -m sonossl.serve`` on 127.0.0.1 (one process, as in the image), called over HTTP with v2 requests (the mp4
+as BYTES, base64 in JSON) at concurrency 1 and 4, with the request log on, and once more at concurrency 1 with the
+log off (what logging costs). For comparison, the same frames sent decoded, as a JSON list of 196,608 numbers. At concurrency 1, blocks of 10 requests alternate with blocks of
 10 in-process calls, so both see the same machine noise. Medians of the per-request latencies; p99; requests/s.
 Target: at concurrency 1, p50 at most 1.5x the in-process call. Writes ``benchmarks/results/serve.json``.
 
@@ -37,19 +39,19 @@ def _percentiles(ms: list[float]) -> dict[str, float]:
 class _InProcess:
     """The baseline: the same clip through ``prepare_clip`` + ``Bundle.predict`` in this process."""
 
-    def __init__(self, model_dir: Path, clip: np.ndarray):
+    def __init__(self, model_dir: Path, media: bytes):
         from sonossl.config import PreprocessParams
         from sonossl.export import load_bundle
-        from sonossl.serve.frames import prepare_clip
+        from sonossl.serve.frames import decode_media, prepare_clip
 
-        self.bundle, self.clip, self.prepare = load_bundle(model_dir), clip, prepare_clip
+        self.bundle, self.media, self.prepare, self.decode = load_bundle(model_dir), media, prepare_clip, decode_media
         pre = self.bundle.card["params"]["preprocess"]
         self.params = dataclasses.replace(PreprocessParams(), frame_size=pre["frame_size"],
                                           blank_mean=pre["blank_mean"], blank_std=pre["blank_std"])
-        self.prepared = prepare_clip(clip, self.params).frames
+        self.prepared = prepare_clip(decode_media(media, 256), self.params).frames
 
     def full(self) -> None:
-        self.bundle.predict(self.prepare(self.clip, self.params).frames)
+        self.bundle.predict(self.prepare(self.decode(self.media, 256), self.params).frames)
 
     def forward(self) -> None:
         self.bundle.predict(self.prepared)
@@ -76,13 +78,13 @@ def _start(model_dir: Path, port: int, log_dir: Path | None):
     return server
 
 
-def _interleaved(base: _InProcess, url: str, clip: np.ndarray, requests: int, block: int = 10):
+def _interleaved(base: _InProcess, url: str, send, requests: int, block: int = 10):
     """Alternate blocks of in-process calls and server requests (concurrency 1), so both see the same noise."""
     from sonossl.serve.client import Client
 
     client = Client(url)
     for _ in range(5):
-        client.infer_frames(clip)
+        send(client)
         base.full()
     full, forward, served = [], [], []
     t_served = 0.0
@@ -90,21 +92,21 @@ def _interleaved(base: _InProcess, url: str, clip: np.ndarray, requests: int, bl
         full += _timed(base.full, block)
         forward += _timed(base.forward, block)
         t = time.perf_counter()
-        served += _timed(lambda: client.infer_frames(clip), block)
+        served += _timed(lambda: send(client), block)
         t_served += time.perf_counter() - t
     return full, forward, {**_percentiles(served), "requests_per_s": round(len(served) / t_served, 2),
                            "requests": len(served)}
 
 
-def _concurrent(url: str, clip: np.ndarray, requests: int, c: int) -> dict[str, float]:
+def _concurrent(url: str, send, requests: int, c: int) -> dict[str, float]:
     from sonossl.serve.client import Client
 
     clients = [Client(url) for _ in range(c)]  # one connection each
     for cl in clients:
-        cl.infer_frames(clip)
+        send(cl)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(c) as pool:
-        parts = list(pool.map(lambda cl: _timed(lambda: cl.infer_frames(clip), requests // c), clients))
+        parts = list(pool.map(lambda cl: _timed(lambda: send(cl), requests // c), clients))
     wall = time.perf_counter() - t0
     ms = [m for p in parts for m in p]
     return {**_percentiles(ms), "requests_per_s": round(len(ms) / wall, 2), "requests": len(ms)}
@@ -123,29 +125,38 @@ def main() -> int:
     first = (args.raw / "labels.csv").read_text().splitlines()[1].split(",")[0]
     frames, _ = read_video(args.raw / first)
     clip = np.ascontiguousarray(frames[10:14])  # 4 frames as the scanner shows them (sector crop in the server)
-    base = _InProcess(args.model_dir, clip)
+    with tempfile.TemporaryDirectory(prefix="sonossl-serve-bench-") as tmp:
+        from sonossl.data.video import encode_video
+
+        media = encode_video(Path(tmp) / "clip.mp4", clip, fps=20).read_bytes()  # what a scanner export sends
+    base = _InProcess(args.model_dir, media)
+    video = lambda cl: cl.infer_video(media)  # noqa: E731 - the clip as it would come: an mp4, base64 in JSON
+    frames_json = lambda cl: cl.infer_frames(clip, binary=False)  # noqa: E731 - the decoded frames as JSON numbers
     url = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory(prefix="sonossl-serve-bench-") as tmp:
         server = _start(args.model_dir, args.port, Path(tmp) / "requests")
         try:
-            full, forward, logged_c1 = _interleaved(base, url, clip, args.requests)
-            logged_c4 = _concurrent(url, clip, args.requests, 4)
+            full, forward, logged_c1 = _interleaved(base, url, video, args.requests)
+            logged_c4 = _concurrent(url, video, args.requests, 4)
+            _, _, json_c1 = _interleaved(base, url, frames_json, args.requests // 2)
         finally:
             server.terminate()
             server.wait(timeout=60)
         server = _start(args.model_dir, args.port, None)
         try:
-            full2, _, unlogged_c1 = _interleaved(base, url, clip, args.requests)
+            full2, _, unlogged_c1 = _interleaved(base, url, video, args.requests)
         finally:
             server.terminate()
             server.wait(timeout=60)
     ref = _percentiles(full)["p50_ms"]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "clip": list(clip.shape), "requests": args.requests,
+        "clip": list(clip.shape), "clip_mp4_bytes": len(media), "requests": args.requests,
         "in_process": {"preprocess_and_forward": _percentiles(full), "forward_only": _percentiles(forward)},
         "server_with_request_log": {"concurrency_1": logged_c1, "concurrency_4": logged_c4},
         "server_without_request_log": {"concurrency_1": unlogged_c1},
+        "server_frames_as_json_numbers": {"concurrency_1": json_c1},
+        "ratio_p50_c1_frames_as_json_vs_in_process": round(json_c1["p50_ms"] / ref, 3),
         "ratio_p50_c1_vs_in_process": round(logged_c1["p50_ms"] / ref, 3),
         "ratio_p50_c1_vs_forward_only": round(logged_c1["p50_ms"] / _percentiles(forward)["p50_ms"], 3),
         "ratio_p50_c1_log_on_vs_off": round(logged_c1["p50_ms"] / unlogged_c1["p50_ms"], 3),

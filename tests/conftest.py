@@ -349,6 +349,29 @@ def tiny_export(tiny_clips, tiny_params, tmp_path_factory) -> Path:
     return root / "export"
 
 
+@pytest.fixture(scope="session")
+def drift_export(tiny_params, tmp_path_factory) -> Path:
+    """A tiny model exported from 12 sweeps: drift thresholds are learnt from windows of whole videos, so the
+    reference needs more videos than the 4 of the tiny profile."""
+    import dataclasses
+
+    from sonossl.data.clips import preprocess
+    from sonossl.data.simulate import simulate
+    from sonossl.export import export
+    from sonossl.train.finetune import finetune
+    from sonossl.train.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("drift_export")
+    simulate(root / "raw", dataclasses.replace(tiny_params.simulate, videos=12), progress=False)
+    preprocess(root / "raw", root / "clips", tiny_params.preprocess, progress=False)
+    pretrain(root / "clips", root / "pretrain", tiny_params.pretrain, progress=False)
+    for task in ("planes", "saliency"):
+        finetune(root / "clips", root / "finetune" / f"ssl-{task}", tiny_params.finetune, task=task,
+                 encoder=root / "pretrain", progress=False)
+    export(root / "clips", root / "finetune", root / "export", tiny_params, progress=False)
+    return root / "export"
+
+
 @dataclass
 class ServerProcess:
     url: str

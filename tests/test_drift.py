@@ -27,7 +27,7 @@ def _videos(raw: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_export, tiny_params, tmp_path_factory):
+def served(drift_export, tiny_params, tmp_path_factory):
     """The request log of one server that saw three windows of traffic; the windows' (since, until, frames)."""
     from sonossl.data.simulate import simulate
     from sonossl.serve.client import Client
@@ -42,7 +42,7 @@ def served(tiny_export, tiny_params, tmp_path_factory):
 
     pocus = pd.read_csv(POCUS / "labels.csv")
     short = pocus[pocus.frames <= 40].sort_values("frames").head(8)  # small real videos, a few of each class
-    srv = start_server(tiny_export, work, str(work / "requests"))
+    srv = start_server(drift_export, work, str(work / "requests"))
     try:
         client = Client(srv.url)
         windows = {"heldout": _send(client, _videos(work / "heldout")),
@@ -53,16 +53,16 @@ def served(tiny_export, tiny_params, tmp_path_factory):
     return work / "requests", windows
 
 
-def test_three_windows_no_drift_then_drift_then_drift(served, tiny_export, tmp_path):
+def test_three_windows_no_drift_then_drift_then_drift(served, drift_export, tmp_path):
     from sonossl.monitor.drift import drift_report
 
     log, windows = served
-    results = {name: drift_report(tiny_export, log, tmp_path / "reports", since=since, until=until, window=name)
+    results = {name: drift_report(drift_export, log, tmp_path / "reports", since=since, until=until, window=name)
                for name, (since, until, _) in windows.items()}
     for name, r in results.items():
         print(name, json.dumps({k: r.summary[k] for k in ("drifted", "columns", "embedding", "frames")}))
     assert not results["heldout"].drift_detected
-    assert results["bright"].drift_detected and "mean" in results["bright"].summary["drifted"]
+    assert results["bright"].drift_detected
     assert results["pocus"].drift_detected
     for name, r in results.items():
         assert r.summary["frames"] == windows[name][2]  # every served frame was logged, none blank here
@@ -73,11 +73,11 @@ def test_three_windows_no_drift_then_drift_then_drift(served, tiny_export, tmp_p
     assert all(f'href="{w}/drift.html"' in html for w in windows)
 
 
-def test_cli_exit_code_says_whether_there_is_drift(served, tiny_export, tmp_path, capsys):
+def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_path, capsys):
     from sonossl.cli import main
 
     log, windows = served
-    common = ["drift", "--model-dir", str(tiny_export), "--log", str(log), "--out", str(tmp_path)]
+    common = ["drift", "--model-dir", str(drift_export), "--log", str(log), "--out", str(tmp_path)]
     since, until, _ = windows["heldout"]
     assert main([*common, "--since", since.isoformat(), "--until", until.isoformat(), "--window", "a"]) == 0
     assert "no drift" in capsys.readouterr().out
@@ -87,7 +87,7 @@ def test_cli_exit_code_says_whether_there_is_drift(served, tiny_export, tmp_path
     assert "DRIFT in" in out and "threshold" in out and "report:" in out
 
 
-def test_too_few_frames_and_other_model_versions(served, tiny_export, tmp_path):
+def test_too_few_frames_and_other_model_versions(served, drift_export, tmp_path, tiny_export):
     from sonossl.monitor.drift import drift_report
     from sonossl.monitor.request_log import RequestLog, read_request_log
 
@@ -98,21 +98,27 @@ def test_too_few_frames_and_other_model_versions(served, tiny_export, tmp_path):
     rl.append([{**r, "model_version": "someoldmodel"} for r in rows.assign(ts=rows.ts.astype(str)).to_dict("records")])
     rl.close()
     with pytest.raises(ValueError, match=r"0 usable frames of model .* \d+ rows of other model versions"):
-        drift_report(tiny_export, other, tmp_path / "reports")
+        drift_report(drift_export, other, tmp_path / "reports")
     since, _, _ = windows["heldout"]
     with pytest.raises(ValueError, match="need at least 30"):
-        drift_report(tiny_export, log, tmp_path / "reports", since=since, until=since)
+        drift_report(drift_export, log, tmp_path / "reports", since=since, until=since)
     with pytest.raises(FileNotFoundError, match="not a sonossl export"):
         drift_report(tmp_path, log, tmp_path / "reports")
+    # the tiny profile's 4 sweeps: too few videos to learn thresholds from
+    from sonossl.monitor.drift import DriftParams, load_reference, null_thresholds
+
+    _, ref, held = load_reference(tiny_export)
+    with pytest.raises(ValueError, match="too few to learn drift thresholds"):
+        null_thresholds(ref, held, ["mean"], ["emb_0"], {"mean": 0.1, "embedding": 0.015}, DriftParams())
 
 
-def test_drift_reports_to_s3(served, tiny_export, s3_server, tmp_path):
+def test_drift_reports_to_s3(served, drift_export, s3_server, tmp_path):
     from sonossl.monitor.drift import drift_report
 
     log, windows = served
     since, until, _ = windows["pocus"]
     prefix = f"s3://{s3_server.bucket}/drift"
-    r = drift_report(tiny_export, log, prefix, since=since, until=until, window="pocus")
+    r = drift_report(drift_export, log, prefix, since=since, until=until, window="pocus")
     assert r.drift_detected and r.html == f"{prefix}/pocus/drift.html"
     keys = set(s3_server.objects())
     assert {"drift/index.json", "drift/index.html", "drift/pocus/drift.html", "drift/pocus/summary.json"} <= keys

@@ -211,3 +211,18 @@ def test_request_log_to_s3(tiny_export, s3_server, tmp_path, tiny_clips):
     rows = read_request_log(uri)
     assert len(rows) == n and rows.request_id.nunique() == 1
     assert all(k.startswith("sonossl/requests/date=") and k.endswith(".jsonl") for k in s3_server.objects())
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path, capsys):
+    from sonossl.cli import main
+
+    assert main(["serve", "--model-dir", str(tmp_path), "--http-port", "1"]) == 2
+    assert f"{tmp_path}: no exported model (model.pt)" in capsys.readouterr().err
+
+
+def test_the_binary_data_extension_gives_the_same_answer(client, tiny_clips):
+    from sonossl.data.video import read_video
+
+    frames, _ = read_video(_sweep(tiny_clips))
+    assert np.allclose(client.infer_frames(frames[:5], binary=True)["probs"],
+                       client.infer_frames(frames[:5])["probs"], atol=1e-6)

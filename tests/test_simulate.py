@@ -45,7 +45,10 @@ def test_same_seed_same_bytes_whatever_the_workers(sim, tmp_path):
 
 def test_raw_dataset_layout_and_annotations(sim):
     table = pd.read_csv(sim / "labels.csv", dtype={"label": str}, keep_default_na=False)
-    assert list(table.columns[:4]) == ["path", "label", "patient_id", "annotations"]
+    assert list(table.columns[:5]) == ["path", "label", "patient_id", "stratum", "annotations"]
+    for row in table.to_dict("records"):  # the stratum is the plane the sweep shows most
+        planes = {c: row[f"n_{c}"] for c in CLASSES if c != "background" and row[f"n_{c}"] > 0}
+        assert row["stratum"] == (max(sorted(planes), key=planes.get) if planes else "background")
     assert len(table) == TINY.videos and table["patient_id"].is_unique
     for row in table.to_dict("records"):
         frames, times = read_video(sim / row["path"])

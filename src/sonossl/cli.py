@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_utc_time, default=None, help="start of the window (ISO time, UTC); default: all")
     p.add_argument("--until", type=_utc_time, default=None, help="end of the window (ISO time, UTC, exclusive)")
     p.add_argument("--window", default=None, help="name of the window's report folder (default: from its times)")
-    p.add_argument("--margin", type=float, default=2.5, help="threshold = margin x the held-out baseline score")
+    p.add_argument("--margin", type=float, default=1.25,
+                   help="threshold = margin x the 95th percentile of scores of windows of unchanged videos")
     p.add_argument("--drift-share", type=float, default=0.5, help="share of drifted statistics that is drift")
     p.add_argument("--min-frames", type=int, default=30, help="fewer usable frames than this is an error")
     p.set_defaults(func=_cmd_drift)
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the server has its own parser (KServe's options included): hand over everything
+        return _cmd_serve(argparse.Namespace(serve_args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sonossl.config import ParamsError

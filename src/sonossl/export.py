@@ -9,9 +9,9 @@ validation macro-F1 by default: the test videos play no part in the choice) and 
 - ``model_card.json`` / ``model_card.md``: model version, clip dataset (feature) version, raw data version, the
   parameters, validation and test metrics, classes, lineage, and the input contract for serving;
 - ``reference/``: the training data as the model saw it, for drift monitoring: ``embeddings.npy`` (PCA-reduced),
-  ``image_stats.parquet`` (``sonossl.monitor.image_stats``) and ``labels.npy``; and the same for frames of the
-  validation videos (``heldout_*``): how far new videos from the training source lie from the reference, which
-  ``sonossl.monitor.drift`` uses to set its thresholds.
+  ``image_stats.parquet`` (``sonossl.monitor.image_stats``), ``labels.npy`` and ``videos.npy`` (each frame's
+  video); and the same for frames of the validation videos (``heldout_*``): ``sonossl.monitor.drift`` draws windows
+  of whole videos from them to learn how far new videos from the training source lie from the reference.
 
 Versions: the feature version is the clip dataset's; the raw version is a hash of the raw inputs listed in its
 ``meta.json``; the model version is a hash of the feature version, the training parameters and the weights.
@@ -248,6 +248,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         ref.mkdir()
         np.save(ref / "embeddings.npy", reduced)
         np.save(ref / "labels.npy", idx.label.to_numpy()[pick].astype(str))
+        np.save(ref / "videos.npy", idx.video_idx.to_numpy()[pick].astype(np.int64))
+        np.save(ref / "heldout_videos.npy", idx.video_idx.to_numpy()[held_pick].astype(np.int64))
         stats.to_parquet(ref / "image_stats.parquet", index=False)
         np.save(ref / "heldout_embeddings.npy", ((held_emb - mean) @ components.T).astype(np.float32))
         held_stats.to_parquet(ref / "heldout_image_stats.parquet", index=False)

@@ -39,7 +39,7 @@ from sonossl.data.probe import plane_from_pose, sonographer_path
 from sonossl.data.video import encode_video
 
 SIMULATOR_VERSION = "1"
-COLUMNS = ["path", "label", "patient_id", "annotations", "frames", "fps", "width", "height", "ga_weeks",
+COLUMNS = ["path", "label", "patient_id", "stratum", "annotations", "frames", "fps", "width", "height", "ga_weeks",
            "presentation", "spine", "depth_mm", "freq_mhz", "gain_db"] + [f"n_{c}" for c in CLASSES]
 
 

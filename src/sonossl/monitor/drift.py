@@ -5,14 +5,16 @@ contrast, speckle SNR, sector coverage) with ``ValueDrift`` (normed Wasserstein 
 embeddings with ``EmbeddingsDrift`` (maximum mean discrepancy, RBF kernel at the median distance: scale-free). Each
 score becomes a pass/fail test against its threshold.
 
-Thresholds come from the model's own held-out data. Frames of one video are alike, so a window holding a handful of
-new videos lies further from the reference than per-frame statistics expect, even when nothing changed; a fixed
-textbook threshold then cries drift at every report. The export stores the same statistics for the validation
-videos (new videos from the training source); each report first scores them against the reference (the baseline
-printed in the report) and sets every threshold to ``margin`` times its baseline, never below Evidently's default
-(0.1 for the statistics, 0.015 for the embeddings).
-Drift is declared when at least ``drift_share`` of the statistics drift, or the embeddings drift, or that share of
-frames comes at a frame size the training data never had.
+Thresholds come from the model's own data, video by video. Frames of one video are alike, so a window holding a
+handful of new videos lies further from the reference than per-frame statistics expect, even when nothing changed;
+a fixed textbook threshold then cries drift at every report. So each report first draws ``null_draws`` windows of
+whole videos (as many as the export's validation videos) from the videos behind the reference and the held-out
+frames, scores each against the reference frames of the other videos, exactly as the current window will be
+scored, and sets every threshold to ``margin`` times the ``quantile`` of those scores (never below Evidently's
+defaults: 0.1 for the statistics, 0.015 for the embeddings). The thresholds are thereby set for windows of about
+that many videos: a window of many more is judged more leniently, one of a single video more strictly. Drift is
+declared when at least ``drift_share`` of the statistics drift, or the embeddings drift, or that share of frames
+comes at a frame size the training data never had.
 
 Only rows of the model version being checked are compared (embeddings of another model are another space); blank
 frames are left out, as training leaves them out. Reports are kept per time window: ``<out>/<window>/drift.html``
@@ -45,9 +47,12 @@ EVIDENTLY_MMD = 0.015
 
 @dataclass(frozen=True)
 class DriftParams:
-    margin: float = 2.5  # threshold = margin x the held-out baseline score
+    margin: float = 1.25  # threshold = margin x the quantile of scores of windows of unchanged videos
+    quantile: float = 0.95
+    null_draws: int = 40  # windows drawn to learn those scores
     drift_share: float = 0.5  # share of drifted statistics (or of frames at an unseen size) that is drift
     min_frames: int = 30  # fewer current frames than this is not enough to judge
+    seed: int = 0
     columns: tuple[str, ...] = STAT_COLUMNS
 
 
@@ -80,21 +85,53 @@ def load_reference(model_dir: str | Path):
     model_dir = Path(model_dir)
     ref_dir = model_dir / "reference"
     needed = [model_dir / "model_card.json", ref_dir / "embeddings.npy", ref_dir / "image_stats.parquet",
-              ref_dir / "heldout_embeddings.npy", ref_dir / "heldout_image_stats.parquet"]
+              ref_dir / "videos.npy", ref_dir / "heldout_embeddings.npy", ref_dir / "heldout_image_stats.parquet",
+              ref_dir / "heldout_videos.npy"]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir}: not a sonossl export with reference statistics (missing: "
                                 f"{', '.join(missing)}); run `sonossl export` (or `dvc repro export`)")
     card = json.loads(needed[0].read_text())
 
-    def table(emb_file: Path, stats_file: Path) -> pd.DataFrame:
+    def table(emb_file: Path, stats_file: Path, videos_file: Path) -> pd.DataFrame:
         t = pd.read_parquet(stats_file)
         emb = np.load(emb_file)
         for j in range(emb.shape[1]):
             t[f"emb_{j}"] = emb[:, j]
+        t["video"] = np.load(videos_file)
         return t
 
-    return card, table(needed[1], needed[2]), table(needed[3], needed[4])
+    return card, table(*needed[1:4]), table(*needed[4:7])
+
+
+def null_thresholds(reference, heldout, columns: list[str], emb_cols: list[str], floors: dict[str, float],
+                    params: DriftParams) -> tuple[dict[str, float], dict[str, float]]:
+    """(thresholds, quantiles): scores of windows of whole, unchanged videos against the other videos' reference
+    frames, computed as Evidently computes them (normed Wasserstein: the distance over the reference's standard
+    deviation; MMD: Evidently's own ``MMDDriftMethod``)."""
+    import pandas as pd
+    from evidently.metrics.embeddings import MMDDriftMethod
+    from scipy.stats import wasserstein_distance
+
+    pool = pd.concat([reference, heldout], ignore_index=True)
+    videos = np.unique(pool.video.to_numpy())
+    k = max(1, int(heldout.video.nunique()))
+    if reference.video.nunique() < k + 3:  # leave at least 3 videos of reference beside a drawn window
+        raise ValueError(f"the reference holds frames of {reference.video.nunique()} training videos: too few to "
+                         f"learn drift thresholds for windows of {k} videos (need {k + 3}; train on more videos)")
+    rng = np.random.default_rng(params.seed)
+    scores: dict[str, list[float]] = {k_: [] for k_ in [*columns, "embedding"]}
+    mmd = MMDDriftMethod()
+    for _ in range(params.null_draws):
+        pick = rng.choice(videos, size=k, replace=False)
+        cur = pool[pool.video.isin(pick)]
+        ref = reference[~reference.video.isin(pick)]
+        for c in columns:
+            norm = max(float(np.std(ref[c])), 0.001)
+            scores[c].append(float(wasserstein_distance(ref[c], cur[c])) / norm)
+        scores["embedding"].append(float(mmd(cur[emb_cols], ref[emb_cols])[0]))
+    quantiles = {c: float(np.quantile(v, params.quantile)) for c, v in scores.items()}
+    return {c: max(floors[c], params.margin * q) for c, q in quantiles.items()}, quantiles
 
 
 def _evidently_scores(reference, current, columns: list[str], emb_cols: list[str], thresholds: dict[str, float]):
@@ -207,10 +244,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
                          f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
                          f"{int(rows.blank.astype(bool).sum())} blank frames left out)")
 
-    # the baseline: held-out videos of the training source, scored exactly as the current window will be
     floors = {**{c: EVIDENTLY_WASSERSTEIN for c in columns}, "embedding": EVIDENTLY_MMD}
-    _, baseline = _evidently_scores(reference, heldout, columns, emb_cols, floors)
-    thresholds = {k: max(floors[k], params.margin * baseline[k]) for k in floors}
+    thresholds, baseline = null_thresholds(reference, heldout, columns, emb_cols, floors, params)
     snap, scores = _evidently_scores(reference, current, columns, emb_cols, thresholds)
 
     seen_sizes = set(map(tuple, reference[["height", "width"]].astype(int).to_numpy()))
@@ -228,6 +263,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
         "frames": int(len(current)), "frames_other_versions": int(len(other)),
         "frames_blank": int(rows[rows.model_version == version].blank.astype(bool).sum()),
         "reference_frames": int(len(reference)), "heldout_frames": int(len(heldout)),
+        "calibration": {"window_videos": int(max(1, heldout.video.nunique())), "draws": params.null_draws,
+                        "quantile": params.quantile, "margin": params.margin},
         "drift_detected": bool(detected),
         "drifted": [c for c in columns if col_drift[c]] + (["embedding"] if emb_drift else [])
         + (["frame_size"] if size_drift else []),
@@ -238,8 +275,9 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
         "frame_size": {"unseen_share": round(unseen_share, 4), "reference": sorted(f"{w}x{h}" for h, w in seen_sizes),
                        "current": sorted({f"{w}x{h}" for h, w in sizes}), "drift": bool(size_drift)},
         "drifted_share": round(share, 4), "params": asdict(params),
-        "method": "normed Wasserstein distance per statistic; MMD of the embeddings; "
-                  "thresholds = margin x held-out baseline (at least 0.1 and 0.015, Evidently's defaults)",
+        "method": "normed Wasserstein distance per statistic; MMD of the embeddings; thresholds = margin x the "
+                  "quantile of the scores of windows of unchanged videos (at least 0.1 and 0.015, Evidently's "
+                  "defaults)",
     }
     html, js = _write_outputs(out_dir, name, snap, summary)
     return DriftResult(drift_detected=bool(detected), summary=summary, html=html, json=js, out=str(out_dir))
@@ -250,7 +288,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines = [f"drift report {summary['window']} (model {summary['model_version']}, {summary['frames']} frames): "
              + ("DRIFT in " + ", ".join(summary["drifted"]) if summary["drift_detected"] else "no drift")]
     for name, s in [*summary["columns"].items(), ("embedding", summary["embedding"])]:
-        lines.append(f"  {name:<12} {s['score']:8.3f}  threshold {s['threshold']:7.3f}  (held-out {s['baseline']:.3f})"
+        lines.append(f"  {name:<12} {s['score']:8.3f}  threshold {s['threshold']:7.3f}  (unchanged videos: "
+                     f"{s['baseline']:.3f})"
                      + ("  DRIFT" if s["drift"] else ""))
     fs = summary["frame_size"]
     lines.append(f"  frame size   {', '.join(fs['current'])} (training: {', '.join(fs['reference'])})"

@@ -52,6 +52,7 @@ class RequestLog:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._pending: list[dict[str, Any]] = []
         self._parts = 0
+        self._s3 = None
         self.written_rows = 0
         self.dropped_rows = 0
         if not _is_s3(self.uri):
@@ -115,9 +116,11 @@ class RequestLog:
         target = _join(self.uri, f"date={now:%Y-%m-%d}", name)
         try:
             if _is_s3(self.uri):
-                from sonossl.storage import put_bytes
+                from sonossl.storage import client, put_bytes
 
-                put_bytes(body, target)
+                if self._s3 is None:  # one client for the writer thread (boto3 clients are thread-safe anyway)
+                    self._s3 = client()
+                put_bytes(body, target, client=self._s3)
             else:
                 from sonossl.atomic import atomic_write_bytes
 

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 _DTYPES = {"FP32": np.float32, "BOOL": bool, "BYTES": object, "UINT8": np.uint8}
 
@@ -48,15 +50,23 @@ class Client:
             time.sleep(0.2)
         raise TimeoutError(f"{self.url}: model {self.model} not ready after {timeout} s")
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        r = self.session.post(f"{self.url}/v2/models/{self.model}/infer", json=body, timeout=self.timeout)
+    def _post(self, body: dict[str, Any], raw: bytes | None = None) -> dict[str, Any]:
+        url = f"{self.url}/v2/models/{self.model}/infer"
+        if raw is None:
+            r = self.session.post(url, data=orjson.dumps(body), timeout=self.timeout,
+                                  headers={"Content-Type": "application/json"})
+        else:  # the v2 binary data extension: a JSON header, then the tensor's bytes
+            header = json.dumps(body).encode()
+            r = self.session.post(url, data=header + raw, timeout=self.timeout,
+                                  headers={"Content-Type": "application/octet-stream",
+                                           "Inference-Header-Content-Length": str(len(header))})
         if r.status_code != 200:
             try:
                 message = r.json().get("error") or r.text
             except ValueError:
                 message = r.text
             raise EndpointError(r.status_code, message)
-        return self.decode(r.json())
+        return self.decode(orjson.loads(r.content))  # orjson (a KServe dependency): a third of json's time
 
     @staticmethod
     def decode(response: dict[str, Any]) -> dict[str, Any]:
@@ -69,12 +79,18 @@ class Client:
         out["classes"] = str(params.get("classes", "")).split(",")
         return out
 
-    def infer_frames(self, frames: np.ndarray) -> dict[str, Any]:
-        frames = np.asarray(frames, dtype=np.uint8)
-        return self._post({"inputs": [{"name": "frames", "shape": list(frames.shape), "datatype": "UINT8",
-                                       "data": frames.ravel().tolist()}]})
+    def infer_frames(self, frames: np.ndarray, binary: bool = False) -> dict[str, Any]:
+        """Grey frames (N, H, W) uint8, as a JSON list of numbers, or raw (``binary``: the v2 binary data extension;
+        KServe 0.21 turns such a tensor back into a Python list, so it is no faster on the server)."""
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        spec = {"name": "frames", "shape": list(frames.shape), "datatype": "UINT8"}
+        if binary:
+            return self._post({"inputs": [{**spec, "parameters": {"binary_data_size": frames.nbytes}}]},
+                              frames.tobytes())
+        return self._post({"inputs": [{**spec, "data": frames.ravel().tolist()}]})
 
     def infer_video(self, video: str | Path | bytes) -> dict[str, Any]:
+        """An encoded video or image (a path or its bytes), sent base64 in JSON."""
         data = video if isinstance(video, bytes) else Path(video).read_bytes()
         return self._post({"inputs": [{"name": "video", "shape": [1], "datatype": "BYTES",
                                        "data": [base64.b64encode(data).decode()]}]})

@@ -18,7 +18,6 @@ is wrong; the request log (``sonossl.monitor.request_log``) is fed off the reque
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import dataclasses
@@ -89,8 +88,11 @@ class SonosslModel(kserve.Model):
         self.bundle = None
 
     def load(self) -> bool:
-        from sonossl.export import load_bundle
+        from sonossl.export import BUNDLE_FILE, load_bundle
 
+        if not (self.model_dir / BUNDLE_FILE).is_file():
+            raise FileNotFoundError(f"{self.model_dir}: no exported model ({BUNDLE_FILE}); pass --model-dir with the "
+                                    "output of `sonossl export` (models/export)")
         self.bundle = load_bundle(self.model_dir)
         card = self.bundle.card
         self.model_version = card["model_version"]
@@ -161,10 +163,11 @@ class SonosslModel(kserve.Model):
 
     # -- inference ------------------------------------------------------------------------------------------------
 
-    async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
-                      response_headers: dict[str, str] | None = None) -> dict | InferResponse:
-        # The forward pass runs in a worker thread: the event loop keeps answering health checks meanwhile.
-        return await asyncio.get_running_loop().run_in_executor(None, self._predict, payload, headers or {})
+    def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
+                response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        # In the event loop's thread, as KServe runs a synchronous predict: on a CPU-bound server a worker thread
+        # buys no throughput, and the hop cost a third of a short clip's latency here (benchmarks/serve.py).
+        return self._predict(payload, headers or {})
 
     def _predict(self, payload: dict | InferRequest, headers: dict[str, str]) -> dict | InferResponse:
         try:
