@@ -220,10 +220,9 @@ class SonosslModel(kserve.Model):
     def _v2_response(self, request_id: str, prepared: PreparedClip, out: dict[str, np.ndarray]) -> InferResponse:
         def tensor(name: str, arr: np.ndarray) -> InferOutput:
             dtype = {"f": "FP32", "b": "BOOL", "U": "BYTES", "O": "BYTES"}[arr.dtype.kind]
-            data = arr.astype(np.float32) if dtype == "FP32" else arr
-            o = InferOutput(name=name, shape=list(arr.shape), datatype=dtype)
-            o.set_data_from_numpy(data if dtype != "BYTES" else data.astype(object), binary_data=False)
-            return o
+            data = arr.astype(np.float32) if dtype == "FP32" else arr.astype(str) if dtype == "BYTES" else arr
+            # tolist() in C: KServe's set_data_from_numpy converts element by element (5 ms of a 30 ms request)
+            return InferOutput(name=name, shape=list(arr.shape), datatype=dtype, data=data.ravel().tolist())
 
         outputs = [tensor("probs", out["probs"]), tensor("label", out["label"].astype(object)),
                    tensor("saliency", out["saliency"]), tensor("embedding", out["embedding"]),
