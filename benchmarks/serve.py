@@ -16,7 +16,6 @@ Target: at concurrency 1, p50 at most 1.5x the in-process call. Writes ``benchma
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -40,14 +39,11 @@ class _InProcess:
     """The baseline: the same clip through ``prepare_clip`` + ``Bundle.predict`` in this process."""
 
     def __init__(self, model_dir: Path, media: bytes):
-        from sonossl.config import PreprocessParams
         from sonossl.export import load_bundle
-        from sonossl.serve.frames import decode_media, prepare_clip
+        from sonossl.serve.frames import card_preprocess_params, decode_media, prepare_clip
 
         self.bundle, self.media, self.prepare, self.decode = load_bundle(model_dir), media, prepare_clip, decode_media
-        pre = self.bundle.card["params"]["preprocess"]
-        self.params = dataclasses.replace(PreprocessParams(), frame_size=pre["frame_size"],
-                                          blank_mean=pre["blank_mean"], blank_std=pre["blank_std"])
+        self.params = card_preprocess_params(self.bundle.card)
         self.prepared = prepare_clip(decode_media(media, 256), self.params).frames
 
     def full(self) -> None:

@@ -42,16 +42,11 @@ def client(server):
 
 def _expected(tiny_export: Path, frames: np.ndarray) -> dict:
     """The in-process answer: training's preprocessing and the bundle, no server."""
-    import dataclasses
-
-    from sonossl.config import PreprocessParams
     from sonossl.export import load_bundle
-    from sonossl.serve.frames import prepare_clip
+    from sonossl.serve.frames import card_preprocess_params, prepare_clip
 
     bundle = load_bundle(tiny_export)
-    pre = bundle.card["params"]["preprocess"]
-    params = dataclasses.replace(PreprocessParams(), frame_size=pre["frame_size"], blank_mean=pre["blank_mean"],
-                                 blank_std=pre["blank_std"])
+    params = card_preprocess_params(bundle.card)
     return bundle.predict(prepare_clip(frames, params).frames)
 
 

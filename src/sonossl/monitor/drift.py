@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from sonossl.monitor.image_stats import STAT_COLUMNS
+from sonossl.monitor.request_log import is_s3
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,8 @@ class DriftResult:
     out: Path | str = field(default="")
 
 
-def _is_s3(uri: str | Path) -> bool:
-    return str(uri).startswith("s3://")
-
-
 def _local_model_dir(model_dir: str | Path, tmp: Path) -> Path:
-    if _is_s3(model_dir):
+    if is_s3(model_dir):
         from sonossl.storage import download
 
         return Path(download(str(model_dir).rstrip("/") + "/", tmp / "model"))
@@ -135,7 +132,7 @@ def null_thresholds(reference, heldout, columns: list[str], emb_cols: list[str],
 
 
 def _evidently_scores(reference, current, columns: list[str], emb_cols: list[str], thresholds: dict[str, float]):
-    """Run the Evidently report; returns (snapshot, {column or 'embedding': (score, passed)})."""
+    """Run the Evidently report; returns (snapshot, {column or 'embedding': score})."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import EmbeddingsDrift, ValueDrift
     from evidently.metrics.embeddings import MMDDriftMethod
@@ -195,7 +192,7 @@ def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) 
         (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         entry = {k: summary[k] for k in ("window", "from", "to", "frames", "drift_detected", "drifted",
                                          "model_version")}
-        if _is_s3(out):
+        if is_s3(out):
             from sonossl.storage import StorageError, get_bytes, put_bytes, upload
 
             prefix = str(out).rstrip("/")

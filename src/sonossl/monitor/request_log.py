@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 100_000  # rows held while storage is unreachable; older rows are dropped beyond this
 
 
-def _is_s3(uri: str | Path) -> bool:
+def is_s3(uri: str | Path) -> bool:
+    """Whether a log or report location is an S3 prefix (s3://bucket/...) rather than a local folder."""
     return str(uri).startswith("s3://")
 
 
 def _join(uri: str | Path, *parts: str) -> str:
-    return "/".join([str(uri).rstrip("/"), *parts]) if _is_s3(uri) else str(Path(uri, *parts))
+    return "/".join([str(uri).rstrip("/"), *parts]) if is_s3(uri) else str(Path(uri, *parts))
 
 
 class RequestLog:
@@ -55,7 +56,7 @@ class RequestLog:
         self._s3 = None
         self.written_rows = 0
         self.dropped_rows = 0
-        if not _is_s3(self.uri):
+        if not is_s3(self.uri):
             Path(self.uri).mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="sonossl-request-log", daemon=True)
         self._thread.start()
@@ -115,7 +116,7 @@ class RequestLog:
         body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self._pending).encode()
         target = _join(self.uri, f"date={now:%Y-%m-%d}", name)
         try:
-            if _is_s3(self.uri):
+            if is_s3(self.uri):
                 from sonossl.storage import client, put_bytes
 
                 if self._s3 is None:  # one client for the writer thread (boto3 clients are thread-safe anyway)
@@ -134,7 +135,7 @@ class RequestLog:
 
 
 def _part_files(uri: str) -> list[str]:
-    if _is_s3(uri):
+    if is_s3(uri):
         from sonossl.storage import list_uris
 
         return sorted(u for u in list_uris(uri) if u.endswith(".jsonl"))
@@ -151,7 +152,7 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
     uri = str(uri)
     frames = []
     for name in _part_files(uri):
-        if _is_s3(uri):
+        if is_s3(uri):
             from sonossl.storage import get_bytes
 
             text = get_bytes(name).decode()

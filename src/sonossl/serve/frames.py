@@ -7,11 +7,12 @@ served is therefore preprocessed exactly as a frame trained on. The sector is fo
 motion, so send a clip (a few frames of one sweep) where you can; a single frame still works from brightness alone.
 
     clip = decode_media(data, max_frames=256)          # encoded video or image bytes -> (N, H, W) uint8
-    prepared = prepare_clip(clip, preprocess_params)   # -> frames (N, S, S), blank (N,), source size, crop box
+    prepared = prepare_clip(clip, card_preprocess_params(model_card))   # -> frames (N, S, S), blank (N,), ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,13 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096) -> list[Dec
     h, w = frames[0].levels.shape
     check_shape((len(frames), h, w), max_frames, max_side)
     return frames
+
+
+def card_preprocess_params(card: dict) -> PreprocessParams:
+    """The preprocessing a model was trained with (frame size, blank thresholds), from its model card."""
+    pre = card["params"]["preprocess"]
+    return dataclasses.replace(PreprocessParams(), frame_size=int(pre["frame_size"]),
+                               blank_mean=float(pre["blank_mean"]), blank_std=float(pre["blank_std"]))
 
 
 def as_decoded(frames: np.ndarray) -> list[DecodedFrame]:

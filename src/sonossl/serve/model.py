@@ -32,8 +32,8 @@ import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from sonossl.config import PreprocessParams
-from sonossl.serve.frames import PreparedClip, RequestError, check_shape, decode_media, prepare_clip
+from sonossl.serve.frames import (PreparedClip, RequestError, card_preprocess_params, check_shape, decode_media,
+                                  prepare_clip)
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ class SonosslModel(kserve.Model):
         self.bundle = load_bundle(self.model_dir)
         card = self.bundle.card
         self.model_version = card["model_version"]
-        pre = card["params"]["preprocess"]
-        self.preprocess_params = dataclasses.replace(
-            PreprocessParams(), frame_size=int(pre["frame_size"]), blank_mean=float(pre["blank_mean"]),
-            blank_std=float(pre["blank_std"]))
+        self.preprocess_params = card_preprocess_params(card)
         self.ready = True
         log.info("loaded sonossl model %s from %s", self.model_version, self.model_dir)
         return self.ready
