@@ -221,3 +221,44 @@ def test_the_binary_data_extension_gives_the_same_answer(client, tiny_clips):
     frames, _ = read_video(_sweep(tiny_clips))
     assert np.allclose(client.infer_frames(frames[:5], binary=True)["probs"],
                        client.infer_frames(frames[:5])["probs"], atol=1e-6)
+
+
+def test_v2_output_selection_binary_outputs_and_headers(server, client, tiny_clips):
+    """The pre-encoded v2 JSON is a well-formed HTTP response; `outputs` selects tensors; binary outputs work."""
+    from sonossl.data.video import read_video
+
+    frames, _ = read_video(_sweep(tiny_clips))
+    frames = frames[:3]
+    infer = f"{server.url}/v2/models/sonossl/infer"
+    spec = {"name": "frames", "shape": list(frames.shape), "datatype": "UINT8", "data": frames.ravel().tolist()}
+    r = requests.post(infer, json={"id": "r-1", "inputs": [spec]}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert int(r.headers.get("content-length", len(r.content))) == len(r.content)  # or chunked
+    full = r.json()
+    assert full["id"] == "r-1" and [o["name"] for o in full["outputs"]] == ["probs", "label", "saliency",
+                                                                             "embedding", "blank"]
+    probs = next(o for o in full["outputs"] if o["name"] == "probs")
+    assert probs["datatype"] == "FP32" and probs["shape"][0] == 3 and len(probs["data"]) == np.prod(probs["shape"])
+
+    r = requests.post(infer, json={"inputs": [spec], "outputs": [{"name": "label"}, {"name": "probs"}]}, timeout=60)
+    assert r.status_code == 200, r.text
+    picked = r.json()["outputs"]
+    assert [o["name"] for o in picked] == ["label", "probs"] and picked[1]["data"] == probs["data"]
+
+    r = requests.post(infer, json={"inputs": [spec], "outputs": [{"name": "logits"}]}, timeout=60)
+    assert r.status_code == 400 and "unknown output(s) ['logits']" in r.text
+
+    # the binary data extension for outputs: a JSON header, then the raw float32 tensor
+    r = requests.post(infer, json={"inputs": [spec], "outputs": [{"name": "probs", "parameters": {"binary_data": True}}]},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    header = json.loads(r.content[:n])
+    assert header["outputs"][0]["parameters"]["binary_data_size"] == len(r.content) - n
+    raw = np.frombuffer(r.content[n:], np.float32)
+    assert np.allclose(raw, probs["data"], atol=1e-6)
+    r = requests.post(infer, json={"inputs": [spec], "parameters": {"binary_data_output": True}}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream", r.text
+    header = json.loads(r.content[: int(r.headers["inference-header-content-length"])])
+    assert [o["name"] for o in header["outputs"]] == [o["name"] for o in full["outputs"]]
+    assert client.infer_frames(frames)["probs"].shape == (3, len(full["parameters"]["classes"].split(",")))

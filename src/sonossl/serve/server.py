@@ -50,6 +50,33 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+class V2ContentType:
+    """ASGI middleware: name the content type of v2 infer responses, which KServe 0.21 strips from byte bodies.
+
+    The model answers v2 with JSON it encoded itself (``SonosslModel._v2_response``) and KServe answers binary outputs
+    with a JSON header followed by raw tensors; its v2 route drops the content type of both. This puts back
+    ``application/json``, or ``application/octet-stream`` when the body carries binary outputs.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].endswith("/infer"):
+            return await self.app(scope, receive, send)
+
+        async def send_typed(message):
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                if b"content-type" not in names:
+                    kind = b"application/octet-stream" if b"inference-header-content-length" in names \
+                        else b"application/json"
+                    message = {**message, "headers": [*message.get("headers", []), (b"content-type", kind)]}
+            await send(message)
+
+        await self.app(scope, receive, send_typed)
+
+
 class _ModelServer(ModelServer):
     """KServe's ModelServer (one REST worker, no gRPC) listening on ``host``."""
 
@@ -81,6 +108,7 @@ def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", po
     rlog = RequestLog(request_log, flush_seconds=log_flush_seconds) if request_log else None
     model = SonosslModel(name, model_dir, limits=limits, request_log=rlog)
     model.load()
+    app.add_middleware(V2ContentType)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     try:
         _ModelServer(host, http_port=port, enable_grpc=False).start([model])

@@ -1,0 +1,66 @@
+"""The request log's writer: rows are built off the request path, at flush time; a failing builder or a storage
+outage loses nothing else."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+from sonossl.monitor.request_log import RequestLog, read_request_log
+
+
+def _rows(n: int, tag: str) -> list[dict]:
+    return [{"ts": "2026-11-27T10:00:00+00:00", "request_id": tag, "frame": i} for i in range(n)]
+
+
+def test_row_builders_run_at_flush_not_when_queued(tmp_path):
+    built = threading.Event()
+
+    def builder():
+        built.set()
+        return _rows(3, "a")
+
+    log = RequestLog(tmp_path / "log", flush_seconds=60)
+    try:
+        log.append(builder, n_rows=3)
+        log.append(_rows(2, "b"))
+        time.sleep(0.3)
+        assert not built.is_set() and log.written_rows == 0  # queued, not built: the request path is left alone
+        log.flush()
+        assert built.is_set() and log.written_rows == 5
+    finally:
+        log.close()
+    frame = read_request_log(tmp_path / "log")
+    assert sorted(frame.request_id) == ["a", "a", "a", "b", "b"]
+
+
+def test_max_rows_counts_queued_builders_and_a_bad_builder_loses_only_its_rows(tmp_path):
+    log = RequestLog(tmp_path / "log", flush_seconds=60, max_rows=4)
+    try:
+        log.append(lambda: 1 / 0, n_rows=1)  # a builder that fails is logged and skipped
+        log.append(lambda: _rows(3, "c"), n_rows=3)  # 4 rows queued: written without waiting for the timer
+        deadline = time.monotonic() + 10
+        while log.written_rows < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.written_rows == 3
+    finally:
+        log.close()
+    assert list(read_request_log(tmp_path / "log").request_id) == ["c"] * 3
+
+
+def test_rows_are_kept_and_written_once_storage_is_back(tmp_path):
+    blocker = tmp_path / "log"
+    log = RequestLog(blocker, flush_seconds=60)
+    try:
+        day = blocker / f"date={datetime.now(UTC):%Y-%m-%d}"
+        day.write_text("in the way")  # a file where today's partition goes: the write fails
+        log.append(lambda: _rows(2, "d"), n_rows=2)
+        log.flush()
+        assert log.written_rows == 0
+        day.unlink()
+        log.flush()
+        assert log.written_rows == 2
+    finally:
+        log.close()
+    assert list(read_request_log(blocker).request_id) == ["d", "d"]
