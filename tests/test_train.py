@@ -162,3 +162,37 @@ def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path):
     assert ref.shape[1] == out["embedding_reduced"].shape[1]
     # the exported model predicts what the finetune run measured
     assert torch.load(tmp_path / "export/model.pt", weights_only=True)["bundle_format"] == 1
+
+
+def _index(videos: dict[int, tuple[str, list[str | None]]]):
+    """A clip index: video -> (split, frame labels)."""
+    import pandas as pd
+
+    rows = [(v, split, lab) for v, (split, labels) in videos.items() for lab in labels]
+    return pd.DataFrame(rows, columns=["video_idx", "split", "label"])
+
+
+def test_labelled_videos_take_every_main_plane_even_at_the_smallest_fraction():
+    from sonossl.config import FinetuneParams
+    from sonossl.train.finetune import labelled_videos, labelling_plan, video_order, video_strata
+
+    bg = ["background"] * 6
+    videos = {i: ("train", bg + ["abdomen"] * 3) for i in range(10)}  # abdomen sweeps are common
+    videos.update({10: ("train", bg + ["head"] * 2), 11: ("train", bg + ["heart"] * 2 + ["femur"]),
+                   12: ("train", bg), 13: ("train", [None] * 4), 14: ("val", bg + ["head"] * 5)})
+    index = _index(videos)
+    strata = video_strata(index)
+    # the main label ignores background, ties break alphabetically, a video without labels is its own stratum
+    assert strata[0] == "abdomen" and strata[10] == "head" and strata[11] == "heart"
+    assert strata[12] == "background" and strata[13] == "unlabelled" and 14 not in strata
+    order, floor = labelling_plan(index, FinetuneParams(seed=3))
+    assert floor == 5 and sorted(order) == list(range(14)) and order == video_order(index, 3)
+    smallest = labelled_videos(order, 0.05, floor)
+    assert {strata[v] for v in smallest} == {"abdomen", "head", "heart", "background", "unlabelled"}
+    assert labelled_videos(order, 0.5, floor) == order[:7] and smallest == order[:5]  # nested prefixes
+    assert labelled_videos(order, 1.0, floor) == order
+    assert video_order(index, 4) != order  # another seed, another order
+    _, floor = labelling_plan(index, FinetuneParams(every_main_label=False))
+    assert floor == 1 and len(labelled_videos(order, 0.05, floor)) == 1
+    with pytest.raises(ValueError, match="label fraction 0 must be in"):
+        labelled_videos(order, 0, floor)

@@ -125,6 +125,7 @@ class FinetuneParams:
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.2, 1.0])  # of the training videos, labelled
     ablation_fractions: list[float] = field(default_factory=lambda: [0.05])  # for the ablation encoders
     saliency_fractions: list[float] = field(default_factory=lambda: [0.2])
+    every_main_label: bool = True  # each labelled subset holds at least one video per main label (train.finetune)
     epochs: int = 10
     saliency_epochs: int = 8
     batch_size: int = 64

@@ -1,7 +1,10 @@
 """The finetune step: downstream training from a pretrained encoder (or from scratch), at several label fractions.
 
-For standard-plane detection (``task="planes"``), at each fraction f of the training videos (the same seeded video
-order for every fraction, so the 5 % videos are among the 20 % ones):
+At each fraction f, the first ceil(f * n) of the n training videos in one seeded order are labelled, so the 5 % videos
+are among the 20 % ones. The order is balanced over the videos' main labels (a sweep's main standard plane:
+``video_order``), and with ``every_main_label`` (the default) even the smallest fraction takes at least one video of
+each: 5 % of 44 sweeps is 3 videos, which held background and abdomen frames only, so four of six classes were never
+seen. For standard-plane detection (``task="planes"``):
 
 - ``probe``: a linear probe, logistic regression (class-balanced, L2 strength chosen on the validation videos) on
   the frozen encoder's embeddings; folded into one ``nn.Linear`` so that it serves like any model;
@@ -55,17 +58,50 @@ EVAL_BATCH = 256
 # ------------------------------------------------------------------------------------------------ data selection
 
 
+def video_strata(index, split: str = "train") -> dict[int, str]:
+    """Each video's main label: the most frequent label among its frames other than ``background`` (ties: the first
+    in sorted order); ``background`` when it has no other; ``unlabelled`` when none of its frames is labelled. For
+    sweeps this is the standard plane the sweep was aimed at, as a study's metadata would record it; for videos with
+    one label, that label."""
+    rows = index[index.split == split]
+    strata = {}
+    for vid, labels in rows.groupby("video_idx", sort=True).label:
+        counts = labels.dropna().astype(str).value_counts()
+        planes = counts.drop("background", errors="ignore")
+        best = planes if len(planes) else counts
+        strata[int(vid)] = min(best.index, key=lambda c: (-best[c], c)) if len(best) else "unlabelled"
+    return strata
+
+
 def video_order(index, seed: int, split: str = "train") -> list[int]:
-    """The training videos in a fixed random order; a fraction f takes the first ceil(f * n) of them."""
-    vids = np.unique(index.video_idx[index.split == split].to_numpy())
+    """The training videos in a fixed order for labelling: round-robin over their main labels (``video_strata``),
+    the labels in a seeded random order and the videos of each label shuffled, so every prefix is as balanced as it
+    can be and the first ``len(strata)`` videos hold one video of each main label."""
     rng = np.random.default_rng(seed)
-    return [int(v) for v in rng.permutation(vids)]
+    by_stratum: dict[str, list[int]] = {}
+    for vid, stratum in video_strata(index, split).items():
+        by_stratum.setdefault(stratum, []).append(vid)
+    names = [str(n) for n in rng.permutation(sorted(by_stratum))]
+    queues = [[int(v) for v in rng.permutation(by_stratum[n])] for n in names]
+    order = []
+    for r in range(max((len(q) for q in queues), default=0)):
+        order += [q[r] for q in queues if r < len(q)]
+    return order
 
 
-def labelled_videos(order: list[int], fraction: float) -> list[int]:
+def labelled_videos(order: list[int], fraction: float, floor: int = 1) -> list[int]:
+    """The labelled videos at ``fraction``: the first max(ceil(fraction * n), floor) of ``order`` (``floor``: the
+    number of main labels, so that even the smallest fraction has a video of each; see ``FinetuneParams``)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction {fraction} must be in (0, 1]")
-    return order[: max(1, math.ceil(fraction * len(order)))]
+    return order[: max(1, floor, math.ceil(fraction * len(order)))]
+
+
+def labelling_plan(index, params: FinetuneParams) -> tuple[list[int], int]:
+    """(video order, floor) for ``labelled_videos``: the floor is one video per main label when
+    ``params.every_main_label`` is set, else 1."""
+    order = video_order(index, params.seed)
+    return order, len(set(video_strata(index).values())) if params.every_main_label else 1
 
 
 def class_list(index) -> list[str]:
@@ -273,13 +309,13 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
 def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
                 methods: list[str], resume: bool, progress: bool, device: torch.device,
                 run_key: str) -> tuple[list[dict], dict]:
-    order = video_order(d.data.index, params.seed)
+    order, floor = labelling_plan(d.data.index, params)
     n_cls = len(d.classes)
     val_rows, test_rows = _rows(d, split="val"), _rows(d, split="test")
     runs, best_state = [], None
     probe_encoder, z_all = None, None
     for frac in fractions:
-        vids = labelled_videos(order, frac)
+        vids = labelled_videos(order, frac, floor)
         train_rows = _rows(d, vids, "train")
         for method in methods:
             t0 = time.perf_counter()
@@ -327,13 +363,13 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
         raise ValueError(f"{d.data.path}: no saliency maps in this clip dataset; the saliency task needs them")
     saliency = torch.from_numpy(np.array(d.data.saliency, dtype=np.float32))
     has = d.data.index.has_saliency.to_numpy()
-    order = video_order(d.data.index, params.seed)
+    order, floor = labelling_plan(d.data.index, params)
     out_size = saliency.shape[-1]
     val_rows = np.flatnonzero((d.split == "val") & has)
     test_rows = np.flatnonzero((d.split == "test") & has)
     runs, best_state = [], None
     for frac in fractions:
-        vids = labelled_videos(order, frac)
+        vids = labelled_videos(order, frac, floor)
         train_rows = np.flatnonzero(np.isin(d.video_idx, vids) & (d.split == "train") & has)
         t0 = time.perf_counter()
         name = f"finetune@{frac:g}"

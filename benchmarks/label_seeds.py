@@ -1,0 +1,84 @@
+"""How much of the smallest-fraction result is the draw of labelled videos: SSL against scratch over several seeds.
+
+The results table scores one draw (``finetune.seed``). At 5 % of the training videos only a handful are labelled,
+so which ones, and the fine-tune's own randomness, move macro-F1 a lot. This reruns the smallest fraction of the
+``ssl-planes`` and ``scratch@planes`` stages (linear probe and fine-tune, the profile's parameters) with seeds
+0..n-1: each seed draws another set of labelled videos (still one per main plane) and another initialisation of the
+head and the augmentation. Test macro-F1 per seed, the SSL - scratch differences, their median and range.
+
+    .venv/bin/python benchmarks/label_seeds.py [--seeds 5] [--profile default]      # after `dvc repro`
+Writes benchmarks/results/label_seeds.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from sonossl.atomic import atomic_write_text
+from sonossl.config import as_dict, load_params
+from sonossl.train.finetune import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--profile", default=None, help="params.yaml profile (default: the file's)")
+    ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
+    ap.add_argument("--encoder", type=Path, default=ROOT / "models/pretrain/both-sequential")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
+    args = ap.parse_args()
+    if not (args.encoder / "encoder.pt").is_file():
+        raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
+
+    params = load_params(ROOT / "params.yaml", args.profile)
+    fraction = min(params.finetune.fractions)
+    rows = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sonossl-label-seeds-") as tmp:
+        for seed in range(args.seeds):
+            ft = dataclasses.replace(params.finetune, seed=seed)
+            row = {"seed": seed}
+            for init, encoder in (("ssl", args.encoder), ("scratch", None)):
+                m = finetune(args.clips, Path(tmp) / f"{init}-{seed}", ft, task="planes", encoder=encoder,
+                             encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=[fraction],
+                             progress=False)
+                for run in m["runs"]:
+                    row[f"{init}_{run['method']}"] = run["test"]["macro_f1"]
+                    row["videos"] = run["videos"]
+            row["finetune_gain"] = round(row["ssl_finetune"] - row["scratch_finetune"], 4)
+            row["probe_gain"] = round(row["ssl_probe"] - row["scratch_probe"], 4)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    def summary(key: str) -> dict[str, float]:
+        values = [r[key] for r in rows]
+        return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
+
+    result = {
+        "benchmark": "label_seeds", "profile": args.profile or "params.yaml's", "fraction": fraction,
+        "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
+        **{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe", "scratch_probe",
+                                   "probe_gain")},
+        "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds",
+        "target": "SSL fine-tune macro-F1 at least 0.10 above scratch at the smallest fraction",
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
