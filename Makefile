@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench drift-demo results contact-sheet image image-push clean
+.PHONY: setup run test bench label-seeds drift-demo results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -33,6 +33,10 @@ bench: setup
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve.py
+
+# The smallest label fraction over five seeds, SSL against scratch (after `make run`; about 5 minutes on 2 cores).
+label-seeds: setup
+	$(BIN)/python benchmarks/label_seeds.py --seeds 5
 
 # Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
 drift-demo: setup
