@@ -65,7 +65,7 @@ def main() -> int:
         return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
 
     result = {
-        "benchmark": "label_seeds", "profile": args.profile or "params.yaml's", "fraction": fraction,
+        "benchmark": "label_seeds", "profile": params.profile, "fraction": fraction,
         "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
         **{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe", "scratch_probe",
                                    "probe_gain")},
