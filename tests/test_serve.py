@@ -249,8 +249,8 @@ def test_v2_output_selection_binary_outputs_and_headers(server, client, tiny_cli
     assert r.status_code == 400 and "unknown output(s) ['logits']" in r.text
 
     # the binary data extension for outputs: a JSON header, then the raw float32 tensor
-    r = requests.post(infer, json={"inputs": [spec], "outputs": [{"name": "probs", "parameters": {"binary_data": True}}]},
-                      timeout=60)
+    binary_probs = [{"name": "probs", "parameters": {"binary_data": True}}]
+    r = requests.post(infer, json={"inputs": [spec], "outputs": binary_probs}, timeout=60)
     assert r.status_code == 200, r.text
     n = int(r.headers["inference-header-content-length"])
     header = json.loads(r.content[:n])

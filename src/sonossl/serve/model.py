@@ -234,8 +234,8 @@ class SonosslModel(kserve.Model):
 
         KServe's v2 route serialises an ``InferResponse`` through FastAPI's ``jsonable_encoder``, element by element,
         a third of a 4-frame request's time; bytes with a JSON content type go out as they are. Outputs named in the
-        request's ``outputs`` are returned, in that order (all of ``OUTPUTS`` by default); binary outputs (the binary data
-        extension) go through KServe's own encoder.
+        request's ``outputs`` are returned, in that order (all of ``OUTPUTS`` by default); binary outputs (the binary
+        data extension) go through KServe's own encoder.
         """
         tensors = {"probs": out["probs"].astype(np.float32), "label": out["label"].astype(str),
                    "saliency": out["saliency"].astype(np.float32), "embedding": out["embedding"].astype(np.float32),
@@ -249,7 +249,8 @@ class SonosslModel(kserve.Model):
                        for n in wanted]  # KServe serialises BYTES from object arrays only
             return InferResponse(response_id=request_id, model_name=self.name, model_version=self.model_version,
                                  infer_outputs=outputs, parameters=parameters,
-                                 requested_outputs=request.request_outputs, use_binary_outputs=request.use_binary_outputs)
+                                 requested_outputs=request.request_outputs,
+                                 use_binary_outputs=request.use_binary_outputs)
         body = {"model_name": self.name, "model_version": self.model_version, "id": request_id,
                 "parameters": parameters,
                 "outputs": [{"name": n, "shape": list(tensors[n].shape), "datatype": _V2_DTYPE[tensors[n].dtype.kind],
