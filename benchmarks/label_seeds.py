@@ -7,7 +7,15 @@ so which ones, and the fine-tune's own randomness, move macro-F1 a lot. This rer
 head and the augmentation. Test macro-F1 per seed, the SSL - scratch differences, their median and range.
 
     .venv/bin/python benchmarks/label_seeds.py [--seeds 5] [--profile default]      # after `dvc repro`
-Writes benchmarks/results/label_seeds.json (or --out).
+Writes benchmarks/results/label_seeds.json (or --out). The same comparison for other choices (README, "What the
+numbers say"; the scratch side is the same unless ``--lr`` changes):
+
+    --encoder models/pretrain/order    another pretrain output (an ablation mode, or one of your own)
+    --lr 3e-4                          another fine-tune learning rate, for both initialisations
+    --pretrain-epochs 60               first pretrain a both-sequential encoder that long on the same training sweeps
+    --pool-videos 128 [--pool-seed 1]  first simulate that many more sweeps (other fetuses: another simulator seed),
+                                       unlabelled, and pretrain on them alone (the profile's epochs; an epoch is one
+                                       clip per valid start, so it grows with the data)
 """
 
 from __future__ import annotations
@@ -23,10 +31,35 @@ import time
 from pathlib import Path
 
 from sonossl.atomic import atomic_write_text
-from sonossl.config import as_dict, load_params
+from sonossl.config import Params, SplitParams, as_dict, load_params
 from sonossl.train.finetune import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
+    """The encoder to compare: ``--encoder`` as given, or one pretrained here for ``--pretrain-epochs`` /
+    ``--pool-videos``."""
+    from sonossl.data.clips import preprocess
+    from sonossl.data.simulate import simulate
+    from sonossl.train.pretrain import pretrain
+
+    if args.pretrain_epochs is None and args.pool_videos is None:
+        return args.encoder
+    pre = params.pretrain if args.pretrain_epochs is None else dataclasses.replace(params.pretrain,
+                                                                                    epochs=args.pretrain_epochs)
+    clips = args.clips
+    if args.pool_videos is not None:
+        if args.pool_seed == params.simulate.seed:
+            raise SystemExit(f"--pool-seed {args.pool_seed} is the simulator seed of the evaluation sweeps; the pool "
+                             "must hold other fetuses")
+        simulate(tmp / "pool-raw", dataclasses.replace(params.simulate, videos=args.pool_videos, seed=args.pool_seed))
+        # unlabelled: no test split; a tenth of the sweeps hold out the pretext accuracy
+        preprocess(tmp / "pool-raw", tmp / "pool-clips",
+                   dataclasses.replace(params.preprocess, split=SplitParams(train=0.9, val=0.1)))
+        clips = tmp / "pool-clips"
+    pretrain(clips, tmp / "encoder", pre, mode="both-sequential")
+    return tmp / "encoder"
 
 
 def main() -> int:
@@ -35,20 +68,30 @@ def main() -> int:
     ap.add_argument("--profile", default=None, help="params.yaml profile (default: the file's)")
     ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
     ap.add_argument("--encoder", type=Path, default=ROOT / "models/pretrain/both-sequential")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="pretrain a both-sequential encoder first")
+    ap.add_argument("--pool-videos", type=int, default=None, help="pretrain first on this many new unlabelled sweeps")
+    ap.add_argument("--pool-seed", type=int, default=1, help="simulator seed of the unlabelled sweeps")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: the profile's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
     args = ap.parse_args()
-    if not (args.encoder / "encoder.pt").is_file():
+    builds = args.pretrain_epochs is not None or args.pool_videos is not None
+    if not builds and not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
 
     params = load_params(ROOT / "params.yaml", args.profile)
+    if args.lr is not None:
+        params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, lr=args.lr))
     fraction = min(params.finetune.fractions)
     rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sonossl-label-seeds-") as tmp:
+        encoder_dir = build_encoder(args, params, Path(tmp))
+        pretext = json.loads((encoder_dir / "metrics.json").read_text()) \
+            if (encoder_dir / "metrics.json").is_file() else {}
         for seed in range(args.seeds):
             ft = dataclasses.replace(params.finetune, seed=seed)
             row = {"seed": seed}
-            for init, encoder in (("ssl", args.encoder), ("scratch", None)):
+            for init, encoder in (("ssl", encoder_dir), ("scratch", None)):
                 m = finetune(args.clips, Path(tmp) / f"{init}-{seed}", ft, task="planes", encoder=encoder,
                              encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=[fraction],
                              progress=False)
@@ -64,8 +107,13 @@ def main() -> int:
         values = [r[key] for r in rows]
         return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
 
+    given = args.encoder.resolve()
+    encoder_path = None if builds else str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
     result = {
-        "benchmark": "label_seeds", "profile": params.profile, "fraction": fraction,
+        "benchmark": "label_seeds", "profile": params.profile, "fraction": fraction, "lr": params.finetune.lr,
+        "encoder": {"path": encoder_path, "pretrain_epochs": args.pretrain_epochs, "pool_videos": args.pool_videos,
+                    "pool_seed": args.pool_seed if args.pool_videos is not None else None,
+                    **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
         "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
         **{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe", "scratch_probe",
                                    "probe_gain")},

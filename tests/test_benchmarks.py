@@ -1,0 +1,35 @@
+"""The benchmark scripts whose options build something themselves (tiny profile; the figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LABEL_SEEDS = REPO / "benchmarks" / "label_seeds.py"
+
+
+def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tmp_path):
+    out = tmp_path / "seeds.json"
+    subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--clips", str(tiny_clips),
+                    "--pool-videos", "4", "--pretrain-epochs", "1", "--lr", "0.002", "--seeds", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    enc = result["encoder"]
+    assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 1
+    assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
+    assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
+    assert result["lr"] == 0.002 and len(result["per_seed"]) == 1
+    row = result["per_seed"][0]
+    assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
+
+
+def test_label_seeds_refuses_a_pool_of_the_evaluation_fetuses(tiny_clips, tmp_path):
+    proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--clips", str(tiny_clips),
+                           "--pool-videos", "4", "--pool-seed", "0", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--pool-seed 0 is the simulator seed of the evaluation sweeps" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
