@@ -39,7 +39,7 @@ label-seeds: setup
 	$(BIN)/python benchmarks/label_seeds.py --seeds 5
 
 # The same comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune LR,
-# the ablation encoders, 3x and 7.5x the pretraining, 128 more unlabelled sweeps. About 55 minutes on 2 cores.
+# the ablation encoders, 3x and 7.5x the pretraining, 128 more unlabelled sweeps. About 45 minutes on 2 cores.
 LEVERS := benchmarks/results/label_seeds
 label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --lr 3e-4 --out $(LEVERS)_lr3e-4.json
