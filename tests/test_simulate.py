@@ -15,7 +15,7 @@ from sonossl.data.annotations import load_annotations
 from sonossl.data.bmode import BModeRenderer, Settings, scatterers
 from sonossl.data.phantom import Phantom
 from sonossl.data.planes import CLASSES, MAX_DIST_MM, ImagePlane, Sector, canonical_planes, label_frame
-from sonossl.data.probe import plane_from_pose, pose_for_plane
+from sonossl.data.probe import plane_from_pose, pose_for_plane, sonographer_path
 from sonossl.data.simulate import scene, simulate
 from sonossl.data.video import read_video
 
@@ -80,6 +80,28 @@ def test_labels_are_recomputed_from_the_stored_probe_pose(sim):
         if ann.extra["contact"][t] > 0:
             lab = label_frame(plane_from_pose(ann.extra["pose"][t].astype(np.float64), sector), canon).name
             assert lab == ann.labels[t], t
+
+
+def test_holds_land_on_their_plane_and_every_plane_is_shown():
+    """The sonographer's holds show the plane held (one in five is a deliberate near miss), and sweeps that start
+    anywhere along the fetus reach every standard plane, the head and the femur included (probe paths only, the
+    default profile's 4 s sweeps at 20 fps: no rendering)."""
+    params = SimulateParams(videos=40, seconds=4.0, fps=20.0, height=192, beams=160, samples=288, seed=3)
+    held = on_plane = 0
+    frames = {c: 0 for c in CLASSES}
+    for i in range(params.videos):
+        sc = scene(i, params)
+        canon = canonical_planes(sc.phantom)
+        path = sonographer_path(sc.phantom, canon, 80, params.fps, sc.sector, sc.rng)
+        for t, pose in enumerate(path.poses):
+            name = label_frame(plane_from_pose(pose, sc.sector), canon).name if path.contact[t] > 0 else "background"
+            frames[name] += 1
+            if path.segment[t] == "hold":
+                held += 1
+                on_plane += name == path.target[t]
+    assert held > 200 and on_plane / held > 0.65, (on_plane, held)
+    assert min(frames[c] for c in CLASSES[1:]) > 60, frames
+    assert frames["background"] > 0.5 * sum(frames.values()), frames  # most frames are still background
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -38,7 +38,7 @@ from sonossl.data.planes import CLASSES, Sector, canonical_planes, label_frame
 from sonossl.data.probe import plane_from_pose, sonographer_path
 from sonossl.data.video import encode_video
 
-SIMULATOR_VERSION = "1"
+SIMULATOR_VERSION = "2"
 COLUMNS = ["path", "label", "patient_id", "stratum", "annotations", "frames", "fps", "width", "height", "ga_weeks",
            "presentation", "spine", "depth_mm", "freq_mhz", "gain_db"] + [f"n_{c}" for c in CLASSES]
 
