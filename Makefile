@@ -39,10 +39,11 @@ label-seeds: setup
 	$(BIN)/python benchmarks/label_seeds.py --seeds 5
 
 # The same comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune LR,
-# the ablation encoders, 3x and 7.5x the pretraining, 128 more unlabelled sweeps. About 45 minutes on 2 cores.
+# LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 more unlabelled sweeps. About 50 minutes on 2 cores.
 LEVERS := benchmarks/results/label_seeds
 label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --lr 3e-4 --out $(LEVERS)_lr3e-4.json
+	$(BIN)/python benchmarks/label_seeds.py --head-init probe --encoder-lr-scale 0.1 --out $(LEVERS)_lpft.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/pretrain/order --out $(LEVERS)_order.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/pretrain/both-parallel --out $(LEVERS)_parallel.json
 	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 24 --out $(LEVERS)_pretrain24.json

@@ -196,3 +196,78 @@ def test_labelled_videos_take_every_main_plane_even_at_the_smallest_fraction():
     assert floor == 1 and len(labelled_videos(order, 0.05, floor)) == 1
     with pytest.raises(ValueError, match="label fraction 0 must be in"):
         labelled_videos(order, 0, floor)
+
+
+class _TwoLayers:
+    """A toy TrainTask: a 'body' and a 'head' layer, with the body in its own parameter group."""
+
+    def __init__(self, body_scale: float, groups: str = "both"):
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        self.body_scale, self.groups = body_scale, groups
+
+    def param_groups(self):
+        body = {"params": list(self.model[0].parameters()), "lr_scale": self.body_scale}
+        head = {"params": list(self.model[1].parameters()), "lr_scale": 1.0}
+        return [body, head] if self.groups == "both" else [head]
+
+    def steps_per_epoch(self, world):
+        return 5
+
+    def batches(self, epoch, rank, world, device):
+        gen = torch.Generator().manual_seed(epoch)
+        for _ in range(5):
+            yield torch.randn(8, 4, generator=gen), torch.randint(2, (8,), generator=gen)
+
+    def loss(self, model, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y), {}
+
+    def validate(self, model, device):
+        return {}
+
+
+def test_parameter_groups_train_at_their_own_learning_rate(tmp_path):
+    from sonossl.train.loop import LoopParams, fit
+
+    moved = {}
+    for scale in (1.0, 1e-4):
+        task = _TwoLayers(scale)
+        before = [p.detach().clone() for p in task.model.parameters()]
+        fit(task, tmp_path / str(scale), LoopParams(epochs=1, lr=1e-2, warmup_epochs=0), progress=False, live=False)
+        moved[scale] = [float((p.detach() - b).abs().max()) for p, b in zip(task.model.parameters(), before)]
+    body, head = slice(0, 2), slice(2, 4)
+    assert max(moved[1e-4][body]) < 1e-3 * min(moved[1.0][body])  # the scaled group barely moves
+    assert moved[1e-4][head] == pytest.approx(moved[1.0][head], rel=0.5)  # the head trains as before
+    with pytest.raises(ValueError, match="exactly one group"):  # a parameter left out of every group
+        fit(_TwoLayers(1.0, groups="head"), tmp_path / "bad", LoopParams(epochs=1, lr=1e-2), progress=False, live=False)
+    with pytest.raises(ValueError, match="lr_scale must be positive"):
+        fit(_TwoLayers(0.0), tmp_path / "zero", LoopParams(epochs=1, lr=1e-2), progress=False, live=False)
+
+
+def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder(tiny_clips, tiny_params, tmp_path):
+    """LP-FT: the fine-tune's head starts as the linear probe of its encoder (with a vanishing learning rate it is
+    still that probe after training), and only a pretrained encoder gets ``encoder_lr_scale``."""
+    from sonossl.config import as_dict
+    from sonossl.models.encoder import build_encoder
+    from sonossl.train.finetune import _rows, embed, finetune, finetune_classifier, linear_probe, open_labelled
+
+    d = open_labelled(tiny_clips)
+    train_rows, val_rows = _rows(d, split="train"), _rows(d, split="val")
+    ft = dataclasses.replace(tiny_params.finetune, lr=1e-12, epochs=1, head_init="probe", encoder_lr_scale=0.1)
+    torch.manual_seed(0)
+    enc = build_encoder(as_dict(tiny_params.pretrain.encoder))
+    z = embed(enc, d.frames, np.concatenate([train_rows, val_rows]), torch.device("cpu"))
+    probe, _ = linear_probe(z[:len(train_rows)], d.labels[train_rows], z[len(train_rows):], d.labels[val_rows],
+                            len(d.classes), ft.probe_c, ft.seed)
+    model, info = finetune_classifier(enc, True, d, train_rows, val_rows, ft, tmp_path / "lpft", torch.device("cpu"),
+                                      progress=False)
+    assert info["head_init"] == "probe" and info["encoder_lr_scale"] == 0.1
+    assert torch.allclose(model.head[1].weight, probe.weight, atol=1e-5)
+    # scratch trains its encoder at the full rate; a bad head_init names the field
+    m = finetune(tiny_clips, tmp_path / "scratch", ft, encoder_spec=as_dict(tiny_params.pretrain.encoder),
+                 methods=("finetune",), progress=False)
+    assert {r["encoder_lr_scale"] for r in m["runs"]} == {1.0} and {r["head_init"] for r in m["runs"]} == {"probe"}
+    with pytest.raises(ValueError, match="finetune.head_init"):
+        finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, head_init="zeros"),
+                 encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)

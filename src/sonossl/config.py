@@ -133,6 +133,10 @@ class FinetuneParams:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
     probe_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse L2 strengths tried
+    # Plane fine-tunes start their head from a random layer ("random") or from the linear probe ("probe": LP-FT).
+    head_init: str = "random"
+    # A pretrained encoder trains at this multiple of ``lr`` (the head and a decoder at ``lr``); scratch at ``lr``.
+    encoder_lr_scale: float = 1.0
     frames_per_epoch: int = 2048  # labelled frames drawn per epoch (with replacement when fewer are labelled)
     seed: int = 0
     amp: bool = True

@@ -6,8 +6,9 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
 1. the training folds are split again by patient into inner-train and inner-validation videos;
 2. pretraining (``both-sequential``) runs on the inner-train videos' clips only, pretext validation on the
    inner-validation videos: the test fold is never seen, not even unlabelled;
-3. from that encoder and from a random one: a linear probe and a fine-tune on ``frames_per_video`` evenly spaced
-   frames of every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos;
+3. from that encoder and from a random one: a linear probe and a fine-tune (the finetune step's, LP-FT by default)
+   on ``frames_per_video`` evenly spaced frames of every inner-train video, with the L2 strength / the epoch chosen
+   on the inner-validation videos;
 4. every frame of each test video is classified; the video's prediction is the argmax of its mean probabilities.
 
 Predictions of all folds are pooled into video-level accuracy and per-class F1, and per-fold accuracies are kept.
@@ -32,8 +33,7 @@ from sonossl.config import Params, as_dict
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
 from sonossl.models.encoder import build_encoder
-from sonossl.train.finetune import PlaneTask, embed, finetune_loop_params, linear_probe, open_labelled, predict
-from sonossl.train.loop import fit, load_best
+from sonossl.train.finetune import check_finetune_params, embed, finetune_classifier, linear_probe, open_labelled, predict
 from sonossl.train.pretrain import load_encoder, pretrain_on, seed_for
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     """Run the cross-validation; writes ``results.json`` and ``metrics.json`` (and the markdown ``report``)."""
     t0 = time.perf_counter()
     cv, out_dir = params.crossval, Path(out_dir)
+    check_finetune_params(params.finetune)
     d = open_labelled(clips_dir)
     idx = d.data.index
     if idx.patient_id.isna().any():
@@ -107,11 +108,8 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                     model = PlaneClassifier(enc, len(d.classes))
                     model.head[1] = layer
                 else:
-                    model = PlaneClassifier(make_encoder(), len(d.classes))
-                    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, ft_fold, len(d.classes))
-                    run_dir = fold_dir / f"{init}-finetune"
-                    fit(task, run_dir, finetune_loop_params(ft_fold, ft_fold.epochs, "val_macro_f1"), progress=progress)
-                    load_best(model, run_dir)
+                    model, _ = finetune_classifier(make_encoder(), init == "ssl", d, train_rows, val_rows, ft_fold,
+                                                   fold_dir / f"{init}-finetune", device, progress=progress)
                 model = model.to(device)
                 probs = torch.softmax(predict(model, d.frames, test_rows, device), 1).numpy()
                 per_video = {int(v): probs[d.video_idx[test_rows] == v].mean(0) for v in test_v}

@@ -9,7 +9,11 @@ seen. For standard-plane detection (``task="planes"``):
 - ``probe``: a linear probe, logistic regression (class-balanced, L2 strength chosen on the validation videos) on
   the frozen encoder's embeddings; folded into one ``nn.Linear`` so that it serves like any model;
 - ``finetune``: the whole network (encoder + linear layer) trained with a class-balanced cross-entropy and batched
-  augmentation (shift, zoom, flip, gain), the epoch with the best validation macro-F1 kept.
+  augmentation (shift, zoom, flip, gain), the epoch with the best validation macro-F1 kept. The linear layer starts
+  at random (``head_init: random``, the default) or from the linear probe of that encoder (``probe``: LP-FT, Kumar
+  et al., ICLR 2022, against a random head's first gradients rewriting the pretrained features); a pretrained
+  encoder trains at ``encoder_lr_scale`` times the learning rate (also in saliency fine-tunes), a scratch encoder
+  always at the full rate, so the baseline is not slowed down by a rule meant for pretrained weights.
 
 For saliency prediction (``task="saliency"``): the encoder plus a light decoder, trained end to end with the KL
 divergence to the gaze density; the epoch with the best validation CC kept; scored with KLD, CC, NSS, SIM, AUC-Judd.
@@ -51,6 +55,7 @@ from sonossl.train.pretrain import frames_tensor, load_encoder, seed_for
 log = logging.getLogger(__name__)
 
 TASKS = ("planes", "saliency")
+HEAD_INITS = ("probe", "random")
 MODEL_FILE = "model.pt"
 EVAL_BATCH = 256
 
@@ -160,9 +165,16 @@ class _FrameTask:
     """Frames drawn with replacement from ``train_rows``, ``frames_per_epoch`` per epoch."""
 
     def __init__(self, model: nn.Module, frames: torch.Tensor, train_rows: np.ndarray, val_rows: np.ndarray,
-                 params: FinetuneParams):
+                 params: FinetuneParams, encoder_lr_scale: float = 1.0):
         self.model, self.frames, self.params = model, frames, params
         self.train_rows, self.val_rows = np.asarray(train_rows), np.asarray(val_rows)
+        self.encoder_lr_scale = encoder_lr_scale
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The encoder at ``encoder_lr_scale`` times the learning rate, the head (or decoder) at the full rate."""
+        enc = {id(p) for p in self.model.encoder.parameters()}
+        return [{"params": list(self.model.encoder.parameters()), "lr_scale": self.encoder_lr_scale},
+                {"params": [p for p in self.model.parameters() if id(p) not in enc], "lr_scale": 1.0}]
 
     def steps_per_epoch(self, world: int) -> int:
         return max(1, self.params.frames_per_epoch // (self.params.batch_size * world))
@@ -177,8 +189,9 @@ class _FrameTask:
 
 
 class PlaneTask(_FrameTask):
-    def __init__(self, model, frames, labels: np.ndarray, train_rows, val_rows, params, n_classes: int):
-        super().__init__(model, frames, train_rows, val_rows, params)
+    def __init__(self, model, frames, labels: np.ndarray, train_rows, val_rows, params, n_classes: int,
+                 encoder_lr_scale: float = 1.0):
+        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale)
         self.labels = torch.as_tensor(labels)
         self.n_classes = n_classes
         self.weights = balanced_weights(labels[train_rows], n_classes)
@@ -199,8 +212,9 @@ class PlaneTask(_FrameTask):
 
 
 class SaliencyTask(_FrameTask):
-    def __init__(self, model, frames, saliency: torch.Tensor, train_rows, val_rows, params):
-        super().__init__(model, frames, train_rows, val_rows, params)
+    def __init__(self, model, frames, saliency: torch.Tensor, train_rows, val_rows, params,
+                 encoder_lr_scale: float = 1.0):
+        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale)
         self.saliency = saliency
 
     def loss(self, model, batch):
@@ -306,8 +320,34 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
     return layer, {"C": c, "val_macro_f1": score}
 
 
-def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
-                methods: list[str], resume: bool, progress: bool, device: torch.device,
+def encoder_lr_scale(params: FinetuneParams, pretrained: bool) -> float:
+    return params.encoder_lr_scale if pretrained else 1.0
+
+
+def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, train_rows: np.ndarray,
+                        val_rows: np.ndarray, params: FinetuneParams, run_dir: Path, device: torch.device,
+                        resume: bool = False, progress: bool = True, run_id: str = "") -> tuple[PlaneClassifier, dict]:
+    """The ``finetune`` method: encoder + linear layer trained on ``train_rows``, the best validation epoch loaded.
+    With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT)."""
+    n_cls = len(d.classes)
+    model = PlaneClassifier(encoder, n_cls)
+    extra: dict[str, Any] = {"head_init": params.head_init, "encoder_lr_scale": encoder_lr_scale(params, pretrained)}
+    if params.head_init == "probe":
+        rows = np.concatenate([train_rows, val_rows])
+        z = embed(encoder.to(device), d.frames, rows, device)
+        layer, info = linear_probe(z[:len(train_rows)], d.labels[train_rows], z[len(train_rows):], d.labels[val_rows],
+                                   n_cls, params.probe_c, params.seed)
+        model.head[1] = layer
+        extra["head_C"] = info["C"]
+    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, extra["encoder_lr_scale"])
+    res = fit(task, run_dir, finetune_loop_params(params, params.epochs, "val_macro_f1"), resume=resume,
+              progress=progress, run_id=run_id)
+    best = load_best(model, run_dir)
+    return model, {**extra, "best_epoch": best["epoch"], "history": res.history}
+
+
+def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, pretrained: bool,
+                fractions: list[float], methods: list[str], resume: bool, progress: bool, device: torch.device,
                 run_key: str) -> tuple[list[dict], dict]:
     order, floor = labelling_plan(d.data.index, params)
     n_cls = len(d.classes)
@@ -334,12 +374,9 @@ def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_e
                 extra = {"C": info["C"]}
             else:
                 torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
-                model = PlaneClassifier(make_encoder(), n_cls)
-                task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls)
-                res = fit(task, out_dir / "runs" / name, finetune_loop_params(params, params.epochs, "val_macro_f1"),
-                          resume=resume, progress=progress, run_id=fingerprint(run_key, name))
-                best = load_best(model, out_dir / "runs" / name)
-                extra = {"best_epoch": best["epoch"], "history": res.history}
+                model, extra = finetune_classifier(make_encoder(), pretrained, d, train_rows, val_rows, params,
+                                                   out_dir / "runs" / name, device, resume, progress,
+                                                   fingerprint(run_key, name))
             model = model.to(device)
             val = classification_report(d.labels[val_rows], predict(model, d.frames, val_rows, device).argmax(1)
                                         .numpy(), d.classes) if len(val_rows) else None
@@ -357,8 +394,9 @@ def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_e
     return runs, best_state
 
 
-def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, fractions: list[float],
-                   resume: bool, progress: bool, device: torch.device, run_key: str) -> tuple[list[dict], dict]:
+def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, pretrained: bool,
+                   fractions: list[float], resume: bool, progress: bool, device: torch.device,
+                   run_key: str) -> tuple[list[dict], dict]:
     if d.data.saliency is None:
         raise ValueError(f"{d.data.path}: no saliency maps in this clip dataset; the saliency task needs them")
     saliency = torch.from_numpy(np.array(d.data.saliency, dtype=np.float32))
@@ -375,7 +413,8 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
         name = f"finetune@{frac:g}"
         torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
         model = SaliencyModel(make_encoder(), out_size)
-        task = SaliencyTask(model, d.frames, saliency, train_rows, val_rows, params)
+        task = SaliencyTask(model, d.frames, saliency, train_rows, val_rows, params,
+                            encoder_lr_scale(params, pretrained))
         res = fit(task, out_dir / "runs" / name, finetune_loop_params(params, params.saliency_epochs, "val_cc"), resume=resume,
                   progress=progress, run_id=fingerprint(run_key, name))
         best = load_best(model, out_dir / "runs" / name)
@@ -400,6 +439,13 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
     return runs, best_state
 
 
+def check_finetune_params(params: FinetuneParams) -> None:
+    if params.head_init not in HEAD_INITS:
+        raise ValueError(f"finetune.head_init: {params.head_init!r} is not one of {list(HEAD_INITS)}")
+    if not params.encoder_lr_scale > 0:
+        raise ValueError(f"finetune.encoder_lr_scale: must be positive, got {params.encoder_lr_scale}")
+
+
 def _file_hash(path: str | Path | None) -> str | None:
     import hashlib
 
@@ -413,6 +459,7 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
     """Train and score the downstream ``task`` from ``encoder`` (a pretrain output) or from scratch."""
     if task not in TASKS:
         raise ValueError(f"finetune task {task!r} is not one of {list(TASKS)}")
+    check_finetune_params(params)
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = open_labelled(clips_dir)
@@ -425,11 +472,12 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
                           _file_hash(Path(encoder) / "encoder.pt" if encoder and Path(encoder).is_dir() else encoder))
     if task == "planes":
         fractions = fractions or params.fractions
-        runs, best = _plane_runs(d, out_dir, params, make_encoder, fractions, list(methods), resume, progress, device,
-                                 run_key)
+        runs, best = _plane_runs(d, out_dir, params, make_encoder, encoder is not None, fractions, list(methods),
+                                 resume, progress, device, run_key)
     else:
         fractions = fractions or params.saliency_fractions
-        runs, best = _saliency_runs(d, out_dir, params, make_encoder, fractions, resume, progress, device, run_key)
+        runs, best = _saliency_runs(d, out_dir, params, make_encoder, encoder is not None, fractions, resume, progress,
+                                    device, run_key)
     spec = dict(make_encoder().spec)
     metrics = {
         "name": name or out_dir.name, "task": task, "init": "scratch" if encoder is None else "pretrained",

@@ -5,7 +5,8 @@ same way for all of them:
 
 - seeds: batches of epoch e on rank r come from a generator seeded by (seed, e, r), so a resumed run draws the
   same data as an uninterrupted one;
-- AdamW with linear warm-up and a cosine decay, per step;
+- AdamW with linear warm-up and a cosine decay, per step; a task may give parameter groups with their own
+  ``lr_scale`` (``param_groups()``: a pretrained encoder fine-tuned gently under a fresh head, say);
 - on GPU, bfloat16 autocast and channels_last;
 - a checkpoint after every epoch (``checkpoints/last.pt``, written atomically: a kill leaves the previous one), the
   best model by the validation metric (``best.pt``), and ``resume=True`` continuing from ``last.pt``;
@@ -60,7 +61,11 @@ class LoopParams:
 
 
 class TrainTask(Protocol):
-    model: nn.Module  # may also set ``find_unused_parameters = True`` for DDP when some weights get no gradient
+    """What ``fit`` trains. Optional: ``find_unused_parameters = True`` for DDP when some weights get no gradient,
+    and ``param_groups()``, a list of ``{"params": [...], "lr_scale": s}`` holding every parameter once,
+    each group at ``s`` times the schedule's learning rate (default: one group, scale 1)."""
+
+    model: nn.Module
 
     def steps_per_epoch(self, world: int) -> int: ...
 
@@ -142,6 +147,16 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _check_groups(groups: list[dict[str, Any]], model: nn.Module) -> None:
+    """Every parameter of ``model`` in exactly one group, nothing else, and positive scales."""
+    ids = [id(p) for g in groups for p in g["params"]]
+    if len(ids) != len(set(ids)) or set(ids) != {id(p) for p in model.parameters()}:
+        raise ValueError("param_groups(): each parameter of the model must be in exactly one group")
+    bad = [g["lr_scale"] for g in groups if not g.get("lr_scale", 1.0) > 0]
+    if bad:
+        raise ValueError(f"param_groups(): lr_scale must be positive, got {bad}")
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -215,7 +230,9 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
         for m in model.modules():
             if hasattr(m, "channels_last"):
                 m.channels_last = True
-    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    groups = task.param_groups() if hasattr(task, "param_groups") else [{"params": list(model.parameters())}]
+    _check_groups(groups, model)
+    opt = torch.optim.AdamW([{"lr_scale": 1.0, **g} for g in groups], lr=params.lr, weight_decay=params.weight_decay)
     result = FitResult()
     start_epoch = 0
     ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
@@ -259,7 +276,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                             f"epoch {epoch + 1}/{params.epochs}", progress and env.main)
             for i, batch in enumerate(bar):
                 for group in opt.param_groups:
-                    group["lr"] = params.lr * _lr_factor(epoch * steps + i, total, warmup)
+                    group["lr"] = params.lr * group["lr_scale"] * _lr_factor(epoch * steps + i, total, warmup)
                 with autocast:
                     loss, numbers = task.loss(train_model, batch)
                 if not torch.isfinite(loss):
