@@ -15,6 +15,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tmp_path):
     out = tmp_path / "seeds.json"
     subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--clips", str(tiny_clips),
                     "--pool-videos", "4", "--pretrain-epochs", "1", "--lr", "0.002", "--seeds", "1",
+                    "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1",
                     "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     enc = result["encoder"]
@@ -22,6 +23,8 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tmp_path):
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
     assert result["lr"] == 0.002 and len(result["per_seed"]) == 1
+    assert result["fraction"] == 1.0 and result["target"] is None  # the target is stated at the smallest fraction
+    assert result["head_init"] == "probe" and result["encoder_lr_scale"] == 0.1
     row = result["per_seed"][0]
     assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
 
