@@ -39,8 +39,8 @@ label-seeds: setup
 	$(BIN)/python benchmarks/label_seeds.py --seeds 5
 
 # The same comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune LR,
-# LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps. About 80 minutes on
-# 2 cores.
+# LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with 3x the
+# pretraining; and the default encoder at 20 % of the videos. About 100 minutes on 2 cores.
 LEVERS := benchmarks/results/label_seeds
 label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --lr 3e-4 --out $(LEVERS)_lr3e-4.json
@@ -51,6 +51,8 @@ label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 60 --out $(LEVERS)_pretrain60.json
 	$(BIN)/python benchmarks/label_seeds.py --pool-videos 128 --out $(LEVERS)_pool128.json
 	$(BIN)/python benchmarks/label_seeds.py --pool-videos 256 --out $(LEVERS)_pool256.json
+	$(BIN)/python benchmarks/label_seeds.py --pool-videos 128 --pretrain-epochs 24 --out $(LEVERS)_pool128_e24.json
+	$(BIN)/python benchmarks/label_seeds.py --fraction 0.2 --out $(LEVERS)_f20.json
 
 # Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
 drift-demo: setup

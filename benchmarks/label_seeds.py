@@ -111,6 +111,8 @@ def main() -> int:
                 for run in m["runs"]:
                     row[f"{init}_{run['method']}"] = run["test"]["macro_f1"]
                     row["videos"] = run["videos"]
+                    if "best_epoch" in run:  # which fine-tune epoch the validation videos chose, of how many
+                        row[f"{init}_finetune_epoch"] = f"{run['best_epoch']}/{ft.epochs}"
             row["finetune_gain"] = round(row["ssl_finetune"] - row["scratch_finetune"], 4)
             row["probe_gain"] = round(row["ssl_probe"] - row["scratch_probe"], 4)
             rows.append(row)

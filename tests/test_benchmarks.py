@@ -27,6 +27,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tmp_path):
     assert result["head_init"] == "probe" and result["encoder_lr_scale"] == 0.1
     row = result["per_seed"][0]
     assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
+    assert {row["ssl_finetune_epoch"], row["scratch_finetune_epoch"]} <= {"1/2", "2/2"}  # tiny: 2 fine-tune epochs
 
 
 def test_label_seeds_refuses_a_pool_of_the_evaluation_fetuses(tiny_clips, tmp_path):
