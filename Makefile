@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench label-seeds label-levers drift-demo results contact-sheet image image-push clean
+.PHONY: setup run test bench label-seeds selection-oracle label-levers drift-demo results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -37,6 +37,11 @@ bench: setup
 # The smallest label fraction over five seeds, SSL against scratch (after `make run`; about 5 minutes on 2 cores).
 label-seeds: setup
 	$(BIN)/python benchmarks/label_seeds.py --seeds 5
+
+# The same draws: the test score of what validation selects against the best test score any selection could reach
+# (a diagnosis of whether selection holds the result back; after `make run`; about 5 minutes).
+selection-oracle: setup
+	$(BIN)/python benchmarks/selection_oracle.py --seeds 5
 
 # The same comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune LR,
 # LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with 3x the

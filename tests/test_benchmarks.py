@@ -37,3 +37,23 @@ def test_label_seeds_refuses_a_pool_of_the_evaluation_fetuses(tiny_clips, tmp_pa
     assert proc.returncode != 0
     assert "--pool-seed 0 is the simulator seed of the evaluation sweeps" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_export, tmp_path):
+    """What validation selects in the diagnosis is what the pipeline (label_seeds, same draw) scored; the oracle is
+    the best test score over the candidates, so never below it."""
+    encoder = tiny_export.parent / "pretrain"
+    common = ["--profile", "tiny", "--clips", str(tiny_clips), "--encoder", str(encoder), "--seeds", "1"]
+    subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--out", str(tmp_path / "seeds.json")],
+                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "selection_oracle.py"), *common,
+                    "--out", str(tmp_path / "oracle.json")], check=True, capture_output=True, text=True, timeout=600)
+    seeds = json.loads((tmp_path / "seeds.json").read_text())["per_seed"][0]
+    oracle = json.loads((tmp_path / "oracle.json").read_text())
+    row = oracle["per_seed"][0]
+    for key in ("ssl_probe", "scratch_probe", "ssl_finetune", "scratch_finetune"):
+        assert row[key]["selected"] == seeds[key], key
+        assert row[key]["oracle"] == max(c["test"] for c in row[key]["candidates"]) >= row[key]["selected"]
+    assert [c["epoch"] for c in row["ssl_finetune"]["candidates"]] == [1, 2]  # tiny: 2 fine-tune epochs
+    assert len(row["ssl_probe"]["candidates"]) == 1  # tiny: probe_c [1.0]
+    assert oracle["medians"]["finetune_gain_oracle"] == row["finetune_gain_oracle"]

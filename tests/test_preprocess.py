@@ -25,7 +25,7 @@ from conftest import (
 from sonossl.config import PreprocessParams, SplitParams
 from sonossl.data import clips
 from sonossl.data.annotations import save_annotations
-from sonossl.data.clips import PreprocessError, assign_splits, load_clip_dataset, preprocess
+from sonossl.data.clips import PreprocessError, assign_splits, load_clip_dataset, preprocess, split_imbalance
 
 TINY = PreprocessParams(frame_size=32, saliency_size=16, workers=1)
 
@@ -388,6 +388,35 @@ def test_splits_are_deterministic_proportional_and_never_empty() -> None:
     assert {s[f"c{i}"] for i in range(7)} == {"train", "val", "test"}
     assert all(v == "train" for v in assign_splits({"only": None, "two": None}, split, seed=0).values())
     assert set(assign_splits(groups, SplitParams(train=1.0, val=0.0), seed=0).values()) == {"train"}
+
+
+def test_splits_spread_each_class_s_frames_when_frame_counts_are_given() -> None:
+    # 12 spine sweeps whose spine frames range from 1 to 40 (the rest background), and 12 head sweeps alike: the
+    # stratified cut alone can put the sweeps that barely show their plane into validation.
+    rng = np.random.default_rng(3)
+    groups, frames = {}, {}
+    for plane in ("spine", "head"):
+        for i, n in enumerate(rng.permutation([1, 2, 3, 5, 8, 12, 18, 25, 30, 34, 38, 40])):
+            groups[f"{plane}{i}"] = plane
+            frames[f"{plane}{i}"] = {plane: int(n), "background": 80 - int(n)}
+    plain_params, split = SplitParams(train=0.7, val=0.15, balance_tries=1), SplitParams(train=0.7, val=0.15)
+    plain = assign_splits(groups, plain_params, seed=0, frames=frames)
+    assert plain == assign_splits(groups, split, seed=0)  # without frame counts: the plain cut
+    balanced = assign_splits(groups, split, seed=0, frames=frames)
+    assert balanced == assign_splits(dict(reversed(list(groups.items()))), split, seed=0, frames=frames)
+    # still stratified: the same number of sweeps of each plane in each split as the plain cut
+    for plane in ("spine", "head"):
+        assert Counter(v for g, v in balanced.items() if g.startswith(plane)) == \
+            Counter(v for g, v in plain.items() if g.startswith(plane))
+    worst_plain, _ = split_imbalance(plain, frames, split)
+    worst, _ = split_imbalance(balanced, frames, split)
+    assert worst < worst_plain and worst < 0.35, (worst, worst_plain)
+    total = {p: sum(f[p] for f in frames.values() if p in f) for p in ("spine", "head")}
+    for which, fraction in (("val", 0.15), ("test", 0.15)):
+        for plane in ("spine", "head"):
+            got = sum(frames[g][plane] for g, v in balanced.items() if v == which and plane in frames[g])
+            assert abs(got / total[plane] - fraction) <= 0.35 * fraction, (which, plane, got, total[plane])
+    assert split_imbalance(balanced, frames, SplitParams(train=1.0, val=0.0)) == (0.0, 0.0)  # no val or test
 
 
 def test_load_clip_dataset_explains_what_is_missing(raw: Path, tmp_path: Path) -> None:

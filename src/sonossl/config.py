@@ -52,6 +52,9 @@ class SplitParams:
 
     train: float = 0.7
     val: float = 0.15
+    # Candidate assignments tried for per-class frame balance (``sonossl.data.clips.assign_splits``); 1 = the first
+    # only (a plain stratified cut, blind to how many frames of each class a video holds).
+    balance_tries: int = 256
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ The clip dataset (written atomically: complete, or absent, or the previous one u
 - ``frames.npy``: uint8 (N, size, size), memory-mappable;
 - ``index.parquet``: one row per frame: ``frame`` (row in frames.npy), ``video`` (path as listed), ``video_idx``,
   ``time`` (s from the video's first frame), ``source_frame`` (decoded frame index, the row of its annotations),
-  ``label``, ``patient_id``, ``split`` (train/val/test, by patient where given, else by video), ``has_saliency``;
+  ``label``, ``patient_id``, ``split`` (train/val/test, by patient where given, else by video, stratified by the
+  main label and spreading each label's frames: ``assign_splits``), ``has_saliency``;
 - ``saliency.npy``: float16 (N, s, s), each map summing to 1, zeros where ``has_saliency`` is False; only when some
   video has saliency;
 - ``meta.json``: ``format``, ``version`` (a hash of the input hashes and the parameters), ``params``, ``inputs``
@@ -597,14 +598,50 @@ def _unit_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def assign_splits(groups: Mapping[str, str | None], split: SplitParams, seed: int) -> dict[str, str]:
+def assign_splits(groups: Mapping[str, str | None], split: SplitParams, seed: int,
+                  frames: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, str]:
     """Assign each group (patient, or video) to train/val/test, deterministically from ``seed`` and the group ids.
 
     ``groups`` maps group id -> stratum (the videos' label, or None). Within a stratum, groups are ordered by a hash
     of (seed, group id) and cut by the fractions (val = ``split.val``, test = the rest after ``split.train``), so
     each class is spread over the splits; strata with fewer than 3 groups are pooled. With 3 or more groups, every
     split whose fraction is above 0 gets at least one.
+
+    ``frames`` (group -> label -> labelled frames) adds a second aim: a group's stratum is its main label, but its
+    frames of each label can be few or many (a spine sweep may show the spine in 2 frames or in 40), so the cut can
+    leave a class with almost no frames in validation. Then ``split.balance_tries`` cuts are drawn (the hash salted
+    0, 1, ...; salt 0 is the plain cut) and the one whose per-class frame shares in val and test are nearest their
+    fractions is kept (``split_imbalance``; ties: the lowest salt). Every cut still stratifies as above.
     """
+    tries = max(1, split.balance_tries) if frames else 1
+    best: tuple[tuple[float, float], dict[str, str]] | None = None
+    for salt in range(tries):
+        out = _stratified_cut(groups, split, seed, salt)
+        if tries == 1:
+            return out
+        score = split_imbalance(out, frames, split)
+        if best is None or score < best[0]:
+            best = (score, out)
+    return best[1]
+
+
+def split_imbalance(assignment: Mapping[str, str], frames: Mapping[str, Mapping[str, int]],
+                    split: SplitParams) -> tuple[float, float]:
+    """(worst, mean) relative gap between a class's share of frames in val (and test) and that split's fraction,
+    over the labels and the splits whose fraction is above 0; 0 is a perfect spread."""
+    fractions = {"val": split.val, "test": max(0.0, 1.0 - split.train - split.val)}
+    totals: Counter = Counter()
+    per_split: dict[str, Counter] = {s: Counter() for s in fractions}
+    for group, counts in frames.items():
+        totals.update(counts)
+        if assignment.get(group) in per_split:
+            per_split[assignment[group]].update(counts)
+    gaps = [abs(per_split[s][label] / n - f) / f for s, f in fractions.items() if f > 0
+            for label, n in totals.items() if n > 0]
+    return (max(gaps), sum(gaps) / len(gaps)) if gaps else (0.0, 0.0)
+
+
+def _stratified_cut(groups: Mapping[str, str | None], split: SplitParams, seed: int, salt: int) -> dict[str, str]:
     test = max(0.0, 1.0 - split.train - split.val)
     strata: dict[str | None, list[str]] = {}
     for group, stratum in groups.items():
@@ -613,9 +650,10 @@ def assign_splits(groups: Mapping[str, str | None], split: SplitParams, seed: in
     pooled = [g for m in strata.values() if len(m) < 3 for g in m]
     if pooled:
         blocks.append(pooled)
+    key = f"{seed}:" if salt == 0 else f"{seed}:{salt}:"  # salt 0: the cut of earlier versions
     out: dict[str, str] = {}
     for members in blocks:
-        ordered = sorted(members, key=lambda g: (_unit_hash(f"{seed}:{g}"), g))
+        ordered = sorted(members, key=lambda g: (_unit_hash(key + g), g))
         n = len(ordered)
         n_val, n_test = round(split.val * n), round(test * n)
         reserved = 0  # groups that must stay in train
@@ -654,6 +692,8 @@ def _check_params(params: PreprocessParams) -> None:
     s = params.split
     if s.train < 0 or s.val < 0 or s.train + s.val > 1.0 + 1e-9:
         problems.append(f"split.train and split.val must be >= 0 with a sum <= 1, got {s.train} and {s.val}")
+    if s.balance_tries < 1:
+        problems.append(f"split.balance_tries must be >= 1 (1 = the plain stratified cut), got {s.balance_tries}")
     if problems:
         raise ValueError("preprocess parameters: " + "; ".join(problems))
 
@@ -721,7 +761,8 @@ def _copy_work(staging: Path, kept: list[_Task], results: Mapping[int, _VideoRes
     return total, any_saliency
 
 
-def _video_splits(kept: list[_Task], listing: pd.DataFrame, params: PreprocessParams) -> tuple[dict, dict]:
+def _video_splits(kept: list[_Task], results: Mapping[int, _VideoResult], listing: pd.DataFrame,
+                  params: PreprocessParams) -> tuple[dict, dict]:
     """(patient_id or None, split) per listing row of the kept videos; groups are patients, else videos."""
     patients = listing["patient_id"] if "patient_id" in listing.columns else None
     patient_of = {t.idx: (patients.iloc[t.idx] or None) if patients is not None else None for t in kept}
@@ -735,7 +776,11 @@ def _video_splits(kept: list[_Task], listing: pd.DataFrame, params: PreprocessPa
         labels.setdefault(group_of[t.idx], Counter())[stratum or t.label] += 1
     # A group's stratum is its videos' most common one (ties: the first in sorted order).
     strata = {g: min(c.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))[0] for g, c in labels.items()}
-    split_of = assign_splits(strata, params.split, params.seed)
+    # and its labelled frames per label, so that the cut also spreads each class's frames (assign_splits)
+    frames: dict[str, Counter] = {}
+    for t in kept:
+        frames.setdefault(group_of[t.idx], Counter()).update(lab for lab in results[t.idx].labels if lab is not None)
+    split_of = assign_splits(strata, params.split, params.seed, frames if any(frames.values()) else None)
     return patient_of, {i: split_of[g] for i, g in group_of.items()}
 
 
@@ -805,6 +850,10 @@ def _meta(
             "dropped_blank_per_video": dropped,
             "frames_per_label": {str(k): int(v) for k, v in sorted(Counter(index.label.dropna()).items())},
             "frames_per_split": {s: int((index.split == s).sum()) for s in SPLITS},
+            "frames_per_label_per_split": {
+                s: {str(k): int(v) for k, v in sorted(Counter(index.label[index.split == s].dropna()).items())}
+                for s in SPLITS
+            },
             "videos_per_split": {s: sum(v["split"] == s for v in videos) for s in SPLITS},
             "groups_per_split": {
                 s: len({v["patient_id"] or v["path"] for v in videos if v["split"] == s}) for s in SPLITS
@@ -865,7 +914,7 @@ def preprocess(
 
         total, any_saliency = _copy_work(staging, kept, results, params)
         shutil.rmtree(work)
-        patient_of, split_of = _video_splits(kept, listing, params)
+        patient_of, split_of = _video_splits(kept, results, listing, params)
         index = _index(kept, results, patient_of, split_of)
         index.to_parquet(staging / "index.parquet", index=False)
         meta = _meta(
