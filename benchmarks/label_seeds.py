@@ -136,11 +136,17 @@ def main() -> int:
         "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds",
         "target": "SSL fine-tune macro-F1 at least 0.10 above scratch at the smallest fraction"
         if fraction == min(params.finetune.fractions) else None,
-        "minutes": round((time.perf_counter() - t0) / 60, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    return finish(result, args.out, t0)
+
+
+def finish(result: dict, out: Path, t0: float) -> int:
+    """Add the minutes since ``t0`` and the machine to ``result``, write it to ``out`` (atomically) and print it
+    without its per-seed rows; also used by ``selection_oracle.py``."""
+    result |= {"minutes": round((time.perf_counter() - t0) / 60, 1),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
     return 0
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sonossl.atomic import atomic_write_text
 from sonossl.config import as_dict, load_params
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
@@ -40,6 +37,8 @@ from sonossl.models.encoder import build_encoder
 from sonossl.train import finetune as ft
 from sonossl.train.loop import fit
 from sonossl.train.pretrain import load_encoder, seed_for
+
+from label_seeds import finish  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,13 +144,8 @@ def main() -> int:
         "clips_version": d.data.version, "encoder": str(args.encoder.resolve().relative_to(ROOT))
         if args.encoder.resolve().is_relative_to(ROOT) else str(args.encoder),
         "seeds": args.seeds, "medians": summary, "per_seed": rows,
-        "minutes": round((time.perf_counter() - t0) / 60, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
-    return 0
+    return finish(result, args.out, t0)
 
 
 if __name__ == "__main__":
