@@ -66,12 +66,18 @@ def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
     return tmp / "encoder"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def draw_args(doc: str) -> argparse.ArgumentParser:
+    """The options of every benchmark over the labelled draws (also ``selection_oracle.py``)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--profile", default=None, help="params.yaml profile (default: the file's)")
     ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
     ap.add_argument("--encoder", type=Path, default=ROOT / "models/pretrain/both-sequential")
+    return ap
+
+
+def main() -> int:
+    ap = draw_args(__doc__)
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="pretrain a both-sequential encoder first")
     ap.add_argument("--pool-videos", type=int, default=None, help="pretrain first on this many new unlabelled sweeps")
     ap.add_argument("--pool-seed", type=int, default=1, help="simulator seed of the unlabelled sweeps")

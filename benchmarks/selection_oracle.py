@@ -19,7 +19,6 @@ Writes benchmarks/results/selection_oracle.json (or --out).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -38,7 +37,7 @@ from sonossl.train import finetune as ft
 from sonossl.train.loop import fit
 from sonossl.train.pretrain import load_encoder, seed_for
 
-from label_seeds import finish  # benchmarks/ is on the path when run as a script
+from label_seeds import draw_args, finish  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,11 +92,7 @@ def pick(candidates: list[dict]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--profile", default=None, help="params.yaml profile (default: the file's)")
-    ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
-    ap.add_argument("--encoder", type=Path, default=ROOT / "models/pretrain/both-sequential")
+    ap = draw_args(__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/selection_oracle.json")
     args = ap.parse_args()
     if not (args.encoder / "encoder.pt").is_file():
