@@ -39,7 +39,7 @@ label-seeds: setup
 	$(BIN)/python benchmarks/label_seeds.py --seeds 5
 
 # The same draws: the test score of what validation selects against the best test score any selection could reach
-# (a diagnosis of whether selection holds the result back; after `make run`; about 5 minutes).
+# (a diagnosis of whether selection holds the result back; after `make run`; 12.8 min on 2 cores beside the tests).
 selection-oracle: setup
 	$(BIN)/python benchmarks/selection_oracle.py --seeds 5
 

@@ -13,7 +13,7 @@ the test videos. Reported per seed and as medians over the seeds:
 If the oracle gain is far above the selected one, better selection (more or better validation data, another
 metric) is the lever; if the oracle gain itself is small, the fine-tune procedure or the representation is.
 
-    .venv/bin/python benchmarks/selection_oracle.py [--seeds 5]       # after `dvc repro`; about 5 minutes
+    .venv/bin/python benchmarks/selection_oracle.py [--seeds 5]       # after `dvc repro`; 5 to 13 minutes
 Writes benchmarks/results/selection_oracle.json (or --out).
 """
 
