@@ -13,7 +13,7 @@ the test videos. Reported per seed and as medians over the seeds:
 If the oracle gain is far above the selected one, better selection (more or better validation data, another
 metric) is the lever; if the oracle gain itself is small, the fine-tune procedure or the representation is.
 
-    .venv/bin/python benchmarks/selection_oracle.py [--seeds 5]       # after `dvc repro`; 5 to 13 minutes
+    .venv/bin/python benchmarks/selection_oracle.py [--seeds 5]       # after `dvc repro`; 12.8 min on 2 cores (tests beside it)
 Writes benchmarks/results/selection_oracle.json (or --out).
 """
 
