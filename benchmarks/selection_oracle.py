@@ -42,6 +42,11 @@ from label_seeds import draw_args, finish  # benchmarks/ is on the path when run
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def macro_f1(model, frames, labels, rows: np.ndarray, n_classes: int, device: torch.device) -> float:
+    pred = ft.predict(model, frames, rows, device).argmax(1).numpy()
+    return classification_report(np.asarray(labels)[rows], pred, list(range(n_classes)))["macro_f1"]
+
+
 class TracedPlaneTask(ft.PlaneTask):
     """The pipeline's plane fine-tune, which also scores the test videos after every epoch (never selected on)."""
 
@@ -50,16 +55,8 @@ class TracedPlaneTask(ft.PlaneTask):
         self.test_rows = test_rows
 
     def validate(self, model, device):
-        out = super().validate(model, device)
-        pred = ft.predict(model, self.frames, self.test_rows, device).argmax(1).numpy()
-        out["test_macro_f1"] = classification_report(self.labels[self.test_rows].numpy(), pred,
-                                                     list(range(self.n_classes)))["macro_f1"]
-        return out
-
-
-def macro_f1(model, d: ft.LabelledFrames, rows: np.ndarray, device: torch.device) -> float:
-    pred = ft.predict(model, d.frames, rows, device).argmax(1).numpy()
-    return classification_report(d.labels[rows], pred, list(range(len(d.classes))))["macro_f1"]
+        test = macro_f1(model, self.frames, self.labels, self.test_rows, self.n_classes, device)
+        return {**super().validate(model, device), "test_macro_f1": test}
 
 
 def probe_candidates(encoder, d, train_rows, val_rows, test_rows, params, device) -> list[dict]:
@@ -72,7 +69,8 @@ def probe_candidates(encoder, d, train_rows, val_rows, test_rows, params, device
                                       d.labels[val_rows], len(d.classes), [c], params.seed)
         model = PlaneClassifier(encoder, len(d.classes))
         model.head[1] = layer
-        out.append({"C": c, "val": info["val_macro_f1"], "test": macro_f1(model.to(device), d, test_rows, device)})
+        test = macro_f1(model.to(device), d.frames, d.labels, test_rows, len(d.classes), device)
+        out.append({"C": c, "val": info["val_macro_f1"], "test": test})
     return out
 
 
@@ -87,8 +85,9 @@ def finetune_candidates(encoder, pretrained, d, train_rows, val_rows, test_rows,
 
 
 def pick(candidates: list[dict]) -> dict:
-    """The first candidate with the best validation score (the pipeline's rule: strict improvement wins)."""
-    return max(candidates, key=lambda c: (c["val"], -candidates.index(c)))
+    """The first candidate with the best validation score (the pipeline's rule: strict improvement wins; ``max``
+    keeps the first of equals)."""
+    return max(candidates, key=lambda c: c["val"])
 
 
 def main() -> int:

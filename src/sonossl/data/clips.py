@@ -613,16 +613,10 @@ def assign_splits(groups: Mapping[str, str | None], split: SplitParams, seed: in
     0, 1, ...; salt 0 is the plain cut) and the one whose per-class frame shares in val and test are nearest their
     fractions is kept (``split_imbalance``; ties: the lowest salt). Every cut still stratifies as above.
     """
-    tries = max(1, split.balance_tries) if frames else 1
-    best: tuple[tuple[float, float], dict[str, str]] | None = None
-    for salt in range(tries):
-        out = _stratified_cut(groups, split, seed, salt)
-        if tries == 1:
-            return out
-        score = split_imbalance(out, frames, split)
-        if best is None or score < best[0]:
-            best = (score, out)
-    return best[1]
+    if not frames or split.balance_tries <= 1:
+        return _stratified_cut(groups, split, seed, 0)
+    cuts = (_stratified_cut(groups, split, seed, salt) for salt in range(split.balance_tries))
+    return min(cuts, key=lambda cut: split_imbalance(cut, frames, split))  # min keeps the first: the lowest salt
 
 
 def split_imbalance(assignment: Mapping[str, str], frames: Mapping[str, Mapping[str, int]],
@@ -770,16 +764,16 @@ def _video_splits(kept: list[_Task], results: Mapping[int, _VideoResult], listin
     # The stratum of a video: the listing's optional `stratum` column (for instance the simulator's main standard
     # plane of a sweep, so that every plane reaches validation and test), else its label.
     given = listing["stratum"] if "stratum" in listing.columns else None
+    # Per group: its videos' strata, and its labelled frames per label (so that the cut also spreads each class's
+    # frames: assign_splits).
     labels: dict[str, Counter] = {}
+    frames: dict[str, Counter] = {}
     for t in kept:
         stratum = (given.iloc[t.idx] or None) if given is not None else None
         labels.setdefault(group_of[t.idx], Counter())[stratum or t.label] += 1
+        frames.setdefault(group_of[t.idx], Counter()).update(lab for lab in results[t.idx].labels if lab is not None)
     # A group's stratum is its videos' most common one (ties: the first in sorted order).
     strata = {g: min(c.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))[0] for g, c in labels.items()}
-    # and its labelled frames per label, so that the cut also spreads each class's frames (assign_splits)
-    frames: dict[str, Counter] = {}
-    for t in kept:
-        frames.setdefault(group_of[t.idx], Counter()).update(lab for lab in results[t.idx].labels if lab is not None)
     split_of = assign_splits(strata, params.split, params.seed, frames if any(frames.values()) else None)
     return patient_of, {i: split_of[g] for i, g in group_of.items()}
 
