@@ -4,7 +4,9 @@ The results table scores one draw (``finetune.seed``). At 5 % of the training vi
 so which ones, and the fine-tune's own randomness, move macro-F1 a lot. This reruns the smallest fraction of the
 ``ssl-planes`` and ``scratch@planes`` stages (linear probe and fine-tune, the profile's parameters) with seeds
 0..n-1: each seed draws another set of labelled videos (still one per main plane) and another initialisation of the
-head and the augmentation. Test macro-F1 per seed, the SSL - scratch differences, their median and range.
+head and the augmentation. Test macro-F1 per seed, the SSL - scratch differences, their median and range. The test
+set is the pipeline's: the independent simulated sweeps (``data/clips/sim_test``, stage ``simulate-test``), or with
+``--split-test`` the test split of ``--clips`` (the 10 sweeps that earlier results were scored on).
 
     .venv/bin/python benchmarks/label_seeds.py [--seeds 5] [--profile default]      # after `dvc repro`
 Writes benchmarks/results/label_seeds.json (or --out). The same comparison for other choices (README, "What the
@@ -17,7 +19,7 @@ numbers say"; the scratch side is the same unless ``--lr`` or ``--head-init`` ch
                                        LP-FT: both heads start from their linear probe, and the pretrained encoder
                                        trains at 0.1 x the rate (scratch stays at the full rate, so it changes too)
     --pretrain-epochs 60               first pretrain a both-sequential encoder that long on the same training sweeps
-    --pool-videos 128 [--pool-seed 1]  first simulate that many more sweeps (other fetuses: another simulator seed),
+    --pool-videos 128 [--pool-seed 2]  first simulate that many more sweeps (other fetuses: another simulator seed),
                                        unlabelled, and pretrain on them alone (the profile's epochs; an epoch is one
                                        clip per valid start, so it grows with the data)
 """
@@ -54,9 +56,10 @@ def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
                                                                                     epochs=args.pretrain_epochs)
     clips = args.clips
     if args.pool_videos is not None:
-        if args.pool_seed == params.simulate.seed:
-            raise SystemExit(f"--pool-seed {args.pool_seed} is the simulator seed of the evaluation sweeps; the pool "
-                             "must hold other fetuses")
+        taken = {params.simulate.seed} | ({params.simulate_test.seed} if params.simulate_test else set())
+        if args.pool_seed in taken:
+            raise SystemExit(f"--pool-seed {args.pool_seed} is the simulator seed of the training or test sweeps; the "
+                             "pool must hold other fetuses")
         simulate(tmp / "pool-raw", dataclasses.replace(params.simulate, videos=args.pool_videos, seed=args.pool_seed))
         # unlabelled: no test split; a tenth of the sweeps hold out the pretext accuracy
         preprocess(tmp / "pool-raw", tmp / "pool-clips",
@@ -73,14 +76,27 @@ def draw_args(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--profile", default=None, help="params.yaml profile (default: the file's)")
     ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
     ap.add_argument("--encoder", type=Path, default=ROOT / "models/pretrain/both-sequential")
+    ap.add_argument("--test-clips", type=Path, default=ROOT / "data/clips/sim_test",
+                    help="the independent test set (default: the pipeline's simulated test sweeps)")
+    ap.add_argument("--split-test", action="store_true", help="score the test split of --clips instead")
     return ap
+
+
+def test_clips(args: argparse.Namespace) -> Path | None:
+    """The ``test_clips`` argument of ``finetune`` for these options: None scores the test split of ``--clips``."""
+    if args.split_test:
+        return None
+    if not (args.test_clips / "meta.json").is_file():
+        raise SystemExit(f"{args.test_clips}: no clip dataset; run `dvc repro` first (or pass --split-test)")
+    given = args.test_clips.resolve()
+    return given.relative_to(Path.cwd()) if given.is_relative_to(Path.cwd()) else given
 
 
 def main() -> int:
     ap = draw_args(__doc__)
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="pretrain a both-sequential encoder first")
     ap.add_argument("--pool-videos", type=int, default=None, help="pretrain first on this many new unlabelled sweeps")
-    ap.add_argument("--pool-seed", type=int, default=1, help="simulator seed of the unlabelled sweeps")
+    ap.add_argument("--pool-seed", type=int, default=2, help="simulator seed of the unlabelled sweeps")
     ap.add_argument("--fraction", type=float, default=None,
                     help="label fraction to compare at (default: the profile's smallest)")
     ap.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: the profile's)")
@@ -101,7 +117,7 @@ def main() -> int:
     fraction = min(params.finetune.fractions) if args.fraction is None else args.fraction
     if not 0 < fraction <= 1:
         raise SystemExit(f"--fraction: must be in (0, 1], got {fraction}")
-    rows = []
+    rows, test_set = [], None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sonossl-label-seeds-") as tmp:
         encoder_dir = build_encoder(args, params, Path(tmp))
@@ -113,7 +129,8 @@ def main() -> int:
             for init, encoder in (("ssl", encoder_dir), ("scratch", None)):
                 m = finetune(args.clips, Path(tmp) / f"{init}-{seed}", ft, task="planes", encoder=encoder,
                              encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=[fraction],
-                             progress=False)
+                             test_clips=test_clips(args), progress=False)
+                test_set = m["test_set"]
                 for run in m["runs"]:
                     row[f"{init}_{run['method']}"] = run["test"]["macro_f1"]
                     row["videos"] = run["videos"]
@@ -136,7 +153,7 @@ def main() -> int:
         "encoder": {"path": encoder_path, "pretrain_epochs": args.pretrain_epochs, "pool_videos": args.pool_videos,
                     "pool_seed": args.pool_seed if args.pool_videos is not None else None,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
-        "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
+        "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
         **{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe", "scratch_probe",
                                    "probe_gain")},
         "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds",

@@ -37,7 +37,7 @@ from sonossl.train import finetune as ft
 from sonossl.train.loop import fit
 from sonossl.train.pretrain import load_encoder, seed_for
 
-from label_seeds import draw_args, finish  # benchmarks/ is on the path when run as a script
+from label_seeds import draw_args, finish, test_clips  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,19 +47,23 @@ def macro_f1(model, frames, labels, rows: np.ndarray, n_classes: int, device: to
     return classification_report(np.asarray(labels)[rows], pred, list(range(n_classes)))["macro_f1"]
 
 
+def test_macro_f1(model, test: ft.TestSet, device: torch.device) -> float:
+    rows = test.rows()
+    return macro_f1(model, test.frames, test.labels, rows, len(test.classes), device)
+
+
 class TracedPlaneTask(ft.PlaneTask):
     """The pipeline's plane fine-tune, which also scores the test videos after every epoch (never selected on)."""
 
-    def __init__(self, *args, test_rows: np.ndarray, **kwargs):
+    def __init__(self, *args, test: ft.TestSet, **kwargs):
         super().__init__(*args, **kwargs)
-        self.test_rows = test_rows
+        self.test = test
 
     def validate(self, model, device):
-        test = macro_f1(model, self.frames, self.labels, self.test_rows, self.n_classes, device)
-        return {**super().validate(model, device), "test_macro_f1": test}
+        return {**super().validate(model, device), "test_macro_f1": test_macro_f1(model, self.test, device)}
 
 
-def probe_candidates(encoder, d, train_rows, val_rows, test_rows, params, device) -> list[dict]:
+def probe_candidates(encoder, d, train_rows, val_rows, test, params, device) -> list[dict]:
     """Val and test macro-F1 of the linear probe at each L2 strength (``probe_c``)."""
     rows = np.concatenate([train_rows, val_rows])
     z = ft.embed(encoder.to(device), d.frames, rows, device)
@@ -69,17 +73,16 @@ def probe_candidates(encoder, d, train_rows, val_rows, test_rows, params, device
                                       d.labels[val_rows], len(d.classes), [c], params.seed)
         model = PlaneClassifier(encoder, len(d.classes))
         model.head[1] = layer
-        test = macro_f1(model.to(device), d.frames, d.labels, test_rows, len(d.classes), device)
-        out.append({"C": c, "val": info["val_macro_f1"], "test": test})
+        out.append({"C": c, "val": info["val_macro_f1"], "test": test_macro_f1(model.to(device), test, device)})
     return out
 
 
-def finetune_candidates(encoder, pretrained, d, train_rows, val_rows, test_rows, params, run_dir, device) -> list[dict]:
+def finetune_candidates(encoder, pretrained, d, train_rows, val_rows, test, params, run_dir, device) -> list[dict]:
     """Val and test macro-F1 of the fine-tune after each epoch (random head, as ``finetune_classifier``)."""
     n_cls = len(d.classes)
     model = PlaneClassifier(encoder, n_cls)
     task = TracedPlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls,
-                           ft.encoder_lr_scale(params, pretrained), test_rows=test_rows)
+                           ft.encoder_lr_scale(params, pretrained), test=test)
     res = fit(task, run_dir, ft.finetune_loop_params(params, params.epochs, "val_macro_f1"), progress=False)
     return [{"epoch": h["epoch"], "val": h["val_macro_f1"], "test": h["val_test_macro_f1"]} for h in res.history]
 
@@ -99,7 +102,7 @@ def main() -> int:
     params = load_params(ROOT / "params.yaml", args.profile)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = ft.open_labelled(args.clips)
-    val_rows, test_rows = ft._rows(d, split="val"), ft._rows(d, split="test")
+    val_rows, test = ft._rows(d, split="val"), ft.open_test_set(d, test_clips(args))
     fraction = min(params.finetune.fractions)
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sonossl-selection-") as tmp:
@@ -113,9 +116,9 @@ def main() -> int:
                     return load_encoder(args.encoder)[0] if init == "ssl" else build_encoder(
                         as_dict(params.pretrain.encoder))
                 torch.manual_seed(seed_for(seed, 1))  # as finetune's probe: the same random encoder every run
-                probe = probe_candidates(make_encoder(), d, train_rows, val_rows, test_rows, p, device)
+                probe = probe_candidates(make_encoder(), d, train_rows, val_rows, test, p, device)
                 torch.manual_seed(seed_for(seed, int(fraction * 1000)))  # as finetune's fine-tune
-                tuned = finetune_candidates(make_encoder(), init == "ssl", d, train_rows, val_rows, test_rows, p,
+                tuned = finetune_candidates(make_encoder(), init == "ssl", d, train_rows, val_rows, test, p,
                                             Path(tmp) / f"{init}-{seed}", device)
                 for method, cands in (("probe", probe), ("finetune", tuned)):
                     row[f"{init}_{method}"] = {"selected": pick(cands)["test"],
@@ -135,7 +138,7 @@ def main() -> int:
                 for method in ("probe", "finetune") for how in ("selected", "oracle")}
     result = {
         "benchmark": "selection_oracle", "profile": params.profile, "fraction": fraction,
-        "clips_version": d.data.version, "encoder": str(args.encoder.resolve().relative_to(ROOT))
+        "clips_version": d.data.version, "test_set": test.info, "encoder": str(args.encoder.resolve().relative_to(ROOT))
         if args.encoder.resolve().is_relative_to(ROOT) else str(args.encoder),
         "seeds": args.seeds, "medians": summary, "per_seed": rows,
     }

@@ -193,6 +193,20 @@ def tiny_clips(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_test_clips(tmp_path_factory) -> Path:
+    """The tiny profile's independent test set (``simulate_test``: other fetuses), preprocessed like ``tiny_clips``."""
+    from sonossl.config import load_params
+    from sonossl.data.clips import preprocess
+    from sonossl.data.simulate import simulate
+
+    params = load_params(REPO / "params.yaml", profile="tiny")
+    root = tmp_path_factory.mktemp("tiny_test")
+    simulate(root / "raw", params.simulate_test, progress=False)
+    preprocess(root / "raw", root / "clips", params.preprocess, progress=False)
+    return root / "clips"
+
+
+@pytest.fixture(scope="session")
 def tiny_params():
     from sonossl.config import load_params
 

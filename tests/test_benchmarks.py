@@ -7,22 +7,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 LABEL_SEEDS = REPO / "benchmarks" / "label_seeds.py"
 
 
-def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tmp_path):
+def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_clips, tmp_path):
     out = tmp_path / "seeds.json"
     subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--clips", str(tiny_clips),
-                    "--pool-videos", "4", "--pretrain-epochs", "1", "--lr", "0.002", "--seeds", "1",
+                    "--test-clips", str(tiny_test_clips), "--pool-videos", "4", "--pretrain-epochs", "1", "--lr", "0.002", "--seeds", "1",
                     "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1",
                     "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     enc = result["encoder"]
-    assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 1
+    assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 2
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
     assert result["lr"] == 0.002 and len(result["per_seed"]) == 1
+    test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
+    assert result["test_set"]["data_version"] == test_meta["version"] and result["test_set"]["split"] == "all"
     assert result["fraction"] == 1.0 and result["target"] is None  # the target is stated at the smallest fraction
     assert result["head_init"] == "probe" and result["encoder_lr_scale"] == 0.1
     row = result["per_seed"][0]
@@ -30,20 +34,22 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tmp_path):
     assert {row["ssl_finetune_epoch"], row["scratch_finetune_epoch"]} <= {"1/2", "2/2"}  # tiny: 2 fine-tune epochs
 
 
-def test_label_seeds_refuses_a_pool_of_the_evaluation_fetuses(tiny_clips, tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])  # the tiny profile's training and test sweeps
+def test_label_seeds_refuses_a_pool_of_the_evaluation_fetuses(tiny_clips, tmp_path, seed):
     proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--clips", str(tiny_clips),
-                           "--pool-videos", "4", "--pool-seed", "0", "--out", str(tmp_path / "x.json")],
+                           "--pool-videos", "4", "--pool-seed", str(seed), "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "--pool-seed 0 is the simulator seed of the evaluation sweeps" in proc.stderr
+    assert f"--pool-seed {seed} is the simulator seed of the training or test sweeps" in proc.stderr
     assert not (tmp_path / "x.json").exists()
 
 
-def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_export, tmp_path):
+def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_test_clips, tiny_export, tmp_path):
     """What validation selects in the diagnosis is what the pipeline (label_seeds, same draw) scored; the oracle is
     the best test score over the candidates, so never below it."""
     encoder = tiny_export.parent / "pretrain"
-    common = ["--profile", "tiny", "--clips", str(tiny_clips), "--encoder", str(encoder), "--seeds", "1"]
+    common = ["--profile", "tiny", "--clips", str(tiny_clips), "--test-clips", str(tiny_test_clips), "--encoder",
+              str(encoder), "--seeds", "1"]
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--out", str(tmp_path / "seeds.json")],
                    check=True, capture_output=True, text=True, timeout=600)
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "selection_oracle.py"), *common,
@@ -57,3 +63,4 @@ def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_exp
     assert [c["epoch"] for c in row["ssl_finetune"]["candidates"]] == [1, 2]  # tiny: 2 fine-tune epochs
     assert len(row["ssl_probe"]["candidates"]) == 1  # tiny: probe_c [1.0]
     assert oracle["medians"]["finetune_gain_oracle"] == row["finetune_gain_oracle"]
+    assert oracle["test_set"] == json.loads((tmp_path / "seeds.json").read_text())["test_set"]

@@ -27,3 +27,10 @@ def test_bad_parameter_file_names_the_field(tmp_path, capsys):
     params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: -1\n    colour: red\n")
     assert main(["simulate", "--params", str(params), "--out", str(tmp_path / "sim")]) == 2
     assert "tiny.simulate: unknown key(s) ['colour']" in capsys.readouterr().err
+
+
+def test_test_sweeps_need_a_simulate_test_block(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: 1\n")
+    assert main(["simulate", "--test-set", "--params", str(params), "--out", str(tmp_path / "sim")]) == 2
+    assert "tiny has no simulate_test block" in capsys.readouterr().err and not (tmp_path / "sim").exists()

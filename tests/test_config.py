@@ -42,6 +42,8 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
         (lambda d: d["tiny"]["preprocess"].update(split={"train": "most"}), "tiny.preprocess.split.train"),
         (lambda d: d.update(profile="huge"), "profile 'huge' is not one of"),
         (lambda d: d["tiny"].update(train={}), "unknown section(s) ['train']"),
+        (lambda d: d["tiny"]["simulate_test"].update(vidoes=9), "tiny.simulate_test: unknown key(s) ['vidoes']"),
+        (lambda d: d["tiny"]["simulate_test"].update(seed=0), "tiny.simulate_test.seed: must differ"),
     ],
 )
 def test_bad_entries_fail_naming_the_file_and_field(tmp_path, edit, message):
@@ -53,6 +55,15 @@ def test_bad_entries_fail_naming_the_file_and_field(tmp_path, edit, message):
     with pytest.raises(ParamsError) as err:
         load_params(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_test_sweeps_are_the_simulate_block_with_the_test_keys_replaced(profile):
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())[profile]
+    params = load_params(REPO / "params.yaml", profile)
+    changed = {k: v for k, v in dataclasses.asdict(params.simulate_test).items()
+               if v != getattr(params.simulate, k)}
+    assert changed and set(changed) <= set(doc["simulate_test"]) and changed["seed"] != params.simulate.seed
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -50,7 +50,7 @@ def _tiny_sim_repo(tmp_path: Path) -> Path:
 
     def tiny_sim_only(doc):
         doc["profile"] = "tiny"
-        doc["datasets"] = {"sim": "data/raw/sim"}
+        doc["datasets"] = {k: v for k, v in doc["datasets"].items() if k in ("sim", "sim_test")}
 
     _edit_params(root, tiny_sim_only)
     return root
@@ -88,12 +88,19 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     """simulate -> preprocess -> pretrain (4 modes) -> finetune -> evaluate -> export; metrics listed by DVC."""
     root = _tiny_sim_repo(tmp_path)
     out = _dvc(root, "repro", "export", "evaluate")  # without POCUS (crossval has its own test), as `make run` does
-    for stage in ("pretrain@order", "finetune@ssl-planes", "scratch@saliency", "evaluate", "export"):
+    for stage in ("simulate-test", "preprocess@sim_test", "pretrain@order", "finetune@ssl-planes", "scratch@saliency",
+                  "evaluate", "export"):
         assert f"Running stage '{stage}'" in out, out
     shown = _dvc(root, "metrics", "show")
     assert "reports/metrics.json" in shown and "models/pretrain/both-sequential/metrics.json" in shown
     card = json.loads((root / "models/export/model_card.json").read_text())
     meta = json.loads((root / "data/clips/sim/meta.json").read_text())
     assert card["data"]["feature_version"] == meta["version"]
-    assert "| SSL (both-sequential) |" in (root / "reports/results.md").read_text()
+    results = (root / "reports/results.md").read_text()
+    assert "| SSL (both-sequential) |" in results
+    # the scores come from the independent simulated test set, all of it, and the report and the card say so
+    test_meta = json.loads((root / "data/clips/sim_test/meta.json").read_text())
+    assert f"every frame of data/clips/sim_test (version {test_meta['version']})" in results
+    assert card["test_set"]["planes"]["data_version"] == test_meta["version"]
+    assert card["test_set"]["planes"]["frames"] == test_meta["counts"]["frames"]
     assert "Running stage" not in _dvc(root, "repro", "export", "evaluate")

@@ -271,3 +271,59 @@ def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder
     with pytest.raises(ValueError, match="finetune.head_init"):
         finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, head_init="zeros"),
                  encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
+
+
+def test_an_independent_test_set_is_scored_whole_and_must_fit_the_training_clips(tiny_clips, tiny_test_clips,
+                                                                                  tiny_params, tmp_path):
+    """``test_clips``: every labelled frame of another clip dataset is scored, with the training dataset's class
+    indices, and ``metrics.json`` says which frames the test scores come from. A dataset that is the training one,
+    shares its patients or has other frame sizes fails naming it."""
+    from sonossl.config import as_dict
+    from sonossl.data.clips import load_clip_dataset, preprocess
+    from sonossl.evaluate.classification_metrics import classification_report
+    from sonossl.train.finetune import open_labelled, open_test_set, predict, finetune
+
+    ft, spec = tiny_params.finetune, as_dict(tiny_params.pretrain.encoder)
+    m = finetune(tiny_clips, tmp_path / "probe", ft, encoder_spec=spec, fractions=[1.0], methods=("probe",),
+                 test_clips=tiny_test_clips, progress=False)
+    test = load_clip_dataset(tiny_test_clips)
+    assert m["test_set"] == {"clips": str(tiny_test_clips), "data_version": test.version, "split": "all",
+                             "videos": test.index.video_idx.nunique(), "frames": len(test)}
+    # the score is that of the saved model on all of the test set's frames, its labels mapped to the model's classes
+    d, t = open_labelled(tiny_clips), open_labelled(tiny_test_clips)
+    model = _plane_model(tmp_path / "probe/model.pt")
+    rows = np.arange(len(t.labels))
+    # (the tiny training sweeps show three classes, the tiny test sweeps others too: those count as errors)
+    classes = d.classes + sorted(set(t.classes) - set(d.classes))
+    assert len(classes) > len(d.classes)
+    truth = np.array([classes.index(t.classes[i]) for i in t.labels])
+    expect = classification_report(truth, predict(model, t.frames, rows, torch.device("cpu")).argmax(1).numpy(),
+                                   classes)
+    assert m["runs"][0]["test"]["macro_f1"] == expect["macro_f1"] and m["runs"][0]["test"]["classes"] == classes
+    assert sum(c["support"] for c in m["runs"][0]["test"]["per_class"].values()) == len(test)
+    # without test_clips: the test split, as before
+    assert open_test_set(d).info["split"] == "test" and open_test_set(d).info["frames"] == int((d.split == "test").sum())
+    s = finetune(tiny_clips, tmp_path / "saliency", dataclasses.replace(ft, saliency_epochs=1), task="saliency",
+                 encoder_spec=spec, fractions=[1.0], test_clips=tiny_test_clips, progress=False)
+    assert s["runs"][0]["test"]["n"] == len(test)
+
+    with pytest.raises(ValueError, match="is the training clip dataset"):
+        open_test_set(d, tiny_clips)
+    raw = tiny_clips.parent / "raw"  # the training sweeps again, split with another seed: the same patients
+    preprocess(raw, tmp_path / "again", dataclasses.replace(tiny_params.preprocess, seed=7), progress=False)
+    with pytest.raises(ValueError, match=r"again: independent test set: patient\(s\) \['fetus-0-"):
+        open_test_set(d, tmp_path / "again")
+    preprocess(tiny_test_clips.parent / "raw", tmp_path / "small", dataclasses.replace(tiny_params.preprocess,
+                                                                                      frame_size=24), progress=False)
+    with pytest.raises(ValueError, match=r"small: independent test set: frames of \(24, 24\) pixels"):
+        open_test_set(d, tmp_path / "small")
+
+
+def _plane_model(path: Path):
+    from sonossl.models.downstream import PlaneClassifier
+    from sonossl.models.encoder import build_encoder
+
+    ck = load_checkpoint(path)
+    model = PlaneClassifier(build_encoder(ck["encoder"]), len(ck["classes"]))
+    model.load_state_dict(ck["state_dict"])
+    return model

@@ -31,10 +31,13 @@ def _add_params_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from sonossl.config import load_params
+    from sonossl.config import ParamsError, load_params
     from sonossl.data.simulate import simulate
 
-    params = load_params(args.params, args.profile).simulate
+    loaded = load_params(args.params, args.profile)
+    params = loaded.simulate_test if args.test_set else loaded.simulate
+    if params is None:
+        raise ParamsError(f"{args.params}: {loaded.profile} has no simulate_test block, which --test-set renders")
     report = simulate(args.out, params, progress=not args.quiet)
     print(json.dumps(report.summary(), indent=2))
     return 0
@@ -83,7 +86,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         fractions = [float(x) for x in args.fractions.split(",")]
     metrics = finetune(args.clips, args.out, ft, task=args.task, encoder=args.encoder,
                        encoder_spec=None if args.encoder else as_dict(params.pretrain.encoder),
-                       fractions=fractions, resume=args.resume, progress=not args.quiet)
+                       fractions=fractions, test_clips=args.test_clips, resume=args.resume,
+                       progress=not args.quiet)
     keys = ("macro_f1", "accuracy") if args.task == "planes" else ("cc", "kld", "nss", "sim", "auc_judd")
     summary = {r["name"]: {k: (r["test"] or {}).get(k) for k in keys} for r in metrics["runs"]}
     print(json.dumps({"selected": metrics["selected"], "test": summary}, indent=2))
@@ -242,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="render simulated fetal ultrasound sweeps (a raw dataset)")
     _add_params_args(p)
     p.add_argument("--out", required=True, type=Path, help="raw dataset folder to write (replaced atomically)")
+    p.add_argument("--test-set", action="store_true",
+                   help="render the profile's simulate_test sweeps (other fetuses: the independent test set)")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("preprocess", help="decode, validate, crop and resize a raw dataset into a clip dataset")
@@ -269,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrained encoder (a pretrain output folder); omitted = from scratch")
     p.add_argument("--fractions", default="all",
                    help="label fractions: all (params), ablation (params: ablation_fractions), or e.g. 0.05,0.2")
+    p.add_argument("--test-clips", type=Path, default=None,
+                   help="an independent test set (a clip dataset, every labelled frame scored); omitted = the "
+                        "test split of --clips")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     p.set_defaults(func=_cmd_finetune)
 

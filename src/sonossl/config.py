@@ -6,6 +6,7 @@
     params = load_params("params.yaml")               # the active profile
     params = load_params("params.yaml", profile="tiny")
     params.simulate.videos, params.preprocess.frame_size
+    params.simulate_test                               # the independent test sweeps (None when not configured)
 
 Unknown keys and wrongly typed values fail here, at load time, naming the file and the field.
 
@@ -174,6 +175,9 @@ class Params:
     simulate: SimulateParams
     preprocess: PreprocessParams
     datasets: dict[str, str]
+    # The simulated test set: the ``simulate`` block with the ``simulate_test`` block's keys replaced (another seed,
+    # so other fetuses; see params.yaml); None when the profile has no ``simulate_test`` block.
+    simulate_test: SimulateParams | None = None
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     export: ExportParams = field(default_factory=ExportParams)
@@ -253,11 +257,19 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
     block = doc[profile] or {}
     sections = {"simulate": SimulateParams, "preprocess": PreprocessParams, "pretrain": PretrainParams,
                 "finetune": FinetuneParams, "export": ExportParams, "crossval": CrossvalParams}
-    known = set(sections)
+    known = set(sections) | {"simulate_test"}
     unknown = sorted(set(block) - known)
     if unknown:
         raise ParamsError(f"{path}: {profile}: unknown section(s) {unknown}; valid sections are {sorted(known)}")
     built = {name: _build(cls, block.get(name), f"{path}: {profile}.{name}") for name, cls in sections.items()}
+    if "simulate_test" in block:
+        where = f"{path}: {profile}.simulate_test"
+        changes = _build(SimulateParams, block["simulate_test"], where)  # checks names and types
+        built["simulate_test"] = dataclasses.replace(
+            built["simulate"], **{k: getattr(changes, k) for k in block["simulate_test"] or {}})
+        if built["simulate_test"].seed == built["simulate"].seed:
+            raise ParamsError(f"{where}.seed: must differ from simulate.seed ({built['simulate'].seed}), or the "
+                              "test sweeps would show the training fetuses again")
     return Params(profile=profile, datasets=_coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets"),
                   **built)
 

@@ -36,6 +36,7 @@ from sonossl import __version__
 from sonossl.atomic import atomic_dir
 from sonossl.config import Params, as_dict
 from sonossl.data.clips import load_clip_dataset
+from sonossl.evaluate.report import describe_test_set
 from sonossl.models.downstream import PlaneClassifier, SaliencyModel
 from sonossl.models.encoder import build_encoder
 from sonossl.monitor.image_stats import image_stats
@@ -141,6 +142,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
              f"(encoder: {card['planes']['origin'].get('pretext') or 'scratch'})",
              f"- saliency model: `{card['saliency']['source']}` run `{card['saliency']['run']}`", "",
              "## Metrics (test videos; selection on validation videos only)", "",
+             *(f"- test set ({task}): {describe_test_set(t)}" for task, t in card.get("test_set", {}).items() if t),
              f"- plane detection: macro-F1 {m['planes']['test']['macro_f1']}, accuracy {m['planes']['test']['accuracy']}"
              f" (validation macro-F1 {m['planes']['val']['macro_f1']})",
              "- saliency: " + ", ".join(f"{k} {v}" for k, v in m["saliency"]["test"].items() if k != "n"), "",
@@ -212,6 +214,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
                        "test": ({k: pr["test"][k] for k in ("macro_f1", "accuracy")} if pr.get("test") else None)},
             "saliency": {"val": sr["val"], "test": sr.get("test")},
         },
+        # the frames the test metrics come from: an independent clip dataset, or the test split of `data`
+        "test_set": {"planes": planes_m.get("test_set"), "saliency": sal_m.get("test_set")},
         "params": {"preprocess": as_dict(params.preprocess), "pretrain": as_dict(params.pretrain),
                    "finetune": as_dict(params.finetune), "export": as_dict(ep)},
         "input": {

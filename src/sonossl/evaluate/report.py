@@ -128,6 +128,21 @@ def crossval_markdown(cv: dict) -> str:
         f"{minutes:.1f} min on this machine.", ""])
 
 
+def unique_test_sets(finetune: dict[str, dict]) -> list[dict[str, Any]]:
+    """The distinct ``test_set`` records of the finetune outputs (older outputs have none)."""
+    out: list[dict[str, Any]] = []
+    for m in finetune.values():
+        if m.get("test_set") and m["test_set"] not in out:
+            out.append(m["test_set"])
+    return out
+
+
+def describe_test_set(t: dict[str, Any]) -> str:
+    """One line on where test scores come from, from a finetune output's ``test_set``."""
+    what = "the test split of" if t["split"] == "test" else "every frame of"
+    return f"{t['videos']} videos, {t['frames']:,} frames: {what} {t['clips']} (version {t['data_version']})"
+
+
 def confusion_pairs_from_matrix(matrix: list[list[int]], classes: list[str]) -> list[dict[str, str]]:
     return [{"actual": classes[i], "predicted": classes[j]}
             for i, row in enumerate(matrix) for j, n in enumerate(row) for _ in range(int(n))]
@@ -159,6 +174,7 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
     if cv:
         md += [crossval_markdown(cv)]
     md.append(f"Clip dataset version(s): {', '.join(data_versions)}.")
+    md += [f"Test set: {describe_test_set(t)}." for t in unique_test_sets(finetune)]
 
     metrics: dict[str, Any] = {}
     for (init, task, method, frac), r in sorted(runs.items()):

@@ -18,7 +18,10 @@ seen. For standard-plane detection (``task="planes"``):
 For saliency prediction (``task="saliency"``): the encoder plus a light decoder, trained end to end with the KL
 divergence to the gaze density; the epoch with the best validation CC kept; scored with KLD, CC, NSS, SIM, AUC-Judd.
 
-Selection uses the validation videos only; the test videos are scored once, at the end, for the report. Outputs:
+Selection uses the validation videos only; the test videos are scored once, at the end, for the report. They are
+the test split of the clip dataset, or, with ``test_clips``, every labelled frame of an independent clip dataset
+(``open_test_set``: the simulated pipeline scores 64 sweeps of other fetuses, where its own test split holds 10).
+Outputs:
 ``metrics.json`` (every run: validation and test scores, per-class figures, confusion matrix), ``model.pt`` (the run
 with the best validation score, for ``export``), ``runs/<method>@<fraction>/`` (checkpoints, dvclive curves).
 
@@ -260,6 +263,63 @@ def open_labelled(clips_dir: str | Path) -> LabelledFrames:
                  data.index.video_idx.to_numpy())
 
 
+@dataclass
+class TestSet:
+    """The frames the test scores come from (``open_test_set``)."""
+
+    frames: torch.Tensor
+    labels: np.ndarray  # index into ``classes``, -1 where unlabelled
+    classes: list[str]  # the training dataset's classes (the model's outputs), then any the test set adds
+    scored: np.ndarray  # bool per row: part of the test set
+    saliency: np.ndarray | None
+    has_saliency: np.ndarray
+    info: dict[str, Any]  # where it comes from, for metrics.json
+
+    def rows(self, saliency: bool = False) -> np.ndarray:
+        """The scored rows that have a label (or, with ``saliency``, a saliency map)."""
+        return np.flatnonzero(self.scored & (self.has_saliency if saliency else self.labels >= 0))
+
+
+def open_test_set(d: LabelledFrames, test_clips: str | Path | None = None) -> TestSet:
+    """The test split of ``d``, or every frame of the independent clip dataset ``test_clips``.
+
+    An independent test set must be preprocessed like ``d`` (same frame size; for saliency, same map size: checked
+    by the saliency runs), share at least one class with ``d``, and share no patient with ``d``'s training and
+    validation videos: each failure names the dataset. Its classes that ``d`` lacks are scored too (the model never
+    predicts them, so their frames count as errors), with a warning."""
+    if test_clips is None:
+        scored, t, labels, classes = d.split == "test", d, d.labels, d.classes
+    else:
+        t = open_labelled(test_clips)
+        where = f"{t.data.path}: independent test set"
+        if t.data.version == d.data.version:
+            raise ValueError(f"{where}: it is the training clip dataset {d.data.path} itself (version "
+                             f"{d.data.version}); give a dataset of other videos, or omit it to score the test split")
+        if t.frames.shape[1:] != d.frames.shape[1:]:
+            raise ValueError(f"{where}: frames of {tuple(t.frames.shape[1:])} pixels, the training clips "
+                             f"{d.data.path} have {tuple(d.frames.shape[1:])}; preprocess both with the same parameters")
+        extra = sorted(set(t.classes) - set(d.classes))
+        if len(extra) == len(t.classes):
+            raise ValueError(f"{where}: none of its classes {t.classes} occurs in the training clips {d.data.path}, "
+                             f"whose classes are {d.classes}")
+        if extra:
+            log.warning("%s: class(es) %s never occur in the training clips %s; the model cannot predict them, so "
+                        "their frames count as errors", where, extra, d.data.path)
+        seen = {v.get("patient_id") or v["path"] for v in d.data.meta["videos"] if v["split"] in ("train", "val")}
+        shared = sorted({v.get("patient_id") or v["path"] for v in t.data.meta["videos"]} & seen)
+        if shared:
+            raise ValueError(f"{where}: patient(s) {shared[:5]}{' ...' if len(shared) > 5 else ''} also appear in "
+                             f"the training or validation videos of {d.data.path}")
+        classes = d.classes + extra  # the model's outputs first: a prediction's index is its class here too
+        to_test = np.array([classes.index(c) for c in t.classes] + [-1])
+        labels, scored = to_test[t.labels], np.ones(len(t.labels), dtype=bool)  # -1 stays -1
+    has = t.data.index.has_saliency.to_numpy() if t.data.saliency is not None else np.zeros(len(scored), bool)
+    info = {"clips": str(t.data.path), "data_version": t.data.version,
+            "split": "test" if test_clips is None else "all",
+            "videos": int(len(np.unique(t.video_idx[scored]))), "frames": int(scored.sum())}
+    return TestSet(t.frames, labels, classes, scored, t.data.saliency, has, info)
+
+
 def _rows(d: LabelledFrames, videos: list[int] | None = None, split: str | None = None, need_label: bool = True) -> np.ndarray:
     mask = np.ones(len(d.labels), dtype=bool)
     if videos is not None:
@@ -348,10 +408,10 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
 
 def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, pretrained: bool,
                 fractions: list[float], methods: list[str], resume: bool, progress: bool, device: torch.device,
-                run_key: str) -> tuple[list[dict], dict]:
+                run_key: str, test: TestSet) -> tuple[list[dict], dict]:
     order, floor = labelling_plan(d.data.index, params)
     n_cls = len(d.classes)
-    val_rows, test_rows = _rows(d, split="val"), _rows(d, split="test")
+    val_rows, test_rows = _rows(d, split="val"), test.rows()
     runs, best_state = [], None
     probe_encoder, z_all = None, None
     for frac in fractions:
@@ -380,13 +440,14 @@ def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_e
             model = model.to(device)
             val = classification_report(d.labels[val_rows], predict(model, d.frames, val_rows, device).argmax(1)
                                         .numpy(), d.classes) if len(val_rows) else None
-            test = classification_report(d.labels[test_rows], predict(model, d.frames, test_rows, device).argmax(1)
-                                         .numpy(), d.classes) if len(test_rows) else None
+            scores = classification_report(test.labels[test_rows], predict(model, test.frames, test_rows, device)
+                                           .argmax(1).numpy(), test.classes) if len(test_rows) else None
             run = {"name": name, "method": method, "fraction": frac, "videos": len(vids),
                    "frames": int(len(train_rows)), "seconds": round(time.perf_counter() - t0, 1),
-                   "val": val, "test": test, **extra}
+                   "val": val, "test": scores, **extra}
             runs.append(run)
-            log.info("%s: val macro-F1 %s, test macro-F1 %s", name, val and val["macro_f1"], test and test["macro_f1"])
+            log.info("%s: val macro-F1 %s, test macro-F1 %s", name, val and val["macro_f1"],
+                     scores and scores["macro_f1"])
             score = val["macro_f1"] if val else -1
             if best_state is None or score > best_state["score"]:
                 best_state = {"score": score, "run": name,
@@ -396,7 +457,7 @@ def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_e
 
 def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, pretrained: bool,
                    fractions: list[float], resume: bool, progress: bool, device: torch.device,
-                   run_key: str) -> tuple[list[dict], dict]:
+                   run_key: str, test: TestSet) -> tuple[list[dict], dict]:
     if d.data.saliency is None:
         raise ValueError(f"{d.data.path}: no saliency maps in this clip dataset; the saliency task needs them")
     saliency = torch.from_numpy(np.array(d.data.saliency, dtype=np.float32))
@@ -404,7 +465,13 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
     order, floor = labelling_plan(d.data.index, params)
     out_size = saliency.shape[-1]
     val_rows = np.flatnonzero((d.split == "val") & has)
-    test_rows = np.flatnonzero((d.split == "test") & has)
+    test_rows = test.rows(saliency=True)
+    if test.info["split"] == "all" and (test.saliency is None or test.saliency.shape[1:] != saliency.shape[1:]):
+        raise ValueError(f"{test.info['clips']}: independent test set: saliency maps of "
+                         f"{None if test.saliency is None else tuple(test.saliency.shape[1:])}, the training clips "
+                         f"{d.data.path} have {tuple(saliency.shape[1:])}; preprocess both with the same parameters")
+    test_saliency = saliency if test.saliency is d.data.saliency else (
+        torch.from_numpy(np.array(test.saliency, dtype=np.float32)) if len(test_rows) else None)
     runs, best_state = [], None
     for frac in fractions:
         vids = labelled_videos(order, frac, floor)
@@ -420,15 +487,16 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
         best = load_best(model, out_dir / "runs" / name)
         model = model.to(device)
 
-        def scores(rows: np.ndarray) -> dict[str, float] | None:
+        def scores(frames: torch.Tensor, maps: torch.Tensor, rows: np.ndarray) -> dict[str, float] | None:
             if not len(rows):
                 return None
-            pred = predict(model, d.frames, rows, device).exp().numpy()
-            return saliency_scores(pred, saliency[torch.as_tensor(rows)].numpy())
+            pred = predict(model, frames, rows, device).exp().numpy()
+            return saliency_scores(pred, maps[torch.as_tensor(rows)].numpy())
 
         run = {"name": name, "method": "finetune", "fraction": frac, "videos": len(vids),
                "frames": int(len(train_rows)), "seconds": round(time.perf_counter() - t0, 1),
-               "val": scores(val_rows), "test": scores(test_rows), "best_epoch": best["epoch"],
+               "val": scores(d.frames, saliency, val_rows), "test": scores(test.frames, test_saliency, test_rows),
+               "best_epoch": best["epoch"],
                "history": res.history}
         runs.append(run)
         log.info("%s: val CC %s, test CC %s", name, run["val"] and run["val"]["cc"], run["test"] and run["test"]["cc"])
@@ -455,14 +523,17 @@ def _file_hash(path: str | Path | None) -> str | None:
 def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams, task: str = "planes",
              encoder: str | Path | None = None, encoder_spec: dict[str, Any] | None = None,
              fractions: list[float] | None = None, methods: tuple[str, ...] = ("probe", "finetune"),
-             name: str | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and score the downstream ``task`` from ``encoder`` (a pretrain output) or from scratch."""
+             name: str | None = None, test_clips: str | Path | None = None, resume: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Train and score the downstream ``task`` from ``encoder`` (a pretrain output) or from scratch; the test scores
+    come from ``test_clips`` (every labelled frame) when given, else from the test split of ``clips_dir``."""
     if task not in TASKS:
         raise ValueError(f"finetune task {task!r} is not one of {list(TASKS)}")
     check_finetune_params(params)
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = open_labelled(clips_dir)
+    test = open_test_set(d, test_clips)  # fails early, naming the dataset, when it does not fit
     _, origin = _fresh_encoder(encoder, encoder_spec)  # fail early on a bad encoder
 
     def make_encoder() -> Encoder:
@@ -473,16 +544,16 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
     if task == "planes":
         fractions = fractions or params.fractions
         runs, best = _plane_runs(d, out_dir, params, make_encoder, encoder is not None, fractions, list(methods),
-                                 resume, progress, device, run_key)
+                                 resume, progress, device, run_key, test)
     else:
         fractions = fractions or params.saliency_fractions
         runs, best = _saliency_runs(d, out_dir, params, make_encoder, encoder is not None, fractions, resume, progress,
-                                    device, run_key)
+                                    device, run_key, test)
     spec = dict(make_encoder().spec)
     metrics = {
         "name": name or out_dir.name, "task": task, "init": "scratch" if encoder is None else "pretrained",
         **origin, "data_version": d.data.version, "classes": d.classes if task == "planes" else None,
-        "params": as_dict(params), "runs": runs, "selected": best["run"],
+        "params": as_dict(params), "test_set": test.info, "runs": runs, "selected": best["run"],
         "selected_val": round(best["score"], 4),
     }
     save_checkpoint(out_dir / MODEL_FILE, {
