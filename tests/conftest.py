@@ -178,32 +178,29 @@ def pocus_dir() -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_clips(tmp_path_factory) -> Path:
-    """A clip dataset from the simulator on the tiny profile (shared by the training tests; read-only)."""
+def _tiny_dataset(tmp_path_factory, name: str, test_set: bool = False) -> Path:
+    """Simulated sweeps of the tiny profile (its ``simulate_test`` block with ``test_set``), preprocessed."""
     from sonossl.config import load_params
     from sonossl.data.clips import preprocess
     from sonossl.data.simulate import simulate
 
     params = load_params(REPO / "params.yaml", profile="tiny")
-    root = tmp_path_factory.mktemp("tiny")
-    simulate(root / "raw", params.simulate, progress=False)
+    root = tmp_path_factory.mktemp(name)
+    simulate(root / "raw", params.simulate_test if test_set else params.simulate, progress=False)
     preprocess(root / "raw", root / "clips", params.preprocess, progress=False)
     return root / "clips"
+
+
+@pytest.fixture(scope="session")
+def tiny_clips(tmp_path_factory) -> Path:
+    """A clip dataset from the simulator on the tiny profile (shared by the training tests; read-only)."""
+    return _tiny_dataset(tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_test_clips(tmp_path_factory) -> Path:
     """The tiny profile's independent test set (``simulate_test``: other fetuses), preprocessed like ``tiny_clips``."""
-    from sonossl.config import load_params
-    from sonossl.data.clips import preprocess
-    from sonossl.data.simulate import simulate
-
-    params = load_params(REPO / "params.yaml", profile="tiny")
-    root = tmp_path_factory.mktemp("tiny_test")
-    simulate(root / "raw", params.simulate_test, progress=False)
-    preprocess(root / "raw", root / "clips", params.preprocess, progress=False)
-    return root / "clips"
+    return _tiny_dataset(tmp_path_factory, "tiny_test", test_set=True)
 
 
 @pytest.fixture(scope="session")
