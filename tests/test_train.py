@@ -281,6 +281,10 @@ def test_an_independent_test_set_is_scored_whole_and_must_fit_the_training_clips
     from sonossl.config import as_dict
     from sonossl.data.clips import load_clip_dataset, preprocess
     from sonossl.evaluate.classification_metrics import classification_report
+    import shutil
+
+    import pandas as pd
+
     from sonossl.train.finetune import open_labelled, open_test_set, predict, finetune
 
     ft, spec = tiny_params.finetune, as_dict(tiny_params.pretrain.encoder)
@@ -313,6 +317,19 @@ def test_an_independent_test_set_is_scored_whole_and_must_fit_the_training_clips
     preprocess(raw, tmp_path / "again", dataclasses.replace(tiny_params.preprocess, seed=7), progress=False)
     with pytest.raises(ValueError, match=r"again: independent test set: patient\(s\) \['fetus-0-"):
         open_test_set(d, tmp_path / "again")
+    # Without patient ids, videos are compared by their bytes, not by their paths: the training and test sweeps
+    # share file names (videos/sweep_000.mp4...) but not contents; the training sweeps themselves are refused.
+    anonymous = {}
+    for name, raw in (("train", tiny_clips.parent / "raw"), ("test", tiny_test_clips.parent / "raw")):
+        shutil.copytree(raw, tmp_path / f"{name}-raw")
+        listing = pd.read_csv(tmp_path / f"{name}-raw/labels.csv").drop(columns="patient_id")
+        listing.to_csv(tmp_path / f"{name}-raw/labels.csv", index=False)
+        anonymous[name] = preprocess(tmp_path / f"{name}-raw", tmp_path / f"{name}-anon", tiny_params.preprocess,
+                                     progress=False).out_dir
+    d_anon = open_labelled(anonymous["train"])
+    assert open_test_set(d_anon, anonymous["test"]).info["videos"] == test.index.video_idx.nunique()
+    with pytest.raises(ValueError, match=r"again: independent test set: video\(s\) \['videos/sweep_000.mp4'"):
+        open_test_set(d_anon, tmp_path / "again")
     preprocess(tiny_test_clips.parent / "raw", tmp_path / "small", dataclasses.replace(tiny_params.preprocess,
                                                                                       frame_size=24), progress=False)
     with pytest.raises(ValueError, match=r"small: independent test set: frames of \(24, 24\) pixels"):

@@ -284,9 +284,9 @@ def open_test_set(d: LabelledFrames, test_clips: str | Path | None = None) -> Te
     """The test split of ``d``, or every frame of the independent clip dataset ``test_clips``.
 
     An independent test set must be preprocessed like ``d`` (same frame size; for saliency, same map size: checked
-    by the saliency runs), share at least one class with ``d``, and share no patient with ``d``'s training and
-    validation videos: each failure names the dataset. Its classes that ``d`` lacks are scored too (the model never
-    predicts them, so their frames count as errors), with a warning."""
+    by the saliency runs), share at least one class with ``d``, and share no patient (by ``patient_id``) and no video
+    (by content hash) with ``d``'s training and validation videos: each failure names the dataset. Its classes that
+    ``d`` lacks are scored too (the model never predicts them, so their frames count as errors), with a warning."""
     if test_clips is None:
         scored, t, labels, classes = d.split == "test", d, d.labels, d.classes
     else:
@@ -297,7 +297,8 @@ def open_test_set(d: LabelledFrames, test_clips: str | Path | None = None) -> Te
                              f"{d.data.version}); give a dataset of other videos, or omit it to score the test split")
         if t.frames.shape[1:] != d.frames.shape[1:]:
             raise ValueError(f"{where}: frames of {tuple(t.frames.shape[1:])} pixels, the training clips "
-                             f"{d.data.path} have {tuple(d.frames.shape[1:])}; preprocess both with the same parameters")
+                             f"{d.data.path} have {tuple(d.frames.shape[1:])}; preprocess both with the same "
+                             "parameters")
         extra = sorted(set(t.classes) - set(d.classes))
         if len(extra) == len(t.classes):
             raise ValueError(f"{where}: none of its classes {t.classes} occurs in the training clips {d.data.path}, "
@@ -305,11 +306,16 @@ def open_test_set(d: LabelledFrames, test_clips: str | Path | None = None) -> Te
         if extra:
             log.warning("%s: class(es) %s never occur in the training clips %s; the model cannot predict them, so "
                         "their frames count as errors", where, extra, d.data.path)
-        seen = {v.get("patient_id") or v["path"] for v in d.data.meta["videos"] if v["split"] in ("train", "val")}
-        shared = sorted({v.get("patient_id") or v["path"] for v in t.data.meta["videos"]} & seen)
-        if shared:
-            raise ValueError(f"{where}: patient(s) {shared[:5]}{' ...' if len(shared) > 5 else ''} also appear in "
-                             f"the training or validation videos of {d.data.path}")
+        # Patients by their id; videos by their bytes (a path names a file only inside its own dataset).
+        used = [v for v in d.data.meta["videos"] if v["split"] in ("train", "val")]
+        patients = {v["patient_id"] for v in used if v.get("patient_id")}
+        digests = {d.data.meta["inputs"].get(v["path"]) for v in used} - {None}
+        videos, digest_of = t.data.meta["videos"], t.data.meta["inputs"]
+        for kind, shared in (("patient(s)", sorted({v["patient_id"] for v in videos if v.get("patient_id") in patients})),
+                             ("video(s)", sorted(v["path"] for v in videos if digest_of.get(v["path"]) in digests))):
+            if shared:
+                raise ValueError(f"{where}: {kind} {shared[:5]}{' ...' if len(shared) > 5 else ''} also appear in the "
+                                 f"training or validation videos of {d.data.path}")
         classes = d.classes + extra  # the model's outputs first: a prediction's index is its class here too
         to_test = np.array([classes.index(c) for c in t.classes] + [-1])
         labels, scored = to_test[t.labels], np.ones(len(t.labels), dtype=bool)  # -1 stays -1
