@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 
 from sonossl.atomic import atomic_write_text
 from sonossl.config import Params, SplitParams, as_dict, load_params
+from sonossl.machine import describe
 from sonossl.train.finetune import HEAD_INITS, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +166,7 @@ def finish(result: dict, out: Path, t0: float) -> int:
     """Add the minutes since ``t0`` and the machine to ``result``, write it to ``out`` (atomically) and print it
     without its per-seed rows; also used by ``selection_oracle.py``."""
     result |= {"minutes": round((time.perf_counter() - t0) / 60, 1),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+               "machine": describe()}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))

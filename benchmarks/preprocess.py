@@ -31,6 +31,7 @@ from sonossl.atomic import atomic_write_text
 from sonossl.config import PreprocessParams
 from sonossl.data.clips import _start_method, preprocess, read_listing
 from sonossl.data.video import THREAD_TYPE
+from sonossl.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pocus"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": cpu_model(),
             "python": platform.python_version(),
             "numpy": np.__version__,
             "av": __import__("av").__version__,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from sonossl.machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def main() -> int:
             server.wait(timeout=60)
     ref = _percentiles(full)["p50_ms"]
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{describe()}, Python {platform.python_version()}",
         "clip": list(clip.shape), "clip_mp4_bytes": len(media), "requests": args.requests,
         "in_process": {"preprocess_and_forward": _percentiles(full), "forward_only": _percentiles(forward)},
         "server_with_request_log": {"concurrency_1": logged_c1, "concurrency_4": logged_c4},

@@ -24,6 +24,7 @@ import numpy as np
 
 from sonossl.atomic import atomic_write_text
 from sonossl.data.clips import load_clip_dataset
+from sonossl.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/simulator_checks.json")
     args = ap.parse_args()
     sim = load_clip_dataset(args.sim)
-    report = {"sim_version": sim.version, "machine": {"platform": platform.platform()},
+    report = {"sim_version": sim.version, "machine": {"platform": platform.platform(), "cpu": describe()},
               "single_statistic_classifier": single_statistic_classifier(sim),
               "brightness_order": brightness_order(sim),
               "intensity": {"sim": intensity_statistics(sim)}}

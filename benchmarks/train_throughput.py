@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 from sonossl.atomic import atomic_write_text
 from sonossl.config import load_params
 from sonossl.data.clips import load_clip_dataset
+from sonossl.machine import describe
 from sonossl.train.loop import fit, setup_distributed
 from sonossl.train.pretrain import PretextTask, frames_tensor, loop_params
 
@@ -102,7 +102,7 @@ def main() -> None:
         "ratio": round(loop_med / model_med, 3), "target_ratio": 0.9,
         "device": torch.cuda.get_device_name() if env.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "peak_gpu_memory_mib": (round(torch.cuda.max_memory_allocated() / 2**20) if env.device.type == "cuda" else None),
-        "machine": platform.machine(), "torch": torch.__version__,
+        "machine": describe(), "torch": torch.__version__,
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("median_loop_clips_per_s", "median_model_only_clips_per_s", "ratio",

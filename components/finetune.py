@@ -3,6 +3,8 @@
     from components.finetune import finetune
     ssl = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="ssl-planes", encoder=enc)
     scratch = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="scratch-planes")
+    scored = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="ssl-planes", encoder=enc,
+                      test_clips=test)   # scored on every frame of an independent clip dataset
 """
 
 from typing import Optional
@@ -15,7 +17,8 @@ from components import COMPONENT_OPTIONS
 
 @dsl.component(**COMPONENT_OPTIONS)
 def finetune(clips: Input[Dataset], data_version: str, profile: str, task: str, name: str, model: Output[Model],
-             metrics: Output[Metrics], encoder: Optional[Input[Model]] = None, epochs: int = 0,
+             metrics: Output[Metrics], encoder: Optional[Input[Model]] = None,
+             test_clips: Optional[Input[Dataset]] = None, test_data_version: str = "", epochs: int = 0,
              learning_rate: float = 0.0):
     """Linear probe and fine-tune at the profile's label fractions (``sonossl.train.finetune.finetune``).
 
@@ -28,13 +31,19 @@ def finetune(clips: Input[Dataset], data_version: str, profile: str, task: str, 
         model: the output folder: model.pt (best run by validation), metrics.json, runs/.
         metrics: validation and test scores of every run (<method>@<fraction>.<split>.<metric>).
         encoder: a pretrain output; none trains from random initialisation (the scratch baseline).
+        test_clips: an independent clip dataset (other patients or videos) whose every labelled frame is the test
+            set, from preprocess or preprocess_test; none, or a preprocess_test output for no dataset, scores the test
+            split of ``clips``. It must fit ``clips`` (frame size, shared classes) and share no patient or video with
+            it: the step fails, naming the dataset, when it does not.
+        test_data_version: its version id (part of the cache key; empty for none).
         epochs: overrides the profile's epochs when > 0.
         learning_rate: overrides the profile's learning rate when > 0.
     """
     from sonossl.pipeline.steps import finetune_step
 
     scores = finetune_step(clips.path, model.path, profile, task, name, encoder.path if encoder else None, epochs,
-                           learning_rate)
+                           learning_rate, test_clips.path if test_clips else None)
     for key, value in scores.items():
         metrics.log_metric(key, value)
-    model.metadata.update({"data_version": data_version, "task": task, "name": name})
+    model.metadata.update({"data_version": data_version, "test_data_version": test_data_version, "task": task,
+                           "name": name})

@@ -2,6 +2,7 @@
 
     from components.preprocess import preprocess
     task = preprocess(dataset="s3://datasets/raw/sim", profile="default")   # outputs: "clips", "Output" (version)
+    test = preprocess_test(dataset="s3://datasets/raw/sim_test", profile="default")   # or dataset="": none
 """
 
 from kfp import dsl
@@ -26,5 +27,26 @@ def preprocess(dataset: str, profile: str, clips: Output[Dataset]) -> str:
     from sonossl.pipeline.steps import preprocess_step
 
     version = preprocess_step(dataset, clips.path, profile)
+    clips.metadata["version"] = version
+    return version
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def preprocess_test(dataset: str, profile: str, clips: Output[Dataset]) -> str:
+    """The independent test set of the finetune steps: ``dataset`` preprocessed as ``preprocess`` does; an empty
+    ``dataset`` gives an artifact that says there is none, and the finetune steps score the test split of their
+    training clips (``sonossl.pipeline.steps.preprocess_test_step``).
+
+    Args:
+        dataset: the raw test dataset (other patients or videos than the training dataset), or "" for none.
+        profile: the parameter profile (tiny, default, gpu) of the image's params.yaml.
+        clips: the test clip dataset, or the marker of none.
+
+    Returns:
+        The test clip dataset's version id, or "" for none.
+    """
+    from sonossl.pipeline.steps import preprocess_test_step
+
+    version = preprocess_test_step(dataset, clips.path, profile)
     clips.metadata["version"] = version
     return version

@@ -6,7 +6,9 @@ and saliency), not the whole ablation, with the same library calls. Every task r
 parameter (``image``, default ``ghcr.io/sonossl/sonossl:<package version>``) applied with ``set_container_image``:
 the components' ``base_image`` is fixed when they are compiled, and the KFP backend resolves a parameter in a task's
 image only when the parameter is the whole reference (its driver substitutes the parameter's value for the whole
-string), so the parameter is the full image reference, not a tag to append.
+string), so the parameter is the full image reference, not a tag to append. With ``test_dataset``, the
+preprocess-test task turns an independent raw dataset into the test set every fine-tune run is scored on, as
+``dvc repro`` scores ``data/raw/sim_test``; without it, the runs are scored on the test split of ``dataset``.
 
     kfp dsl compile --py pipelines/training.py --output training.yaml
     sonossl pipeline submit --host https://kubeflow.example.org/pipeline --param dataset=s3://datasets/raw/sim
@@ -21,7 +23,7 @@ from components.deploy import deploy
 from components.evaluate import evaluate
 from components.export import export
 from components.finetune import finetune
-from components.preprocess import preprocess
+from components.preprocess import preprocess, preprocess_test
 from components.pretrain import pretrain
 from sonossl.pipeline import IMAGE
 
@@ -29,7 +31,7 @@ from sonossl.pipeline import IMAGE
 @dsl.pipeline(name="sonossl-training",
               description="Self-supervised pretraining on ultrasound clips, fine-tuning (SSL and scratch), "
                           "evaluation, export, and deployment when the new model beats the serving one.")
-def training(dataset: str, profile: str = "default", pretrain_epochs: int = 0, pretrain_lr: float = 0.0,
+def training(dataset: str, test_dataset: str = "", profile: str = "default", pretrain_epochs: int = 0, pretrain_lr: float = 0.0,
              finetune_epochs: int = 0, finetune_lr: float = 0.0, image: str = IMAGE,
              deploy_metric: str = "planes.val.macro_f1", model_store: str = "s3://sonossl/models/export",
              service_name: str = "sonossl", namespace: str = "sonossl", service_account: str = "sonossl-s3",
@@ -37,6 +39,10 @@ def training(dataset: str, profile: str = "default", pretrain_epochs: int = 0, p
              deploy_dry_run: bool = False) -> Model:
     """Args:
         dataset: the raw dataset: s3://bucket/prefix, dvc://<path>?repo=<git url>&rev=<revision>, or a folder.
+        test_dataset: an independent raw dataset (other patients or videos; same kinds of location) whose every
+            labelled frame is the test set, as dvc repro scores data/raw/sim_test; empty scores the test split of
+            dataset. Fine-tuning fails, naming the dataset, when it shares a patient or a video with dataset, or
+            does not fit it (frame size, classes).
         profile: parameter profile of params.yaml (tiny, default, gpu).
         pretrain_epochs: pretraining epochs; 0 keeps the profile's.
         pretrain_lr: pretraining learning rate; 0 keeps the profile's.
@@ -66,12 +72,18 @@ def training(dataset: str, profile: str = "default", pretrain_epochs: int = 0, p
                   learning_rate=pretrain_lr)
     gpu_step(with_s3_credentials(pt)).set_container_image(image).set_display_name("pretrain (both-sequential)")
 
+    # The test set: every frame of test_dataset when given (as dvc repro scores data/raw/sim_test), else the test
+    # split of dataset (the task then only records that there is no independent test set).
+    tst = with_s3_credentials(preprocess_test(dataset=test_dataset, profile=profile)).set_caching_options(False)
+    tst.set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
+    test = {"test_clips": tst.outputs["clips"], "test_data_version": tst.outputs["Output"]}
+
     runs = {}
     ssl = {"encoder": pt.outputs["encoder"]}
     for name, task, init in [("ssl-planes", "planes", ssl), ("ssl-saliency", "saliency", ssl),
                              ("scratch-planes", "planes", {}), ("scratch-saliency", "saliency", {})]:
         ft = finetune(clips=clips, data_version=version, profile=profile, task=task, name=name,
-                      epochs=finetune_epochs, learning_rate=finetune_lr, **init)  # no encoder: from scratch
+                      epochs=finetune_epochs, learning_rate=finetune_lr, **init, **test)  # no encoder: from scratch
         gpu_step(with_s3_credentials(ft)).set_container_image(image).set_display_name(f"finetune ({name})")
         runs[name.replace("-", "_")] = ft.outputs["model"]
 

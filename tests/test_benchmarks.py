@@ -64,3 +64,16 @@ def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_tes
     assert len(row["ssl_probe"]["candidates"]) == 1  # tiny: probe_c [1.0]
     assert oracle["medians"]["finetune_gain_oracle"] == row["finetune_gain_oracle"]
     assert oracle["test_set"] == json.loads((tmp_path / "seeds.json").read_text())["test_set"]
+
+
+def test_benchmark_records_name_the_cpu_model(tmp_path):
+    import os
+    import platform
+
+    from sonossl.machine import cpu_model, describe
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    assert cpu_model(info) == "AMD EPYC 9654 96-Core Processor"
+    assert cpu_model(tmp_path / "missing")  # falls back to what platform knows
+    assert describe() == f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}"

@@ -71,8 +71,9 @@ def test_training_yaml_carries_the_cluster_settings():
     executors = spec["deploymentSpec"]["executors"]
     tasks = spec["root"]["dag"]["tasks"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) >= {"dataset", "profile", "pretrain_epochs", "pretrain_lr", "finetune_epochs", "finetune_lr",
-                           "image", "deploy_metric", "deploy_dry_run"}
+    assert set(params) >= {"dataset", "test_dataset", "profile", "pretrain_epochs", "pretrain_lr", "finetune_epochs",
+                           "finetune_lr", "image", "deploy_metric", "deploy_dry_run"}
+    assert params["test_dataset"]["defaultValue"] == ""  # optional: the test split of dataset
     assert params["image"]["defaultValue"] == f"ghcr.io/sonossl/sonossl:{__version__}"
     assert "defaultValue" not in params["dataset"]  # required
 
@@ -101,13 +102,23 @@ def test_training_yaml_carries_the_cluster_settings():
     # SSL and scratch fine-tuning run in parallel: the scratch runs wait for nothing but the data
     scratch = [t for t in gpu_tasks if "encoder" not in tasks[t]["inputs"].get("artifacts", {})
                and t.startswith("finetune")]
-    assert len(scratch) == 2 and all(tasks[t]["dependentTasks"] == ["preprocess"] for t in scratch)
+    assert len(scratch) == 2 and all(tasks[t]["dependentTasks"] == ["preprocess", "preprocess-test"] for t in scratch)
 
     # caching keys on the data: preprocess always runs and its version id feeds every later step
     assert tasks["preprocess"]["cachingOptions"] == {}  # enableCache false is left out of the IR
     for t in gpu_tasks + ["export"]:
         assert tasks[t]["inputs"]["parameters"]["data_version"]["taskOutputParameter"] == {
             "outputParameterKey": "Output", "producerTask": "preprocess"}
+    # and so does the test set's, into every fine-tune run (which it scores)
+    assert tasks["preprocess-test"]["cachingOptions"] == {}
+    assert tasks["preprocess-test"]["inputs"]["parameters"]["dataset"]["componentInputParameter"] == "test_dataset"
+    for t in gpu_tasks:
+        if t.startswith("finetune"):
+            inputs = tasks[t]["inputs"]
+            assert inputs["parameters"]["test_data_version"]["taskOutputParameter"]["producerTask"] == \
+                "preprocess-test"
+            assert inputs["artifacts"]["test_clips"]["taskOutputArtifact"] == {
+                "outputArtifactKey": "clips", "producerTask": "preprocess-test"}
 
     # deploy only when the champion gate says so
     cond = tasks["condition-1"]
@@ -227,6 +238,28 @@ def test_deploy_gate_and_metric_names():
         card_metric(card, "planes.test.f1")
 
 
+def test_the_finetune_step_scores_the_pipeline_s_test_set(tiny_clips, tiny_test_clips, tmp_path, monkeypatch):
+    """preprocess-test with no test_dataset leaves a marker, and the finetune step then scores the test split of its
+    clips; given a test clip dataset, it scores all of it. Training is the same either way."""
+    from sonossl.pipeline.steps import NO_TEST_SET, PARAMS_ENV, finetune_step, preprocess_test_step
+
+    monkeypatch.setenv(PARAMS_ENV, str(REPO / "params.yaml"))
+    none = tmp_path / "no-test-set"
+    assert preprocess_test_step("", none, "tiny") == "" and [p.name for p in none.iterdir()] == [NO_TEST_SET]
+    scores, metrics = {}, {}
+    for name, test in (("split", none), ("independent", tiny_test_clips), ("default", None)):
+        scores[name] = finetune_step(tiny_clips, tmp_path / name, "tiny", "planes", "scratch-planes", epochs=1,
+                                     test_clips=test)
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    test_version = json.loads((tiny_test_clips / "meta.json").read_text())["version"]
+    assert metrics["split"]["test_set"]["split"] == metrics["default"]["test_set"]["split"] == "test"
+    assert metrics["independent"]["test_set"]["split"] == "all"
+    assert metrics["independent"]["test_set"]["data_version"] == test_version
+    val = {name: {k: v for k, v in s.items() if ".val." in k} for name, s in scores.items()}
+    assert val["split"] == val["independent"] == val["default"] and val["split"]
+    assert scores["split"] == scores["default"] != scores["independent"]
+
+
 def test_dataset_locations_are_parsed_and_checked(tmp_path):
     from sonossl.pipeline.dataset import fetch_raw_dataset, parse_dvc_location
 
@@ -272,16 +305,15 @@ def _close(a, b, where: str) -> None:
 
 
 def _scores(run: dict) -> dict:
-    # not "test": dvc repro scores the independent test sweeps (data/clips/sim_test), the pipeline its dataset's split
-    return {k: run[k] for k in ("name", "fraction", "videos", "frames", "val")}
+    return {k: run[k] for k in ("name", "fraction", "videos", "frames", "val", "test")}
 
 
 @pytest.mark.slow
 def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
     """`dvc repro` of the main line in a temporary repository, committed; then `sonossl pipeline run-local` with the
-    raw data read from that repository's HEAD through a dvc:// location. Both call the same library steps: the
-    clip dataset version, pretext accuracy and every fine-tune run's validation scores must match. (The test scores
-    differ by design: dvc repro scores the independent test sweeps, the pipeline the test split of its dataset.)"""
+    raw data, and the independent test sweeps, read from that repository's HEAD through dvc:// locations. Both call
+    the same library steps: the clip dataset versions, pretext accuracy and every fine-tune run's validation and
+    test scores must match."""
     from test_dvc_pipeline import _dvc, _tiny_sim_repo
 
     root = _tiny_sim_repo(tmp_path)
@@ -294,21 +326,23 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
     out = tmp_path / "kfp"
     t0 = time.monotonic()
     proc = _run(*SONOSSL, "pipeline", "run-local", "--params", str(root / "params.yaml"), "--profile", "tiny",
-                "--out", str(out), "--dataset", f"dvc://data/raw/sim?repo={root}&rev=HEAD", cwd=tmp_path,
-                timeout=900)
+                "--out", str(out), "--dataset", f"dvc://data/raw/sim?repo={root}&rev=HEAD", "--param",
+                f"test_dataset=dvc://data/raw/sim_test?repo={root}&rev=HEAD", cwd=tmp_path, timeout=900)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:])
     run = Path(summary["run"])
     print(f"kfp.local run of the training pipeline on tiny: {seconds:.0f} s")
 
-    # the whole graph ran: 5 training tasks, evaluate, export, the gate and (dry-run) deploy
+    # the whole graph ran: the two datasets, 5 training tasks, evaluate, export, the gate and (dry-run) deploy
     assert sorted(p.name for p in run.iterdir()) == ["champion", "deploy", "evaluate", "export", "finetune",
                                                     "finetune-2", "finetune-3", "finetune-4", "preprocess",
-                                                    "pretrain"]
+                                                    "preprocess-test", "pretrain"]
     meta = json.loads((root / "data/clips/sim/meta.json").read_text())
+    test_meta = json.loads((root / "data/clips/sim_test/meta.json").read_text())
     assert summary["feature_version"] == meta["version"]
     assert json.loads((run / "preprocess/clips/meta.json").read_text())["version"] == meta["version"]
+    assert json.loads((run / "preprocess-test/clips/meta.json").read_text())["version"] == test_meta["version"]
 
     dvc_pt = json.loads((root / "models/pretrain/both-sequential/metrics.json").read_text())
     kfp_pt = json.loads((run / "pretrain/encoder/metrics.json").read_text())
@@ -326,8 +360,8 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
         for k, d in zip(kfp_ft["runs"], dvc_ft["runs"]):
             _close(_scores(k), _scores(d), f"{name} {k['name']}")
         assert kfp_ft["selected"] == dvc_ft["selected"], name
-        assert kfp_ft["test_set"]["split"] == "test" and kfp_ft["test_set"]["data_version"] == meta["version"]
-        assert dvc_ft["test_set"]["split"] == "all" and dvc_ft["test_set"]["clips"] == "data/clips/sim_test"
+        for ts in (kfp_ft["test_set"], dvc_ft["test_set"]):
+            assert ts["split"] == "all" and ts["data_version"] == test_meta["version"], name
     assert sorted(names) == ["scratch-planes", "scratch-saliency", "ssl-planes", "ssl-saliency"]
 
     # the exported model, the report, and the gate: no cluster, no champion -> deploy (rendered only)

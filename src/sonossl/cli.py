@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, default=Path("dist/run-local"),
                    help="folder for the pipeline root, raw data and temp files (default: dist/run-local)")
     a.add_argument("--dataset", default=None,
-                   help="raw dataset (folder, s3:// prefix or dvc:// location); default: simulate the profile's")
+                   help="raw dataset (folder, s3:// prefix or dvc:// location); default: simulate the profile's "
+                        "sweeps, and its test sweeps as the test_dataset parameter")
     a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="another pipeline parameter, e.g. pretrain_epochs=1 (repeatable)")
     a.set_defaults(func=_cmd_pipeline)

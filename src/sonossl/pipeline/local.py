@@ -3,7 +3,8 @@
 Each component runs as a subprocess of this Python, as it would in its container, on a pipeline root under
 ``out_dir``; the deploy step only renders the InferenceService (``deploy_dry_run``) and the champion lookup finds no
 cluster, so nothing outside this machine is touched. Without a ``dataset``, the profile's simulated sweeps are
-rendered first (as the ``simulate`` DVC stage does) into ``<out_dir>/raw``.
+rendered first (as the ``simulate`` DVC stage does) into ``<out_dir>/raw``, and its independent test sweeps (as
+``simulate-test``) into ``<out_dir>/raw_test``, the pipeline's ``test_dataset`` unless the arguments name one.
 
     summary = run_local("dist/run-local", profile="tiny")
     summary["model_version"], summary["tasks"]["export"]["artifacts"]["metrics"]["metadata"]
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sonossl.config import SimulateParams
 from sonossl.pipeline.steps import PARAMS_ENV
 
 PIPELINE_NAME = "sonossl-training"
@@ -42,13 +44,11 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _simulated_dataset(out_dir: Path, params_file: Path, profile: str) -> Path:
-    from sonossl.config import load_params
+def _simulated_dataset(raw: Path, params: SimulateParams) -> Path:
     from sonossl.data.simulate import simulate
 
-    raw = out_dir / "raw"
     if not (raw / "labels.csv").is_file():  # deterministic per seed: an earlier rendering is the same data
-        simulate(raw, load_params(params_file, profile).simulate, progress=True)
+        simulate(raw, params, progress=True)
     return raw
 
 
@@ -78,14 +78,16 @@ def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = 
     from sonossl.config import load_params
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
-    load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
+    params = load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
     out_dir.mkdir(parents=True, exist_ok=True)
+    arguments = {"deploy_dry_run": True, **(arguments or {})}
     if dataset is None:
-        dataset = str(_simulated_dataset(out_dir, params_file, profile))
+        dataset = str(_simulated_dataset(out_dir / "raw", params.simulate))
+        if params.simulate_test is not None and "test_dataset" not in arguments:  # as dvc repro: sim and sim_test
+            arguments["test_dataset"] = str(_simulated_dataset(out_dir / "raw_test", params.simulate_test))
     root = out_dir / "kfp"
     (out_dir / "tmp").mkdir(exist_ok=True)
     before = set(root.glob(f"{PIPELINE_NAME}-*")) if root.is_dir() else set()
-    arguments = {"deploy_dry_run": True, **(arguments or {})}
 
     from sonossl.pipeline.spec import pipeline_function
 
@@ -105,6 +107,7 @@ def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = 
     decision = tasks.get("champion", {}).get("parameters", {}).get("Output")
     isvc = json.loads(tasks["deploy"]["parameters"]["Output"]) if "deploy" in tasks else None
     return {"run": str(run_dir), "seconds": round(seconds, 1), "profile": profile, "dataset": dataset,
+            "test_dataset": arguments.get("test_dataset") or None,
             "model": str(model), "model_version": card["model_version"],
             "feature_version": card["data"]["feature_version"],
             "report": tasks.get("evaluate", {}).get("artifacts", {}).get("report", {}).get("uri"),

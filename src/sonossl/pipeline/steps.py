@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sonossl.atomic import atomic_write_text
 from sonossl.config import Params, ParamsError, load_params
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ PARAMS_ENV = "SONOSSL_PARAMS"
 FINETUNE_RUNS = ("ssl-planes", "ssl-saliency", "scratch-planes", "scratch-saliency")
 PRETRAIN_MODE = "both-sequential"
 DEPLOY, KEEP = "deploy", "keep"
+# What ``preprocess_test_step`` writes, instead of a clip dataset, when the pipeline has no test_dataset.
+NO_TEST_SET = "NO_TEST_SET"
 
 
 def _logging() -> None:
@@ -98,6 +101,24 @@ def preprocess_step(dataset: str, out_dir: str | Path, profile: str) -> str:
     return version
 
 
+def preprocess_test_step(dataset: str, out_dir: str | Path, profile: str) -> str:
+    """The pipeline's independent test set: ``dataset`` as ``preprocess_step`` makes it; for no dataset (""), a
+    folder holding only the ``NO_TEST_SET`` marker, which ``finetune_step`` reads as "score the test split"."""
+    if dataset.strip():
+        return preprocess_step(dataset, out_dir, profile)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / NO_TEST_SET, "no test_dataset: the finetune steps score the test split of their clips\n")
+    return ""
+
+
+def _test_clips(path: str | Path | None) -> Path | None:
+    """A test clip dataset for ``finetune``, or None for the test split (no path, or the ``NO_TEST_SET`` marker)."""
+    if path is None or (Path(path) / NO_TEST_SET).is_file():
+        return None
+    return Path(path)
+
+
 def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode: str = PRETRAIN_MODE,
                   epochs: int = 0, lr: float = 0.0) -> dict[str, float]:
     """Pretext pretraining, as the ``pretrain@<mode>`` stage; returns held-out pretext accuracy and chance."""
@@ -110,9 +131,12 @@ def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode
 
 
 def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task: str, name: str,
-                  encoder: str | Path | None = None, epochs: int = 0, lr: float = 0.0) -> dict[str, float]:
+                  encoder: str | Path | None = None, epochs: int = 0, lr: float = 0.0,
+                  test_clips: str | Path | None = None) -> dict[str, float]:
     """Downstream training at the profile's fractions, as the ``finetune@ssl-*`` / ``scratch@*`` stages; returns
-    the validation and test scores of every run (``<run>.val.<metric>``, ``<run>.test.<metric>``)."""
+    the validation and test scores of every run (``<run>.val.<metric>``, ``<run>.test.<metric>``). The test scores
+    are of every frame of ``test_clips`` when it is a clip dataset (as the stages score ``data/clips/sim_test``),
+    else (None, or the ``NO_TEST_SET`` marker) of the test split of ``clips_dir``."""
     from sonossl.config import as_dict
     from sonossl.train.finetune import finetune
 
@@ -122,7 +146,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     fractions = ft.fractions if task == "planes" else ft.saliency_fractions
     metrics = finetune(clips_dir, out_dir, ft, task=task, encoder=encoder,
                        encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=fractions,
-                       name=name, resume=True, progress=True)
+                       name=name, test_clips=_test_clips(test_clips), resume=True, progress=True)
     out = {"selected_val": float(metrics["selected_val"])}
     for run in metrics["runs"]:
         out |= _flat(f"{run['name']}.val", run["val"]) | _flat(f"{run['name']}.test", run["test"])

@@ -1,0 +1,83 @@
+"""How fast this machine trains the issue's sizing reference, so wall times from different machines can be compared.
+
+Issue 3 sizes the 15-minute budget of the simulated pipeline with "a torchvision ResNet-18 (one input channel)
+trains at about 55 frames/s at 64x64, and about 26 frames/s at 112x112, on these 2 cores". This measures the same
+thing here: ResNet-18 (``weights=None``, one input channel, 6 classes), cross-entropy, AdamW, batch 32, training
+frames/s at 64x64 and 112x112 (medians of ``--repeats`` timed blocks after a warm-up). The ratio of the reference
+to the measured speed scales a wall time measured here to the reference machine (a pipeline that takes 27 min here
+at ratio 1.9 is a 14 min pipeline there).
+
+    .venv/bin/python benchmarks/machine_speed.py          # about 1 minute on 2 cores
+Writes benchmarks/results/machine_speed.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from sonossl.atomic import atomic_write_text
+from sonossl.machine import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_FPS = {64: 55.0, 112: 26.0}  # issue 3's sizing note, on the machine the budget was set on
+
+
+def train_fps(size: int, batch: int, steps: int, repeats: int) -> list[float]:
+    """Frames/s of ``repeats`` blocks of ``steps`` training steps of ResNet-18 on (batch, 1, size, size)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=6)
+    model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(batch, 1, size, size), torch.randint(0, 6, (batch,))
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        out.append(steps * batch / (time.perf_counter() - t))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5, help="training steps per timed block (default: 5)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/machine_speed.json")
+    args = ap.parse_args()
+    if min(args.batch, args.steps, args.repeats) < 1:
+        ap.error("--batch, --steps and --repeats must be at least 1")
+    result: dict = {"benchmark": "machine_speed", "model": "torchvision resnet18, 1 input channel, weights=None",
+                    "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+                    "threads": torch.get_num_threads(), "machine": describe(), "torch": torch.__version__}
+    ratios = []
+    for size, reference in REFERENCE_FPS.items():
+        runs = train_fps(size, args.batch, args.steps, args.repeats)
+        median = statistics.median(runs)
+        ratios.append(reference / median)
+        result[f"{size}px"] = {"frames_per_s": [round(r, 1) for r in runs], "median": round(median, 1),
+                               "reference": reference, "slowdown": round(reference / median, 2)}
+    result["slowdown"] = round(statistics.median(ratios), 2)  # reference speed / this machine's speed
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
