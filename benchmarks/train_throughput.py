@@ -4,7 +4,9 @@ The real loop is ``sonossl.train.loop.fit`` on a ``PretextTask`` (gathering clip
 batched shuffles, transforms, crops and intensity jitter, then forward, backward, AdamW step) for one epoch, its
 throughput taken from the loop's own training time (validation excluded). The baseline runs the same model, loss and
 optimizer step over one pre-made batch of the same size, again and again: the speed of the model alone. Repeats
-alternate between the two; medians give clips/s and their ratio (target >= 0.9: the input pipeline keeps up).
+alternate between the two; medians give clips/s and their ratio (target >= 0.9: the input pipeline keeps up). A
+third run per repeat, the real loop in the plain contiguous memory format, gives what channels_last (the loop's
+default, on GPU and CPU) gains on this machine: ``memory_format_speedup``.
 
     .venv/bin/python benchmarks/train_throughput.py                    # default profile, data/clips/sim
     .venv/bin/python benchmarks/train_throughput.py --profile gpu --steps 200
@@ -81,17 +83,25 @@ def main() -> None:
     data = load_clip_dataset(args.clips)
     split = data.index.split.to_numpy()
     env = setup_distributed()
-    task = PretextTask(frames_tensor(data), data.index.video_idx.to_numpy(), split == "train", split == "val",
-                       params, args.mode)
-    task.val = task.val[:1]  # validation is outside the timed part anyway; keep the run short
+    frames = frames_tensor(data)
+    contiguous = dataclasses.replace(params, channels_last=False)
+
+    def make_task(p) -> PretextTask:
+        task = PretextTask(frames, data.index.video_idx.to_numpy(), split == "train", split == "val", p, args.mode)
+        task.val = task.val[:1]  # validation is outside the timed part anyway; keep the run short
+        return task
+
+    task, plain = make_task(params), make_task(contiguous)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    loops, models = [], []
+    loops, models, plains = [], [], []
     for r in range(args.repeats):
         loops.append(real_loop(task, params, args.steps, env))
         models.append(model_only(task, args.steps, env.device, params.amp))
-        print(f"repeat {r + 1}: loop {loops[-1]:.1f} clips/s, model only {models[-1]:.1f} clips/s", flush=True)
-    loop_med, model_med = statistics.median(loops), statistics.median(models)
+        plains.append(real_loop(plain, contiguous, args.steps, env))
+        print(f"repeat {r + 1}: loop {loops[-1]:.1f} clips/s, model only {models[-1]:.1f} clips/s, loop in the "
+              f"contiguous format {plains[-1]:.1f} clips/s", flush=True)
+    loop_med, model_med, plain_med = statistics.median(loops), statistics.median(models), statistics.median(plains)
     result = {
         "benchmark": "train_throughput",
         "profile": args.profile, "mode": args.mode, "clips": str(args.clips), "steps": args.steps,
@@ -100,12 +110,16 @@ def main() -> None:
         "loop_clips_per_s": [round(x, 1) for x in loops], "model_only_clips_per_s": [round(x, 1) for x in models],
         "median_loop_clips_per_s": round(loop_med, 1), "median_model_only_clips_per_s": round(model_med, 1),
         "ratio": round(loop_med / model_med, 3), "target_ratio": 0.9,
+        "channels_last": params.channels_last, "contiguous_loop_clips_per_s": [round(x, 1) for x in plains],
+        "median_contiguous_loop_clips_per_s": round(plain_med, 1),
+        "memory_format_speedup": round(loop_med / plain_med, 3),  # the loop as configured / contiguous
         "device": torch.cuda.get_device_name() if env.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "peak_gpu_memory_mib": (round(torch.cuda.max_memory_allocated() / 2**20) if env.device.type == "cuda" else None),
         "machine": describe(), "torch": torch.__version__,
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("median_loop_clips_per_s", "median_model_only_clips_per_s", "ratio",
+                                             "median_contiguous_loop_clips_per_s", "memory_format_speedup",
                                              "device")}, indent=2))
 
 

@@ -119,7 +119,7 @@ class PretrainParams:
     val_clips: int = 512  # fixed held-out clips (validation videos) for pretext accuracy
     seed: int = 0
     amp: bool = True  # bfloat16 autocast, on GPU only
-    channels_last: bool = True  # on GPU only
+    channels_last: bool = True  # memory format, on GPU and CPU
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ same way for all of them:
   same data as an uninterrupted one;
 - AdamW with linear warm-up and a cosine decay, per step; a task may give parameter groups with their own
   ``lr_scale`` (``param_groups()``: a pretrained encoder fine-tuned gently under a fresh head, say);
-- on GPU, bfloat16 autocast and channels_last;
+- the channels_last memory format, on GPU and CPU (``benchmarks/train_throughput.py`` measures what it gains), and
+  on GPU bfloat16 autocast;
 - a checkpoint after every epoch (``checkpoints/last.pt``, written atomically: a kill leaves the previous one), the
   best model by the validation metric (``best.pt``), and ``resume=True`` continuing from ``last.pt``;
 - DDP under ``torchrun`` (gloo on CPU, nccl on GPU), each rank taking its own share of every epoch's batches;
@@ -56,7 +57,7 @@ class LoopParams:
     warmup_epochs: float = 1.0
     seed: int = 0
     amp: bool = True  # GPU only
-    channels_last: bool = True  # GPU only
+    channels_last: bool = True
     select: str | None = None  # validation metric that picks best.pt (higher is better); None = last epoch
 
 
@@ -225,7 +226,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     last_path, best_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
     model = task.model.to(env.device)
     on_gpu = env.device.type == "cuda"
-    if on_gpu and params.channels_last:
+    if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
         for m in model.modules():
             if hasattr(m, "channels_last"):
