@@ -31,8 +31,8 @@ from sonossl.pipeline import IMAGE
 @dsl.pipeline(name="sonossl-training",
               description="Self-supervised pretraining on ultrasound clips, fine-tuning (SSL and scratch), "
                           "evaluation, export, and deployment when the new model beats the serving one.")
-def training(dataset: str, test_dataset: str = "", profile: str = "default", pretrain_epochs: int = 0, pretrain_lr: float = 0.0,
-             finetune_epochs: int = 0, finetune_lr: float = 0.0, image: str = IMAGE,
+def training(dataset: str, test_dataset: str = "", profile: str = "default", pretrain_epochs: int = 0,
+             pretrain_lr: float = 0.0, finetune_epochs: int = 0, finetune_lr: float = 0.0, image: str = IMAGE,
              deploy_metric: str = "planes.val.macro_f1", model_store: str = "s3://sonossl/models/export",
              service_name: str = "sonossl", namespace: str = "sonossl", service_account: str = "sonossl-s3",
              runtime: str = "sonossl", canary_percent: int = 0, serve_gpu: bool = False,

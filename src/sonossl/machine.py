@@ -1,7 +1,8 @@
 """Which machine a measurement comes from, for benchmark records.
 
-Timings differ by about 2x between the CPU models these benchmarks have run on, and trained weights differ in their
-last bits (oneDNN picks kernels per CPU), so every record names the CPU model, not only the architecture.
+Timings differ by about 2x between the CPU models these benchmarks have run on, and so do trained weights (the same
+data, seeds and code give other floating-point results on another CPU), so every record names the CPU model, not
+only the architecture.
 
     describe()   # 'AMD EPYC, 2 cores, x86_64'
 """
