@@ -3,11 +3,12 @@
 Issue 3 sizes the 15-minute budget of the simulated pipeline with "a torchvision ResNet-18 (one input channel)
 trains at about 55 frames/s at 64x64, and about 26 frames/s at 112x112, on these 2 cores". This measures the same
 thing here: ResNet-18 (``weights=None``, one input channel, 6 classes), cross-entropy, AdamW, batch 32, training
-frames/s at 64x64 and 112x112 (medians of ``--repeats`` timed blocks after a warm-up). The ratio of the reference
-to the measured speed scales a wall time measured here to the reference machine (a pipeline that takes 27 min here
-at ratio 1.9 is a 14 min pipeline there).
+frames/s at 64x64 and 112x112 (medians of ``--repeats`` timed blocks after a warm-up), and the reference's speed
+over the measured one (``slowdown``). It does not carry over to this project's own narrow encoder: one 2-core AMD EPYC
+measured a slowdown of 1.13 here, yet ran the default encoder at half the speed of the earlier build machine
+(``benchmarks/train_throughput.py``), so compare wall times between machines with that benchmark, not this one.
 
-    .venv/bin/python benchmarks/machine_speed.py          # about 1 minute on 2 cores
+    .venv/bin/python benchmarks/machine_speed.py          # about 1.5 minutes on 2 cores
 Writes benchmarks/results/machine_speed.json (or --out).
 """
 
