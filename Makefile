@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench label-seeds selection-oracle label-levers drift-demo results contact-sheet image image-push clean
+.PHONY: setup run test bench label-seeds selection-oracle label-levers drift-demo serve-example results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -62,6 +62,10 @@ label-levers: setup
 # Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
 drift-demo: setup
 	$(BIN)/python benchmarks/drift_cases.py
+
+# The README's serving example: one held-out sweep through the real server (after `make run`).
+serve-example: setup
+	$(BIN)/python benchmarks/serve_example.py
 
 # Copy the results table of the last `dvc repro` (reports/results.md) into the README, between its markers.
 results:

@@ -66,6 +66,24 @@ def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_tes
     assert oracle["test_set"] == json.loads((tmp_path / "seeds.json").read_text())["test_set"]
 
 
+def test_serve_example_sends_a_sweep_through_the_real_server_and_compares_labels(tiny_clips, tiny_export, tmp_path):
+    import pandas as pd
+    from conftest import free_port
+
+    raw = tiny_clips.parent / "raw"
+    video = pd.read_csv(raw / "labels.csv")["path"].iloc[0]
+    out = tmp_path / "example.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_example.py"), "--model-dir", str(tiny_export),
+                    "--finetune", str(tiny_export.parent / "finetune"), "--raw", str(raw), "--video", video,
+                    "--requests", "2", "--port", str(free_port()), "--out", str(out)], check=True, timeout=300)
+    r = json.loads(out.read_text())
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    assert r["model_version"] == r["response_abridged"]["model_version"] == card["model_version"]
+    assert len(r["seconds"]) == 2 and r["frames"] > 0
+    assert sum(r["true_to_predicted"].values()) == r["frames"] - r["blank_frames"] >= r["agree"]
+    assert r["test_macro_f1"] == card["metrics"]["planes"]["test"]["macro_f1"]
+
+
 def test_benchmark_records_name_the_cpu_model(tmp_path):
     import os
     import platform

@@ -245,6 +245,41 @@ def test_parameter_groups_train_at_their_own_learning_rate(tmp_path):
         fit(_TwoLayers(0.0), tmp_path / "zero", LoopParams(epochs=1, lr=1e-2), progress=False, live=False)
 
 
+class _Scripted(_TwoLayers):
+    """A toy task whose validation scores follow a script, one per epoch."""
+
+    def __init__(self, scores):
+        super().__init__(1.0)
+        self.scores, self.validated = list(scores), 0
+
+    def validate(self, model, device):
+        self.validated += 1
+        return {"score": self.scores[self.validated - 1]}
+
+
+def test_early_stopping_ends_after_patience_epochs_without_a_better_score_and_stays_stopped(tmp_path):
+    from sonossl.train.loop import LoopParams, fit, load_checkpoint
+
+    scores = [0.2, 0.5, 0.4, 0.5, 0.3, 0.9, 0.9, 0.9]  # best at epoch 2, then two epochs not better (a tie is not)
+    params = LoopParams(epochs=8, lr=1e-2, select="val_score", patience=2)
+    res = fit(_Scripted(scores), tmp_path / "a", params, progress=False, live=False)
+    assert [e["epoch"] for e in res.history] == [1, 2, 3, 4] and res.best["epoch"] == 2 and res.stopped_early
+    assert load_checkpoint(tmp_path / "a/checkpoints/best.pt")["epoch"] == 2
+
+    again = _Scripted(scores)  # rerun with --resume: nothing more to train, the stop is kept
+    res2 = fit(again, tmp_path / "a", params, resume=True, progress=False, live=False)
+    assert again.validated == 0 and res2.stopped_early and len(res2.history) == 4 and res2.best["epoch"] == 2
+
+    whole = fit(_Scripted(scores), tmp_path / "b", dataclasses.replace(params, patience=0), progress=False, live=False)
+    assert len(whole.history) == 8 and whole.best["epoch"] == 6 and not whole.stopped_early
+    late = fit(_Scripted(scores[:5]), tmp_path / "c", dataclasses.replace(params, epochs=5, patience=3),
+               progress=False, live=False)  # patience not spent before the last epoch: a full run
+    assert len(late.history) == 5 and not late.stopped_early
+    unselected = fit(_Scripted(scores), tmp_path / "d", dataclasses.replace(params, select=None), progress=False,
+                     live=False)  # no metric to watch: patience does nothing
+    assert len(unselected.history) == 8
+
+
 def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder(tiny_clips, tiny_params, tmp_path):
     """LP-FT: the fine-tune's head starts as the linear probe of its encoder (with a vanishing learning rate it is
     still that probe after training), and only a pretrained encoder gets ``encoder_lr_scale``."""
@@ -264,12 +299,15 @@ def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder
                                       progress=False)
     assert info["head_init"] == "probe" and info["encoder_lr_scale"] == 0.1
     assert torch.allclose(model.head[1].weight, probe.weight, atol=1e-5)
-    # scratch trains its encoder at the full rate; a bad head_init names the field
+    # scratch trains its encoder at the full rate; a bad head_init or patience names the field
     m = finetune(tiny_clips, tmp_path / "scratch", ft, encoder_spec=as_dict(tiny_params.pretrain.encoder),
                  methods=("finetune",), progress=False)
     assert {r["encoder_lr_scale"] for r in m["runs"]} == {1.0} and {r["head_init"] for r in m["runs"]} == {"probe"}
     with pytest.raises(ValueError, match="finetune.head_init"):
         finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, head_init="zeros"),
+                 encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
+    with pytest.raises(ValueError, match="finetune.patience"):
+        finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, patience=-1),
                  encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
 
 

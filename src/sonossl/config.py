@@ -142,6 +142,7 @@ class FinetuneParams:
     # A pretrained encoder trains at this multiple of ``lr`` (the head and a decoder at ``lr``); scratch at ``lr``.
     encoder_lr_scale: float = 1.0
     frames_per_epoch: int = 2048  # labelled frames drawn per epoch (with replacement when fewer are labelled)
+    patience: int = 0  # stop a fine-tune after this many epochs without a better validation score; 0 = never
     seed: int = 0
     amp: bool = True
     channels_last: bool = True

@@ -101,7 +101,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                 if method == "probe":
                     enc = make_encoder().to(device)
                     rows = np.concatenate([train_rows, val_rows])
-                    z = dict(zip(rows.tolist(), embed(enc, d.frames, rows, device)))
+                    z = dict(zip(rows.tolist(), embed(enc, d.frames, rows, device, ft.channels_last)))
                     zt, zv = np.stack([z[r] for r in train_rows]), np.stack([z[r] for r in val_rows])
                     layer, _ = linear_probe(zt, d.labels[train_rows], zv, d.labels[val_rows], len(d.classes),
                                             ft.probe_c, ft.seed)

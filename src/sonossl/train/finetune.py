@@ -52,7 +52,7 @@ from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.evaluate.saliency_metrics import saliency_scores
 from sonossl.models.downstream import PlaneClassifier, SaliencyModel
 from sonossl.models.encoder import Encoder, build_encoder
-from sonossl.train.loop import LoopParams, fingerprint, fit, load_best, save_checkpoint
+from sonossl.train.loop import LoopParams, fingerprint, fit, load_best, save_checkpoint, to_channels_last
 from sonossl.train.pretrain import frames_tensor, load_encoder, seed_for
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def _rows(d: LabelledFrames, videos: list[int] | None = None, split: str | None 
 def finetune_loop_params(params: FinetuneParams, epochs: int, select: str) -> LoopParams:
     return LoopParams(epochs=epochs, lr=params.lr, weight_decay=params.weight_decay,
                       warmup_epochs=params.warmup_epochs, seed=params.seed, amp=params.amp,
-                      channels_last=params.channels_last, select=select)
+                      channels_last=params.channels_last, select=select, patience=params.patience)
 
 
 def _fresh_encoder(encoder: str | Path | None, encoder_spec: dict[str, Any] | None) -> tuple[Encoder, dict]:
@@ -354,8 +354,11 @@ def _fresh_encoder(encoder: str | Path | None, encoder_spec: dict[str, Any] | No
 
 
 @torch.no_grad()
-def embed(encoder: Encoder, frames: torch.Tensor, rows: np.ndarray, device: torch.device) -> np.ndarray:
-    return predict(encoder, frames, rows, device).numpy()
+def embed(encoder: Encoder, frames: torch.Tensor, rows: np.ndarray, device: torch.device,
+          channels_last: bool = True) -> np.ndarray:
+    """Frozen features of ``frames[rows]``; ``channels_last`` converts the encoder (in place) to that memory format
+    first, as training does (1.7x faster on a 2-core CPU)."""
+    return predict(to_channels_last(encoder) if channels_last else encoder, frames, rows, device).numpy()
 
 
 def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_val: np.ndarray,
@@ -400,7 +403,7 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
     extra: dict[str, Any] = {"head_init": params.head_init, "encoder_lr_scale": encoder_lr_scale(params, pretrained)}
     if params.head_init == "probe":
         rows = np.concatenate([train_rows, val_rows])
-        z = embed(encoder.to(device), d.frames, rows, device)
+        z = embed(encoder.to(device), d.frames, rows, device, params.channels_last)
         layer, info = linear_probe(z[:len(train_rows)], d.labels[train_rows], z[len(train_rows):], d.labels[val_rows],
                                    n_cls, params.probe_c, params.seed)
         model.head[1] = layer
@@ -409,7 +412,7 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
     res = fit(task, run_dir, finetune_loop_params(params, params.epochs, "val_macro_f1"), resume=resume,
               progress=progress, run_id=run_id)
     best = load_best(model, run_dir)
-    return model, {**extra, "best_epoch": best["epoch"], "history": res.history}
+    return model, {**extra, "best_epoch": best["epoch"], "stopped_early": res.stopped_early, "history": res.history}
 
 
 def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, pretrained: bool,
@@ -432,7 +435,7 @@ def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_e
                     probe_encoder = make_encoder().to(device)
                     needed = np.flatnonzero(d.labels >= 0)
                     z_all = np.zeros((len(d.labels), probe_encoder.dim), dtype=np.float32)
-                    z_all[needed] = embed(probe_encoder, d.frames, needed, device)
+                    z_all[needed] = embed(probe_encoder, d.frames, needed, device, params.channels_last)
                 layer, info = linear_probe(z_all[train_rows], d.labels[train_rows], z_all[val_rows],
                                            d.labels[val_rows], n_cls, params.probe_c, params.seed)
                 model = PlaneClassifier(probe_encoder, n_cls)
@@ -502,8 +505,7 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
         run = {"name": name, "method": "finetune", "fraction": frac, "videos": len(vids),
                "frames": int(len(train_rows)), "seconds": round(time.perf_counter() - t0, 1),
                "val": scores(d.frames, saliency, val_rows), "test": scores(test.frames, test_saliency, test_rows),
-               "best_epoch": best["epoch"],
-               "history": res.history}
+               "best_epoch": best["epoch"], "stopped_early": res.stopped_early, "history": res.history}
         runs.append(run)
         log.info("%s: val CC %s, test CC %s", name, run["val"] and run["val"]["cc"], run["test"] and run["test"]["cc"])
         score = run["val"]["cc"] if run["val"] else -1
@@ -518,6 +520,8 @@ def check_finetune_params(params: FinetuneParams) -> None:
         raise ValueError(f"finetune.head_init: {params.head_init!r} is not one of {list(HEAD_INITS)}")
     if not params.encoder_lr_scale > 0:
         raise ValueError(f"finetune.encoder_lr_scale: must be positive, got {params.encoder_lr_scale}")
+    if params.patience < 0:
+        raise ValueError(f"finetune.patience: must be >= 0 (0 = train every epoch), got {params.patience}")
 
 
 def _file_hash(path: str | Path | None) -> str | None:

@@ -11,6 +11,9 @@ same way for all of them:
   on GPU bfloat16 autocast;
 - a checkpoint after every epoch (``checkpoints/last.pt``, written atomically: a kill leaves the previous one), the
   best model by the validation metric (``best.pt``), and ``resume=True`` continuing from ``last.pt``;
+- early stopping: with a validation metric and ``patience`` > 0, training ends once that many epochs in a row have
+  not beaten the best one (the schedule stays the one planned for all ``epochs``; a resumed run that had stopped
+  stays stopped);
 - DDP under ``torchrun`` (gloo on CPU, nccl on GPU), each rank taking its own share of every epoch's batches;
 - dvclive metrics (one step per epoch) and a progress bar, on rank 0.
 
@@ -59,6 +62,7 @@ class LoopParams:
     amp: bool = True  # GPU only
     channels_last: bool = True
     select: str | None = None  # validation metric that picks best.pt (higher is better); None = last epoch
+    patience: int = 0  # with `select`: stop after this many epochs in a row without a better one; 0 = never stop
 
 
 class TrainTask(Protocol):
@@ -87,6 +91,7 @@ class FitResult:
     seconds: float = 0.0  # wall time of this call
     samples_per_s: float = 0.0  # training throughput of this call (examples seen / training time)
     resumed_from: int = 0  # epochs already done when this call started
+    stopped_early: bool = False  # ended before ``epochs`` (``patience``)
 
 
 @dataclass
@@ -227,10 +232,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     model = task.model.to(env.device)
     on_gpu = env.device.type == "cuda"
     if params.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        for m in model.modules():
-            if hasattr(m, "channels_last"):
-                m.channels_last = True
+        model = to_channels_last(model)
     groups = task.param_groups() if hasattr(task, "param_groups") else [{"params": list(model.parameters())}]
     _check_groups(groups, model)
     opt = torch.optim.AdamW([{"lr_scale": 1.0, **g} for g in groups], lr=params.lr, weight_decay=params.weight_decay)
@@ -267,8 +269,10 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                 else contextlib.nullcontext())
     t0 = time.perf_counter()
     seen, train_time = 0, 0.0
+    result.stopped_early = start_epoch < params.epochs and _patience_spent(result, params)  # stopped, then resumed
+    end_epoch = start_epoch if result.stopped_early else params.epochs
     try:
-        for epoch in range(start_epoch, params.epochs):
+        for epoch in range(start_epoch, end_epoch):
             train_model.train()
             sums: dict[str, float] = {}
             n_batches = 0
@@ -312,13 +316,36 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                 if progress:
                     shown = {k: v for k, v in entry.items() if k.startswith("val_") or k == "train_loss"}
                     log.info("epoch %d/%d %s", epoch + 1, params.epochs, shown)
+            stop = torch.tensor([int(env.main and _patience_spent(result, params))], device=env.device)
             if env.world > 1:
-                dist.barrier()
+                dist.broadcast(stop, 0)  # only rank 0 validates; every rank stops with it
+            if stop.item():
+                result.stopped_early = epoch + 1 < params.epochs
+                if env.main and result.stopped_early:
+                    log.info("stopping after epoch %d of %d: %d epochs without a better %s (best: epoch %d)",
+                             epoch + 1, params.epochs, params.patience, params.select, result.best["epoch"])
+                break
     finally:
         tracker.close()
     result.seconds = time.perf_counter() - t0
     result.samples_per_s = seen * env.world / train_time if train_time else 0.0
     return result
+
+
+def _patience_spent(result: FitResult, params: LoopParams) -> bool:
+    """True when the last ``params.patience`` epochs of the history all came after the best one."""
+    if params.patience <= 0 or params.select is None or not result.history or result.best is None:
+        return False
+    return result.history[-1]["epoch"] - result.best["epoch"] >= params.patience
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """The model's weights in the channels_last memory format, and its encoder converting inputs to it."""
+    model = model.to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if hasattr(m, "channels_last"):
+            m.channels_last = True
+    return model
 
 
 def load_best(task_model: nn.Module, out_dir: str | Path) -> dict[str, float]:
