@@ -1,7 +1,8 @@
 """Drift monitoring, shown on the default model: serve traffic from four sources, then one drift report per window.
 
 Starts ``python -m sonossl.serve`` on 127.0.0.1 with a request log, sends, one after another:
-1. ``heldout``: the test-split sweeps of ``data/raw/sim`` (videos the model never trained on): expect no drift;
+1. ``heldout``: sweeps of the independent test set ``data/raw/sim_test`` (other fetuses; never trained on, and not
+   among the held-out videos that drift thresholds are learnt from): expect no drift;
 2. ``fresh``:   new sweeps from the training simulator (another seed): expect no drift;
 3. ``bright``:  new sweeps from the same simulator with the scanner gain 6 dB higher: expect drift;
 4. ``pocus``:   real lung POCUS videos (``../shared/data/pocus``): expect drift;
@@ -32,8 +33,8 @@ POCUS = REPO.parent / "shared" / "data" / "pocus"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=REPO / "models/export")
-    ap.add_argument("--clips", type=Path, default=REPO / "data/clips/sim")
-    ap.add_argument("--raw", type=Path, default=REPO / "data/raw/sim")
+    ap.add_argument("--test-raw", type=Path, default=REPO / "data/raw/sim_test",
+                    help="the heldout window's sweeps: a raw dataset the export never saw")
     ap.add_argument("--videos", type=int, default=10, help="videos per window")
     ap.add_argument("--gain-db", type=float, default=6.0)
     ap.add_argument("--out", type=Path, default=REPO / "reports/drift-demo")
@@ -41,14 +42,12 @@ def main() -> int:
     args = ap.parse_args()
 
     from sonossl.config import load_params
-    from sonossl.data.clips import load_clip_dataset
     from sonossl.data.simulate import simulate
     from sonossl.monitor.drift import drift_report, summary_text
     from sonossl.serve.client import Client
 
     params = load_params(REPO / "params.yaml").simulate
-    data = load_clip_dataset(args.clips)
-    test_paths = sorted(v["path"] for v in data.meta["videos"] if v["split"] == "test")
+    test_paths = sorted(pd.read_csv(args.test_raw / "labels.csv").path)
     with tempfile.TemporaryDirectory(prefix="sonossl-drift-demo-") as tmp:
         tmp = Path(tmp)
         fresh = dataclasses.replace(params, videos=args.videos, seed=params.seed + 101)
@@ -58,7 +57,7 @@ def main() -> int:
         pocus = pd.read_csv(POCUS / "labels.csv")
         pocus = pocus.sort_values("path").groupby("label").head(max(1, args.videos // 3 + 1))
         sources = {
-            "heldout": [args.raw / p for p in test_paths[: args.videos]],
+            "heldout": [args.test_raw / p for p in test_paths[: args.videos]],
             "fresh": sorted((tmp / "fresh/videos").glob("*.mp4")),
             "bright": sorted((tmp / "bright/videos").glob("*.mp4")),
             "pocus": [POCUS / p for p in pocus.path],

@@ -122,3 +122,28 @@ def test_drift_reports_to_s3(served, drift_export, s3_server, tmp_path):
     assert r.drift_detected and r.html == f"{prefix}/pocus/drift.html"
     keys = set(s3_server.objects())
     assert {"drift/index.json", "drift/index.html", "drift/pocus/drift.html", "drift/pocus/summary.json"} <= keys
+
+
+def test_thresholds_are_learnt_from_windows_of_held_out_videos_only():
+    """Windows of training videos lie closer to the reference than new videos do; the calibration must not draw them.
+    Here every held-out video lies 3 reference standard deviations away: so must the learnt 95th percentile."""
+    import numpy as np
+    import pandas as pd
+
+    from sonossl.monitor.drift import DriftParams, calibration_videos, null_thresholds
+
+    rng = np.random.default_rng(0)
+
+    def table(videos, shift):
+        v = np.repeat(videos, 30)
+        return pd.DataFrame({"mean": rng.normal(shift, 1.0, len(v)), "emb_0": rng.normal(shift, 1.0, len(v)),
+                             "emb_1": rng.normal(0.0, 1.0, len(v)), "video": v})
+
+    reference, heldout = table(np.arange(20), 0.0), table(np.arange(20, 28), 3.0)
+    floors = {"mean": 0.1, "embedding": 0.015}
+    thresholds, quantiles = null_thresholds(reference, heldout, ["mean"], ["emb_0", "emb_1"], floors, DriftParams())
+    assert calibration_videos(heldout) == 4
+    assert 2.5 < quantiles["mean"] < 3.5 and thresholds["mean"] == pytest.approx(1.25 * quantiles["mean"])
+    assert quantiles["embedding"] > 0.1  # far from the reference, not the ~0 of training-like windows
+    with pytest.raises(ValueError, match="3 held-out videos .*need at least 4"):
+        null_thresholds(reference, heldout[heldout.video < 23], ["mean"], ["emb_0", "emb_1"], floors, DriftParams())

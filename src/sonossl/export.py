@@ -10,8 +10,9 @@ validation macro-F1 by default: the test videos play no part in the choice) and 
   parameters, validation and test metrics, classes, lineage, and the input contract for serving;
 - ``reference/``: the training data as the model saw it, for drift monitoring: ``embeddings.npy`` (PCA-reduced),
   ``image_stats.parquet`` (``sonossl.monitor.image_stats``), ``labels.npy`` and ``videos.npy`` (each frame's
-  video); and the same for frames of the validation videos (``heldout_*``): ``sonossl.monitor.drift`` draws windows
-  of whole videos from them to learn how far new videos from the training source lie from the reference.
+  video); and the same for frames of the videos it never trained on, validation and test (``heldout_*``):
+  ``sonossl.monitor.drift`` draws windows of whole videos from them to learn how far new videos from the training
+  source lie from the reference.
 
 Versions: the feature version is the clip dataset's; the raw version is a hash of the raw inputs listed in its
 ``meta.json``; the model version is a hash of the feature version, the training parameters and the weights.
@@ -45,6 +46,7 @@ from sonossl.train.loop import load_checkpoint
 
 BUNDLE_FILE = "model.pt"
 BUNDLE_FORMAT = 1
+HELDOUT_SPLITS = ("val", "test")  # videos never trained on: drift thresholds are learnt from windows of them
 
 
 def _candidates(finetune_dir: Path, task: str, metric: str) -> list[tuple[float, str, Path, dict]]:
@@ -152,7 +154,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
              "## Reference statistics", "",
              f"- {card['reference']['frames']} training frames: PCA-{card['reference']['embedding_dims']} embeddings "
              f"and image statistics ({', '.join(card['reference']['image_stats'])})",
-             f"- {card['reference']['heldout_frames']} frames of the validation videos, the same statistics: how far "
+             f"- {card['reference']['heldout_frames']} frames of the validation and test videos (never trained on), "
+             "the same statistics: how far "
              "new videos from the training source lie from the reference (drift thresholds are set from them)", ""]
     return "\n".join(lines)
 
@@ -169,12 +172,13 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     planes.load_state_dict(pck["state_dict"])
     planes.eval()
 
-    # reference: training frames, evenly spaced, as the model sees them; held-out: the same from validation videos
+    # reference: training frames, evenly spaced, as the model sees them; held-out: the same from the videos it never
+    # trained on (validation and test), which drift calibration draws its windows of unseen videos from
     idx = data.index
     videos = {v["video_idx"]: v for v in data.meta.get("videos", [])}
 
-    def sample(split: str, n: int) -> tuple[np.ndarray, np.ndarray, Any]:
-        rows = np.flatnonzero(idx.split.to_numpy() == split)
+    def sample(splits: tuple[str, ...], n: int) -> tuple[np.ndarray, np.ndarray, Any]:
+        rows = np.flatnonzero(idx.split.isin(splits).to_numpy())
         pick = rows[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
         frames = np.asarray(data.frames[pick])
         with torch.no_grad():
@@ -186,8 +190,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         return pick, (np.concatenate(emb) if emb else np.zeros((0, planes.encoder.dim), np.float32)), \
             image_stats(frames, source_hw)
 
-    pick, emb, stats = sample("train", ep.reference_frames)
-    held_pick, held_emb, held_stats = sample("val", max(1, ep.reference_frames // 4))
+    pick, emb, stats = sample(("train",), ep.reference_frames)
+    held_pick, held_emb, held_stats = sample(HELDOUT_SPLITS, max(1, ep.reference_frames // 2))
     dims = min(ep.embedding_dims, emb.shape[1], len(emb))
     mean = emb.mean(0)
     _, _, vt = np.linalg.svd(emb - mean, full_matrices=False)
