@@ -6,18 +6,17 @@ embeddings with ``EmbeddingsDrift`` (maximum mean discrepancy, RBF kernel at the
 score becomes a pass/fail test against its threshold.
 
 Thresholds come from the model's own data, video by video. Frames of one video are alike, so a window holding a
-handful of new videos lies further from the reference than per-frame statistics expect, even when nothing changed;
-a fixed textbook threshold then cries drift at every report. So each report first draws ``null_draws`` windows of
+handful of new videos lies further from the reference than per-frame statistics expect, even when nothing changed; a
+fixed textbook threshold then cries drift at every report. So each report first draws ``null_draws`` windows of
 whole held-out videos (the export's validation and test videos, which the model never trained on; half of them per
-window), scores each against the reference exactly as the current window will be scored, and sets every threshold
-to ``margin`` times the ``quantile`` of those scores (never below Evidently's defaults: 0.1 for the statistics,
-0.015 for the embeddings). Only unseen videos are drawn: windows of training videos lie closer to the reference,
-whose encoder has fitted them (median embedding MMD 0.057 against 0.086 for unseen videos, five-video windows of
-the default model), and thresholds learnt from them gave new videos from the training source false alarms. The
+window), scores each against the reference exactly as the current window will be scored, and sets every threshold to
+``margin`` times the ``quantile`` of those scores (never below Evidently's defaults: 0.1 for the statistics, 0.015
+for the embeddings). Only unseen videos are drawn: windows of training videos lie closer to the reference, whose
+encoder has fitted them (median embedding MMD 0.057 against 0.086 for unseen videos, five-video windows of the
+default model), and thresholds learnt from them gave new videos from the training source false alarms. The
 thresholds are set for windows of about that many videos: a window of many more is judged more leniently, one of a
-single video more strictly. Drift is
-declared when at least ``drift_share`` of the statistics drift, or the embeddings drift, or that share of frames
-comes at a frame size the training data never had.
+single video more strictly. Drift is declared when at least ``drift_share`` of the statistics drift, or the
+embeddings drift, or that share of frames comes at a frame size the training data never had.
 
 Only rows of the model version being checked are compared (embeddings of another model are another space); blank
 frames are left out, as training leaves them out. Reports are kept per time window: ``<out>/<window>/drift.html``
