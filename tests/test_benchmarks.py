@@ -88,10 +88,18 @@ def test_benchmark_records_name_the_cpu_model(tmp_path):
     import os
     import platform
 
-    from sonossl.machine import cpu_model, describe
+    from sonossl.machine import cpu_details, cpu_model, describe
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
     assert cpu_model(info) == "AMD EPYC 9654 96-Core Processor"
-    assert cpu_model(tmp_path / "missing")  # falls back to what platform knows
-    assert describe() == f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}"
+    missing = tmp_path / "missing"
+    assert cpu_model(missing)  # falls back to what platform knows
+    assert describe(missing) == f"{cpu_model(missing)}, {os.cpu_count()} cores, {platform.machine()}"
+    # Two virtual machines that both call themselves "AMD EPYC" (a Zen 2 and a Zen 4): the records must differ.
+    zen = "processor\t: {p}\ncpu family\t: {f}\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 {isa}\n"
+    old, new = tmp_path / "zen2", tmp_path / "zen4"
+    old.write_text(zen.format(p=0, f=23, m=49, isa="avx avx2") + "\n" + zen.format(p=1, f=23, m=49, isa="avx avx2"))
+    new.write_text(zen.format(p=0, f=25, m=17, isa="avx avx2 avx512f avx512_bf16"))
+    assert cpu_details(old) == "family 23 model 49, AVX2"
+    assert describe(new) == f"AMD EPYC (family 25 model 17, AVX-512), {os.cpu_count()} cores, {platform.machine()}"

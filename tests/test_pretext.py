@@ -48,6 +48,22 @@ def test_constant_clips_look_the_same_under_every_transform():
     assert grid.abs().max() <= 1 - 1 / 48 + 1e-5
 
 
+def test_a_clip_warps_its_frames_together_exactly_as_each_alone():
+    """warp_clips samples the K frames as channels of one image with one grid per clip: every frame must come out
+    bit for bit as if it had been warped on its own (the batch maker's speed-up changes no number)."""
+    tset = TransformSet()
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.rand(6, 4, 48, 48, generator=gen)
+    idx = torch.stack([torch.randint(n, (6,), generator=gen) for n in tset.sizes.values()], 1)
+    a, shift = tset.matrices(idx[:, 0], idx[:, 1], idx[:, 2]), 2 * torch.rand(6, 2, generator=gen) - 1
+    together = warp_clips(frames, a, shift, 32)
+    assert together.shape == (6, 4, 32, 32)
+    for j in range(4):
+        assert torch.equal(together[:, j], warp_clips(frames[:, j:j + 1], a, shift, 32)[:, 0])
+    for i in range(6):  # and a clip's frames do not depend on the other clips of the batch
+        assert torch.equal(together[i], warp_clips(frames[i:i + 1], a[i:i + 1], shift[i:i + 1], 32)[0])
+
+
 def test_a_crop_that_would_show_padding_is_refused():
     with pytest.raises(ValueError, match="too large"):
         TransformSet().max_shift(source=48, crop=40)

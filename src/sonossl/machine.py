@@ -2,9 +2,11 @@
 
 Timings differ by about 2x between the CPU models these benchmarks have run on, and so do trained weights (the same
 data, seeds and code give other floating-point results on another CPU), so every record names the CPU model, not
-only the architecture.
+only the architecture. A virtual machine may show only a vendor's family name ("AMD EPYC" for a Zen 2 and a Zen 4
+alike), so the record adds the CPU family and model numbers and the widest vector instructions (AVX-512 or AVX2),
+which are what decide both the speed and the rounding of the math libraries.
 
-    describe()   # 'AMD EPYC, 2 cores, x86_64'
+    describe()   # 'AMD EPYC (family 25 model 17, AVX-512), 2 cores, x86_64'
 """
 
 from __future__ import annotations
@@ -13,19 +15,48 @@ import os
 import platform
 from pathlib import Path
 
+_ISA = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"))
+
+
+def _fields(cpuinfo: str | Path) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo; empty when it cannot be read."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if sep and key and key not in fields:
+            fields[key] = value.strip()
+    return fields
+
 
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows, else the architecture."""
-    try:
-        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() in ("model name", "Model", "cpu model") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
+    fields = _fields(cpuinfo)
+    for key in ("model name", "Model", "cpu model"):
+        if fields.get(key):
+            return fields[key]
     return platform.processor() or platform.machine()
 
 
-def describe() -> str:
-    """``'<CPU model>, <n> cores, <architecture>'``."""
-    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}"
+def cpu_details(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """``'family 25 model 17, AVX-512'``: what tells apart CPUs that share a model name; empty if unknown."""
+    fields = _fields(cpuinfo)
+    parts = []
+    if fields.get("cpu family") and fields.get("model"):
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    isa = next((name for flag, name in _ISA if flag in flags), None)
+    if isa:
+        parts.append(isa)
+    return ", ".join(parts)
+
+
+def describe(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """``'<CPU model> (<family/model, vector ISA>), <n> cores, <architecture>'``."""
+    details = cpu_details(cpuinfo)
+    cpu = f"{cpu_model(cpuinfo)} ({details})" if details else cpu_model(cpuinfo)
+    return f"{cpu}, {os.cpu_count()} cores, {platform.machine()}"
