@@ -104,3 +104,13 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     assert card["test_set"]["planes"]["data_version"] == test_meta["version"]
     assert card["test_set"]["planes"]["frames"] == test_meta["counts"]["frames"]
     assert "Running stage" not in _dvc(root, "repro", "export", "evaluate")
+
+    # A code change that retrains the encoders to the same weights (here: a comment in the pretext code) reruns
+    # the four pretrain stages, which write the same encoder.pt bytes, so no fine-tune runs again, nor export.
+    # (evaluate does, in seconds: it reads the pretrain stages' metrics.json, whose throughput figure is new.)
+    batch = root / "src/sonossl/pretext/batch.py"
+    batch.write_text(batch.read_text() + "\n# a change that trains the same weights\n")
+    out = _dvc(root, "repro", "export", "evaluate")
+    assert "Running stage 'pretrain@both-sequential'" in out and "Running stage 'pretrain@order'" in out, out
+    for stage in ("finetune@ssl-planes", "finetune@order-planes", "finetune@parallel-planes", "export"):
+        assert f"Running stage '{stage}'" not in out, out

@@ -65,6 +65,20 @@ def test_resume_continues_only_the_same_run(tiny_clips, tiny_params, tmp_path, c
     assert "belongs to another run" in caplog.text
 
 
+def test_the_same_pretraining_writes_the_same_encoder_bytes(tiny_clips, tiny_params, tmp_path):
+    """encoder.pt is a DVC output that every finetune stage depends on: two runs that train the same weights must
+    write the same file, or `dvc repro` retrains everything downstream of a change that altered nothing (a
+    throughput figure inside it did exactly that). The throughput stays in metrics.json."""
+    from sonossl.train.pretrain import pretrain
+
+    p = dataclasses.replace(tiny_params.pretrain, epochs=1)
+    for run in ("a", "b"):
+        pretrain(tiny_clips, tmp_path / run, p, mode="order", progress=False)
+    assert (tmp_path / "a/encoder.pt").read_bytes() == (tmp_path / "b/encoder.pt").read_bytes()
+    assert json.loads((tmp_path / "a/metrics.json").read_text())["clips_per_s"] > 0
+    assert "clips_per_s" not in load_checkpoint(tmp_path / "a/encoder.pt")["metrics"]
+
+
 def test_truncated_checkpoint_names_the_file(tiny_clips, tiny_params, tmp_path):
     from sonossl.train.pretrain import pretrain
 

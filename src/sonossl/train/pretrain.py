@@ -4,7 +4,8 @@ Clips come from the training videos of a clip dataset (labels are never read); p
 fixed set of clips from the validation videos, per head, beside its chance level. The step writes:
 
 - ``encoder.pt``: the encoder's weights and spec, the pretext setup (mode, K, stride, the permutation set, the
-  transform sets, crop), the clip dataset's version and the parameters;
+  transform sets, crop), the clip dataset's version, the parameters and the held-out metrics, but not the
+  throughput: the same weights give the same bytes, so DVC retrains nothing downstream of an unchanged encoder;
 - ``metrics.json``: held-out pretext accuracy per head and chance, losses, throughput;
 - ``live/``: dvclive curves; ``checkpoints/``: ``last.pt`` for ``--resume``.
 
@@ -37,6 +38,7 @@ from sonossl.train.loop import Distributed, LoopParams, fingerprint, fit, load_c
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.pt"
+RUN_DEPENDENT = ("clips_per_s",)  # metrics.json keys that depend on the machine's speed, kept out of encoder.pt
 
 
 def seed_for(*parts: int) -> int:
@@ -197,7 +199,9 @@ def pretrain_on(data: ClipDataset, train_mask: np.ndarray, val_mask: np.ndarray,
                     "crop": params.crop},
         "data_version": data.version,
         "params": as_dict(params),
-        "metrics": metrics,
+        # Not the throughput: it changes from run to run, and then so would the file's hash, so that `dvc repro`
+        # would retrain every downstream stage after a change that left the weights bit for bit the same.
+        "metrics": {k: v for k, v in metrics.items() if k not in RUN_DEPENDENT},
     })
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
