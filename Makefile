@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench label-seeds selection-oracle label-levers drift-demo serve-example results contact-sheet image image-push clean
+.PHONY: setup run test bench label-seeds selection-oracle label-levers crossval-seeds drift-demo serve-example results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -58,6 +58,11 @@ label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --pool-videos 256 --out $(LEVERS)_pool256.json
 	$(BIN)/python benchmarks/label_seeds.py --pool-videos 128 --pretrain-epochs 24 --out $(LEVERS)_pool128_e24.json
 	$(BIN)/python benchmarks/label_seeds.py --fraction 0.2 --out $(LEVERS)_f20.json
+
+# The POCUS cross-validation over five seeds (folds, inner validation patients, initialisations), SSL against
+# scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 45 minutes on 2 cores).
+crossval-seeds: setup
+	$(BIN)/python benchmarks/crossval_seeds.py --seeds 5
 
 # Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
 drift-demo: setup

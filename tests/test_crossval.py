@@ -50,3 +50,54 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
         assert pt["train_clips"] > 0
     assert "| ssl | finetune |" in (tmp_path / "cv.md").read_text()
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
+
+
+CROSSVAL_SEEDS = REPO / "benchmarks" / "crossval_seeds.py"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny_params, tmp_path):
+    """The benchmark's seed 0 reproduces the step, fold by fold, with the lever it was given; further seeds are rows
+    of their own, and the gains are SSL minus scratch."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from sonossl.data.clips import preprocess
+    from sonossl.train.crossval import crossval
+
+    preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, frames_per_video=3))
+    step = {f"{r['init']}_{r['method']}": r for r in crossval(tmp_path / "clips", tmp_path / "cv", params,
+                                                               progress=False)["results"]}
+    subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--profile", "tiny", "--clips", str(tmp_path / "clips"),
+                    "--seeds", "2", "--frames-per-video", "3", "--out", str(tmp_path / "seeds.json")],
+                   check=True, capture_output=True, text=True, timeout=900)
+    result = json.loads((tmp_path / "seeds.json").read_text())
+    assert result["levers"] == {"frames_per_video": 3} and result["crossval"]["frames_per_video"] == 3
+    assert result["seeds"] == [0, 1] and result["videos"] == 12 and result["folds"] == 3
+    seed0, seed1 = result["per_seed"]
+    for key, r in step.items():
+        assert seed0[key] == r["accuracy"] and seed0[f"{key}_folds"] == r["fold_accuracy"]
+    for row in (seed0, seed1):
+        assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
+        assert row["probe_gain"] == round(row["ssl_probe"] - row["scratch_probe"], 4)
+    assert result["ssl_finetune"]["min"] == min(seed0["ssl_finetune"], seed1["ssl_finetune"])
+    assert result["ssl_finetune_reaches_target_in"].endswith("/2 seeds")
+
+
+def test_crossval_seeds_refuses_a_missing_dataset_and_a_bad_lever(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--clips", str(tmp_path / "nothing"), "--out",
+                           str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"{tmp_path / 'nothing'}: no clip dataset" in proc.stderr
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "meta.json").write_text("{}")
+    proc = subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--clips", str(tmp_path / "clips"),
+                           "--pretrain-epochs", "0", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--pretrain-epochs: must be at least 1, got 0" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
