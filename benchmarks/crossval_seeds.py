@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from sonossl.config import as_dict, load_params
 from sonossl.train.crossval import crossval
 
-from label_seeds import finish  # benchmarks/ is on the path when run as a script
+from label_seeds import finish, summarise  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.85  # the POCUS video accuracy with SSL
@@ -83,18 +82,12 @@ def main() -> int:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith(("_folds", "_f1"))}), flush=True)
 
-    def summary(key: str) -> dict[str, float]:
-        values = [r[key] for r in rows]
-        return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
-
     result = {
         "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
         "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
         "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "levers": given,
         "seeds": [r["seed"] for r in rows], "per_seed": rows,
-        **{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe", "scratch_probe",
-                                   "probe_gain")},
-        "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds",
+        **summarise(rows),
         "probe_gain_positive_in": f"{sum(r['probe_gain'] > 0 for r in rows)}/{len(rows)} seeds",
         "ssl_finetune_reaches_target_in": f"{sum(r['ssl_finetune'] >= TARGET for r in rows)}/{len(rows)} seeds",
         "target": f"POCUS video accuracy of at least {TARGET} with SSL",

@@ -140,10 +140,6 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    def summary(key: str) -> dict[str, float]:
-        values = [r[key] for r in rows]
-        return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
-
     given = args.encoder.resolve()
     encoder_path = None if builds else str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
     result = {
@@ -153,13 +149,23 @@ def main() -> int:
                     "pool_seed": args.pool_seed if args.pool_videos is not None else None,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
         "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
-        **{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe", "scratch_probe",
-                                   "probe_gain")},
-        "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds",
+        **summarise(rows),
         "target": "SSL fine-tune macro-F1 at least 0.10 above scratch at the smallest fraction"
         if fraction == min(params.finetune.fractions) else None,
     }
     return finish(result, args.out, t0)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Median, min and max over the seeds of each SSL / scratch score and gain, and in how many seeds the fine-tune
+    gain is positive (also used by ``crossval_seeds.py``)."""
+    def summary(key: str) -> dict[str, float]:
+        values = [r[key] for r in rows]
+        return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
+
+    return {**{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe",
+                                       "scratch_probe", "probe_gain")},
+            "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds"}
 
 
 def finish(result: dict, out: Path, t0: float) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import POCUS, start_server, stop_server
+from conftest import start_server, stop_server
 
 
 def _send(client, paths: list[Path]) -> tuple[datetime, datetime, int]:
@@ -27,27 +27,25 @@ def _videos(raw: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def served(drift_export, tiny_params, tmp_path_factory):
+def served(drift_export, tiny_params, pocus_dir, tmp_path_factory):
     """The request log of one server that saw three windows of traffic; the windows' (since, until, frames)."""
     from sonossl.data.simulate import simulate
     from sonossl.serve.client import Client
 
-    if not (POCUS / "labels.csv").is_file():
-        pytest.skip(f"real data missing: {POCUS}")
     work = tmp_path_factory.mktemp("drift")
     sim = dataclasses.replace(tiny_params.simulate, seed=11)  # sweeps the model never saw, same scanner
     simulate(work / "heldout", sim, progress=False)
     simulate(work / "bright", dataclasses.replace(sim, gain_db=12.0), progress=False)
     import pandas as pd
 
-    pocus = pd.read_csv(POCUS / "labels.csv")
+    pocus = pd.read_csv(pocus_dir / "labels.csv")
     short = pocus[pocus.frames <= 40].sort_values("frames").head(8)  # small real videos, a few of each class
     srv = start_server(drift_export, work, str(work / "requests"))
     try:
         client = Client(srv.url)
         windows = {"heldout": _send(client, _videos(work / "heldout")),
                    "bright": _send(client, _videos(work / "bright")),
-                   "pocus": _send(client, [POCUS / p for p in short.path])}
+                   "pocus": _send(client, [pocus_dir / p for p in short.path])}
     finally:
         stop_server(srv)
     return work / "requests", windows
