@@ -45,7 +45,8 @@ selection-oracle: setup
 
 # The same comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune LR,
 # LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with 3x the
-# pretraining; and the default encoder at 20 % of the videos. About 100 minutes on 2 cores.
+# pretraining; the default encoder at 20 % of the videos; heads on the last 3 encoder stages. About 105 minutes on 2
+# cores.
 LEVERS := benchmarks/results/label_seeds
 label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --lr 3e-4 --out $(LEVERS)_lr3e-4.json
@@ -58,6 +59,7 @@ label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --pool-videos 256 --out $(LEVERS)_pool256.json
 	$(BIN)/python benchmarks/label_seeds.py --pool-videos 128 --pretrain-epochs 24 --out $(LEVERS)_pool128_e24.json
 	$(BIN)/python benchmarks/label_seeds.py --fraction 0.2 --out $(LEVERS)_f20.json
+	$(BIN)/python benchmarks/label_seeds.py --pool-stages 3 --out $(LEVERS)_pool_stages3.json
 
 # The POCUS cross-validation over five seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 45 minutes on 2 cores).

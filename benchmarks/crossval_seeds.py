@@ -17,6 +17,8 @@ Writes benchmarks/results/crossval_seeds.json (or --out). Levers (the profile's 
     --pretrain-clips-per-epoch 6000    pretraining clips per epoch
     --finetune-epochs 8                fine-tune epochs per fold
     --frames-per-video 48              labelled training frames per video (probe and fine-tune)
+    --pool-stages 3                    probe and fine-tune heads on the last 3 encoder stages, pooled and
+                                       concatenated (finetune.pool_stages), SSL and scratch alike
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> int:
     for lever in LEVERS:
         ap.add_argument(f"--{lever.replace('_', '-')}", type=int, default=None,
                         help=f"crossval.{lever} (default: the profile's)")
+    ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/crossval_seeds.json")
     args = ap.parse_args()
     if args.seeds < 1:
@@ -54,11 +57,14 @@ def main() -> int:
     if not (args.clips / "meta.json").is_file():
         raise SystemExit(f"{args.clips}: no clip dataset; run `dvc repro preprocess@pocus` first")
     params = load_params(ROOT / "params.yaml", args.profile)
-    given = {k: getattr(args, k) for k in LEVERS if getattr(args, k) is not None}
+    cv_given = {k: getattr(args, k) for k in LEVERS if getattr(args, k) is not None}
+    ft_given = {} if args.pool_stages is None else {"pool_stages": args.pool_stages}
+    given = cv_given | ft_given
     for k, v in given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
-    base = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, **given))
+    base = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, **cv_given),
+                               finetune=dataclasses.replace(params.finetune, **ft_given))
 
     rows, first = [], None
     t0 = time.perf_counter()
@@ -85,7 +91,8 @@ def main() -> int:
     result = {
         "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
         "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
-        "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "levers": given,
+        "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
+        "levers": given,
         "seeds": [r["seed"] for r in rows], "per_seed": rows,
         **summarise(rows),
         "probe_gain_positive_in": f"{sum(r['probe_gain'] > 0 for r in rows)}/{len(rows)} seeds",

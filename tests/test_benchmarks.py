@@ -17,7 +17,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     out = tmp_path / "seeds.json"
     subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--clips", str(tiny_clips),
                     "--test-clips", str(tiny_test_clips), "--pool-videos", "4", "--pretrain-epochs", "1", "--lr", "0.002", "--seeds", "1",
-                    "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1",
+                    "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1", "--pool-stages", "2",
                     "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     enc = result["encoder"]
@@ -28,7 +28,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
     assert result["test_set"]["data_version"] == test_meta["version"] and result["test_set"]["split"] == "all"
     assert result["fraction"] == 1.0 and result["target"] is None  # the target is stated at the smallest fraction
-    assert result["head_init"] == "probe" and result["encoder_lr_scale"] == 0.1
+    assert result["head_init"] == "probe" and result["encoder_lr_scale"] == 0.1 and result["pool_stages"] == 2
     row = result["per_seed"][0]
     assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
     assert {row["ssl_finetune_epoch"], row["scratch_finetune_epoch"]} <= {"1/2", "2/2"}  # tiny: 2 fine-tune epochs

@@ -58,7 +58,7 @@ CROSSVAL_SEEDS = REPO / "benchmarks" / "crossval_seeds.py"
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
 def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny_params, tmp_path):
-    """The benchmark's seed 0 reproduces the step, fold by fold, with the lever it was given; further seeds are rows
+    """The benchmark's seed 0 reproduces the step, fold by fold, with the levers it was given; further seeds are rows
     of their own, and the gains are SSL minus scratch."""
     import dataclasses
     import subprocess
@@ -68,14 +68,17 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
     from sonossl.train.crossval import crossval
 
     preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
-    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, frames_per_video=3))
+    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, frames_per_video=3),
+                                 finetune=dataclasses.replace(tiny_params.finetune, pool_stages=2))
     step = {f"{r['init']}_{r['method']}": r for r in crossval(tmp_path / "clips", tmp_path / "cv", params,
                                                                progress=False)["results"]}
     subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--profile", "tiny", "--clips", str(tmp_path / "clips"),
-                    "--seeds", "2", "--frames-per-video", "3", "--out", str(tmp_path / "seeds.json")],
+                    "--seeds", "2", "--frames-per-video", "3", "--pool-stages", "2",
+                    "--out", str(tmp_path / "seeds.json")],
                    check=True, capture_output=True, text=True, timeout=900)
     result = json.loads((tmp_path / "seeds.json").read_text())
-    assert result["levers"] == {"frames_per_video": 3} and result["crossval"]["frames_per_video"] == 3
+    assert result["levers"] == {"frames_per_video": 3, "pool_stages": 2} and result["pool_stages"] == 2
+    assert result["crossval"]["frames_per_video"] == 3
     assert result["seeds"] == [0, 1] and result["videos"] == 12 and result["folds"] == 3
     seed0, seed1 = result["per_seed"]
     for key, r in step.items():

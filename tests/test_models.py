@@ -50,3 +50,19 @@ def test_downstream_heads():
     log_p = SaliencyModel(enc, 16)(torch.rand(2, 1, 32, 32))
     assert log_p.shape == (2, 16, 16)
     assert torch.allclose(log_p.exp().sum((1, 2)), torch.ones(2), atol=1e-5)
+
+
+def test_a_plane_head_on_several_stages_sees_their_pooled_outputs_last_stage_last():
+    enc = build_encoder({"name": "resnet18", "width": 8}).eval()
+    x = torch.rand(2, 1, 48, 48)
+    maps = enc.feature_maps(x)
+    clf = PlaneClassifier(enc, 5, pool_stages=3)
+    assert clf.head[1].in_features == 4 * 8 + 2 * 8 + 8 * 8 == enc.pooled_dim(3)
+    feats = clf.features(x)
+    assert torch.allclose(feats, torch.cat([m.mean((2, 3)) for m in maps[1:]], 1))
+    assert torch.equal(feats[:, -enc.dim:], enc(x))  # the embedding that serving logs and drift compares
+    assert clf(x).shape == (2, 5)
+    assert torch.equal(PlaneClassifier(enc, 5).features(x), enc(x))  # the default is the last stage alone
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=f"pool_stages={bad}: the resnet18 encoder has 4 stages"):
+            PlaneClassifier(enc, 5, pool_stages=bad)

@@ -325,6 +325,41 @@ def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder
                  encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
 
 
+def test_pool_stages_reaches_the_probe_the_fine_tune_and_the_served_model(tiny_clips, tiny_params, tmp_path):
+    """``finetune.pool_stages``: probe and fine-tune heads on the last stages pooled; model.pt, the bundle and the
+    model card keep it, and the exported model predicts what the fine-tuned classifier does."""
+    from sonossl.config import as_dict
+    from sonossl.export import export, load_bundle
+    from sonossl.models.encoder import build_encoder
+    from sonossl.train.finetune import finetune
+
+    spec = as_dict(tiny_params.pretrain.encoder)
+    ft = dataclasses.replace(tiny_params.finetune, pool_stages=2, fractions=[1.0], saliency_fractions=[1.0])
+    width = sum(build_encoder(spec).channels[-2:])
+    m = finetune(tiny_clips, tmp_path / "ft/scratch-planes", ft, encoder_spec=spec, progress=False)
+    assert m["params"]["pool_stages"] == 2
+    model = _plane_model(tmp_path / "ft/scratch-planes/model.pt")
+    assert model.pool_stages == 2 and model.head[1].in_features == width
+    finetune(tiny_clips, tmp_path / "ft/scratch-saliency", ft, task="saliency", encoder_spec=spec, progress=False)
+    card = export(tiny_clips, tmp_path / "ft", tmp_path / "export", tiny_params)
+    assert card["planes"]["pool_stages"] == 2
+    bundle = load_bundle(tmp_path / "export")
+    frames = np.load(tiny_clips / "frames.npy")[:6]
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(frames).float().div(255).unsqueeze(1)
+        expected = torch.softmax(model(x), 1).numpy()
+        embedding = model.encoder(x).numpy()
+    out = bundle.predict(frames)
+    assert np.allclose(out["probs"], expected, atol=1e-5)
+    assert np.allclose(bundle.reduce(embedding), out["embedding_reduced"], atol=1e-4)
+    for bad, match in ((0, "finetune.pool_stages: must be >= 1"), (9, "finetune.pool_stages=9: the small_cnn")):
+        with pytest.raises(ValueError, match=match):
+            finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, pool_stages=bad), encoder_spec=spec,
+                     progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_an_independent_test_set_is_scored_whole_and_must_fit_the_training_clips(tiny_clips, tiny_test_clips,
                                                                                   tiny_params, tmp_path):
     """``test_clips``: every labelled frame of another clip dataset is scored, with the training dataset's class
@@ -393,6 +428,6 @@ def _plane_model(path: Path):
     from sonossl.models.encoder import build_encoder
 
     ck = load_checkpoint(path)
-    model = PlaneClassifier(build_encoder(ck["encoder"]), len(ck["classes"]))
+    model = PlaneClassifier(build_encoder(ck["encoder"]), len(ck["classes"]), pool_stages=ck["pool_stages"])
     model.load_state_dict(ck["state_dict"])
     return model

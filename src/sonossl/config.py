@@ -141,6 +141,9 @@ class FinetuneParams:
     head_init: str = "random"
     # A pretrained encoder trains at this multiple of ``lr`` (the head and a decoder at ``lr``); scratch at ``lr``.
     encoder_lr_scale: float = 1.0
+    # The plane head (probe and fine-tune) sees the pooled outputs of the encoder's last this-many stages,
+    # concatenated (``models.downstream.PooledFeatures``); 1 = the last stage's embedding only.
+    pool_stages: int = 1
     frames_per_epoch: int = 2048  # labelled frames drawn per epoch (with replacement when fewer are labelled)
     patience: int = 0  # stop a fine-tune after this many epochs without a better validation score; 0 = never
     seed: int = 0

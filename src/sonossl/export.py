@@ -97,8 +97,9 @@ class Bundle:
         outs: dict[str, list[np.ndarray]] = {"probs": [], "saliency": [], "embedding": []}
         for i in range(0, len(frames), EVAL_BATCH):
             x = to_input(frames[i:i + EVAL_BATCH])
-            emb = self.planes.encoder(x)
-            outs["probs"].append(torch.softmax(self.planes.head(emb), 1).numpy())
+            features = self.planes.features(x)
+            emb = features[:, -self.planes.encoder.dim:]
+            outs["probs"].append(torch.softmax(self.planes.head(features), 1).numpy())
             outs["saliency"].append(self.saliency(x).exp().numpy())
             outs["embedding"].append(emb.numpy())
         res = {k: np.concatenate(v) for k, v in outs.items()}
@@ -116,7 +117,8 @@ def load_bundle(path: str | Path) -> Bundle:
     ckpt = load_checkpoint(path / BUNDLE_FILE if path.is_dir() else path)
     if ckpt.get("bundle_format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: not an exported sonossl model (bundle format {BUNDLE_FORMAT})")
-    planes = PlaneClassifier(build_encoder(ckpt["planes"]["encoder"]), len(ckpt["classes"]))
+    planes = PlaneClassifier(build_encoder(ckpt["planes"]["encoder"]), len(ckpt["classes"]),
+                             pool_stages=int(ckpt["planes"].get("pool_stages", 1)))
     planes.load_state_dict(ckpt["planes"]["state_dict"])
     sal = SaliencyModel(build_encoder(ckpt["saliency"]["encoder"]), int(ckpt["saliency"]["out_size"]))
     sal.load_state_dict(ckpt["saliency"]["state_dict"])
@@ -168,7 +170,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
     sal_score, sal_src, sal_path, sal_m = _candidates(finetune_dir, "saliency", ep.saliency_metric)[0]
     pck, sck = load_checkpoint(planes_path), load_checkpoint(sal_path)
-    planes = PlaneClassifier(build_encoder(pck["encoder"]), len(pck["classes"]))
+    planes = PlaneClassifier(build_encoder(pck["encoder"]), len(pck["classes"]),
+                             pool_stages=int(pck.get("pool_stages", 1)))
     planes.load_state_dict(pck["state_dict"])
     planes.eval()
 
@@ -210,7 +213,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         "data": {"feature_version": data.version, "raw_version": _raw_version(data.meta),
                  "clips": str(clips_dir), "videos": int(idx.video_idx.nunique()), "frames": int(len(idx))},
         "planes": {"source": planes_src, "run": pck["run"], "origin": pck.get("origin", {}),
-                   "select_metric": ep.select_metric, "select_value": planes_score, "encoder": pck["encoder"]},
+                   "select_metric": ep.select_metric, "select_value": planes_score, "encoder": pck["encoder"],
+                   "pool_stages": planes.pool_stages},
         "saliency": {"source": sal_src, "run": sck["run"], "origin": sck.get("origin", {}),
                      "select_metric": ep.saliency_metric, "select_value": sal_score, "encoder": sck["encoder"]},
         "metrics": {
@@ -240,7 +244,7 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     bundle = {
         "bundle_format": BUNDLE_FORMAT,
         "classes": list(pck["classes"]),
-        "planes": {"encoder": pck["encoder"], "state_dict": pck["state_dict"]},
+        "planes": {"encoder": pck["encoder"], "state_dict": pck["state_dict"], "pool_stages": planes.pool_stages},
         "saliency": {"encoder": sck["encoder"], "state_dict": sck["state_dict"], "out_size": sck["saliency_size"]},
         "pca_mean": torch.from_numpy(mean.astype(np.float32)),
         "pca_components": torch.from_numpy(components),

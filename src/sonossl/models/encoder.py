@@ -9,6 +9,7 @@ float in [0, 1], (B, 1, H, W) of any size; the encoder normalises them itself, s
     enc = build_encoder({"name": "resnet18", "width": 32})
     emb = enc(frames)                    # (B, enc.dim)
     maps = enc.feature_maps(frames)      # one per stage, strides enc.strides
+    multi = enc.pooled(frames, 3)        # (B, enc.pooled_dim(3)): the last three stages pooled, concatenated
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_maps(x)[-1].mean(dim=(2, 3))
+
+    def pooled_dim(self, stages: int) -> int:
+        """Width of ``pooled(x, stages)``; a clear error when the encoder has fewer stages."""
+        if not 1 <= stages <= len(self.channels):
+            raise ValueError(f"pool_stages={stages}: the {self.spec.get('name')} encoder has {len(self.channels)} "
+                             "stages; pool 1 (the last stage only) to all of them")
+        return sum(self.channels[-stages:])
+
+    def pooled(self, x: torch.Tensor, stages: int = 1) -> torch.Tensor:
+        """The globally pooled outputs of the last ``stages`` stages, concatenated, the last stage last
+        (``stages=1`` is ``forward``)."""
+        self.pooled_dim(stages)
+        if stages == 1:
+            return self(x)
+        return torch.cat([m.mean(dim=(2, 3)) for m in self.feature_maps(x)[-stages:]], 1)
 
 
 def _resnet18(width: int = 64, maxpool: bool = True) -> Encoder:

@@ -33,7 +33,8 @@ from sonossl.config import Params, as_dict
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
 from sonossl.models.encoder import build_encoder
-from sonossl.train.finetune import check_finetune_params, embed, finetune_classifier, linear_probe, open_labelled, predict
+from sonossl.train.finetune import (check_finetune_params, check_pool_stages, embed, finetune_classifier, linear_probe,
+                                    open_labelled, predict)
 from sonossl.train.pretrain import load_encoder, pretrain_on, seed_for
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     pre = dataclasses.replace(params.pretrain, epochs=cv.pretrain_epochs, clips_per_epoch=cv.pretrain_clips_per_epoch)
     ft = dataclasses.replace(params.finetune, epochs=cv.finetune_epochs)
     spec = as_dict(params.pretrain.encoder)
+    check_pool_stages(build_encoder(spec), ft)
     preds: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     fold_acc: dict[tuple[str, str], list[float]] = {}
     for f in range(cv.folds):
@@ -101,11 +103,12 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                 if method == "probe":
                     enc = make_encoder().to(device)
                     rows = np.concatenate([train_rows, val_rows])
-                    z = dict(zip(rows.tolist(), embed(enc, d.frames, rows, device, ft.channels_last)))
+                    z = dict(zip(rows.tolist(), embed(enc, d.frames, rows, device, ft.channels_last,
+                                                      ft.pool_stages)))
                     zt, zv = np.stack([z[r] for r in train_rows]), np.stack([z[r] for r in val_rows])
                     layer, _ = linear_probe(zt, d.labels[train_rows], zv, d.labels[val_rows], len(d.classes),
                                             ft.probe_c, ft.seed)
-                    model = PlaneClassifier(enc, len(d.classes))
+                    model = PlaneClassifier(enc, len(d.classes), pool_stages=ft.pool_stages)
                     model.head[1] = layer
                 else:
                     model, _ = finetune_classifier(make_encoder(), init == "ssl", d, train_rows, val_rows, ft_fold,

@@ -50,7 +50,7 @@ from sonossl.config import FinetuneParams, as_dict
 from sonossl.data.clips import ClipDataset, load_clip_dataset
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.evaluate.saliency_metrics import saliency_scores
-from sonossl.models.downstream import PlaneClassifier, SaliencyModel
+from sonossl.models.downstream import PlaneClassifier, PooledFeatures, SaliencyModel
 from sonossl.models.encoder import Encoder, build_encoder
 from sonossl.train.loop import LoopParams, fingerprint, fit, load_best, save_checkpoint, to_channels_last
 from sonossl.train.pretrain import frames_tensor, load_encoder, seed_for
@@ -355,10 +355,12 @@ def _fresh_encoder(encoder: str | Path | None, encoder_spec: dict[str, Any] | No
 
 @torch.no_grad()
 def embed(encoder: Encoder, frames: torch.Tensor, rows: np.ndarray, device: torch.device,
-          channels_last: bool = True) -> np.ndarray:
-    """Frozen features of ``frames[rows]``; ``channels_last`` converts the encoder (in place) to that memory format
-    first, as training does (1.7x faster on a 2-core CPU)."""
-    return predict(to_channels_last(encoder) if channels_last else encoder, frames, rows, device).numpy()
+          channels_last: bool = True, pool_stages: int = 1) -> np.ndarray:
+    """Frozen features of ``frames[rows]``, as a ``PlaneClassifier`` with ``pool_stages`` feeds its head;
+    ``channels_last`` converts the encoder (in place) to that memory format first, as training does (1.7x faster on
+    a 2-core CPU)."""
+    features = PooledFeatures(to_channels_last(encoder) if channels_last else encoder, pool_stages)
+    return predict(features, frames, rows, device).numpy()
 
 
 def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_val: np.ndarray,
@@ -399,11 +401,11 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
     """The ``finetune`` method: encoder + linear layer trained on ``train_rows``, the best validation epoch loaded.
     With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT)."""
     n_cls = len(d.classes)
-    model = PlaneClassifier(encoder, n_cls)
+    model = PlaneClassifier(encoder, n_cls, pool_stages=params.pool_stages)
     extra: dict[str, Any] = {"head_init": params.head_init, "encoder_lr_scale": encoder_lr_scale(params, pretrained)}
     if params.head_init == "probe":
         rows = np.concatenate([train_rows, val_rows])
-        z = embed(encoder.to(device), d.frames, rows, device, params.channels_last)
+        z = embed(encoder.to(device), d.frames, rows, device, params.channels_last, params.pool_stages)
         layer, info = linear_probe(z[:len(train_rows)], d.labels[train_rows], z[len(train_rows):], d.labels[val_rows],
                                    n_cls, params.probe_c, params.seed)
         model.head[1] = layer
@@ -434,11 +436,12 @@ def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_e
                     torch.manual_seed(seed_for(params.seed, 1))  # a scratch probe: the same random encoder every run
                     probe_encoder = make_encoder().to(device)
                     needed = np.flatnonzero(d.labels >= 0)
-                    z_all = np.zeros((len(d.labels), probe_encoder.dim), dtype=np.float32)
-                    z_all[needed] = embed(probe_encoder, d.frames, needed, device, params.channels_last)
+                    z_all = np.zeros((len(d.labels), probe_encoder.pooled_dim(params.pool_stages)), dtype=np.float32)
+                    z_all[needed] = embed(probe_encoder, d.frames, needed, device, params.channels_last,
+                                          params.pool_stages)
                 layer, info = linear_probe(z_all[train_rows], d.labels[train_rows], z_all[val_rows],
                                            d.labels[val_rows], n_cls, params.probe_c, params.seed)
-                model = PlaneClassifier(probe_encoder, n_cls)
+                model = PlaneClassifier(probe_encoder, n_cls, pool_stages=params.pool_stages)
                 model.head[1] = layer
                 extra = {"C": info["C"]}
             else:
@@ -520,8 +523,18 @@ def check_finetune_params(params: FinetuneParams) -> None:
         raise ValueError(f"finetune.head_init: {params.head_init!r} is not one of {list(HEAD_INITS)}")
     if not params.encoder_lr_scale > 0:
         raise ValueError(f"finetune.encoder_lr_scale: must be positive, got {params.encoder_lr_scale}")
+    if params.pool_stages < 1:
+        raise ValueError(f"finetune.pool_stages: must be >= 1 (1 = the last stage only), got {params.pool_stages}")
     if params.patience < 0:
         raise ValueError(f"finetune.patience: must be >= 0 (0 = train every epoch), got {params.patience}")
+
+
+def check_pool_stages(encoder: Encoder, params: FinetuneParams) -> None:
+    """Fail before any training when the encoder has fewer stages than ``finetune.pool_stages``."""
+    try:
+        encoder.pooled_dim(params.pool_stages)
+    except ValueError as e:
+        raise ValueError(f"finetune.{e}") from None
 
 
 def _file_hash(path: str | Path | None) -> str | None:
@@ -544,7 +557,9 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = open_labelled(clips_dir)
     test = open_test_set(d, test_clips)  # fails early, naming the dataset, when it does not fit
-    _, origin = _fresh_encoder(encoder, encoder_spec)  # fail early on a bad encoder
+    fresh, origin = _fresh_encoder(encoder, encoder_spec)  # fail early on a bad encoder
+    if task == "planes":
+        check_pool_stages(fresh, params)
 
     def make_encoder() -> Encoder:
         return _fresh_encoder(encoder, encoder_spec)[0]
@@ -570,6 +585,7 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
         "task": task, "encoder": spec, "state_dict": best["state_dict"], "classes": d.classes,
         "saliency_size": best.get("out_size"), "run": best["run"], "data_version": d.data.version,
         "origin": origin, "val_score": best["score"],
+        **({"pool_stages": params.pool_stages} if task == "planes" else {}),
     })
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
