@@ -11,7 +11,8 @@ issue's 0.85.
 
     .venv/bin/python benchmarks/crossval_seeds.py [--seeds 5] [--profile default]   # after `dvc repro preprocess@pocus`
 
-Writes benchmarks/results/crossval_seeds.json (or --out). Levers (the profile's ``crossval`` block otherwise):
+Writes benchmarks/results/crossval_seeds.json (or --out), after every seed (``finished``: "2/5 seeds"), so a run
+stopped part-way keeps the cross-validations it completed. Levers (the profile's ``crossval`` block otherwise):
 
     --pretrain-epochs 12               pretraining epochs per fold
     --pretrain-clips-per-epoch 6000    pretraining clips per epoch
@@ -66,6 +67,19 @@ def main() -> int:
     base = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, **cv_given),
                                finetune=dataclasses.replace(params.finetune, **ft_given))
 
+    def record(rows: list[dict], first: dict) -> dict:
+        return {
+            "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
+            "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
+            "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
+            "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
+            "seeds": [r["seed"] for r in rows], "per_seed": rows,
+            **summarise(rows),
+            "probe_gain_positive_in": f"{sum(r['probe_gain'] > 0 for r in rows)}/{len(rows)} seeds",
+            "ssl_finetune_reaches_target_in": f"{sum(r['ssl_finetune'] >= TARGET for r in rows)}/{len(rows)} seeds",
+            "target": f"POCUS video accuracy of at least {TARGET} with SSL",
+        }
+
     rows, first = [], None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sonossl-crossval-seeds-") as tmp:
@@ -87,20 +101,9 @@ def main() -> int:
             row["minutes"] = round((time.perf_counter() - t) / 60, 1)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith(("_folds", "_f1"))}), flush=True)
-
-    result = {
-        "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
-        "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
-        "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
-        "levers": given,
-        "seeds": [r["seed"] for r in rows], "per_seed": rows,
-        **summarise(rows),
-        "probe_gain_positive_in": f"{sum(r['probe_gain'] > 0 for r in rows)}/{len(rows)} seeds",
-        "ssl_finetune_reaches_target_in": f"{sum(r['ssl_finetune'] >= TARGET for r in rows)}/{len(rows)} seeds",
-        "target": f"POCUS video accuracy of at least {TARGET} with SSL",
-    }
-    return finish(result, args.out, t0)
-
+            if len(rows) < args.seeds:  # a run stopped after hours keeps the seeds it finished
+                finish(record(rows, first), args.out, t0, quiet=True)
+    return finish(record(rows, first), args.out, t0)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -174,14 +174,15 @@ def summarise(rows: list[dict]) -> dict:
             "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds"}
 
 
-def finish(result: dict, out: Path, t0: float) -> int:
-    """Add the minutes since ``t0`` and the machine to ``result``, write it to ``out`` (atomically) and print it
-    without its per-seed rows; also used by ``selection_oracle.py``."""
+def finish(result: dict, out: Path, t0: float, quiet: bool = False) -> int:
+    """Add the minutes since ``t0`` and the machine to ``result``, write it to ``out`` (atomically) and, unless
+    ``quiet``, print it without its per-seed rows; also used by ``selection_oracle.py`` and ``crossval_seeds.py``."""
     result |= {"minutes": round((time.perf_counter() - t0) / 60, 1),
                "machine": describe()}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
+    if not quiet:
+        print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
     return 0
 
 

@@ -79,7 +79,8 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
     result = json.loads((tmp_path / "seeds.json").read_text())
     assert result["levers"] == {"frames_per_video": 3, "pool_stages": 2} and result["pool_stages"] == 2
     assert result["crossval"]["frames_per_video"] == 3
-    assert result["seeds"] == [0, 1] and result["videos"] == 12 and result["folds"] == 3
+    assert result["seeds"] == [0, 1] and result["finished"] == "2/2 seeds"
+    assert result["videos"] == 12 and result["folds"] == 3
     seed0, seed1 = result["per_seed"]
     for key, r in step.items():
         assert seed0[key] == r["accuracy"] and seed0[f"{key}_folds"] == r["fold_accuracy"]
@@ -104,3 +105,34 @@ def test_crossval_seeds_refuses_a_missing_dataset_and_a_bad_lever(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--pretrain-epochs: must be at least 1, got 0" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_crossval_seeds_keeps_the_seeds_it_finished_when_a_later_one_fails(tmp_path, monkeypatch):
+    """A run of hours that stops part-way (here: the second cross-validation raises) leaves a record of the seeds
+    it completed, marked as such; the finished run says all of them."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(CROSSVAL_SEEDS.parent))
+    bench = importlib.import_module("crossval_seeds")
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "meta.json").write_text("{}")
+    out = tmp_path / "seeds.json"
+
+    def fake_crossval(clips, run_dir, params, progress):
+        if params.crossval.seed == 1:
+            raise RuntimeError("stopped")
+        results = [{"init": i, "method": m, "accuracy": 0.5 + 0.1 * (i == "ssl"), "fold_accuracy": [0.5],
+                    "per_class_f1": {}} for i in ("ssl", "scratch") for m in ("probe", "finetune")]
+        return {"results": results, "data_version": "v", "videos": 12, "patients": 6, "folds": 3}
+
+    monkeypatch.setattr(bench, "crossval", fake_crossval)
+    monkeypatch.setattr(sys, "argv", ["crossval_seeds.py", "--profile", "tiny", "--clips", str(tmp_path / "clips"),
+                                      "--seeds", "3", "--out", str(out)])
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench.main()
+    partial = json.loads(out.read_text())
+    assert partial["finished"] == "1/3 seeds" and partial["seeds"] == [0]
+    assert partial["finetune_gain"]["median"] == 0.1 and partial["machine"]
+    monkeypatch.setattr(sys, "argv", sys.argv[:-4] + ["--seeds", "1", "--out", str(out)])
+    assert bench.main() == 0 and json.loads(out.read_text())["finished"] == "1/1 seeds"
