@@ -105,5 +105,6 @@ def main() -> int:
                 finish(record(rows, first), args.out, t0, quiet=True)
     return finish(record(rows, first), args.out, t0)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
