@@ -424,10 +424,7 @@ def test_an_independent_test_set_is_scored_whole_and_must_fit_the_training_clips
 
 
 def _plane_model(path: Path):
-    from sonossl.models.downstream import PlaneClassifier
-    from sonossl.models.encoder import build_encoder
+    from sonossl.export import plane_model
 
     ck = load_checkpoint(path)
-    model = PlaneClassifier(build_encoder(ck["encoder"]), len(ck["classes"]), pool_stages=ck["pool_stages"])
-    model.load_state_dict(ck["state_dict"])
-    return model
+    return plane_model(ck, len(ck["classes"]))

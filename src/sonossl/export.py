@@ -111,18 +111,23 @@ class Bundle:
         return ((emb - self.pca_mean) @ self.pca_components.T).astype(np.float32)
 
 
+def plane_model(entry: dict[str, Any], n_classes: int) -> PlaneClassifier:
+    """The plane classifier of a finetune ``model.pt`` or of a bundle's ``planes`` entry (``encoder`` spec,
+    ``state_dict``, ``pool_stages``: 1 where an older file lacks it), in eval mode."""
+    planes = PlaneClassifier(build_encoder(entry["encoder"]), n_classes, pool_stages=int(entry.get("pool_stages", 1)))
+    planes.load_state_dict(entry["state_dict"])
+    return planes.eval()
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Load ``model.pt`` (and the model card) from an export folder, or from ``/mnt/models`` in KServe."""
     path = Path(path)
     ckpt = load_checkpoint(path / BUNDLE_FILE if path.is_dir() else path)
     if ckpt.get("bundle_format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: not an exported sonossl model (bundle format {BUNDLE_FORMAT})")
-    planes = PlaneClassifier(build_encoder(ckpt["planes"]["encoder"]), len(ckpt["classes"]),
-                             pool_stages=int(ckpt["planes"].get("pool_stages", 1)))
-    planes.load_state_dict(ckpt["planes"]["state_dict"])
+    planes = plane_model(ckpt["planes"], len(ckpt["classes"]))
     sal = SaliencyModel(build_encoder(ckpt["saliency"]["encoder"]), int(ckpt["saliency"]["out_size"]))
     sal.load_state_dict(ckpt["saliency"]["state_dict"])
-    planes.eval()
     sal.eval()
     return Bundle(planes, sal, list(ckpt["classes"]), ckpt["pca_mean"].numpy(), ckpt["pca_components"].numpy(),
                   json.loads(ckpt["card"]))
@@ -170,10 +175,7 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
     sal_score, sal_src, sal_path, sal_m = _candidates(finetune_dir, "saliency", ep.saliency_metric)[0]
     pck, sck = load_checkpoint(planes_path), load_checkpoint(sal_path)
-    planes = PlaneClassifier(build_encoder(pck["encoder"]), len(pck["classes"]),
-                             pool_stages=int(pck.get("pool_stages", 1)))
-    planes.load_state_dict(pck["state_dict"])
-    planes.eval()
+    planes = plane_model(pck, len(pck["classes"]))
 
     # reference: training frames, evenly spaced, as the model sees them; held-out: the same from the videos it never
     # trained on (validation and test), which drift calibration draws its windows of unseen videos from
