@@ -24,6 +24,8 @@ numbers say"; the scratch side is the same unless ``--lr`` or ``--head-init`` ch
     --pool-videos 128 [--pool-seed 2]  first simulate that many more sweeps (other fetuses: another simulator seed),
                                        unlabelled, and pretrain on them alone (the profile's epochs; an epoch is one
                                        clip per valid start, so it grows with the data)
+    --save-encoder DIR                 keep the encoder built for the two options above, to rerun other levers on
+                                       it with --encoder DIR (the record still names how it was built)
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from sonossl.atomic import atomic_write_text
+from sonossl.atomic import atomic_dir, atomic_write_text
 from sonossl.config import Params, SplitParams, as_dict, load_params
 from sonossl.machine import describe
 from sonossl.train.finetune import HEAD_INITS, finetune
@@ -68,6 +71,15 @@ def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
         clips = tmp / "pool-clips"
     pretrain(clips, tmp / "encoder", pre, mode="both-sequential")
     return tmp / "encoder"
+
+
+BUILT_BY = "label_seeds_build.json"
+
+
+def built_by(args: argparse.Namespace) -> dict:
+    """How ``build_encoder`` made the encoder (all None for an ``--encoder`` taken as given)."""
+    return {"pretrain_epochs": args.pretrain_epochs, "pool_videos": args.pool_videos,
+            "pool_seed": args.pool_seed if args.pool_videos is not None else None}
 
 
 def draw_args(doc: str) -> argparse.ArgumentParser:
@@ -107,9 +119,15 @@ def main() -> int:
                     help="a pretrained encoder's learning rate multiple (default: the profile's; scratch: 1)")
     ap.add_argument("--pool-stages", type=int, default=None,
                     help="heads on the last N encoder stages, pooled (default: the profile's finetune.pool_stages)")
+    ap.add_argument("--save-encoder", type=Path, default=None,
+                    help="keep the encoder built for --pretrain-epochs / --pool-videos in this directory, so that "
+                         "other levers can reuse it with --encoder")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
     args = ap.parse_args()
     builds = args.pretrain_epochs is not None or args.pool_videos is not None
+    if args.save_encoder is not None and not builds:
+        raise SystemExit("--save-encoder: only with --pretrain-epochs or --pool-videos (otherwise --encoder is "
+                         "already a directory)")
     if not builds and not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
 
@@ -125,6 +143,11 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sonossl-label-seeds-") as tmp:
         encoder_dir = build_encoder(args, params, Path(tmp))
+        if args.save_encoder is not None:
+            with atomic_dir(args.save_encoder) as staging:
+                shutil.copytree(encoder_dir, staging, dirs_exist_ok=True)
+                atomic_write_text(staging / BUILT_BY, json.dumps(built_by(args)) + "\n")
+            print(f"encoder kept in {args.save_encoder}", flush=True)
         pretext = json.loads((encoder_dir / "metrics.json").read_text()) \
             if (encoder_dir / "metrics.json").is_file() else {}
         for seed in range(args.seeds):
@@ -147,12 +170,13 @@ def main() -> int:
 
     given = args.encoder.resolve()
     encoder_path = None if builds else str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
+    # an encoder kept by --save-encoder says how it was built
+    build = built_by(args) if builds or not (given / BUILT_BY).is_file() else json.loads((given / BUILT_BY).read_text())
     result = {
         "benchmark": "label_seeds", "profile": params.profile, "fraction": fraction, "lr": params.finetune.lr,
         "head_init": params.finetune.head_init, "encoder_lr_scale": params.finetune.encoder_lr_scale,
         "pool_stages": params.finetune.pool_stages,
-        "encoder": {"path": encoder_path, "pretrain_epochs": args.pretrain_epochs, "pool_videos": args.pool_videos,
-                    "pool_seed": args.pool_seed if args.pool_videos is not None else None,
+        "encoder": {"path": encoder_path, **build,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
         "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
         **summarise(rows),

@@ -14,12 +14,21 @@ LABEL_SEEDS = REPO / "benchmarks" / "label_seeds.py"
 
 
 def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_clips, tmp_path):
-    out = tmp_path / "seeds.json"
-    subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--clips", str(tiny_clips),
-                    "--test-clips", str(tiny_test_clips), "--pool-videos", "4", "--pretrain-epochs", "1", "--lr", "0.002", "--seeds", "1",
-                    "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1", "--pool-stages", "2",
-                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    out, kept = tmp_path / "seeds.json", tmp_path / "kept-encoder"
+    common = ["--profile", "tiny", "--clips", str(tiny_clips), "--test-clips", str(tiny_test_clips), "--lr", "0.002",
+              "--seeds", "1", "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1",
+              "--pool-stages", "2"]
+    subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--pool-videos", "4", "--pretrain-epochs", "1",
+                    "--save-encoder", str(kept), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
+    # the kept encoder gives the same draw the same scores, and its record still says how it was built
+    subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--encoder", str(kept),
+                    "--out", str(tmp_path / "again.json")], check=True, capture_output=True, text=True, timeout=600)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["per_seed"] == result["per_seed"]
+    assert again["encoder"]["path"] == str(kept) and again["encoder"]["pool_videos"] == 4
+    assert again["encoder"]["pretrain_epochs"] == 1 and again["encoder"]["data_version"] == result["encoder"]["data_version"]
     enc = result["encoder"]
     assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 2
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
@@ -42,6 +51,13 @@ def test_label_seeds_refuses_a_pool_of_the_evaluation_fetuses(tiny_clips, tmp_pa
     assert proc.returncode != 0
     assert f"--pool-seed {seed} is the simulator seed of the training or test sweeps" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_label_seeds_keeps_only_an_encoder_it_built(tmp_path):
+    proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--save-encoder", str(tmp_path / "kept"),
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--save-encoder: only with --pretrain-epochs or --pool-videos" in proc.stderr
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "kept").exists()
 
 
 def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_test_clips, tiny_export, tmp_path):
