@@ -20,6 +20,8 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
     --frames-per-video 48              labelled training frames per video (probe and fine-tune)
     --pool-stages 3                    probe and fine-tune heads on the last 3 encoder stages, pooled and
                                        concatenated (finetune.pool_stages), SSL and scratch alike
+    --encoder-lr-decay 0.5             layer-wise decay of the pretrained encoder's fine-tune rate
+                                       (finetune.encoder_lr_decay; scratch keeps the full rate)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from sonossl.config import as_dict, load_params
 from sonossl.train.crossval import crossval
+from sonossl.train.finetune import check_finetune_params
 
 from label_seeds import finish, summarise  # benchmarks/ is on the path when run as a script
 
@@ -51,6 +54,8 @@ def main() -> int:
         ap.add_argument(f"--{lever.replace('_', '-')}", type=int, default=None,
                         help=f"crossval.{lever} (default: the profile's)")
     ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
+    ap.add_argument("--encoder-lr-decay", type=float, default=None,
+                    help="finetune.encoder_lr_decay (default: the profile's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/crossval_seeds.json")
     args = ap.parse_args()
     if args.seeds < 1:
@@ -59,19 +64,26 @@ def main() -> int:
         raise SystemExit(f"{args.clips}: no clip dataset; run `dvc repro preprocess@pocus` first")
     params = load_params(ROOT / "params.yaml", args.profile)
     cv_given = {k: getattr(args, k) for k in LEVERS if getattr(args, k) is not None}
-    ft_given = {} if args.pool_stages is None else {"pool_stages": args.pool_stages}
-    given = cv_given | ft_given
-    for k, v in given.items():
+    counts = cv_given | ({} if args.pool_stages is None else {"pool_stages": args.pool_stages})
+    for k, v in counts.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
+    ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay))
+                if v is not None}
+    given = cv_given | ft_given
     base = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, **cv_given),
                                finetune=dataclasses.replace(params.finetune, **ft_given))
+    try:
+        check_finetune_params(base.finetune)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     def record(rows: list[dict], first: dict) -> dict:
         return {
             "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
             "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
             "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
+            "encoder_lr_decay": base.finetune.encoder_lr_decay,
             "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
             "seeds": [r["seed"] for r in rows], "per_seed": rows,
             **summarise(rows),

@@ -18,6 +18,8 @@ numbers say"; the scratch side is the same unless ``--lr`` or ``--head-init`` ch
     --head-init probe --encoder-lr-scale 0.1
                                        LP-FT: both heads start from their linear probe, and the pretrained encoder
                                        trains at 0.1 x the rate (scratch stays at the full rate, so it changes too)
+    --encoder-lr-decay 0.5             layer-wise decay: the pretrained encoder's stage k of n (stem 0) fine-tunes
+                                       at 0.5^(n-k) x the rate (scratch stays at the full rate)
     --pool-stages 3                    probe and fine-tune heads on the last 3 encoder stages, pooled and
                                        concatenated (finetune.pool_stages), for both initialisations
     --pretrain-epochs 60               first pretrain a both-sequential encoder that long on the same training sweeps
@@ -117,6 +119,8 @@ def main() -> int:
                     help="fine-tune head from the linear probe (LP-FT) or random (default: the profile's)")
     ap.add_argument("--encoder-lr-scale", type=float, default=None,
                     help="a pretrained encoder's learning rate multiple (default: the profile's; scratch: 1)")
+    ap.add_argument("--encoder-lr-decay", type=float, default=None,
+                    help="a pretrained encoder's layer-wise learning rate decay (default: the profile's; scratch: 1)")
     ap.add_argument("--pool-stages", type=int, default=None,
                     help="heads on the last N encoder stages, pooled (default: the profile's finetune.pool_stages)")
     ap.add_argument("--save-encoder", type=Path, default=None,
@@ -133,7 +137,7 @@ def main() -> int:
 
     params = load_params(ROOT / "params.yaml", args.profile)
     given_ft = {"lr": args.lr, "head_init": args.head_init, "encoder_lr_scale": args.encoder_lr_scale,
-                "pool_stages": args.pool_stages}
+                "encoder_lr_decay": args.encoder_lr_decay, "pool_stages": args.pool_stages}
     params = dataclasses.replace(params, finetune=dataclasses.replace(
         params.finetune, **{k: v for k, v in given_ft.items() if v is not None}))
     fraction = min(params.finetune.fractions) if args.fraction is None else args.fraction
@@ -175,6 +179,7 @@ def main() -> int:
     result = {
         "benchmark": "label_seeds", "profile": params.profile, "fraction": fraction, "lr": params.finetune.lr,
         "head_init": params.finetune.head_init, "encoder_lr_scale": params.finetune.encoder_lr_scale,
+        "encoder_lr_decay": params.finetune.encoder_lr_decay,
         "pool_stages": params.finetune.pool_stages,
         "encoder": {"path": encoder_path, **build,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},

@@ -66,12 +66,12 @@ class TracedPlaneTask(ft.PlaneTask):
 def probe_candidates(encoder, d, train_rows, val_rows, test, params, device) -> list[dict]:
     """Val and test macro-F1 of the linear probe at each L2 strength (``probe_c``)."""
     rows = np.concatenate([train_rows, val_rows])
-    z = ft.embed(encoder.to(device), d.frames, rows, device)
+    z = ft.embed(encoder.to(device), d.frames, rows, device, params.channels_last, params.pool_stages)
     out = []
     for c in params.probe_c:
         layer, info = ft.linear_probe(z[:len(train_rows)], d.labels[train_rows], z[len(train_rows):],
                                       d.labels[val_rows], len(d.classes), [c], params.seed)
-        model = PlaneClassifier(encoder, len(d.classes))
+        model = PlaneClassifier(encoder, len(d.classes), pool_stages=params.pool_stages)
         model.head[1] = layer
         out.append({"C": c, "val": info["val_macro_f1"], "test": test_macro_f1(model.to(device), test, device)})
     return out
@@ -80,9 +80,10 @@ def probe_candidates(encoder, d, train_rows, val_rows, test, params, device) -> 
 def finetune_candidates(encoder, pretrained, d, train_rows, val_rows, test, params, run_dir, device) -> list[dict]:
     """Val and test macro-F1 of the fine-tune after each epoch (random head, as ``finetune_classifier``)."""
     n_cls = len(d.classes)
-    model = PlaneClassifier(encoder, n_cls)
+    model = PlaneClassifier(encoder, n_cls, pool_stages=params.pool_stages)
     task = TracedPlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls,
-                           ft.encoder_lr_scale(params, pretrained), test=test)
+                           ft.encoder_lr_scale(params, pretrained), ft.encoder_lr_decay(params, pretrained),
+                           test=test)
     res = fit(task, run_dir, ft.finetune_loop_params(params, params.epochs, "val_macro_f1"), progress=False)
     return [{"epoch": h["epoch"], "val": h["val_macro_f1"], "test": h["val_test_macro_f1"]} for h in res.history]
 

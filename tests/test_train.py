@@ -3,6 +3,7 @@ resume after kill -9, damaged checkpoints, DDP under torchrun."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -323,6 +324,52 @@ def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder
     with pytest.raises(ValueError, match="finetune.patience"):
         finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, patience=-1),
                  encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
+
+
+def test_layer_wise_decay_slows_the_early_stages_of_a_pretrained_encoder_only(tiny_clips, tiny_params, tmp_path):
+    """``encoder_lr_decay``: stage k of n (stem 0) at scale * decay^(n-k), the head at the full rate, every parameter
+    in one group; in a real fine-tune the first stage moves less than the last; scratch keeps one rate."""
+    from sonossl.config import as_dict
+    from sonossl.models.downstream import PlaneClassifier
+    from sonossl.models.encoder import build_encoder
+    from sonossl.train.finetune import PlaneTask, _rows, finetune, finetune_classifier, open_labelled
+
+    ft = dataclasses.replace(tiny_params.finetune, encoder_lr_decay=0.5, encoder_lr_scale=0.1, epochs=1)
+    def groups_of(model, scale, decay):
+        none = np.zeros(0, dtype=np.int64)
+        return PlaneTask(model, None, none, none, none, ft, 3, encoder_lr_scale=scale,
+                         encoder_lr_decay=decay).param_groups()
+
+    resnet = PlaneClassifier(build_encoder({"name": "resnet18", "width": 8}), 3)
+    groups = groups_of(resnet, 0.1, 0.5)
+    assert [g["lr_scale"] for g in groups] == pytest.approx([0.1 * 0.5 ** k for k in (4, 3, 2, 1, 0)] + [1.0])
+    assert sorted(id(q) for g in groups for q in g["params"]) == sorted(id(q) for q in resnet.parameters())
+    assert len(groups_of(resnet, 0.1, 1.0)) == 2  # no decay: one encoder group, as before
+    small = PlaneClassifier(build_encoder(as_dict(tiny_params.pretrain.encoder)), 3)  # small_cnn: no stem weights
+    assert [g["lr_scale"] for g in groups_of(small, 1.0, 0.5)] == pytest.approx([0.125, 0.25, 0.5, 1.0, 1.0])
+
+    d = open_labelled(tiny_clips)
+    torch.manual_seed(0)
+    enc = build_encoder(as_dict(tiny_params.pretrain.encoder))
+    before = [copy.deepcopy(s.state_dict()) for s in enc.stages]
+    model, info = finetune_classifier(enc, True, d, _rows(d, split="train"), _rows(d, split="val"),
+                                      dataclasses.replace(ft, encoder_lr_scale=1.0, encoder_lr_decay=0.125),
+                                      tmp_path / "decay", torch.device("cpu"), progress=False)
+    assert info["encoder_lr_decay"] == 0.125
+
+    def moved(k: int) -> float:
+        after = model.encoder.stages[k].state_dict()
+        return float(np.mean([(after[n].float() - w.float()).abs().mean() for n, w in before[k].items()
+                              if n.endswith("weight")]))
+
+    assert moved(0) < moved(3) / 10  # 0.125^3: the first stage at 1/512 of the last stage's rate
+    m = finetune(tiny_clips, tmp_path / "scratch", ft, encoder_spec=as_dict(tiny_params.pretrain.encoder),
+                 methods=("finetune",), progress=False)
+    assert {r["encoder_lr_decay"] for r in m["runs"]} == {1.0}
+    with pytest.raises(ValueError, match=r"finetune.encoder_lr_decay: must be in \(0, 1\]"):
+        finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, encoder_lr_decay=1.5),
+                 encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_pool_stages_reaches_the_probe_the_fine_tune_and_the_served_model(tiny_clips, tiny_params, tmp_path):

@@ -141,6 +141,8 @@ class FinetuneParams:
     head_init: str = "random"
     # A pretrained encoder trains at this multiple of ``lr`` (the head and a decoder at ``lr``); scratch at ``lr``.
     encoder_lr_scale: float = 1.0
+    # ... and its stage k of n (the stem is stage 0) at a further encoder_lr_decay ** (n - k): layer-wise decay.
+    encoder_lr_decay: float = 1.0
     # The plane head (probe and fine-tune) sees the pooled outputs of the encoder's last this-many stages,
     # concatenated (``models.downstream.PooledFeatures``); 1 = the last stage's embedding only.
     pool_stages: int = 1

@@ -7,8 +7,8 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
 2. pretraining (``both-sequential``) runs on the inner-train videos' clips only, pretext validation on the
    inner-validation videos: the test fold is never seen, not even unlabelled;
 3. from that encoder and from a random one: a linear probe and a fine-tune (the finetune step's, with its
-   ``head_init`` and ``encoder_lr_scale``) on ``frames_per_video`` evenly spaced frames of every inner-train video,
-   with the L2 strength / the epoch chosen on the inner-validation videos;
+   ``head_init``, ``encoder_lr_scale`` and ``encoder_lr_decay``) on ``frames_per_video`` evenly spaced frames of
+   every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos;
 4. every frame of each test video is classified; the video's prediction is the argmax of its mean probabilities.
 
 Predictions of all folds are pooled into video-level accuracy and per-class F1, and per-fold accuracies are kept.

@@ -12,8 +12,10 @@ seen. For standard-plane detection (``task="planes"``):
   augmentation (shift, zoom, flip, gain), the epoch with the best validation macro-F1 kept. The linear layer starts
   at random (``head_init: random``, the default) or from the linear probe of that encoder (``probe``: LP-FT, Kumar
   et al., ICLR 2022, against a random head's first gradients rewriting the pretrained features); a pretrained
-  encoder trains at ``encoder_lr_scale`` times the learning rate (also in saliency fine-tunes), a scratch encoder
-  always at the full rate, so the baseline is not slowed down by a rule meant for pretrained weights.
+  encoder trains at ``encoder_lr_scale`` times the learning rate (also in saliency fine-tunes), and with
+  ``encoder_lr_decay`` d < 1 its stage k of n (the stem is stage 0) at d^(n-k) times that (layer-wise decay: the
+  early, generic features change least); a scratch encoder always trains at the full rate, so the baseline is not
+  slowed down by a rule meant for pretrained weights.
 
 For saliency prediction (``task="saliency"``): the encoder plus a light decoder, trained end to end with the KL
 divergence to the gaze density; the epoch with the best validation CC kept; scored with KLD, CC, NSS, SIM, AUC-Judd.
@@ -168,16 +170,24 @@ class _FrameTask:
     """Frames drawn with replacement from ``train_rows``, ``frames_per_epoch`` per epoch."""
 
     def __init__(self, model: nn.Module, frames: torch.Tensor, train_rows: np.ndarray, val_rows: np.ndarray,
-                 params: FinetuneParams, encoder_lr_scale: float = 1.0):
+                 params: FinetuneParams, encoder_lr_scale: float = 1.0, encoder_lr_decay: float = 1.0):
         self.model, self.frames, self.params = model, frames, params
         self.train_rows, self.val_rows = np.asarray(train_rows), np.asarray(val_rows)
-        self.encoder_lr_scale = encoder_lr_scale
+        self.encoder_lr_scale, self.encoder_lr_decay = encoder_lr_scale, encoder_lr_decay
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The encoder at ``encoder_lr_scale`` times the learning rate, the head (or decoder) at the full rate."""
-        enc = {id(p) for p in self.model.encoder.parameters()}
-        return [{"params": list(self.model.encoder.parameters()), "lr_scale": self.encoder_lr_scale},
-                {"params": [p for p in self.model.parameters() if id(p) not in enc], "lr_scale": 1.0}]
+        """The encoder at ``encoder_lr_scale`` times the learning rate, its stage k of n (stem: 0) a further
+        ``encoder_lr_decay ** (n - k)``; the head (or decoder) at the full rate."""
+        encoder = self.model.encoder
+        if self.encoder_lr_decay == 1.0:
+            parts = [(list(encoder.parameters()), self.encoder_lr_scale)]
+        else:
+            n = len(encoder.stages)
+            parts = [(list(m.parameters()), self.encoder_lr_scale * self.encoder_lr_decay ** (n - k))
+                     for k, m in enumerate([encoder.stem, *encoder.stages])]
+        enc = {id(p) for p in encoder.parameters()}
+        parts.append(([p for p in self.model.parameters() if id(p) not in enc], 1.0))
+        return [{"params": ps, "lr_scale": scale} for ps, scale in parts if ps]
 
     def steps_per_epoch(self, world: int) -> int:
         return max(1, self.params.frames_per_epoch // (self.params.batch_size * world))
@@ -193,8 +203,8 @@ class _FrameTask:
 
 class PlaneTask(_FrameTask):
     def __init__(self, model, frames, labels: np.ndarray, train_rows, val_rows, params, n_classes: int,
-                 encoder_lr_scale: float = 1.0):
-        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale)
+                 encoder_lr_scale: float = 1.0, encoder_lr_decay: float = 1.0):
+        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale, encoder_lr_decay)
         self.labels = torch.as_tensor(labels)
         self.n_classes = n_classes
         self.weights = balanced_weights(labels[train_rows], n_classes)
@@ -216,8 +226,8 @@ class PlaneTask(_FrameTask):
 
 class SaliencyTask(_FrameTask):
     def __init__(self, model, frames, saliency: torch.Tensor, train_rows, val_rows, params,
-                 encoder_lr_scale: float = 1.0):
-        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale)
+                 encoder_lr_scale: float = 1.0, encoder_lr_decay: float = 1.0):
+        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale, encoder_lr_decay)
         self.saliency = saliency
 
     def loss(self, model, batch):
@@ -395,6 +405,10 @@ def encoder_lr_scale(params: FinetuneParams, pretrained: bool) -> float:
     return params.encoder_lr_scale if pretrained else 1.0
 
 
+def encoder_lr_decay(params: FinetuneParams, pretrained: bool) -> float:
+    return params.encoder_lr_decay if pretrained else 1.0
+
+
 def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, train_rows: np.ndarray,
                         val_rows: np.ndarray, params: FinetuneParams, run_dir: Path, device: torch.device,
                         resume: bool = False, progress: bool = True, run_id: str = "") -> tuple[PlaneClassifier, dict]:
@@ -402,7 +416,8 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
     With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT)."""
     n_cls = len(d.classes)
     model = PlaneClassifier(encoder, n_cls, pool_stages=params.pool_stages)
-    extra: dict[str, Any] = {"head_init": params.head_init, "encoder_lr_scale": encoder_lr_scale(params, pretrained)}
+    extra: dict[str, Any] = {"head_init": params.head_init, "encoder_lr_scale": encoder_lr_scale(params, pretrained),
+                             "encoder_lr_decay": encoder_lr_decay(params, pretrained)}
     if params.head_init == "probe":
         rows = np.concatenate([train_rows, val_rows])
         z = embed(encoder.to(device), d.frames, rows, device, params.channels_last, params.pool_stages)
@@ -410,7 +425,8 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
                                    n_cls, params.probe_c, params.seed)
         model.head[1] = layer
         extra["head_C"] = info["C"]
-    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, extra["encoder_lr_scale"])
+    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, extra["encoder_lr_scale"],
+                     extra["encoder_lr_decay"])
     res = fit(task, run_dir, finetune_loop_params(params, params.epochs, "val_macro_f1"), resume=resume,
               progress=progress, run_id=run_id)
     best = load_best(model, run_dir)
@@ -493,7 +509,7 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
         torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
         model = SaliencyModel(make_encoder(), out_size)
         task = SaliencyTask(model, d.frames, saliency, train_rows, val_rows, params,
-                            encoder_lr_scale(params, pretrained))
+                            encoder_lr_scale(params, pretrained), encoder_lr_decay(params, pretrained))
         res = fit(task, out_dir / "runs" / name, finetune_loop_params(params, params.saliency_epochs, "val_cc"), resume=resume,
                   progress=progress, run_id=fingerprint(run_key, name))
         best = load_best(model, out_dir / "runs" / name)
@@ -523,6 +539,9 @@ def check_finetune_params(params: FinetuneParams) -> None:
         raise ValueError(f"finetune.head_init: {params.head_init!r} is not one of {list(HEAD_INITS)}")
     if not params.encoder_lr_scale > 0:
         raise ValueError(f"finetune.encoder_lr_scale: must be positive, got {params.encoder_lr_scale}")
+    if not 0 < params.encoder_lr_decay <= 1:
+        raise ValueError(f"finetune.encoder_lr_decay: must be in (0, 1] (1 = every stage at the same rate), got "
+                         f"{params.encoder_lr_decay}")
     if params.pool_stages < 1:
         raise ValueError(f"finetune.pool_stages: must be >= 1 (1 = the last stage only), got {params.pool_stages}")
     if params.patience < 0:
