@@ -88,6 +88,8 @@ def draw_args(doc: str) -> argparse.ArgumentParser:
     """The options of every benchmark over the labelled draws (also ``selection_oracle.py``)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="draws first..first+n-1 (default 0; 0 is the pipeline's own draw)")
     ap.add_argument("--profile", default=None, help="params.yaml profile (default: the file's)")
     ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
     ap.add_argument("--encoder", type=Path, default=ROOT / "models/pretrain/both-sequential")
@@ -154,7 +156,7 @@ def main() -> int:
             print(f"encoder kept in {args.save_encoder}", flush=True)
         pretext = json.loads((encoder_dir / "metrics.json").read_text()) \
             if (encoder_dir / "metrics.json").is_file() else {}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             ft = dataclasses.replace(params.finetune, seed=seed)
             row = {"seed": seed}
             for init, encoder in (("ssl", encoder_dir), ("scratch", None)):
@@ -183,7 +185,8 @@ def main() -> int:
         "pool_stages": params.finetune.pool_stages,
         "encoder": {"path": encoder_path, **build,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
-        "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": args.seeds, "per_seed": rows,
+        "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": [r["seed"] for r in rows],
+        "per_seed": rows,
         **summarise(rows),
         "target": "SSL fine-tune macro-F1 at least 0.10 above scratch at the smallest fraction"
         if fraction == min(params.finetune.fractions) else None,

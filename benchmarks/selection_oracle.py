@@ -107,7 +107,7 @@ def main() -> int:
     fraction = min(params.finetune.fractions)
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sonossl-selection-") as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             p = dataclasses.replace(params.finetune, seed=seed)
             order, floor = ft.labelling_plan(d.data.index, p)
             train_rows = ft._rows(d, ft.labelled_videos(order, fraction, floor), "train")
@@ -141,7 +141,7 @@ def main() -> int:
         "benchmark": "selection_oracle", "profile": params.profile, "fraction": fraction,
         "clips_version": d.data.version, "test_set": test.info, "encoder": str(args.encoder.resolve().relative_to(ROOT))
         if args.encoder.resolve().is_relative_to(ROOT) else str(args.encoder),
-        "seeds": args.seeds, "medians": summary, "per_seed": rows,
+        "seeds": [r["seed"] for r in rows], "medians": summary, "per_seed": rows,
     }
     return finish(result, args.out, t0)
 

@@ -16,28 +16,31 @@ LABEL_SEEDS = REPO / "benchmarks" / "label_seeds.py"
 def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_clips, tmp_path):
     out, kept = tmp_path / "seeds.json", tmp_path / "kept-encoder"
     common = ["--profile", "tiny", "--clips", str(tiny_clips), "--test-clips", str(tiny_test_clips), "--lr", "0.002",
-              "--seeds", "1", "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1",
-              "--pool-stages", "2"]
-    subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--pool-videos", "4", "--pretrain-epochs", "1",
-                    "--save-encoder", str(kept), "--out", str(out)],
+              "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1", "--pool-stages", "2",
+              "--encoder-lr-decay", "0.5"]
+    subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--seeds", "2", "--pool-videos", "4",
+                    "--pretrain-epochs", "1", "--save-encoder", str(kept), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     # the kept encoder gives the same draw the same scores, and its record still says how it was built
-    subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--encoder", str(kept),
-                    "--out", str(tmp_path / "again.json")], check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--encoder", str(kept), "--first-seed", "1",
+                    "--seeds", "1", "--out", str(tmp_path / "again.json")],
+                   check=True, capture_output=True, text=True, timeout=600)
     again = json.loads((tmp_path / "again.json").read_text())
-    assert again["per_seed"] == result["per_seed"]
+    assert result["seeds"] == [0, 1] and again["seeds"] == [1] and again["per_seed"] == result["per_seed"][1:]
     assert again["encoder"]["path"] == str(kept) and again["encoder"]["pool_videos"] == 4
-    assert again["encoder"]["pretrain_epochs"] == 1 and again["encoder"]["data_version"] == result["encoder"]["data_version"]
+    assert again["encoder"]["pretrain_epochs"] == 1
+    assert again["encoder"]["data_version"] == result["encoder"]["data_version"]
     enc = result["encoder"]
     assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 2
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
-    assert result["lr"] == 0.002 and len(result["per_seed"]) == 1
+    assert result["lr"] == 0.002 and len(result["per_seed"]) == 2
     test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
     assert result["test_set"]["data_version"] == test_meta["version"] and result["test_set"]["split"] == "all"
     assert result["fraction"] == 1.0 and result["target"] is None  # the target is stated at the smallest fraction
     assert result["head_init"] == "probe" and result["encoder_lr_scale"] == 0.1 and result["pool_stages"] == 2
+    assert result["encoder_lr_decay"] == 0.5
     row = result["per_seed"][0]
     assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
     assert {row["ssl_finetune_epoch"], row["scratch_finetune_epoch"]} <= {"1/2", "2/2"}  # tiny: 2 fine-tune epochs
@@ -54,8 +57,9 @@ def test_label_seeds_refuses_a_pool_of_the_evaluation_fetuses(tiny_clips, tmp_pa
 
 
 def test_label_seeds_keeps_only_an_encoder_it_built(tmp_path):
-    proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--save-encoder", str(tmp_path / "kept"),
-                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--save-encoder",
+                           str(tmp_path / "kept"), "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--save-encoder: only with --pretrain-epochs or --pool-videos" in proc.stderr
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "kept").exists()
 
