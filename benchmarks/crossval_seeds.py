@@ -64,8 +64,7 @@ def main() -> int:
         raise SystemExit(f"{args.clips}: no clip dataset; run `dvc repro preprocess@pocus` first")
     params = load_params(ROOT / "params.yaml", args.profile)
     cv_given = {k: getattr(args, k) for k in LEVERS if getattr(args, k) is not None}
-    counts = cv_given | ({} if args.pool_stages is None else {"pool_stages": args.pool_stages})
-    for k, v in counts.items():
+    for k, v in cv_given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay))

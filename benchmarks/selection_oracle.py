@@ -82,8 +82,7 @@ def finetune_candidates(encoder, pretrained, d, train_rows, val_rows, test, para
     n_cls = len(d.classes)
     model = PlaneClassifier(encoder, n_cls, pool_stages=params.pool_stages)
     task = TracedPlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls,
-                           ft.encoder_lr_scale(params, pretrained), ft.encoder_lr_decay(params, pretrained),
-                           test=test)
+                           **ft.encoder_lr(params, pretrained), test=test)
     res = fit(task, run_dir, ft.finetune_loop_params(params, params.epochs, "val_macro_f1"), progress=False)
     return [{"epoch": h["epoch"], "val": h["val_macro_f1"], "test": h["val_test_macro_f1"]} for h in res.history]
 

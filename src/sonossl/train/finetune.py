@@ -401,12 +401,11 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
     return layer, {"C": c, "val_macro_f1": score}
 
 
-def encoder_lr_scale(params: FinetuneParams, pretrained: bool) -> float:
-    return params.encoder_lr_scale if pretrained else 1.0
-
-
-def encoder_lr_decay(params: FinetuneParams, pretrained: bool) -> float:
-    return params.encoder_lr_decay if pretrained else 1.0
+def encoder_lr(params: FinetuneParams, pretrained: bool) -> dict[str, float]:
+    """``encoder_lr_scale`` and ``encoder_lr_decay`` for a fine-tune task (keyword arguments): the profile's for a
+    pretrained encoder, 1 for scratch."""
+    return {"encoder_lr_scale": params.encoder_lr_scale if pretrained else 1.0,
+            "encoder_lr_decay": params.encoder_lr_decay if pretrained else 1.0}
 
 
 def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, train_rows: np.ndarray,
@@ -416,8 +415,7 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
     With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT)."""
     n_cls = len(d.classes)
     model = PlaneClassifier(encoder, n_cls, pool_stages=params.pool_stages)
-    extra: dict[str, Any] = {"head_init": params.head_init, "encoder_lr_scale": encoder_lr_scale(params, pretrained),
-                             "encoder_lr_decay": encoder_lr_decay(params, pretrained)}
+    extra: dict[str, Any] = {"head_init": params.head_init, **encoder_lr(params, pretrained)}
     if params.head_init == "probe":
         rows = np.concatenate([train_rows, val_rows])
         z = embed(encoder.to(device), d.frames, rows, device, params.channels_last, params.pool_stages)
@@ -425,8 +423,7 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
                                    n_cls, params.probe_c, params.seed)
         model.head[1] = layer
         extra["head_C"] = info["C"]
-    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, extra["encoder_lr_scale"],
-                     extra["encoder_lr_decay"])
+    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, **encoder_lr(params, pretrained))
     res = fit(task, run_dir, finetune_loop_params(params, params.epochs, "val_macro_f1"), resume=resume,
               progress=progress, run_id=run_id)
     best = load_best(model, run_dir)
@@ -508,8 +505,7 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
         name = f"finetune@{frac:g}"
         torch.manual_seed(seed_for(params.seed, int(frac * 1000)))
         model = SaliencyModel(make_encoder(), out_size)
-        task = SaliencyTask(model, d.frames, saliency, train_rows, val_rows, params,
-                            encoder_lr_scale(params, pretrained), encoder_lr_decay(params, pretrained))
+        task = SaliencyTask(model, d.frames, saliency, train_rows, val_rows, params, **encoder_lr(params, pretrained))
         res = fit(task, out_dir / "runs" / name, finetune_loop_params(params, params.saliency_epochs, "val_cc"), resume=resume,
                   progress=progress, run_id=fingerprint(run_key, name))
         best = load_best(model, out_dir / "runs" / name)
