@@ -47,8 +47,9 @@ selection-oracle: setup
 # LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with 3x the
 # pretraining; the default encoder at 20 % of the videos; heads on the last 3 encoder stages; layer-wise decay of a
 # pretrained encoder's fine-tune rate, on the pipeline's encoder and on two encoders kept in models/bench (with
-# draws 5-9 for the one it was chosen on). About 140 minutes on 2 cores. Decay 0.5 became the default after these
-# were measured; $(NODECAY) runs the others as they were (every stage at one rate).
+# draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3). About 165 minutes
+# on 2 cores. Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were
+# (every stage at one rate).
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
 label-levers: setup
@@ -78,6 +79,14 @@ label-levers: setup
 		--out $(LEVERS)_pool128_e24_seeds5-9.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128_e24 --encoder-lr-decay 0.5 --first-seed 5 \
 		--out $(LEVERS)_pool128_e24_decay0.5_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py --pool-videos 128 --pool-seed 3 --pretrain-epochs 24 \
+		--save-encoder models/bench/pool128s3_e24 --out $(LEVERS)_pool128s3_e24_decay0.5.json
+	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128s3_e24 --first-seed 5 \
+		--out $(LEVERS)_pool128s3_e24_decay0.5_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/bench/pool128s3_e24 \
+		--out $(LEVERS)_pool128s3_e24.json
+	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/bench/pool128s3_e24 --first-seed 5 \
+		--out $(LEVERS)_pool128s3_e24_seeds5-9.json
 
 # The POCUS cross-validation over five seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 45 minutes on 2 cores).
