@@ -26,7 +26,11 @@ numbers say"; the scratch side is the same unless ``--lr`` or ``--head-init`` ch
     --pool-videos 128 [--pool-seed 2]  first simulate that many more sweeps (other fetuses: another simulator seed),
                                        unlabelled, and pretrain on them alone (the profile's epochs; an epoch is one
                                        clip per valid start, so it grows with the data)
-    --save-encoder DIR                 keep the encoder built for the two options above, to rerun other levers on
+    --pool-fps 5                       render the pool at this frame rate instead of the profile's (cheaper: the
+                                       pretext stride is scaled to keep the same time between clip frames)
+    --clips-per-epoch 1936             pretrain on this many clips per epoch (default: one per valid start), e.g.
+                                       the pipeline's own count, to compare pools at equal pretraining cost
+    --save-encoder DIR                 keep the encoder built for the options above, to rerun other levers on
                                        it with --encoder DIR (the record still names how it was built)
 """
 
@@ -56,17 +60,26 @@ def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
     from sonossl.data.simulate import simulate
     from sonossl.train.pretrain import pretrain
 
-    if args.pretrain_epochs is None and args.pool_videos is None:
+    if not builds(args):
         return args.encoder
-    pre = params.pretrain if args.pretrain_epochs is None else dataclasses.replace(params.pretrain,
-                                                                                    epochs=args.pretrain_epochs)
+    pre = params.pretrain
+    if args.pretrain_epochs is not None:
+        pre = dataclasses.replace(pre, epochs=args.pretrain_epochs)
+    if args.clips_per_epoch is not None:
+        pre = dataclasses.replace(pre, clips_per_epoch=args.clips_per_epoch)
     clips = args.clips
     if args.pool_videos is not None:
         taken = {params.simulate.seed} | ({params.simulate_test.seed} if params.simulate_test else set())
         if args.pool_seed in taken:
             raise SystemExit(f"--pool-seed {args.pool_seed} is the simulator seed of the training or test sweeps; the "
                              "pool must hold other fetuses")
-        simulate(tmp / "pool-raw", dataclasses.replace(params.simulate, videos=args.pool_videos, seed=args.pool_seed))
+        sim = dataclasses.replace(params.simulate, videos=args.pool_videos, seed=args.pool_seed)
+        if args.pool_fps is not None:
+            sim = dataclasses.replace(sim, fps=args.pool_fps)
+            # the same time between clip frames as on the training clips (unless preprocess resamples both)
+            ratio = (params.preprocess.fps or args.pool_fps) / (params.preprocess.fps or params.simulate.fps)
+            pre = dataclasses.replace(pre, stride=max(1, round(pre.stride * ratio)))
+        simulate(tmp / "pool-raw", sim)
         # unlabelled: no test split; a tenth of the sweeps hold out the pretext accuracy
         preprocess(tmp / "pool-raw", tmp / "pool-clips",
                    dataclasses.replace(params.preprocess, split=SplitParams(train=0.9, val=0.1)))
@@ -78,10 +91,17 @@ def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
 BUILT_BY = "label_seeds_build.json"
 
 
+def builds(args: argparse.Namespace) -> bool:
+    """Whether ``build_encoder`` pretrains an encoder here (otherwise ``--encoder`` is taken as given)."""
+    return any(v is not None for v in (args.pretrain_epochs, args.pool_videos, args.clips_per_epoch))
+
+
 def built_by(args: argparse.Namespace) -> dict:
     """How ``build_encoder`` made the encoder (all None for an ``--encoder`` taken as given)."""
-    return {"pretrain_epochs": args.pretrain_epochs, "pool_videos": args.pool_videos,
-            "pool_seed": args.pool_seed if args.pool_videos is not None else None}
+    pooled = args.pool_videos is not None
+    return {"pretrain_epochs": args.pretrain_epochs, "clips_per_epoch": args.clips_per_epoch,
+            "pool_videos": args.pool_videos, "pool_seed": args.pool_seed if pooled else None,
+            "pool_fps": args.pool_fps if pooled else None}
 
 
 def draw_args(doc: str) -> argparse.ArgumentParser:
@@ -114,6 +134,10 @@ def main() -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="pretrain a both-sequential encoder first")
     ap.add_argument("--pool-videos", type=int, default=None, help="pretrain first on this many new unlabelled sweeps")
     ap.add_argument("--pool-seed", type=int, default=2, help="simulator seed of the unlabelled sweeps")
+    ap.add_argument("--pool-fps", type=float, default=None,
+                    help="frame rate of the unlabelled sweeps (default: the profile's; the pretext stride follows)")
+    ap.add_argument("--clips-per-epoch", type=int, default=None,
+                    help="pretrain a both-sequential encoder first, on this many clips per epoch")
     ap.add_argument("--fraction", type=float, default=None,
                     help="label fraction to compare at (default: the profile's smallest)")
     ap.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: the profile's)")
@@ -130,11 +154,14 @@ def main() -> int:
                          "other levers can reuse it with --encoder")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
     args = ap.parse_args()
-    builds = args.pretrain_epochs is not None or args.pool_videos is not None
-    if args.save_encoder is not None and not builds:
-        raise SystemExit("--save-encoder: only with --pretrain-epochs or --pool-videos (otherwise --encoder is "
-                         "already a directory)")
-    if not builds and not (args.encoder / "encoder.pt").is_file():
+    if args.pool_fps is not None and (args.pool_videos is None or args.pool_fps <= 0):
+        raise SystemExit(f"--pool-fps: needs --pool-videos and a positive rate, got {args.pool_fps}")
+    if args.clips_per_epoch is not None and args.clips_per_epoch < 1:
+        raise SystemExit(f"--clips-per-epoch: must be at least 1, got {args.clips_per_epoch}")
+    if args.save_encoder is not None and not builds(args):
+        raise SystemExit("--save-encoder: only with --pretrain-epochs, --clips-per-epoch or --pool-videos "
+                         "(otherwise --encoder is already a directory)")
+    if not builds(args) and not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
 
     params = load_params(ROOT / "params.yaml", args.profile)
@@ -175,9 +202,10 @@ def main() -> int:
             print(json.dumps(row), flush=True)
 
     given = args.encoder.resolve()
-    encoder_path = None if builds else str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
+    encoder_path = None if builds(args) else str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
     # an encoder kept by --save-encoder says how it was built
-    build = built_by(args) if builds or not (given / BUILT_BY).is_file() else json.loads((given / BUILT_BY).read_text())
+    kept = given / BUILT_BY
+    build = built_by(args) if builds(args) or not kept.is_file() else json.loads(kept.read_text())
     result = {
         "benchmark": "label_seeds", "profile": params.profile, "fraction": fraction, "lr": params.finetune.lr,
         "head_init": params.finetune.head_init, "encoder_lr_scale": params.finetune.encoder_lr_scale,

@@ -19,7 +19,8 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
               "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1", "--pool-stages", "2",
               "--encoder-lr-decay", "0.5"]
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--seeds", "2", "--pool-videos", "4",
-                    "--pretrain-epochs", "1", "--save-encoder", str(kept), "--out", str(out)],
+                    "--pool-fps", "5", "--clips-per-epoch", "48", "--pretrain-epochs", "1",
+                    "--save-encoder", str(kept), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     # the kept encoder gives the same draw the same scores, and its record still says how it was built
@@ -34,6 +35,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     enc = result["encoder"]
     assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 2
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
+    assert enc["pool_fps"] == 5 and enc["clips_per_epoch"] == 48
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
     assert result["lr"] == 0.002 and len(result["per_seed"]) == 2
     test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
@@ -60,7 +62,7 @@ def test_label_seeds_keeps_only_an_encoder_it_built(tmp_path):
     proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--save-encoder",
                            str(tmp_path / "kept"), "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--save-encoder: only with --pretrain-epochs or --pool-videos" in proc.stderr
+    assert proc.returncode != 0 and "--save-encoder: only with --pretrain-epochs, --clips-per-epoch" in proc.stderr
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "kept").exists()
 
 
