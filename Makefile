@@ -47,11 +47,14 @@ selection-oracle: setup
 # LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with 3x the
 # pretraining; the default encoder at 20 % of the videos; heads on the last 3 encoder stages; layer-wise decay of a
 # pretrained encoder's fine-tune rate, on the pipeline's encoder and on two encoders kept in models/bench (with
-# draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3). About 165 minutes
-# on 2 cores. Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were
-# (every stage at one rate).
+# draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3); a pool rendered at
+# 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x the pretraining on the
+# training sweeps, over ten draws. About 240 minutes on 2 cores. Decay 0.5 became the default after most of these
+# were measured; $(NODECAY) runs those as they were (every stage at one rate).
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
+# 128 unlabelled sweeps rendered at 5 frames/s, pretrained at the pipeline's cost (the default profile's 1,936 clips)
+POOL5 := --pool-videos 128 --pool-fps 5 --clips-per-epoch 1936
 label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --lr 3e-4 --out $(LEVERS)_lr3e-4.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --head-init probe --encoder-lr-scale 0.1 --out $(LEVERS)_lpft.json
@@ -87,6 +90,19 @@ label-levers: setup
 		--out $(LEVERS)_pool128s3_e24.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/bench/pool128s3_e24 --first-seed 5 \
 		--out $(LEVERS)_pool128s3_e24_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py --first-seed 5 --out $(LEVERS)_decay0.5_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --out $(LEVERS)_pool128f5_c1936.json
+	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --first-seed 5 --out $(LEVERS)_pool128f5_c1936_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e24 --first-seed 5 \
+		--out $(LEVERS)_pretrain24_decay0.5_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --pretrain-epochs 24 --save-encoder models/bench/pool128f5_c1936_e24 \
+		--out $(LEVERS)_pool128f5_c1936_e24.json
+	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128f5_c1936_e24 --first-seed 5 \
+		--out $(LEVERS)_pool128f5_c1936_e24_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --pool-seed 3 --pretrain-epochs 24 \
+		--save-encoder models/bench/pool128s3f5_c1936_e24 --out $(LEVERS)_pool128s3f5_c1936_e24.json
+	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128s3f5_c1936_e24 --first-seed 5 \
+		--out $(LEVERS)_pool128s3f5_c1936_e24_seeds5-9.json
 
 # The POCUS cross-validation over five seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 45 minutes on 2 cores).
