@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from sonossl.atomic import atomic_dir, atomic_write_text
-from sonossl.config import Params, SplitParams, as_dict, load_params
+from sonossl.config import Params, PretrainParams, SimulateParams, SplitParams, as_dict, load_params
 from sonossl.machine import describe
 from sonossl.train.finetune import HEAD_INITS, finetune
 
@@ -55,30 +55,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
     """The encoder to compare: ``--encoder`` as given, or one pretrained here for ``--pretrain-epochs`` /
-    ``--pool-videos``."""
+    ``--clips-per-epoch`` / ``--pool-videos``."""
     from sonossl.data.clips import preprocess
     from sonossl.data.simulate import simulate
     from sonossl.train.pretrain import pretrain
 
     if not builds(args):
         return args.encoder
-    pre = params.pretrain
-    if args.pretrain_epochs is not None:
-        pre = dataclasses.replace(pre, epochs=args.pretrain_epochs)
-    if args.clips_per_epoch is not None:
-        pre = dataclasses.replace(pre, clips_per_epoch=args.clips_per_epoch)
+    pre, sim = build_params(args, params)
     clips = args.clips
-    if args.pool_videos is not None:
-        taken = {params.simulate.seed} | ({params.simulate_test.seed} if params.simulate_test else set())
-        if args.pool_seed in taken:
-            raise SystemExit(f"--pool-seed {args.pool_seed} is the simulator seed of the training or test sweeps; the "
-                             "pool must hold other fetuses")
-        sim = dataclasses.replace(params.simulate, videos=args.pool_videos, seed=args.pool_seed)
-        if args.pool_fps is not None:
-            sim = dataclasses.replace(sim, fps=args.pool_fps)
-            # the same time between clip frames as on the training clips (unless preprocess resamples both)
-            ratio = (params.preprocess.fps or args.pool_fps) / (params.preprocess.fps or params.simulate.fps)
-            pre = dataclasses.replace(pre, stride=max(1, round(pre.stride * ratio)))
+    if sim is not None:
         simulate(tmp / "pool-raw", sim)
         # unlabelled: no test split; a tenth of the sweeps hold out the pretext accuracy
         preprocess(tmp / "pool-raw", tmp / "pool-clips",
@@ -86,6 +72,29 @@ def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
         clips = tmp / "pool-clips"
     pretrain(clips, tmp / "encoder", pre, mode="both-sequential")
     return tmp / "encoder"
+
+
+def build_params(args: argparse.Namespace, params: Params) -> tuple[PretrainParams, SimulateParams | None]:
+    """The pretraining parameters of the encoder ``build_encoder`` makes, and the simulation of its unlabelled pool
+    (None: it pretrains on ``--clips``)."""
+    pre = params.pretrain
+    if args.pretrain_epochs is not None:
+        pre = dataclasses.replace(pre, epochs=args.pretrain_epochs)
+    if args.clips_per_epoch is not None:
+        pre = dataclasses.replace(pre, clips_per_epoch=args.clips_per_epoch)
+    if args.pool_videos is None:
+        return pre, None
+    taken = {params.simulate.seed} | ({params.simulate_test.seed} if params.simulate_test else set())
+    if args.pool_seed in taken:
+        raise SystemExit(f"--pool-seed {args.pool_seed} is the simulator seed of the training or test sweeps; the "
+                         "pool must hold other fetuses")
+    sim = dataclasses.replace(params.simulate, videos=args.pool_videos, seed=args.pool_seed)
+    if args.pool_fps is not None:
+        sim = dataclasses.replace(sim, fps=args.pool_fps)
+        # the same time between clip frames as on the training clips (unless preprocess resamples both)
+        ratio = (params.preprocess.fps or args.pool_fps) / (params.preprocess.fps or params.simulate.fps)
+        pre = dataclasses.replace(pre, stride=max(1, round(pre.stride * ratio)))
+    return pre, sim
 
 
 BUILT_BY = "label_seeds_build.json"
@@ -154,8 +163,10 @@ def main() -> int:
                          "other levers can reuse it with --encoder")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
     args = ap.parse_args()
-    if args.pool_fps is not None and (args.pool_videos is None or args.pool_fps <= 0):
-        raise SystemExit(f"--pool-fps: needs --pool-videos and a positive rate, got {args.pool_fps}")
+    if args.pool_fps is not None and args.pool_videos is None:
+        raise SystemExit("--pool-fps: the frame rate of the unlabelled pool, so only with --pool-videos")
+    if args.pool_fps is not None and args.pool_fps <= 0:
+        raise SystemExit(f"--pool-fps: must be positive, got {args.pool_fps}")
     if args.clips_per_epoch is not None and args.clips_per_epoch < 1:
         raise SystemExit(f"--clips-per-epoch: must be at least 1, got {args.clips_per_epoch}")
     if args.save_encoder is not None and not builds(args):

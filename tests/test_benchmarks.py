@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from sonossl.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_SEEDS = REPO / "benchmarks" / "label_seeds.py"
@@ -64,6 +68,44 @@ def test_label_seeds_keeps_only_an_encoder_it_built(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--save-encoder: only with --pretrain-epochs, --clips-per-epoch" in proc.stderr
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "kept").exists()
+
+
+def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
+    """A pool rendered at another frame rate pretrains with the stride scaled to it (the default profile: 20 frames/s
+    and stride 12, so 5 frames/s and stride 3); a profile that resamples every dataset to one rate keeps it."""
+    monkeypatch.syspath_prepend(str(LABEL_SEEDS.parent))
+    bench = importlib.import_module("label_seeds")
+    default = load_params(REPO / "params.yaml", "default")
+    assert (default.simulate.fps, default.preprocess.fps, default.pretrain.stride) == (20.0, None, 12)
+
+    def args(**given):
+        return argparse.Namespace(**{"pretrain_epochs": None, "clips_per_epoch": None, "pool_videos": None,
+                                     "pool_seed": 2, "pool_fps": None, **given})
+
+    pre, sim = bench.build_params(args(pretrain_epochs=24, clips_per_epoch=1936, pool_videos=128, pool_fps=5.0),
+                                  default)
+    assert (sim.videos, sim.seed, sim.fps, sim.height) == (128, 2, 5.0, default.simulate.height)
+    assert (pre.stride, pre.epochs, pre.clips_per_epoch, pre.crop) == (3, 24, 1936, default.pretrain.crop)
+    pre, sim = bench.build_params(args(pool_videos=128), default)  # the profile's rate: the profile's stride
+    assert sim.fps == 20.0 and pre == default.pretrain
+    pre, sim = bench.build_params(args(clips_per_epoch=100), default)  # no pool: the training clips
+    assert sim is None and pre.clips_per_epoch == 100 and pre.stride == 12
+    tiny = load_params(REPO / "params.yaml", "tiny")
+    assert tiny.preprocess.fps == 5.0
+    pre, sim = bench.build_params(args(pool_videos=4, pool_fps=20.0), tiny)
+    assert sim.fps == 20.0 and pre.stride == tiny.pretrain.stride
+
+
+@pytest.mark.parametrize("given, message", [
+    (["--pool-fps", "5"], "--pool-fps: the frame rate of the unlabelled pool, so only with --pool-videos"),
+    (["--pool-videos", "4", "--pool-fps", "0"], "--pool-fps: must be positive, got 0.0"),
+    (["--clips-per-epoch", "0"], "--clips-per-epoch: must be at least 1, got 0"),
+])
+def test_label_seeds_refuses_bad_pretraining_options(tmp_path, given, message):
+    proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", *given,
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_test_clips, tiny_export, tmp_path):
