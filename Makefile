@@ -40,8 +40,9 @@ label-seeds: setup
 
 # The same draws: the test score of what validation selects against the best test score any selection could reach
 # (a diagnosis of whether selection holds the result back; after `make run`; 12.8 min on 2 cores beside the tests).
+# As recorded, with every encoder stage at one rate ($(NODECAY), below); without it, the profile's decay.
 selection-oracle: setup
-	$(BIN)/python benchmarks/selection_oracle.py --seeds 5
+	$(BIN)/python benchmarks/selection_oracle.py --seeds 5 $(NODECAY)
 
 # The same comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune LR,
 # LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with 3x the

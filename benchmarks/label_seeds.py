@@ -125,6 +125,8 @@ def draw_args(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--test-clips", type=Path, default=ROOT / "data/clips/sim_test",
                     help="the independent test set (default: the pipeline's simulated test sweeps)")
     ap.add_argument("--split-test", action="store_true", help="score the test split of --clips instead")
+    ap.add_argument("--encoder-lr-decay", type=float, default=None,
+                    help="a pretrained encoder's layer-wise learning rate decay (default: the profile's; scratch: 1)")
     return ap
 
 
@@ -154,8 +156,6 @@ def main() -> int:
                     help="fine-tune head from the linear probe (LP-FT) or random (default: the profile's)")
     ap.add_argument("--encoder-lr-scale", type=float, default=None,
                     help="a pretrained encoder's learning rate multiple (default: the profile's; scratch: 1)")
-    ap.add_argument("--encoder-lr-decay", type=float, default=None,
-                    help="a pretrained encoder's layer-wise learning rate decay (default: the profile's; scratch: 1)")
     ap.add_argument("--pool-stages", type=int, default=None,
                     help="heads on the last N encoder stages, pooled (default: the profile's finetune.pool_stages)")
     ap.add_argument("--save-encoder", type=Path, default=None,

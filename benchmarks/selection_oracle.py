@@ -14,7 +14,8 @@ If the oracle gain is far above the selected one, better selection (more or bett
 metric) is the lever; if the oracle gain itself is small, the fine-tune procedure or the representation is.
 
     .venv/bin/python benchmarks/selection_oracle.py [--seeds 5]       # after `dvc repro`; 12.8 min on 2 cores (tests beside it)
-Writes benchmarks/results/selection_oracle.json (or --out).
+Writes benchmarks/results/selection_oracle.json (or --out). ``--encoder-lr-decay`` replaces the profile's layer-wise
+decay of the pretrained encoder's fine-tune rate (``--encoder-lr-decay 1``: every stage at one rate, as the record).
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def main() -> int:
     if not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
     params = load_params(ROOT / "params.yaml", args.profile)
+    if args.encoder_lr_decay is not None:
+        params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune,
+                                                                          encoder_lr_decay=args.encoder_lr_decay))
+    try:
+        ft.check_finetune_params(params.finetune)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = ft.open_labelled(args.clips)
     val_rows, test = ft._rows(d, split="val"), ft.open_test_set(d, test_clips(args))
@@ -138,6 +146,7 @@ def main() -> int:
                 for method in ("probe", "finetune") for how in ("selected", "oracle")}
     result = {
         "benchmark": "selection_oracle", "profile": params.profile, "fraction": fraction,
+        "encoder_lr_decay": params.finetune.encoder_lr_decay,
         "clips_version": d.data.version, "test_set": test.info, "encoder": str(args.encoder.resolve().relative_to(ROOT))
         if args.encoder.resolve().is_relative_to(ROOT) else str(args.encoder),
         "seeds": [r["seed"] for r in rows], "medians": summary, "per_seed": rows,

@@ -113,7 +113,7 @@ def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_tes
     the best test score over the candidates, so never below it."""
     encoder = tiny_export.parent / "pretrain"
     common = ["--profile", "tiny", "--clips", str(tiny_clips), "--test-clips", str(tiny_test_clips), "--encoder",
-              str(encoder), "--seeds", "1"]
+              str(encoder), "--seeds", "1", "--encoder-lr-decay", "0.25"]  # both apply the lever (tiny's: 0.5)
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--out", str(tmp_path / "seeds.json")],
                    check=True, capture_output=True, text=True, timeout=600)
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "selection_oracle.py"), *common,
@@ -128,6 +128,12 @@ def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_tes
     assert len(row["ssl_probe"]["candidates"]) == 1  # tiny: probe_c [1.0]
     assert oracle["medians"]["finetune_gain_oracle"] == row["finetune_gain_oracle"]
     assert oracle["test_set"] == json.loads((tmp_path / "seeds.json").read_text())["test_set"]
+    assert oracle["encoder_lr_decay"] == json.loads((tmp_path / "seeds.json").read_text())["encoder_lr_decay"] == 0.25
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "selection_oracle.py"), *common[:-2],
+                           "--encoder-lr-decay", "2", "--out", str(tmp_path / "bad.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "finetune.encoder_lr_decay: must be in (0, 1]" in proc.stderr
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_serve_example_sends_a_sweep_through_the_real_server_and_compares_labels(tiny_clips, tiny_export, tmp_path):
