@@ -49,8 +49,8 @@ selection-oracle: setup
 # pretraining; the default encoder at 20 % of the videos; heads on the last 3 encoder stages; layer-wise decay of a
 # pretrained encoder's fine-tune rate, on the pipeline's encoder and on two encoders kept in models/bench (with
 # draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3); a pool rendered at
-# 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x the pretraining on the
-# training sweeps, over ten draws. About 240 minutes on 2 cores. Decay 0.5 became the default after most of these
+# 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x and 6x the pretraining on
+# the training sweeps, over ten draws. About 260 minutes on 2 cores. Decay 0.5 became the default after most of these
 # were measured; $(NODECAY) runs those as they were (every stage at one rate).
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
@@ -96,6 +96,10 @@ label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --first-seed 5 --out $(LEVERS)_pool128f5_c1936_seeds5-9.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e24 --first-seed 5 \
 		--out $(LEVERS)_pretrain24_decay0.5_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 48 --save-encoder models/bench/e48 \
+		--out $(LEVERS)_pretrain48_decay0.5.json
+	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e48 --first-seed 5 \
+		--out $(LEVERS)_pretrain48_decay0.5_seeds5-9.json
 	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --pretrain-epochs 24 --save-encoder models/bench/pool128f5_c1936_e24 \
 		--out $(LEVERS)_pool128f5_c1936_e24.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128f5_c1936_e24 --first-seed 5 \
