@@ -48,7 +48,7 @@ from pathlib import Path
 from sonossl.atomic import atomic_dir, atomic_write_text
 from sonossl.config import Params, PretrainParams, SimulateParams, SplitParams, as_dict, load_params
 from sonossl.machine import describe
-from sonossl.train.finetune import HEAD_INITS, finetune
+from sonossl.train.finetune import HEAD_INITS, check_finetune_params, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +130,20 @@ def draw_args(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def draw_params(args: argparse.Namespace, **options: object) -> Params:
+    """The profile's parameters with the fine-tune options given on the command line replaced (``--encoder-lr-decay``
+    of ``draw_args``, and the script's own as keywords; None keeps the profile's), checked before any work."""
+    params = load_params(ROOT / "params.yaml", args.profile)
+    given = {"encoder_lr_decay": args.encoder_lr_decay, **options}
+    params = dataclasses.replace(params, finetune=dataclasses.replace(
+        params.finetune, **{k: v for k, v in given.items() if v is not None}))
+    try:
+        check_finetune_params(params.finetune)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return params
+
+
 def test_clips(args: argparse.Namespace) -> Path | None:
     """The ``test_clips`` argument of ``finetune`` for these options: None scores the test split of ``--clips``."""
     if args.split_test:
@@ -175,11 +189,8 @@ def main() -> int:
     if not builds(args) and not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
 
-    params = load_params(ROOT / "params.yaml", args.profile)
-    given_ft = {"lr": args.lr, "head_init": args.head_init, "encoder_lr_scale": args.encoder_lr_scale,
-                "encoder_lr_decay": args.encoder_lr_decay, "pool_stages": args.pool_stages}
-    params = dataclasses.replace(params, finetune=dataclasses.replace(
-        params.finetune, **{k: v for k, v in given_ft.items() if v is not None}))
+    params = draw_params(args, lr=args.lr, head_init=args.head_init, encoder_lr_scale=args.encoder_lr_scale,
+                         pool_stages=args.pool_stages)
     fraction = min(params.finetune.fractions) if args.fraction is None else args.fraction
     if not 0 < fraction <= 1:
         raise SystemExit(f"--fraction: must be in (0, 1], got {fraction}")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sonossl.config import as_dict, load_params
+from sonossl.config import as_dict
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
 from sonossl.models.encoder import build_encoder
@@ -38,7 +38,7 @@ from sonossl.train import finetune as ft
 from sonossl.train.loop import fit
 from sonossl.train.pretrain import load_encoder, seed_for
 
-from label_seeds import draw_args, finish, test_clips  # benchmarks/ is on the path when run as a script
+from label_seeds import draw_args, draw_params, finish, test_clips  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,14 +100,7 @@ def main() -> int:
     args = ap.parse_args()
     if not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
-    params = load_params(ROOT / "params.yaml", args.profile)
-    if args.encoder_lr_decay is not None:
-        params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune,
-                                                                          encoder_lr_decay=args.encoder_lr_decay))
-    try:
-        ft.check_finetune_params(params.finetune)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    params = draw_params(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = ft.open_labelled(args.clips)
     val_rows, test = ft._rows(d, split="val"), ft.open_test_set(d, test_clips(args))
