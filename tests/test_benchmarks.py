@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import subprocess
@@ -23,7 +24,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
               "--fraction", "1", "--head-init", "probe", "--encoder-lr-scale", "0.1", "--pool-stages", "2",
               "--encoder-lr-decay", "0.5"]
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--seeds", "2", "--pool-videos", "4",
-                    "--pool-fps", "5", "--clips-per-epoch", "48", "--pretrain-epochs", "1",
+                    "--pool-fps", "5", "--clips-per-epoch", "48", "--pretrain-epochs", "1", "--pretrain-lr", "0.003",
                     "--save-encoder", str(kept), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
@@ -34,12 +35,12 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     again = json.loads((tmp_path / "again.json").read_text())
     assert result["seeds"] == [0, 1] and again["seeds"] == [1] and again["per_seed"] == result["per_seed"][1:]
     assert again["encoder"]["path"] == str(kept) and again["encoder"]["pool_videos"] == 4
-    assert again["encoder"]["pretrain_epochs"] == 1
+    assert again["encoder"]["pretrain_epochs"] == 1 and again["encoder"]["pretrain_lr"] == 0.003
     assert again["encoder"]["data_version"] == result["encoder"]["data_version"]
     enc = result["encoder"]
     assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 2
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
-    assert enc["pool_fps"] == 5 and enc["clips_per_epoch"] == 48
+    assert enc["pool_fps"] == 5 and enc["clips_per_epoch"] == 48 and enc["pretrain_lr"] == 0.003
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
     assert result["lr"] == 0.002 and len(result["per_seed"]) == 2
     test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
@@ -66,7 +67,7 @@ def test_label_seeds_keeps_only_an_encoder_it_built(tmp_path):
     proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", "--save-encoder",
                            str(tmp_path / "kept"), "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--save-encoder: only with --pretrain-epochs, --clips-per-epoch" in proc.stderr
+    assert proc.returncode != 0 and "--save-encoder: only with --pretrain-epochs, --pretrain-lr" in proc.stderr
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "kept").exists()
 
 
@@ -79,8 +80,8 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     assert (default.simulate.fps, default.preprocess.fps, default.pretrain.stride) == (20.0, None, 12)
 
     def args(**given):
-        return argparse.Namespace(**{"pretrain_epochs": None, "clips_per_epoch": None, "pool_videos": None,
-                                     "pool_seed": 2, "pool_fps": None, **given})
+        return argparse.Namespace(**{"pretrain_epochs": None, "pretrain_lr": None, "clips_per_epoch": None,
+                                     "pool_videos": None, "pool_seed": 2, "pool_fps": None, **given})
 
     pre, sim = bench.build_params(args(pretrain_epochs=24, clips_per_epoch=1936, pool_videos=128, pool_fps=5.0),
                                   default)
@@ -90,6 +91,8 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     assert sim.fps == 20.0 and pre == default.pretrain
     pre, sim = bench.build_params(args(clips_per_epoch=100), default)  # no pool: the training clips
     assert sim is None and pre.clips_per_epoch == 100 and pre.stride == 12
+    pre, sim = bench.build_params(args(pretrain_lr=2e-3), default)  # only the rate: the pipeline's epochs and clips
+    assert sim is None and pre == dataclasses.replace(default.pretrain, lr=2e-3)
     tiny = load_params(REPO / "params.yaml", "tiny")
     assert tiny.preprocess.fps == 5.0
     pre, sim = bench.build_params(args(pool_videos=4, pool_fps=20.0), tiny)
@@ -100,6 +103,7 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     (["--pool-fps", "5"], "--pool-fps: the frame rate of the unlabelled pool, so only with --pool-videos"),
     (["--pool-videos", "4", "--pool-fps", "0"], "--pool-fps: must be positive, got 0.0"),
     (["--clips-per-epoch", "0"], "--clips-per-epoch: must be at least 1, got 0"),
+    (["--pretrain-lr", "0"], "--pretrain-lr: must be positive, got 0.0"),
 ])
 def test_label_seeds_refuses_bad_pretraining_options(tmp_path, given, message):
     proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", *given,
