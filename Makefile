@@ -40,9 +40,12 @@ label-seeds: setup
 
 # The same draws: the test score of what validation selects against the best test score any selection could reach
 # (a diagnosis of whether selection holds the result back; after `make run`; 12.8 min on 2 cores beside the tests).
-# As recorded, with every encoder stage at one rate ($(NODECAY), below); without it, the profile's decay.
+# As recorded: with every encoder stage at one rate ($(NODECAY), below; without it, the profile's decay), on the
+# pipeline's encoder as it was pretrained then ($(LR0): first built and kept in models/bench/lr5e-4, with one draw).
 selection-oracle: setup
-	$(BIN)/python benchmarks/selection_oracle.py --seeds 5 $(NODECAY)
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) --seeds 1 --save-encoder models/bench/lr5e-4 \
+		--out models/bench/lr5e-4.json
+	$(BIN)/python benchmarks/selection_oracle.py --seeds 5 $(NODECAY) --encoder models/bench/lr5e-4
 
 # The same comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune LR,
 # LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with 3x the
@@ -50,31 +53,36 @@ selection-oracle: setup
 # pretrained encoder's fine-tune rate, on the pipeline's encoder and on two encoders kept in models/bench (with
 # draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3); a pool rendered at
 # 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x and 6x the pretraining on
-# the training sweeps, over ten draws. About 260 minutes on 2 cores. Decay 0.5 became the default after most of these
-# were measured; $(NODECAY) runs those as they were (every stage at one rate).
+# the training sweeps, over ten draws; the pretraining rate 2e-3 over ten draws. About 280 minutes on 2 cores. Decay
+# 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were (every stage at one
+# rate). The pretraining rate 2e-3 became the default after all of them; $(LR0) pretrains their encoders, and the
+# pipeline's, at the rate they had (5e-4). The order-only and both-parallel rows read the pipeline's own ablation
+# encoders, so they now measure this version's (pretrained at 2e-3).
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
+LR0 := --pretrain-lr 5e-4
 # 128 unlabelled sweeps rendered at 5 frames/s, pretrained at the pipeline's cost (the default profile's 1,936 clips)
 POOL5 := --pool-videos 128 --pool-fps 5 --clips-per-epoch 1936
 label-levers: setup
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --lr 3e-4 --out $(LEVERS)_lr3e-4.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --head-init probe --encoder-lr-scale 0.1 --out $(LEVERS)_lpft.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --lr 3e-4 --out $(LEVERS)_lr3e-4.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --head-init probe --encoder-lr-scale 0.1 \
+		--out $(LEVERS)_lpft.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/pretrain/order --out $(LEVERS)_order.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/pretrain/both-parallel \
 		--out $(LEVERS)_parallel.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --pretrain-epochs 24 --save-encoder models/bench/e24 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pretrain-epochs 24 --save-encoder models/bench/e24 \
 		--out $(LEVERS)_pretrain24.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --pretrain-epochs 60 --out $(LEVERS)_pretrain60.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --pool-videos 128 --out $(LEVERS)_pool128.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --pool-videos 256 --out $(LEVERS)_pool256.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --pool-videos 128 --pretrain-epochs 24 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pretrain-epochs 60 --out $(LEVERS)_pretrain60.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-videos 128 --out $(LEVERS)_pool128.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-videos 256 --out $(LEVERS)_pool256.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-videos 128 --pretrain-epochs 24 \
 		--save-encoder models/bench/pool128_e24 \
 		--out $(LEVERS)_pool128_e24.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --fraction 0.2 --out $(LEVERS)_f20.json
-	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --pool-stages 3 --out $(LEVERS)_pool_stages3.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --fraction 0.2 --out $(LEVERS)_f20.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-stages 3 --out $(LEVERS)_pool_stages3.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/bench/pool128_e24 --pool-stages 3 \
 		--out $(LEVERS)_pool128_e24_pool_stages3.json
-	$(BIN)/python benchmarks/label_seeds.py --encoder-lr-decay 0.5 --out $(LEVERS)_decay0.5.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) --encoder-lr-decay 0.5 --out $(LEVERS)_decay0.5.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e24 --encoder-lr-decay 0.5 \
 		--out $(LEVERS)_pretrain24_decay0.5.json
 	for d in 0.5 0.25; do $(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128_e24 \
@@ -83,7 +91,7 @@ label-levers: setup
 		--out $(LEVERS)_pool128_e24_seeds5-9.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128_e24 --encoder-lr-decay 0.5 --first-seed 5 \
 		--out $(LEVERS)_pool128_e24_decay0.5_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py --pool-videos 128 --pool-seed 3 --pretrain-epochs 24 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) --pool-videos 128 --pool-seed 3 --pretrain-epochs 24 \
 		--save-encoder models/bench/pool128s3_e24 --out $(LEVERS)_pool128s3_e24_decay0.5.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128s3_e24 --first-seed 5 \
 		--out $(LEVERS)_pool128s3_e24_decay0.5_seeds5-9.json
@@ -91,23 +99,26 @@ label-levers: setup
 		--out $(LEVERS)_pool128s3_e24.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/bench/pool128s3_e24 --first-seed 5 \
 		--out $(LEVERS)_pool128s3_e24_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py --first-seed 5 --out $(LEVERS)_decay0.5_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --out $(LEVERS)_pool128f5_c1936.json
-	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --first-seed 5 --out $(LEVERS)_pool128f5_c1936_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) --first-seed 5 --out $(LEVERS)_decay0.5_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(POOL5) --out $(LEVERS)_pool128f5_c1936.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(POOL5) --first-seed 5 \
+		--out $(LEVERS)_pool128f5_c1936_seeds5-9.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e24 --first-seed 5 \
 		--out $(LEVERS)_pretrain24_decay0.5_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 48 --save-encoder models/bench/e48 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) --pretrain-epochs 48 --save-encoder models/bench/e48 \
 		--out $(LEVERS)_pretrain48_decay0.5.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e48 --first-seed 5 \
 		--out $(LEVERS)_pretrain48_decay0.5_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --pretrain-epochs 24 --save-encoder models/bench/pool128f5_c1936_e24 \
-		--out $(LEVERS)_pool128f5_c1936_e24.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(POOL5) --pretrain-epochs 24 \
+		--save-encoder models/bench/pool128f5_c1936_e24 --out $(LEVERS)_pool128f5_c1936_e24.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128f5_c1936_e24 --first-seed 5 \
 		--out $(LEVERS)_pool128f5_c1936_e24_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py $(POOL5) --pool-seed 3 --pretrain-epochs 24 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(POOL5) --pool-seed 3 --pretrain-epochs 24 \
 		--save-encoder models/bench/pool128s3f5_c1936_e24 --out $(LEVERS)_pool128s3f5_c1936_e24.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128s3f5_c1936_e24 --first-seed 5 \
 		--out $(LEVERS)_pool128s3f5_c1936_e24_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py --pretrain-lr 2e-3 --seeds 10 --save-encoder models/bench/lr2e-3 \
+		--out $(LEVERS)_pretrain_lr2e-3.json
 
 # The POCUS cross-validation over five seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 45 minutes on 2 cores).

@@ -15,6 +15,8 @@ Writes benchmarks/results/crossval_seeds.json (or --out), after every seed (``fi
 stopped part-way keeps the cross-validations it completed. Levers (the profile's ``crossval`` block otherwise):
 
     --pretrain-epochs 12               pretraining epochs per fold
+    --pretrain-lr 5e-4                 the pretraining's peak learning rate (pretrain.lr; 5e-4 reproduces the records
+                                       made before the default profile's rate became 2e-3)
     --pretrain-clips-per-epoch 6000    pretraining clips per epoch
     --finetune-epochs 8                fine-tune epochs per fold
     --frames-per-video 48              labelled training frames per video (probe and fine-tune)
@@ -53,6 +55,7 @@ def main() -> int:
     for lever in LEVERS:
         ap.add_argument(f"--{lever.replace('_', '-')}", type=int, default=None,
                         help=f"crossval.{lever} (default: the profile's)")
+    ap.add_argument("--pretrain-lr", type=float, default=None, help="pretrain.lr (default: the profile's)")
     ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
     ap.add_argument("--encoder-lr-decay", type=float, default=None,
                     help="finetune.encoder_lr_decay (default: the profile's)")
@@ -67,10 +70,14 @@ def main() -> int:
     for k, v in cv_given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
+    if args.pretrain_lr is not None and not args.pretrain_lr > 0:
+        raise SystemExit(f"--pretrain-lr: must be positive, got {args.pretrain_lr}")
+    pt_given = {"lr": args.pretrain_lr} if args.pretrain_lr is not None else {}
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay))
                 if v is not None}
-    given = cv_given | ft_given
+    given = cv_given | {f"pretrain_{k}": v for k, v in pt_given.items()} | ft_given
     base = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, **cv_given),
+                               pretrain=dataclasses.replace(params.pretrain, **pt_given),
                                finetune=dataclasses.replace(params.finetune, **ft_given))
     try:
         check_finetune_params(base.finetune)
@@ -82,7 +89,7 @@ def main() -> int:
             "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
             "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
             "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
-            "encoder_lr_decay": base.finetune.encoder_lr_decay,
+            "encoder_lr_decay": base.finetune.encoder_lr_decay, "pretrain_lr": base.pretrain.lr,
             "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
             "seeds": [r["seed"] for r in rows], "per_seed": rows,
             **summarise(rows),

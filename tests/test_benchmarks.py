@@ -177,3 +177,28 @@ def test_benchmark_records_name_the_cpu_model(tmp_path):
     new.write_text(zen.format(p=0, f=25, m=17, isa="avx avx2 avx512f avx512_bf16"))
     assert cpu_details(old) == "family 23 model 49, AVX2"
     assert describe(new) == f"AMD EPYC (family 25 model 17, AVX-512), {os.cpu_count()} cores, {platform.machine()}"
+
+
+def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_rate(tiny_clips, tiny_export, tiny_params,
+                                                                           tmp_path):
+    """One encoder per rate; at the profile's own rate the held-out accuracies are the pretrain stage's own."""
+    out, lr = tmp_path / "rates.json", tiny_params.pretrain.lr
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
+                    str(tiny_clips), "--lr", str(lr), "0.004", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    stage = json.loads((tiny_export.parent / "pretrain" / "metrics.json").read_text())
+    assert result["finished"] == "2/2 rates" and [r["lr"] for r in result["rates"]] == [lr, 0.004]
+    at_profile, higher = result["rates"]
+    assert at_profile["val"] == {k: v for k, v in stage["val"].items() if k.endswith("_acc")}
+    assert set(higher["val"]) == {"order_acc", "rotation_acc", "scale_acc", "shear_acc"}
+    assert higher["seconds"] > 0 and result["chance"] == stage["chance"]
+    assert result["pretrain"]["epochs"] == tiny_params.pretrain.epochs and result["machine"]
+
+
+def test_pretext_rates_refuses_a_rate_that_is_not_positive(tiny_clips, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny",
+                           "--clips", str(tiny_clips), "--lr", "1e-3", "0", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--lr: every rate must be positive, got [0.0]" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -69,17 +69,18 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
 
     preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
     params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, frames_per_video=3),
+                                 pretrain=dataclasses.replace(tiny_params.pretrain, lr=0.003),
                                  finetune=dataclasses.replace(tiny_params.finetune, pool_stages=2,
                                                               encoder_lr_decay=0.5))
     step = {f"{r['init']}_{r['method']}": r for r in crossval(tmp_path / "clips", tmp_path / "cv", params,
                                                                progress=False)["results"]}
     subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--profile", "tiny", "--clips", str(tmp_path / "clips"),
                     "--seeds", "2", "--frames-per-video", "3", "--pool-stages", "2", "--encoder-lr-decay", "0.5",
-                    "--out", str(tmp_path / "seeds.json")],
+                    "--pretrain-lr", "0.003", "--out", str(tmp_path / "seeds.json")],
                    check=True, capture_output=True, text=True, timeout=900)
     result = json.loads((tmp_path / "seeds.json").read_text())
-    assert result["levers"] == {"frames_per_video": 3, "pool_stages": 2, "encoder_lr_decay": 0.5}
-    assert result["pool_stages"] == 2 and result["encoder_lr_decay"] == 0.5
+    assert result["levers"] == {"frames_per_video": 3, "pretrain_lr": 0.003, "pool_stages": 2, "encoder_lr_decay": 0.5}
+    assert result["pool_stages"] == 2 and result["encoder_lr_decay"] == 0.5 and result["pretrain_lr"] == 0.003
     assert result["crossval"]["frames_per_video"] == 3
     assert result["seeds"] == [0, 1] and result["finished"] == "2/2 seeds"
     assert result["videos"] == 12 and result["folds"] == 3
@@ -106,6 +107,10 @@ def test_crossval_seeds_refuses_a_missing_dataset_and_a_bad_lever(tmp_path):
                            "--pretrain-epochs", "0", "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--pretrain-epochs: must be at least 1, got 0" in proc.stderr
+    proc = subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--clips", str(tmp_path / "clips"),
+                           "--pretrain-lr", "0", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--pretrain-lr: must be positive, got 0.0" in proc.stderr
     proc = subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--clips", str(tmp_path / "clips"),
                            "--encoder-lr-decay", "2", "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
