@@ -3,8 +3,9 @@
 Pretrains one ``both-sequential`` encoder per learning rate on the training videos of ``--clips`` (the profile's
 epochs, clips and everything else; only ``pretrain.lr``, the schedule's peak, changes) and reads the accuracy of every
 head on the fixed held-out clips of the validation videos, as the pipeline's ``pretrain`` stage reports it, with the
-wall time of each run. No label is read. It is the cheap screen (about 1 min per rate on 2 cores) before the
-expensive check, ``label_seeds.py --pretrain-lr R`` (ten draws of the downstream fine-tune, 10 min and more).
+wall time of each run. No label is read. It is the cheap screen (about 1 min per rate on 2 cores: 56-69 s on the
+AVX2 EPYC) before the expensive check, ``label_seeds.py --pretrain-lr R`` (ten draws of the downstream fine-tune, 10
+min and more).
 
     .venv/bin/python benchmarks/pretext_rates.py [--lr 5e-4 1e-3 2e-3 4e-3]      # after `dvc repro preprocess@sim`
 Writes benchmarks/results/pretext_rates.json (or --out), after every rate.

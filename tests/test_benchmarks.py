@@ -73,7 +73,8 @@ def test_label_seeds_keeps_only_an_encoder_it_built(tmp_path):
 
 def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     """A pool rendered at another frame rate pretrains with the stride scaled to it (the default profile: 20 frames/s
-    and stride 12, so 5 frames/s and stride 3); a profile that resamples every dataset to one rate keeps it."""
+    and stride 12, so 5 frames/s and stride 3); a profile that resamples every dataset to one rate keeps it.
+    ``--pretrain-lr`` alone changes the rate and nothing else of the pipeline's pretraining."""
     monkeypatch.syspath_prepend(str(LABEL_SEEDS.parent))
     bench = importlib.import_module("label_seeds")
     default = load_params(REPO / "params.yaml", "default")
