@@ -39,7 +39,7 @@ from sonossl.config import as_dict, load_params
 from sonossl.train.crossval import crossval
 from sonossl.train.finetune import check_finetune_params
 
-from label_seeds import finish, summarise  # benchmarks/ is on the path when run as a script
+from label_seeds import finish, positive, summarise  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.85  # the POCUS video accuracy with SSL
@@ -70,8 +70,7 @@ def main() -> int:
     for k, v in cv_given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
-    if args.pretrain_lr is not None and not args.pretrain_lr > 0:
-        raise SystemExit(f"--pretrain-lr: must be positive, got {args.pretrain_lr}")
+    positive("--pretrain-lr", args.pretrain_lr)
     pt_given = {"lr": args.pretrain_lr} if args.pretrain_lr is not None else {}
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay))
                 if v is not None}

@@ -104,6 +104,12 @@ def build_params(args: argparse.Namespace, params: Params) -> tuple[PretrainPara
 BUILT_BY = "label_seeds_build.json"
 
 
+def positive(option: str, value: float | None) -> None:
+    """Stop, naming ``option``, unless ``value`` is None (not given) or above zero (also ``crossval_seeds.py``)."""
+    if value is not None and not value > 0:
+        raise SystemExit(f"{option}: must be positive, got {value}")
+
+
 def builds(args: argparse.Namespace) -> bool:
     """Whether ``build_encoder`` pretrains an encoder here (otherwise ``--encoder`` is taken as given)."""
     return any(v is not None for v in (args.pretrain_epochs, args.pretrain_lr, args.pool_videos, args.clips_per_epoch))
@@ -186,12 +192,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.pool_fps is not None and args.pool_videos is None:
         raise SystemExit("--pool-fps: the frame rate of the unlabelled pool, so only with --pool-videos")
-    if args.pool_fps is not None and args.pool_fps <= 0:
-        raise SystemExit(f"--pool-fps: must be positive, got {args.pool_fps}")
+    positive("--pool-fps", args.pool_fps)
     if args.clips_per_epoch is not None and args.clips_per_epoch < 1:
         raise SystemExit(f"--clips-per-epoch: must be at least 1, got {args.clips_per_epoch}")
-    if args.pretrain_lr is not None and not args.pretrain_lr > 0:
-        raise SystemExit(f"--pretrain-lr: must be positive, got {args.pretrain_lr}")
+    positive("--pretrain-lr", args.pretrain_lr)
     if args.save_encoder is not None and not builds(args):
         raise SystemExit("--save-encoder: only with --pretrain-epochs, --pretrain-lr, --clips-per-epoch or "
                          "--pool-videos (otherwise --encoder is already a directory)")
