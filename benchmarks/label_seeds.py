@@ -32,6 +32,9 @@ numbers say"; the scratch side is the same unless ``--lr`` or ``--head-init`` ch
                                        the pipeline's own count, to compare pools at equal pretraining cost
     --pretrain-lr 2e-3                 pretrain a both-sequential encoder at this peak learning rate (the profile's
                                        epochs and clips unless given), to compare rates at the pipeline's cost
+    --pretrain-seed 1                  pretrain a both-sequential encoder with this seed (pretrain.seed: its
+                                       initialisation, clips and held-out clips), to see how much of a gain is the
+                                       one encoder the pipeline happened to build
     --save-encoder DIR                 keep the encoder built for the options above, to rerun other levers on
                                        it with --encoder DIR (the record still names how it was built)
 """
@@ -57,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
     """The encoder to compare: ``--encoder`` as given, or one pretrained here for ``--pretrain-epochs`` /
-    ``--pretrain-lr`` / ``--clips-per-epoch`` / ``--pool-videos``."""
+    ``--pretrain-lr`` / ``--pretrain-seed`` / ``--clips-per-epoch`` / ``--pool-videos``."""
     from sonossl.data.clips import preprocess
     from sonossl.data.simulate import simulate
     from sonossl.train.pretrain import pretrain
@@ -86,6 +89,8 @@ def build_params(args: argparse.Namespace, params: Params) -> tuple[PretrainPara
         pre = dataclasses.replace(pre, clips_per_epoch=args.clips_per_epoch)
     if args.pretrain_lr is not None:
         pre = dataclasses.replace(pre, lr=args.pretrain_lr)
+    if args.pretrain_seed is not None:
+        pre = dataclasses.replace(pre, seed=args.pretrain_seed)
     if args.pool_videos is None:
         return pre, None
     taken = {params.simulate.seed} | ({params.simulate_test.seed} if params.simulate_test else set())
@@ -112,14 +117,15 @@ def positive(option: str, value: float | None) -> None:
 
 def builds(args: argparse.Namespace) -> bool:
     """Whether ``build_encoder`` pretrains an encoder here (otherwise ``--encoder`` is taken as given)."""
-    return any(v is not None for v in (args.pretrain_epochs, args.pretrain_lr, args.pool_videos, args.clips_per_epoch))
+    return any(v is not None for v in (args.pretrain_epochs, args.pretrain_lr, args.pretrain_seed, args.pool_videos,
+                                       args.clips_per_epoch))
 
 
 def built_by(args: argparse.Namespace) -> dict:
     """How ``build_encoder`` made the encoder (all None for an ``--encoder`` taken as given)."""
     pooled = args.pool_videos is not None
     return {"pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr,
-            "clips_per_epoch": args.clips_per_epoch,
+            "pretrain_seed": args.pretrain_seed, "clips_per_epoch": args.clips_per_epoch,
             "pool_videos": args.pool_videos, "pool_seed": args.pool_seed if pooled else None,
             "pool_fps": args.pool_fps if pooled else None}
 
@@ -170,6 +176,8 @@ def main() -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="pretrain a both-sequential encoder first")
     ap.add_argument("--pretrain-lr", type=float, default=None,
                     help="pretrain a both-sequential encoder first, at this peak learning rate")
+    ap.add_argument("--pretrain-seed", type=int, default=None,
+                    help="pretrain a both-sequential encoder first, with this seed (default: the profile's)")
     ap.add_argument("--pool-videos", type=int, default=None, help="pretrain first on this many new unlabelled sweeps")
     ap.add_argument("--pool-seed", type=int, default=2, help="simulator seed of the unlabelled sweeps")
     ap.add_argument("--pool-fps", type=float, default=None,
@@ -186,8 +194,8 @@ def main() -> int:
     ap.add_argument("--pool-stages", type=int, default=None,
                     help="heads on the last N encoder stages, pooled (default: the profile's finetune.pool_stages)")
     ap.add_argument("--save-encoder", type=Path, default=None,
-                    help="keep the encoder built for --pretrain-epochs / --pretrain-lr / --pool-videos in this "
-                         "directory, so that other levers can reuse it with --encoder")
+                    help="keep the encoder built for --pretrain-epochs / --pretrain-lr / --pretrain-seed / "
+                         "--pool-videos in this directory, so that other levers can reuse it with --encoder")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
     args = ap.parse_args()
     if args.pool_fps is not None and args.pool_videos is None:
@@ -197,8 +205,8 @@ def main() -> int:
         raise SystemExit(f"--clips-per-epoch: must be at least 1, got {args.clips_per_epoch}")
     positive("--pretrain-lr", args.pretrain_lr)
     if args.save_encoder is not None and not builds(args):
-        raise SystemExit("--save-encoder: only with --pretrain-epochs, --pretrain-lr, --clips-per-epoch or "
-                         "--pool-videos (otherwise --encoder is already a directory)")
+        raise SystemExit("--save-encoder: only with --pretrain-epochs, --pretrain-lr, --pretrain-seed, "
+                         "--clips-per-epoch or --pool-videos (otherwise --encoder is already a directory)")
     if not builds(args) and not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
 

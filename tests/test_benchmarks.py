@@ -25,7 +25,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
               "--encoder-lr-decay", "0.5"]
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--seeds", "2", "--pool-videos", "4",
                     "--pool-fps", "5", "--clips-per-epoch", "48", "--pretrain-epochs", "1", "--pretrain-lr", "0.003",
-                    "--save-encoder", str(kept), "--out", str(out)],
+                    "--pretrain-seed", "3", "--save-encoder", str(kept), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     # the kept encoder gives the same draw the same scores, and its record still says how it was built
@@ -41,6 +41,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     assert enc["path"] is None and enc["pool_videos"] == 4 and enc["pool_seed"] == 2
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
     assert enc["pool_fps"] == 5 and enc["clips_per_epoch"] == 48 and enc["pretrain_lr"] == 0.003
+    assert enc["pretrain_seed"] == again["encoder"]["pretrain_seed"] == 3
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
     assert result["lr"] == 0.002 and len(result["per_seed"]) == 2
     test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
@@ -74,15 +75,17 @@ def test_label_seeds_keeps_only_an_encoder_it_built(tmp_path):
 def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     """A pool rendered at another frame rate pretrains with the stride scaled to it (the default profile: 20 frames/s
     and stride 12, so 5 frames/s and stride 3); a profile that resamples every dataset to one rate keeps it.
-    ``--pretrain-lr`` alone changes the rate and nothing else of the pipeline's pretraining."""
+    ``--pretrain-lr`` alone changes the rate and nothing else of the pipeline's pretraining, ``--pretrain-seed`` the
+    seed."""
     monkeypatch.syspath_prepend(str(LABEL_SEEDS.parent))
     bench = importlib.import_module("label_seeds")
     default = load_params(REPO / "params.yaml", "default")
     assert (default.simulate.fps, default.preprocess.fps, default.pretrain.stride) == (20.0, None, 12)
 
     def args(**given):
-        return argparse.Namespace(**{"pretrain_epochs": None, "pretrain_lr": None, "clips_per_epoch": None,
-                                     "pool_videos": None, "pool_seed": 2, "pool_fps": None, **given})
+        return argparse.Namespace(**{"pretrain_epochs": None, "pretrain_lr": None, "pretrain_seed": None,
+                                     "clips_per_epoch": None, "pool_videos": None, "pool_seed": 2, "pool_fps": None,
+                                     **given})
 
     pre, sim = bench.build_params(args(pretrain_epochs=24, clips_per_epoch=1936, pool_videos=128, pool_fps=5.0),
                                   default)
@@ -94,6 +97,8 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     assert sim is None and pre.clips_per_epoch == 100 and pre.stride == 12
     pre, sim = bench.build_params(args(pretrain_lr=2e-3), default)  # only the rate: the pipeline's epochs and clips
     assert sim is None and pre == dataclasses.replace(default.pretrain, lr=2e-3)
+    pre, sim = bench.build_params(args(pretrain_seed=1), default)
+    assert sim is None and pre == dataclasses.replace(default.pretrain, seed=1) and bench.builds(args(pretrain_seed=1))
     tiny = load_params(REPO / "params.yaml", "tiny")
     assert tiny.preprocess.fps == 5.0
     pre, sim = bench.build_params(args(pool_videos=4, pool_fps=20.0), tiny)
@@ -182,18 +187,22 @@ def test_benchmark_records_name_the_cpu_model(tmp_path):
 
 def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_rate(tiny_clips, tiny_export, tiny_params,
                                                                            tmp_path):
-    """One encoder per rate; at the profile's own rate the held-out accuracies are the pretrain stage's own."""
-    out, lr = tmp_path / "rates.json", tiny_params.pretrain.lr
+    """One encoder per rate and batch size; at the profile's own the held-out accuracies are the pretrain stage's."""
+    out, lr, batch = tmp_path / "rates.json", tiny_params.pretrain.lr, tiny_params.pretrain.batch_size
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
-                    str(tiny_clips), "--lr", str(lr), "0.004", "--out", str(out)],
+                    str(tiny_clips), "--lr", str(lr), "0.004", "--batch-size", str(batch), "8", "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     stage = json.loads((tiny_export.parent / "pretrain" / "metrics.json").read_text())
-    assert result["finished"] == "2/2 rates" and [r["lr"] for r in result["rates"]] == [lr, 0.004]
-    at_profile, higher = result["rates"]
+    assert result["finished"] == "4/4 runs"
+    assert [(r["lr"], r["batch_size"]) for r in result["rates"]] == [(lr, batch), (lr, 8), (0.004, batch), (0.004, 8)]
+    at_profile, *others = result["rates"]
     assert at_profile["val"] == {k: v for k, v in stage["val"].items() if k.endswith("_acc")}
-    assert set(higher["val"]) == {"order_acc", "rotation_acc", "scale_acc", "shear_acc"}
-    assert higher["seconds"] > 0 and result["chance"] == stage["chance"]
+    for other in others:
+        assert set(other["val"]) == {"order_acc", "rotation_acc", "scale_acc", "shear_acc"} and other["seconds"] > 0
+    # a smaller batch is another run (more, smaller steps over the same clips), not a copy of the profile's
+    assert others[0]["train"] != at_profile["train"]
+    assert result["chance"] == stage["chance"] and result["pretrain"]["batch_size"] == "per row"
     assert result["pretrain"]["epochs"] == tiny_params.pretrain.epochs and result["machine"]
 
 
@@ -202,4 +211,9 @@ def test_pretext_rates_refuses_a_rate_that_is_not_positive(tiny_clips, tmp_path)
                            "--clips", str(tiny_clips), "--lr", "1e-3", "0", "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--lr: every rate must be positive, got [0.0]" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny",
+                           "--clips", str(tiny_clips), "--batch-size", "16", "0", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--batch-size: every batch size must be at least 1, got [0]" in proc.stderr
     assert not (tmp_path / "x.json").exists()
