@@ -49,7 +49,7 @@ selection-oracle: setup
 
 # Held-out pretext accuracy of the pipeline's both-sequential encoder pretrained at several peak rates, at smaller
 # batch sizes, and with three pretraining seeds at the old and the new rate, at the pipeline's cost (README, "the
-# pretraining rate"; after `make run`; about 17 minutes on 2 cores). The records in benchmarks/results carry the
+# pretraining rate"; after `make run`; about 16 minutes on 2 cores). The records in benchmarks/results carry the
 # machine they ran on in their names (--out): pretext_rates_avx2.json, pretext_batch_avx2.json, pretext_seeds_avx2.json.
 pretext-rates: setup
 	$(BIN)/python benchmarks/pretext_rates.py

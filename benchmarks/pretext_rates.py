@@ -6,7 +6,7 @@ the same clips in more or fewer steps, and ``pretrain.seed`` change) and reads t
 held-out clips of the validation videos, as the pipeline's ``pretrain`` stage reports it, with the wall time of each
 run. No label is read. The held-out clips are drawn with the seed, so ``--seeds 3`` shows how far apart two runs of
 one setting land: the noise any difference between settings has to beat. It is the cheap screen (about 1 min per run
-on 2 cores: 51-69 s on the AVX2 EPYC) before the expensive check, ``label_seeds.py --pretrain-lr R`` (ten draws of
+on 2 cores: 47-69 s on the AVX2 EPYC) before the expensive check, ``label_seeds.py --pretrain-lr R`` (ten draws of
 the downstream fine-tune, 10 min and more).
 
     .venv/bin/python benchmarks/pretext_rates.py [--lr 5e-4 1e-3 2e-3 4e-3] [--batch-size 64 32] [--seeds 3]
