@@ -187,7 +187,8 @@ def test_benchmark_records_name_the_cpu_model(tmp_path):
 
 def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_rate(tiny_clips, tiny_export, tiny_params,
                                                                            tmp_path):
-    """One encoder per rate and batch size; at the profile's own the held-out accuracies are the pretrain stage's."""
+    """One encoder per rate, batch size and seed; at the profile's own the held-out accuracies are the pretrain
+    stage's."""
     out, lr, batch = tmp_path / "rates.json", tiny_params.pretrain.lr, tiny_params.pretrain.batch_size
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
                     str(tiny_clips), "--lr", str(lr), "0.004", "--batch-size", str(batch), "8", "--out", str(out)],
@@ -204,16 +205,23 @@ def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_rate(tiny_
     assert others[0]["train"] != at_profile["train"]
     assert result["chance"] == stage["chance"] and result["pretrain"]["batch_size"] == "per row"
     assert result["pretrain"]["epochs"] == tiny_params.pretrain.epochs and result["machine"]
+    # --seeds: the profile's seed first (the same run again), then the next, which is another run
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
+                    str(tiny_clips), "--lr", str(lr), "--seeds", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    seeded = json.loads(out.read_text())
+    assert seeded["finished"] == "2/2 runs" and [r["seed"] for r in seeded["rates"]] == [0, 1]
+    assert seeded["rates"][0]["val"] == at_profile["val"] and seeded["rates"][1]["train"] != at_profile["train"]
 
 
-def test_pretext_rates_refuses_a_rate_that_is_not_positive(tiny_clips, tmp_path):
+@pytest.mark.parametrize("given, message", [
+    (["--lr", "1e-3", "0"], "--lr: every rate must be positive, got [0.0]"),
+    (["--batch-size", "16", "0"], "--batch-size: every batch size must be at least 1, got [0]"),
+    (["--seeds", "0"], "--seeds: must be at least 1, got 0"),
+])
+def test_pretext_rates_refuses_bad_settings(tiny_clips, tmp_path, given, message):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny",
-                           "--clips", str(tiny_clips), "--lr", "1e-3", "0", "--out", str(tmp_path / "x.json")],
+                           "--clips", str(tiny_clips), *given, "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--lr: every rate must be positive, got [0.0]" in proc.stderr
-    assert not (tmp_path / "x.json").exists()
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny",
-                           "--clips", str(tiny_clips), "--batch-size", "16", "0", "--out", str(tmp_path / "x.json")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--batch-size: every batch size must be at least 1, got [0]" in proc.stderr
+    assert proc.returncode != 0 and message in proc.stderr
     assert not (tmp_path / "x.json").exists()
