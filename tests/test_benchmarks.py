@@ -185,10 +185,10 @@ def test_benchmark_records_name_the_cpu_model(tmp_path):
     assert describe(new) == f"AMD EPYC (family 25 model 17, AVX-512), {os.cpu_count()} cores, {platform.machine()}"
 
 
-def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_rate(tiny_clips, tiny_export, tiny_params,
-                                                                           tmp_path):
-    """One encoder per rate, batch size and seed; at the profile's own the held-out accuracies are the pretrain
-    stage's."""
+def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_settings(tiny_clips, tiny_export, tiny_params,
+                                                                               tmp_path):
+    """One encoder per rate, batch size, order weight and seed; at the profile's own settings the held-out accuracies
+    are the pretrain stage's."""
     out, lr, batch = tmp_path / "rates.json", tiny_params.pretrain.lr, tiny_params.pretrain.batch_size
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
                     str(tiny_clips), "--lr", str(lr), "0.004", "--batch-size", str(batch), "8", "--out", str(out)],
@@ -205,19 +205,25 @@ def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_rate(tiny_
     assert others[0]["train"] != at_profile["train"]
     assert result["chance"] == stage["chance"] and result["pretrain"]["batch_size"] == "per row"
     assert result["pretrain"]["epochs"] == tiny_params.pretrain.epochs and result["machine"]
-    # --seeds: the profile's seed first (the same run again), then the next, which is another run
+    # --seeds: the profile's seed first (the same run again), then the next, which is another run; --order-weight
+    # the same way, the profile's weight first
+    weight = tiny_params.pretrain.loss_weights.order
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
-                    str(tiny_clips), "--lr", str(lr), "--seeds", "2", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
+                    str(tiny_clips), "--lr", str(lr), "--order-weight", str(weight), "3", "--seeds", "2", "--out",
+                    str(out)], check=True, capture_output=True, text=True, timeout=600)
     seeded = json.loads(out.read_text())
-    assert seeded["finished"] == "2/2 runs" and [r["seed"] for r in seeded["rates"]] == [0, 1]
-    assert seeded["rates"][0]["val"] == at_profile["val"] and seeded["rates"][1]["train"] != at_profile["train"]
+    assert seeded["finished"] == "4/4 runs"
+    assert [(r["order_weight"], r["seed"]) for r in seeded["rates"]] == [(weight, 0), (weight, 1), (3, 0), (3, 1)]
+    same, next_seed, heavier, _ = seeded["rates"]
+    assert same["val"] == at_profile["val"] and next_seed["train"] != at_profile["train"]
+    assert heavier["train"] != at_profile["train"] and seeded["pretrain"]["loss_weights"]["order"] == "per row"
 
 
 @pytest.mark.parametrize("given, message", [
     (["--lr", "1e-3", "0"], "--lr: every rate must be positive, got [0.0]"),
     (["--batch-size", "16", "0"], "--batch-size: every batch size must be at least 1, got [0]"),
     (["--seeds", "0"], "--seeds: must be at least 1, got 0"),
+    (["--order-weight", "2", "0"], "--order-weight: every weight must be positive, got [0.0]"),
 ])
 def test_pretext_rates_refuses_bad_settings(tiny_clips, tmp_path, given, message):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny",
