@@ -115,19 +115,20 @@ def positive(option: str, value: float | None) -> None:
         raise SystemExit(f"{option}: must be positive, got {value}")
 
 
+# the options that make ``build_encoder`` pretrain an encoder here, as argparse names them
+BUILD_OPTIONS = ("pretrain_epochs", "pretrain_lr", "pretrain_seed", "clips_per_epoch", "pool_videos")
+
+
 def builds(args: argparse.Namespace) -> bool:
     """Whether ``build_encoder`` pretrains an encoder here (otherwise ``--encoder`` is taken as given)."""
-    return any(v is not None for v in (args.pretrain_epochs, args.pretrain_lr, args.pretrain_seed, args.pool_videos,
-                                       args.clips_per_epoch))
+    return any(getattr(args, name) is not None for name in BUILD_OPTIONS)
 
 
 def built_by(args: argparse.Namespace) -> dict:
     """How ``build_encoder`` made the encoder (all None for an ``--encoder`` taken as given)."""
     pooled = args.pool_videos is not None
-    return {"pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr,
-            "pretrain_seed": args.pretrain_seed, "clips_per_epoch": args.clips_per_epoch,
-            "pool_videos": args.pool_videos, "pool_seed": args.pool_seed if pooled else None,
-            "pool_fps": args.pool_fps if pooled else None}
+    return {name: getattr(args, name) for name in BUILD_OPTIONS} | {
+        "pool_seed": args.pool_seed if pooled else None, "pool_fps": args.pool_fps if pooled else None}
 
 
 def draw_args(doc: str) -> argparse.ArgumentParser:
@@ -205,8 +206,9 @@ def main() -> int:
         raise SystemExit(f"--clips-per-epoch: must be at least 1, got {args.clips_per_epoch}")
     positive("--pretrain-lr", args.pretrain_lr)
     if args.save_encoder is not None and not builds(args):
-        raise SystemExit("--save-encoder: only with --pretrain-epochs, --pretrain-lr, --pretrain-seed, "
-                         "--clips-per-epoch or --pool-videos (otherwise --encoder is already a directory)")
+        *first, last = ("--" + name.replace("_", "-") for name in BUILD_OPTIONS)
+        raise SystemExit(f"--save-encoder: only with {', '.join(first)} or {last} (otherwise --encoder is already a "
+                         "directory)")
     if not builds(args) and not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
 

@@ -33,6 +33,13 @@ from label_seeds import finish  # benchmarks/ is on the path when run as a scrip
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def every(option: str, values: list | None, ok, must: str) -> None:
+    """Stop, naming ``option`` and every value that fails ``ok``, before any work (None: not given)."""
+    bad = [v for v in values or [] if not ok(v)]
+    if bad:
+        raise SystemExit(f"{option}: every {must}, got {bad}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lr", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3],
@@ -48,17 +55,11 @@ def main() -> int:
     ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pretext_rates.json")
     args = ap.parse_args()
-    bad = [lr for lr in args.lr if not lr > 0]
-    if bad:
-        raise SystemExit(f"--lr: every rate must be positive, got {bad}")
+    every("--lr", args.lr, lambda lr: lr > 0, "rate must be positive")
+    every("--batch-size", args.batch_size, lambda b: b >= 1, "batch size must be at least 1")
+    every("--order-weight", args.order_weight, lambda w: w > 0, "weight must be positive")
     if args.seeds < 1:
         raise SystemExit(f"--seeds: must be at least 1, got {args.seeds}")
-    bad = [b for b in args.batch_size or [] if b < 1]
-    if bad:
-        raise SystemExit(f"--batch-size: every batch size must be at least 1, got {bad}")
-    bad = [w for w in args.order_weight or [] if not w > 0]
-    if bad:
-        raise SystemExit(f"--order-weight: every weight must be positive, got {bad}")
     if not (args.clips / "meta.json").is_file():
         raise SystemExit(f"{args.clips}: no clip dataset; run `dvc repro preprocess@sim` first")
     params = load_params(ROOT / "params.yaml", args.profile)
