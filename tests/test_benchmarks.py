@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sonossl.config import load_params
+from sonossl.train.pretrain import transform_set
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_SEEDS = REPO / "benchmarks" / "label_seeds.py"
@@ -219,11 +220,38 @@ def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_settings(t
     assert heavier["train"] != at_profile["train"] and seeded["pretrain"]["loss_weights"]["order"] == "per row"
 
 
+def test_pretext_rates_varies_stride_crop_and_shift(tiny_clips, tiny_params, tmp_path):
+    """Every combination of --stride, --crop and --max-shift, each row naming its settings and the jitter it got
+    (capped where the transformed crop would leave the frame); --clips-per-epoch holds the clips per epoch."""
+    pre, out = tiny_params.pretrain, tmp_path / "axes.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
+                    str(tiny_clips), "--lr", str(pre.lr), "--stride", "2", "3", "--clips-per-epoch", "48", "--crop",
+                    "16", "--max-shift", "0", "100", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    room = transform_set(pre).max_shift(tiny_params.preprocess.frame_size, 16)
+    assert result["finished"] == "4/4 runs"
+    rows = result["rates"]
+    assert [(r["stride"], r["crop"], r["max_shift"], r["shift_used"]) for r in rows] == [
+        (2, 16, 0, 0), (2, 16, 100, round(room, 2)), (3, 16, 0, 0), (3, 16, 100, round(room, 2))]
+    assert all(r["clips_per_epoch"] == 48 for r in rows)
+    # a longer stride leaves fewer valid starts (train_clips, val_clips: distinct clips), and trains on other clips
+    assert rows[2]["train_clips"] < rows[0]["train_clips"] and rows[2]["val_clips"] < rows[0]["val_clips"]
+    assert rows[2]["train"] != rows[0]["train"]
+    assert rows[1]["train"] != rows[0]["train"]  # the jitter is drawn
+    assert all(result["pretrain"][key] == "per row" for key in ("stride", "crop", "max_shift", "clips_per_epoch"))
+
+
 @pytest.mark.parametrize("given, message", [
     (["--lr", "1e-3", "0"], "--lr: every rate must be positive, got [0.0]"),
     (["--batch-size", "16", "0"], "--batch-size: every batch size must be at least 1, got [0]"),
     (["--seeds", "0"], "--seeds: must be at least 1, got 0"),
     (["--order-weight", "2", "0"], "--order-weight: every weight must be positive, got [0.0]"),
+    (["--stride", "2", "0"], "--stride: every stride must be at least 1, got [0]"),
+    (["--clips-per-epoch", "0"], "--clips-per-epoch: every number of clips must be at least 1, got [0]"),
+    (["--max-shift", "-1"], "--max-shift: every shift must be at least 0, got [-1.0]"),
+    (["--crop", "4"], "--crop: every crop must be at least 8, got [4]"),
+    (["--crop", "16", "40"], "--crop: pretrain.crop=40 is too large for 32px frames"),
 ])
 def test_pretext_rates_refuses_bad_settings(tiny_clips, tmp_path, given, message):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny",
