@@ -6,11 +6,11 @@ jitter) and seed, on the training videos of ``--clips``, with the profile's epoc
 the accuracy of every head on the held-out clips of the validation videos, as the pipeline's ``pretrain`` stage
 reports it, with the wall time of each run. No label is read. The held-out clips are drawn with the seed, so
 ``--seeds 3`` shows how far apart two runs of one setting land: the noise any difference between settings has to
-beat. A stride or crop changes the held-out clips themselves (their frames, their input size), so across those the
-accuracies describe different tasks: compare the transform heads, and leave the verdict to the downstream check. It
-is the cheap screen (about 1 min per run on 2 cores: 47-69 s on the AVX2 EPYC at the default crop) before the
-expensive check, ``label_seeds.py --pretrain-lr R`` and the like (ten draws of the downstream fine-tune, 10 min and
-more).
+beat. A stride, crop or jitter changes the held-out clips themselves (their frames, input size or framing), so
+across those the accuracies describe different tasks: compare the transform heads, and leave the verdict to the
+downstream check. It is the cheap screen (about 1 min per run on 2 cores: 47-69 s on the AVX2 EPYC at the default
+crop) before the expensive check, ``label_seeds.py --pretrain-lr R`` and the like (ten draws of the downstream
+fine-tune, 10 min and more).
 
     .venv/bin/python benchmarks/pretext_rates.py [--lr 5e-4 1e-3 2e-3 4e-3] [--batch-size 64 32]
         [--order-weight 1 2] [--stride 6 12 24] [--clips-per-epoch 1936] [--crop 48 64] [--max-shift 0 4]
