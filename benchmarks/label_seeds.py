@@ -35,6 +35,10 @@ numbers say"; the scratch side is the same unless ``--lr`` or ``--head-init`` ch
     --pretrain-seed 1                  pretrain a both-sequential encoder with this seed (pretrain.seed: its
                                        initialisation, clips and held-out clips), to see how much of a gain is the
                                        one encoder the pipeline happened to build
+    --pretrain-stride 24 [--pretrain-crop 48] [--pretrain-max-shift 0]
+                                       pretrain a both-sequential encoder with another clip stride, network input
+                                       (crop) or crop-centre jitter (pretrain.stride, .crop, .max_shift); a longer
+                                       stride has fewer valid clips, so give --clips-per-epoch to hold the cost
     --save-encoder DIR                 keep the encoder built for the options above, to rerun other levers on
                                        it with --encoder DIR (the record still names how it was built)
 """
@@ -59,8 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
-    """The encoder to compare: ``--encoder`` as given, or one pretrained here for ``--pretrain-epochs`` /
-    ``--pretrain-lr`` / ``--pretrain-seed`` / ``--clips-per-epoch`` / ``--pool-videos``."""
+    """The encoder to compare: ``--encoder`` as given, or one pretrained here for any of ``BUILD_OPTIONS``
+    (``--pretrain-epochs``, ``--pretrain-lr``, ..., ``--pool-videos``)."""
     from sonossl.data.clips import preprocess
     from sonossl.data.simulate import simulate
     from sonossl.train.pretrain import pretrain
@@ -91,6 +95,12 @@ def build_params(args: argparse.Namespace, params: Params) -> tuple[PretrainPara
         pre = dataclasses.replace(pre, lr=args.pretrain_lr)
     if args.pretrain_seed is not None:
         pre = dataclasses.replace(pre, seed=args.pretrain_seed)
+    if args.pretrain_stride is not None:
+        pre = dataclasses.replace(pre, stride=args.pretrain_stride)
+    if args.pretrain_crop is not None:
+        pre = dataclasses.replace(pre, crop=args.pretrain_crop)
+    if args.pretrain_max_shift is not None:
+        pre = dataclasses.replace(pre, max_shift=args.pretrain_max_shift)
     if args.pool_videos is None:
         return pre, None
     taken = {params.simulate.seed} | ({params.simulate_test.seed} if params.simulate_test else set())
@@ -115,8 +125,24 @@ def positive(option: str, value: float | None) -> None:
         raise SystemExit(f"{option}: must be positive, got {value}")
 
 
+def check_crops(option: str, pre: PretrainParams, crops: list[int], source: int) -> None:
+    """Stop, naming ``option``, before any work if one of ``crops`` is too small to be a network input or too large
+    for ``source``-pixel frames under ``pre``'s transform sets (the transformed crop would leave the frame); also
+    ``pretext_rates.py``."""
+    from sonossl.train.pretrain import transform_set
+
+    for crop in crops:
+        if crop < 8:
+            raise SystemExit(f"{option}: must be at least 8, got {crop}")
+        try:
+            transform_set(pre).max_shift(source, crop)
+        except ValueError as e:
+            raise SystemExit(f"{option}: {e}") from None
+
+
 # the options that make ``build_encoder`` pretrain an encoder here, as argparse names them
-BUILD_OPTIONS = ("pretrain_epochs", "pretrain_lr", "pretrain_seed", "clips_per_epoch", "pool_videos")
+BUILD_OPTIONS = ("pretrain_epochs", "pretrain_lr", "pretrain_seed", "pretrain_stride", "pretrain_crop",
+                 "pretrain_max_shift", "clips_per_epoch", "pool_videos")
 
 
 def builds(args: argparse.Namespace) -> bool:
@@ -179,6 +205,12 @@ def main() -> int:
                     help="pretrain a both-sequential encoder first, at this peak learning rate")
     ap.add_argument("--pretrain-seed", type=int, default=None,
                     help="pretrain a both-sequential encoder first, with this seed (default: the profile's)")
+    ap.add_argument("--pretrain-stride", type=int, default=None,
+                    help="pretrain a both-sequential encoder first, with this many frames between clip frames")
+    ap.add_argument("--pretrain-crop", type=int, default=None,
+                    help="pretrain a both-sequential encoder first, on network inputs of this side (pixels)")
+    ap.add_argument("--pretrain-max-shift", type=float, default=None,
+                    help="pretrain a both-sequential encoder first, with this crop-centre jitter (pixels)")
     ap.add_argument("--pool-videos", type=int, default=None, help="pretrain first on this many new unlabelled sweeps")
     ap.add_argument("--pool-seed", type=int, default=2, help="simulator seed of the unlabelled sweeps")
     ap.add_argument("--pool-fps", type=float, default=None,
@@ -195,8 +227,8 @@ def main() -> int:
     ap.add_argument("--pool-stages", type=int, default=None,
                     help="heads on the last N encoder stages, pooled (default: the profile's finetune.pool_stages)")
     ap.add_argument("--save-encoder", type=Path, default=None,
-                    help="keep the encoder built for --pretrain-epochs / --pretrain-lr / --pretrain-seed / "
-                         "--pool-videos in this directory, so that other levers can reuse it with --encoder")
+                    help="keep the encoder built for the pretraining options above (--pretrain-*, --clips-per-epoch, "
+                         "--pool-videos) in this directory, so that other levers can reuse it with --encoder")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
     args = ap.parse_args()
     if args.pool_fps is not None and args.pool_videos is None:
@@ -205,6 +237,10 @@ def main() -> int:
     if args.clips_per_epoch is not None and args.clips_per_epoch < 1:
         raise SystemExit(f"--clips-per-epoch: must be at least 1, got {args.clips_per_epoch}")
     positive("--pretrain-lr", args.pretrain_lr)
+    if args.pretrain_stride is not None and args.pretrain_stride < 1:
+        raise SystemExit(f"--pretrain-stride: must be at least 1, got {args.pretrain_stride}")
+    if args.pretrain_max_shift is not None and args.pretrain_max_shift < 0:
+        raise SystemExit(f"--pretrain-max-shift: must be at least 0, got {args.pretrain_max_shift}")
     if args.save_encoder is not None and not builds(args):
         *first, last = ("--" + name.replace("_", "-") for name in BUILD_OPTIONS)
         raise SystemExit(f"--save-encoder: only with {', '.join(first)} or {last} (otherwise --encoder is already a "
@@ -214,6 +250,8 @@ def main() -> int:
 
     params = draw_params(args, lr=args.lr, head_init=args.head_init, encoder_lr_scale=args.encoder_lr_scale,
                          pool_stages=args.pool_stages)
+    if args.pretrain_crop is not None:  # the pool is preprocessed as the profile says
+        check_crops("--pretrain-crop", params.pretrain, [args.pretrain_crop], params.preprocess.frame_size)
     fraction = min(params.finetune.fractions) if args.fraction is None else args.fraction
     if not 0 < fraction <= 1:
         raise SystemExit(f"--fraction: must be in (0, 1], got {fraction}")

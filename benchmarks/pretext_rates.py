@@ -36,7 +36,7 @@ from typing import Any
 from sonossl.config import PretrainParams, as_dict, load_params
 from sonossl.train.pretrain import pretrain, transform_set
 
-from label_seeds import finish  # benchmarks/ is on the path when run as a script
+from label_seeds import check_crops, finish  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,11 +121,7 @@ def main() -> int:
     pre = params.pretrain
     grid = [getattr(args, axis.key) or [axis.get(pre)] for axis in AXES]
     source = json.loads((args.clips / "meta.json").read_text())["params"]["frame_size"]
-    for crop in args.crop or [pre.crop]:
-        try:
-            transform_set(pre).max_shift(source, crop)
-        except ValueError as e:
-            raise SystemExit(f"--crop: {e}") from None
+    check_crops("--crop", pre, args.crop or [], source)
     # the profile's seed and the next --seeds - 1, innermost
     runs = list(itertools.product(*grid, range(pre.seed, pre.seed + args.seeds)))
     per_row = dataclasses.replace(pre, seed="per row")

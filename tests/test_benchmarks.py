@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sonossl.config import load_params
 from sonossl.train.pretrain import transform_set
@@ -26,7 +27,8 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
               "--encoder-lr-decay", "0.5"]
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--seeds", "2", "--pool-videos", "4",
                     "--pool-fps", "5", "--clips-per-epoch", "48", "--pretrain-epochs", "1", "--pretrain-lr", "0.003",
-                    "--pretrain-seed", "3", "--save-encoder", str(kept), "--out", str(out)],
+                    "--pretrain-seed", "3", "--pretrain-stride", "3", "--pretrain-crop", "16", "--pretrain-max-shift",
+                    "0", "--save-encoder", str(kept), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     # the kept encoder gives the same draw the same scores, and its record still says how it was built
@@ -43,6 +45,9 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     assert enc["mode"] == "both-sequential" and enc["epochs"] == 1
     assert enc["pool_fps"] == 5 and enc["clips_per_epoch"] == 48 and enc["pretrain_lr"] == 0.003
     assert enc["pretrain_seed"] == again["encoder"]["pretrain_seed"] == 3
+    assert (enc["pretrain_stride"], enc["pretrain_crop"], enc["pretrain_max_shift"]) == (3, 16, 0)
+    kept_params = torch.load(kept / "encoder.pt", weights_only=True)["params"]  # what the encoder was built with
+    assert (kept_params["stride"], kept_params["crop"], kept_params["max_shift"], kept_params["seed"]) == (3, 16, 0, 3)
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
     assert result["lr"] == 0.002 and len(result["per_seed"]) == 2
     test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
@@ -84,9 +89,7 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     assert (default.simulate.fps, default.preprocess.fps, default.pretrain.stride) == (20.0, None, 12)
 
     def args(**given):
-        return argparse.Namespace(**{"pretrain_epochs": None, "pretrain_lr": None, "pretrain_seed": None,
-                                     "clips_per_epoch": None, "pool_videos": None, "pool_seed": 2, "pool_fps": None,
-                                     **given})
+        return argparse.Namespace(**dict.fromkeys(bench.BUILD_OPTIONS) | {"pool_seed": 2, "pool_fps": None} | given)
 
     pre, sim = bench.build_params(args(pretrain_epochs=24, clips_per_epoch=1936, pool_videos=128, pool_fps=5.0),
                                   default)
@@ -100,6 +103,10 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     assert sim is None and pre == dataclasses.replace(default.pretrain, lr=2e-3)
     pre, sim = bench.build_params(args(pretrain_seed=1), default)
     assert sim is None and pre == dataclasses.replace(default.pretrain, seed=1) and bench.builds(args(pretrain_seed=1))
+    pre, sim = bench.build_params(args(pretrain_stride=24, pretrain_crop=48, pretrain_max_shift=0.0), default)
+    assert sim is None and pre == dataclasses.replace(default.pretrain, stride=24, crop=48, max_shift=0.0)
+    pre, sim = bench.build_params(args(pretrain_stride=24, pool_videos=128, pool_fps=5.0), default)
+    assert pre.stride == 6  # the given stride, scaled to the pool's frame rate like the profile's
     tiny = load_params(REPO / "params.yaml", "tiny")
     assert tiny.preprocess.fps == 5.0
     pre, sim = bench.build_params(args(pool_videos=4, pool_fps=20.0), tiny)
@@ -111,6 +118,10 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     (["--pool-videos", "4", "--pool-fps", "0"], "--pool-fps: must be positive, got 0.0"),
     (["--clips-per-epoch", "0"], "--clips-per-epoch: must be at least 1, got 0"),
     (["--pretrain-lr", "0"], "--pretrain-lr: must be positive, got 0.0"),
+    (["--pretrain-stride", "0"], "--pretrain-stride: must be at least 1, got 0"),
+    (["--pretrain-max-shift", "-1"], "--pretrain-max-shift: must be at least 0, got -1.0"),
+    (["--pretrain-crop", "4"], "--pretrain-crop: must be at least 8, got 4"),
+    (["--pretrain-crop", "40"], "--pretrain-crop: pretrain.crop=40 is too large for 32px frames"),
 ])
 def test_label_seeds_refuses_bad_pretraining_options(tmp_path, given, message):
     proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", *given,
