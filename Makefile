@@ -68,11 +68,11 @@ pretext-rates: setup
 # rendered at 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x and 6x the
 # pretraining on the training sweeps, over ten draws; the pretraining rate 2e-3 over ten draws; two more encoders at
 # each of 2e-3 and 5e-4 (pretraining seeds 1 and 2), over ten draws each; the pipeline's encoder at 20 %, over ten
-# draws. About 340 minutes on 2 cores. Decay 0.5 became the default after most of these were measured; $(NODECAY)
-# runs those as they were (every stage at one rate). The pretraining rate 2e-3 became the default after all of them
-# but the last three commands; $(LR0) pretrains their encoders, and the pipeline's, at the rate they had (5e-4). The
-# order-only and both-parallel rows read the pipeline's own ablation encoders, so they now measure the ones
-# pretrained at 2e-3.
+# draws; the three ablation encoders of the pipeline, over ten draws. About 370 minutes on 2 cores. Decay 0.5 became
+# the default after most of these were measured; $(NODECAY) runs those as they were (every stage at one rate). The
+# pretraining rate 2e-3 became the default after all of them but the last four commands; $(LR0) pretrains their
+# encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel rows of five draws
+# read the pipeline's own ablation encoders, so they now measure the ones pretrained at 2e-3.
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
 LR0 := --pretrain-lr 5e-4
@@ -138,6 +138,8 @@ label-levers: setup
 		--pretrain-seed $$s --seeds 10 --save-encoder models/bench/lr$$r-s$$s \
 		--out $(LEVERS)_pretrain_lr$${r}_seed$$s.json || exit 1; done; done
 	$(BIN)/python benchmarks/label_seeds.py --fraction 0.2 --seeds 10 --out $(LEVERS)_f20_lr2e-3.json
+	for m in order transform both-parallel; do $(BIN)/python benchmarks/label_seeds.py \
+		--encoder models/pretrain/$$m --seeds 10 --out $(LEVERS)_ablation_$${m}_lr2e-3.json || exit 1; done
 
 # The POCUS cross-validation over five seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 45 minutes on 2 cores).
