@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -139,7 +140,7 @@ def test_pretrain_under_torchrun_two_processes_on_cpu(tiny_clips, tmp_path):
     assert (tmp_path / "ddp/encoder.pt").is_file()
 
 
-def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path):
+def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path, caplog):
     from sonossl.config import as_dict
     from sonossl.evaluate.report import evaluate
     from sonossl.export import load_bundle, export
@@ -163,6 +164,16 @@ def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path):
     assert "SSL (both-sequential)" in md and "scratch (random init)" in md and "Pretext accuracy" in md
     assert "planes/ssl/finetune@0.5" in metrics
     assert json.loads((tmp_path / "reports/plots/confusion_ssl.json").read_text())
+    # an encoder whose order head stayed at chance is marked in the table and logged as a warning
+    stuck = json.loads((tmp_path / "pt/both-sequential/metrics.json").read_text())
+    stuck["val"]["order_acc"] = stuck["chance"]["order_acc"]
+    (tmp_path / "stuck/both-sequential").mkdir(parents=True)
+    (tmp_path / "stuck/both-sequential/metrics.json").write_text(json.dumps(stuck))
+    with caplog.at_level(logging.WARNING, logger="sonossl.evaluate.report"):
+        evaluate(tmp_path / "stuck", tmp_path / "ft", tmp_path / "reports-stuck")
+    assert any(r.getMessage().startswith("pretrain both-sequential: held-out order accuracy 0.083 is not clearly "
+                                         "above chance") for r in caplog.records)
+    assert "| both-sequential | 0.083 (0.083) * |" in (tmp_path / "reports-stuck/results.md").read_text()
 
     card = export(tiny_clips, tmp_path / "ft", tmp_path / "export", tiny_params)
     assert card["data"]["feature_version"] == m["data_version"] and card["model_version"]
