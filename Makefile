@@ -48,10 +48,11 @@ selection-oracle: setup
 	$(BIN)/python benchmarks/selection_oracle.py --seeds 5 $(NODECAY) --encoder models/bench/lr5e-4
 
 # Held-out pretext accuracy of the pipeline's both-sequential encoder pretrained at several peak rates, at smaller
-# batch sizes, with three pretraining seeds at the old and the new rate, and with the order loss weighted 2x and 4x,
-# at the pipeline's cost (README, "the pretraining rate"; after `make run`; about 21 minutes on 2 cores). The records
-# in benchmarks/results carry the machine they ran on in their names (--out): pretext_rates_avx2.json,
-# pretext_batch_avx2.json, pretext_seeds_avx2.json, pretext_order_weight_avx2.json.
+# batch sizes, with three pretraining seeds at the old and the new rate, with the order loss weighted 2x and 4x, at
+# clip strides 6 and 24, and at crops 48 and 64 with and without jitter, at the pipeline's cost (README, "the
+# pretraining rate"; after `make run`; about 34 minutes on 2 cores). The records in benchmarks/results carry the
+# machine they ran on in their names (--out): pretext_rates_avx2.json, pretext_batch_avx2.json,
+# pretext_seeds_avx2.json, pretext_order_weight_avx2.json, pretext_stride_avx2.json, pretext_crop_shift_avx2.json.
 pretext-rates: setup
 	$(BIN)/python benchmarks/pretext_rates.py
 	$(BIN)/python benchmarks/pretext_rates.py --lr 1e-3 2e-3 4e-3 --batch-size 32 16 \
@@ -59,6 +60,10 @@ pretext-rates: setup
 	$(BIN)/python benchmarks/pretext_rates.py --lr 5e-4 2e-3 --seeds 3 --out benchmarks/results/pretext_seeds.json
 	$(BIN)/python benchmarks/pretext_rates.py --lr 2e-3 --order-weight 2 4 --seeds 3 \
 		--out benchmarks/results/pretext_order_weight.json
+	$(BIN)/python benchmarks/pretext_rates.py --lr 2e-3 --stride 6 24 --clips-per-epoch 1936 --seeds 3 \
+		--out benchmarks/results/pretext_stride.json
+	$(BIN)/python benchmarks/pretext_rates.py --lr 2e-3 --crop 48 64 --max-shift 0 16 --seeds 3 \
+		--out benchmarks/results/pretext_crop_shift.json
 
 # The label-seeds comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune
 # LR, LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with
