@@ -120,8 +120,13 @@ def main() -> int:
     params = load_params(ROOT / "params.yaml", args.profile)
     pre = params.pretrain
     grid = [getattr(args, axis.key) or [axis.get(pre)] for axis in AXES]
-    source = json.loads((args.clips / "meta.json").read_text())["params"]["frame_size"]
+    meta = json.loads((args.clips / "meta.json").read_text())
+    source = meta["params"]["frame_size"]
     check_crops("--crop", pre, args.crop or [], source)
+    longest = max((v["frames_kept"] for v in meta["videos"] if v.get("split") == "train"), default=0)
+    every("--stride", args.stride, lambda stride: (pre.k - 1) * stride + 1 <= longest,
+          f"stride must fit a clip of k={pre.k} frames into the longest training video of {args.clips} "
+          f"({longest} frames)")
     # the profile's seed and the next --seeds - 1, innermost
     runs = list(itertools.product(*grid, range(pre.seed, pre.seed + args.seeds)))
     per_row = dataclasses.replace(pre, seed="per row")

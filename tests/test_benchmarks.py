@@ -263,6 +263,7 @@ def test_pretext_rates_varies_stride_crop_and_shift(tiny_clips, tiny_params, tmp
     (["--max-shift", "-1"], "--max-shift: every shift must be at least 0, got [-1.0]"),
     (["--crop", "4"], "--crop: every crop must be at least 8, got [4]"),
     (["--crop", "16", "40"], "--crop: pretrain.crop=40 is too large for 32px frames"),
+    (["--stride", "2", "9"], "--stride: every stride must fit a clip of k=4 frames into the longest training video"),
 ])
 def test_pretext_rates_refuses_bad_settings(tiny_clips, tmp_path, given, message):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny",
