@@ -86,21 +86,8 @@ def build_encoder(args: argparse.Namespace, params: Params, tmp: Path) -> Path:
 def build_params(args: argparse.Namespace, params: Params) -> tuple[PretrainParams, SimulateParams | None]:
     """The pretraining parameters of the encoder ``build_encoder`` makes, and the simulation of its unlabelled pool
     (None: it pretrains on ``--clips``)."""
-    pre = params.pretrain
-    if args.pretrain_epochs is not None:
-        pre = dataclasses.replace(pre, epochs=args.pretrain_epochs)
-    if args.clips_per_epoch is not None:
-        pre = dataclasses.replace(pre, clips_per_epoch=args.clips_per_epoch)
-    if args.pretrain_lr is not None:
-        pre = dataclasses.replace(pre, lr=args.pretrain_lr)
-    if args.pretrain_seed is not None:
-        pre = dataclasses.replace(pre, seed=args.pretrain_seed)
-    if args.pretrain_stride is not None:
-        pre = dataclasses.replace(pre, stride=args.pretrain_stride)
-    if args.pretrain_crop is not None:
-        pre = dataclasses.replace(pre, crop=args.pretrain_crop)
-    if args.pretrain_max_shift is not None:
-        pre = dataclasses.replace(pre, max_shift=args.pretrain_max_shift)
+    given = {name: getattr(args, name) for name in PRETRAIN_FIELDS}
+    pre = dataclasses.replace(params.pretrain, **{PRETRAIN_FIELDS[k]: v for k, v in given.items() if v is not None})
     if args.pool_videos is None:
         return pre, None
     taken = {params.simulate.seed} | ({params.simulate_test.seed} if params.simulate_test else set())
@@ -140,9 +127,12 @@ def check_crops(option: str, pre: PretrainParams, crops: list[int], source: int)
             raise SystemExit(f"{option}: {e}") from None
 
 
-# the options that make ``build_encoder`` pretrain an encoder here, as argparse names them
-BUILD_OPTIONS = ("pretrain_epochs", "pretrain_lr", "pretrain_seed", "pretrain_stride", "pretrain_crop",
-                 "pretrain_max_shift", "clips_per_epoch", "pool_videos")
+# the options that set one parameter of the encoder ``build_encoder`` pretrains (as argparse names them), and which
+PRETRAIN_FIELDS = {"pretrain_epochs": "epochs", "pretrain_lr": "lr", "pretrain_seed": "seed",
+                   "pretrain_stride": "stride", "pretrain_crop": "crop", "pretrain_max_shift": "max_shift",
+                   "clips_per_epoch": "clips_per_epoch"}
+# the options that make ``build_encoder`` pretrain an encoder here
+BUILD_OPTIONS = (*PRETRAIN_FIELDS, "pool_videos")
 
 
 def builds(args: argparse.Namespace) -> bool:
