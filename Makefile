@@ -72,12 +72,12 @@ pretext-rates: setup
 # (with draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3); a pool
 # rendered at 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x and 6x the
 # pretraining on the training sweeps, over ten draws; the pretraining rate 2e-3 over ten draws; two more encoders at
-# each of 2e-3 and 5e-4 (pretraining seeds 1 and 2), over ten draws each; the pipeline's encoder at 20 %, over ten
-# draws; the three ablation encoders of the pipeline, over ten draws. About 370 minutes on 2 cores. Decay 0.5 became
-# the default after most of these were measured; $(NODECAY) runs those as they were (every stage at one rate). The
-# pretraining rate 2e-3 became the default after all of them but the last four commands; $(LR0) pretrains their
-# encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel rows of five draws
-# read the pipeline's own ablation encoders, so they now measure the ones pretrained at 2e-3.
+# each of 2e-3 and 5e-4 (pretraining seeds 1 and 2), over ten draws each; the pipeline's encoder at 20 % and at
+# 100 %, over ten draws each; the three ablation encoders of the pipeline, over ten draws. About 390 minutes on 2
+# cores. Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were (every
+# stage at one rate). The pretraining rate 2e-3 became the default after all of them but the last five commands;
+# $(LR0) pretrains their encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel
+# rows of five draws read the pipeline's own ablation encoders, so they now measure the ones pretrained at 2e-3.
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
 LR0 := --pretrain-lr 5e-4
@@ -143,6 +143,7 @@ label-levers: setup
 		--pretrain-seed $$s --seeds 10 --save-encoder models/bench/lr$$r-s$$s \
 		--out $(LEVERS)_pretrain_lr$${r}_seed$$s.json || exit 1; done; done
 	$(BIN)/python benchmarks/label_seeds.py --fraction 0.2 --seeds 10 --out $(LEVERS)_f20_lr2e-3.json
+	$(BIN)/python benchmarks/label_seeds.py --fraction 1 --seeds 10 --out $(LEVERS)_f100_lr2e-3.json
 	for m in order transform both-parallel; do $(BIN)/python benchmarks/label_seeds.py \
 		--encoder models/pretrain/$$m --seeds 10 --out $(LEVERS)_ablation_$${m}_lr2e-3.json || exit 1; done
 
