@@ -197,9 +197,9 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
         md += ["### Pretext accuracy on held-out videos", "", *pretext_table(pretrain), ""]
         for mode, m in pretrain.items():
             for h in near_chance(m):
-                log.warning("pretrain %s: held-out %s accuracy %.3f is %s (%.3f, %d clips): this encoder has not "
-                            "learned that task; check its training curves, or pretrain again with another seed or a "
-                            "lower rate", mode, h, m["val"][f"{h}_acc"], NEAR_CHANCE, m["chance"][f"{h}_acc"],
+                log.warning("pretrain %s: held-out %s accuracy %.3f is %s (%.3f, %d clips): this encoder may not "
+                            "have learned that task; check its training curves, or pretrain again with another seed "
+                            "or a lower rate", mode, h, m["val"][f"{h}_acc"], NEAR_CHANCE, m["chance"][f"{h}_acc"],
                             m["val_clips"])
     cv = _read(Path(crossval)) if crossval and Path(crossval).is_file() else None
     if cv:
