@@ -112,6 +112,12 @@ def positive(option: str, value: float | None) -> None:
         raise SystemExit(f"{option}: must be positive, got {value}")
 
 
+def at_least(option: str, value: float | None, low: float) -> None:
+    """Stop, naming ``option``, unless ``value`` is None (not given) or at least ``low``."""
+    if value is not None and value < low:
+        raise SystemExit(f"{option}: must be at least {low}, got {value}")
+
+
 def check_crops(option: str, pre: PretrainParams, crops: list[int], source: int) -> None:
     """Stop, naming ``option``, before any work if one of ``crops`` is too small to be a network input or too large
     for ``source``-pixel frames under ``pre``'s transform sets (the transformed crop would leave the frame); also
@@ -224,13 +230,10 @@ def main() -> int:
     if args.pool_fps is not None and args.pool_videos is None:
         raise SystemExit("--pool-fps: the frame rate of the unlabelled pool, so only with --pool-videos")
     positive("--pool-fps", args.pool_fps)
-    if args.clips_per_epoch is not None and args.clips_per_epoch < 1:
-        raise SystemExit(f"--clips-per-epoch: must be at least 1, got {args.clips_per_epoch}")
+    at_least("--clips-per-epoch", args.clips_per_epoch, 1)
     positive("--pretrain-lr", args.pretrain_lr)
-    if args.pretrain_stride is not None and args.pretrain_stride < 1:
-        raise SystemExit(f"--pretrain-stride: must be at least 1, got {args.pretrain_stride}")
-    if args.pretrain_max_shift is not None and args.pretrain_max_shift < 0:
-        raise SystemExit(f"--pretrain-max-shift: must be at least 0, got {args.pretrain_max_shift}")
+    at_least("--pretrain-stride", args.pretrain_stride, 1)
+    at_least("--pretrain-max-shift", args.pretrain_max_shift, 0)
     if args.save_encoder is not None and not builds(args):
         *first, last = ("--" + name.replace("_", "-") for name in BUILD_OPTIONS)
         raise SystemExit(f"--save-encoder: only with {', '.join(first)} or {last} (otherwise --encoder is already a "
