@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,3 +272,36 @@ def test_pretext_rates_refuses_bad_settings(tiny_clips, tmp_path, given, message
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_simulator_speed_compares_two_revisions_and_their_renders(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "simulator_speed.py"), "--base", "HEAD",
+                           "--this", "HEAD", "--profile", "tiny", "--indices", "0", "2", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(out.read_text())
+    assert rec["identical"] and rec["differing_sweeps"] == []
+    assert set(rec["seconds_per_sweep"]["base"]) == set(rec["seconds_per_sweep"]["this"]) == {"0", "2"}
+    assert rec["median_speedup"] > 0 and rec["this"] == rec["base"]
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "simulator_speed.py"), "--base", "no-such-rev",
+                          "--profile", "tiny", "--out", str(tmp_path / "bad.json")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "revision 'no-such-rev'" in bad.stderr and not (tmp_path / "bad.json").exists()
+
+
+def test_simulator_speed_digest_sees_every_part_of_a_sweep(monkeypatch):
+    from sonossl.data.simulate import render_sweep
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    digest = importlib.import_module("simulator_speed").digest
+    sweep = render_sweep(0, load_params(REPO / "params.yaml", "tiny").simulate)
+    ref = digest(sweep)
+    assert digest(dataclasses.replace(sweep)) == ref
+    frames = sweep.frames.copy()
+    frames.flat[123] ^= 1
+    saliency = sweep.saliency.copy()
+    saliency.flat[7] = np.nextafter(saliency.flat[7], np.float32(1))
+    extra = {**sweep.extra, "pose": sweep.extra["pose"] + np.float32(1)}
+    for changed in (dataclasses.replace(sweep, frames=frames), dataclasses.replace(sweep, saliency=saliency),
+                    dataclasses.replace(sweep, extra=extra), dataclasses.replace(sweep, row={**sweep.row, "frames": 0})):
+        assert digest(changed) != ref

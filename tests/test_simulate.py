@@ -13,7 +13,7 @@ import pytest
 from sonossl.config import SimulateParams
 from sonossl.data.annotations import load_annotations
 from sonossl.data.bmode import BModeRenderer, Settings, scatterers
-from sonossl.data.phantom import Phantom
+from sonossl.data.phantom import Phantom, _in_box
 from sonossl.data.planes import CLASSES, MAX_DIST_MM, ImagePlane, Sector, canonical_planes, label_frame
 from sonossl.data.probe import plane_from_pose, pose_for_plane, sonographer_path
 from sonossl.data.simulate import scene, simulate
@@ -192,3 +192,18 @@ def test_contact_sheet_shows_a_row_per_class(sim, tmp_path):
     with Image.open(png) as img:
         assert img.height == len(labels) * (TILE_HEIGHT + CAPTION) and img.width > TILE_HEIGHT
         assert np.asarray(img.convert("L")).std() > 10  # frames, not an empty canvas
+
+
+def test_box_test_finds_what_a_full_comparison_finds():
+    """``_in_box`` (height first, then the other two coordinates one column at a time) against comparing every
+    coordinate of every point: the same indices in the same order, with many points exactly on the box faces
+    (coordinates on a 0.5 mm grid), on the Fortran-ordered points the painter passes it."""
+    rng = np.random.default_rng(0)
+    q = np.asfortranarray(np.round(rng.uniform(-10, 10, (4000, 3)) * 2) / 2)
+    for _ in range(300):
+        lo = np.round(rng.uniform(-12, 10, 3) * 2) / 2
+        hi = lo + np.round(rng.uniform(-1, 8, 3) * 2) / 2  # some boxes empty (hi < lo), some past the points
+        want = np.flatnonzero(((q >= lo) & (q <= hi)).all(axis=1))
+        got = _in_box(q, lo, hi)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)

@@ -29,11 +29,15 @@ LATTICE_MM = 0.5
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _hash(ix: np.ndarray, iy: np.ndarray, iz: np.ndarray, seed: int) -> np.ndarray:
-    """splitmix64 of the lattice coordinates: the same 3D point always gets the same scatterer."""
-    h = (ix.astype(np.uint64) * np.uint64(73856093)) ^ (iy.astype(np.uint64) * np.uint64(19349663))
-    h ^= iz.astype(np.uint64) * np.uint64(83492791)
-    h ^= np.uint64(((seed & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+_PRIMES = (np.uint64(73856093), np.uint64(19349663), np.uint64(83492791))
+
+
+def _salt(seed: int) -> np.uint64:
+    return np.uint64(((seed & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place."""
     h ^= h >> np.uint64(30)
     h *= _M1
     h ^= h >> np.uint64(27)
@@ -43,20 +47,30 @@ def _hash(ix: np.ndarray, iy: np.ndarray, iz: np.ndarray, seed: int) -> np.ndarr
 
 
 def scatterers(p: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Complex scatterer amplitude (real, imaginary) at world points ``p`` (N, 3) mm, trilinear in the lattice."""
+    """Complex scatterer amplitude (real, imaginary) at world points ``p`` (N, 3) mm, trilinear in the lattice.
+
+    Each lattice point's scatterer is splitmix64 of its coordinates, so the same 3D point always gets the same
+    scatterer. Each axis' two lattice coordinates (and their weights) are computed once for the eight corners:
+    uint64 arithmetic wraps the same whichever way it is grouped, and xor commutes.
+    """
     g = p / LATTICE_MM + 1e6  # keep lattice indices positive
     i0 = np.floor(g).astype(np.int64)
     f = g - i0
     re = np.zeros(len(p), np.float32)
     im = np.zeros(len(p), np.float32)
     scale = np.float32(np.sqrt(12.0) / 2**32)
+    salt = _salt(seed)
+    keys = [[(i0[:, a] + c).astype(np.uint64) * _PRIMES[a] for c in (0, 1)] for a in range(3)]
+    weights = [[1 - f[:, a], f[:, a]] for a in range(3)]
     for cx in (0, 1):
-        wx = f[:, 0] if cx else 1 - f[:, 0]
         for cy in (0, 1):
-            wy = f[:, 1] if cy else 1 - f[:, 1]
+            wxy = weights[0][cx] * weights[1][cy]
+            kxy = keys[0][cx] ^ keys[1][cy]
             for cz in (0, 1):
-                w = (wx * wy * (f[:, 2] if cz else 1 - f[:, 2])).astype(np.float32)
-                h = _hash(i0[:, 0] + cx, i0[:, 1] + cy, i0[:, 2] + cz, seed)
+                w = (wxy * weights[2][cz]).astype(np.float32)
+                h = kxy ^ keys[2][cz]
+                h ^= salt
+                _mix(h)
                 re += w * ((h & np.uint64(0xFFFFFFFF)).astype(np.float32) * scale - np.float32(np.sqrt(3.0)))
                 im += w * ((h >> np.uint64(32)).astype(np.float32) * scale - np.float32(np.sqrt(3.0)))
     return re, im
