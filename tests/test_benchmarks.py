@@ -278,14 +278,15 @@ def test_simulator_speed_compares_two_revisions_and_their_renders(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "simulator_speed.py"), "--base", "HEAD",
                            "--this", "HEAD", "--profile", "tiny", "--indices", "0", "2", "--repeats", "1",
-                           "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rec = json.loads(out.read_text())
     assert rec["identical"] and rec["differing_sweeps"] == []
     assert set(rec["seconds_per_sweep"]["base"]) == set(rec["seconds_per_sweep"]["this"]) == {"0", "2"}
     assert rec["median_speedup"] > 0 and rec["this"] == rec["base"]
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "simulator_speed.py"), "--base", "no-such-rev",
-                          "--profile", "tiny", "--out", str(tmp_path / "bad.json")], capture_output=True, text=True)
+                          "--profile", "tiny", "--out", str(tmp_path / "bad.json")], capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode != 0 and "revision 'no-such-rev'" in bad.stderr and not (tmp_path / "bad.json").exists()
 
 

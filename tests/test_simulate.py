@@ -207,3 +207,44 @@ def test_box_test_finds_what_a_full_comparison_finds():
         got = _in_box(q, lo, hi)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+def test_faster_sums_and_scatterers_give_the_same_bits():
+    """The painter's ``_sum3`` and the per-axis scatterer hashing against the straightforward forms they replaced:
+    bit for bit, so the same seed still renders the same bytes (and the data version ids stay put)."""
+    from sonossl.data.bmode import LATTICE_MM, _M1, _M2
+    from sonossl.data.phantom import _sum3
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(5000, 3)) * 10 ** rng.uniform(-3, 3, (5000, 3))
+    assert np.array_equal(_sum3(v), v.sum(axis=1))
+    assert np.array_equal(_sum3(np.asfortranarray(v)), v.sum(axis=1))
+
+    def reference(p, seed):  # the scatterer lattice as first written: one full hash per corner
+        g = p / LATTICE_MM + 1e6
+        i0 = np.floor(g).astype(np.int64)
+        f = g - i0
+        re, im = np.zeros(len(p), np.float32), np.zeros(len(p), np.float32)
+        scale = np.float32(np.sqrt(12.0) / 2**32)
+        for cx in (0, 1):
+            for cy in (0, 1):
+                for cz in (0, 1):
+                    w = ((f[:, 0] if cx else 1 - f[:, 0]) * (f[:, 1] if cy else 1 - f[:, 1])
+                         * (f[:, 2] if cz else 1 - f[:, 2])).astype(np.float32)
+                    ix, iy, iz = (i0[:, k] + c for k, c in enumerate((cx, cy, cz)))
+                    h = (ix.astype(np.uint64) * np.uint64(73856093)) ^ (iy.astype(np.uint64) * np.uint64(19349663))
+                    h ^= iz.astype(np.uint64) * np.uint64(83492791)
+                    h ^= np.uint64(((seed & 0xFFFFFFFF) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+                    h ^= h >> np.uint64(30)
+                    h *= _M1
+                    h ^= h >> np.uint64(27)
+                    h *= _M2
+                    h ^= h >> np.uint64(31)
+                    re += w * ((h & np.uint64(0xFFFFFFFF)).astype(np.float32) * scale - np.float32(np.sqrt(3.0)))
+                    im += w * ((h >> np.uint64(32)).astype(np.float32) * scale - np.float32(np.sqrt(3.0)))
+        return re, im
+
+    p = rng.uniform(-80, 160, (20000, 3))
+    for seed in (0, 12345, 2**31 - 1):
+        for got, want in zip(scatterers(p, seed), reference(p, seed), strict=True):
+            assert np.array_equal(got, want)
