@@ -7,7 +7,7 @@ saliency maps, every per-frame annotation and the labels.csv row, as a SHA-256 p
 the simulator faster must leave every digest equal, so that the data version ids, and everything DVC derives from
 them, stay the same.
 
-    .venv/bin/python benchmarks/simulator_speed.py --base HEAD~1            # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/simulator_speed.py --base HEAD~1            # 1.3 minutes here (4 sweeps x 3)
     .venv/bin/python benchmarks/simulator_speed.py --base a198145 --this HEAD   # two revisions, not the tree
 Writes benchmarks/results/simulator_speed.json (or --out): seconds per sweep for each revision (median over
 ``--repeats`` rounds), this checkout's speed-up (base seconds / this checkout's, per sweep, and its median) and
@@ -75,6 +75,11 @@ def run_worker(src: Path, args: argparse.Namespace) -> dict[int, dict]:
     return {r["index"]: r for r in rows}
 
 
+def git(*args: str) -> str:
+    """Output of ``git args`` in this checkout, stripped ("" when it fails)."""
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+
 def extract(rev: str, into: Path) -> Path:
     """``src/`` of revision ``rev`` under ``into``."""
     try:
@@ -112,12 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from sonossl.atomic import atomic_write_text
     from sonossl.machine import describe
 
-    base_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base], capture_output=True,
-                              text=True).stdout.strip() or args.base
-    here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.this or "HEAD"],
-                          capture_output=True, text=True).stdout.strip() or args.this
-    dirty = not args.this and bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"],
-                                                  capture_output=True, text=True).stdout.strip())
+    base_rev = git("rev-parse", "--short", args.base) or args.base
+    here = git("rev-parse", "--short", args.this or "HEAD") or args.this or "working tree"
+    dirty = not args.this and bool(git("status", "--porcelain", "src"))
     times: dict[str, dict[int, list[float]]] = {"base": {}, "this": {}}
     digests: dict[str, dict[int, str]] = {"base": {}, "this": {}}
     with tempfile.TemporaryDirectory(prefix="simulator_speed_") as tmp:
