@@ -24,6 +24,9 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
                                        concatenated (finetune.pool_stages), SSL and scratch alike
     --encoder-lr-decay 0.5             layer-wise decay of the pretrained encoder's fine-tune rate
                                        (finetune.encoder_lr_decay; scratch keeps the full rate)
+    --refit / --no-refit               fit the chosen probe and fine-tune again on the inner-train and inner-validation
+                                       videos (crossval.refit); the record then holds both, the selected models'
+                                       accuracies under *_selected, and the refit's gain over them per seed
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +63,8 @@ def main() -> int:
     ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
     ap.add_argument("--encoder-lr-decay", type=float, default=None,
                     help="finetune.encoder_lr_decay (default: the profile's)")
+    ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                    help="crossval.refit (default: the profile's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/crossval_seeds.json")
     args = ap.parse_args()
     if args.seeds < 1:
@@ -70,6 +76,8 @@ def main() -> int:
     for k, v in cv_given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
+    if args.refit is not None:
+        cv_given["refit"] = args.refit
     positive("--pretrain-lr", args.pretrain_lr)
     pt_given = {"lr": args.pretrain_lr} if args.pretrain_lr is not None else {}
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay))
@@ -84,6 +92,16 @@ def main() -> int:
         raise SystemExit(str(e)) from None
 
     def record(rows: list[dict], first: dict) -> dict:
+        refit = {}
+        if base.crossval.refit:  # the refit against the model chosen on validation, draw by draw
+            for key in ("ssl_finetune", "scratch_finetune", "ssl_probe", "scratch_probe"):
+                diffs = [round(r[key] - r[f"{key}_selected"], 4) for r in rows]
+                refit[f"{key}_refit_minus_selected"] = {
+                    "median": round(statistics.median(diffs), 4), "min": min(diffs), "max": max(diffs),
+                    "higher_in": f"{sum(x > 0 for x in diffs)}/{len(diffs)} seeds",
+                    "lower_in": f"{sum(x < 0 for x in diffs)}/{len(diffs)} seeds"}
+            refit["ssl_finetune_selected_median"] = round(statistics.median(r["ssl_finetune_selected"]
+                                                                           for r in rows), 4)
         return {
             "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
             "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
@@ -91,7 +109,7 @@ def main() -> int:
             "encoder_lr_decay": base.finetune.encoder_lr_decay, "pretrain_lr": base.pretrain.lr,
             "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
             "seeds": [r["seed"] for r in rows], "per_seed": rows,
-            **summarise(rows),
+            **summarise(rows), **refit,
             "probe_gain_positive_in": f"{sum(r['probe_gain'] > 0 for r in rows)}/{len(rows)} seeds",
             "ssl_finetune_reaches_target_in": f"{sum(r['ssl_finetune'] >= TARGET for r in rows)}/{len(rows)} seeds",
             "target": f"POCUS video accuracy of at least {TARGET} with SSL",
@@ -113,6 +131,9 @@ def main() -> int:
                 row[key] = r["accuracy"]
                 row[f"{key}_folds"] = r["fold_accuracy"]
                 row[f"{key}_f1"] = r["per_class_f1"]
+                if "accuracy_selected" in r:
+                    row[f"{key}_selected"] = r["accuracy_selected"]
+                    row[f"{key}_selected_folds"] = r["fold_accuracy_selected"]
             row["finetune_gain"] = round(row["ssl_finetune"] - row["scratch_finetune"], 4)
             row["probe_gain"] = round(row["ssl_probe"] - row["scratch_probe"], 4)
             row["minutes"] = round((time.perf_counter() - t) / 60, 1)

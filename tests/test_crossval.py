@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,51 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_refit_scores_the_chosen_models_fitted_again_on_train_and_validation_videos(pocus_subset, tiny_params,
+                                                                                    tmp_path):
+    """With ``crossval.refit`` the selected models are scored as without it, bit for bit (kept as ``*_selected``),
+    and the reported ones are fitted again on the training and validation videos: the fine-tune for the epochs the
+    selection chose, of the same schedule, with no validation; the probe at the chosen L2 strength."""
+    import dataclasses
+
+    from sonossl.data.clips import preprocess
+    from sonossl.train.crossval import crossval
+    from sonossl.train.loop import load_checkpoint
+
+    preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    cv = dataclasses.replace(tiny_params.crossval, finetune_epochs=3, refit=False)
+    params = dataclasses.replace(tiny_params, crossval=cv, finetune=dataclasses.replace(tiny_params.finetune,
+                                                                                         patience=1))
+    plain = crossval(tmp_path / "clips", tmp_path / "plain", params, progress=False, report=tmp_path / "plain.md")
+    refit = crossval(tmp_path / "clips", tmp_path / "refit",
+                     dataclasses.replace(params, crossval=dataclasses.replace(cv, refit=True)), progress=False,
+                     report=tmp_path / "refit.md")
+    assert "before the refit" not in (tmp_path / "plain.md").read_text()
+    md = (tmp_path / "refit.md").read_text()
+    assert "| encoder | method | video accuracy | before the refit | per-fold accuracy |" in md
+    assert "fitted again on its training and validation videos" in md
+    r = refit["results"][1]
+    assert f"| {r['init']} | {r['method']} | {r['accuracy']:.3f} | {r['accuracy_selected']:.3f} |" in md
+    before = {(r["init"], r["method"]): r for r in plain["results"]}
+    assert "accuracy_selected" not in plain["results"][0] and "refit_frames" not in plain["fold_runs"][0]
+    for r in refit["results"]:
+        assert r["accuracy_selected"] == before[r["init"], r["method"]]["accuracy"]
+        assert r["fold_accuracy_selected"] == before[r["init"], r["method"]]["fold_accuracy"]
+        assert r["report"]["n"] == 12 and len(r["fold_accuracy"]) == 3
+    assert [{k: v for k, v in f.items() if k != "refit_frames"} for f in refit["fold_runs"]] == plain["fold_runs"]
+    for f, runs in enumerate(refit["fold_runs"]):
+        # frames_per_video of every training and validation video (the tiny videos all have more)
+        assert runs["refit_frames"] == runs["train_frames"] + cv.frames_per_video * runs["val_videos"]
+        for init in ("ssl", "scratch"):
+            chosen = load_checkpoint(tmp_path / f"refit/folds/fold{f}/{init}-finetune/checkpoints/best.pt")
+            again = load_checkpoint(tmp_path / f"refit/folds/fold{f}/{init}-finetune-refit/checkpoints/last.pt")
+            assert chosen["epoch"] == runs[f"{init}_finetune_epochs"] == again["epoch"]
+            assert all(not k.startswith("val_") for e in again["history"] for k in e)  # nothing validated
+            assert any(not torch.equal(again["model"][k], v) for k, v in chosen["model"].items())
+
+
 CROSSVAL_SEEDS = REPO / "benchmarks" / "crossval_seeds.py"
 
 
@@ -68,7 +114,8 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
     from sonossl.train.crossval import crossval
 
     preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
-    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, frames_per_video=3),
+    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, frames_per_video=3,
+                                                                           refit=True),
                                  pretrain=dataclasses.replace(tiny_params.pretrain, lr=0.003),
                                  finetune=dataclasses.replace(tiny_params.finetune, pool_stages=2,
                                                               encoder_lr_decay=0.5))
@@ -76,10 +123,11 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
                                                                progress=False)["results"]}
     subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--profile", "tiny", "--clips", str(tmp_path / "clips"),
                     "--seeds", "2", "--frames-per-video", "3", "--pool-stages", "2", "--encoder-lr-decay", "0.5",
-                    "--pretrain-lr", "0.003", "--out", str(tmp_path / "seeds.json")],
+                    "--pretrain-lr", "0.003", "--refit", "--out", str(tmp_path / "seeds.json")],
                    check=True, capture_output=True, text=True, timeout=900)
     result = json.loads((tmp_path / "seeds.json").read_text())
-    assert result["levers"] == {"frames_per_video": 3, "pretrain_lr": 0.003, "pool_stages": 2, "encoder_lr_decay": 0.5}
+    assert result["levers"] == {"frames_per_video": 3, "refit": True, "pretrain_lr": 0.003, "pool_stages": 2,
+                                "encoder_lr_decay": 0.5}
     assert result["pool_stages"] == 2 and result["encoder_lr_decay"] == 0.5 and result["pretrain_lr"] == 0.003
     assert result["crossval"]["frames_per_video"] == 3
     assert result["seeds"] == [0, 1] and result["finished"] == "2/2 seeds"
@@ -87,6 +135,10 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
     seed0, seed1 = result["per_seed"]
     for key, r in step.items():
         assert seed0[key] == r["accuracy"] and seed0[f"{key}_folds"] == r["fold_accuracy"]
+        assert seed0[f"{key}_selected"] == r["accuracy_selected"]  # --refit keeps the selected models' scores too
+        assert seed0[f"{key}_selected_folds"] == r["fold_accuracy_selected"]
+        diffs = [round(row[key] - row[f"{key}_selected"], 4) for row in result["per_seed"]]
+        assert result[f"{key}_refit_minus_selected"]["min"] == min(diffs)
     for row in (seed0, seed1):
         assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
         assert row["probe_gain"] == round(row["ssl_probe"] - row["scratch_probe"], 4)

@@ -306,6 +306,38 @@ def test_early_stopping_ends_after_patience_epochs_without_a_better_score_and_st
     assert len(unselected.history) == 8
 
 
+def test_stop_after_trains_the_first_epochs_of_the_planned_schedule(tmp_path):
+    """A refit repeats the epochs a validated run chose: ``stop_after=2`` of ``epochs=4`` gives the weights the 4-epoch
+    run had after its second epoch, not those of a 2-epoch schedule (whose rate decays sooner)."""
+    from sonossl.train.loop import LoopParams, fit, load_checkpoint
+
+    params = LoopParams(epochs=4, lr=1e-2, warmup_epochs=1)
+    fit(_TwoLayers(1.0), tmp_path / "whole", dataclasses.replace(params, epochs=2, select=None), progress=False,
+        live=False)
+    short = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")["model"]
+
+    class Recorder(_TwoLayers):  # keeps the weights after epoch 2 of the planned 4
+        def validate(self, model, device):
+            self.after = getattr(self, "after", []) + [{k: v.clone() for k, v in model.state_dict().items()}]
+            return {}
+
+    full = Recorder(1.0)
+    fit(full, tmp_path / "four", params, progress=False, live=False)
+    stopped = _TwoLayers(1.0)
+    res = fit(stopped, tmp_path / "two", dataclasses.replace(params, stop_after=2), progress=False, live=False)
+    assert [e["epoch"] for e in res.history] == [1, 2] and not res.stopped_early
+    kept = load_checkpoint(tmp_path / "two/checkpoints/best.pt")
+    assert kept["epoch"] == 2
+    for k, v in full.after[1].items():
+        assert torch.equal(kept["model"][k], v)  # bit for bit the 4-epoch run after its epoch 2
+    assert any(not torch.equal(kept["model"][k], short[k]) for k in short)  # not a 2-epoch schedule
+    res = fit(_TwoLayers(1.0), tmp_path / "two", dataclasses.replace(params, stop_after=2), resume=True,
+              progress=False, live=False)
+    assert len(res.history) == 2  # resumed after its last epoch: nothing more to do
+    with pytest.raises(ValueError, match="stop_after: must be 0"):
+        fit(_TwoLayers(1.0), tmp_path / "bad", dataclasses.replace(params, stop_after=-1), progress=False, live=False)
+
+
 def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder(tiny_clips, tiny_params, tmp_path):
     """LP-FT: the fine-tune's head starts as the linear probe of its encoder (with a vanishing learning rate it is
     still that probe after training), and only a pretrained encoder gets ``encoder_lr_scale``."""

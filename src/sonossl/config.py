@@ -172,6 +172,9 @@ class CrossvalParams:
     pretrain_epochs: int = 6
     pretrain_clips_per_epoch: int = 3000  # per fold (the pretrain section's other settings apply)
     finetune_epochs: int = 8
+    # After the choice on the inner-validation videos, fit the probe (chosen L2 strength) and the fine-tune (chosen
+    # number of epochs) again on the inner-train and inner-validation videos together, and score that model.
+    refit: bool = True
     seed: int = 0
 
 

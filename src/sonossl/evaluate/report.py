@@ -135,21 +135,30 @@ def pretext_table(pretrain: dict[str, dict]) -> list[str]:
 
 
 def crossval_table(cv: dict) -> list[str]:
-    head = ["encoder", "method", "video accuracy", "per-fold accuracy"] + [f"F1 {c}" for c in cv["classes"]]
+    """One row per encoder and method; with a refit (``accuracy_selected`` in the results) a column with the video
+    accuracy of the model chosen on the inner validation videos, before it was fitted again."""
+    refit = any("accuracy_selected" in r for r in cv["results"])
+    head = ["encoder", "method", "video accuracy", *(["before the refit"] if refit else []), "per-fold accuracy",
+            *(f"F1 {c}" for c in cv["classes"])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in cv["results"]:
         folds = ", ".join(f"{a:.2f}" for a in r["fold_accuracy"])
-        lines.append(f"| {r['init']} | {r['method']} | {_fmt(r['accuracy'])} | {folds} | " +
-                     " | ".join(_fmt(r["per_class_f1"][c]) for c in cv["classes"]) + " |")
+        before = [_fmt(r["accuracy_selected"]) if "accuracy_selected" in r else "–"] if refit else []
+        lines.append("| " + " | ".join([r["init"], r["method"], _fmt(r["accuracy"]), *before, folds,
+                                        *(_fmt(r["per_class_f1"][c]) for c in cv["classes"])]) + " |")
     return lines
 
 
 def crossval_markdown(cv: dict) -> str:
     minutes = cv.get("seconds", 0) / 60
+    refit = cv.get("params", {}).get("crossval", {}).get("refit", False)
+    how = ("The probe and the fine-tune chosen on each fold's inner validation videos (L2 strength, epoch) were "
+           "fitted again on its training and validation videos together; scored: the refit models. "
+           if refit else "")
     return "\n".join([
         f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
         *crossval_table(cv), "",
-        f"{cv['videos']} videos of {cv['patients']} patients; clip dataset version {cv['data_version']}; "
+        f"{how}{cv['videos']} videos of {cv['patients']} patients; clip dataset version {cv['data_version']}; "
         f"{minutes:.1f} min on this machine.", ""])
 
 

@@ -9,7 +9,11 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
 3. from that encoder and from a random one: a linear probe and a fine-tune (the finetune step's, with its
    ``head_init``, ``encoder_lr_scale`` and ``encoder_lr_decay``) on ``frames_per_video`` evenly spaced frames of
    every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos;
-4. every frame of each test video is classified; the video's prediction is the argmax of its mean probabilities.
+4. with ``refit``, the probe (at its chosen L2 strength) and the fine-tune (for its chosen number of epochs, of the
+   same schedule, from the same initialisation) are fitted again on the inner-train and inner-validation videos
+   together (``frames_per_video`` of each), and that model is the one scored; the selected model's scores are kept
+   beside it (``accuracy_selected``), so one run compares the two;
+5. every frame of each test video is classified; the video's prediction is the argmax of its mean probabilities.
 
 Predictions of all folds are pooled into video-level accuracy and per-class F1, and per-fold accuracies are kept.
 
@@ -58,6 +62,12 @@ def _even(rows: np.ndarray, n: int) -> np.ndarray:
     return rows if len(rows) <= n else rows[np.linspace(0, len(rows) - 1, n).round().astype(int)]
 
 
+def _report(per_video: dict[int, np.ndarray], vlabel: np.ndarray, vid_ids: np.ndarray, classes: list[str]) -> dict:
+    order = sorted(per_video)
+    y_true = np.array([vlabel[list(vid_ids).index(v)] for v in order])
+    return classification_report(y_true, np.array([per_video[v].argmax() for v in order]), classes)
+
+
 def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progress: bool = True,
              report: str | Path | None = None) -> dict[str, Any]:
     """Run the cross-validation; writes ``results.json`` and ``metrics.json`` (and the markdown ``report``)."""
@@ -77,8 +87,9 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     ft = dataclasses.replace(params.finetune, epochs=cv.finetune_epochs)
     spec = as_dict(params.pretrain.encoder)
     check_pool_stages(build_encoder(spec), ft)
-    preds: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    fold_acc: dict[tuple[str, str], list[float]] = {}
+    preds: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
+    fold_acc: dict[tuple[str, str, str], list[float]] = {}
+    fold_info: list[dict[str, Any]] = []
     for f in range(cv.folds):
         test_v = vid_ids[fold_of == f]
         rest = np.flatnonzero(fold_of != f)
@@ -92,8 +103,24 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                     progress=progress)
         train_rows = np.concatenate([_even(np.flatnonzero(d.video_idx == v), cv.frames_per_video) for v in train_v])
         val_rows = np.flatnonzero(in_val)
+        refit_rows = np.concatenate([train_rows, *(_even(np.flatnonzero(d.video_idx == v), cv.frames_per_video)
+                                                   for v in val_v)])
         test_rows = np.flatnonzero(np.isin(d.video_idx, test_v))
         ft_fold = dataclasses.replace(ft, frames_per_epoch=len(train_rows), seed=seed_for(ft.seed, f))
+        info_f: dict[str, Any] = {"train_videos": len(train_v), "val_videos": len(val_v), "test_videos": len(test_v),
+                                  "train_frames": len(train_rows)}
+        if cv.refit:
+            info_f["refit_frames"] = len(refit_rows)
+        fold_info.append(info_f)
+
+        def score(model: torch.nn.Module, key: tuple[str, str, str]) -> None:
+            probs = torch.softmax(predict(model.to(device), d.frames, test_rows, device), 1).numpy()
+            per_video = {int(v): probs[d.video_idx[test_rows] == v].mean(0) for v in test_v}
+            preds.setdefault(key, {}).update(per_video)
+            acc = float(np.mean([per_video[v].argmax() == vlabel[list(vid_ids).index(v)] for v in test_v]))
+            fold_acc.setdefault(key, []).append(round(acc, 4))
+            log.info("fold %d %s %s (%s model): video accuracy %.3f", f + 1, *key, acc)
+
         for init in ("ssl", "scratch"):
             def make_encoder():
                 return load_encoder(fold_dir / "pretrain")[0] if init == "ssl" else build_encoder(spec)
@@ -102,39 +129,54 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                 torch.manual_seed(seed_for(cv.seed, f))
                 if method == "probe":
                     enc = make_encoder().to(device)
-                    rows = np.concatenate([train_rows, val_rows])
+                    rows = np.concatenate([train_rows, val_rows])  # refit_rows are among them
                     z = dict(zip(rows.tolist(), embed(enc, d.frames, rows, device, ft.channels_last,
                                                       ft.pool_stages)))
                     zt, zv = np.stack([z[r] for r in train_rows]), np.stack([z[r] for r in val_rows])
-                    layer, _ = linear_probe(zt, d.labels[train_rows], zv, d.labels[val_rows], len(d.classes),
-                                            ft.probe_c, ft.seed)
+                    layer, info = linear_probe(zt, d.labels[train_rows], zv, d.labels[val_rows], len(d.classes),
+                                               ft.probe_c, ft.seed)
                     model = PlaneClassifier(enc, len(d.classes), pool_stages=ft.pool_stages)
                     model.head[1] = layer
+                    score(model, (init, method, "selected"))
+                    info_f[f"{init}_probe_C"] = info["C"]
+                    if cv.refit:  # the chosen L2 strength, fitted on the training and validation videos' frames
+                        model.head[1], _ = linear_probe(np.stack([z[r] for r in refit_rows]), d.labels[refit_rows],
+                                                        zv[:0], d.labels[val_rows][:0], len(d.classes), [info["C"]],
+                                                        ft.seed)
+                        score(model, (init, method, "refit"))
                 else:
-                    model, _ = finetune_classifier(make_encoder(), init == "ssl", d, train_rows, val_rows, ft_fold,
-                                                   fold_dir / f"{init}-finetune", device, progress=progress)
-                model = model.to(device)
-                probs = torch.softmax(predict(model, d.frames, test_rows, device), 1).numpy()
-                per_video = {int(v): probs[d.video_idx[test_rows] == v].mean(0) for v in test_v}
-                preds.setdefault((init, method), {}).update(per_video)
-                acc = float(np.mean([per_video[v].argmax() == vlabel[list(vid_ids).index(v)] for v in test_v]))
-                fold_acc.setdefault((init, method), []).append(round(acc, 4))
-                log.info("fold %d %s %s: video accuracy %.3f", f + 1, init, method, acc)
+                    model, info = finetune_classifier(make_encoder(), init == "ssl", d, train_rows, val_rows,
+                                                      ft_fold, fold_dir / f"{init}-finetune", device,
+                                                      progress=progress)
+                    score(model, (init, method, "selected"))
+                    info_f[f"{init}_finetune_epochs"] = info["best_epoch"]
+                    if cv.refit:  # the same initialisation and schedule, for the chosen number of epochs
+                        torch.manual_seed(seed_for(cv.seed, f))
+                        ft_refit = dataclasses.replace(ft_fold, frames_per_epoch=len(refit_rows),
+                                                       **({"probe_c": [info["head_C"]]} if "head_C" in info else {}))
+                        model, _ = finetune_classifier(make_encoder(), init == "ssl", d, refit_rows, val_rows[:0],
+                                                       ft_refit, fold_dir / f"{init}-finetune-refit", device,
+                                                       progress=progress, refit_epochs=info["best_epoch"])
+                        score(model, (init, method, "refit"))
 
     results = []
-    for (init, method), per_video in preds.items():
-        order = sorted(per_video)
-        y_true = np.array([vlabel[list(vid_ids).index(v)] for v in order])
-        y_pred = np.array([per_video[v].argmax() for v in order])
-        rep = classification_report(y_true, y_pred, d.classes)
-        results.append({"init": init, "method": method, "accuracy": rep["accuracy"],
-                        "fold_accuracy": fold_acc[(init, method)],
-                        "per_class_f1": {c: rep["per_class"][c]["f1"] for c in d.classes}, "report": rep})
+    for (init, method, which), per_video in preds.items():
+        if cv.refit and which == "selected":
+            continue
+        rep = _report(per_video, vlabel, vid_ids, d.classes)
+        entry = {"init": init, "method": method, "accuracy": rep["accuracy"],
+                 "fold_accuracy": fold_acc[(init, method, which)],
+                 "per_class_f1": {c: rep["per_class"][c]["f1"] for c in d.classes}, "report": rep}
+        if cv.refit:
+            entry["accuracy_selected"] = _report(preds[(init, method, "selected")], vlabel, vid_ids,
+                                                 d.classes)["accuracy"]
+            entry["fold_accuracy_selected"] = fold_acc[(init, method, "selected")]
+        results.append(entry)
     out = {"dataset": str(clips_dir), "data_version": d.data.version, "folds": cv.folds, "classes": d.classes,
            "videos": int(len(vid_ids)), "patients": int(videos.patient.nunique()),
            "fold_of_video": {str(idx.video[idx.video_idx == v].iloc[0]): int(fo) for v, fo in zip(vid_ids, fold_of)},
            "params": {"crossval": as_dict(cv), "pretrain": as_dict(pre), "finetune": as_dict(ft)},
-           "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+           "fold_runs": fold_info, "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(out_dir / "results.json", json.dumps(out, indent=2) + "\n")
     flat = {f"{r['init']}/{r['method']}": {"video_accuracy": r["accuracy"], **{f"f1_{c}": v for c, v in
                                                                               r["per_class_f1"].items()}}

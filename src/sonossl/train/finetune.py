@@ -347,10 +347,11 @@ def _rows(d: LabelledFrames, videos: list[int] | None = None, split: str | None 
     return np.flatnonzero(mask)
 
 
-def finetune_loop_params(params: FinetuneParams, epochs: int, select: str) -> LoopParams:
+def finetune_loop_params(params: FinetuneParams, epochs: int, select: str | None, stop_after: int = 0) -> LoopParams:
     return LoopParams(epochs=epochs, lr=params.lr, weight_decay=params.weight_decay,
                       warmup_epochs=params.warmup_epochs, seed=params.seed, amp=params.amp,
-                      channels_last=params.channels_last, select=select, patience=params.patience)
+                      channels_last=params.channels_last, select=select, patience=params.patience,
+                      stop_after=stop_after)
 
 
 def _fresh_encoder(encoder: str | Path | None, encoder_spec: dict[str, Any] | None) -> tuple[Encoder, dict]:
@@ -410,9 +411,17 @@ def encoder_lr(params: FinetuneParams, pretrained: bool) -> dict[str, float]:
 
 def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, train_rows: np.ndarray,
                         val_rows: np.ndarray, params: FinetuneParams, run_dir: Path, device: torch.device,
-                        resume: bool = False, progress: bool = True, run_id: str = "") -> tuple[PlaneClassifier, dict]:
+                        resume: bool = False, progress: bool = True, run_id: str = "",
+                        refit_epochs: int = 0) -> tuple[PlaneClassifier, dict]:
     """The ``finetune`` method: encoder + linear layer trained on ``train_rows``, the best validation epoch loaded.
-    With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT)."""
+    With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT).
+
+    ``refit_epochs`` > 0: a refit, with no validation (``val_rows`` empty): the first ``refit_epochs`` epochs of the
+    schedule planned for ``params.epochs``, the last one kept; a run on the same encoder that selected its epoch on
+    validation videos says how many (its ``best_epoch``). With ``head_init: probe`` give ``params.probe_c`` the one
+    L2 strength that run chose (its ``head_C``)."""
+    if refit_epochs and len(val_rows):
+        raise ValueError("finetune_classifier: a refit (refit_epochs > 0) selects nothing; give no validation rows")
     n_cls = len(d.classes)
     model = PlaneClassifier(encoder, n_cls, pool_stages=params.pool_stages)
     extra: dict[str, Any] = {"head_init": params.head_init, **encoder_lr(params, pretrained)}
@@ -424,8 +433,9 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
         model.head[1] = layer
         extra["head_C"] = info["C"]
     task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, **encoder_lr(params, pretrained))
-    res = fit(task, run_dir, finetune_loop_params(params, params.epochs, "val_macro_f1"), resume=resume,
-              progress=progress, run_id=run_id)
+    loop = (finetune_loop_params(params, params.epochs, None, stop_after=refit_epochs) if refit_epochs
+            else finetune_loop_params(params, params.epochs, "val_macro_f1"))
+    res = fit(task, run_dir, loop, resume=resume, progress=progress, run_id=run_id)
     best = load_best(model, run_dir)
     return model, {**extra, "best_epoch": best["epoch"], "stopped_early": res.stopped_early, "history": res.history}
 

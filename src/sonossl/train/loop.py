@@ -13,7 +13,8 @@ same way for all of them:
   best model by the validation metric (``best.pt``), and ``resume=True`` continuing from ``last.pt``;
 - early stopping: with a validation metric and ``patience`` > 0, training ends once that many epochs in a row have
   not beaten the best one (the schedule stays the one planned for all ``epochs``; a resumed run that had stopped
-  stays stopped);
+  stays stopped); ``stop_after`` ends it after a fixed number of epochs of that schedule instead (a refit that
+  repeats the epochs a validation run chose, without validation data);
 - DDP under ``torchrun`` (gloo on CPU, nccl on GPU), each rank taking its own share of every epoch's batches;
 - dvclive metrics (one step per epoch) and a progress bar, on rank 0.
 
@@ -63,6 +64,7 @@ class LoopParams:
     channels_last: bool = True
     select: str | None = None  # validation metric that picks best.pt (higher is better); None = last epoch
     patience: int = 0  # with `select`: stop after this many epochs in a row without a better one; 0 = never stop
+    stop_after: int = 0  # train only the first this many epochs of the schedule planned for `epochs`; 0 = all of it
 
 
 class TrainTask(Protocol):
@@ -227,6 +229,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     ``run_id`` (see ``fingerprint``) is stored in the checkpoint; ``resume`` continues only a matching one.
     """
     out_dir = Path(out_dir)
+    if params.stop_after < 0:
+        raise ValueError(f"stop_after: must be 0 (the whole schedule) or a number of epochs, got {params.stop_after}")
     env = dist_env or setup_distributed()
     last_path, best_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
     model = task.model.to(env.device)
@@ -270,7 +274,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     t0 = time.perf_counter()
     seen, train_time = 0, 0.0
     result.stopped_early = start_epoch < params.epochs and _patience_spent(result, params)  # stopped, then resumed
-    end_epoch = start_epoch if result.stopped_early else params.epochs
+    end_epoch = start_epoch if result.stopped_early else min(params.epochs, params.stop_after or params.epochs)
     try:
         for epoch in range(start_epoch, end_epoch):
             train_model.train()
