@@ -93,7 +93,7 @@ def main() -> int:
 
     def record(rows: list[dict], first: dict) -> dict:
         refit = {}
-        if base.crossval.refit:  # the refit against the model chosen on validation, draw by draw
+        if rows and all("ssl_finetune_selected" in r for r in rows):  # refit: against the chosen models, per draw
             for key in ("ssl_finetune", "scratch_finetune", "ssl_probe", "scratch_probe"):
                 diffs = [round(r[key] - r[f"{key}_selected"], 4) for r in rows]
                 refit[f"{key}_refit_minus_selected"] = {

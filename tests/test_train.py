@@ -312,9 +312,8 @@ def test_stop_after_trains_the_first_epochs_of_the_planned_schedule(tmp_path):
     from sonossl.train.loop import LoopParams, fit, load_checkpoint
 
     params = LoopParams(epochs=4, lr=1e-2, warmup_epochs=1)
-    fit(_TwoLayers(1.0), tmp_path / "whole", dataclasses.replace(params, epochs=2, select=None), progress=False,
-        live=False)
-    short = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")["model"]
+    fit(_TwoLayers(1.0), tmp_path / "short", dataclasses.replace(params, epochs=2), progress=False, live=False)
+    short = load_checkpoint(tmp_path / "short/checkpoints/last.pt")["model"]  # a 2-epoch schedule
 
     class Recorder(_TwoLayers):  # keeps the weights after epoch 2 of the planned 4
         def validate(self, model, device):
