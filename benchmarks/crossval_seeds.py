@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from sonossl.config import as_dict, load_params
 from sonossl.train.crossval import crossval
 from sonossl.train.finetune import check_finetune_params
 
-from label_seeds import finish, positive, summarise  # benchmarks/ is on the path when run as a script
+from label_seeds import finish, positive, spread, summarise  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.85  # the POCUS video accuracy with SSL
@@ -97,11 +96,9 @@ def main() -> int:
             for key in ("ssl_finetune", "scratch_finetune", "ssl_probe", "scratch_probe"):
                 diffs = [round(r[key] - r[f"{key}_selected"], 4) for r in rows]
                 refit[f"{key}_refit_minus_selected"] = {
-                    "median": round(statistics.median(diffs), 4), "min": min(diffs), "max": max(diffs),
-                    "higher_in": f"{sum(x > 0 for x in diffs)}/{len(diffs)} seeds",
+                    **spread(diffs), "higher_in": f"{sum(x > 0 for x in diffs)}/{len(diffs)} seeds",
                     "lower_in": f"{sum(x < 0 for x in diffs)}/{len(diffs)} seeds"}
-            refit["ssl_finetune_selected_median"] = round(statistics.median(r["ssl_finetune_selected"]
-                                                                           for r in rows), 4)
+            refit["ssl_finetune_selected_median"] = spread([r["ssl_finetune_selected"] for r in rows])["median"]
         return {
             "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
             "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],

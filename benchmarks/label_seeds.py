@@ -298,15 +298,16 @@ def main() -> int:
     return finish(result, args.out, t0)
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median (4 decimals), min and max of per-seed values (also used by ``crossval_seeds.py``)."""
+    return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
+
+
 def summarise(rows: list[dict]) -> dict:
     """Median, min and max over the seeds of each SSL / scratch score and gain, and in how many seeds the fine-tune
     gain is positive (also used by ``crossval_seeds.py``)."""
-    def summary(key: str) -> dict[str, float]:
-        values = [r[key] for r in rows]
-        return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
-
-    return {**{k: summary(k) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe",
-                                       "scratch_probe", "probe_gain")},
+    return {**{k: spread([r[k] for r in rows]) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain",
+                                                         "ssl_probe", "scratch_probe", "probe_gain")},
             "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds"}
 
 
