@@ -27,6 +27,8 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
     --refit / --no-refit               fit the chosen probe and fine-tune again on the inner-train and inner-validation
                                        videos (crossval.refit); the record then holds both, the selected models'
                                        accuracies under *_selected, and the refit's gain over them per seed
+    --pretrain-on-validation           pretrain each fold's encoder on its inner-train and inner-validation videos
+                                       (unlabelled, no pretext validation; crossval.pretrain_on_validation)
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> int:
                     help="finetune.encoder_lr_decay (default: the profile's)")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                     help="crossval.refit (default: the profile's)")
+    ap.add_argument("--pretrain-on-validation", action=argparse.BooleanOptionalAction, default=None,
+                    help="crossval.pretrain_on_validation (default: the profile's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/crossval_seeds.json")
     args = ap.parse_args()
     if args.seeds < 1:
@@ -75,8 +79,9 @@ def main() -> int:
     for k, v in cv_given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
-    if args.refit is not None:
-        cv_given["refit"] = args.refit
+    for flag in ("refit", "pretrain_on_validation"):
+        if getattr(args, flag) is not None:
+            cv_given[flag] = getattr(args, flag)
     positive("--pretrain-lr", args.pretrain_lr)
     pt_given = {"lr": args.pretrain_lr} if args.pretrain_lr is not None else {}
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay))

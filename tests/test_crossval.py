@@ -48,7 +48,8 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
     assert labels.loc[folds.index].assign(fold=folds.values).groupby("patient_id").fold.nunique().max() == 1
     for f in range(3):
         pt = json.loads((tmp_path / f"cv/folds/fold{f}/pretrain/metrics.json").read_text())
-        assert pt["train_clips"] > 0
+        assert pt["train_clips"] > 0 and pt["val_clips"] > 0  # inner-train clips; inner-validation ones
+        assert out["fold_runs"][f]["pretrain_videos"] == out["fold_runs"][f]["train_videos"]
     assert "| ssl | finetune |" in (tmp_path / "cv.md").read_text()
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
 
@@ -96,6 +97,33 @@ def test_refit_scores_the_chosen_models_fitted_again_on_train_and_validation_vid
             assert chosen["epoch"] == runs[f"{init}_finetune_epochs"] == again["epoch"]
             assert all(not k.startswith("val_") for e in again["history"] for k in e)  # nothing validated
             assert any(not torch.equal(again["model"][k], v) for k, v in chosen["model"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_pretrain_on_validation_pretrains_on_every_training_video_of_the_fold_and_never_on_its_test_videos(
+        pocus_subset, tiny_params, tmp_path):
+    """With ``crossval.pretrain_on_validation`` each fold's encoder trains on the clips of all its training videos
+    (inner-train and inner-validation: every clip outside the test fold) and validates on none."""
+    import dataclasses
+
+    from sonossl.data.clips import preprocess
+    from sonossl.pretext.batch import clip_starts
+    from sonossl.train.crossval import crossval
+    from sonossl.train.finetune import open_labelled
+
+    preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    cv = dataclasses.replace(tiny_params.crossval, refit=False, pretrain_on_validation=True)
+    out = crossval(tmp_path / "clips", tmp_path / "cv", dataclasses.replace(tiny_params, crossval=cv), progress=False)
+    d = open_labelled(tmp_path / "clips")
+    video_fold = d.data.index.groupby("video_idx").video.first().map(out["fold_of_video"])
+    starts = clip_starts(d.video_idx, tiny_params.pretrain.k, tiny_params.pretrain.stride)
+    start_fold = video_fold.loc[d.video_idx[starts]].to_numpy()
+    for f, runs in enumerate(out["fold_runs"]):
+        pt = json.loads((tmp_path / f"cv/folds/fold{f}/pretrain/metrics.json").read_text())
+        assert pt["train_clips"] == int((start_fold != f).sum()) and pt["val_clips"] == 0 and pt["val"] == {}
+        assert runs["pretrain_videos"] == runs["train_videos"] + runs["val_videos"] == 12 - runs["test_videos"]
+    assert {r["report"]["n"] for r in out["results"]} == {12}
 
 
 CROSSVAL_SEEDS = REPO / "benchmarks" / "crossval_seeds.py"

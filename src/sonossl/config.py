@@ -175,6 +175,9 @@ class CrossvalParams:
     # After the choice on the inner-validation videos, fit the probe (chosen L2 strength) and the fine-tune (chosen
     # number of epochs) again on the inner-train and inner-validation videos together, and score that model.
     refit: bool = True
+    # Pretrain each fold's encoder on the inner-train and inner-validation videos together (unlabelled; the test fold
+    # is still never seen), with no pretext validation left; false: inner-train only, validated on inner-validation.
+    pretrain_on_validation: bool = False
     seed: int = 0
 
 

@@ -5,7 +5,8 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
 
 1. the training folds are split again by patient into inner-train and inner-validation videos;
 2. pretraining (``both-sequential``) runs on the inner-train videos' clips only, pretext validation on the
-   inner-validation videos: the test fold is never seen, not even unlabelled;
+   inner-validation videos (with ``pretrain_on_validation``: on the clips of both, unlabelled, and no pretext
+   validation): the test fold is never seen, not even unlabelled;
 3. from that encoder and from a random one: a linear probe and a fine-tune (the finetune step's, with its
    ``head_init``, ``encoder_lr_scale`` and ``encoder_lr_decay``) on ``frames_per_video`` evenly spaced frames of
    every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos;
@@ -99,7 +100,10 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
         log.info("fold %d/%d: %d train, %d validation, %d test videos", f + 1, cv.folds, len(train_v), len(val_v),
                  len(test_v))
         fold_dir = out_dir / "folds" / f"fold{f}"
-        pretrain_on(d.data, in_train, in_val, fold_dir / "pretrain", pre, "both-sequential", resume=True,
+        pt_train, pt_val = in_train, in_val
+        if cv.pretrain_on_validation:  # every training video of the fold, unlabelled; no pretext validation left
+            pt_train, pt_val = in_train | in_val, np.zeros_like(in_val)
+        pretrain_on(d.data, pt_train, pt_val, fold_dir / "pretrain", pre, "both-sequential", resume=True,
                     progress=progress)
         train_rows = np.concatenate([_even(np.flatnonzero(d.video_idx == v), cv.frames_per_video) for v in train_v])
         val_rows = np.flatnonzero(in_val)
@@ -108,6 +112,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
         test_rows = np.flatnonzero(np.isin(d.video_idx, test_v))
         ft_fold = dataclasses.replace(ft, frames_per_epoch=len(train_rows), seed=seed_for(ft.seed, f))
         info_f: dict[str, Any] = {"train_videos": len(train_v), "val_videos": len(val_v), "test_videos": len(test_v),
+                                  "pretrain_videos": len(train_v) + len(val_v) * cv.pretrain_on_validation,
                                   "train_frames": len(train_rows)}
         if cv.refit:
             info_f["refit_frames"] = len(refit_rows)
