@@ -63,9 +63,9 @@ def _even(rows: np.ndarray, n: int) -> np.ndarray:
     return rows if len(rows) <= n else rows[np.linspace(0, len(rows) - 1, n).round().astype(int)]
 
 
-def _report(per_video: dict[int, np.ndarray], vlabel: np.ndarray, vid_ids: np.ndarray, classes: list[str]) -> dict:
+def _report(per_video: dict[int, np.ndarray], label_of: dict[int, int], classes: list[str]) -> dict:
     order = sorted(per_video)
-    y_true = np.array([vlabel[list(vid_ids).index(v)] for v in order])
+    y_true = np.array([label_of[v] for v in order])
     return classification_report(y_true, np.array([per_video[v].argmax() for v in order]), classes)
 
 
@@ -82,6 +82,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     videos = idx.groupby("video_idx").agg(label=("label", "first"), patient=("patient_id", "first"))
     vid_ids = videos.index.to_numpy()
     vlabel = np.array([d.classes.index(str(x)) for x in videos.label])
+    label_of = dict(zip(vid_ids.tolist(), vlabel.tolist()))
     fold_of = video_folds(vlabel, videos.patient.to_numpy(), cv.folds, cv.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pre = dataclasses.replace(params.pretrain, epochs=cv.pretrain_epochs, clips_per_epoch=cv.pretrain_clips_per_epoch)
@@ -122,7 +123,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
             probs = torch.softmax(predict(model.to(device), d.frames, test_rows, device), 1).numpy()
             per_video = {int(v): probs[d.video_idx[test_rows] == v].mean(0) for v in test_v}
             preds.setdefault(key, {}).update(per_video)
-            acc = float(np.mean([per_video[v].argmax() == vlabel[list(vid_ids).index(v)] for v in test_v]))
+            acc = float(np.mean([per_video[v].argmax() == label_of[v] for v in per_video]))
             fold_acc.setdefault(key, []).append(round(acc, 4))
             log.info("fold %d %s %s (%s model): video accuracy %.3f", f + 1, *key, acc)
 
@@ -168,13 +169,12 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     for (init, method, which), per_video in preds.items():
         if cv.refit and which == "selected":
             continue
-        rep = _report(per_video, vlabel, vid_ids, d.classes)
+        rep = _report(per_video, label_of, d.classes)
         entry = {"init": init, "method": method, "accuracy": rep["accuracy"],
                  "fold_accuracy": fold_acc[(init, method, which)],
                  "per_class_f1": {c: rep["per_class"][c]["f1"] for c in d.classes}, "report": rep}
         if cv.refit:
-            entry["accuracy_selected"] = _report(preds[(init, method, "selected")], vlabel, vid_ids,
-                                                 d.classes)["accuracy"]
+            entry["accuracy_selected"] = _report(preds[(init, method, "selected")], label_of, d.classes)["accuracy"]
             entry["fold_accuracy_selected"] = fold_acc[(init, method, "selected")]
         results.append(entry)
     out = {"dataset": str(clips_dir), "data_version": d.data.version, "folds": cv.folds, "classes": d.classes,
