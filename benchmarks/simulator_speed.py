@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if min(args.indices) < 0:
         ap.error(f"--indices must be non-negative, got {args.indices}")
+    if args.which == "sim_test":
+        from sonossl.config import load_params
+
+        if load_params(args.params, args.profile).simulate_test is None:
+            ap.error(f"--which sim_test: {args.params} has no {args.profile}.simulate_test block")
 
     from sonossl.atomic import atomic_write_text
     from sonossl.machine import describe

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from sonossl.config import load_params
 from sonossl.train.pretrain import transform_set
@@ -288,6 +289,14 @@ def test_simulator_speed_compares_two_revisions_and_their_renders(tmp_path):
                           "--profile", "tiny", "--out", str(tmp_path / "bad.json")], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "revision 'no-such-rev'" in bad.stderr and not (tmp_path / "bad.json").exists()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["tiny"]["simulate_test"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    no_test = subprocess.run([sys.executable, str(REPO / "benchmarks" / "simulator_speed.py"), "--base", "HEAD",
+                              "--params", str(tmp_path / "params.yaml"), "--profile", "tiny", "--which", "sim_test",
+                              "--out", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
+    assert no_test.returncode != 0 and "has no tiny.simulate_test block" in no_test.stderr
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_simulator_speed_digest_sees_every_part_of_a_sweep(monkeypatch):
