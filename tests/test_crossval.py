@@ -126,6 +126,40 @@ def test_pretrain_on_validation_pretrains_on_every_training_video_of_the_fold_an
     assert {r["report"]["n"] for r in out["results"]} == {12}
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_refit_of_an_lp_ft_fine_tune_starts_its_head_from_the_probe_at_the_chosen_l2_strength(
+        pocus_subset, tiny_params, tmp_path, monkeypatch):
+    """LP-FT (``head_init: probe``): the refit fits the head's starting probe on the training and validation videos
+    at the one L2 strength its selected run chose, with nothing left to validate on."""
+    import dataclasses
+
+    from sonossl.data.clips import preprocess
+    from sonossl.train import finetune
+    from sonossl.train.crossval import crossval
+
+    calls = []
+    real = finetune.linear_probe
+
+    def recording(z_train, y_train, z_val, y_val, n_classes, cs, seed):
+        layer, info = real(z_train, y_train, z_val, y_val, n_classes, cs, seed)
+        calls.append({"cs": list(cs), "train": len(y_train), "val": len(y_val), "C": info["C"]})
+        return layer, info
+
+    monkeypatch.setattr(finetune, "linear_probe", recording)  # finetune_classifier's probes, not crossval's own
+    preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    params = dataclasses.replace(tiny_params, finetune=dataclasses.replace(tiny_params.finetune, head_init="probe",
+                                                                           probe_c=[0.001, 100.0]))
+    out = crossval(tmp_path / "clips", tmp_path / "cv", params, progress=False)
+    assert len(calls) == 2 * 2 * 3  # per fold and encoder: the selected fine-tune's head, then the refit's
+    for f, runs in enumerate(out["fold_runs"]):
+        for i in range(2):
+            chosen, again = calls[4 * f + 2 * i], calls[4 * f + 2 * i + 1]
+            assert chosen["cs"] == [0.001, 100.0] and chosen["val"] > 0 and chosen["train"] == runs["train_frames"]
+            assert again["cs"] == [chosen["C"]] and again["val"] == 0 and again["train"] == runs["refit_frames"]
+    assert {r["report"]["n"] for r in out["results"]} == {12}
+
+
 CROSSVAL_SEEDS = REPO / "benchmarks" / "crossval_seeds.py"
 
 
