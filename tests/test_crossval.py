@@ -3,6 +3,7 @@ on training folds only, SSL and scratch with probe and fine-tune, video-level re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
     from sonossl.train.crossval import crossval
 
     preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
-    out = crossval(tmp_path / "clips", tmp_path / "cv", tiny_params, progress=False, report=tmp_path / "cv.md")
+    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval,
+                                                                           pretrain_on_validation=False))
+    out = crossval(tmp_path / "clips", tmp_path / "cv", params, progress=False, report=tmp_path / "cv.md")
     assert out["folds"] == 3 and out["classes"] == ["covid", "pneumonia", "regular"]
     assert {(r["init"], r["method"]) for r in out["results"]} == {
         (i, m) for i in ("ssl", "scratch") for m in ("probe", "finetune")}
@@ -61,8 +64,6 @@ def test_refit_scores_the_chosen_models_fitted_again_on_train_and_validation_vid
     """With ``crossval.refit`` the selected models are scored as without it, bit for bit (kept as ``*_selected``),
     and the reported ones are fitted again on the training and validation videos: the fine-tune for the epochs the
     selection chose, of the same schedule, with no validation; the probe at the chosen L2 strength."""
-    import dataclasses
-
     from sonossl.data.clips import preprocess
     from sonossl.train.crossval import crossval
     from sonossl.train.loop import load_checkpoint
@@ -105,8 +106,6 @@ def test_pretrain_on_validation_pretrains_on_every_training_video_of_the_fold_an
         pocus_subset, tiny_params, tmp_path):
     """With ``crossval.pretrain_on_validation`` each fold's encoder trains on the clips of all its training videos
     (inner-train and inner-validation: every clip outside the test fold) and validates on none."""
-    import dataclasses
-
     from sonossl.data.clips import preprocess
     from sonossl.pretext.batch import clip_starts
     from sonossl.train.crossval import crossval
@@ -132,8 +131,6 @@ def test_refit_of_an_lp_ft_fine_tune_starts_its_head_from_the_probe_at_the_chose
         pocus_subset, tiny_params, tmp_path, monkeypatch):
     """LP-FT (``head_init: probe``): the refit fits the head's starting probe on the training and validation videos
     at the one L2 strength its selected run chose, with nothing left to validate on."""
-    import dataclasses
-
     from sonossl.data.clips import preprocess
     from sonossl.train import finetune
     from sonossl.train.crossval import crossval

@@ -177,7 +177,7 @@ class CrossvalParams:
     refit: bool = True
     # Pretrain each fold's encoder on the inner-train and inner-validation videos together (unlabelled; the test fold
     # is still never seen), with no pretext validation left; false: inner-train only, validated on inner-validation.
-    pretrain_on_validation: bool = False
+    pretrain_on_validation: bool = True
     seed: int = 0
 
 
