@@ -54,6 +54,21 @@ def train_fps(size: int, batch: int, steps: int, repeats: int) -> list[float]:
     return out
 
 
+def measure(batch: int = 32, steps: int = 5, repeats: int = 5) -> dict:
+    """Frames/s at each reference size, and ``slowdown``: the reference speed over this machine's (median of the
+    sizes; below 1 where this machine is faster)."""
+    result: dict = {}
+    ratios = []
+    for size, reference in REFERENCE_FPS.items():
+        runs = train_fps(size, batch, steps, repeats)
+        median = statistics.median(runs)
+        ratios.append(reference / median)
+        result[f"{size}px"] = {"frames_per_s": [round(r, 1) for r in runs], "median": round(median, 1),
+                               "reference": reference, "slowdown": round(reference / median, 2)}
+    result["slowdown"] = round(statistics.median(ratios), 2)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -66,15 +81,7 @@ def main() -> int:
     result: dict = {"benchmark": "machine_speed", "model": "torchvision resnet18, 1 input channel, weights=None",
                     "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
                     "threads": torch.get_num_threads(), "machine": describe(), "torch": torch.__version__}
-    ratios = []
-    for size, reference in REFERENCE_FPS.items():
-        runs = train_fps(size, args.batch, args.steps, args.repeats)
-        median = statistics.median(runs)
-        ratios.append(reference / median)
-        result[f"{size}px"] = {"frames_per_s": [round(r, 1) for r in runs], "median": round(median, 1),
-                               "reference": reference, "slowdown": round(reference / median, 2)}
-    result["slowdown"] = round(statistics.median(ratios), 2)  # reference speed / this machine's speed
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result |= measure(args.batch, args.steps, args.repeats)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

@@ -53,7 +53,8 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
         pt = json.loads((tmp_path / f"cv/folds/fold{f}/pretrain/metrics.json").read_text())
         assert pt["train_clips"] > 0 and pt["val_clips"] > 0  # inner-train clips; inner-validation ones
         assert out["fold_runs"][f]["pretrain_videos"] == out["fold_runs"][f]["train_videos"]
-    assert "| ssl | finetune |" in (tmp_path / "cv.md").read_text()
+    md = (tmp_path / "cv.md").read_text()
+    assert "| ssl | finetune |" in md and "inner validation videos included" not in md
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
 
 
@@ -113,7 +114,9 @@ def test_pretrain_on_validation_pretrains_on_every_training_video_of_the_fold_an
 
     preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
     cv = dataclasses.replace(tiny_params.crossval, refit=False, pretrain_on_validation=True)
-    out = crossval(tmp_path / "clips", tmp_path / "cv", dataclasses.replace(tiny_params, crossval=cv), progress=False)
+    out = crossval(tmp_path / "clips", tmp_path / "cv", dataclasses.replace(tiny_params, crossval=cv), progress=False,
+                   report=tmp_path / "cv.md")
+    assert "pretrained on all its training videos, inner validation videos included" in (tmp_path / "cv.md").read_text()
     d = open_labelled(tmp_path / "clips")
     video_fold = d.data.index.groupby("video_idx").video.first().map(out["fold_of_video"])
     starts = clip_starts(d.video_idx, tiny_params.pretrain.k, tiny_params.pretrain.stride)

@@ -114,3 +114,37 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     assert "Running stage 'pretrain@both-sequential'" in out and "Running stage 'pretrain@order'" in out, out
     for stage in ("finetune@ssl-planes", "finetune@order-planes", "finetune@parallel-planes", "export"):
         assert f"Running stage '{stage}'" not in out, out
+
+
+def test_pipeline_time_gives_each_stage_the_time_until_the_next_one_starts(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from pipeline_time import stage_seconds, summarise
+
+    lines = [(0.5, "Running stage 'simulate':\n"), (3.0, "epoch 1/6: 50%\n"),
+             (10.0, "Running stage 'pretrain@order':\n"), (30.0, "Running stage 'preprocess@pocus':\n"),
+             (35.5, "Running stage 'crossval':\n")]
+    stages = stage_seconds(lines, end=100.0)
+    assert stages == {"simulate": 9.5, "pretrain@order": 20.0, "preprocess@pocus": 5.5, "crossval": 64.5}
+    assert summarise(stages) == {"simulated_s": 29.5, "crossval_s": 64.5}  # POCUS stages are not the simulated part
+    assert summarise({"simulate": 2.0}) == {"simulated_s": 2.0, "crossval_s": None}
+
+
+@pytest.mark.slow
+def test_pipeline_time_reruns_every_target_stage_and_records_its_time(tmp_path):
+    """``benchmarks/pipeline_time.py`` forces the stages to run again even when DVC has nothing to do, and records
+    each of them."""
+    root = _tiny_sim_repo(tmp_path)
+    _dvc(root, "repro", DATA)
+    out = tmp_path / "time.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/pipeline_time.py"), "--repo", str(root),
+                           "--targets", DATA, "--no-yardstick", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Running stage 'simulate'" in proc.stderr  # DVC's output, passed on as it comes
+    record = json.loads(out.read_text())
+    assert list(record["stages_s"]) == ["simulate", "preprocess@sim"] and record["targets"] == [DATA]
+    assert record["simulated_s"] == pytest.approx(sum(record["stages_s"].values()), abs=0.11)
+    assert 0 < record["simulated_s"] <= record["total_s"] and record["crossval_s"] is None
+    assert "yardstick" not in record and record["machine"]
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks/pipeline_time.py"), "--repo", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no dvc.yaml there" in bad.stderr

@@ -151,10 +151,12 @@ def crossval_table(cv: dict) -> list[str]:
 
 def crossval_markdown(cv: dict) -> str:
     minutes = cv.get("seconds", 0) / 60
-    refit = cv.get("params", {}).get("crossval", {}).get("refit", False)
-    how = ("The probe and the fine-tune chosen on each fold's inner validation videos (L2 strength, epoch) were "
-           "fitted again on its training and validation videos together; scored: the refit models. "
-           if refit else "")
+    opts = cv.get("params", {}).get("crossval", {})
+    how = ("Each fold's SSL encoder was pretrained on all its training videos, inner validation videos included "
+           "(unlabelled; never on its test videos). " if opts.get("pretrain_on_validation") else "")
+    how += ("The probe and the fine-tune chosen on each fold's inner validation videos (L2 strength, epoch) were "
+            "fitted again on its training and validation videos together; scored: the refit models. "
+            if opts.get("refit") else "")
     return "\n".join([
         f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
         *crossval_table(cv), "",

@@ -4,9 +4,9 @@ patient, SSL against scratch, linear probe and fine-tune.
 Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one fold, classes spread over folds):
 
 1. the training folds are split again by patient into inner-train and inner-validation videos;
-2. pretraining (``both-sequential``) runs on the inner-train videos' clips only, pretext validation on the
-   inner-validation videos (with ``pretrain_on_validation``: on the clips of both, unlabelled, and no pretext
-   validation): the test fold is never seen, not even unlabelled;
+2. pretraining (``both-sequential``) runs, unlabelled, on the clips of every training video of the fold, inner-train
+   and inner-validation (``pretrain_on_validation``, the default; without it on the inner-train videos only, with
+   pretext validation on the inner-validation ones): the test fold is never seen, not even unlabelled;
 3. from that encoder and from a random one: a linear probe and a fine-tune (the finetune step's, with its
    ``head_init``, ``encoder_lr_scale`` and ``encoder_lr_decay``) on ``frames_per_video`` evenly spaced frames of
    every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos;

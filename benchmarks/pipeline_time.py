@@ -1,0 +1,108 @@
+"""Wall time of `dvc repro`, stage by stage, against the budget: issue 3's "simulate -> export in under 15 minutes
+on 2 cores", and the POCUS `crossval` stage's own 15 minutes.
+
+Runs ``dvc repro --force`` (every stage of the targets runs again, none is restored from a cache) in the repository
+with this environment's ``sonossl``, notes when each stage starts from DVC's own "Running stage" lines, and writes a
+record: seconds per stage, the simulated pipeline (every stage but ``preprocess@pocus`` and ``crossval``, what
+`make run` runs without the POCUS videos), ``crossval``, and the same figures scaled to the issue's sizing machine
+with ``benchmarks/machine_speed.py``'s yardstick, measured in the same run after the repro (``--no-yardstick`` skips
+it). The scaling is a rough guide: the yardstick is a full-width ResNet-18, and hosts differ in how much faster they
+run it than this project's narrower encoder.
+
+    .venv/bin/python benchmarks/pipeline_time.py                     # the whole pipeline: 15 min on a fast host
+    .venv/bin/python benchmarks/pipeline_time.py --targets export evaluate   # without POCUS
+Writes benchmarks/results/pipeline_time.json (or --out). Run it with nothing else on the machine; it rewrites the
+pipeline's outputs (to the same bytes, on one machine: the pipeline is deterministic per CPU model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sonossl.atomic import atomic_write_text
+from sonossl.machine import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_S = {"simulated": 15 * 60, "crossval": 15 * 60}
+NOT_SIMULATED = ("preprocess@pocus", "crossval")
+RUNNING = re.compile(r"Running stage '([^']+)'")
+
+
+def stage_seconds(events: list[tuple[float, str]], end: float) -> dict[str, float]:
+    """Seconds per stage from (time, line) events: a stage runs from its "Running stage" line to the next one's
+    (DVC runs stages one after another), the last to ``end``."""
+    starts = [(t, m.group(1)) for t, line in events for m in [RUNNING.search(line)] if m]
+    bounds = [t for t, _ in starts[1:]] + [end]
+    return {name: round(stop - t, 1) for (t, name), stop in zip(starts, bounds)}
+
+
+def summarise(stages: dict[str, float]) -> dict[str, float | None]:
+    simulated = [s for name, s in stages.items() if name not in NOT_SIMULATED]
+    return {"simulated_s": round(sum(simulated), 1) if simulated else None, "crossval_s": stages.get("crossval")}
+
+
+def repro(repo: Path, targets: list[str]) -> tuple[dict[str, float], float]:
+    """``dvc repro --force`` of ``targets`` in ``repo``; its output goes on to stderr as it comes."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the `sonossl` of this venv
+    t0 = time.monotonic()
+    events = []
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", *targets], cwd=repo, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # text mode: progress bars' carriage returns end lines too
+            events.append((time.monotonic() - t0, line))
+            sys.stderr.write(line)
+    end = time.monotonic() - t0
+    if proc.returncode:
+        tail = "".join(line for _, line in events[-20:])
+        raise SystemExit(f"dvc repro {' '.join(targets)} failed in {repo} (exit {proc.returncode}):\n{tail}")
+    return stage_seconds(events, end), round(end, 1)
+
+
+def yardstick() -> dict:
+    """benchmarks/machine_speed.py's measurement on this machine (``slowdown``: the sizing reference's speed over
+    this one's)."""
+    spec = importlib.util.spec_from_file_location("machine_speed", Path(__file__).with_name("machine_speed.py"))
+    assert spec and spec.loader
+    machine_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(machine_speed)
+    return machine_speed.measure()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", type=Path, default=ROOT, help="a DVC repository of this project (default: this one)")
+    ap.add_argument("--targets", nargs="*", default=[], help="dvc repro targets (default: every stage)")
+    ap.add_argument("--no-yardstick", dest="yardstick", action="store_false",
+                    help="skip benchmarks/machine_speed.py's measurement (about 20 s to 1.5 min)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pipeline_time.json")
+    args = ap.parse_args()
+    if not (args.repo / "dvc.yaml").is_file():
+        ap.error(f"--repo {args.repo}: no dvc.yaml there")
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=args.repo, capture_output=True,
+                            text=True).stdout.strip() or None
+    stages, total = repro(args.repo, args.targets)
+    result: dict = {"benchmark": "pipeline_time", "machine": describe(), "commit": commit,
+                    "targets": args.targets or "all", "stages_s": stages, "total_s": total, **summarise(stages),
+                    "budget_s": BUDGET_S}
+    if args.yardstick:
+        speed = yardstick()
+        result["yardstick"] = speed
+        result["at_reference_speed_s"] = {k: round(result[k] / speed["slowdown"], 1)
+                                          for k in ("simulated_s", "crossval_s") if result[k] is not None}
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
