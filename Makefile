@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds drift-demo serve-example results contact-sheet image image-push clean
+.PHONY: setup run test bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time drift-demo serve-example results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -151,6 +151,11 @@ label-levers: setup
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 45 minutes on 2 cores).
 crossval-seeds: setup
 	$(BIN)/python benchmarks/crossval_seeds.py --seeds 5
+
+# Wall time of every stage against the budgets: `dvc repro --force` (after `make run`; as long as the pipeline, 15 min
+# on the Intel Xeon of 2f8a53e), then the machine_speed yardstick. Nothing else should run beside it.
+pipeline-time: setup
+	$(BIN)/python benchmarks/pipeline_time.py
 
 # Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
 drift-demo: setup
