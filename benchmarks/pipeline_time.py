@@ -2,12 +2,14 @@
 on 2 cores", and the POCUS `crossval` stage's own 15 minutes.
 
 Runs ``dvc repro --force`` (every stage of the targets runs again, none is restored from a cache) in the repository
-with this environment's ``sonossl``, notes when each stage starts from DVC's own "Running stage" lines, and writes a
-record: seconds per stage, the simulated pipeline (every stage but ``preprocess@pocus`` and ``crossval``, what
-`make run` runs without the POCUS videos), ``crossval``, and the same figures scaled to the issue's sizing machine
-with ``benchmarks/machine_speed.py``'s yardstick, measured in the same run after the repro (``--no-yardstick`` skips
-it). The scaling is a rough guide: the yardstick is a full-width ResNet-18, and hosts differ in how much faster they
-run it than this project's narrower encoder.
+with this environment's ``sonossl``, after deleting the stages' persisted outputs (``persist: true``: the training
+checkpoints that let an interrupted run resume; left in place, a forced training stage would resume from its last
+epoch and train nothing), so every stage starts from nothing, as in a fresh checkout. It notes when each stage
+starts from DVC's own "Running stage" lines, and writes a record: seconds per stage, the simulated pipeline (every
+stage but ``preprocess@pocus`` and ``crossval``, what `make run` runs without the POCUS videos), ``crossval``, and
+the same figures scaled to the issue's sizing machine with ``benchmarks/machine_speed.py``'s yardstick, measured in
+the same run after the repro (``--no-yardstick`` skips it). The scaling is a rough guide: the yardstick is a
+full-width ResNet-18, and hosts differ in how much faster they run it than this project's narrower encoder.
 
     .venv/bin/python benchmarks/pipeline_time.py                     # the whole pipeline: 15 min on a fast host
     .venv/bin/python benchmarks/pipeline_time.py --targets export evaluate   # without POCUS
@@ -18,10 +20,12 @@ pipeline's outputs (to the same bytes, on one machine: the pipeline is determini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +51,24 @@ def stage_seconds(events: list[tuple[float, str]], end: float) -> dict[str, floa
 def summarise(stages: dict[str, float]) -> dict[str, float | None]:
     simulated = [s for name, s in stages.items() if name not in NOT_SIMULATED]
     return {"simulated_s": round(sum(simulated), 1) if simulated else None, "crossval_s": stages.get("crossval")}
+
+
+def persisted_outputs(repo: Path, targets: list[str]) -> list[Path]:
+    """The ``persist: true`` outputs of the stages that ``dvc repro targets`` runs (every stage without targets)."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(repo), Repo(".") as dvc:  # targets name stages relative to the working directory
+        stages = ({s for t in targets for s in dvc.stage.collect(t, with_deps=True)} if targets
+                  else set(dvc.index.stages))
+        return sorted({Path(out.fs_path) for stage in stages for out in stage.outs if out.persist})
+
+
+def clear(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def repro(repo: Path, targets: list[str]) -> tuple[dict[str, float], float]:
@@ -90,6 +112,9 @@ def main() -> int:
         ap.error(f"--repo {args.repo}: no dvc.yaml there")
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=args.repo, capture_output=True,
                             text=True).stdout.strip() or None
+    persisted = persisted_outputs(args.repo, args.targets)
+    print(f"deleting {len(persisted)} persisted outputs (checkpoints), so that no stage resumes", file=sys.stderr)
+    clear(persisted)
     stages, total = repro(args.repo, args.targets)
     result: dict = {"benchmark": "pipeline_time", "machine": describe(), "commit": commit,
                     "targets": args.targets or "all", "stages_s": stages, "total_s": total, **summarise(stages),

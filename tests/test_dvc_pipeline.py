@@ -130,9 +130,10 @@ def test_pipeline_time_gives_each_stage_the_time_until_the_next_one_starts(monke
 
 
 @pytest.mark.slow
-def test_pipeline_time_reruns_every_target_stage_and_records_its_time(tmp_path):
+def test_pipeline_time_reruns_every_target_stage_and_records_its_time(tmp_path, monkeypatch):
     """``benchmarks/pipeline_time.py`` forces the stages to run again even when DVC has nothing to do, and records
     each of them."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     root = _tiny_sim_repo(tmp_path)
     _dvc(root, "repro", DATA)
     out = tmp_path / "time.json"
@@ -145,6 +146,14 @@ def test_pipeline_time_reruns_every_target_stage_and_records_its_time(tmp_path):
     assert record["simulated_s"] == pytest.approx(sum(record["stages_s"].values()), abs=0.11)
     assert 0 < record["simulated_s"] <= record["total_s"] and record["crossval_s"] is None
     assert "yardstick" not in record and record["machine"]
+    # training stages would resume from their persisted checkpoints: the benchmark deletes exactly those of its targets
+    import pipeline_time
+
+    assert pipeline_time.persisted_outputs(root, [DATA]) == []
+    order = pipeline_time.persisted_outputs(root, ["pretrain@order"])
+    assert root / "models/pretrain/order/checkpoints" in order
+    assert not any("both-sequential" in str(p) for p in order)
+    assert set(order) < set(pipeline_time.persisted_outputs(root, []))
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks/pipeline_time.py"), "--repo", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no dvc.yaml there" in bad.stderr
