@@ -152,8 +152,8 @@ label-levers: setup
 crossval-seeds: setup
 	$(BIN)/python benchmarks/crossval_seeds.py --seeds 5
 
-# Wall time of every stage against the budgets: `dvc repro --force` (after `make run`; as long as the pipeline, 15 min
-# on the Intel Xeon of 2f8a53e), then the machine_speed yardstick. Nothing else should run beside it.
+# Wall time of every stage against the budgets: `dvc repro --force` (after `make run`; as long as the pipeline, about 16
+# min on the Intel Xeon of 2f8a53e), then the machine_speed yardstick. Nothing else should run beside it.
 pipeline-time: setup
 	$(BIN)/python benchmarks/pipeline_time.py
 

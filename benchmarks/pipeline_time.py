@@ -11,7 +11,7 @@ the same figures scaled to the issue's sizing machine with ``benchmarks/machine_
 the same run after the repro (``--no-yardstick`` skips it). The scaling is a rough guide: the yardstick is a
 full-width ResNet-18, and hosts differ in how much faster they run it than this project's narrower encoder.
 
-    .venv/bin/python benchmarks/pipeline_time.py                     # the whole pipeline: 15 min on a fast host
+    .venv/bin/python benchmarks/pipeline_time.py                     # every stage: 16 min on the Intel Xeon
     .venv/bin/python benchmarks/pipeline_time.py --targets export evaluate   # without POCUS
 Writes benchmarks/results/pipeline_time.json (or --out). Run it with nothing else on the machine; it rewrites the
 pipeline's outputs (to the same bytes, on one machine: the pipeline is deterministic per CPU model).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -93,11 +92,9 @@ def repro(repo: Path, targets: list[str]) -> tuple[dict[str, float], float]:
 def yardstick() -> dict:
     """benchmarks/machine_speed.py's measurement on this machine (``slowdown``: the sizing reference's speed over
     this one's)."""
-    spec = importlib.util.spec_from_file_location("machine_speed", Path(__file__).with_name("machine_speed.py"))
-    assert spec and spec.loader
-    machine_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(machine_speed)
-    return machine_speed.measure()
+    from machine_speed import measure  # beside this script, so on sys.path when it runs
+
+    return measure()
 
 
 def main() -> int:
