@@ -29,6 +29,9 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
                                        accuracies under *_selected, and the refit's gain over them per seed
     --pretrain-on-validation           pretrain each fold's encoder on its inner-train and inner-validation videos
                                        (unlabelled, no pretext validation; crossval.pretrain_on_validation)
+    --fresh-frames                     the fine-tunes draw each epoch's frames from every frame of their training
+                                       videos, each video equally likely (crossval.fresh_frames), not the same
+                                       --frames-per-video evenly spaced ones
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def main() -> int:
                     help="crossval.refit (default: the profile's)")
     ap.add_argument("--pretrain-on-validation", action=argparse.BooleanOptionalAction, default=None,
                     help="crossval.pretrain_on_validation (default: the profile's)")
+    ap.add_argument("--fresh-frames", action=argparse.BooleanOptionalAction, default=None,
+                    help="crossval.fresh_frames (default: the profile's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/crossval_seeds.json")
     args = ap.parse_args()
     if args.seeds < 1:
@@ -79,7 +84,7 @@ def main() -> int:
     for k, v in cv_given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
-    for flag in ("refit", "pretrain_on_validation"):
+    for flag in ("refit", "pretrain_on_validation", "fresh_frames"):
         if getattr(args, flag) is not None:
             cv_given[flag] = getattr(args, flag)
     positive("--pretrain-lr", args.pretrain_lr)

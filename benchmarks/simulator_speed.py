@@ -75,6 +75,19 @@ def run_worker(src: Path, args: argparse.Namespace) -> dict[int, dict]:
     return {r["index"]: r for r in rows}
 
 
+def simulate_only(params_path: str, profile: str, into: Path) -> str:
+    """A copy of ``params_path`` that keeps only the profile's ``simulate`` and ``simulate_test`` blocks, for the
+    workers: another revision's code then never reads a section, or a key, that only this checkout knows."""
+    import yaml
+
+    doc = yaml.safe_load(Path(params_path).read_text()) or {}
+    block = doc.get(profile) or {}
+    out = into / "params.yaml"
+    out.write_text(yaml.safe_dump({"profile": profile, profile: {k: block[k] for k in ("simulate", "simulate_test")
+                                                                 if k in block}}, sort_keys=False))
+    return str(out)
+
+
 def git(*args: str) -> str:
     """Output of ``git args`` in this checkout, stripped ("" when it fails)."""
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
@@ -113,14 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if min(args.indices) < 0:
         ap.error(f"--indices must be non-negative, got {args.indices}")
-    if args.which == "sim_test":
-        from sonossl.config import load_params
-
-        if load_params(args.params, args.profile).simulate_test is None:
-            ap.error(f"--which sim_test: {args.params} has no {args.profile}.simulate_test block")
-
     from sonossl.atomic import atomic_write_text
+    from sonossl.config import load_params
     from sonossl.machine import describe
+
+    # a bad file or profile fails here, naming the file, not in a worker
+    if args.which == "sim_test" and load_params(args.params, args.profile).simulate_test is None:
+        ap.error(f"--which sim_test: {args.params} has no {args.profile}.simulate_test block")
 
     base_rev = git("rev-parse", "--short", args.base) or args.base
     here = git("rev-parse", "--short", args.this or "HEAD") or args.this or "working tree"
@@ -130,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="simulator_speed_") as tmp:
         srcs = {"base": extract(args.base, Path(tmp, "base")),
                 "this": extract(args.this, Path(tmp, "this")) if args.this else ROOT / "src"}
+        args.params = simulate_only(args.params, args.profile, Path(tmp))
         for r in range(args.repeats):
             for side in ("base", "this"):
                 rows = run_worker(srcs[side], args)

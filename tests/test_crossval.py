@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -37,7 +38,8 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
 
     preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
     params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval,
-                                                                           pretrain_on_validation=False))
+                                                                           pretrain_on_validation=False,
+                                                                           fresh_frames=False))
     out = crossval(tmp_path / "clips", tmp_path / "cv", params, progress=False, report=tmp_path / "cv.md")
     assert out["folds"] == 3 and out["classes"] == ["covid", "pneumonia", "regular"]
     assert {(r["init"], r["method"]) for r in out["results"]} == {
@@ -54,7 +56,7 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
         assert pt["train_clips"] > 0 and pt["val_clips"] > 0  # inner-train clips; inner-validation ones
         assert out["fold_runs"][f]["pretrain_videos"] == out["fold_runs"][f]["train_videos"]
     md = (tmp_path / "cv.md").read_text()
-    assert "| ssl | finetune |" in md and "inner validation videos included" not in md
+    assert "| ssl | finetune |" in md and "inner validation videos included" not in md and "every frame" not in md
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
 
 
@@ -141,9 +143,10 @@ def test_refit_of_an_lp_ft_fine_tune_starts_its_head_from_the_probe_at_the_chose
     calls = []
     real = finetune.linear_probe
 
-    def recording(z_train, y_train, z_val, y_val, n_classes, cs, seed):
-        layer, info = real(z_train, y_train, z_val, y_val, n_classes, cs, seed)
-        calls.append({"cs": list(cs), "train": len(y_train), "val": len(y_val), "C": info["C"]})
+    def recording(z_train, y_train, z_val, y_val, n_classes, cs, seed, **kw):
+        layer, info = real(z_train, y_train, z_val, y_val, n_classes, cs, seed, **kw)
+        calls.append({"cs": list(cs), "train": len(y_train), "val": len(y_val), "C": info["C"],
+                      "weight": float(kw["sample_weight"].sum())})
         return layer, info
 
     monkeypatch.setattr(finetune, "linear_probe", recording)  # finetune_classifier's probes, not crossval's own
@@ -155,8 +158,54 @@ def test_refit_of_an_lp_ft_fine_tune_starts_its_head_from_the_probe_at_the_chose
     for f, runs in enumerate(out["fold_runs"]):
         for i in range(2):
             chosen, again = calls[4 * f + 2 * i], calls[4 * f + 2 * i + 1]
-            assert chosen["cs"] == [0.001, 100.0] and chosen["val"] > 0 and chosen["train"] == runs["train_frames"]
-            assert again["cs"] == [chosen["C"]] and again["val"] == 0 and again["train"] == runs["refit_frames"]
+            # fresh_frames (the profile's): every frame of the videos, each video with total weight 1
+            assert chosen["cs"] == [0.001, 100.0] and chosen["val"] > 0 and chosen["train"] > runs["train_frames"]
+            assert chosen["weight"] == pytest.approx(runs["train_videos"])
+            assert again["cs"] == [chosen["C"]] and again["val"] == 0 and again["train"] > runs["refit_frames"]
+            assert again["weight"] == pytest.approx(runs["train_videos"] + runs["val_videos"])
+    assert {r["report"]["n"] for r in out["results"]} == {12}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_fresh_frames_fine_tunes_on_every_frame_of_the_training_videos_each_video_equally_likely(
+        pocus_subset, tiny_params, tmp_path, monkeypatch):
+    """``crossval.fresh_frames``: the selected fine-tune draws from every frame of the inner-train videos, the refit
+    from every frame of the inner-train and validation videos, each video with total weight 1, at the same frames per
+    epoch as the evenly spaced set; never a frame of the test fold. The probes keep the evenly spaced frames."""
+    from sonossl.data.clips import preprocess
+    from sonossl.train import crossval as cv_module
+    from sonossl.train.finetune import open_labelled
+
+    calls = []
+    real = cv_module.finetune_classifier
+
+    def recording(encoder, pretrained, d, train_rows, val_rows, params, *a, row_weights=None, **kw):
+        calls.append({"rows": train_rows, "weights": row_weights, "val": val_rows,
+                      "frames_per_epoch": params.frames_per_epoch})
+        return real(encoder, pretrained, d, train_rows, val_rows, params, *a, row_weights=row_weights, **kw)
+
+    monkeypatch.setattr(cv_module, "finetune_classifier", recording)
+    preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, fresh_frames=True))
+    out = cv_module.crossval(tmp_path / "clips", tmp_path / "cv", params, progress=False, report=tmp_path / "cv.md")
+    assert "drew each epoch's frames from every frame of their training videos" in (tmp_path / "cv.md").read_text()
+    d = open_labelled(tmp_path / "clips")
+    fold_of_row = d.data.index.video.map(out["fold_of_video"]).to_numpy()
+    assert len(calls) == 3 * 2 * 2  # per fold and encoder: the selected fine-tune, then its refit
+    for f, runs in enumerate(out["fold_runs"]):
+        for i in range(2):
+            chosen, again = calls[4 * f + 2 * i], calls[4 * f + 2 * i + 1]
+            val_videos = np.unique(d.video_idx[chosen["val"]])
+            outside = np.flatnonzero(fold_of_row != f)
+            assert np.array_equal(again["rows"], outside) and len(again["val"]) == 0
+            assert np.array_equal(chosen["rows"], outside[~np.isin(d.video_idx[outside], val_videos)])
+            for call, n_videos in ((chosen, runs["train_videos"]), (again, runs["train_videos"] + runs["val_videos"])):
+                per_video = pd.Series(call["weights"]).groupby(d.video_idx[call["rows"]]).sum()
+                assert len(per_video) == n_videos and per_video.to_numpy() == pytest.approx(1.0)
+                assert len(call["rows"]) > tiny_params.crossval.frames_per_video * n_videos  # more than the even set
+            assert chosen["frames_per_epoch"] == runs["train_frames"]
+            assert again["frames_per_epoch"] == runs["refit_frames"]
     assert {r["report"]["n"] for r in out["results"]} == {12}
 
 

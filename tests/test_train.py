@@ -517,3 +517,45 @@ def _plane_model(path: Path):
 
     ck = load_checkpoint(path)
     return plane_model(ck, len(ck["classes"]))
+
+
+def test_row_weights_draw_training_frames_in_proportion_and_balance_the_classes_by_weight(tiny_params):
+    """``row_weights``: frames are drawn with those probabilities (a zero-weight row never), the class-balanced loss
+    counts each row by its weight, and weights that are not one finite non-negative value per row are refused."""
+    from sonossl.train.finetune import PlaneTask, balanced_weights
+
+    frames = torch.arange(6, dtype=torch.uint8)[:, None, None].expand(6, 8, 8).contiguous()
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    rows, weights = np.arange(6), np.array([1.0, 1.0, 0.0, 2.0, 2.0, 2.0])
+    ft = dataclasses.replace(tiny_params.finetune, batch_size=64, frames_per_epoch=64 * 50)
+    task = PlaneTask(torch.nn.Identity(), frames, labels, rows, rows[:0], ft, 3, row_weights=weights)
+    drawn = torch.cat([r for e in range(2) for _, r, _ in task.batches(e, 0, 1, torch.device("cpu"))]).numpy()
+    share = np.bincount(drawn, minlength=6) / len(drawn)
+    assert share[2] == 0 and share == pytest.approx(weights / weights.sum(), abs=0.02)
+    # class 0 holds weight 4 of 8, classes 1 and 2 weight 2 each: weights 8/(3*4), 8/(3*2), 8/(3*2)
+    assert task.weights.tolist() == pytest.approx([2 / 3, 4 / 3, 4 / 3])
+    assert balanced_weights(labels, 4).tolist() == pytest.approx([0.375, 1.5, 1.5, 0.0])  # unweighted, as before
+    uniform = PlaneTask(torch.nn.Identity(), frames, labels, rows, rows[:0], ft, 3)
+    assert set(torch.cat([r for _, r, _ in uniform.batches(0, 0, 1, torch.device("cpu"))]).tolist()) == set(range(6))
+    for bad in (weights[:5], -weights, np.zeros(6), np.full(6, np.nan)):
+        with pytest.raises(ValueError, match="row_weights: 6 finite non-negative weights"):
+            PlaneTask(torch.nn.Identity(), frames, labels, rows, rows[:0], ft, 3, row_weights=bad)
+
+
+def test_a_weighted_linear_probe_is_the_probe_on_rows_repeated_by_their_weights():
+    """``linear_probe(sample_weight=...)``: weight 2 counts as the row given twice, weight 0 as the row left out, in
+    the standardisation, the class balance and the fit."""
+    from sonossl.train.finetune import linear_probe
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [30, 12, 6])
+    z = rng.normal(size=(len(y), 5)) + y[:, None] * np.array([1.0, -0.5, 0.0, 0.3, 0.0])
+    w = rng.integers(0, 4, size=len(y)).astype(np.float64)
+    w[[0, 30, 42]] = 1  # every class keeps a row
+    repeated = np.repeat(np.arange(len(y)), w.astype(int))
+    weighted, info_w = linear_probe(z, y, z, y, 3, [0.1, 10.0], 0, sample_weight=w)
+    plain, info_p = linear_probe(z[repeated], y[repeated], z, y, 3, [0.1, 10.0], 0)
+    assert info_w == info_p
+    x = torch.tensor(z, dtype=torch.float32)
+    assert torch.allclose(weighted(x), plain(x), atol=2e-3)
+    assert not torch.allclose(weighted(x), linear_probe(z, y, z, y, 3, [info_p["C"]], 0)[0](x), atol=2e-3)

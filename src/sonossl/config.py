@@ -168,7 +168,11 @@ class CrossvalParams:
     """POCUS video classification, k-fold grouped by patient (see ``sonossl.train.crossval``)."""
 
     folds: int = 5
-    frames_per_video: int = 32  # evenly spaced training frames per video (fine-tune and probe)
+    frames_per_video: int = 32  # training frames per video: the probe's, evenly spaced; the fine-tune's per epoch
+    # The fine-tune draws each epoch's frames from every frame of its training videos, each video equally likely
+    # (frames_per_video per video and epoch on average); false: the same frames_per_video evenly spaced ones in every
+    # epoch (the protocol until fresh_frames existed). The probe keeps the evenly spaced frames.
+    fresh_frames: bool = True
     pretrain_epochs: int = 6
     pretrain_clips_per_epoch: int = 3000  # per fold (the pretrain section's other settings apply)
     finetune_epochs: int = 8

@@ -157,6 +157,8 @@ def crossval_markdown(cv: dict) -> str:
     how += ("The probe and the fine-tune chosen on each fold's inner validation videos (L2 strength, epoch) were "
             "fitted again on its training and validation videos together; scored: the refit models. "
             if opts.get("refit") else "")
+    how += ("The fine-tunes drew each epoch's frames from every frame of their training videos, each video equally "
+            "likely. " if opts.get("fresh_frames") else "")
     return "\n".join([
         f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
         *crossval_table(cv), "",

@@ -9,7 +9,9 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
    pretext validation on the inner-validation ones): the test fold is never seen, not even unlabelled;
 3. from that encoder and from a random one: a linear probe and a fine-tune (the finetune step's, with its
    ``head_init``, ``encoder_lr_scale`` and ``encoder_lr_decay``) on ``frames_per_video`` evenly spaced frames of
-   every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos;
+   every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos
+   (``fresh_frames``: the fine-tune draws its frames each epoch from every frame of those videos instead, each video
+   equally likely, ``frames_per_video`` per video and epoch on average);
 4. with ``refit``, the probe (at its chosen L2 strength) and the fine-tune (for its chosen number of epochs, of the
    same schedule, from the same initialisation) are fitted again on the inner-train and inner-validation videos
    together (``frames_per_video`` of each), and that model is the one scored; the selected model's scores are kept
@@ -63,6 +65,13 @@ def _even(rows: np.ndarray, n: int) -> np.ndarray:
     return rows if len(rows) <= n else rows[np.linspace(0, len(rows) - 1, n).round().astype(int)]
 
 
+def _all_frames(video_idx: np.ndarray, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of ``videos``, and sampling weights that make each video equally likely (1 / its frame count)."""
+    rows = np.flatnonzero(np.isin(video_idx, videos))
+    _, inverse, counts = np.unique(video_idx[rows], return_inverse=True, return_counts=True)
+    return rows, 1.0 / counts[inverse]
+
+
 def _report(per_video: dict[int, np.ndarray], label_of: dict[int, int], classes: list[str]) -> dict:
     order = sorted(per_video)
     y_true = np.array([label_of[v] for v in order])
@@ -112,6 +121,11 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                                                    for v in val_v)])
         test_rows = np.flatnonzero(np.isin(d.video_idx, test_v))
         ft_fold = dataclasses.replace(ft, frames_per_epoch=len(train_rows), seed=seed_for(ft.seed, f))
+        # the fine-tune's frames: the evenly spaced ones, or (fresh_frames) every frame, each video equally likely
+        ft_rows, ft_refit_rows = (train_rows, None), (refit_rows, None)
+        if cv.fresh_frames:
+            ft_rows = _all_frames(d.video_idx, train_v)
+            ft_refit_rows = _all_frames(d.video_idx, np.concatenate([train_v, val_v]))
         info_f: dict[str, Any] = {"train_videos": len(train_v), "val_videos": len(val_v), "test_videos": len(test_v),
                                   "pretrain_videos": len(train_v) + len(val_v) * cv.pretrain_on_validation,
                                   "train_frames": len(train_rows)}
@@ -151,18 +165,19 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                                                         ft.seed)
                         score(model, (init, method, "refit"))
                 else:
-                    model, info = finetune_classifier(make_encoder(), init == "ssl", d, train_rows, val_rows,
+                    model, info = finetune_classifier(make_encoder(), init == "ssl", d, ft_rows[0], val_rows,
                                                       ft_fold, fold_dir / f"{init}-finetune", device,
-                                                      progress=progress)
+                                                      progress=progress, row_weights=ft_rows[1])
                     score(model, (init, method, "selected"))
                     info_f[f"{init}_finetune_epochs"] = info["best_epoch"]
                     if cv.refit:  # the same initialisation and schedule, for the chosen number of epochs
                         torch.manual_seed(seed_for(cv.seed, f))
                         ft_refit = dataclasses.replace(ft_fold, frames_per_epoch=len(refit_rows),
                                                        **({"probe_c": [info["head_C"]]} if "head_C" in info else {}))
-                        model, _ = finetune_classifier(make_encoder(), init == "ssl", d, refit_rows, val_rows[:0],
-                                                       ft_refit, fold_dir / f"{init}-finetune-refit", device,
-                                                       progress=progress, refit_epochs=info["best_epoch"])
+                        model, _ = finetune_classifier(make_encoder(), init == "ssl", d, ft_refit_rows[0],
+                                                       val_rows[:0], ft_refit, fold_dir / f"{init}-finetune-refit",
+                                                       device, progress=progress, refit_epochs=info["best_epoch"],
+                                                       row_weights=ft_refit_rows[1])
                         score(model, (init, method, "refit"))
 
     results = []

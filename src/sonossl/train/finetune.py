@@ -121,10 +121,17 @@ def class_list(index) -> list[str]:
     return sorted(str(x) for x in labels)
 
 
-def balanced_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
+def class_balance(y: np.ndarray, n_classes: int, row_weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-class weights that give every class seen in ``y`` the same total weight (0 for unseen classes), counting
+    each row by its weight where ``row_weights`` are given."""
+    counts = np.bincount(y, weights=row_weights, minlength=n_classes).astype(np.float64)
+    total = len(y) if row_weights is None else float(np.sum(row_weights))
+    return np.where(counts > 0, total / (n_classes * np.where(counts > 0, counts, 1)), 0.0)
+
+
+def balanced_weights(y: np.ndarray, n_classes: int, row_weights: np.ndarray | None = None) -> torch.Tensor:
+    """``class_balance`` as the class-weighted cross-entropy's ``weight`` tensor."""
+    return torch.tensor(class_balance(y, n_classes, row_weights), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------- augmentation
@@ -167,13 +174,22 @@ def predict(model: nn.Module, frames: torch.Tensor, rows: np.ndarray, device: to
 
 
 class _FrameTask:
-    """Frames drawn with replacement from ``train_rows``, ``frames_per_epoch`` per epoch."""
+    """Frames drawn with replacement from ``train_rows``, ``frames_per_epoch`` per epoch: uniformly, or with
+    probabilities proportional to ``row_weights`` (one non-negative weight per training row)."""
 
     def __init__(self, model: nn.Module, frames: torch.Tensor, train_rows: np.ndarray, val_rows: np.ndarray,
-                 params: FinetuneParams, encoder_lr_scale: float = 1.0, encoder_lr_decay: float = 1.0):
+                 params: FinetuneParams, encoder_lr_scale: float = 1.0, encoder_lr_decay: float = 1.0,
+                 row_weights: np.ndarray | None = None):
         self.model, self.frames, self.params = model, frames, params
         self.train_rows, self.val_rows = np.asarray(train_rows), np.asarray(val_rows)
         self.encoder_lr_scale, self.encoder_lr_decay = encoder_lr_scale, encoder_lr_decay
+        self.row_weights = None
+        if row_weights is not None:
+            w = np.asarray(row_weights, dtype=np.float64)
+            if w.shape != self.train_rows.shape or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"row_weights: {len(self.train_rows)} finite non-negative weights with a positive "
+                                 f"sum expected (one per training row), got shape {w.shape}")
+            self.row_weights = torch.from_numpy(w)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The encoder at ``encoder_lr_scale`` times the learning rate, its stage k of n (stem: 0) a further
@@ -195,7 +211,9 @@ class _FrameTask:
     def batches(self, epoch: int, rank: int, world: int, device: torch.device):
         gen = torch.Generator().manual_seed(seed_for(self.params.seed, epoch, rank))
         for _ in range(self.steps_per_epoch(world)):
-            pick = torch.randint(len(self.train_rows), (self.params.batch_size,), generator=gen)
+            pick = (torch.randint(len(self.train_rows), (self.params.batch_size,), generator=gen)
+                    if self.row_weights is None else
+                    torch.multinomial(self.row_weights, self.params.batch_size, replacement=True, generator=gen))
             rows = torch.from_numpy(self.train_rows)[pick]
             x, flipped = augment_frames(to_input(self.frames[rows]).to(device), gen)
             yield x, rows, flipped
@@ -203,11 +221,11 @@ class _FrameTask:
 
 class PlaneTask(_FrameTask):
     def __init__(self, model, frames, labels: np.ndarray, train_rows, val_rows, params, n_classes: int,
-                 encoder_lr_scale: float = 1.0, encoder_lr_decay: float = 1.0):
-        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale, encoder_lr_decay)
+                 encoder_lr_scale: float = 1.0, encoder_lr_decay: float = 1.0, row_weights: np.ndarray | None = None):
+        super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale, encoder_lr_decay, row_weights)
         self.labels = torch.as_tensor(labels)
         self.n_classes = n_classes
-        self.weights = balanced_weights(labels[train_rows], n_classes)
+        self.weights = balanced_weights(labels[train_rows], n_classes, row_weights)
 
     def loss(self, model, batch):
         x, rows, _ = batch
@@ -375,15 +393,24 @@ def embed(encoder: Encoder, frames: torch.Tensor, rows: np.ndarray, device: torc
 
 
 def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_val: np.ndarray,
-                 n_classes: int, cs: list[float], seed: int) -> tuple[nn.Linear, dict[str, Any]]:
-    """Logistic regression on frozen embeddings, C picked by validation macro-F1, folded into an ``nn.Linear``."""
+                 n_classes: int, cs: list[float], seed: int,
+                 sample_weight: np.ndarray | None = None) -> tuple[nn.Linear, dict[str, Any]]:
+    """Logistic regression on frozen embeddings, C picked by validation macro-F1, folded into an ``nn.Linear``.
+    Classes are balanced; with ``sample_weight`` each training row counts by its weight (in the standardisation and
+    the class balance too: weight 2 is the row given twice)."""
     from sklearn.linear_model import LogisticRegression
 
     mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
+    balance: Any = "balanced"
+    if sample_weight is not None:
+        mu = np.average(z_train, axis=0, weights=sample_weight)
+        sd = np.sqrt(np.average((z_train - mu) ** 2, axis=0, weights=sample_weight)) + 1e-6
+        w = class_balance(y_train, n_classes, sample_weight)
+        balance = {int(c): float(w[c]) for c in np.unique(y_train)}
     best = None
     for c in cs:
-        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
-        clf.fit((z_train - mu) / sd, y_train)
+        clf = LogisticRegression(C=c, class_weight=balance, max_iter=3000, random_state=seed)
+        clf.fit((z_train - mu) / sd, y_train, sample_weight=sample_weight)
         score = classification_report(y_val, clf.predict((z_val - mu) / sd), list(range(n_classes)))["macro_f1"] \
             if len(y_val) else 0.0
         if best is None or score > best[0]:
@@ -412,9 +439,10 @@ def encoder_lr(params: FinetuneParams, pretrained: bool) -> dict[str, float]:
 def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, train_rows: np.ndarray,
                         val_rows: np.ndarray, params: FinetuneParams, run_dir: Path, device: torch.device,
                         resume: bool = False, progress: bool = True, run_id: str = "",
-                        refit_epochs: int = 0) -> tuple[PlaneClassifier, dict]:
+                        refit_epochs: int = 0, row_weights: np.ndarray | None = None) -> tuple[PlaneClassifier, dict]:
     """The ``finetune`` method: encoder + linear layer trained on ``train_rows``, the best validation epoch loaded.
-    With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT).
+    With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT). ``row_weights``: the
+    training frames are drawn with these probabilities (one per row of ``train_rows``), not uniformly.
 
     ``refit_epochs`` > 0: a refit, with no validation (``val_rows`` empty): the first ``refit_epochs`` epochs of the
     schedule planned for ``params.epochs``, the last one kept; a run on the same encoder that selected its epoch on
@@ -429,10 +457,11 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
         rows = np.concatenate([train_rows, val_rows])
         z = embed(encoder.to(device), d.frames, rows, device, params.channels_last, params.pool_stages)
         layer, info = linear_probe(z[:len(train_rows)], d.labels[train_rows], z[len(train_rows):], d.labels[val_rows],
-                                   n_cls, params.probe_c, params.seed)
+                                   n_cls, params.probe_c, params.seed, sample_weight=row_weights)
         model.head[1] = layer
         extra["head_C"] = info["C"]
-    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, **encoder_lr(params, pretrained))
+    task = PlaneTask(model, d.frames, d.labels, train_rows, val_rows, params, n_cls, **encoder_lr(params, pretrained),
+                     row_weights=row_weights)
     loop = (finetune_loop_params(params, params.epochs, None, stop_after=refit_epochs) if refit_epochs
             else finetune_loop_params(params, params.epochs, "val_macro_f1"))
     res = fit(task, run_dir, loop, resume=resume, progress=progress, run_id=run_id)
