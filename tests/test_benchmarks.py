@@ -299,7 +299,6 @@ def test_simulator_speed_compares_two_revisions_and_their_renders(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
-
 def test_simulator_speed_workers_read_only_the_simulate_blocks(monkeypatch, tmp_path):
     """The workers of both revisions get the profile's simulate and simulate_test blocks and nothing else, so a key
     that only this checkout's code knows (in any other section) cannot break the other revision's run."""
@@ -312,6 +311,7 @@ def test_simulator_speed_workers_read_only_the_simulate_blocks(monkeypatch, tmp_
     assert doc.keys() == {"profile", "tiny"} and doc["tiny"].keys() == {"simulate", "simulate_test"}
     full, kept = load_params(REPO / "params.yaml", "tiny"), load_params(path)
     assert (kept.simulate, kept.simulate_test) == (full.simulate, full.simulate_test)
+
 
 def test_simulator_speed_digest_sees_every_part_of_a_sweep(monkeypatch):
     from sonossl.data.simulate import render_sweep
