@@ -127,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.indices) < 0:
         ap.error(f"--indices must be non-negative, got {args.indices}")
     from sonossl.atomic import atomic_write_text
-    from sonossl.config import load_params
+    from sonossl.config import ParamsError, load_params
     from sonossl.machine import describe
 
-    # a bad file or profile fails here, naming the file, not in a worker
-    if args.which == "sim_test" and load_params(args.params, args.profile).simulate_test is None:
+    try:  # a bad file or profile fails here, naming it, not in a worker
+        params = load_params(args.params, args.profile)
+    except ParamsError as e:
+        ap.error(str(e))
+    if args.which == "sim_test" and params.simulate_test is None:
         ap.error(f"--which sim_test: {args.params} has no {args.profile}.simulate_test block")
 
     base_rev = git("rev-parse", "--short", args.base) or args.base

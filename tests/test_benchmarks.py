@@ -296,6 +296,10 @@ def test_simulator_speed_compares_two_revisions_and_their_renders(tmp_path):
                               "--params", str(tmp_path / "params.yaml"), "--profile", "tiny", "--which", "sim_test",
                               "--out", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
     assert no_test.returncode != 0 and "has no tiny.simulate_test block" in no_test.stderr
+    no_profile = subprocess.run([sys.executable, str(REPO / "benchmarks" / "simulator_speed.py"), "--base", "HEAD",
+                                 "--profile", "nosuch", "--out", str(tmp_path / "bad.json")], capture_output=True,
+                                text=True, timeout=120)
+    assert no_profile.returncode == 2 and "profile 'nosuch' is not one of" in no_profile.stderr
     assert not (tmp_path / "bad.json").exists()
 
 
