@@ -49,10 +49,11 @@ selection-oracle: setup
 
 # Held-out pretext accuracy of the pipeline's both-sequential encoder pretrained at several peak rates, at smaller
 # batch sizes, with three pretraining seeds at the old and the new rate, with the order loss weighted 2x and 4x, at
-# clip strides 6 and 24, and at crops 48 and 64 with and without jitter, at the pipeline's cost (README, "the
-# pretraining rate"; after `make run`; about 34 minutes on 2 cores). The records in benchmarks/results carry the
-# machine they ran on in their names (--out): pretext_rates_avx2.json, pretext_batch_avx2.json,
-# pretext_seeds_avx2.json, pretext_order_weight_avx2.json, pretext_stride_avx2.json, pretext_crop_shift_avx2.json.
+# clip strides 6 and 24, and at crops 48 and 64 with and without jitter, at the pipeline's cost
+# (docs/EXPERIMENTS.md, "the pretraining rate"; after `make run`; about 34 minutes on 2 cores). The records in
+# benchmarks/results carry the machine they ran on in their names (--out): pretext_rates_avx2.json,
+# pretext_batch_avx2.json, pretext_seeds_avx2.json, pretext_order_weight_avx2.json, pretext_stride_avx2.json,
+# pretext_crop_shift_avx2.json.
 pretext-rates: setup
 	$(BIN)/python benchmarks/pretext_rates.py
 	$(BIN)/python benchmarks/pretext_rates.py --lr 1e-3 2e-3 4e-3 --batch-size 32 16 \
@@ -65,19 +66,19 @@ pretext-rates: setup
 	$(BIN)/python benchmarks/pretext_rates.py --lr 2e-3 --crop 48 64 --max-shift 0 16 --seeds 3 \
 		--out benchmarks/results/pretext_crop_shift.json
 
-# The label-seeds comparison for what might make the gain larger (README, "What the numbers say"): a lower fine-tune
-# LR, LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128 more with
-# 3x the pretraining; the default encoder at 20 % of the videos; heads on the last 3 encoder stages; layer-wise
-# decay of a pretrained encoder's fine-tune rate, on the pipeline's encoder and on two encoders kept in models/bench
-# (with draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3); a pool
-# rendered at 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x and 6x the
+# The label-seeds comparison for what might make the gain larger (docs/EXPERIMENTS.md, the levers): a lower
+# fine-tune LR, LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128
+# more with 3x the pretraining; the default encoder at 20 % of the videos; heads on the last 3 encoder stages;
+# layer-wise decay of a pretrained encoder's fine-tune rate, on the pipeline's encoder and on two encoders kept in
+# models/bench (with draws 5-9 for the one it was chosen on), and a second build of the best encoder (pool seed 3);
+# a pool rendered at 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x and 6x the
 # pretraining on the training sweeps, over ten draws; the pretraining rate 2e-3 over ten draws; two more encoders at
-# each of 2e-3 and 5e-4 (pretraining seeds 1 and 2), over ten draws each; the pipeline's encoder at 20 % and at
-# 100 %, over ten draws each; the three ablation encoders of the pipeline, over ten draws. About 390 minutes on 2
-# cores. Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were (every
-# stage at one rate). The pretraining rate 2e-3 became the default after all of them but the last five commands;
-# $(LR0) pretrains their encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel
-# rows of five draws read the pipeline's own ablation encoders, so they now measure the ones pretrained at 2e-3.
+# each of 2e-3 and 5e-4 (pretraining seeds 1 and 2), over ten draws each; the pipeline's encoder at 20% and at 100%,
+# over ten draws each; the three ablation encoders of the pipeline, over ten draws. About 390 minutes on 2 cores.
+# Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were (every stage at
+# one rate). The pretraining rate 2e-3 became the default after all of them but the last five commands; $(LR0)
+# pretrains their encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel rows
+# of five draws read the pipeline's own ablation encoders, so they now measure the ones pretrained at 2e-3.
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
 LR0 := --pretrain-lr 5e-4

@@ -9,8 +9,8 @@ set is the pipeline's: the independent simulated sweeps (``data/clips/sim_test``
 ``--split-test`` the test split of ``--clips`` (the 10 sweeps that earlier results were scored on).
 
     .venv/bin/python benchmarks/label_seeds.py [--seeds 5] [--profile default]      # after `dvc repro`
-Writes benchmarks/results/label_seeds.json (or --out). The same comparison for other choices (README, "What the
-numbers say"; the scratch side is the same unless ``--lr`` or ``--head-init`` changes):
+Writes benchmarks/results/label_seeds.json (or --out). The same comparison for other choices (docs/EXPERIMENTS.md,
+the levers; the scratch side is the same unless ``--lr`` or ``--head-init`` changes):
 
     --encoder models/pretrain/order    another pretrain output (an ablation mode, or one of your own)
     --fraction 0.2                     another label fraction than the profile's smallest
