@@ -14,8 +14,9 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
    equally likely, ``frames_per_video`` per video and epoch on average);
 4. with ``refit``, the probe (at its chosen L2 strength) and the fine-tune (for its chosen number of epochs, of the
    same schedule, from the same initialisation) are fitted again on the inner-train and inner-validation videos
-   together (``frames_per_video`` of each), and that model is the one scored; the selected model's scores are kept
-   beside it (``accuracy_selected``), so one run compares the two;
+   together (``frames_per_video`` of each; with ``fresh_frames`` the fine-tune draws from every frame of both), and
+   that model is the one scored; the selected model's scores are kept beside it (``accuracy_selected``), so one run
+   compares the two;
 5. every frame of each test video is classified; the video's prediction is the argmax of its mean probabilities.
 
 Predictions of all folds are pooled into video-level accuracy and per-class F1, and per-fold accuracies are kept.
@@ -122,10 +123,10 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
         test_rows = np.flatnonzero(np.isin(d.video_idx, test_v))
         ft_fold = dataclasses.replace(ft, frames_per_epoch=len(train_rows), seed=seed_for(ft.seed, f))
         # the fine-tune's frames: the evenly spaced ones, or (fresh_frames) every frame, each video equally likely
-        ft_rows, ft_refit_rows = (train_rows, None), (refit_rows, None)
+        ft_train, ft_train_w, ft_refit, ft_refit_w = train_rows, None, refit_rows, None
         if cv.fresh_frames:
-            ft_rows = _all_frames(d.video_idx, train_v)
-            ft_refit_rows = _all_frames(d.video_idx, np.concatenate([train_v, val_v]))
+            ft_train, ft_train_w = _all_frames(d.video_idx, train_v)
+            ft_refit, ft_refit_w = _all_frames(d.video_idx, np.concatenate([train_v, val_v]))
         info_f: dict[str, Any] = {"train_videos": len(train_v), "val_videos": len(val_v), "test_videos": len(test_v),
                                   "pretrain_videos": len(train_v) + len(val_v) * cv.pretrain_on_validation,
                                   "train_frames": len(train_rows)}
@@ -165,19 +166,19 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                                                         ft.seed)
                         score(model, (init, method, "refit"))
                 else:
-                    model, info = finetune_classifier(make_encoder(), init == "ssl", d, ft_rows[0], val_rows,
+                    model, info = finetune_classifier(make_encoder(), init == "ssl", d, ft_train, val_rows,
                                                       ft_fold, fold_dir / f"{init}-finetune", device,
-                                                      progress=progress, row_weights=ft_rows[1])
+                                                      progress=progress, row_weights=ft_train_w)
                     score(model, (init, method, "selected"))
                     info_f[f"{init}_finetune_epochs"] = info["best_epoch"]
                     if cv.refit:  # the same initialisation and schedule, for the chosen number of epochs
                         torch.manual_seed(seed_for(cv.seed, f))
-                        ft_refit = dataclasses.replace(ft_fold, frames_per_epoch=len(refit_rows),
-                                                       **({"probe_c": [info["head_C"]]} if "head_C" in info else {}))
-                        model, _ = finetune_classifier(make_encoder(), init == "ssl", d, ft_refit_rows[0],
-                                                       val_rows[:0], ft_refit, fold_dir / f"{init}-finetune-refit",
-                                                       device, progress=progress, refit_epochs=info["best_epoch"],
-                                                       row_weights=ft_refit_rows[1])
+                        ft_params = dataclasses.replace(ft_fold, frames_per_epoch=len(refit_rows),
+                                                        **({"probe_c": [info["head_C"]]} if "head_C" in info else {}))
+                        model, _ = finetune_classifier(make_encoder(), init == "ssl", d, ft_refit, val_rows[:0],
+                                                       ft_params, fold_dir / f"{init}-finetune-refit", device,
+                                                       progress=progress, refit_epochs=info["best_epoch"],
+                                                       row_weights=ft_refit_w)
                         score(model, (init, method, "refit"))
 
     results = []

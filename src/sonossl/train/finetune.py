@@ -400,9 +400,10 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
     the class balance too: weight 2 is the row given twice)."""
     from sklearn.linear_model import LogisticRegression
 
-    mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
     balance: Any = "balanced"
-    if sample_weight is not None:
+    if sample_weight is None:
+        mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
+    else:
         mu = np.average(z_train, axis=0, weights=sample_weight)
         sd = np.sqrt(np.average((z_train - mu) ** 2, axis=0, weights=sample_weight)) + 1e-6
         w = class_balance(y_train, n_classes, sample_weight)
@@ -442,7 +443,8 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
                         refit_epochs: int = 0, row_weights: np.ndarray | None = None) -> tuple[PlaneClassifier, dict]:
     """The ``finetune`` method: encoder + linear layer trained on ``train_rows``, the best validation epoch loaded.
     With ``head_init: probe`` the layer starts as the linear probe of ``encoder`` (LP-FT). ``row_weights``: the
-    training frames are drawn with these probabilities (one per row of ``train_rows``), not uniformly.
+    training frames are drawn with these probabilities (one per row of ``train_rows``), not uniformly, and the LP-FT
+    probe weighs its rows by them too.
 
     ``refit_epochs`` > 0: a refit, with no validation (``val_rows`` empty): the first ``refit_epochs`` epochs of the
     schedule planned for ``params.epochs``, the last one kept; a run on the same encoder that selected its epoch on
