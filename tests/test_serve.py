@@ -262,3 +262,54 @@ def test_v2_output_selection_binary_outputs_and_headers(server, client, tiny_cli
     header = json.loads(r.content[: int(r.headers["inference-header-content-length"])])
     assert [o["name"] for o in header["outputs"]] == [o["name"] for o in full["outputs"]]
     assert client.infer_frames(frames)["probs"].shape == (3, len(full["parameters"]["classes"].split(",")))
+
+
+@pytest.fixture(scope="module")
+def planes_only_export(tiny_export, tiny_clips, tiny_params, tmp_path_factory) -> Path:
+    """A model exported from a plane-detection run alone, as from videos without gaze maps: no saliency model."""
+    import shutil
+
+    from sonossl.export import export
+
+    root = tmp_path_factory.mktemp("planes_only")
+    shutil.copytree(tiny_export.parent / "finetune" / "ssl-planes", root / "finetune" / "ssl-planes")
+    export(tiny_clips, root / "finetune", root / "export", tiny_params, progress=False)
+    return root / "export"
+
+
+def test_a_model_without_saliency_exports_and_serves_without_it(planes_only_export, tiny_export, tiny_clips,
+                                                                 tmp_path):
+    """Your own videos rarely come with gaze maps: export takes the plane model alone, its card says so, and the
+    server answers v2 and v1 without a saliency output (asking for one is a 400 that lists what there is)."""
+    from sonossl.data.video import read_video
+    from sonossl.serve.client import Client
+
+    card = json.loads((planes_only_export / "model_card.json").read_text())
+    full = json.loads((tiny_export / "model_card.json").read_text())
+    assert card["saliency"] is None and card["metrics"]["saliency"] is None and card["test_set"]["saliency"] is None
+    assert list(card["output"]) == ["probs", "label", "embedding"]
+    assert card["planes"] == full["planes"] and card["metrics"]["planes"] == full["metrics"]["planes"]
+    assert card["model_version"] != full["model_version"]  # the version hashes the weights it holds
+    md = (planes_only_export / "model_card.md").read_text()
+    assert "(no saliency model)" in md and "saliency model:" not in md and "- saliency:" not in md
+
+    frames = read_video(_sweep(tiny_clips))[0][:5]
+    expected = _expected(planes_only_export, frames)
+    assert "saliency" not in expected
+    assert np.array_equal(expected["probs"], _expected(tiny_export, frames)["probs"])  # the same plane model
+
+    srv = start_server(planes_only_export, tmp_path)
+    try:
+        out = Client(srv.url).infer_frames(frames)
+        assert "saliency" not in out and out["model_version"] == card["model_version"]
+        assert np.allclose(out["probs"], expected["probs"], atol=1e-6)
+        assert list(out["label"]) == list(expected["label"])
+        spec = {"name": "frames", "shape": list(frames.shape), "datatype": "UINT8", "data": frames.ravel().tolist()}
+        r = requests.post(f"{srv.url}/v2/models/sonossl/infer", json={"inputs": [spec],
+                                                                      "outputs": [{"name": "saliency"}]}, timeout=60)
+        assert r.status_code == 400 and "this model has ['probs', 'label', 'embedding', 'blank']" in r.text
+        r = requests.post(f"{srv.url}/v1/models/sonossl:predict", json={"instances": frames[:2].tolist()}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert [sorted(p) for p in r.json()["predictions"]] == [["blank", "embedding", "label", "probs"]] * 2
+    finally:
+        stop_server(srv)

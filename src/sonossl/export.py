@@ -2,9 +2,10 @@
 
 From the finetune outputs it takes the plane-detection model with the best validation score (``select_metric``,
 validation macro-F1 by default: the test videos play no part in the choice) and the best saliency model
-(``saliency_metric``), and writes ``<out>/``:
+(``saliency_metric``) where there is one (a dataset without gaze maps has none: the model then predicts classes and
+embeddings only, and its card says so), and writes ``<out>/``:
 
-- ``model.pt``: both networks (spec + weights), the classes, the PCA that reduces embeddings for logging, and the
+- ``model.pt``: the networks (spec + weights), the classes, the PCA that reduces embeddings for logging, and the
   input contract; loads with ``weights_only=True`` through ``load_bundle``;
 - ``model_card.json`` / ``model_card.md``: model version, clip dataset (feature) version, raw data version, the
   parameters, validation and test metrics, classes, lineage, and the input contract for serving;
@@ -49,7 +50,8 @@ BUNDLE_FORMAT = 1
 HELDOUT_SPLITS = ("val", "test")  # videos never trained on: drift thresholds are learnt from windows of them
 
 
-def _candidates(finetune_dir: Path, task: str, metric: str) -> list[tuple[float, str, Path, dict]]:
+def _candidates(finetune_dir: Path, task: str, metric: str,
+                required: bool = True) -> list[tuple[float, str, Path, dict]]:
     found = []
     for mpath in sorted(finetune_dir.glob("*/metrics.json")):
         m = json.loads(mpath.read_text())
@@ -61,7 +63,7 @@ def _candidates(finetune_dir: Path, task: str, metric: str) -> list[tuple[float,
             raise ValueError(f"{mpath}: the selected run has no validation {key!r}; valid metrics are "
                              f"{sorted('val_' + k for k in (selected.get('val') or {}) if k != 'per_class')}")
         found.append((float(selected["val"][key]), mpath.parent.name, mpath.parent / "model.pt", m))
-    if not found:
+    if not found and required:
         raise FileNotFoundError(f"{finetune_dir}: no finetune output for the {task} task")
     return sorted(found, key=lambda c: -c[0])
 
@@ -76,10 +78,11 @@ def _weights_hash(state: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class Bundle:
-    """An exported model in memory: ``predict`` takes preprocessed uint8 frames (N, S, S)."""
+    """An exported model in memory: ``predict`` takes preprocessed uint8 frames (N, S, S); ``saliency`` is None
+    for a model exported without one (then ``predict`` has no ``saliency``)."""
 
     planes: PlaneClassifier
-    saliency: SaliencyModel
+    saliency: SaliencyModel | None
     classes: list[str]
     pca_mean: np.ndarray
     pca_components: np.ndarray
@@ -94,13 +97,16 @@ class Bundle:
         frames = torch.as_tensor(np.asarray(frames))
         if frames.dtype != torch.uint8 or frames.ndim != 3:
             raise ValueError(f"frames must be uint8 (N, H, W), got {frames.dtype} {tuple(frames.shape)}")
-        outs: dict[str, list[np.ndarray]] = {"probs": [], "saliency": [], "embedding": []}
+        outs: dict[str, list[np.ndarray]] = {"probs": [], "embedding": []}
+        if self.saliency is not None:
+            outs["saliency"] = []
         for i in range(0, len(frames), EVAL_BATCH):
             x = to_input(frames[i:i + EVAL_BATCH])
             features = self.planes.features(x)
             emb = features[:, -self.planes.encoder.dim:]
             outs["probs"].append(torch.softmax(self.planes.head(features), 1).numpy())
-            outs["saliency"].append(self.saliency(x).exp().numpy())
+            if self.saliency is not None:
+                outs["saliency"].append(self.saliency(x).exp().numpy())
             outs["embedding"].append(emb.numpy())
         res = {k: np.concatenate(v) for k, v in outs.items()}
         res["embedding_reduced"] = self.reduce(res["embedding"])
@@ -126,9 +132,11 @@ def load_bundle(path: str | Path) -> Bundle:
     if ckpt.get("bundle_format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: not an exported sonossl model (bundle format {BUNDLE_FORMAT})")
     planes = plane_model(ckpt["planes"], len(ckpt["classes"]))
-    sal = SaliencyModel(build_encoder(ckpt["saliency"]["encoder"]), int(ckpt["saliency"]["out_size"]))
-    sal.load_state_dict(ckpt["saliency"]["state_dict"])
-    sal.eval()
+    sal = None
+    if ckpt.get("saliency") is not None:
+        sal = SaliencyModel(build_encoder(ckpt["saliency"]["encoder"]), int(ckpt["saliency"]["out_size"]))
+        sal.load_state_dict(ckpt["saliency"]["state_dict"])
+        sal.eval()
     return Bundle(planes, sal, list(ckpt["classes"]), ckpt["pca_mean"].numpy(), ckpt["pca_components"].numpy(),
                   json.loads(ckpt["card"]))
 
@@ -138,9 +146,10 @@ def _raw_version(meta: dict[str, Any]) -> str:
 
 
 def _card_markdown(card: dict[str, Any]) -> str:
-    m = card["metrics"]
+    m, has_saliency = card["metrics"], card.get("saliency") is not None
+    tasks = "saliency prediction and frame embeddings" if has_saliency else "frame embeddings (no saliency model)"
     lines = [f"# Model card: sonossl {card['model_version']}", "",
-             f"Standard-plane detection ({', '.join(card['classes'])}), saliency prediction and frame embeddings "
+             f"Standard-plane detection ({', '.join(card['classes'])}), {tasks} "
              "for ultrasound frames, from a self-supervised encoder (Jiao et al., ISBI 2020).", "",
              "## Versions and lineage", "",
              f"- model version: `{card['model_version']}` (sonossl {card['sonossl_version']})",
@@ -149,12 +158,14 @@ def _card_markdown(card: dict[str, Any]) -> str:
              f"{card['data']['frames']} frames)",
              f"- plane model: `{card['planes']['source']}` run `{card['planes']['run']}` "
              f"(encoder: {card['planes']['origin'].get('pretext') or 'scratch'})",
-             f"- saliency model: `{card['saliency']['source']}` run `{card['saliency']['run']}`", "",
+             *([f"- saliency model: `{card['saliency']['source']}` run `{card['saliency']['run']}`"]
+               if has_saliency else []), "",
              "## Metrics (test videos; selection on validation videos only)", "",
              *(f"- test set ({task}): {describe_test_set(t)}" for task, t in card.get("test_set", {}).items() if t),
              f"- plane detection: macro-F1 {m['planes']['test']['macro_f1']}, accuracy {m['planes']['test']['accuracy']}"
              f" (validation macro-F1 {m['planes']['val']['macro_f1']})",
-             "- saliency: " + ", ".join(f"{k} {v}" for k, v in m["saliency"]["test"].items() if k != "n"), "",
+             *(["- saliency: " + ", ".join(f"{k} {v}" for k, v in m["saliency"]["test"].items() if k != "n")]
+               if has_saliency and m["saliency"].get("test") else []), "",
              "## Input contract", "",
              *(f"- {k}: {v}" for k, v in card["input"].items()), "",
              "## Output", "", *(f"- {k}: {v}" for k, v in card["output"].items()), "",
@@ -173,8 +184,9 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     finetune_dir, out_dir = Path(finetune_dir), Path(out_dir)
     data = load_clip_dataset(clips_dir)
     planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
-    sal_score, sal_src, sal_path, sal_m = _candidates(finetune_dir, "saliency", ep.saliency_metric)[0]
-    pck, sck = load_checkpoint(planes_path), load_checkpoint(sal_path)
+    saliency = _candidates(finetune_dir, "saliency", ep.saliency_metric, required=False)[:1]
+    pck = load_checkpoint(planes_path)
+    sck = load_checkpoint(saliency[0][2]) if saliency else None
     planes = plane_model(pck, len(pck["classes"]))
 
     # reference: training frames, evenly spaced, as the model sees them; held-out: the same from the videos it never
@@ -203,11 +215,21 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     components = vt[:dims].astype(np.float32)
     reduced = ((emb - mean) @ components.T).astype(np.float32)
 
-    weights = _weights_hash(pck["state_dict"]) + _weights_hash(sck["state_dict"])
+    weights = _weights_hash(pck["state_dict"]) + (_weights_hash(sck["state_dict"]) if sck else "")
     model_version = hashlib.sha256(json.dumps(
         [data.version, as_dict(params.pretrain), as_dict(params.finetune), weights]).encode()).hexdigest()[:12]
     sel = lambda m: next(r for r in m["runs"] if r["name"] == m["selected"])  # noqa: E731
-    pr, sr = sel(planes_m), sel(sal_m)
+    pr = sel(planes_m)
+    sal_card, sal_metrics, sal_output, sal_bundle, sal_test = None, None, {}, None, None
+    if sck is not None:
+        sal_score, sal_src, _, sal_m = saliency[0]
+        sr = sel(sal_m)
+        sal_card = {"source": sal_src, "run": sck["run"], "origin": sck.get("origin", {}),
+                    "select_metric": ep.saliency_metric, "select_value": sal_score, "encoder": sck["encoder"]}
+        sal_metrics, sal_test = {"val": sr["val"], "test": sr.get("test")}, sal_m.get("test_set")
+        s = int(sck["saliency_size"])
+        sal_output = {"saliency": f"(N, {s}, {s}) map over the frame, sums to 1"}
+        sal_bundle = {"encoder": sck["encoder"], "state_dict": sck["state_dict"], "out_size": sck["saliency_size"]}
     card = {
         "model_version": model_version,
         "sonossl_version": __version__,
@@ -217,15 +239,14 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         "planes": {"source": planes_src, "run": pck["run"], "origin": pck.get("origin", {}),
                    "select_metric": ep.select_metric, "select_value": planes_score, "encoder": pck["encoder"],
                    "pool_stages": planes.pool_stages},
-        "saliency": {"source": sal_src, "run": sck["run"], "origin": sck.get("origin", {}),
-                     "select_metric": ep.saliency_metric, "select_value": sal_score, "encoder": sck["encoder"]},
+        "saliency": sal_card,
         "metrics": {
             "planes": {"val": {k: pr["val"][k] for k in ("macro_f1", "accuracy")},
                        "test": ({k: pr["test"][k] for k in ("macro_f1", "accuracy")} if pr.get("test") else None)},
-            "saliency": {"val": sr["val"], "test": sr.get("test")},
+            "saliency": sal_metrics,
         },
         # the frames the test metrics come from: an independent clip dataset, or the test split of `data`
-        "test_set": {"planes": planes_m.get("test_set"), "saliency": sal_m.get("test_set")},
+        "test_set": {"planes": planes_m.get("test_set"), "saliency": sal_test},
         "params": {"preprocess": as_dict(params.preprocess), "pretrain": as_dict(params.pretrain),
                    "finetune": as_dict(params.finetune), "export": as_dict(ep)},
         "input": {
@@ -237,7 +258,7 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         "output": {
             "probs": f"(N, {len(pck['classes'])}) softmax over classes, in the order of `classes`",
             "label": "(N,) class name with the highest probability",
-            "saliency": f"(N, {int(sck['saliency_size'])}, {int(sck['saliency_size'])}) map over the frame, sums to 1",
+            **sal_output,
             "embedding": f"(N, {emb.shape[1]}) pooled encoder features; embedding_reduced (N, {dims}) after PCA",
         },
         "reference": {"frames": int(len(pick)), "heldout_frames": int(len(held_pick)), "embedding_dims": dims,
@@ -247,7 +268,7 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         "bundle_format": BUNDLE_FORMAT,
         "classes": list(pck["classes"]),
         "planes": {"encoder": pck["encoder"], "state_dict": pck["state_dict"], "pool_stages": planes.pool_stages},
-        "saliency": {"encoder": sck["encoder"], "state_dict": sck["state_dict"], "out_size": sck["saliency_size"]},
+        "saliency": sal_bundle,
         "pca_mean": torch.from_numpy(mean.astype(np.float32)),
         "pca_components": torch.from_numpy(components),
         "card": json.dumps(card),

@@ -8,8 +8,8 @@ Input (one clip per request):
   levels, or ``{"instances": [{"b64": "<encoded video or image>"}]}``.
 
 Preprocessing is training's (``sonossl.serve.frames``). Output, per frame: ``probs`` (N, C) in the order of the
-model card's classes, ``label``, ``saliency`` (N, s, s) over the cropped frame (s in the model card; it sums to 1),
-``embedding`` (N, D) and ``blank`` (dark or uniform frames, which the model was not trained on). Every response
+model card's classes, ``label``, ``saliency`` (N, s, s) over the cropped frame (s in the model card; it sums to 1;
+only from a model exported with a saliency model), ``embedding`` (N, D) and ``blank`` (dark or uniform frames, which the model was not trained on). Every response
 names the model version. Bad requests raise ``kserve.errors.InvalidInput`` (HTTP 400) with a message that says what
 is wrong; the request log (``sonossl.monitor.request_log``) is fed off the request path.
 
@@ -89,6 +89,7 @@ class SonosslModel(kserve.Model):
         self.limits = limits
         self.request_log = request_log
         self.bundle = None
+        self.outputs = OUTPUTS  # those of the loaded model: without saliency when it was exported without one
 
     def load(self) -> bool:
         from sonossl.export import BUNDLE_FILE, load_bundle
@@ -99,6 +100,7 @@ class SonosslModel(kserve.Model):
         self.bundle = load_bundle(self.model_dir)
         card = self.bundle.card
         self.model_version = card["model_version"]
+        self.outputs = tuple(n for n in OUTPUTS if n != "saliency" or self.bundle.saliency is not None)
         self.preprocess_params = card_preprocess_params(card)
         self.ready = True
         log.info("loaded sonossl model %s from %s", self.model_version, self.model_dir)
@@ -214,18 +216,17 @@ class SonosslModel(kserve.Model):
         classes = self.bundle.classes
         preds = [{"label": str(out["label"][i]),
                   "probs": {c: round(float(p), 6) for c, p in zip(classes, out["probs"][i], strict=True)},
-                  "saliency": np.round(out["saliency"][i], 7).tolist(),
+                  **({"saliency": np.round(out["saliency"][i], 7).tolist()} if "saliency" in out else {}),
                   "embedding": np.round(out["embedding"][i], 6).tolist(),
                   "blank": bool(prepared.blank[i])}
                  for i in range(len(prepared.frames))]
         return {"predictions": preds, "model_version": self.model_version, "classes": classes}
 
-    @staticmethod
-    def _wanted_outputs(request: InferRequest) -> list[str]:
-        wanted = [o.name for o in request.request_outputs or []] or list(OUTPUTS)
-        unknown = [n for n in wanted if n not in OUTPUTS]
+    def _wanted_outputs(self, request: InferRequest) -> list[str]:
+        wanted = [o.name for o in request.request_outputs or []] or list(self.outputs)
+        unknown = [n for n in wanted if n not in self.outputs]
         if unknown:
-            raise RequestError(f"unknown output(s) {unknown} in `outputs`; this model has {list(OUTPUTS)}")
+            raise RequestError(f"unknown output(s) {unknown} in `outputs`; this model has {list(self.outputs)}")
         return wanted
 
     def _v2_response(self, request: InferRequest, wanted: list[str], request_id: str, prepared: PreparedClip,
@@ -234,12 +235,12 @@ class SonosslModel(kserve.Model):
 
         KServe's v2 route serialises an ``InferResponse`` through FastAPI's ``jsonable_encoder``, element by element,
         a third of a 4-frame request's time; bytes with a JSON content type go out as they are. Outputs named in the
-        request's ``outputs`` are returned, in that order (all of ``OUTPUTS`` by default); binary outputs (the binary
+        request's ``outputs`` are returned, in that order (all of the model's ``outputs`` by default); binary outputs (the binary
         data extension) go through KServe's own encoder.
         """
         tensors = {"probs": out["probs"].astype(np.float32), "label": out["label"].astype(str),
-                   "saliency": out["saliency"].astype(np.float32), "embedding": out["embedding"].astype(np.float32),
-                   "blank": np.asarray(prepared.blank, dtype=bool)}
+                   **({"saliency": out["saliency"].astype(np.float32)} if "saliency" in out else {}),
+                   "embedding": out["embedding"].astype(np.float32), "blank": np.asarray(prepared.blank, dtype=bool)}
         binary = request.use_binary_outputs or any(
             (o.parameters or {}).get("binary_data", False) for o in request.request_outputs or [])
         parameters = {"model_version": self.model_version, "classes": ",".join(self.bundle.classes)}
