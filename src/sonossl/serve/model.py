@@ -9,9 +9,10 @@ Input (one clip per request):
 
 Preprocessing is training's (``sonossl.serve.frames``). Output, per frame: ``probs`` (N, C) in the order of the
 model card's classes, ``label``, ``saliency`` (N, s, s) over the cropped frame (s in the model card; it sums to 1;
-only from a model exported with a saliency model), ``embedding`` (N, D) and ``blank`` (dark or uniform frames, which the model was not trained on). Every response
-names the model version. Bad requests raise ``kserve.errors.InvalidInput`` (HTTP 400) with a message that says what
-is wrong; the request log (``sonossl.monitor.request_log``) is fed off the request path.
+only from a model exported with a saliency model), ``embedding`` (N, D) and ``blank`` (dark or uniform frames, which
+the model was not trained on). Every response names the model version. Bad requests raise
+``kserve.errors.InvalidInput`` (HTTP 400) with a message that says what is wrong; the request log
+(``sonossl.monitor.request_log``) is fed off the request path.
 
     model = SonosslModel("sonossl", "models/export"); model.load()
 """
@@ -235,8 +236,8 @@ class SonosslModel(kserve.Model):
 
         KServe's v2 route serialises an ``InferResponse`` through FastAPI's ``jsonable_encoder``, element by element,
         a third of a 4-frame request's time; bytes with a JSON content type go out as they are. Outputs named in the
-        request's ``outputs`` are returned, in that order (all of the model's ``outputs`` by default); binary outputs (the binary
-        data extension) go through KServe's own encoder.
+        request's ``outputs`` are returned, in that order (all of the model's ``outputs`` by default); binary outputs
+        (the binary data extension) go through KServe's own encoder.
         """
         tensors = {"probs": out["probs"].astype(np.float32), "label": out["label"].astype(str),
                    **({"saliency": out["saliency"].astype(np.float32)} if "saliency" in out else {}),
