@@ -184,9 +184,9 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     finetune_dir, out_dir = Path(finetune_dir), Path(out_dir)
     data = load_clip_dataset(clips_dir)
     planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
-    saliency = _candidates(finetune_dir, "saliency", ep.saliency_metric, required=False)[:1]
+    saliency = next(iter(_candidates(finetune_dir, "saliency", ep.saliency_metric, required=False)), None)
     pck = load_checkpoint(planes_path)
-    sck = load_checkpoint(saliency[0][2]) if saliency else None
+    sck = load_checkpoint(saliency[2]) if saliency else None
     planes = plane_model(pck, len(pck["classes"]))
 
     # reference: training frames, evenly spaced, as the model sees them; held-out: the same from the videos it never
@@ -222,7 +222,7 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     pr = sel(planes_m)
     sal_card, sal_metrics, sal_output, sal_bundle, sal_test = None, None, {}, None, None
     if sck is not None:
-        sal_score, sal_src, _, sal_m = saliency[0]
+        sal_score, sal_src, _, sal_m = saliency
         sr = sel(sal_m)
         sal_card = {"source": sal_src, "run": sck["run"], "origin": sck.get("origin", {}),
                     "select_metric": ep.saliency_metric, "select_value": sal_score, "encoder": sck["encoder"]}

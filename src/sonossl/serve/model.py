@@ -90,7 +90,6 @@ class SonosslModel(kserve.Model):
         self.limits = limits
         self.request_log = request_log
         self.bundle = None
-        self.outputs = OUTPUTS  # those of the loaded model: without saliency when it was exported without one
 
     def load(self) -> bool:
         from sonossl.export import BUNDLE_FILE, load_bundle
@@ -101,11 +100,15 @@ class SonosslModel(kserve.Model):
         self.bundle = load_bundle(self.model_dir)
         card = self.bundle.card
         self.model_version = card["model_version"]
-        self.outputs = tuple(n for n in OUTPUTS if n != "saliency" or self.bundle.saliency is not None)
         self.preprocess_params = card_preprocess_params(card)
         self.ready = True
         log.info("loaded sonossl model %s from %s", self.model_version, self.model_dir)
         return self.ready
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The loaded model's outputs: ``OUTPUTS``, without saliency when it was exported without a saliency model."""
+        return tuple(n for n in OUTPUTS if n != "saliency" or self.bundle is None or self.bundle.saliency is not None)
 
     # -- requests -> clips ----------------------------------------------------------------------------------------
 
