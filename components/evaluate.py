@@ -1,9 +1,11 @@
 """The evaluate component: the results report of the main line (SSL against scratch, per task).
 
     from components.evaluate import evaluate
-    task = evaluate(encoder=pt.outputs["encoder"], ssl_planes=..., ssl_saliency=..., scratch_planes=...,
-                    scratch_saliency=...)
+    task = evaluate(encoder=pt.outputs["encoder"], ssl=dsl.Collected(ssl_ft.outputs["model"]),
+                    scratch=dsl.Collected(scratch_ft.outputs["model"]))   # finetune tasks in dsl.ParallelFor
 """
+
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Input, Markdown, Metrics, Model, Output
@@ -12,23 +14,19 @@ from components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def evaluate(encoder: Input[Model], ssl_planes: Input[Model], ssl_saliency: Input[Model],
-             scratch_planes: Input[Model], scratch_saliency: Input[Model], report: Output[Markdown],
+def evaluate(encoder: Input[Model], ssl: Input[List[Model]], scratch: Input[List[Model]], report: Output[Markdown],
              metrics: Output[Metrics]):
     """Tables of plane detection, saliency and pretext accuracy (``sonossl.evaluate.report.evaluate``).
 
     Args:
         encoder: the pretrain output (pretext accuracy).
-        ssl_planes: finetune output, pretrained encoder, planes.
-        ssl_saliency: finetune output, pretrained encoder, saliency.
-        scratch_planes: finetune output, random initialisation, planes.
-        scratch_saliency: finetune output, random initialisation, saliency.
+        ssl: the finetune outputs from the pretrained encoder (ssl-planes, and ssl-saliency when trained).
+        scratch: the finetune outputs from random initialisation (scratch-planes, scratch-saliency).
         report: results.md, the tables the README shows.
         metrics: headline test metrics (<task>/<init>/<method>@<fraction>.<metric>).
     """
-    from sonossl.pipeline.steps import evaluate_step
+    from sonossl.pipeline.steps import evaluate_step, runs_by_name
 
-    runs = {"ssl-planes": ssl_planes.path, "ssl-saliency": ssl_saliency.path,
-            "scratch-planes": scratch_planes.path, "scratch-saliency": scratch_saliency.path}
+    runs = runs_by_name([m.path for m in [*ssl, *scratch]])
     for key, value in evaluate_step(encoder.path, runs, report.path).items():
         metrics.log_metric(key, value)

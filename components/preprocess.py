@@ -1,8 +1,9 @@
 """The preprocess component: a raw dataset (S3 prefix, DVC revision or local folder) -> a versioned clip dataset.
 
     from components.preprocess import preprocess
-    task = preprocess(dataset="s3://datasets/raw/sim", profile="default")   # outputs: "clips", "Output" (version)
-    test = preprocess_test(dataset="s3://datasets/raw/sim_test", profile="default")   # or dataset="": none
+    task = preprocess(dataset="s3://datasets/raw/sim", profile="default", tasks=["planes", "saliency"])
+    # outputs: "clips", "Output" (version)
+    test = preprocess_test(dataset="s3://datasets/raw/sim_test", profile="default", tasks=["planes"])  # "": none
 """
 
 from kfp import dsl
@@ -12,12 +13,14 @@ from components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def preprocess(dataset: str, profile: str, clips: Output[Dataset]) -> str:
+def preprocess(dataset: str, profile: str, tasks: list, clips: Output[Dataset]) -> str:
     """Decode, validate, crop and resize the raw videos into a clip dataset (``sonossl.data.clips.preprocess``).
 
     Args:
         dataset: the raw dataset: ``s3://bucket/prefix``, ``dvc://<path>?repo=<url>&rev=<rev>`` or a folder.
         profile: the parameter profile (tiny, default, gpu) of the image's params.yaml.
+        tasks: the downstream tasks the pipeline trains; with saliency, the step fails, naming the dataset, when it
+            has no gaze maps (before any GPU step starts).
         clips: the clip dataset (frames, index, saliency, meta.json).
 
     Returns:
@@ -26,13 +29,13 @@ def preprocess(dataset: str, profile: str, clips: Output[Dataset]) -> str:
     """
     from sonossl.pipeline.steps import preprocess_step
 
-    version = preprocess_step(dataset, clips.path, profile)
+    version = preprocess_step(dataset, clips.path, profile, tasks)
     clips.metadata["version"] = version
     return version
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def preprocess_test(dataset: str, profile: str, clips: Output[Dataset]) -> str:
+def preprocess_test(dataset: str, profile: str, tasks: list, clips: Output[Dataset]) -> str:
     """The independent test set of the finetune steps: ``dataset`` preprocessed as ``preprocess`` does; an empty
     ``dataset`` gives an artifact that says there is none, and the finetune steps score the test split of their
     training clips (``sonossl.pipeline.steps.preprocess_test_step``).
@@ -40,6 +43,8 @@ def preprocess_test(dataset: str, profile: str, clips: Output[Dataset]) -> str:
     Args:
         dataset: the raw test dataset (other patients or videos than the training dataset), or "" for none.
         profile: the parameter profile (tiny, default, gpu) of the image's params.yaml.
+        tasks: the downstream tasks the pipeline trains; with saliency, the step fails, naming the dataset, when it
+            has no gaze maps (before any GPU step starts).
         clips: the test clip dataset, or the marker of none.
 
     Returns:
@@ -47,6 +52,6 @@ def preprocess_test(dataset: str, profile: str, clips: Output[Dataset]) -> str:
     """
     from sonossl.pipeline.steps import preprocess_test_step
 
-    version = preprocess_test_step(dataset, clips.path, profile)
+    version = preprocess_test_step(dataset, clips.path, profile, tasks)
     clips.metadata["version"] = version
     return version

@@ -2,16 +2,19 @@
 then deploy, only when the new model beats the serving champion on the configured metric.
 
 It runs the main line of ``dvc.yaml`` (both-sequential pretraining; SSL and scratch fine-tuning for plane detection
-and saliency), not the whole ablation, with the same library calls. Every task runs the project image, a pipeline
-parameter (``image``, default ``ghcr.io/sonossl/sonossl:<package version>``) applied with ``set_container_image``:
-the components' ``base_image`` is fixed when they are compiled, and the KFP backend resolves a parameter in a task's
-image only when the parameter is the whole reference (its driver substitutes the parameter's value for the whole
-string), so the parameter is the full image reference, not a tag to append. With ``test_dataset``, the
-preprocess-test task turns an independent raw dataset into the test set every fine-tune run is scored on, as
-``dvc repro`` scores ``data/raw/sim_test``; without it, the runs are scored on the test split of ``dataset``.
+and saliency), not the whole ablation, with the same library calls. The ``tasks`` parameter names the downstream
+tasks: ``["planes"]`` for data without gaze maps (your own videos, as a rule), and the export then serves the
+classifier and embeddings alone. Every task runs the project image, a pipeline parameter (``image``, default
+``ghcr.io/sonossl/sonossl:<package version>``) applied with ``set_container_image``: the components' ``base_image``
+is fixed when they are compiled, and the KFP backend resolves a parameter in a task's image only when the parameter
+is the whole reference (its driver substitutes the parameter's value for the whole string), so the parameter is the
+full image reference, not a tag to append. With ``test_dataset``, the preprocess-test task turns an independent raw
+dataset into the test set every fine-tune run is scored on, as ``dvc repro`` scores ``data/raw/sim_test``; without
+it, the runs are scored on the test split of ``dataset``.
 
     kfp dsl compile --py pipelines/training.py --output training.yaml
     sonossl pipeline submit --host https://kubeflow.example.org/pipeline --param dataset=s3://datasets/raw/sim
+    sonossl pipeline submit --host ... --param dataset=s3://datasets/raw/lungs --param tasks=planes
 """
 
 from kfp import dsl
@@ -26,23 +29,27 @@ from components.finetune import finetune
 from components.preprocess import preprocess, preprocess_test
 from components.pretrain import pretrain
 from sonossl.pipeline import IMAGE
+from sonossl.pipeline.steps import DOWNSTREAM_TASKS
 
 
 @dsl.pipeline(name="sonossl-training",
               description="Self-supervised pretraining on ultrasound clips, fine-tuning (SSL and scratch), "
                           "evaluation, export, and deployment when the new model beats the serving one.")
-def training(dataset: str, test_dataset: str = "", profile: str = "default", pretrain_epochs: int = 0,
-             pretrain_lr: float = 0.0, finetune_epochs: int = 0, finetune_lr: float = 0.0, image: str = IMAGE,
-             deploy_metric: str = "planes.val.macro_f1", model_store: str = "s3://sonossl/models/export",
-             service_name: str = "sonossl", namespace: str = "sonossl", service_account: str = "sonossl-s3",
-             runtime: str = "sonossl", canary_percent: int = 0, serve_gpu: bool = False,
-             deploy_dry_run: bool = False) -> Model:
+def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM_TASKS), profile: str = "default",
+             pretrain_epochs: int = 0, pretrain_lr: float = 0.0, finetune_epochs: int = 0, finetune_lr: float = 0.0,
+             image: str = IMAGE, deploy_metric: str = "planes.val.macro_f1",
+             model_store: str = "s3://sonossl/models/export", service_name: str = "sonossl", namespace: str = "sonossl",
+             service_account: str = "sonossl-s3", runtime: str = "sonossl", canary_percent: int = 0,
+             serve_gpu: bool = False, deploy_dry_run: bool = False) -> Model:
     """Args:
         dataset: the raw dataset: s3://bucket/prefix, dvc://<path>?repo=<git url>&rev=<revision>, or a folder.
         test_dataset: an independent raw dataset (other patients or videos; same kinds of location) whose every
             labelled frame is the test set, as dvc repro scores data/raw/sim_test; empty scores the test split of
             dataset. Fine-tuning fails, naming the dataset, when it shares a patient or a video with dataset, or
             does not fit it (frame size, classes).
+        tasks: the downstream tasks to fine-tune, each from the SSL encoder and from scratch: ["planes",
+            "saliency"], or ["planes"] for data without gaze maps (then preprocess fails, naming the dataset, when
+            saliency is asked of data that has none, before any GPU step starts).
         profile: parameter profile of params.yaml (tiny, default, gpu).
         pretrain_epochs: pretraining epochs; 0 keeps the profile's.
         pretrain_lr: pretraining learning rate; 0 keeps the profile's.
@@ -64,7 +71,7 @@ def training(dataset: str, test_dataset: str = "", profile: str = "default", pre
     """
     # A location does not identify its contents (an S3 prefix can change), so preprocess always runs; the version
     # id it returns is a parameter of every later step, so their cache keys follow the data.
-    pre = with_s3_credentials(preprocess(dataset=dataset, profile=profile)).set_caching_options(False)
+    pre = with_s3_credentials(preprocess(dataset=dataset, profile=profile, tasks=tasks)).set_caching_options(False)
     pre.set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
     clips, version = pre.outputs["clips"], pre.outputs["Output"]
 
@@ -74,21 +81,26 @@ def training(dataset: str, test_dataset: str = "", profile: str = "default", pre
 
     # The test set: every frame of test_dataset when given (as dvc repro scores data/raw/sim_test), else the test
     # split of dataset (the task then only records that there is no independent test set).
-    tst = with_s3_credentials(preprocess_test(dataset=test_dataset, profile=profile)).set_caching_options(False)
+    tst = preprocess_test(dataset=test_dataset, profile=profile, tasks=tasks)
+    tst = with_s3_credentials(tst).set_caching_options(False)
     tst.set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
     test = {"test_clips": tst.outputs["clips"], "test_data_version": tst.outputs["Output"]}
 
-    runs = {}
-    ssl = {"encoder": pt.outputs["encoder"]}
-    for name, task, init in [("ssl-planes", "planes", ssl), ("ssl-saliency", "saliency", ssl),
-                             ("scratch-planes", "planes", {}), ("scratch-saliency", "saliency", {})]:
-        ft = finetune(clips=clips, data_version=version, profile=profile, task=task, name=name,
-                      epochs=finetune_epochs, learning_rate=finetune_lr, **init, **test)  # no encoder: from scratch
-        gpu_step(with_s3_credentials(ft)).set_container_image(image).set_display_name(f"finetune ({name})")
-        runs[name.replace("-", "_")] = ft.outputs["model"]
+    # One fine-tune per task from the SSL encoder, and one from scratch (no encoder: these wait only for the data);
+    # evaluate and export collect each loop's outputs, whatever tasks ran (each its own dsl.Collected: compiling
+    # rewrites one in place for its consumer).
+    finetunes = {}
+    for init, encoder in [("ssl", {"encoder": pt.outputs["encoder"]}), ("scratch", {})]:
+        with dsl.ParallelFor(tasks, name=f"{init}-finetunes") as task:
+            ft = finetune(clips=clips, data_version=version, profile=profile, task=task, name=f"{init}-{task}",
+                          epochs=finetune_epochs, learning_rate=finetune_lr, **encoder, **test)
+            gpu_step(with_s3_credentials(ft)).set_container_image(image).set_display_name(f"finetune ({init})")
+        finetunes[init] = ft.outputs["model"]
 
-    ev = evaluate(encoder=pt.outputs["encoder"], **runs).set_container_image(image)
-    exp = export(clips=clips, data_version=version, profile=profile, metric=deploy_metric, **runs)
+    ev = evaluate(encoder=pt.outputs["encoder"], **{k: dsl.Collected(v) for k, v in finetunes.items()})
+    ev.set_container_image(image)
+    exp = export(clips=clips, data_version=version, profile=profile, metric=deploy_metric,
+                 **{k: dsl.Collected(v) for k, v in finetunes.items()})
     exp.set_container_image(image).after(ev)  # a report for every model that may be served
 
     gate = champion(name=service_name, namespace=namespace, metric=deploy_metric, score=exp.outputs["score"])

@@ -7,6 +7,7 @@ depth scale on the right, both outside the fan. Videos are written with PyAV in 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -179,6 +180,22 @@ def pocus_dir() -> Path:
     if shared.is_dir():
         pytest.fail(f"real data missing: {POCUS / 'labels.csv'} does not exist, but {shared} does")
     pytest.skip(f"real data missing: no {shared} beside the checkout (the POCUS videos exist only in this workplace)")
+
+
+@pytest.fixture(scope="session")
+def pocus_subset(pocus_dir, tmp_path_factory) -> Path:
+    """12 small real videos, 4 per class, each from a different patient (copied to a temporary folder; read-only)."""
+    import pandas as pd
+
+    labels = pd.read_csv(pocus_dir / "labels.csv")
+    labels = labels.sort_values("bytes").drop_duplicates("patient_id")
+    pick = pd.concat([g.head(4) for _, g in labels.groupby("label")])
+    root = tmp_path_factory.mktemp("pocus_subset")
+    for rel in pick.path:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(pocus_dir / rel, root / rel)
+    pick.to_csv(root / "labels.csv", index=False)
+    return root
 
 
 REPO = Path(__file__).resolve().parents[1]

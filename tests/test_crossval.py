@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +13,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def pocus_subset(pocus_dir, tmp_path_factory) -> Path:
-    """12 small real videos, 4 per class, each from a different patient (copied to a temporary folder)."""
-    labels = pd.read_csv(pocus_dir / "labels.csv")
-    labels = labels.sort_values("bytes").drop_duplicates("patient_id")
-    pick = pd.concat([g.head(4) for _, g in labels.groupby("label")])
-    root = tmp_path_factory.mktemp("pocus_subset")
-    for rel in pick.path:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(pocus_dir / rel, root / rel)
-    pick.to_csv(root / "labels.csv", index=False)
-    return root
 
 
 @pytest.mark.slow

@@ -71,9 +71,10 @@ def test_training_yaml_carries_the_cluster_settings():
     executors = spec["deploymentSpec"]["executors"]
     tasks = spec["root"]["dag"]["tasks"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) >= {"dataset", "test_dataset", "profile", "pretrain_epochs", "pretrain_lr", "finetune_epochs",
-                           "finetune_lr", "image", "deploy_metric", "deploy_dry_run"}
+    assert set(params) >= {"dataset", "test_dataset", "tasks", "profile", "pretrain_epochs", "pretrain_lr",
+                           "finetune_epochs", "finetune_lr", "image", "deploy_metric", "deploy_dry_run"}
     assert params["test_dataset"]["defaultValue"] == ""  # optional: the test split of dataset
+    assert params["tasks"] == {"defaultValue": ["planes", "saliency"], "isOptional": True, "parameterType": "LIST"}
     assert params["image"]["defaultValue"] == f"ghcr.io/sonossl/sonossl:{__version__}"
     assert "defaultValue" not in params["dataset"]  # required
 
@@ -86,45 +87,68 @@ def test_training_yaml_carries_the_cluster_settings():
     assert {c.removeprefix("comp-").split("-")[0] for c in components} >= {
         "preprocess", "pretrain", "finetune", "evaluate", "export", "champion", "deploy"}
 
+    # the fine-tunes: one loop over `tasks` from the SSL encoder, one from scratch; evaluate and export collect both
+    loops = {tasks[t]["taskInfo"]["name"]: t for t in tasks if t.startswith("for-loop")}
+    assert sorted(loops) == ["scratch-finetunes", "ssl-finetunes"]
+    finetunes = {}
+    for init, loop in loops.items():
+        assert tasks[loop]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--tasks"}
+        (ft,) = components[f"comp-{loop}"]["dag"]["tasks"].values()
+        finetunes[init.split("-")[0]] = ft
+        assert ft["inputs"]["parameters"]["task"] == {"componentInputParameter": "pipelinechannel--tasks-loop-item"}
+        assert ft["inputs"]["parameters"]["name"]["runtimeValue"]["constant"] == \
+            f"{init.split('-')[0]}-{{{{$.inputs.parameters['pipelinechannel--tasks-loop-item']}}}}"
+    for consumer in ("evaluate", "export"):
+        assert {tasks[consumer]["inputs"]["artifacts"][init]["taskOutputArtifact"]["producerTask"]
+                for init in ("ssl", "scratch")} == set(loops.values())
+        assert components[f"comp-{consumer}"]["inputDefinitions"]["artifacts"]["ssl"]["isArtifactList"] is True
+
     # GPU steps: accelerator, memory-backed /dev/shm, S3 secret as env, retries
-    gpu_tasks = [t for t in tasks if t.startswith(("pretrain", "finetune"))]
-    assert len(gpu_tasks) == 5
+    gpu_tasks = {"pretrain": tasks["pretrain"], **finetunes}
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for t in gpu_tasks:
-        res = executors[f"exec-{t}"]["container"]["resources"]
+    for name, t in gpu_tasks.items():
+        ex = t["componentRef"]["name"].replace("comp-", "exec-")
+        res = executors[ex]["container"]["resources"]
         assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
         assert {"mountPath": "/dev/shm", "medium": "Memory", "volumeName": "dshm", "sizeLimit": "16Gi"} \
-            in k8s[f"exec-{t}"]["emptyDirMounts"]
-        env = k8s[f"exec-{t}"]["secretAsEnv"][0]
+            in k8s[ex]["emptyDirMounts"]
+        env = k8s[ex]["secretAsEnv"][0]
         assert env["secretName"] == "sonossl-s3"
         assert {"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "AWS_ACCESS_KEY_ID"} in env["keyToEnv"]
-        assert tasks[t]["retryPolicy"]["maxRetryCount"] == 2
+        assert t["retryPolicy"]["maxRetryCount"] == 2, name
     # SSL and scratch fine-tuning run in parallel: the scratch runs wait for nothing but the data
-    scratch = [t for t in gpu_tasks if "encoder" not in tasks[t]["inputs"].get("artifacts", {})
-               and t.startswith("finetune")]
-    assert len(scratch) == 2 and all(tasks[t]["dependentTasks"] == ["preprocess", "preprocess-test"] for t in scratch)
+    assert "encoder" in finetunes["ssl"]["inputs"]["artifacts"]
+    assert "encoder" not in finetunes["scratch"]["inputs"]["artifacts"]
+    assert tasks[loops["scratch-finetunes"]]["dependentTasks"] == ["preprocess", "preprocess-test"]
+    assert tasks[loops["ssl-finetunes"]]["dependentTasks"] == ["preprocess", "preprocess-test", "pretrain"]
 
     # caching keys on the data: preprocess always runs and its version id feeds every later step
     assert tasks["preprocess"]["cachingOptions"] == {}  # enableCache false is left out of the IR
-    for t in gpu_tasks + ["export"]:
+    for t in ("pretrain", "export"):
         assert tasks[t]["inputs"]["parameters"]["data_version"]["taskOutputParameter"] == {
+            "outputParameterKey": "Output", "producerTask": "preprocess"}
+    for loop in loops.values():
+        assert tasks[loop]["inputs"]["parameters"]["pipelinechannel--preprocess-Output"]["taskOutputParameter"] == {
             "outputParameterKey": "Output", "producerTask": "preprocess"}
     # and so does the test set's, into every fine-tune run (which it scores)
     assert tasks["preprocess-test"]["cachingOptions"] == {}
     assert tasks["preprocess-test"]["inputs"]["parameters"]["dataset"]["componentInputParameter"] == "test_dataset"
-    for t in gpu_tasks:
-        if t.startswith("finetune"):
-            inputs = tasks[t]["inputs"]
-            assert inputs["parameters"]["test_data_version"]["taskOutputParameter"]["producerTask"] == \
-                "preprocess-test"
-            assert inputs["artifacts"]["test_clips"]["taskOutputArtifact"] == {
-                "outputArtifactKey": "clips", "producerTask": "preprocess-test"}
+    for t in ("preprocess", "preprocess-test"):  # saliency asked of data without gaze maps fails here, early
+        assert tasks[t]["inputs"]["parameters"]["tasks"] == {"componentInputParameter": "tasks"}
+    for init, ft in finetunes.items():
+        inputs = ft["inputs"]
+        assert inputs["parameters"]["data_version"] == {"componentInputParameter": "pipelinechannel--preprocess-Output"}
+        assert inputs["parameters"]["test_data_version"] == {
+            "componentInputParameter": "pipelinechannel--preprocess-test-Output"}
+        assert inputs["artifacts"]["test_clips"] == {"componentInputArtifact": "pipelinechannel--preprocess-test-clips"}
+        assert tasks[loops[f"{init}-finetunes"]]["inputs"]["artifacts"]["pipelinechannel--preprocess-test-clips"] == {
+            "taskOutputArtifact": {"outputArtifactKey": "clips", "producerTask": "preprocess-test"}}
 
     # deploy only when the champion gate says so
-    cond = tasks["condition-1"]
+    (cond,) = [t for t in tasks.values() if t["taskInfo"]["name"] == "beats-champion"]
     assert cond["triggerPolicy"]["condition"] == \
         "inputs.parameter_values['pipelinechannel--champion-Output'] == 'deploy'"
-    assert "deploy" in components["comp-condition-1"]["dag"]["tasks"]
+    assert "deploy" in components[cond["componentRef"]["name"]]["dag"]["tasks"]
 
 
 def test_compile_overrides_defaults_and_rejects_unknown_parameters(tmp_path):
@@ -334,10 +358,13 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
     run = Path(summary["run"])
     print(f"kfp.local run of the training pipeline on tiny: {seconds:.0f} s")
 
-    # the whole graph ran: the two datasets, 5 training tasks, evaluate, export, the gate and (dry-run) deploy
-    assert sorted(p.name for p in run.iterdir()) == ["champion", "deploy", "evaluate", "export", "finetune",
-                                                    "finetune-2", "finetune-3", "finetune-4", "preprocess",
-                                                    "preprocess-test", "pretrain"]
+    # the whole graph ran: the two datasets, 5 training tasks (4 in the two loops over tasks), evaluate, export,
+    # the gate and (dry-run) deploy
+    assert sorted(p.name for p in run.iterdir()) == [
+        "champion", "deploy", "evaluate", "export", "for-loop-1-iteration-0", "for-loop-1-iteration-1",
+        "for-loop-2-iteration-0", "for-loop-2-iteration-1", "preprocess", "preprocess-test", "pretrain"]
+    finetunes = sorted(run.glob("for-loop-*/finetune*"))
+    assert len(finetunes) == 4
     meta = json.loads((root / "data/clips/sim/meta.json").read_text())
     test_meta = json.loads((root / "data/clips/sim_test/meta.json").read_text())
     assert summary["feature_version"] == meta["version"]
@@ -351,8 +378,8 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
     assert logged["artifacts"][0]["metadata"]["val.order_acc"] == kfp_pt["val"]["order_acc"]  # via log_metric
 
     names = {}
-    for task in ("finetune", "finetune-2", "finetune-3", "finetune-4"):
-        kfp_ft = json.loads((run / task / "model/metrics.json").read_text())
+    for task in finetunes:
+        kfp_ft = json.loads((task / "model/metrics.json").read_text())
         name = kfp_ft["name"]
         names[name] = task
         dvc_ft = json.loads((root / "models/finetune" / name / "metrics.json").read_text())
@@ -376,6 +403,62 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
     rendered = json.loads(json.loads((run / "deploy/executor_output.json").read_text())["parameterValues"]["Output"])
     assert rendered["metadata"]["annotations"]["sonossl.io/planes.test.macro_f1"] == \
         format(card["metrics"]["planes"]["test"]["macro_f1"], ".6g")
+
+
+def test_the_tasks_parameter_is_checked_before_a_run():
+    from sonossl.pipeline.spec import typed_parameters
+
+    assert typed_parameters("training", {"tasks": "planes"}) == {"tasks": ["planes"]}
+    assert typed_parameters("training", {"tasks": '["planes", "saliency"]'}) == {"tasks": ["planes", "saliency"]}
+    assert typed_parameters("training", {"tasks": " planes , saliency"}) == {"tasks": ["planes", "saliency"]}
+    for text, error in [("saliency", "planes is missing"), ("planes,planes", "a task is named twice"),
+                        ("planes,segmentation", r"unknown task\(s\) \['segmentation'\]"),
+                        ("[1]", "expected a list of task names"), ('["planes"', "expected a list, as JSON or")]:
+        with pytest.raises(ValueError, match=error):
+            typed_parameters("training", {"tasks": text})
+    proc = _run(*SONOSSL, "pipeline", "submit", "--host", f"http://127.0.0.1:{_closed_port()}",
+                "--param", "dataset=s3://d/raw", "--param", "tasks=saliency")
+    assert proc.returncode == 2 and "tasks=['saliency']: planes is missing" in proc.stderr, proc.stderr
+
+
+def test_saliency_asked_of_data_without_gaze_maps_fails_at_preprocess(pocus_subset, tmp_path, monkeypatch):
+    """Real videos without gaze maps: the first step fails, naming the dataset and the way out, before any training;
+    with tasks=["planes"] it makes the clip dataset."""
+    from sonossl.pipeline.steps import PARAMS_ENV, preprocess_step
+
+    monkeypatch.setenv(PARAMS_ENV, str(REPO / "params.yaml"))
+    with pytest.raises(ValueError, match=rf"{pocus_subset}: no gaze maps .* run it with tasks=\['planes'\]"):
+        preprocess_step(str(pocus_subset), tmp_path / "a", "tiny")
+    assert not (tmp_path / "a").exists()  # nothing preprocessed
+    assert preprocess_step(str(pocus_subset), tmp_path / "b", "tiny", ["planes"])
+    assert not (tmp_path / "b" / "saliency.npy").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # kfp.local on the image tag
+@pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")  # GPU settings
+def test_run_local_on_real_videos_without_gaze_maps_trains_plane_models_only(pocus_subset, tmp_path):
+    """The training pipeline with tasks=["planes"] on real POCUS videos (no gaze maps): one fine-tune per
+    initialisation, a report and a served model without saliency, and the deploy gate on its classifier."""
+    from sonossl.pipeline.local import run_local
+
+    summary = run_local(tmp_path, profile="tiny", dataset=str(pocus_subset), params_file=REPO / "params.yaml",
+                        arguments={"tasks": ["planes"]})
+    run = Path(summary["run"])
+    assert sorted(summary["tasks"]) == ["champion", "deploy", "evaluate", "export", "for-loop-1-iteration-0/finetune",
+                                        "for-loop-2-iteration-0/finetune-2", "preprocess", "preprocess-test",
+                                        "pretrain"]
+    names = {json.loads((run / t / "model/metrics.json").read_text())["name"] for t in summary["tasks"]
+             if "/finetune" in t}
+    assert names == {"ssl-planes", "scratch-planes"}
+    card = json.loads((Path(summary["model"]) / "model_card.json").read_text())
+    assert card["saliency"] is None and card["classes"] == ["covid", "pneumonia", "regular"]
+    report = Path(summary["report"]).read_text()
+    assert "| SSL (both-sequential) |" in report and "Saliency" not in report
+    logged = summary["tasks"]["export"]["artifacts"]["metrics"]["metadata"]
+    assert set(logged) == {"planes.val.macro_f1", "planes.val.accuracy", "planes.test.macro_f1",
+                           "planes.test.accuracy"}
+    assert summary["deploy"] == "deploy" and summary["inference_service"]["storageUri"].endswith(card["model_version"])
 
 
 @pytest.mark.slow

@@ -198,14 +198,14 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
     smallest = fractions[0] if fractions else None
     data_versions = sorted({m["data_version"] for m in finetune.values()})
 
-    md = ["### Standard-plane detection (simulated sweeps): test macro-F1", "",
+    md = ["### Standard-plane detection: test macro-F1", "",
           *planes_table(runs, fractions), ""]
     if smallest is not None:
         md += [f"### Per-class test F1 at {_pct(smallest)} of the training videos", "",
                *per_class_table(runs, smallest), ""]
     sal = saliency_table(runs)
     if sal:
-        md += ["### Saliency prediction (simulated gaze): test scores", "", *sal, ""]
+        md += ["### Saliency prediction: test scores", "", *sal, ""]
     if pretrain:
         md += ["### Pretext accuracy on held-out videos", "", *pretext_table(pretrain), ""]
         for mode, m in pretrain.items():

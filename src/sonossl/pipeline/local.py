@@ -9,8 +9,9 @@ rendered first (as the ``simulate`` DVC stage does) into ``<out_dir>/raw``, and 
     summary = run_local("dist/run-local", profile="tiny")
     summary["model_version"], summary["tasks"]["export"]["artifacts"]["metrics"]["metadata"]
 
-Outputs land under ``<out_dir>/kfp/sonossl-training-<timestamp>/<task>/<output>``; temporary files of the tasks under
-``<out_dir>/tmp``.
+Outputs land under ``<out_dir>/kfp/sonossl-training-<timestamp>/<task>/<output>`` (the fine-tunes, one per task of
+the ``tasks`` parameter and initialisation, under ``for-loop-<n>-iteration-<i>/finetune[-2]/``); temporary files of
+the tasks under ``<out_dir>/tmp``.
 """
 
 from __future__ import annotations
@@ -65,9 +66,17 @@ def _task_outputs(task_dir: Path) -> dict[str, Any]:
 
 
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:
-    """Per task of a local run: its parameters and artefacts (metrics included), keyed by task name."""
-    run_dir = Path(run_dir)
-    return {d.name: _task_outputs(d) for d in sorted(run_dir.iterdir()) if d.is_dir()}
+    """Per task of a local run: its parameters and artefacts (metrics included), keyed by task name; a task of a
+    ``dsl.ParallelFor`` by its iteration's folder and its name (``for-loop-1-iteration-0/finetune``)."""
+    out: dict[str, Any] = {}
+    for d in sorted(Path(run_dir).iterdir()):
+        if not d.is_dir():
+            continue
+        if "-iteration-" in d.name and not (d / "executor_output.json").is_file():
+            out |= {f"{d.name}/{t.name}": _task_outputs(t) for t in sorted(d.iterdir()) if t.is_dir()}
+        else:
+            out[d.name] = _task_outputs(d)
+    return out
 
 
 def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = None,

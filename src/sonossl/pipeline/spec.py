@@ -11,6 +11,7 @@ values a run gets when it names none); run parameters are typed from the pipelin
 from __future__ import annotations
 
 import importlib
+import json
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,7 +21,18 @@ from sonossl.atomic import atomic_write_bytes
 
 PIPELINES = {"training": ("pipelines.training", "training"), "monitoring": ("pipelines.monitoring", "monitoring")}
 # Parameter types of the pipeline IR, as Python types for ``key=value`` arguments
-_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool}
+_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "LIST": list}
+
+
+def _list(text: str) -> list:
+    """A list parameter: JSON (``["planes", "saliency"]``, as the Kubeflow UI takes it) or comma-separated."""
+    if text.strip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError from None
+        return value
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def pipeline_function(name: str) -> Callable[..., Any]:
@@ -41,7 +53,10 @@ def parameter_types(name: str) -> dict[str, type]:
 
 
 def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
-    """``key -> text`` (from ``--param key=value``) as the types the pipeline declares; unknown keys fail."""
+    """``key -> text`` (from ``--param key=value``) as the types the pipeline declares (a list as JSON or
+    comma-separated); unknown keys and, for the training pipeline, bad ``tasks`` fail."""
+    from sonossl.pipeline.steps import check_tasks
+
     types = parameter_types(name)
     out: dict[str, Any] = {}
     for key, text in values.items():
@@ -54,10 +69,15 @@ def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
                 if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 out[key] = text.lower() in ("true", "1", "yes")
+            elif tp is list:
+                out[key] = _list(text)
             else:
                 out[key] = tp(text)
         except ValueError:
-            raise ValueError(f"--param {key}={text}: expected {tp.__name__}") from None
+            what = "a list, as JSON or comma-separated" if tp is list else tp.__name__
+            raise ValueError(f"--param {key}={text}: expected {what}") from None
+    if name == "training" and "tasks" in out:
+        out["tasks"] = check_tasks(out["tasks"])
     return out
 
 

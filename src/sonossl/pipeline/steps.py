@@ -28,8 +28,10 @@ from sonossl.config import Params, ParamsError, load_params
 log = logging.getLogger(__name__)
 
 PARAMS_ENV = "SONOSSL_PARAMS"
-# The pipeline's main line: finetune output names as ``evaluate`` and ``export`` expect them (<init>-<task>).
-FINETUNE_RUNS = ("ssl-planes", "ssl-saliency", "scratch-planes", "scratch-saliency")
+# The downstream tasks the training pipeline can fine-tune (its ``tasks`` parameter): plane detection always (the
+# served classifier), saliency where the data has gaze maps. Each runs from the SSL encoder and from scratch, as
+# ``<init>-<task>``, the finetune output names ``evaluate`` and ``export`` read.
+DOWNSTREAM_TASKS = ("planes", "saliency")
 PRETRAIN_MODE = "both-sequential"
 DEPLOY, KEEP = "deploy", "keep"
 # What ``preprocess_test_step`` writes, instead of a clip dataset, when the pipeline has no test_dataset.
@@ -69,6 +71,46 @@ def load_profile(profile: str, pretrain_epochs: int = 0, pretrain_lr: float = 0.
     return dataclasses.replace(params, pretrain=pt, finetune=ft)
 
 
+def check_tasks(tasks: Any) -> list[str]:
+    """The training pipeline's ``tasks`` parameter, checked: distinct names of ``DOWNSTREAM_TASKS``, planes among
+    them (the exported model is its classifier)."""
+    if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"pipeline parameter tasks={tasks!r}: expected a list of task names, e.g. "
+                         f"{list(DOWNSTREAM_TASKS)}")
+    unknown = sorted(set(tasks) - set(DOWNSTREAM_TASKS))
+    if unknown or "planes" not in tasks or len(set(tasks)) != len(tasks):
+        what = (f"unknown task(s) {unknown}" if unknown else "planes is missing" if "planes" not in tasks
+                else "a task is named twice")
+        raise ValueError(f"pipeline parameter tasks={list(tasks)}: {what}; give planes, and saliency where the "
+                         f"dataset has gaze maps: {list(DOWNSTREAM_TASKS)} or ['planes']")
+    return list(tasks)
+
+
+def _check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
+    """Fail, naming the dataset, when the tasks include saliency and no video of the raw dataset has gaze maps in
+    its annotations (checked before preprocessing, which a retry of the step would repeat). An annotations file is
+    an .npz (``sonossl.data.annotations``): its zip listing says whether it holds ``saliency``, without reading it;
+    a file that is not a readable .npz counts as none (preprocessing rejects its video, saying why)."""
+    import zipfile
+
+    from sonossl.data.clips import read_listing
+
+    def has_saliency(path: Path) -> bool:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return "saliency.npy" in zf.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
+
+    if "saliency" not in tasks:
+        return
+    listing = read_listing(raw_dir)
+    files = [raw_dir / rel for rel in listing.get("annotations", []) if rel]
+    if not any(f.is_file() and has_saliency(f) for f in files):
+        raise ValueError(f"{dataset}: no gaze maps (no video's annotations hold saliency maps), but the pipeline's "
+                         f"tasks are {tasks}: run it with tasks=['planes'], or add the gaze maps")
+
+
 def _flat(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
     """Numbers of a (nested) metrics dict as ``prefix.key`` -> float, for ``Metrics.log_metric``."""
     out: dict[str, float] = {}
@@ -86,26 +128,31 @@ def _flat(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------- steps
 
 
-def preprocess_step(dataset: str, out_dir: str | Path, profile: str) -> str:
-    """Raw dataset (S3 prefix, DVC revision or folder) -> clip dataset at ``out_dir``; returns its version id."""
+def preprocess_step(dataset: str, out_dir: str | Path, profile: str,
+                    tasks: list[str] | tuple[str, ...] = DOWNSTREAM_TASKS) -> str:
+    """Raw dataset (S3 prefix, DVC revision or folder) -> clip dataset at ``out_dir``; returns its version id. Fails
+    first, naming the dataset, when ``tasks`` include saliency and the dataset has no gaze maps."""
     from sonossl.data.clips import preprocess
     from sonossl.pipeline.dataset import fetch_raw_dataset
 
     _logging()
+    tasks = check_tasks(tasks)
     params = load_profile(profile).preprocess
     with tempfile.TemporaryDirectory(prefix="sonossl-raw-") as tmp:
         raw = fetch_raw_dataset(dataset, Path(tmp) / "raw")
+        _check_gaze_maps(raw, dataset, tasks)
         report = preprocess(raw, out_dir, params, progress=True)
     version = json.loads((Path(out_dir) / "meta.json").read_text())["version"]
     log.info("clip dataset %s: %s", version, json.dumps(report.summary()))
     return version
 
 
-def preprocess_test_step(dataset: str, out_dir: str | Path, profile: str) -> str:
+def preprocess_test_step(dataset: str, out_dir: str | Path, profile: str,
+                         tasks: list[str] | tuple[str, ...] = DOWNSTREAM_TASKS) -> str:
     """The pipeline's independent test set: ``dataset`` as ``preprocess_step`` makes it; for no dataset (""), a
     folder holding only the ``NO_TEST_SET`` marker, which ``finetune_step`` reads as "score the test split"."""
     if dataset.strip():
-        return preprocess_step(dataset, out_dir, profile)
+        return preprocess_step(dataset, out_dir, profile, tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / NO_TEST_SET, "no test_dataset: the finetune steps score the test split of their clips\n")
@@ -151,6 +198,21 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     for run in metrics["runs"]:
         out |= _flat(f"{run['name']}.val", run["val"]) | _flat(f"{run['name']}.test", run["test"])
     return out
+
+
+def runs_by_name(paths: list[str | Path]) -> dict[str, str | Path]:
+    """Finetune outputs (as a pipeline collects them from its loops, in any order) keyed by the run name each
+    recorded in its metrics.json (``ssl-planes``...), the names ``evaluate`` and ``export`` read."""
+    runs: dict[str, str | Path] = {}
+    for path in paths:
+        metrics = Path(path) / "metrics.json"
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{path}: no metrics.json; that finetune step did not finish")
+        name = json.loads(metrics.read_text())["name"]
+        if name in runs:
+            raise ValueError(f"{path} and {runs[name]}: two finetune outputs named {name!r}")
+        runs[name] = path
+    return runs
 
 
 def gather(dest: str | Path, runs: dict[str, str | Path]) -> Path:
