@@ -354,7 +354,7 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
                 f"test_dataset=dvc://data/raw/sim_test?repo={root}&rev=HEAD", cwd=tmp_path, timeout=900)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:])
+    summary = json.loads(proc.stdout[proc.stdout.rindex('{\n  "run": '):])  # after kfp's logs (a line may be cut)
     run = Path(summary["run"])
     print(f"kfp.local run of the training pipeline on tiny: {seconds:.0f} s")
 
