@@ -237,6 +237,68 @@ def test_submit_to_a_host_that_rejects_the_credentials(status, token, healthz_op
         assert len(handler.seen) == 1
 
 
+class _Accepting(http.server.BaseHTTPRequestHandler):
+    """The part of the Kubeflow Pipelines v2beta1 API that a run submission uses: health, experiments (none yet, so
+    one is created) and runs; it keeps what it was sent."""
+
+    requests: list[tuple[str, str, dict | None]] = []
+
+    def _answer(self, body: dict, status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        path = self.path.split("?")[0]
+        type(self).requests.append(("GET", path, None))
+        answers = {"/apis/v2beta1/healthz": {"multi_user": False}, "/apis/v2beta1/experiments": {}}
+        self._answer(answers.get(path, {"error": "not found"}), 200 if path in answers else 404)
+
+    def do_POST(self):  # noqa: N802
+        path = self.path.split("?")[0]
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        type(self).requests.append(("POST", path, body))
+        if path == "/apis/v2beta1/experiments":
+            self._answer({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        elif path == "/apis/v2beta1/runs":
+            self._answer({"run_id": "run-1", "experiment_id": body["experiment_id"]})
+        else:
+            self._answer({"error": "not found"}, 404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_submit_sends_the_compiled_pipeline_and_typed_parameters():
+    """A run reaches the API with the training pipeline's spec and the parameters as their types (a list for
+    tasks, an int for epochs); stdout holds only the JSON answer (kfp.Client's own lines go to stderr)."""
+    handler = type("Handler", (_Accepting,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = _run(*SONOSSL, "pipeline", "submit", "--host", host, "--param", "dataset=s3://lungs/raw",
+                    "--param", "tasks=planes", "--param", "pretrain_epochs=3", "--experiment", "lungs")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"run_id": "run-1", "experiment": "lungs",
+                                       "url": f"{host}/#/runs/details/run-1"}
+    posts = {path: body for method, path, body in handler.requests if method == "POST"}
+    assert posts["/apis/v2beta1/experiments"]["display_name"] == "lungs"
+    run = posts["/apis/v2beta1/runs"]
+    assert run["experiment_id"] == "exp-1"
+    assert run["runtime_config"]["parameters"] == {"dataset": "s3://lungs/raw", "tasks": ["planes"],
+                                                   "pretrain_epochs": 3}
+    golden, _ = _docs(GOLDEN / "training.yaml")
+    sent = run["pipeline_spec"]["pipeline_spec"]
+    assert sent["pipelineInfo"]["name"] == "sonossl-training" and sent["root"] == golden["root"]
+
+
 def test_submit_checks_parameters_before_any_network_call():
     proc = _run(*SONOSSL, "pipeline", "submit", "--host", f"http://127.0.0.1:{_closed_port()}",
                 "--param", "epochs=3")
@@ -354,7 +416,7 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
                 f"test_dataset=dvc://data/raw/sim_test?repo={root}&rev=HEAD", cwd=tmp_path, timeout=900)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = json.loads(proc.stdout[proc.stdout.rindex('{\n  "run": '):])  # after kfp's logs (a line may be cut)
+    summary = json.loads(proc.stdout)  # stdout holds the summary alone: kfp's task logs go to stderr
     run = Path(summary["run"])
     print(f"kfp.local run of the training pipeline on tiny: {seconds:.0f} s")
 

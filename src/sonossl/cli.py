@@ -7,6 +7,7 @@ calls one library function. Heavy imports (torch, av, kfp) happen inside the ste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -178,9 +179,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         from sonossl.pipeline.submit import SubmitError, submit
 
         try:
-            out = submit(args.host, args.pipeline, parse_pairs(args.param), namespace=args.namespace,
-                         experiment=args.experiment, token=args.token, run_name=args.run_name,
-                         schedule=args.schedule, timeout=args.timeout)
+            with contextlib.redirect_stdout(sys.stderr):  # kfp.Client prints its links: keep stdout for the JSON
+                out = submit(args.host, args.pipeline, parse_pairs(args.param), namespace=args.namespace,
+                             experiment=args.experiment, token=args.token, run_name=args.run_name,
+                             schedule=args.schedule, timeout=args.timeout)
         except SubmitError as e:
             print(f"sonossl pipeline submit: error: {e}", file=sys.stderr)
             return 1
@@ -189,8 +191,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from sonossl.pipeline.local import run_local
     from sonossl.pipeline.spec import parse_pairs, typed_parameters
 
-    summary = run_local(args.out, profile=args.profile, dataset=args.dataset, params_file=args.params,
-                        arguments=typed_parameters("training", parse_pairs(args.param)))
+    arguments = typed_parameters("training", parse_pairs(args.param))
+    with contextlib.redirect_stdout(sys.stderr):  # kfp logs every task to stdout: keep stdout for the summary
+        summary = run_local(args.out, profile=args.profile, dataset=args.dataset, params_file=args.params,
+                            arguments=arguments)
     tasks = summary.pop("tasks")
     summary["metrics"] = tasks["export"]["artifacts"]["metrics"]["metadata"]  # the exported model's
     print(json.dumps(summary, indent=2))
@@ -372,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recurring run on this cron schedule, e.g. '0 6 * * *' (the monitoring pipeline)")
     a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the API (default: 10)")
     a.set_defaults(func=_cmd_pipeline)
-    a = actions.add_parser("run-local", help="run the training pipeline on this machine with kfp.local")
+    a = actions.add_parser("run-local", help="run the training pipeline on this machine with kfp.local",
+                           description="Run the training pipeline on this machine with kfp.local. The tasks' logs "
+                                       "go to stderr; the run's summary (JSON) alone to stdout.")
     _add_params_args(a)
     a.set_defaults(profile="tiny")
     a.add_argument("--out", type=Path, default=Path("dist/run-local"),
@@ -381,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw dataset (folder, s3:// prefix or dvc:// location); default: simulate the profile's "
                         "sweeps, and its test sweeps as the test_dataset parameter")
     a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="another pipeline parameter, e.g. pretrain_epochs=1 (repeatable)")
+                   help="another pipeline parameter, e.g. pretrain_epochs=1 or tasks=planes (repeatable)")
     a.set_defaults(func=_cmd_pipeline)
     p = sub.add_parser("deploy", help="serve an exported model with KServe: create or update its InferenceService")
     p.add_argument("--model-uri", required=True, help="the export folder in S3 (s3://BUCKET/PREFIX): the storageUri")
