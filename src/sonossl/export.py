@@ -149,8 +149,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
     m, has_saliency = card["metrics"], card.get("saliency") is not None
     tasks = "saliency prediction and frame embeddings" if has_saliency else "frame embeddings (no saliency model)"
     lines = [f"# Model card: sonossl {card['model_version']}", "",
-             f"Standard-plane detection ({', '.join(card['classes'])}), {tasks} "
-             "for ultrasound frames, from a self-supervised encoder (Jiao et al., ISBI 2020).", "",
+             f"Classification of ultrasound frames ({', '.join(card['classes'])}; the `planes` task), {tasks}, "
+             "from a self-supervised encoder (Jiao et al., ISBI 2020).", "",
              "## Versions and lineage", "",
              f"- model version: `{card['model_version']}` (sonossl {card['sonossl_version']})",
              f"- clip dataset (feature) version: `{card['data']['feature_version']}`",
@@ -162,8 +162,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
                if has_saliency else []), "",
              "## Metrics (test videos; selection on validation videos only)", "",
              *(f"- test set ({task}): {describe_test_set(t)}" for task, t in card.get("test_set", {}).items() if t),
-             f"- plane detection: macro-F1 {m['planes']['test']['macro_f1']}, accuracy {m['planes']['test']['accuracy']}"
-             f" (validation macro-F1 {m['planes']['val']['macro_f1']})",
+             f"- classification (planes): macro-F1 {m['planes']['test']['macro_f1']}, accuracy "
+             f"{m['planes']['test']['accuracy']} (validation macro-F1 {m['planes']['val']['macro_f1']})",
              *(["- saliency: " + ", ".join(f"{k} {v}" for k, v in m["saliency"]["test"].items() if k != "n")]
                if has_saliency and m["saliency"].get("test") else []), "",
              "## Input contract", "",
