@@ -414,6 +414,18 @@ class ServerProcess:
     output: Path
 
 
+def send_json(handler, status: int, body: dict) -> None:
+    """Answer an ``http.server`` request with ``body`` as JSON (the stand-in APIs of the tests)."""
+    import json
+
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def free_port() -> int:
     import socket
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import send_json
 from sonossl import __version__
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,30 +244,22 @@ class _Accepting(http.server.BaseHTTPRequestHandler):
 
     requests: list[tuple[str, str, dict | None]] = []
 
-    def _answer(self, body: dict, status: int = 200) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self):  # noqa: N802
         path = self.path.split("?")[0]
         type(self).requests.append(("GET", path, None))
         answers = {"/apis/v2beta1/healthz": {"multi_user": False}, "/apis/v2beta1/experiments": {}}
-        self._answer(answers.get(path, {"error": "not found"}), 200 if path in answers else 404)
+        send_json(self, 200 if path in answers else 404, answers.get(path, {"error": "not found"}))
 
     def do_POST(self):  # noqa: N802
         path = self.path.split("?")[0]
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         type(self).requests.append(("POST", path, body))
         if path == "/apis/v2beta1/experiments":
-            self._answer({"experiment_id": "exp-1", "display_name": body["display_name"]})
+            send_json(self, 200, {"experiment_id": "exp-1", "display_name": body["display_name"]})
         elif path == "/apis/v2beta1/runs":
-            self._answer({"run_id": "run-1", "experiment_id": body["experiment_id"]})
+            send_json(self, 200, {"run_id": "run-1", "experiment_id": body["experiment_id"]})
         else:
-            self._answer({"error": "not found"}, 404)
+            send_json(self, 404, {"error": "not found"})
 
     def log_message(self, *args):
         pass
