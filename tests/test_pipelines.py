@@ -476,6 +476,23 @@ def test_the_tasks_parameter_is_checked_before_a_run():
     assert proc.returncode == 2 and "tasks=['saliency']: planes is missing" in proc.stderr, proc.stderr
 
 
+def test_collected_finetune_outputs_are_named_by_their_metrics(tmp_path):
+    """evaluate and export receive the loops' outputs as a list, in any order: each is keyed by the name it
+    recorded; an unfinished output or two of one name fail, naming the folders."""
+    from sonossl.pipeline.steps import runs_by_name
+
+    for folder, name in [("a", "scratch-planes"), ("b", "ssl-planes"), ("c", "ssl-planes")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "metrics.json").write_text(json.dumps({"name": name, "runs": []}))
+    assert runs_by_name([tmp_path / "b", tmp_path / "a"]) == {"ssl-planes": tmp_path / "b",
+                                                             "scratch-planes": tmp_path / "a"}
+    with pytest.raises(ValueError, match=r"/c and .*/b: two finetune outputs named 'ssl-planes'"):
+        runs_by_name([tmp_path / "b", tmp_path / "c"])
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"/d: no metrics.json; that finetune step did not finish"):
+        runs_by_name([tmp_path / "a", tmp_path / "d"])
+
+
 def test_saliency_asked_of_data_without_gaze_maps_fails_at_preprocess(pocus_subset, tmp_path, monkeypatch):
     """Real videos without gaze maps: the first step fails, naming the dataset and the way out, before any training;
     with tasks=["planes"] it makes the clip dataset."""
