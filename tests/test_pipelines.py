@@ -494,16 +494,21 @@ def test_collected_finetune_outputs_are_named_by_their_metrics(tmp_path):
 
 
 def test_saliency_asked_of_data_without_gaze_maps_fails_at_preprocess(pocus_subset, tmp_path, monkeypatch):
-    """Real videos without gaze maps: the first step fails, naming the dataset and the way out, before any training;
-    with tasks=["planes"] it makes the clip dataset."""
+    """Real videos without gaze maps: the first step fails, naming the dataset and the way out, before any training
+    (run-local before it starts kfp); with tasks=["planes"] it makes the clip dataset."""
     from sonossl.pipeline.steps import PARAMS_ENV, preprocess_step
 
     monkeypatch.setenv(PARAMS_ENV, str(REPO / "params.yaml"))
-    with pytest.raises(ValueError, match=rf"{pocus_subset}: no gaze maps .* run it with tasks=\['planes'\]"):
+    with pytest.raises(ValueError, match=rf"{pocus_subset}: no gaze maps .* run it with tasks \['planes'\] "
+                                         r"\(--param tasks=planes\)"):
         preprocess_step(str(pocus_subset), tmp_path / "a", "tiny")
     assert not (tmp_path / "a").exists()  # nothing preprocessed
     assert preprocess_step(str(pocus_subset), tmp_path / "b", "tiny", ["planes"])
     assert not (tmp_path / "b" / "saliency.npy").exists()
+    # run-local checks a local folder before kfp starts (in a task, the error would come after the step's retries)
+    proc = _run(*SONOSSL, "pipeline", "run-local", "--out", str(tmp_path / "rl"), "--dataset", str(pocus_subset))
+    assert proc.returncode == 2 and "no gaze maps" in proc.stderr and "--param tasks=planes" in proc.stderr
+    assert not (tmp_path / "rl" / "kfp").exists()
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ Each component runs as a subprocess of this Python, as it would in its container
 ``out_dir``; the deploy step only renders the InferenceService (``deploy_dry_run``) and the champion lookup finds no
 cluster, so nothing outside this machine is touched. Without a ``dataset``, the profile's simulated sweeps are
 rendered first (as the ``simulate`` DVC stage does) into ``<out_dir>/raw``, and its independent test sweeps (as
-``simulate-test``) into ``<out_dir>/raw_test``, the pipeline's ``test_dataset`` unless the arguments name one.
+``simulate-test``) into ``<out_dir>/raw_test``, the pipeline's ``test_dataset`` unless the arguments name one. A
+dataset in a local folder is checked before kfp starts: saliency among the ``tasks`` of data without gaze maps fails
+at once (in the preprocess task it would fail only after the task's retries).
 
     summary = run_local("dist/run-local", profile="tiny")
     summary["model_version"], summary["tasks"]["export"]["artifacts"]["metrics"]["metadata"]
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sonossl.config import SimulateParams
-from sonossl.pipeline.steps import PARAMS_ENV
+from sonossl.pipeline.steps import DOWNSTREAM_TASKS, PARAMS_ENV, check_gaze_maps, check_tasks
 
 PIPELINE_NAME = "sonossl-training"
 
@@ -94,6 +96,10 @@ def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = 
         dataset = str(_simulated_dataset(out_dir / "raw", params.simulate))
         if params.simulate_test is not None and "test_dataset" not in arguments:  # as dvc repro: sim and sim_test
             arguments["test_dataset"] = str(_simulated_dataset(out_dir / "raw_test", params.simulate_test))
+    tasks = check_tasks(arguments.get("tasks", DOWNSTREAM_TASKS))
+    for location in (dataset, arguments.get("test_dataset")):
+        if location and Path(location).is_dir():  # a folder here: saliency without gaze maps fails now, not in a task
+            check_gaze_maps(Path(location), location, tasks)
     root = out_dir / "kfp"
     (out_dir / "tmp").mkdir(exist_ok=True)
     before = set(root.glob(f"{PIPELINE_NAME}-*")) if root.is_dir() else set()

@@ -86,7 +86,7 @@ def check_tasks(tasks: Any) -> list[str]:
     return list(tasks)
 
 
-def _check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
+def check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
     """Fail, naming the dataset, when the tasks include saliency and no video of the raw dataset has gaze maps in
     its annotations (checked before preprocessing, which a retry of the step would repeat). An annotations file is
     an .npz (``sonossl.data.annotations``): its zip listing says whether it holds ``saliency``, without reading it;
@@ -108,7 +108,7 @@ def _check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
     files = [raw_dir / rel for rel in listing.get("annotations", []) if rel]
     if not any(f.is_file() and has_saliency(f) for f in files):
         raise ValueError(f"{dataset}: no gaze maps (no video's annotations hold saliency maps), but the pipeline's "
-                         f"tasks are {tasks}: run it with tasks=['planes'], or add the gaze maps")
+                         f"tasks are {tasks}: run it with tasks ['planes'] (--param tasks=planes), or add the gaze maps")
 
 
 def _flat(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
@@ -140,7 +140,7 @@ def preprocess_step(dataset: str, out_dir: str | Path, profile: str,
     params = load_profile(profile).preprocess
     with tempfile.TemporaryDirectory(prefix="sonossl-raw-") as tmp:
         raw = fetch_raw_dataset(dataset, Path(tmp) / "raw")
-        _check_gaze_maps(raw, dataset, tasks)
+        check_gaze_maps(raw, dataset, tasks)
         report = preprocess(raw, out_dir, params, progress=True)
     version = json.loads((Path(out_dir) / "meta.json").read_text())["version"]
     log.info("clip dataset %s: %s", version, json.dumps(report.summary()))
