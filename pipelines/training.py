@@ -88,7 +88,7 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
 
     # One fine-tune per task from the SSL encoder, and one from scratch (no encoder: these wait only for the data);
     # evaluate and export collect each loop's outputs, whatever tasks ran (each its own dsl.Collected: compiling
-    # rewrites one in place for its consumer).
+    # rewrites one in place for its consumer). Collecting artifacts needs a KFP backend with kubeflow/pipelines#11725.
     finetunes = {}
     for init, encoder in [("ssl", {"encoder": pt.outputs["encoder"]}), ("scratch", {})]:
         with dsl.ParallelFor(tasks, name=f"{init}-finetunes") as task:
