@@ -406,8 +406,8 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
     else:
         mu = np.average(z_train, axis=0, weights=sample_weight)
         sd = np.sqrt(np.average((z_train - mu) ** 2, axis=0, weights=sample_weight)) + 1e-6
-        w = class_balance(y_train, n_classes, sample_weight)
-        balance = {int(c): float(w[c]) for c in np.unique(y_train)}
+        class_w = class_balance(y_train, n_classes, sample_weight)
+        balance = {int(c): float(class_w[c]) for c in np.unique(y_train)}
     best = None
     for c in cs:
         clf = LogisticRegression(C=c, class_weight=balance, max_iter=3000, random_state=seed)
@@ -418,15 +418,15 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
             best = (score, c, clf)
     score, c, clf = best
     layer = nn.Linear(z_train.shape[1], n_classes)
-    w = np.zeros((n_classes, z_train.shape[1]))
-    b = np.full(n_classes, -1e4)  # classes never seen in training are never predicted
+    weight = np.zeros((n_classes, z_train.shape[1]))
+    bias = np.full(n_classes, -1e4)  # classes never seen in training are never predicted
     coef, intercept = clf.coef_, clf.intercept_
     if len(clf.classes_) == 2:  # binary: sklearn keeps one row for the positive class
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    w[clf.classes_] = coef / sd
-    b[clf.classes_] = intercept - (coef / sd) @ mu
-    layer.weight.data = torch.tensor(w, dtype=torch.float32)
-    layer.bias.data = torch.tensor(b, dtype=torch.float32)
+    weight[clf.classes_] = coef / sd
+    bias[clf.classes_] = intercept - (coef / sd) @ mu
+    layer.weight.data = torch.tensor(weight, dtype=torch.float32)
+    layer.bias.data = torch.tensor(bias, dtype=torch.float32)
     return layer, {"C": c, "val_macro_f1": score}
 
 
