@@ -24,7 +24,7 @@ from conftest import (
 
 from sonossl.config import PreprocessParams, SplitParams
 from sonossl.data import clips
-from sonossl.data.annotations import save_annotations
+from sonossl.data.annotations import has_saliency, save_annotations
 from sonossl.data.clips import PreprocessError, assign_splits, load_clip_dataset, preprocess, split_imbalance
 
 TINY = PreprocessParams(frame_size=32, saliency_size=16, workers=1)
@@ -231,6 +231,10 @@ def test_saliency_and_frame_labels_follow_the_kept_frames(tmp_path: Path) -> Non
     maps = np.stack([np.exp(-(((my + 0.5) * 4 - cy) ** 2 + ((mx + 0.5) * 4 - cx) ** 2) / 30.0) for cy, cx in centres])
     maps /= maps.sum(axis=(1, 2), keepdims=True)
     save_annotations(root / "ann/annotated.npz", labels=[f"plane{i}" for i in range(t)], saliency=maps)
+    save_annotations(root / "ann/labels_only.npz", labels=["p"] * t)
+    (root / "ann/broken.npz").write_bytes(b"not a zip")
+    assert has_saliency(root / "ann/annotated.npz")  # from the file's listing, as the pipeline checks before work
+    assert not has_saliency(root / "ann/labels_only.npz") and not has_saliency(root / "ann/broken.npz")
     _labels(
         root,
         [

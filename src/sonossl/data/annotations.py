@@ -10,6 +10,7 @@ The file is written byte-reproducibly (fixed zip timestamps), so the same simula
 
     save_annotations(path, labels=["background"] * T, saliency=maps)
     ann = load_annotations(path); ann.labels[0], ann.saliency.shape
+    has_saliency(path)   # True when it holds gaze maps, read from the file's listing only
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def save_annotations(path: str | Path, labels, saliency: np.ndarray | None = Non
             np.save(member, arrays[name], allow_pickle=False)
             zf.writestr(info, member.getvalue())
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def has_saliency(path: str | Path) -> bool:
+    """Whether an annotations file holds saliency maps, from its zip listing (no array is read); False for a file
+    that is not a readable .npz (preprocessing rejects its video, saying why)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "saliency.npy" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def load_annotations(path: str | Path, n_frames: int | None = None) -> Annotations:

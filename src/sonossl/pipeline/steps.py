@@ -88,19 +88,9 @@ def check_tasks(tasks: Any) -> list[str]:
 
 def check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
     """Fail, naming the dataset, when the tasks include saliency and no video of the raw dataset has gaze maps in
-    its annotations (checked before preprocessing, which a retry of the step would repeat). An annotations file is
-    an .npz (``sonossl.data.annotations``): its zip listing says whether it holds ``saliency``, without reading it;
-    a file that is not a readable .npz counts as none (preprocessing rejects its video, saying why)."""
-    import zipfile
-
+    its annotations (checked before preprocessing, which a retry of the step would repeat; no array is read)."""
+    from sonossl.data.annotations import has_saliency
     from sonossl.data.clips import read_listing
-
-    def has_saliency(path: Path) -> bool:
-        try:
-            with zipfile.ZipFile(path) as zf:
-                return "saliency.npy" in zf.namelist()
-        except (OSError, zipfile.BadZipFile):
-            return False
 
     if "saliency" not in tasks:
         return
