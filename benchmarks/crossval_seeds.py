@@ -32,6 +32,9 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
     --fresh-frames                     the fine-tunes draw each epoch's frames from every frame of their training
                                        videos, each video equally likely (crossval.fresh_frames), not the same
                                        --frames-per-video evenly spaced ones
+    --flip-test                        score every test frame as it is and mirrored left-right, the probabilities
+                                       averaged (crossval.flip_test); the record then holds both, the accuracies
+                                       from the frames alone under *_frames, and the mirrors' gain over them per seed
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def main() -> int:
                     help="crossval.pretrain_on_validation (default: the profile's)")
     ap.add_argument("--fresh-frames", action=argparse.BooleanOptionalAction, default=None,
                     help="crossval.fresh_frames (default: the profile's)")
+    ap.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                    help="crossval.flip_test (default: the profile's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/crossval_seeds.json")
     args = ap.parse_args()
     if args.seeds < 1:
@@ -84,7 +89,7 @@ def main() -> int:
     for k, v in cv_given.items():
         if v < 1:
             raise SystemExit(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
-    for flag in ("refit", "pretrain_on_validation", "fresh_frames"):
+    for flag in ("refit", "pretrain_on_validation", "fresh_frames", "flip_test"):
         if getattr(args, flag) is not None:
             cv_given[flag] = getattr(args, flag)
     positive("--pretrain-lr", args.pretrain_lr)
@@ -100,15 +105,21 @@ def main() -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
-    def record(rows: list[dict], first: dict) -> dict:
-        refit = {}
-        if rows and all("ssl_finetune_selected" in r for r in rows):  # refit: against the chosen models, per draw
+    def against(rows: list[dict], other: str, name: str) -> dict:
+        """Per draw, each scored accuracy minus the same model's ``<key>_<other>`` one, when every row has it."""
+        out = {}
+        if rows and all(f"ssl_finetune_{other}" in r for r in rows):
             for key in ("ssl_finetune", "scratch_finetune", "ssl_probe", "scratch_probe"):
-                diffs = [round(r[key] - r[f"{key}_selected"], 4) for r in rows]
-                refit[f"{key}_refit_minus_selected"] = {
+                diffs = [round(r[key] - r[f"{key}_{other}"], 4) for r in rows]
+                out[f"{key}_{name}"] = {
                     **spread(diffs), "higher_in": f"{sum(x > 0 for x in diffs)}/{len(diffs)} seeds",
                     "lower_in": f"{sum(x < 0 for x in diffs)}/{len(diffs)} seeds"}
-            refit["ssl_finetune_selected_median"] = spread([r["ssl_finetune_selected"] for r in rows])["median"]
+            out[f"ssl_finetune_{other}_median"] = spread([r[f"ssl_finetune_{other}"] for r in rows])["median"]
+        return out
+
+    def record(rows: list[dict], first: dict) -> dict:
+        # refit: against the chosen models; flip_test: against the frames alone (the scored models, unmirrored)
+        refit = against(rows, "selected", "refit_minus_selected") | against(rows, "frames", "mirrors_minus_frames")
         return {
             "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
             "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
@@ -141,6 +152,8 @@ def main() -> int:
                 if "accuracy_selected" in r:
                     row[f"{key}_selected"] = r["accuracy_selected"]
                     row[f"{key}_selected_folds"] = r["fold_accuracy_selected"]
+                if "by_view" in r:
+                    row[f"{key}_frames"] = r["by_view"]["frames"]
             row["finetune_gain"] = round(row["ssl_finetune"] - row["scratch_finetune"], 4)
             row["probe_gain"] = round(row["ssl_probe"] - row["scratch_probe"], 4)
             row["minutes"] = round((time.perf_counter() - t) / 60, 1)

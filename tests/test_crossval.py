@@ -194,6 +194,69 @@ def test_fresh_frames_fine_tunes_on_every_frame_of_the_training_videos_each_vide
     assert {r["report"]["n"] for r in out["results"]} == {12}
 
 
+def test_predict_with_flip_classifies_the_frames_mirrored_left_right(tiny_params):
+    from sonossl.config import as_dict
+    from sonossl.models.downstream import PlaneClassifier
+    from sonossl.models.encoder import build_encoder
+    from sonossl.train.finetune import predict, to_input
+
+    torch.manual_seed(0)
+    model = PlaneClassifier(build_encoder(as_dict(tiny_params.pretrain.encoder)), 3).eval()
+    frames = torch.randint(0, 256, (5, 32, 32), dtype=torch.uint8)
+    rows = np.array([4, 1, 2])
+    with torch.no_grad():
+        mirrored = model(to_input(frames[rows]).flip(-1))
+    got = predict(model, frames, rows, torch.device("cpu"), flip=True)
+    assert torch.allclose(got, mirrored, atol=1e-6)
+    assert not torch.equal(got, predict(model, frames, rows, torch.device("cpu")))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_flip_test_averages_each_test_frame_with_its_mirror_and_keeps_the_frames_alone_score(
+        pocus_subset, tiny_params, tmp_path, monkeypatch):
+    """``crossval.flip_test``: each test frame's probabilities are averaged with its mirror's before the video's
+    mean. Here the mirrors are made to say "covid" for certain, so every video of the scored view is covid (4 of 12
+    right); ``by_view`` keeps the frames alone, which for the fine-tunes equal a rescoring of their saved weights;
+    the report has a column for it."""
+    from sonossl.config import as_dict
+    from sonossl.data.clips import preprocess
+    from sonossl.models.downstream import PlaneClassifier
+    from sonossl.models.encoder import build_encoder
+    from sonossl.train import crossval as cv_module
+    from sonossl.train.finetune import open_labelled, predict
+    from sonossl.train.loop import load_best
+
+    def certain_mirrors(model, frames, rows, device, flip=False):
+        out = predict(model, frames, rows, device, flip=flip)
+        return out + torch.tensor([50.0, 0.0, 0.0]) if flip else out
+
+    monkeypatch.setattr(cv_module, "predict", certain_mirrors)
+    preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, flip_test=True))
+    out = cv_module.crossval(tmp_path / "clips", tmp_path / "cv", params, progress=False, report=tmp_path / "cv.md")
+    d = open_labelled(tmp_path / "clips")
+    fold_of_row = d.data.index.video.map(out["fold_of_video"]).to_numpy()
+    assert out["classes"][0] == "covid"
+    for r in out["results"]:
+        assert r["accuracy"] == r["by_view"]["frames+mirrored"] == round(4 / 12, 4)
+        assert r["per_class_f1"]["pneumonia"] == r["per_class_f1"]["regular"] == 0
+        if r["method"] != "finetune":
+            continue
+        right = 0
+        for f in range(3):
+            model = PlaneClassifier(build_encoder(as_dict(tiny_params.pretrain.encoder)), len(d.classes))
+            load_best(model, tmp_path / f"cv/folds/fold{f}/{r['init']}-finetune-refit")
+            rows = np.flatnonzero(fold_of_row == f)
+            p = torch.softmax(predict(model, d.frames, rows, torch.device("cpu")), 1).numpy()
+            for v in np.unique(d.video_idx[rows]):
+                here = d.video_idx[rows] == v
+                right += int(p[here].mean(0).argmax() == d.labels[rows][here][0])
+        assert r["by_view"]["frames"] == round(right / 12, 4), r["init"]
+    md = (tmp_path / "cv.md").read_text()
+    assert "| frames alone |" in md and "mirrored left-right" in md
+
+
 CROSSVAL_SEEDS = REPO / "benchmarks" / "crossval_seeds.py"
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -114,6 +115,48 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     assert "Running stage 'pretrain@both-sequential'" in out and "Running stage 'pretrain@order'" in out, out
     for stage in ("finetune@ssl-planes", "finetune@order-planes", "finetune@parallel-planes", "export"):
         assert f"Running stage '{stage}'" not in out, out
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_subset):
+    """`train: [mine]` (12 real videos): preprocess@mine, then pretrain, the SSL and scratch fine-tunes, the report
+    and the export under models/datasets/mine; DVC lists their metrics; a second run does nothing; the exported
+    classifier answers a request."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    _copy_repo(root)
+    _edit_params(root, lambda d: d.update(profile="tiny", datasets={"mine": str(pocus_subset)}, train=["mine"]))
+    targets = ("train-export@mine", "train-evaluate@mine")
+    out = _dvc(root, "repro", *targets)
+    for stage in ("preprocess@mine", "train-pretrain@mine", "train-ssl@mine", "train-scratch@mine", *targets):
+        assert f"Running stage '{stage}'" in out, out
+    assert "Running stage 'simulate'" not in out and "Running stage 'pretrain@" not in out
+    base = root / "models/datasets/mine"
+    assert (base / "pretrain/both-sequential/encoder.pt").is_file()
+    ssl = json.loads((base / "finetune/ssl-planes/metrics.json").read_text())
+    assert ssl["encoder"] == "models/datasets/mine/pretrain/both-sequential" and ssl["task"] == "planes"
+    card = json.loads((base / "export/model_card.json").read_text())
+    meta = json.loads((root / "data/clips/mine/meta.json").read_text())
+    assert card["data"]["feature_version"] == meta["version"] and card["classes"] == ["covid", "pneumonia", "regular"]
+    assert card["metrics"]["saliency"] is None
+    results = (root / "reports/datasets/mine/results.md").read_text()
+    assert "| SSL (both-sequential) |" in results and "| scratch (random init) |" in results
+    assert f"the test split of data/clips/mine (version {meta['version']})" in results
+    shown = _dvc(root, "metrics", "show")
+    for path in ("reports/datasets/mine/metrics.json", "models/datasets/mine/finetune/ssl-planes/metrics.json",
+                 "models/datasets/mine/pretrain/both-sequential/metrics.json"):
+        assert path in shown, shown
+    assert "Running stage" not in _dvc(root, "repro", *targets)
+
+    from sonossl.serve.model import SonosslModel
+
+    model = SonosslModel(model_dir=base / "export")
+    model.load()
+    size = card["input"]["frame_size"]
+    frames = np.load(root / "data/clips/mine/frames.npy", mmap_mode="r")[:3]
+    answer = model.predict({"instances": np.asarray(frames).tolist()})
+    assert [set(p) for p in answer["predictions"]] == [{"label", "probs", "embedding", "blank"}] * 3
+    assert answer["predictions"][0]["label"] in card["classes"] and frames.shape[1] == size
 
 
 def test_pipeline_time_gives_each_stage_the_time_until_the_next_one_starts(monkeypatch):

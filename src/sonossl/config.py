@@ -182,6 +182,9 @@ class CrossvalParams:
     # Pretrain each fold's encoder on the inner-train and inner-validation videos together (unlabelled; the test fold
     # is still never seen), with no pretext validation left; false: inner-train only, validated on inner-validation.
     pretrain_on_validation: bool = True
+    # Score every test frame as it is and mirrored left-right (the fine-tunes' augmentation flips frames), a frame's
+    # probabilities the mean of the two; results.json keeps each scored model's accuracy both ways (``by_view``).
+    flip_test: bool = False
     seed: int = 0
 
 
@@ -191,6 +194,9 @@ class Params:
     simulate: SimulateParams
     preprocess: PreprocessParams
     datasets: dict[str, str]
+    # Datasets (names under ``datasets``) that ``dvc repro`` trains on with the ``train-*`` stages: pretrain,
+    # fine-tunes from it and from scratch (the planes task), evaluate and export, under models/datasets/<name>.
+    train: list[str] = field(default_factory=list)
     # The simulated test set: the ``simulate`` block with the ``simulate_test`` block's keys replaced (another seed,
     # so other fetuses; see params.yaml); None when the profile has no ``simulate_test`` block.
     simulate_test: SimulateParams | None = None
@@ -286,8 +292,15 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
         if built["simulate_test"].seed == built["simulate"].seed:
             raise ParamsError(f"{where}.seed: must differ from simulate.seed ({built['simulate'].seed}), or the "
                               "test sweeps would show the training fetuses again")
-    return Params(profile=profile, datasets=_coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets"),
-                  **built)
+    datasets = _coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets")
+    train = _coerce(list[str], doc.get("train") or [], f"{path}: train")
+    for i, name in enumerate(train):
+        if name not in datasets:
+            raise ParamsError(f"{path}: train[{i}]: {name!r} is not a dataset; list it under `datasets:` "
+                              f"({', '.join(datasets) or 'none listed'}) so that preprocess@{name} builds its clips")
+        if name in train[:i]:
+            raise ParamsError(f"{path}: train[{i}]: {name!r} is listed twice")
+    return Params(profile=profile, datasets=datasets, train=train, **built)
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

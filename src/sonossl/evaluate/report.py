@@ -136,15 +136,18 @@ def pretext_table(pretrain: dict[str, dict]) -> list[str]:
 
 def crossval_table(cv: dict) -> list[str]:
     """One row per encoder and method; with a refit (``accuracy_selected`` in the results) a column with the video
-    accuracy of the model chosen on the inner validation videos, before it was fitted again."""
+    accuracy of the model chosen on the inner validation videos, before it was fitted again; with ``flip_test``
+    (``by_view``) one with the scored model's accuracy from the test frames alone, without their mirrors."""
     refit = any("accuracy_selected" in r for r in cv["results"])
-    head = ["encoder", "method", "video accuracy", *(["before the refit"] if refit else []), "per-fold accuracy",
-            *(f"F1 {c}" for c in cv["classes"])]
+    views = any("by_view" in r for r in cv["results"])
+    head = ["encoder", "method", "video accuracy", *(["before the refit"] if refit else []),
+            *(["frames alone"] if views else []), "per-fold accuracy", *(f"F1 {c}" for c in cv["classes"])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in cv["results"]:
         folds = ", ".join(f"{a:.2f}" for a in r["fold_accuracy"])
         before = [_fmt(r["accuracy_selected"]) if "accuracy_selected" in r else "–"] if refit else []
-        lines.append("| " + " | ".join([r["init"], r["method"], _fmt(r["accuracy"]), *before, folds,
+        alone = [_fmt(r["by_view"]["frames"]) if "by_view" in r else "–"] if views else []
+        lines.append("| " + " | ".join([r["init"], r["method"], _fmt(r["accuracy"]), *before, *alone, folds,
                                         *(_fmt(r["per_class_f1"][c]) for c in cv["classes"])]) + " |")
     return lines
 
@@ -159,6 +162,8 @@ def crossval_markdown(cv: dict) -> str:
             if opts.get("refit") else "")
     how += ("The fine-tunes drew each epoch's frames from every frame of their training videos, each video equally "
             "likely. " if opts.get("fresh_frames") else "")
+    how += ("Each test frame was classified as it is and mirrored left-right, its probabilities the mean of the two "
+            "(\"frames alone\": without the mirrors). " if opts.get("flip_test") else "")
     return "\n".join([
         f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
         *crossval_table(cv), "",

@@ -17,7 +17,8 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
    together (``frames_per_video`` of each; with ``fresh_frames`` the fine-tune draws from every frame of both), and
    that model is the one scored; the selected model's scores are kept beside it (``accuracy_selected``), so one run
    compares the two;
-5. every frame of each test video is classified; the video's prediction is the argmax of its mean probabilities.
+5. every frame of each test video is classified (``flip_test``: as it is and mirrored left-right, the two
+   probabilities averaged); the video's prediction is the argmax of its frames' mean probabilities.
 
 Predictions of all folds are pooled into video-level accuracy and per-class F1, and per-fold accuracies are kept.
 
@@ -46,6 +47,8 @@ from sonossl.train.finetune import (check_finetune_params, check_pool_stages, em
 from sonossl.train.pretrain import load_encoder, pretrain_on, seed_for
 
 log = logging.getLogger(__name__)
+
+FLIP_VIEW = "frames+mirrored"  # flip_test: each frame's probabilities averaged with its left-right mirror's
 
 
 def video_folds(video_label: np.ndarray, video_group: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -136,11 +139,16 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
 
         def score(model: torch.nn.Module, key: tuple[str, str, str]) -> None:
             probs = torch.softmax(predict(model.to(device), d.frames, test_rows, device), 1).numpy()
-            per_video = {int(v): probs[d.video_idx[test_rows] == v].mean(0) for v in test_v}
-            preds.setdefault(key, {}).update(per_video)
-            acc = float(np.mean([per_video[v].argmax() == label_of[v] for v in per_video]))
-            fold_acc.setdefault(key, []).append(round(acc, 4))
-            log.info("fold %d %s %s (%s model): video accuracy %.3f", f + 1, *key, acc)
+            views = [("frames", probs)]
+            if cv.flip_test:  # the last view is the one scored
+                mirrored = torch.softmax(predict(model, d.frames, test_rows, device, flip=True), 1).numpy()
+                views.append((FLIP_VIEW, (probs + mirrored) / 2))
+            for view, p in views:
+                per_video = {int(v): p[d.video_idx[test_rows] == v].mean(0) for v in test_v}
+                preds.setdefault((*key, view), {}).update(per_video)
+                acc = float(np.mean([per_video[v].argmax() == label_of[v] for v in per_video]))
+                fold_acc.setdefault((*key, view), []).append(round(acc, 4))
+                log.info("fold %d %s %s (%s model, %s): video accuracy %.3f", f + 1, *key, view, acc)
 
         for init in ("ssl", "scratch"):
             def make_encoder():
@@ -182,16 +190,21 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                         score(model, (init, method, "refit"))
 
     results = []
-    for (init, method, which), per_video in preds.items():
-        if cv.refit and which == "selected":
+    view = FLIP_VIEW if cv.flip_test else "frames"
+    for (init, method, which, v), per_video in preds.items():
+        if (cv.refit and which == "selected") or v != view:
             continue
         rep = _report(per_video, label_of, d.classes)
         entry = {"init": init, "method": method, "accuracy": rep["accuracy"],
-                 "fold_accuracy": fold_acc[(init, method, which)],
+                 "fold_accuracy": fold_acc[(init, method, which, v)],
                  "per_class_f1": {c: rep["per_class"][c]["f1"] for c in d.classes}, "report": rep}
         if cv.refit:
-            entry["accuracy_selected"] = _report(preds[(init, method, "selected")], label_of, d.classes)["accuracy"]
-            entry["fold_accuracy_selected"] = fold_acc[(init, method, "selected")]
+            entry["accuracy_selected"] = _report(preds[(init, method, "selected", v)], label_of,
+                                                 d.classes)["accuracy"]
+            entry["fold_accuracy_selected"] = fold_acc[(init, method, "selected", v)]
+        if cv.flip_test:  # the scored model's accuracy from the frames alone, too
+            entry["by_view"] = {w: _report(preds[(init, method, which, w)], label_of, d.classes)["accuracy"]
+                                for w in ("frames", FLIP_VIEW)}
         results.append(entry)
     out = {"dataset": str(clips_dir), "data_version": d.data.version, "folds": cv.folds, "classes": d.classes,
            "videos": int(len(vid_ids)), "patients": int(videos.patient.nunique()),

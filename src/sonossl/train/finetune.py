@@ -162,11 +162,16 @@ def to_input(frames_u8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, frames: torch.Tensor, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Model outputs for ``frames[rows]``, in eval mode, batched, on CPU."""
+def predict(model: nn.Module, frames: torch.Tensor, rows: np.ndarray, device: torch.device,
+            flip: bool = False) -> torch.Tensor:
+    """Model outputs for ``frames[rows]`` (``flip``: mirrored left-right), in eval mode, batched, on CPU."""
     model.eval()
-    outs = [model(to_input(frames[torch.as_tensor(rows[i:i + EVAL_BATCH])]).to(device)).float().cpu()
-            for i in range(0, len(rows), EVAL_BATCH)]
+
+    def batch(i: int) -> torch.Tensor:
+        x = to_input(frames[torch.as_tensor(rows[i:i + EVAL_BATCH])])
+        return x.flip(-1) if flip else x
+
+    outs = [model(batch(i).to(device)).float().cpu() for i in range(0, len(rows), EVAL_BATCH)]
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
