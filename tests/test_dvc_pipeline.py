@@ -98,7 +98,7 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     meta = json.loads((root / "data/clips/sim/meta.json").read_text())
     assert card["data"]["feature_version"] == meta["version"]
     results = (root / "reports/results.md").read_text()
-    assert "| SSL (both-sequential) |" in results
+    assert "| SSL (both-sequential) |" in results and "### Standard-plane detection: test macro-F1" in results
     # the scores come from the independent simulated test set, all of it, and the report and the card say so
     test_meta = json.loads((root / "data/clips/sim_test/meta.json").read_text())
     assert f"every frame of data/clips/sim_test (version {test_meta['version']})" in results
@@ -141,6 +141,7 @@ def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_sub
     assert card["metrics"]["saliency"] is None
     results = (root / "reports/datasets/mine/results.md").read_text()
     assert "| SSL (both-sequential) |" in results and "| scratch (random init) |" in results
+    assert "### Frame classification (covid, pneumonia, regular): test macro-F1" in results
     assert f"the test split of data/clips/mine (version {meta['version']})" in results
     shown = _dvc(root, "metrics", "show")
     for path in ("reports/datasets/mine/metrics.json", "models/datasets/mine/finetune/ssl-planes/metrics.json",

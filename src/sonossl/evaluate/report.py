@@ -3,9 +3,10 @@
 Reads ``<pretrain>/<mode>/metrics.json`` and ``<finetune>/<name>/metrics.json`` (and ``crossval`` results when
 given) and writes:
 
-- ``results.md``: the tables the README shows (plane detection by initialisation, method and label fraction; per-class
-  F1 at the smallest fraction; saliency; pretext accuracy per head against chance, a head that is not clearly above
-  chance marked, and logged as a warning; POCUS cross-validation);
+- ``results.md``: the tables the README shows (plane detection, or classification by your own videos' labels, by
+  initialisation, method and label fraction; per-class F1 at the smallest fraction; saliency; pretext accuracy per
+  head against chance, a head that is not clearly above chance marked, and logged as a warning; POCUS
+  cross-validation);
 - ``metrics.json``: the headline numbers, flat, for ``dvc metrics show``;
 - ``plots/confusion_<init>.json``: test confusion pairs of the fine-tune at the smallest fraction, for ``dvc plots``.
 
@@ -68,6 +69,18 @@ def planes_table(runs: dict, fractions: list[float]) -> list[str]:
         if any(c != "–" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def classification_title(runs: dict) -> str:
+    """"Standard-plane detection" for the simulator's planes; on other classes (your own videos' labels) "Frame
+    classification (<classes>)"."""
+    from sonossl.data.planes import CLASSES
+
+    classes = {c for (_, task, _, _), r in runs.items() if task == "planes" and r.get("test")
+               for c in r["test"]["per_class"]}
+    if classes <= set(CLASSES):
+        return "Standard-plane detection"
+    return f"Frame classification ({', '.join(sorted(classes))})"
 
 
 def per_class_table(runs: dict, fraction: float) -> list[str]:
@@ -203,8 +216,7 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
     smallest = fractions[0] if fractions else None
     data_versions = sorted({m["data_version"] for m in finetune.values()})
 
-    md = ["### Standard-plane detection: test macro-F1", "",
-          *planes_table(runs, fractions), ""]
+    md = [f"### {classification_title(runs)}: test macro-F1", "", *planes_table(runs, fractions), ""]
     if smallest is not None:
         md += [f"### Per-class test F1 at {_pct(smallest)} of the training videos", "",
                *per_class_table(runs, smallest), ""]
