@@ -191,17 +191,17 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
 
     results = []
     view = FLIP_VIEW if cv.flip_test else "frames"
-    for (init, method, which, v), per_video in preds.items():
-        if (cv.refit and which == "selected") or v != view:
+    for (init, method, which, shown), per_video in preds.items():
+        if (cv.refit and which == "selected") or shown != view:
             continue
         rep = _report(per_video, label_of, d.classes)
         entry = {"init": init, "method": method, "accuracy": rep["accuracy"],
-                 "fold_accuracy": fold_acc[(init, method, which, v)],
+                 "fold_accuracy": fold_acc[(init, method, which, view)],
                  "per_class_f1": {c: rep["per_class"][c]["f1"] for c in d.classes}, "report": rep}
         if cv.refit:
-            entry["accuracy_selected"] = _report(preds[(init, method, "selected", v)], label_of,
+            entry["accuracy_selected"] = _report(preds[(init, method, "selected", view)], label_of,
                                                  d.classes)["accuracy"]
-            entry["fold_accuracy_selected"] = fold_acc[(init, method, "selected", v)]
+            entry["fold_accuracy_selected"] = fold_acc[(init, method, "selected", view)]
         if cv.flip_test:  # the scored model's accuracy from the frames alone, too
             entry["by_view"] = {w: _report(preds[(init, method, which, w)], label_of, d.classes)["accuracy"]
                                 for w in ("frames", FLIP_VIEW)}
