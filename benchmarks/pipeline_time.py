@@ -6,7 +6,8 @@ with this environment's ``sonossl``, after deleting the stages' persisted output
 checkpoints that let an interrupted run resume; left in place, a forced training stage would resume from its last
 epoch and train nothing), so every stage starts from nothing, as in a fresh checkout. It notes when each stage
 starts from DVC's own "Running stage" lines, and writes a record: seconds per stage, the simulated pipeline (every
-stage but ``preprocess@pocus`` and ``crossval``, what `make run` runs without the POCUS videos), ``crossval``, and
+stage but ``crossval``, the other datasets' ``preprocess@<name>`` and the ``train-*`` stages of the datasets under
+``train:``: what `make run` runs without the POCUS videos), ``crossval``, and
 the same figures scaled to the issue's sizing machine with ``benchmarks/machine_speed.py``'s yardstick, measured in
 the same run after the repro (``--no-yardstick`` skips it). The scaling is a rough guide: the yardstick is a
 full-width ResNet-18, and hosts differ in how much faster they run it than this project's narrower encoder.
@@ -35,7 +36,7 @@ from sonossl.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = {"simulated": 15 * 60, "crossval": 15 * 60}
-NOT_SIMULATED = ("preprocess@pocus", "crossval")
+SIMULATED_DATA = ("preprocess@sim", "preprocess@sim_test")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
 
@@ -47,8 +48,16 @@ def stage_seconds(events: list[tuple[float, str]], end: float) -> dict[str, floa
     return {name: round(stop - t, 1) for (t, name), stop in zip(starts, bounds)}
 
 
+def is_simulated(stage: str) -> bool:
+    """A stage of the simulated pipeline (simulate -> export): not crossval, nor another dataset's preprocess, nor
+    the train-* stages of the datasets under `train:`."""
+    if stage == "crossval" or stage.startswith("train-"):
+        return False
+    return not stage.startswith("preprocess@") or stage in SIMULATED_DATA
+
+
 def summarise(stages: dict[str, float]) -> dict[str, float | None]:
-    simulated = [s for name, s in stages.items() if name not in NOT_SIMULATED]
+    simulated = [s for name, s in stages.items() if is_simulated(name)]
     return {"simulated_s": round(sum(simulated), 1) if simulated else None, "crossval_s": stages.get("crossval")}
 
 

@@ -171,6 +171,10 @@ def test_pipeline_time_gives_each_stage_the_time_until_the_next_one_starts(monke
     assert stages == {"simulate": 9.5, "pretrain@order": 20.0, "preprocess@pocus": 5.5, "crossval": 64.5}
     assert summarise(stages) == {"simulated_s": 29.5, "crossval_s": 64.5}  # POCUS stages are not the simulated part
     assert summarise({"simulate": 2.0}) == {"simulated_s": 2.0, "crossval_s": None}
+    # your own datasets' stages are not the simulated pipeline either
+    assert summarise({"preprocess@sim": 1.0, "preprocess@sim_test": 2.0, "preprocess@mine": 4.0,
+                      "train-pretrain@mine": 8.0, "train-export@mine": 16.0}) == {"simulated_s": 3.0,
+                                                                                  "crossval_s": None}
 
 
 @pytest.mark.slow
