@@ -183,8 +183,9 @@ class CrossvalParams:
     # is still never seen), with no pretext validation left; false: inner-train only, validated on inner-validation.
     pretrain_on_validation: bool = True
     # Score every test frame as it is and mirrored left-right (the fine-tunes' augmentation flips frames), a frame's
-    # probabilities the mean of the two; results.json keeps each scored model's accuracy both ways (``by_view``).
-    flip_test: bool = False
+    # probabilities the mean of the two; results.json keeps each scored model's accuracy both ways (``by_view``);
+    # false: the frames alone.
+    flip_test: bool = True
     seed: int = 0
 
 
