@@ -34,7 +34,8 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
                                        --frames-per-video evenly spaced ones
     --flip-test                        score every test frame as it is and mirrored left-right, the probabilities
                                        averaged (crossval.flip_test); the record then holds both, the accuracies
-                                       from the frames alone under *_frames, and the mirrors' gain over them per seed
+                                       from the frames alone under *_frames, and the mirrors' gain over them, per
+                                       seed
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
         (lambda d: d["tiny"].update(train={}), "unknown section(s) ['train']"),
         (lambda d: d["tiny"]["simulate_test"].update(vidoes=9), "tiny.simulate_test: unknown key(s) ['vidoes']"),
         (lambda d: d["tiny"]["simulate_test"].update(seed=0), "tiny.simulate_test.seed: must differ"),
-        (lambda d: d.update(train=["pocus", "mine"]), "train[1]: 'mine' is not a dataset; list it under `datasets:`"),
+        (lambda d: d.update(train=["pocus", "mine"]), "train[1]: 'mine' is not a dataset; list it under"),
         (lambda d: d.update(train=["pocus", "pocus"]), "train[1]: 'pocus' is listed twice"),
         (lambda d: d.update(train="pocus"), "train: expected a list"),
     ],

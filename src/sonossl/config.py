@@ -297,8 +297,9 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
     train = _coerce(list[str], doc.get("train") or [], f"{path}: train")
     for i, name in enumerate(train):
         if name not in datasets:
-            raise ParamsError(f"{path}: train[{i}]: {name!r} is not a dataset; list it under `datasets:` "
-                              f"({', '.join(datasets) or 'none listed'}) so that preprocess@{name} builds its clips")
+            listed = ", ".join(datasets) or "none listed"
+            raise ParamsError(f"{path}: train[{i}]: {name!r} is not a dataset; list it under `datasets:` ({listed}) "
+                              f"so that preprocess@{name} builds its clips")
         if name in train[:i]:
             raise ParamsError(f"{path}: train[{i}]: {name!r} is listed twice")
     return Params(profile=profile, datasets=datasets, train=train, **built)

@@ -175,8 +175,8 @@ def crossval_markdown(cv: dict) -> str:
             if opts.get("refit") else "")
     how += ("The fine-tunes drew each epoch's frames from every frame of their training videos, each video equally "
             "likely. " if opts.get("fresh_frames") else "")
-    how += ("Each test frame was classified as it is and mirrored left-right, its probabilities the mean of the two "
-            "(\"frames alone\": without the mirrors). " if opts.get("flip_test") else "")
+    how += ("Each test frame was classified as it is and mirrored left-right, its probabilities the mean of the "
+            "two (\"frames alone\": without the mirrors). " if opts.get("flip_test") else "")
     return "\n".join([
         f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
         *crossval_table(cv), "",
