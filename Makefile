@@ -43,27 +43,29 @@ label-seeds: setup
 # As recorded: with every encoder stage at one rate ($(NODECAY), below; without it, the profile's decay), on the
 # pipeline's encoder as it was pretrained then ($(LR0): first built and kept in models/bench/lr5e-4, with one draw).
 selection-oracle: setup
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) --seeds 1 --save-encoder models/bench/lr5e-4 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) --seeds 1 --save-encoder models/bench/lr5e-4 \
 		--out models/bench/lr5e-4.json
 	$(BIN)/python benchmarks/selection_oracle.py --seeds 5 $(NODECAY) --encoder models/bench/lr5e-4
 
 # Held-out pretext accuracy of the pipeline's both-sequential encoder pretrained at several peak rates, at smaller
 # batch sizes, with three pretraining seeds at the old and the new rate, with the order loss weighted 2x and 4x, at
 # clip strides 6 and 24, and at crops 48 and 64 with and without jitter, at the pipeline's cost
-# (docs/EXPERIMENTS.md, "the pretraining rate"; after `make run`; about 34 minutes on 2 cores). The records in
+# (docs/EXPERIMENTS.md, "the pretraining rate"; after `make run`; about 34 minutes on 2 cores), all at 8 epochs, the
+# pipeline's until it pretrained its own encoder 24 (the ablation's encoders still train 8). The records in
 # benchmarks/results carry the machine they ran on in their names (--out): pretext_rates_avx2.json,
 # pretext_batch_avx2.json, pretext_seeds_avx2.json, pretext_order_weight_avx2.json, pretext_stride_avx2.json,
 # pretext_crop_shift_avx2.json.
 pretext-rates: setup
-	$(BIN)/python benchmarks/pretext_rates.py
-	$(BIN)/python benchmarks/pretext_rates.py --lr 1e-3 2e-3 4e-3 --batch-size 32 16 \
+	$(BIN)/python benchmarks/pretext_rates.py --epochs 8
+	$(BIN)/python benchmarks/pretext_rates.py --epochs 8 --lr 1e-3 2e-3 4e-3 --batch-size 32 16 \
 		--out benchmarks/results/pretext_batch.json
-	$(BIN)/python benchmarks/pretext_rates.py --lr 5e-4 2e-3 --seeds 3 --out benchmarks/results/pretext_seeds.json
-	$(BIN)/python benchmarks/pretext_rates.py --lr 2e-3 --order-weight 2 4 --seeds 3 \
+	$(BIN)/python benchmarks/pretext_rates.py --epochs 8 --lr 5e-4 2e-3 --seeds 3 \
+		--out benchmarks/results/pretext_seeds.json
+	$(BIN)/python benchmarks/pretext_rates.py --epochs 8 --lr 2e-3 --order-weight 2 4 --seeds 3 \
 		--out benchmarks/results/pretext_order_weight.json
-	$(BIN)/python benchmarks/pretext_rates.py --lr 2e-3 --stride 6 24 --clips-per-epoch 1936 --seeds 3 \
+	$(BIN)/python benchmarks/pretext_rates.py --epochs 8 --lr 2e-3 --stride 6 24 --clips-per-epoch 1936 --seeds 3 \
 		--out benchmarks/results/pretext_stride.json
-	$(BIN)/python benchmarks/pretext_rates.py --lr 2e-3 --crop 48 64 --max-shift 0 16 --seeds 3 \
+	$(BIN)/python benchmarks/pretext_rates.py --epochs 8 --lr 2e-3 --crop 48 64 --max-shift 0 16 --seeds 3 \
 		--out benchmarks/results/pretext_crop_shift.json
 
 # The label-seeds comparison for what might make the gain larger (docs/EXPERIMENTS.md, the levers): a lower
@@ -74,7 +76,9 @@ pretext-rates: setup
 # a pool rendered at 5 frames/s at the pipeline's pretraining cost and at 3x it (two builds), against 3x and 6x the
 # pretraining on the training sweeps, over ten draws; the pretraining rate 2e-3 over ten draws; two more encoders at
 # each of 2e-3 and 5e-4 (pretraining seeds 1 and 2), over ten draws each; the pipeline's encoder at 20% and at 100%,
-# over ten draws each; the three ablation encoders of the pipeline, over ten draws. About 390 minutes on 2 cores.
+# over ten draws each; the three ablation encoders of the pipeline, over ten draws; 3x the pretraining at 2e-3 (two
+# builds, ten draws each: the pipeline's encoder since then, and another seed), and that encoder against its 8-epoch
+# twin at 20 % and 100 %, draw by draw (benchmarks/encoder_pairs.py). About 410 minutes on 2 cores.
 # Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were (every stage at
 # one rate). The pretraining rate 2e-3 became the default after all of them but the last five commands; $(LR0)
 # pretrains their encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel rows
@@ -82,11 +86,15 @@ pretext-rates: setup
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
 LR0 := --pretrain-lr 5e-4
+# The pretraining epochs of every encoder built before the default became 24 (8 until the commit that added the last
+# two commands), and the pipeline's encoder as it was then: its 8-epoch twin, pretrain@both-sequential-ablation.
+E8 := --pretrain-epochs 8
+ENC8 := --encoder models/pretrain/both-sequential-ablation
 # 128 unlabelled sweeps rendered at 5 frames/s, pretrained at the pipeline's cost (the default profile's 1,936 clips)
 POOL5 := --pool-videos 128 --pool-fps 5 --clips-per-epoch 1936
 label-levers: setup
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --lr 3e-4 --out $(LEVERS)_lr3e-4.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --head-init probe --encoder-lr-scale 0.1 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(NODECAY) --lr 3e-4 --out $(LEVERS)_lr3e-4.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(NODECAY) --head-init probe --encoder-lr-scale 0.1 \
 		--out $(LEVERS)_lpft.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/pretrain/order --out $(LEVERS)_order.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/pretrain/both-parallel \
@@ -94,16 +102,16 @@ label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pretrain-epochs 24 --save-encoder models/bench/e24 \
 		--out $(LEVERS)_pretrain24.json
 	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pretrain-epochs 60 --out $(LEVERS)_pretrain60.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-videos 128 --out $(LEVERS)_pool128.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-videos 256 --out $(LEVERS)_pool256.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(NODECAY) --pool-videos 128 --out $(LEVERS)_pool128.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(NODECAY) --pool-videos 256 --out $(LEVERS)_pool256.json
 	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-videos 128 --pretrain-epochs 24 \
 		--save-encoder models/bench/pool128_e24 \
 		--out $(LEVERS)_pool128_e24.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --fraction 0.2 --out $(LEVERS)_f20.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(NODECAY) --pool-stages 3 --out $(LEVERS)_pool_stages3.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(NODECAY) --fraction 0.2 --out $(LEVERS)_f20.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(NODECAY) --pool-stages 3 --out $(LEVERS)_pool_stages3.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/bench/pool128_e24 --pool-stages 3 \
 		--out $(LEVERS)_pool128_e24_pool_stages3.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) --encoder-lr-decay 0.5 --out $(LEVERS)_decay0.5.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) --encoder-lr-decay 0.5 --out $(LEVERS)_decay0.5.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e24 --encoder-lr-decay 0.5 \
 		--out $(LEVERS)_pretrain24_decay0.5.json
 	for d in 0.5 0.25; do $(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128_e24 \
@@ -120,9 +128,9 @@ label-levers: setup
 		--out $(LEVERS)_pool128s3_e24.json
 	$(BIN)/python benchmarks/label_seeds.py $(NODECAY) --encoder models/bench/pool128s3_e24 --first-seed 5 \
 		--out $(LEVERS)_pool128s3_e24_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) --first-seed 5 --out $(LEVERS)_decay0.5_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(POOL5) --out $(LEVERS)_pool128f5_c1936.json
-	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(POOL5) --first-seed 5 \
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) --first-seed 5 --out $(LEVERS)_decay0.5_seeds5-9.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(POOL5) --out $(LEVERS)_pool128f5_c1936.json
+	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) $(POOL5) --first-seed 5 \
 		--out $(LEVERS)_pool128f5_c1936_seeds5-9.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/e24 --first-seed 5 \
 		--out $(LEVERS)_pretrain24_decay0.5_seeds5-9.json
@@ -138,15 +146,21 @@ label-levers: setup
 		--save-encoder models/bench/pool128s3f5_c1936_e24 --out $(LEVERS)_pool128s3f5_c1936_e24.json
 	$(BIN)/python benchmarks/label_seeds.py --encoder models/bench/pool128s3f5_c1936_e24 --first-seed 5 \
 		--out $(LEVERS)_pool128s3f5_c1936_e24_seeds5-9.json
-	$(BIN)/python benchmarks/label_seeds.py --pretrain-lr 2e-3 --seeds 10 --save-encoder models/bench/lr2e-3 \
+	$(BIN)/python benchmarks/label_seeds.py --pretrain-lr 2e-3 $(E8) --seeds 10 --save-encoder models/bench/lr2e-3 \
 		--out $(LEVERS)_pretrain_lr2e-3.json
-	for s in 1 2; do for r in 2e-3 5e-4; do $(BIN)/python benchmarks/label_seeds.py --pretrain-lr $$r \
+	for s in 1 2; do for r in 2e-3 5e-4; do $(BIN)/python benchmarks/label_seeds.py --pretrain-lr $$r $(E8) \
 		--pretrain-seed $$s --seeds 10 --save-encoder models/bench/lr$$r-s$$s \
 		--out $(LEVERS)_pretrain_lr$${r}_seed$$s.json || exit 1; done; done
-	$(BIN)/python benchmarks/label_seeds.py --fraction 0.2 --seeds 10 --out $(LEVERS)_f20_lr2e-3.json
-	$(BIN)/python benchmarks/label_seeds.py --fraction 1 --seeds 10 --out $(LEVERS)_f100_lr2e-3.json
+	$(BIN)/python benchmarks/label_seeds.py $(ENC8) --fraction 0.2 --seeds 10 --out $(LEVERS)_f20_lr2e-3.json
+	$(BIN)/python benchmarks/label_seeds.py $(ENC8) --fraction 1 --seeds 10 --out $(LEVERS)_f100_lr2e-3.json
 	for m in order transform both-parallel; do $(BIN)/python benchmarks/label_seeds.py \
 		--encoder models/pretrain/$$m --seeds 10 --out $(LEVERS)_ablation_$${m}_lr2e-3.json || exit 1; done
+	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 24 --seeds 10 --save-encoder models/bench/lr2e-3_e24 \
+		--out $(LEVERS)_pretrain24_lr2e-3.json
+	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 24 --pretrain-seed 1 --seeds 10 \
+		--out $(LEVERS)_pretrain24_lr2e-3_seed1.json
+	$(BIN)/python benchmarks/encoder_pairs.py --against models/pretrain/both-sequential-ablation --fractions 0.2 1 \
+		--seeds 10 --out benchmarks/results/encoder_pairs_e24_vs_e8.json
 
 # The POCUS cross-validation over seven seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 65 minutes on 2 cores). The README's

@@ -14,7 +14,7 @@ fine-tune, 10 min and more).
 
     .venv/bin/python benchmarks/pretext_rates.py [--lr 5e-4 1e-3 2e-3 4e-3] [--batch-size 64 32]
         [--order-weight 1 2] [--stride 6 12 24] [--clips-per-epoch 1936] [--crop 48 64] [--max-shift 0 4]
-        [--seeds 3]
+        [--epochs 8] [--seeds 3]
 Run after `dvc repro preprocess@sim`. Each bad value is refused, naming its option, before any work. Writes
 benchmarks/results/pretext_rates.json (or --out) after every run; the runs nest in the order of the options above,
 the seeds innermost. Every row names all its settings and ``shift_used``, the jitter after the cap that keeps every
@@ -95,6 +95,8 @@ AXES = (
          "side of the network input sampled inside the frame (at most what the transform sets allow)"),
     Axis("--max-shift", "max_shift", "max_shift", float, lambda v: v >= 0, "shift must be at least 0",
          "crop-centre jitter in pixels (capped at what the crop and the transform sets leave)"),
+    Axis("--epochs", "epochs", "epochs", int, lambda v: v >= 1, "number of epochs must be at least 1",
+         "pretraining epochs (the profile's 8 until it became 24: `make pretext-rates` reruns its records at 8)"),
 )
 
 

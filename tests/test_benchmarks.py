@@ -160,6 +160,32 @@ def test_selection_oracle_reproduces_the_pipeline_s_choices(tiny_clips, tiny_tes
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_encoder_pairs_fine_tunes_both_encoders_on_the_same_draws(tiny_clips, tiny_test_clips, tiny_export,
+                                                                  tiny_params, tmp_path):
+    """Each draw is the pipeline's fine-tune with that seed; an encoder paired with itself differs by exactly 0."""
+    from sonossl.train.finetune import finetune
+
+    encoder, out = tiny_export.parent / "pretrain", tmp_path / "pairs.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoder_pairs.py"), "--profile", "tiny", "--clips",
+                    str(tiny_clips), "--test-clips", str(tiny_test_clips), "--encoder", str(encoder), "--against",
+                    str(encoder), "--fractions", "0.5", "--seeds", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert [(r["fraction"], r["seed"]) for r in result["per_seed"]] == [(0.5, 0), (0.5, 1)]
+    assert all(r["encoder"] == r["against"] and r["difference"] == 0 for r in result["per_seed"])
+    summary, = result["by_fraction"]
+    assert summary["difference_positive_in"] == "0/2 seeds" and result["machine"]
+    ft = dataclasses.replace(tiny_params.finetune, seed=1)
+    m = finetune(tiny_clips, tmp_path / "stage", ft, encoder=encoder, fractions=[0.5], methods=("finetune",),
+                 test_clips=tiny_test_clips, progress=False)
+    assert result["per_seed"][1]["encoder"] == m["runs"][0]["test"]["macro_f1"]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoder_pairs.py"), "--profile", "tiny",
+                           "--against", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--against" in proc.stderr and "no encoder.pt" in proc.stderr
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_serve_example_sends_a_sweep_through_the_real_server_and_compares_labels(tiny_clips, tiny_export, tmp_path):
     import pandas as pd
     from conftest import free_port
@@ -218,7 +244,8 @@ def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_settings(t
     # a smaller batch is another run (more, smaller steps over the same clips), not a copy of the profile's
     assert others[0]["train"] != at_profile["train"]
     assert result["chance"] == stage["chance"] and result["pretrain"]["batch_size"] == "per row"
-    assert result["pretrain"]["epochs"] == tiny_params.pretrain.epochs and result["machine"]
+    assert result["pretrain"]["epochs"] == "per row" and result["machine"]  # --epochs is an axis too
+    assert {r["epochs"] for r in result["rates"]} == {tiny_params.pretrain.epochs}  # not given: the profile's
     # --seeds: the profile's seed first (the same run again), then the next, which is another run; --order-weight
     # the same way, the profile's weight first
     weight = tiny_params.pretrain.loss_weights.order

@@ -86,7 +86,8 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
-    """simulate -> preprocess -> pretrain (4 modes) -> finetune -> evaluate -> export; metrics listed by DVC."""
+    """simulate -> preprocess -> pretrain (the pipeline's encoder, and the 4 modes of the ablation at their own
+    budget) -> finetune -> evaluate -> export; metrics listed by DVC."""
     root = _tiny_sim_repo(tmp_path)
     out = _dvc(root, "repro", "export", "evaluate")  # without POCUS (crossval has its own test), as `make run` does
     for stage in ("simulate-test", "preprocess@sim_test", "pretrain@order", "finetune@ssl-planes", "scratch@saliency",
@@ -99,6 +100,12 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     assert card["data"]["feature_version"] == meta["version"]
     results = (root / "reports/results.md").read_text()
     assert "| SSL (both-sequential) |" in results and "### Standard-plane detection: test macro-F1" in results
+    # the pipeline's encoder at pretrain.epochs (tiny: 2), the ablation's four at pretrain.ablation_epochs (1)
+    epochs = {m: json.loads((root / f"models/pretrain/{m}/metrics.json").read_text())["epochs"]
+              for m in ("both-sequential", "both-sequential-ablation", "order", "transform", "both-parallel")}
+    assert epochs == {"both-sequential": 2, "both-sequential-ablation": 1, "order": 1, "transform": 1,
+                      "both-parallel": 1}, epochs
+    assert "| both-sequential (ablation) |" in results and "| both-sequential-ablation | 1 |" in results
     # the scores come from the independent simulated test set, all of it, and the report and the card say so
     test_meta = json.loads((root / "data/clips/sim_test/meta.json").read_text())
     assert f"every frame of data/clips/sim_test (version {test_meta['version']})" in results
@@ -107,13 +114,14 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     assert "Running stage" not in _dvc(root, "repro", "export", "evaluate")
 
     # A code change that retrains the encoders to the same weights (here: a comment in the pretext code) reruns
-    # the four pretrain stages, which write the same encoder.pt bytes, so no fine-tune runs again, nor export.
+    # the five pretrain stages, which write the same encoder.pt bytes, so no fine-tune runs again, nor export.
     # (evaluate does, in seconds: it reads the pretrain stages' metrics.json, whose throughput figure is new.)
     batch = root / "src/sonossl/pretext/batch.py"
     batch.write_text(batch.read_text() + "\n# a change that trains the same weights\n")
     out = _dvc(root, "repro", "export", "evaluate")
     assert "Running stage 'pretrain@both-sequential'" in out and "Running stage 'pretrain@order'" in out, out
-    for stage in ("finetune@ssl-planes", "finetune@order-planes", "finetune@parallel-planes", "export"):
+    for stage in ("finetune@ssl-planes", "finetune@sequential-planes", "finetune@order-planes",
+                  "finetune@parallel-planes", "export"):
         assert f"Running stage '{stage}'" not in out, out
 
 

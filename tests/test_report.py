@@ -1,4 +1,4 @@
-"""The results report's pretext table: which heads it marks as not clearly above chance."""
+"""The results report's pretext table: epochs, and the heads it marks as not clearly above chance."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from sonossl.evaluate.report import near_chance, pretext_table
 
 
-def metrics(val_clips: int = 434, **acc: float) -> dict:
+def metrics(val_clips: int = 434, epochs: int = 8, **acc: float) -> dict:
     chance = {"order_acc": 0.0833, "rotation_acc": 0.3333, "scale_acc": 0.3333, "shear_acc": 0.3333}
-    return {"val_clips": val_clips, "val": {f"{h}_acc": v for h, v in acc.items()},
+    return {"val_clips": val_clips, "epochs": epochs, "val": {f"{h}_acc": v for h, v in acc.items()},
             "chance": {f"{h}_acc": chance[f"{h}_acc"] for h in acc}}
 
 
@@ -34,9 +34,12 @@ def test_fewer_held_out_clips_need_a_wider_margin():
 
 
 def test_the_pretext_table_marks_the_heads_near_chance():
-    table = pretext_table({"both-sequential": metrics(order=0.341, rotation=0.661, scale=0.744, shear=0.392),
+    table = pretext_table({"both-sequential": metrics(order=0.341, rotation=0.661, scale=0.744, shear=0.392,
+                                                      epochs=24),
                            "order": metrics(order=0.07)})
-    assert table[2] == "| both-sequential | 0.341 (0.083) | 0.661 (0.333) | 0.744 (0.333) | 0.392 (0.333) |"
-    assert table[3] == "| order | 0.070 (0.083) * | – | – | – |"
+    assert table[0] == ("| encoder | epochs | order acc (chance) | rotation acc (chance) | scale acc (chance) "
+                        "| shear acc (chance) |")
+    assert table[2] == "| both-sequential | 24 | 0.341 (0.083) | 0.661 (0.333) | 0.744 (0.333) | 0.392 (0.333) |"
+    assert table[3] == "| order | 8 | 0.070 (0.083) * | – | – | – |"
     assert table[-1].startswith("\\* not clearly above chance")
     assert "*" not in "".join(pretext_table({"order": metrics(order=0.3)}))

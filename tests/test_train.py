@@ -81,6 +81,20 @@ def test_the_same_pretraining_writes_the_same_encoder_bytes(tiny_clips, tiny_par
     assert "clips_per_s" not in load_checkpoint(tmp_path / "a/encoder.pt")["metrics"]
 
 
+def test_the_ablation_budget_replaces_the_epochs(tiny_params):
+    from sonossl.train.pretrain import at_budget
+
+    p = dataclasses.replace(tiny_params.pretrain, epochs=24, ablation_epochs=8)
+    assert at_budget(p, "main") == p
+    assert (at_budget(p, "ablation").epochs, at_budget(p, "ablation").ablation_epochs) == (8, 8)
+    unset = dataclasses.replace(p, ablation_epochs=None)
+    assert at_budget(unset, "ablation") == unset  # null: the ablation trains as long as the pipeline's encoder
+    with pytest.raises(ValueError, match="pretrain.ablation_epochs: must be at least 1, got 0"):
+        at_budget(dataclasses.replace(p, ablation_epochs=0), "main")
+    with pytest.raises(ValueError, match="budget 'full' is not one of"):
+        at_budget(p, "full")
+
+
 def test_truncated_checkpoint_names_the_file(tiny_clips, tiny_params, tmp_path):
     from sonossl.train.pretrain import pretrain
 

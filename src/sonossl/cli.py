@@ -67,7 +67,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from sonossl.train.pretrain import pretrain
 
     params = load_params(args.params, args.profile).pretrain
-    metrics = pretrain(args.clips, args.out, params, mode=args.mode, resume=args.resume, progress=not args.quiet)
+    metrics = pretrain(args.clips, args.out, params, mode=args.mode, resume=args.resume, progress=not args.quiet,
+                       budget=args.budget)
     if metrics:  # rank 0
         print(json.dumps({k: metrics[k] for k in ("mode", "val", "chance", "clips_per_s")}, indent=2))
     return 0
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder: encoder.pt, metrics.json, live/")
     p.add_argument("--mode", default="both-sequential",
                    help="order | transform | both-sequential | both-parallel (default: both-sequential)")
+    p.add_argument("--budget", choices=("main", "ablation"), default="main",
+                   help="main: the profile's pretrain.epochs; ablation: its pretrain.ablation_epochs, the one cost "
+                        "of every encoder in the pretext-mode ablation (default: main)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints/last.pt when it belongs to the same run")
     p.set_defaults(func=_cmd_pretrain)

@@ -111,6 +111,10 @@ class PretrainParams:
     transform: TransformParams = field(default_factory=TransformParams)
     loss_weights: LossWeights = field(default_factory=LossWeights)
     epochs: int = 10
+    # Epochs of every encoder of the pretext-mode ablation (`sonossl pretrain --budget ablation`: order only,
+    # transform only, both-parallel and a both-sequential twin), so that the modes compare at one cost below the
+    # pipeline's own encoder's; null = ``epochs``.
+    ablation_epochs: int | None = None
     clips_per_epoch: int | None = None  # null = one clip per valid start in the training videos
     batch_size: int = 64
     lr: float = 1e-3

@@ -24,8 +24,8 @@ from typing import Any
 from sonossl.atomic import atomic_write_text
 
 # finetune output names: <init>-<task>; init names as they appear in the tables
-INITS = {"ssl": "SSL (both-sequential)", "order": "order only", "transform": "transform only",
-         "parallel": "both-parallel", "scratch": "scratch (random init)"}
+INITS = {"ssl": "SSL (both-sequential)", "sequential": "both-sequential (ablation)", "order": "order only",
+         "transform": "transform only", "parallel": "both-parallel", "scratch": "scratch (random init)"}
 SALIENCY_KEYS = ("kld", "cc", "nss", "sim", "auc_judd")
 PRETEXT_HEADS = ("order", "rotation", "scale", "shear")
 NEAR_CHANCE = "not clearly above chance"
@@ -131,7 +131,7 @@ def near_chance(m: dict[str, Any]) -> list[str]:
 
 
 def pretext_table(pretrain: dict[str, dict]) -> list[str]:
-    head = ["pretext mode"] + [f"{h} acc (chance)" for h in PRETEXT_HEADS]
+    head = ["encoder", "epochs"] + [f"{h} acc (chance)" for h in PRETEXT_HEADS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     flagged = False
     for mode, m in pretrain.items():
@@ -141,7 +141,7 @@ def pretext_table(pretrain: dict[str, dict]) -> list[str]:
         for h in PRETEXT_HEADS:
             v, c = m["val"].get(f"{h}_acc"), m["chance"].get(f"{h}_acc")
             cells.append("–" if v is None else f"{v:.3f} ({c:.3f})" + (" *" if h in near else ""))
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append(f"| {mode} | {m.get('epochs', '–')} | " + " | ".join(cells) + " |")
     if flagged:
         lines += ["", f"\\* {NEAR_CHANCE}: below chance plus two binomial standard errors over the held-out clips."]
     return lines

@@ -14,6 +14,7 @@ fixed set of clips from the validation videos, per head, beside its chance level
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -159,6 +160,24 @@ def _to(batch: PretextBatch, device: torch.device) -> PretextBatch:
     return PretextBatch(oc, tc, {k: v.to(device) for k, v in batch.targets.items()})
 
 
+BUDGETS = ("main", "ablation")
+
+
+def at_budget(params: PretrainParams, budget: str) -> PretrainParams:
+    """The parameters of a pretraining run at ``budget``: "main" (the pipeline's own encoder) as given; "ablation"
+    with ``ablation_epochs`` in place of ``epochs`` when it is set, the one cost every encoder of the pretext-mode
+    ablation gets."""
+    if budget not in BUDGETS:
+        raise ValueError(f"pretrain budget {budget!r} is not one of {list(BUDGETS)}")
+    for name in ("epochs", "ablation_epochs"):
+        value = getattr(params, name)
+        if value is not None and value < 1:
+            raise ValueError(f"pretrain.{name}: must be at least 1, got {value}")
+    if budget == "ablation" and params.ablation_epochs is not None:
+        return dataclasses.replace(params, epochs=params.ablation_epochs)
+    return params
+
+
 def loop_params(params: PretrainParams) -> LoopParams:
     return LoopParams(epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay,
                       warmup_epochs=params.warmup_epochs, seed=params.seed, amp=params.amp,
@@ -208,8 +227,10 @@ def pretrain_on(data: ClipDataset, train_mask: np.ndarray, val_mask: np.ndarray,
 
 
 def pretrain(clips_dir: str | Path, out_dir: str | Path, params: PretrainParams, mode: str = "both-sequential",
-             resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Pretrain on the training videos of a clip dataset, validate on its validation videos."""
+             resume: bool = False, progress: bool = True, budget: str = "main") -> dict[str, Any]:
+    """Pretrain on the training videos of a clip dataset, validate on its validation videos; ``budget``: see
+    ``at_budget``."""
+    params = at_budget(params, budget)
     data = load_clip_dataset(clips_dir)
     split = data.index.split.to_numpy()
     return pretrain_on(data, split == "train", split == "val", out_dir, params, mode, resume, progress)
