@@ -86,8 +86,8 @@ pretext-rates: setup
 LEVERS := benchmarks/results/label_seeds
 NODECAY := --encoder-lr-decay 1
 LR0 := --pretrain-lr 5e-4
-# The pretraining epochs of every encoder built before the default became 24 (8 until the commit that added the last
-# two commands), and the pipeline's encoder as it was then: its 8-epoch twin, pretrain@both-sequential-ablation.
+# The pretraining epochs of every encoder built before the default became 24 (8 before 4c6d92d, which added the last
+# three commands), and the pipeline's encoder as it was then: its 8-epoch twin, pretrain@both-sequential-ablation.
 E8 := --pretrain-epochs 8
 ENC8 := --encoder models/pretrain/both-sequential-ablation
 # 128 unlabelled sweeps rendered at 5 frames/s, pretrained at the pipeline's cost (the default profile's 1,936 clips)

@@ -165,7 +165,8 @@ def test_kill_9_during_dvc_repro_of_preprocess_then_rerun(tiny_repo, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_dvc_repro_of_training_then_rerun_resumes(tiny_repo, tmp_path):
     root = _copy(tiny_repo, tmp_path / "repo")
-    _edit_params(root, lambda doc: doc["tiny"]["pretrain"].update(epochs=16))  # order mode: about 0.1 s an epoch
+    # pretrain@order is an ablation encoder: it trains pretrain.ablation_epochs (order mode: about 0.1 s an epoch)
+    _edit_params(root, lambda doc: doc["tiny"]["pretrain"].update(ablation_epochs=16))
     cache, lock = _cache_entries(root), (root / "dvc.lock").read_text()
     out_dir = root / "models/pretrain/order"
     last = out_dir / "checkpoints/last.pt"
@@ -175,7 +176,7 @@ def test_kill_9_during_dvc_repro_of_training_then_rerun_resumes(tiny_repo, tmp_p
 
         return load_checkpoint(last)["epoch"]  # always whole: written atomically
 
-    assert epochs_done() == 2  # the 2-epoch run of the fixture: the first run resumes from it, too
+    assert epochs_done() == 1  # the fixture's run (tiny: ablation_epochs 1): the first run resumes from it, too
     proc = _start(root, "repro", "pretrain@order")
     _kill_when(proc, lambda: epochs_done() >= 4, "four epochs", poll=0.02)
     done = epochs_done()

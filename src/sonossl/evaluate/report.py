@@ -1,6 +1,6 @@
 """The evaluate step: one results report from every pretrain and finetune output.
 
-Reads ``<pretrain>/<mode>/metrics.json`` and ``<finetune>/<name>/metrics.json`` (and ``crossval`` results when
+Reads ``<pretrain>/<encoder>/metrics.json`` and ``<finetune>/<name>/metrics.json`` (and ``crossval`` results when
 given) and writes:
 
 - ``results.md``: the tables the README shows (plane detection, or classification by your own videos' labels, by
