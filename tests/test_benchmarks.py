@@ -180,7 +180,8 @@ def test_encoder_pairs_fine_tunes_both_encoders_on_the_same_draws(tiny_clips, ti
                  test_clips=tiny_test_clips, progress=False)
     assert result["per_seed"][1]["encoder"] == m["runs"][0]["test"]["macro_f1"]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoder_pairs.py"), "--profile", "tiny",
-                           "--against", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad.json")],
+                           "--encoder", str(encoder), "--against", str(tmp_path / "nothing"),
+                           "--out", str(tmp_path / "bad.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--against" in proc.stderr and "no encoder.pt" in proc.stderr
     assert not (tmp_path / "bad.json").exists()
