@@ -52,9 +52,9 @@ def main() -> int:
                 ft = dataclasses.replace(params.finetune, seed=seed)
                 row: dict = {"fraction": frac, "seed": seed}
                 for key, encoder in names.items():
-                    m = finetune(args.clips, Path(tmp) / f"{key}-{frac:g}-{seed}", ft, task="planes", encoder=encoder,
-                                 fractions=[frac], methods=("finetune",), test_clips=test_clips(args),
-                                 progress=False)
+                    m = finetune(args.clips, Path(tmp) / f"{key}-{frac:g}-{seed}", ft, task="planes",
+                                 encoder=encoder, fractions=[frac], methods=("finetune",),
+                                 test_clips=test_clips(args), progress=False)
                     run = m["runs"][0]
                     row |= {key: run["test"]["macro_f1"], f"{key}_epoch": f"{run['best_epoch']}/{ft.epochs}",
                             "videos": run["videos"]}
