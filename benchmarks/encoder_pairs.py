@@ -23,7 +23,8 @@ from pathlib import Path
 from sonossl.config import as_dict
 from sonossl.train.finetune import finetune
 
-from label_seeds import ROOT, draw_args, draw_params, finish, spread, test_clips  # benchmarks/ is on the path
+from label_seeds import (ROOT, draw_args, draw_params, finish, shown, spread,  # benchmarks/ is on the path
+                         test_clips)
 
 
 def main() -> int:
@@ -68,12 +69,8 @@ def main() -> int:
                 **{key: spread([r[key] for r in mine]) for key in ("encoder", "against", "difference")},
                 "difference_positive_in": f"{sum(r['difference'] > 0 for r in mine)}/{len(mine)} seeds"}
 
-    def where(path: Path) -> str:
-        given = path.resolve()
-        return str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
-
     result = {"benchmark": "encoder_pairs", "profile": params.profile, "method": "finetune",
-              "encoder": where(args.encoder), "against": where(args.against),
+              "encoder": shown(args.encoder), "against": shown(args.against),
               "finetune": as_dict(params.finetune) | {"seed": "per row"},
               "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
               "by_fraction": [summary(f) for f in fractions], "per_seed": rows}

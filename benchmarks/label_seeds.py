@@ -278,7 +278,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
 
     given = args.encoder.resolve()
-    encoder_path = None if builds(args) else str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
+    encoder_path = None if builds(args) else shown(args.encoder)
     # an encoder kept by --save-encoder says how it was built
     kept = given / BUILT_BY
     build = built_by(args) if builds(args) or not kept.is_file() else json.loads(kept.read_text())
@@ -296,6 +296,12 @@ def main() -> int:
         if fraction == min(params.finetune.fractions) else None,
     }
     return finish(result, args.out, t0)
+
+
+def shown(path: Path) -> str:
+    """``path`` as a record names it: relative to the repository when inside it (also ``encoder_pairs.py``)."""
+    given = path.resolve()
+    return str(given.relative_to(ROOT) if given.is_relative_to(ROOT) else given)
 
 
 def spread(values: list[float]) -> dict[str, float]:
