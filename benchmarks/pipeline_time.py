@@ -7,7 +7,7 @@ checkpoints that let an interrupted run resume; left in place, a forced training
 epoch and train nothing), so every stage starts from nothing, as in a fresh checkout. It notes when each stage
 starts from DVC's own "Running stage" lines, and writes a record: seconds per stage, the simulated pipeline (every
 stage but ``crossval``, the other datasets' ``preprocess@<name>`` and the ``train-*`` stages of the datasets under
-``train:``: what `make run` runs without the POCUS videos), ``crossval``, and
+``train:`` and ``crossval_datasets:``: what `make run` runs without the POCUS videos), ``crossval``, and
 the same figures scaled to the issue's sizing machine with ``benchmarks/machine_speed.py``'s yardstick, measured in
 the same run after the repro (``--no-yardstick`` skips it). The scaling is a rough guide: the yardstick is a
 full-width ResNet-18, and hosts differ in how much faster they run it than this project's narrower encoder.
@@ -50,7 +50,7 @@ def stage_seconds(events: list[tuple[float, str]], end: float) -> dict[str, floa
 
 def is_simulated(stage: str) -> bool:
     """A stage of the simulated pipeline (simulate -> export): not crossval, nor another dataset's preprocess, nor
-    the train-* stages of the datasets under `train:`."""
+    the train-* stages of the datasets under `train:` and `crossval_datasets:`."""
     if stage == "crossval" or stage.startswith("train-"):
         return False
     return not stage.startswith("preprocess@") or stage in SIMULATED_DATA

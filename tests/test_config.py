@@ -48,6 +48,9 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
          "train[1]: 'mine' is not a dataset; list it under `datasets:`"),
         (lambda d: d.update(train=["pocus", "pocus"]), "train[1]: 'pocus' is listed twice"),
         (lambda d: d.update(train="pocus"), "train: expected a list"),
+        (lambda d: d.update(crossval_datasets=["mine"]),
+         "crossval_datasets[0]: 'mine' is not a dataset; list it under `datasets:`"),
+        (lambda d: d.update(crossval_datasets=["pocus", "pocus"]), "crossval_datasets[1]: 'pocus' is listed twice"),
     ],
 )
 def test_bad_entries_fail_naming_the_file_and_field(tmp_path, edit, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,31 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
         assert pt["train_clips"] > 0 and pt["val_clips"] > 0  # inner-train clips; inner-validation ones
         assert out["fold_runs"][f]["pretrain_videos"] == out["fold_runs"][f]["train_videos"]
     md = (tmp_path / "cv.md").read_text()
+    assert md.startswith(f"### Video classification, 3-fold cross-validation grouped by patient: {tmp_path / 'clips'}")
     assert "| ssl | finetune |" in md and "inner validation videos included" not in md and "every frame" not in md
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
+
+
+def test_crossval_refuses_videos_without_one_label_naming_the_dataset(tiny_clips, pocus_subset, tiny_params,
+                                                                     tmp_path):
+    """Cross-validation classifies whole videos: per-frame labels (the simulated sweeps' planes) and videos without a
+    label are refused before any training, naming the clip dataset and a video."""
+    from sonossl.data.clips import preprocess
+    from sonossl.train.crossval import crossval
+
+    with pytest.raises(ValueError, match="video\\(s\\) have frames of several labels, e.g. 'videos/sweep_") as err:
+        crossval(tiny_clips, tmp_path / "sim", tiny_params, progress=False)
+    assert str(tiny_clips) in str(err.value) and not (tmp_path / "sim").exists()
+
+    raw = tmp_path / "raw"
+    shutil.copytree(pocus_subset, raw)
+    labels = pd.read_csv(raw / "labels.csv")
+    labels.loc[labels.index[:2], "label"] = None
+    labels.to_csv(raw / "labels.csv", index=False)
+    preprocess(raw, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    with pytest.raises(ValueError, match="label, which is missing for 2 video\\(s\\)") as err:
+        crossval(tmp_path / "clips", tmp_path / "cv", tiny_params, progress=False)
+    assert str(tmp_path / "clips") in str(err.value) and not (tmp_path / "cv").exists()
 
 
 @pytest.mark.slow

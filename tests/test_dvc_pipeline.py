@@ -127,18 +127,24 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_subset):
-    """`train: [mine]` (12 real videos): preprocess@mine, then pretrain, the SSL and scratch fine-tunes, the report
-    and the export under models/datasets/mine; DVC lists their metrics; a second run does nothing; the exported
-    classifier answers a request."""
+    """`train: [mine]` and `crossval_datasets: [mine]` (12 real videos): preprocess@mine, then pretrain, the SSL and
+    scratch fine-tunes, the report and the export under models/datasets/mine, and its cross-validation by patient;
+    DVC lists their metrics; a second run does nothing; the exported classifier answers a request."""
     root = tmp_path / "repo"
     root.mkdir()
     _copy_repo(root)
-    _edit_params(root, lambda d: d.update(profile="tiny", datasets={"mine": str(pocus_subset)}, train=["mine"]))
-    targets = ("train-export@mine", "train-evaluate@mine")
+    _edit_params(root, lambda d: d.update(profile="tiny", datasets={"mine": str(pocus_subset)}, train=["mine"],
+                                          crossval_datasets=["mine"]))
+    targets = ("train-export@mine", "train-evaluate@mine", "train-crossval@mine")
     out = _dvc(root, "repro", *targets)
     for stage in ("preprocess@mine", "train-pretrain@mine", "train-ssl@mine", "train-scratch@mine", *targets):
         assert f"Running stage '{stage}'" in out, out
     assert "Running stage 'simulate'" not in out and "Running stage 'pretrain@" not in out
+    assert "Running stage 'crossval'" not in out  # POCUS's own stage
+    cv = json.loads((root / "models/datasets/mine/crossval/results.json").read_text())
+    assert cv["dataset"] == "data/clips/mine" and cv["folds"] == 3 and cv["videos"] == 12
+    assert (root / "reports/datasets/mine/crossval.md").read_text().startswith(
+        "### Video classification, 3-fold cross-validation grouped by patient: data/clips/mine")
     base = root / "models/datasets/mine"
     assert (base / "pretrain/both-sequential/encoder.pt").is_file()
     ssl = json.loads((base / "finetune/ssl-planes/metrics.json").read_text())
@@ -154,7 +160,8 @@ def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_sub
     assert f"the test split of data/clips/mine (version {meta['version']})" in results
     shown = _dvc(root, "metrics", "show")
     for path in ("reports/datasets/mine/metrics.json", "models/datasets/mine/finetune/ssl-planes/metrics.json",
-                 "models/datasets/mine/pretrain/both-sequential/metrics.json"):
+                 "models/datasets/mine/pretrain/both-sequential/metrics.json",
+                 "models/datasets/mine/crossval/metrics.json"):
         assert path in shown, shown
     assert "Running stage" not in _dvc(root, "repro", *targets)
 
@@ -182,8 +189,8 @@ def test_pipeline_time_gives_each_stage_the_time_until_the_next_one_starts(monke
     assert summarise({"simulate": 2.0}) == {"simulated_s": 2.0, "crossval_s": None}
     # your own datasets' stages are not the simulated pipeline either
     assert summarise({"preprocess@sim": 1.0, "preprocess@sim_test": 2.0, "preprocess@mine": 4.0,
-                      "train-pretrain@mine": 8.0, "train-export@mine": 16.0}) == {"simulated_s": 3.0,
-                                                                                  "crossval_s": None}
+                      "train-pretrain@mine": 8.0, "train-export@mine": 16.0, "train-crossval@mine": 32.0}) == {
+        "simulated_s": 3.0, "crossval_s": None}
 
 
 @pytest.mark.slow

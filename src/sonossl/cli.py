@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="report folder: results.md, metrics.json, plots/")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("crossval", help="POCUS video classification: k-fold by patient, SSL vs scratch")
+    p = sub.add_parser("crossval", help="video classification (POCUS, or yours): k-fold by patient, SSL vs scratch")
     _add_params_args(p)
     p.add_argument("--clips", required=True, type=Path, help="clip dataset with video labels and patient_id")
     p.add_argument("--out", required=True, type=Path, help="output folder: results.json, metrics.json, folds/")

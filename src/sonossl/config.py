@@ -202,6 +202,10 @@ class Params:
     # Datasets (names under ``datasets``) that ``dvc repro`` trains on with the ``train-*`` stages: pretrain,
     # fine-tunes from it and from scratch (the planes task), evaluate and export, under models/datasets/<name>.
     train: list[str] = field(default_factory=list)
+    # Datasets that ``dvc repro`` cross-validates with the ``train-crossval`` stage (``train.crossval``: k folds
+    # grouped by patient, SSL against scratch), under models/datasets/<name>/crossval; they need ``patient_id`` and
+    # ``label``. POCUS has its own ``crossval`` stage.
+    crossval_datasets: list[str] = field(default_factory=list)
     # The simulated test set: the ``simulate`` block with the ``simulate_test`` block's keys replaced (another seed,
     # so other fetuses; see params.yaml); None when the profile has no ``simulate_test`` block.
     simulate_test: SimulateParams | None = None
@@ -298,15 +302,21 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
             raise ParamsError(f"{where}.seed: must differ from simulate.seed ({built['simulate'].seed}), or the "
                               "test sweeps would show the training fetuses again")
     datasets = _coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets")
-    train = _coerce(list[str], doc.get("train") or [], f"{path}: train")
-    for i, name in enumerate(train):
+    return Params(profile=profile, datasets=datasets, train=_dataset_names(doc, "train", datasets, path),
+                  crossval_datasets=_dataset_names(doc, "crossval_datasets", datasets, path), **built)
+
+
+def _dataset_names(doc: dict[str, Any], key: str, datasets: dict[str, str], path: Path) -> list[str]:
+    """The top-level list ``key`` of dataset names: each listed under ``datasets:``, none twice."""
+    names = _coerce(list[str], doc.get(key) or [], f"{path}: {key}")
+    for i, name in enumerate(names):
         if name not in datasets:
             listed = ", ".join(datasets) or "none listed"
-            raise ParamsError(f"{path}: train[{i}]: {name!r} is not a dataset; list it under `datasets:` ({listed}) "
+            raise ParamsError(f"{path}: {key}[{i}]: {name!r} is not a dataset; list it under `datasets:` ({listed}) "
                               f"so that preprocess@{name} builds its clips")
-        if name in train[:i]:
-            raise ParamsError(f"{path}: train[{i}]: {name!r} is listed twice")
-    return Params(profile=profile, datasets=datasets, train=train, **built)
+        if name in names[:i]:
+            raise ParamsError(f"{path}: {key}[{i}]: {name!r} is listed twice")
+    return names
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

@@ -178,7 +178,7 @@ def crossval_markdown(cv: dict) -> str:
     how += ("Each test frame was classified as it is and mirrored left-right, its probabilities the mean of the "
             "two (\"frames alone\": without the mirrors). " if opts.get("flip_test") else "")
     return "\n".join([
-        f"### POCUS video classification, {cv['folds']}-fold cross-validation grouped by patient", "",
+        f"### Video classification, {cv['folds']}-fold cross-validation grouped by patient: {cv['dataset']}", "",
         *crossval_table(cv), "",
         f"{how}{cv['videos']} videos of {cv['patients']} patients; clip dataset version {cv['data_version']}; "
         f"{minutes:.1f} min on this machine.", ""])

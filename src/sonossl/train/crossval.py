@@ -1,5 +1,7 @@
-"""The crossval step: POCUS video classification (covid / pneumonia / regular), k-fold cross-validation grouped by
-patient, SSL against scratch, linear probe and fine-tune.
+"""The crossval step: video classification, k-fold cross-validation grouped by patient, SSL against scratch, linear
+probe and fine-tune. The pipeline runs it on POCUS (covid / pneumonia / regular; stage ``crossval``) and on the
+datasets under ``crossval_datasets:`` in params.yaml (``train-crossval@<name>``); a dataset needs one ``label`` and
+a ``patient_id`` per video.
 
 Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one fold, classes spread over folds):
 
@@ -92,6 +94,15 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     idx = d.data.index
     if idx.patient_id.isna().any():
         raise ValueError(f"{clips_dir}: crossval groups by patient_id, which is missing for some videos")
+    unlabelled = idx.video[idx.label.isna()].unique()
+    if len(unlabelled):
+        raise ValueError(f"{clips_dir}: crossval classifies whole videos by their label, which is missing for "
+                         f"{len(unlabelled)} video(s), e.g. {unlabelled[0]!r}")
+    kinds = idx.groupby("video").label.nunique()
+    if (kinds > 1).any():
+        raise ValueError(f"{clips_dir}: crossval classifies whole videos, but {int((kinds > 1).sum())} video(s) have "
+                         f"frames of several labels, e.g. {kinds.index[kinds > 1][0]!r}: give labels.csv one "
+                         "`label` per video (per-frame annotations are for the planes task)")
     videos = idx.groupby("video_idx").agg(label=("label", "first"), patient=("patient_id", "first"))
     vid_ids = videos.index.to_numpy()
     vlabel = np.array([d.classes.index(str(x)) for x in videos.label])
