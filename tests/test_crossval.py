@@ -42,15 +42,16 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
         assert pt["train_clips"] > 0 and pt["val_clips"] > 0  # inner-train clips; inner-validation ones
         assert out["fold_runs"][f]["pretrain_videos"] == out["fold_runs"][f]["train_videos"]
     md = (tmp_path / "cv.md").read_text()
-    assert md.startswith(f"### Video classification, 3-fold cross-validation grouped by patient: {tmp_path / 'clips'}")
+    heading = f"### Video classification, 3-fold cross-validation grouped by patient: {tmp_path / 'clips'}"
+    assert md.startswith(heading)
     assert "| ssl | finetune |" in md and "inner validation videos included" not in md and "every frame" not in md
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
 
 
 def test_crossval_refuses_videos_without_one_label_naming_the_dataset(tiny_clips, pocus_subset, tiny_params,
                                                                      tmp_path):
-    """Cross-validation classifies whole videos: per-frame labels (the simulated sweeps' planes) and videos without a
-    label are refused before any training, naming the clip dataset and a video."""
+    """Cross-validation classifies whole videos: per-frame labels (the simulated sweeps' planes) and videos without
+    a label are refused before any training, naming the clip dataset and a video."""
     from sonossl.data.clips import preprocess
     from sonossl.train.crossval import crossval
 

@@ -312,8 +312,8 @@ def _dataset_names(doc: dict[str, Any], key: str, datasets: dict[str, str], path
     for i, name in enumerate(names):
         if name not in datasets:
             listed = ", ".join(datasets) or "none listed"
-            raise ParamsError(f"{path}: {key}[{i}]: {name!r} is not a dataset; list it under `datasets:` ({listed}) "
-                              f"so that preprocess@{name} builds its clips")
+            raise ParamsError(f"{path}: {key}[{i}]: {name!r} is not a dataset; list it under `datasets:` "
+                              f"({listed}) so that preprocess@{name} builds its clips")
         if name in names[:i]:
             raise ParamsError(f"{path}: {key}[{i}]: {name!r} is listed twice")
     return names
