@@ -42,8 +42,6 @@ def main() -> int:
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise SystemExit(f"--fractions: every fraction must be in (0, 1], got {bad}")
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds: must be at least 1, got {args.seeds}")
     names = {"encoder": args.encoder, "against": args.against}
     rows: list[dict] = []
     t0 = time.perf_counter()

@@ -172,7 +172,9 @@ def draw_args(doc: str) -> argparse.ArgumentParser:
 
 def draw_params(args: argparse.Namespace, **options: object) -> Params:
     """The profile's parameters with the fine-tune options given on the command line replaced (``--encoder-lr-decay``
-    of ``draw_args``, and the script's own as keywords; None keeps the profile's), checked before any work."""
+    of ``draw_args``, and the script's own as keywords; None keeps the profile's), checked with ``--seeds`` before
+    any work."""
+    at_least("--seeds", args.seeds, 1)
     params = load_params(ROOT / "params.yaml", args.profile)
     given = {"encoder_lr_decay": args.encoder_lr_decay, **options}
     params = dataclasses.replace(params, finetune=dataclasses.replace(

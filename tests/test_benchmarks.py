@@ -124,6 +124,7 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     (["--pretrain-max-shift", "-1"], "--pretrain-max-shift: must be at least 0, got -1.0"),
     (["--pretrain-crop", "4"], "--pretrain-crop: must be at least 8, got 4"),
     (["--pretrain-crop", "40"], "--pretrain-crop: pretrain.crop=40 is too large for 32px frames"),
+    (["--pretrain-epochs", "1", "--seeds", "0"], "--seeds: must be at least 1, got 0"),  # draw_params: every script
 ])
 def test_label_seeds_refuses_bad_pretraining_options(tmp_path, given, message):
     proc = subprocess.run([sys.executable, str(LABEL_SEEDS), "--profile", "tiny", *given,
