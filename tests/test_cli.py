@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+import yaml
 
 from sonossl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_is_fast_and_lists_the_steps():
@@ -34,3 +40,38 @@ def test_test_sweeps_need_a_simulate_test_block(tmp_path, capsys):
     params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: 1\n")
     assert main(["simulate", "--test-set", "--params", str(params), "--out", str(tmp_path / "sim")]) == 2
     assert "tiny has no simulate_test block" in capsys.readouterr().err and not (tmp_path / "sim").exists()
+
+
+def test_train_dataset_gives_export_and_evaluate_the_tasks_params_lists_for_it(tmp_path, tiny_export, tiny_clips,
+                                                                                 capsys):
+    """`--train-dataset NAME` (the train-* stages): the planes task, and saliency only while NAME is under
+    `train_saliency:`, which then needs a saliency run; a NAME not under `train:` is one clear line."""
+    both = tiny_export.parent / "finetune"  # ssl-planes and ssl-saliency
+    planes_only = tmp_path / "planes_only"
+    planes_only.mkdir()
+    (planes_only / "ssl-planes").symlink_to(both / "ssl-planes")
+    params = tmp_path / "params.yaml"
+
+    def run(step: str, finetune: Path, name: str, out: Path, saliency: bool) -> int:
+        doc = yaml.safe_load((REPO / "params.yaml").read_text())
+        doc.update(profile="tiny", datasets={"sweeps": "data/raw/sweeps"}, train=["sweeps"],
+                   train_saliency=["sweeps"] if saliency else [])
+        params.write_text(yaml.safe_dump(doc, sort_keys=False))
+        where = ["--clips", str(tiny_clips)] if step == "export" else ["--pretrain", str(tmp_path / "none")]
+        return main([step, "--params", str(params), *where, "--finetune", str(finetune), "--out", str(out),
+                     "--train-dataset", name])
+
+    # Off train_saliency: the saliency run in the folder is left out of the export and the report.
+    assert run("export", both, "sweeps", tmp_path / "export", saliency=False) == 0
+    assert json.loads((tmp_path / "export/model_card.json").read_text())["saliency"] is None
+    assert run("evaluate", both, "sweeps", tmp_path / "report", saliency=False) == 0
+    assert "Saliency" not in (tmp_path / "report/results.md").read_text()
+    # On it: a folder without a saliency run fails, naming it; nothing is written.
+    capsys.readouterr()
+    for step in ("export", "evaluate"):
+        assert run(step, planes_only, "sweeps", tmp_path / f"{step}2", saliency=True) == 2
+        err = capsys.readouterr().err
+        assert f"{planes_only}: no finetune output for the saliency task" in err, err
+        assert not (tmp_path / f"{step}2").exists()
+    assert run("export", both, "other", tmp_path / "export3", saliency=True) == 2
+    assert f"{params}: --train-dataset: 'other' is not under `train:` (sweeps)" in capsys.readouterr().err

@@ -51,6 +51,10 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
         (lambda d: d.update(crossval_datasets=["mine"]),
          "crossval_datasets[0]: 'mine' is not a dataset; list it under `datasets:`"),
         (lambda d: d.update(crossval_datasets=["pocus", "pocus"]), "crossval_datasets[1]: 'pocus' is listed twice"),
+        (lambda d: d.update(train_saliency=["sim"]),
+         "train_saliency[0]: 'sim' is not under `train:` (none listed); list it there so that"),
+        (lambda d: d.update(train=["sim"], train_saliency=["sim", "sim"]),
+         "train_saliency[1]: 'sim' is listed twice"),
     ],
 )
 def test_bad_entries_fail_naming_the_file_and_field(tmp_path, edit, message):

@@ -35,11 +35,13 @@ def _edit_params(root: Path, edit) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _dvc(root: Path, *args: str) -> str:
+def _dvc(root: Path, *args: str, ok: bool = True) -> str:
+    """``dvc <args>`` in ``root``; its output. ``ok=False``: the command must fail."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the `sonossl` of this venv
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (proc.returncode == 0) == ok, \
+        f"dvc {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
 
@@ -174,6 +176,58 @@ def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_sub
     answer = model.predict({"instances": np.asarray(frames).tolist()})
     assert [set(p) for p in answer["predictions"]] == [{"label", "probs", "embedding", "blank"}] * 3
     assert answer["predictions"][0]["label"] in card["classes"] and frames.shape[1] == size
+
+    # Under train_saliency without gaze maps: the saliency fine-tune fails, naming the clips, before training.
+    _edit_params(root, lambda d: d.update(train_saliency=["mine"]))
+    out = _dvc(root, "repro", "train-ssl-saliency@mine", ok=False)
+    assert "data/clips/mine: no saliency maps in this clip dataset" in out, out
+    assert not (base / "finetune/ssl-saliency/model.pt").exists()
+
+
+@pytest.mark.slow
+def test_dvc_repro_fine_tunes_saliency_on_the_datasets_under_train_saliency(tmp_path, tiny_clips):
+    """`train: [sweeps]` and `train_saliency: [sweeps]` (the tiny simulated sweeps, with their gaze maps, as your
+    own dataset): the SSL and scratch saliency fine-tunes run beside the planes ones, the report and the export
+    include them, and the served model answers with saliency maps. Taken off train_saliency again, the dataset's
+    report and export are made again without them, and nothing else runs."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    _copy_repo(root)
+    _edit_params(root, lambda d: d.update(profile="tiny", datasets={"sweeps": str(tiny_clips.parent / "raw")},
+                                          train=["sweeps"], train_saliency=["sweeps"]))
+    targets = ("train-export@sweeps", "train-evaluate@sweeps")
+    out = _dvc(root, "repro", *targets)
+    for stage in ("train-pretrain@sweeps", "train-ssl@sweeps", "train-scratch@sweeps", "train-ssl-saliency@sweeps",
+                  "train-scratch-saliency@sweeps", *targets):
+        assert f"Running stage '{stage}'" in out, out
+    base = root / "models/datasets/sweeps"
+    ssl = json.loads((base / "finetune/ssl-saliency/metrics.json").read_text())
+    assert ssl["task"] == "saliency" and ssl["encoder"] == "models/datasets/sweeps/pretrain/both-sequential"
+    card = json.loads((base / "export/model_card.json").read_text())
+    assert card["saliency"]["source"] in ("ssl-saliency", "scratch-saliency")
+    assert set(card["metrics"]["saliency"]["test"]) >= {"kld", "cc", "nss", "sim", "auc_judd"}
+    results = (root / "reports/datasets/sweeps/results.md").read_text()
+    assert "### Saliency prediction: test scores" in results and "### Standard-plane detection" in results
+    assert "saliency/ssl/finetune@1" in json.loads((root / "reports/datasets/sweeps/metrics.json").read_text())
+    assert "models/datasets/sweeps/finetune/scratch-saliency/metrics.json" in _dvc(root, "metrics", "show")
+    assert "Running stage" not in _dvc(root, "repro", *targets)
+
+    from sonossl.serve.model import SonosslModel
+
+    model = SonosslModel(model_dir=base / "export")
+    model.load()
+    frames = np.load(root / "data/clips/sweeps/frames.npy", mmap_mode="r")[:2]
+    answer = model.predict({"instances": np.asarray(frames).tolist()})
+    assert set(answer["predictions"][0]) == {"label", "probs", "embedding", "blank", "saliency"}
+    assert np.asarray(answer["predictions"][0]["saliency"]).ndim == 2
+
+    _edit_params(root, lambda d: d.update(train_saliency=[]))
+    out = _dvc(root, "repro", *targets)
+    assert "Running stage 'train-export@sweeps'" in out and "Running stage 'train-evaluate@sweeps'" in out, out
+    assert out.count("Running stage") == 2, out
+    card = json.loads((base / "export/model_card.json").read_text())
+    assert card["saliency"] is None and card["metrics"]["saliency"] is None
+    assert "Saliency" not in (root / "reports/datasets/sweeps/results.md").read_text()
 
 
 def test_pipeline_time_gives_each_stage_the_time_until_the_next_one_starts(monkeypatch):

@@ -96,10 +96,28 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_dataset_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-dataset", default=None, metavar="NAME",
+                   help="a dataset under `train:` in the params file (the train-* stages): only the tasks its "
+                        "stages train, planes and, if NAME is under `train_saliency:`, saliency (default: every "
+                        "task in --finetune)")
+
+
+def _train_tasks(args: argparse.Namespace) -> list[str] | None:
+    from sonossl.config import ParamsError, load_params, train_tasks
+
+    if args.train_dataset is None:
+        return None
+    try:
+        return train_tasks(load_params(args.params, args.profile), args.train_dataset)
+    except ParamsError as e:
+        raise ParamsError(f"{args.params}: --train-dataset: {e}") from None
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sonossl.evaluate.report import evaluate
 
-    metrics = evaluate(args.pretrain, args.finetune, args.out, crossval=args.crossval)
+    metrics = evaluate(args.pretrain, args.finetune, args.out, crossval=args.crossval, tasks=_train_tasks(args))
     print((args.out / "results.md").read_text())
     print(f"{len(metrics)} metric groups -> {args.out / 'metrics.json'}")
     return 0
@@ -127,7 +145,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from sonossl.config import load_params
     from sonossl.export import export
 
-    card = export(args.clips, args.finetune, args.out, load_params(args.params, args.profile))
+    card = export(args.clips, args.finetune, args.out, load_params(args.params, args.profile),
+                  tasks=_train_tasks(args))
     print(json.dumps({k: card[k] for k in ("model_version", "classes", "metrics")}, indent=2))
     return 0
 
@@ -294,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", required=True, type=Path, help="folder of finetune outputs")
     p.add_argument("--crossval", type=Path, default=None, help="POCUS cross-validation results.json, if run")
     p.add_argument("--out", required=True, type=Path, help="report folder: results.md, metrics.json, plots/")
+    _add_params_args(p)
+    _add_train_dataset_arg(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("crossval", help="video classification (POCUS, or yours): k-fold by patient, SSL vs scratch")
@@ -315,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", required=True, type=Path, help="the clip dataset the models were trained on")
     p.add_argument("--finetune", required=True, type=Path, help="folder of finetune outputs to choose from")
     p.add_argument("--out", required=True, type=Path, help="export folder (replaced atomically)")
+    _add_train_dataset_arg(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("contact-sheet", help="PNG of sample frames per class from a raw dataset")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,9 @@ class Params:
     # grouped by patient, SSL against scratch), under models/datasets/<name>/crossval; they need ``patient_id`` and
     # ``label``. POCUS has its own ``crossval`` stage.
     crossval_datasets: list[str] = field(default_factory=list)
+    # Datasets under ``train`` whose clips carry gaze maps: their ``train-*`` stages also fine-tune the saliency
+    # task (``train-ssl-saliency``, ``train-scratch-saliency``), and evaluate and export include it.
+    train_saliency: list[str] = field(default_factory=list)
     # The simulated test set: the ``simulate`` block with the ``simulate_test`` block's keys replaced (another seed,
     # so other fetuses; see params.yaml); None when the profile has no ``simulate_test`` block.
     simulate_test: SimulateParams | None = None
@@ -302,21 +306,38 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
             raise ParamsError(f"{where}.seed: must differ from simulate.seed ({built['simulate'].seed}), or the "
                               "test sweeps would show the training fetuses again")
     datasets = _coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets")
-    return Params(profile=profile, datasets=datasets, train=_dataset_names(doc, "train", datasets, path),
-                  crossval_datasets=_dataset_names(doc, "crossval_datasets", datasets, path), **built)
+    train = _dataset_names(doc, "train", datasets, path)
+    return Params(profile=profile, datasets=datasets, train=train,
+                  crossval_datasets=_dataset_names(doc, "crossval_datasets", datasets, path),
+                  train_saliency=_dataset_names(doc, "train_saliency", train, path), **built)
 
 
-def _dataset_names(doc: dict[str, Any], key: str, datasets: dict[str, str], path: Path) -> list[str]:
-    """The top-level list ``key`` of dataset names: each listed under ``datasets:``, none twice."""
+def _dataset_names(doc: dict[str, Any], key: str, among: Iterable[str], path: Path) -> list[str]:
+    """The top-level list ``key`` of dataset names, none twice, each listed under ``datasets:`` (``among`` its
+    names) or, for ``train_saliency``, under ``train:``."""
     names = _coerce(list[str], doc.get(key) or [], f"{path}: {key}")
+    among = list(among)
     for i, name in enumerate(names):
-        if name not in datasets:
-            listed = ", ".join(datasets) or "none listed"
+        if name not in among:
+            listed = ", ".join(among) or "none listed"
+            if key == "train_saliency":
+                raise ParamsError(f"{path}: {key}[{i}]: {name!r} is not under `train:` ({listed}); list it "
+                                  f"there so that train-pretrain@{name} pretrains the encoder its saliency task "
+                                  "starts from")
             raise ParamsError(f"{path}: {key}[{i}]: {name!r} is not a dataset; list it under `datasets:` "
                               f"({listed}) so that preprocess@{name} builds its clips")
         if name in names[:i]:
             raise ParamsError(f"{path}: {key}[{i}]: {name!r} is listed twice")
     return names
+
+
+def train_tasks(params: Params, name: str) -> list[str]:
+    """The downstream tasks the ``train-*`` stages train on the dataset ``name`` (under ``train:``): planes, and
+    saliency when it is also under ``train_saliency:``."""
+    if name not in params.train:
+        listed = ", ".join(params.train) or "none listed"
+        raise ParamsError(f"{name!r} is not under `train:` ({listed})")
+    return ["planes", "saliency"] if name in params.train_saliency else ["planes"]
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

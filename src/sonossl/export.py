@@ -3,7 +3,8 @@
 From the finetune outputs it takes the plane-detection model with the best validation score (``select_metric``,
 validation macro-F1 by default: the test videos play no part in the choice) and the best saliency model
 (``saliency_metric``) where there is one (a dataset without gaze maps has none: the model then predicts classes and
-embeddings only, and its card says so), and writes ``<out>/``:
+embeddings only, and its card says so; ``tasks`` chooses, as the ``train-export`` stages do for your datasets),
+and writes ``<out>/``:
 
 - ``model.pt``: the networks (spec + weights), the classes, the PCA that reduces embeddings for logging, and the
   input contract; loads with ``weights_only=True`` through ``load_bundle``;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,12 +181,19 @@ def _card_markdown(card: dict[str, Any]) -> str:
 
 
 def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path, params: Params,
-           progress: bool = True) -> dict[str, Any]:
+           progress: bool = True, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """``tasks``: the tasks to bundle, ``planes`` among them; with ``saliency`` a saliency run must exist. None:
+    the planes model, and a saliency model when ``finetune_dir`` holds a saliency run."""
     ep = params.export
     finetune_dir, out_dir = Path(finetune_dir), Path(out_dir)
+    if tasks is not None and "planes" not in tasks:
+        raise ValueError(f"tasks {list(tasks)}: export needs the planes task (the served classifier)")
     data = load_clip_dataset(clips_dir)
     planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
-    saliency = next(iter(_candidates(finetune_dir, "saliency", ep.saliency_metric, required=False)), None)
+    saliency = None
+    if tasks is None or "saliency" in tasks:
+        saliency = next(iter(_candidates(finetune_dir, "saliency", ep.saliency_metric, required=tasks is not None)),
+                        None)
     pck = load_checkpoint(planes_path)
     sck = load_checkpoint(saliency[2]) if saliency else None
     planes = plane_model(pck, len(pck["classes"]))

@@ -1,7 +1,7 @@
 """The evaluate step: one results report from every pretrain and finetune output.
 
 Reads ``<pretrain>/<encoder>/metrics.json`` and ``<finetune>/<name>/metrics.json`` (and ``crossval`` results when
-given) and writes:
+given; with ``tasks``, the finetune outputs of those tasks only) and writes:
 
 - ``results.md``: the tables the README shows (plane detection, or classification by your own videos' labels, by
   initialisation, method and label fraction; per-class F1 at the smallest fraction; saliency; pretext accuracy per
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,12 +206,18 @@ def confusion_pairs_from_matrix(matrix: list[list[int]], classes: list[str]) -> 
 
 
 def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
-             crossval: str | Path | None = None) -> dict[str, Any]:
+             crossval: str | Path | None = None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """The report of every run in ``finetune_dir`` (only those of ``tasks``, when given: each must have one)."""
     pretrain_dir, finetune_dir, out_dir = Path(pretrain_dir), Path(finetune_dir), Path(out_dir)
     pretrain = {p.parent.name: _read(p) for p in sorted(pretrain_dir.glob("*/metrics.json"))}
     finetune = {p.parent.name: _read(p) for p in sorted(finetune_dir.glob("*/metrics.json"))}
     if not finetune:
         raise FileNotFoundError(f"{finetune_dir}: no */metrics.json; run the finetune stages first")
+    if tasks is not None:
+        finetune = {name: m for name, m in finetune.items() if m["task"] in tasks}
+        missing = sorted(set(tasks) - {m["task"] for m in finetune.values()})
+        if missing:
+            raise FileNotFoundError(f"{finetune_dir}: no finetune output for the {', '.join(missing)} task(s)")
     runs = _runs(finetune)
     fractions = sorted({k[3] for k in runs if k[1] == "planes"})
     smallest = fractions[0] if fractions else None

@@ -530,7 +530,8 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
                    fractions: list[float], resume: bool, progress: bool, device: torch.device,
                    run_key: str, test: TestSet) -> tuple[list[dict], dict]:
     if d.data.saliency is None:
-        raise ValueError(f"{d.data.path}: no saliency maps in this clip dataset; the saliency task needs them")
+        raise ValueError(f"{d.data.path}: no saliency maps in this clip dataset (preprocess takes them from the "
+                         "`saliency` arrays of the raw dataset's annotations files); the saliency task needs them")
     saliency = torch.from_numpy(np.array(d.data.saliency, dtype=np.float32))
     has = d.data.index.has_saliency.to_numpy()
     order, floor = labelling_plan(d.data.index, params)
