@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sonossl.cli import main
@@ -43,7 +44,7 @@ def test_test_sweeps_need_a_simulate_test_block(tmp_path, capsys):
 
 
 def test_train_dataset_gives_export_and_evaluate_the_tasks_params_lists_for_it(tmp_path, tiny_export, tiny_clips,
-                                                                                 capsys):
+                                                                                 tiny_params, capsys):
     """`--train-dataset NAME` (the train-* stages): the planes task, and saliency only while NAME is under
     `train_saliency:`, which then needs a saliency run; a NAME not under `train:` is one clear line."""
     both = tiny_export.parent / "finetune"  # ssl-planes and ssl-saliency
@@ -75,3 +76,9 @@ def test_train_dataset_gives_export_and_evaluate_the_tasks_params_lists_for_it(t
         assert not (tmp_path / f"{step}2").exists()
     assert run("export", both, "other", tmp_path / "export3", saliency=True) == 2
     assert f"{params}: --train-dataset: 'other' is not under `train:` (sweeps)" in capsys.readouterr().err
+    from sonossl.export import export
+
+    for tasks in (["saliency"], ["planes", "salience"]):  # the library's own check of its tasks
+        with pytest.raises(ValueError, match=r"export bundles planes \(the served classifier\) and optionally"):
+            export(tiny_clips, both, tmp_path / "export4", tiny_params, tasks=tasks)
+    assert not (tmp_path / "export4").exists()

@@ -186,8 +186,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     the planes model, and a saliency model when ``finetune_dir`` holds a saliency run."""
     ep = params.export
     finetune_dir, out_dir = Path(finetune_dir), Path(out_dir)
-    if tasks is not None and "planes" not in tasks:
-        raise ValueError(f"tasks {list(tasks)}: export needs the planes task (the served classifier)")
+    if tasks is not None and ("planes" not in tasks or not set(tasks) <= {"planes", "saliency"}):
+        raise ValueError(f"tasks {list(tasks)}: export bundles planes (the served classifier) and optionally saliency")
     data = load_clip_dataset(clips_dir)
     planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
     saliency = None
