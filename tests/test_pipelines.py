@@ -5,6 +5,7 @@ run of the training pipeline on tiny whose metrics match a `dvc repro` of the sa
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import math
@@ -50,7 +51,7 @@ def test_compile_is_deterministic_and_matches_the_golden_yaml(tmp_path):
     first = _run(*SONOSSL, "pipeline", "compile", "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     compile_pipelines(tmp_path / "b")  # again, in this process
-    for name in ("training", "monitoring"):
+    for name in ("training", "monitoring", "crossval"):
         a, b = (tmp_path / "a" / f"{name}.yaml").read_bytes(), (tmp_path / "b" / f"{name}.yaml").read_bytes()
         assert a == b, f"{name}: two compiles differ"
         assert a == (GOLDEN / f"{name}.yaml").read_bytes(), (
@@ -58,7 +59,7 @@ def test_compile_is_deterministic_and_matches_the_golden_yaml(tmp_path):
             "`sonossl pipeline compile --out pipelines/golden` and commit the result")
 
 
-@pytest.mark.parametrize("name", ["training", "monitoring"])
+@pytest.mark.parametrize("name", ["training", "monitoring", "crossval"])
 def test_the_kfp_sdk_cli_compiles_the_same_yaml(tmp_path, name):
     """Users who know Kubeflow compile with kfp's own CLI, from the repository root."""
     out = tmp_path / f"{name}.yaml"
@@ -150,6 +151,26 @@ def test_training_yaml_carries_the_cluster_settings():
     assert cond["triggerPolicy"]["condition"] == \
         "inputs.parameter_values['pipelinechannel--champion-Output'] == 'deploy'"
     assert "deploy" in components[cond["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def test_crossval_yaml_runs_preprocess_then_crossval_on_a_gpu():
+    spec, platform = _docs(GOLDEN / "crossval.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"dataset", "profile", "pretrain_epochs", "folds", "image"}
+    assert "defaultValue" not in params["dataset"] and params["profile"]["defaultValue"] == "default"
+    assert sorted(tasks) == ["crossval", "preprocess"]
+    assert tasks["preprocess"]["inputs"]["parameters"]["tasks"]["runtimeValue"]["constant"] == ["planes"]
+    assert tasks["preprocess"]["cachingOptions"] == {}  # always runs; its version id keys crossval's cache
+    assert tasks["crossval"]["inputs"]["parameters"]["data_version"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "preprocess"}
+    ex = "exec-crossval"
+    res = spec["deploymentSpec"]["executors"][ex]["container"]["resources"]
+    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][ex]
+    assert k8s["secretAsEnv"][0]["secretName"] == "sonossl-s3"
+    assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    assert tasks["crossval"]["retryPolicy"]["maxRetryCount"] == 2
 
 
 def test_compile_overrides_defaults_and_rejects_unknown_parameters(tmp_path):
@@ -568,3 +589,44 @@ def test_the_monitoring_pipeline_reports_drift_of_a_real_request_log(drift_expor
     assert (run / "drift/report").read_text().lstrip().lower().startswith("<!doctype html")
     index = json.loads((tmp_path / "reports/index.json").read_text())  # the kept history: one window so far
     assert [(w["frames"], w["drift_detected"]) for w in index] == [(frames, False)]
+
+
+@pytest.mark.slow
+def test_the_crossval_pipeline_runs_on_real_videos_as_the_library_does(pocus_subset, tmp_path):
+    """`sonossl pipeline run-local --pipeline crossval` (kfp.local: preprocess -> crossval) on 12 real POCUS videos,
+    tiny profile, 2 folds: its results, report and logged metrics are those of the library's crossval on the same
+    clips. Without --dataset it refuses at once."""
+    from sonossl.config import load_params
+    from sonossl.train.crossval import crossval
+
+    cmd = [*SONOSSL, "pipeline", "run-local", "--pipeline", "crossval", "--out", str(tmp_path / "local")]
+    proc = _run(*cmd)
+    assert proc.returncode == 2 and "give --dataset" in proc.stderr, proc.stderr
+    proc = _run(*cmd, "--dataset", str(pocus_subset), "--param", "folds=2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    run, logged = Path(summary["run"]), summary["metrics"]
+    results = json.loads(Path(summary["results"]).read_text())
+    assert run.name.startswith("sonossl-crossval-") and summary["profile"] == "tiny"
+    assert results["folds"] == 2 and results["videos"] == 12 and (run / "crossval/results/folds/fold1").is_dir()
+    assert Path(summary["report"]).read_text().startswith(
+        "### Video classification, 2-fold cross-validation grouped by patient:")
+
+    params = load_params(REPO / "params.yaml", "tiny")
+    params = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, folds=2))
+    direct = crossval(run / "preprocess/clips", tmp_path / "direct", params, progress=False)
+    assert [(r["init"], r["method"], r["accuracy"], r["per_class_f1"]) for r in results["results"]] == \
+        [(r["init"], r["method"], r["accuracy"], r["per_class_f1"]) for r in direct["results"]]
+    for r in direct["results"]:
+        assert logged[f"{r['init']}/{r['method']}.video_accuracy"] == r["accuracy"]
+        assert logged[f"{r['init']}/{r['method']}.f1_covid"] == r["per_class_f1"]["covid"]
+
+
+def test_crossval_step_checks_its_overrides():
+    from sonossl.config import ParamsError
+    from sonossl.pipeline.steps import crossval_step
+
+    for kwargs, message in [({"folds": 1}, "folds=1: must be at least 2"),
+                            ({"pretrain_epochs": -1}, "pretrain_epochs=-1: must be positive")]:
+        with pytest.raises(ParamsError, match=message):
+            crossval_step("no/clips", "no/out", "no/report.md", "tiny", **kwargs)

@@ -188,9 +188,9 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     if args.action == "compile":
-        from sonossl.pipeline.spec import compile_pipelines, parse_pairs
+        from sonossl.pipeline.spec import PIPELINES, compile_pipelines, parse_pairs
 
-        names = ["training", "monitoring"] if args.pipeline == "all" else [args.pipeline]
+        names = list(PIPELINES) if args.pipeline == "all" else [args.pipeline]
         for path in compile_pipelines(args.out, names, parse_pairs(args.param)):
             print(path)
         return 0
@@ -208,15 +208,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             return 1
         print(json.dumps(out, indent=2))
         return 0
-    from sonossl.pipeline.local import run_local
+    from sonossl.pipeline.local import run_local, run_local_crossval
     from sonossl.pipeline.spec import parse_pairs, typed_parameters
 
-    arguments = typed_parameters("training", parse_pairs(args.param))
+    arguments = typed_parameters(args.pipeline, parse_pairs(args.param))
+    if args.pipeline == "crossval" and args.dataset is None:
+        raise ValueError("run-local --pipeline crossval: give --dataset, a raw dataset whose labels.csv has a "
+                         "label and a patient_id for every video (e.g. ../shared/data/pocus)")
     with contextlib.redirect_stdout(sys.stderr):  # kfp logs every task to stdout: keep stdout for the summary
-        summary = run_local(args.out, profile=args.profile, dataset=args.dataset, params_file=args.params,
-                            arguments=arguments)
+        if args.pipeline == "crossval":
+            summary = run_local_crossval(args.out, args.dataset, profile=args.profile, params_file=args.params,
+                                         arguments=arguments)
+        else:
+            summary = run_local(args.out, profile=args.profile, dataset=args.dataset, params_file=args.params,
+                                arguments=arguments)
     tasks = summary.pop("tasks")
-    summary["metrics"] = tasks["export"]["artifacts"]["metrics"]["metadata"]  # the exported model's
+    if args.pipeline == "training":
+        summary["metrics"] = tasks["export"]["artifacts"]["metrics"]["metadata"]  # the exported model's
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -261,6 +269,8 @@ def _cmd_champion(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sonossl.pipeline.spec import PIPELINES  # the pipelines' names (kfp itself is imported only to compile)
+
     parser = argparse.ArgumentParser(
         prog="sonossl", description="Self-supervised learning for ultrasound video: the pipeline's steps.")
     parser.add_argument("--version", action="version", version=f"sonossl {__version__}")
@@ -384,14 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("compile", help="write the pipelines' YAML (the same bytes every time)")
     a.add_argument("--out", type=Path, default=Path("dist/pipelines"),
                    help="folder for <pipeline>.yaml (default: dist/pipelines)")
-    a.add_argument("--pipeline", default="all", choices=["all", "training", "monitoring"])
+    a.add_argument("--pipeline", default="all", choices=["all", *PIPELINES])
     a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="replace a parameter's default in the YAML, e.g. profile=gpu (repeatable)")
     a.set_defaults(func=_cmd_pipeline)
     a = actions.add_parser("submit", help="start a run (or a recurring run) on Kubeflow Pipelines via kfp.Client")
     a.add_argument("--host", required=True,
                    help="the Kubeflow Pipelines API, e.g. https://kubeflow.example.org/pipeline")
-    a.add_argument("--pipeline", default="training", choices=["training", "monitoring"])
+    a.add_argument("--pipeline", default="training", choices=list(PIPELINES))
     a.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
     a.add_argument("--experiment", default="sonossl", help="experiment name (created when missing)")
     a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -402,16 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recurring run on this cron schedule, e.g. '0 6 * * *' (the monitoring pipeline)")
     a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the API (default: 10)")
     a.set_defaults(func=_cmd_pipeline)
-    a = actions.add_parser("run-local", help="run the training pipeline on this machine with kfp.local",
-                           description="Run the training pipeline on this machine with kfp.local. The tasks' logs "
-                                       "go to stderr; the run's summary (JSON) alone to stdout.")
+    a = actions.add_parser("run-local", help="run the training (or crossval) pipeline here with kfp.local",
+                           description="Run the training pipeline (or the crossval pipeline) on this machine with "
+                                       "kfp.local. The tasks' logs go to stderr; the run's summary (JSON) alone to "
+                                       "stdout.")
     _add_params_args(a)
     a.set_defaults(profile="tiny")
+    a.add_argument("--pipeline", default="training", choices=["training", "crossval"])
     a.add_argument("--out", type=Path, default=Path("dist/run-local"),
                    help="folder for the pipeline root, raw data and temp files (default: dist/run-local)")
     a.add_argument("--dataset", default=None,
-                   help="raw dataset (folder, s3:// prefix or dvc:// location); default: simulate the profile's "
-                        "sweeps, and its test sweeps as the test_dataset parameter")
+                   help="raw dataset (folder, s3:// prefix or dvc:// location); default (training pipeline): "
+                        "simulate the profile's sweeps, and its test sweeps as the test_dataset parameter; the "
+                        "crossval pipeline needs one with a label and a patient_id per video")
     a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="another pipeline parameter, e.g. pretrain_epochs=1 or tasks=planes (repeatable)")
     a.set_defaults(func=_cmd_pipeline)

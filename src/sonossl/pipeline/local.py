@@ -1,4 +1,5 @@
-"""Run the whole training pipeline on this machine with ``kfp.local`` (SubprocessRunner, this interpreter).
+"""Run the whole training pipeline (or the crossval pipeline) on this machine with ``kfp.local`` (SubprocessRunner,
+this interpreter).
 
 Each component runs as a subprocess of this Python, as it would in its container, on a pipeline root under
 ``out_dir``; the deploy step only renders the InferenceService (``deploy_dry_run``) and the champion lookup finds no
@@ -10,10 +11,12 @@ at once (in the preprocess task it would fail only after the task's retries).
 
     summary = run_local("dist/run-local", profile="tiny")
     summary["model_version"], summary["tasks"]["export"]["artifacts"]["metrics"]["metadata"]
+    summary = run_local_crossval("dist/run-local", "../shared/data/pocus", profile="tiny")   # labels + patient ids
 
 Outputs land under ``<out_dir>/kfp/sonossl-training-<timestamp>/<task>/<output>`` (the fine-tunes, one per task of
-the ``tasks`` parameter and initialisation, under ``for-loop-<n>-iteration-<i>/finetune[-2]/``); temporary files of
-the tasks under ``<out_dir>/tmp``.
+the ``tasks`` parameter and initialisation, under ``for-loop-<n>-iteration-<i>/finetune[-2]/``), and the crossval
+pipeline's under ``<out_dir>/kfp/sonossl-crossval-<timestamp>/``; temporary files of the tasks under
+``<out_dir>/tmp``.
 """
 
 from __future__ import annotations
@@ -28,9 +31,6 @@ from typing import Any
 
 from sonossl.config import SimulateParams
 from sonossl.pipeline.steps import DOWNSTREAM_TASKS, PARAMS_ENV, check_gaze_maps, check_tasks
-
-PIPELINE_NAME = "sonossl-training"
-
 
 @contextlib.contextmanager
 def _environ(**values: str) -> Iterator[None]:
@@ -81,11 +81,49 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+def _run(out_dir: Path, params_file: Path, name: str, **arguments: Any) -> tuple[Path, float, Any]:
+    """Run the pipeline ``name`` with kfp.local under ``out_dir/kfp``; its run folder, seconds and output task."""
+    from kfp import local
+
+    from sonossl.pipeline.spec import pipeline_function
+
+    root = out_dir / "kfp"
+    (out_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    pattern = f"sonossl-{name}-*"
+    before = set(root.glob(pattern)) if root.is_dir() else set()
+    pipeline = pipeline_function(name)
+    t0 = time.perf_counter()
+    with _environ(TMPDIR=str(out_dir / "tmp"), **{PARAMS_ENV: str(params_file)}):
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        task = pipeline(**arguments)
+    seconds = time.perf_counter() - t0
+    runs = sorted(set(root.glob(pattern)) - before)
+    if not runs:
+        raise RuntimeError(f"kfp.local wrote no run under {root}")
+    return runs[-1], seconds, task
+
+
+def run_local_crossval(out_dir: str | Path, dataset: str, profile: str = "tiny",
+                       params_file: str | Path = "params.yaml",
+                       arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the crossval pipeline locally on ``dataset`` (a labelled raw dataset with patient ids); returns a summary
+    (run folder, results.json and report paths, the logged metrics)."""
+    from sonossl.config import load_params
+
+    out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
+    load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
+    run_dir, seconds, _ = _run(out_dir, params_file, "crossval", dataset=dataset, profile=profile,
+                               **(arguments or {}))
+    tasks = summarize_run(run_dir)
+    return {"run": str(run_dir), "seconds": round(seconds, 1), "profile": profile, "dataset": dataset,
+            "results": str(Path(tasks["crossval"]["artifacts"]["results"]["uri"]) / "results.json"),
+            "report": tasks["crossval"]["artifacts"]["report"]["uri"],
+            "metrics": tasks["crossval"]["artifacts"]["metrics"]["metadata"], "tasks": tasks}
+
+
 def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = None,
               params_file: str | Path = "params.yaml", arguments: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the training pipeline locally; returns a summary (run folder, model version, metrics per task)."""
-    from kfp import local
-
     from sonossl.config import load_params
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
@@ -100,22 +138,7 @@ def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = 
     for location in (dataset, arguments.get("test_dataset")):
         if location and Path(location).is_dir():  # a folder here: saliency without gaze maps fails now, not in a task
             check_gaze_maps(Path(location), location, tasks)
-    root = out_dir / "kfp"
-    (out_dir / "tmp").mkdir(exist_ok=True)
-    before = set(root.glob(f"{PIPELINE_NAME}-*")) if root.is_dir() else set()
-
-    from sonossl.pipeline.spec import pipeline_function
-
-    training = pipeline_function("training")
-    t0 = time.perf_counter()
-    with _environ(TMPDIR=str(out_dir / "tmp"), **{PARAMS_ENV: str(params_file)}):
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-        task = training(dataset=dataset, profile=profile, **arguments)
-    seconds = time.perf_counter() - t0
-    runs = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
-    if not runs:
-        raise RuntimeError(f"kfp.local wrote no run under {root}")
-    run_dir = runs[-1]
+    run_dir, seconds, task = _run(out_dir, params_file, "training", dataset=dataset, profile=profile, **arguments)
     model = Path(task.output.path)
     card = json.loads((model / "model_card.json").read_text())
     tasks = summarize_run(run_dir)

@@ -19,7 +19,8 @@ from typing import Any
 
 from sonossl.atomic import atomic_write_bytes
 
-PIPELINES = {"training": ("pipelines.training", "training"), "monitoring": ("pipelines.monitoring", "monitoring")}
+PIPELINES = {"training": ("pipelines.training", "training"), "monitoring": ("pipelines.monitoring", "monitoring"),
+             "crossval": ("pipelines.crossval", "crossval")}
 # Parameter types of the pipeline IR, as Python types for ``key=value`` arguments
 _TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "LIST": list}
 

@@ -245,6 +245,28 @@ def export_step(clips_dir: str | Path, finetunes: dict[str, str | Path], out_dir
     return card["model_version"], card_metric(card, metric), _flat("", card["metrics"])
 
 
+def crossval_step(clips_dir: str | Path, out_dir: str | Path, report_md: str | Path, profile: str,
+                  pretrain_epochs: int = 0, folds: int = 0) -> dict[str, float]:
+    """Video classification, k-fold cross-validation grouped by patient (``sonossl.train.crossval``), as the
+    ``crossval`` and ``train-crossval@<name>`` stages: ``results.json``, ``metrics.json`` and the fold runs (a rerun
+    into the same folder resumes from them) in ``out_dir``, the table in ``report_md``. ``pretrain_epochs`` and
+    ``folds`` override the profile's ``crossval`` block when > 0. Returns ``<init>/<method>.video_accuracy`` and
+    ``<init>/<method>.f1_<class>`` for SSL and scratch, probe and fine-tune."""
+    from sonossl.train.crossval import crossval
+
+    _logging()
+    if pretrain_epochs < 0:
+        raise ParamsError(f"pipeline parameter pretrain_epochs={pretrain_epochs}: must be positive, or 0 for the "
+                          "profile's value")
+    if folds < 0 or folds == 1:
+        raise ParamsError(f"pipeline parameter folds={folds}: must be at least 2, or 0 for the profile's value")
+    params = load_profile(profile)
+    cv = dataclasses.replace(params.crossval, **{k: int(v) for k, v in [("pretrain_epochs", pretrain_epochs),
+                                                                          ("folds", folds)] if v})
+    crossval(clips_dir, out_dir, dataclasses.replace(params, crossval=cv), progress=True, report=report_md)
+    return _flat("", json.loads((Path(out_dir) / "metrics.json").read_text()))
+
+
 def card_metric(card: dict[str, Any], metric: str) -> float:
     """A model card's ``metric`` under the name the InferenceService's annotations give it (``planes.val.macro_f1``,
     ``planes.val.macro_f1``, ``saliency.val.cc``...: ``sonossl.deploy.card_annotations``), so that the new model
