@@ -12,7 +12,8 @@ from components import COMPONENT_OPTIONS
 
 @dsl.component(**COMPONENT_OPTIONS)
 def crossval(clips: Input[Dataset], data_version: str, profile: str, results: Output[Artifact],
-             report: Output[Markdown], metrics: Output[Metrics], pretrain_epochs: int = 0, folds: int = 0):
+             report: Output[Markdown], metrics: Output[Metrics], pretrain_epochs: int = 0, folds: int = 0,
+             checkpoint_store: str = ""):
     """SSL against scratch, linear probe and fine-tune, k folds grouped by patient, each fold's encoder pretrained
     on its training videos only (``sonossl.train.crossval.crossval``), as the ``crossval`` stage.
 
@@ -25,10 +26,12 @@ def crossval(clips: Input[Dataset], data_version: str, profile: str, results: Ou
         metrics: video accuracy and per-class F1 of each initialisation and method (<init>/<method>.<metric>).
         pretrain_epochs: overrides the profile's crossval.pretrain_epochs when > 0.
         folds: overrides the profile's crossval.folds when > 0 (at least 2).
+        checkpoint_store: an s3:// prefix: the output folder is mirrored there while the step runs, and a retry
+            resumes from the fold runs copied (empty: no mirror; a retry starts over).
     """
     from sonossl.pipeline.steps import crossval_step
 
-    for key, value in crossval_step(clips.path, results.path, report.path, profile, pretrain_epochs,
-                                    folds).items():
+    for key, value in crossval_step(clips.path, results.path, report.path, profile, pretrain_epochs, folds,
+                                    checkpoint_store).items():
         metrics.log_metric(key, value)
     results.metadata.update({"data_version": data_version})

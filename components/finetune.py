@@ -19,7 +19,7 @@ from components import COMPONENT_OPTIONS
 def finetune(clips: Input[Dataset], data_version: str, profile: str, task: str, name: str, model: Output[Model],
              metrics: Output[Metrics], encoder: Optional[Input[Model]] = None,
              test_clips: Optional[Input[Dataset]] = None, test_data_version: str = "", epochs: int = 0,
-             learning_rate: float = 0.0):
+             learning_rate: float = 0.0, checkpoint_store: str = ""):
     """Linear probe and fine-tune at the profile's label fractions (``sonossl.train.finetune.finetune``).
 
     Args:
@@ -38,11 +38,13 @@ def finetune(clips: Input[Dataset], data_version: str, profile: str, task: str, 
         test_data_version: its version id (part of the cache key; empty for none).
         epochs: overrides the profile's epochs when > 0.
         learning_rate: overrides the profile's learning rate when > 0.
+        checkpoint_store: an s3:// prefix: the output folder is mirrored there while the step runs, and a retry
+            resumes from the last epoch copied (empty: no mirror; a retry starts over).
     """
     from sonossl.pipeline.steps import finetune_step
 
     scores = finetune_step(clips.path, model.path, profile, task, name, encoder.path if encoder else None, epochs,
-                           learning_rate, test_clips.path if test_clips else None)
+                           learning_rate, test_clips.path if test_clips else None, checkpoint_store)
     for key, value in scores.items():
         metrics.log_metric(key, value)
     model.metadata.update({"data_version": data_version, "test_data_version": test_data_version, "task": task,

@@ -13,7 +13,7 @@ from components import COMPONENT_OPTIONS
 @dsl.component(**COMPONENT_OPTIONS)
 def pretrain(clips: Input[Dataset], data_version: str, profile: str, encoder: Output[Model],
              metrics: Output[Metrics], mode: str = "both-sequential", epochs: int = 0,
-             learning_rate: float = 0.0):
+             learning_rate: float = 0.0, checkpoint_store: str = ""):
     """Train the encoder on the pretext tasks (``sonossl.train.pretrain.pretrain``), as ``pretrain@<mode>``.
 
     Args:
@@ -25,9 +25,12 @@ def pretrain(clips: Input[Dataset], data_version: str, profile: str, encoder: Ou
         mode: pretext mode: order, transform, both-sequential, both-parallel.
         epochs: overrides the profile's epochs when > 0.
         learning_rate: overrides the profile's learning rate when > 0.
+        checkpoint_store: an s3:// prefix: the output folder is mirrored there while the step runs, and a retry
+            resumes from the last epoch copied (empty: no mirror; a retry starts over).
     """
     from sonossl.pipeline.steps import pretrain_step
 
-    for key, value in pretrain_step(clips.path, encoder.path, profile, mode, epochs, learning_rate).items():
+    for key, value in pretrain_step(clips.path, encoder.path, profile, mode, epochs, learning_rate,
+                                    checkpoint_store).items():
         metrics.log_metric(key, value)
     encoder.metadata.update({"data_version": data_version, "mode": mode})

@@ -19,7 +19,8 @@ from sonossl.pipeline import IMAGE
 @dsl.pipeline(name="sonossl-crossval",
               description="Video classification, k-fold cross-validation grouped by patient: SSL pretraining on "
                           "each fold's training videos against scratch, linear probe and fine-tune.")
-def crossval(dataset: str, profile: str = "default", pretrain_epochs: int = 0, folds: int = 0, image: str = IMAGE):
+def crossval(dataset: str, profile: str = "default", pretrain_epochs: int = 0, folds: int = 0,
+             checkpoint_store: str = "", image: str = IMAGE):
     """Args:
         dataset: the raw dataset: s3://bucket/prefix, dvc://<path>?repo=<git url>&rev=<revision>, or a folder; its
             labels.csv needs a label and a patient_id for every video (crossval fails, naming the dataset and a
@@ -27,11 +28,13 @@ def crossval(dataset: str, profile: str = "default", pretrain_epochs: int = 0, f
         profile: parameter profile of params.yaml (tiny, default, gpu); its crossval block applies.
         pretrain_epochs: pretraining epochs of each fold's encoder; 0 keeps the profile's crossval.pretrain_epochs.
         folds: number of folds (at least 2); 0 keeps the profile's crossval.folds.
+        checkpoint_store: an s3:// prefix where the crossval step mirrors its fold runs while it runs, so that a
+            retry (or a later run of the same work) resumes instead of starting over; empty: none.
         image: the project image every step runs.
     """
     # Always runs (a location does not identify its contents); its version id keys the cache of the step after it.
     pre = with_s3_credentials(preprocess(dataset=dataset, profile=profile, tasks=["planes"]))
     pre.set_caching_options(False).set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
     cv = crossval_step(clips=pre.outputs["clips"], data_version=pre.outputs["Output"], profile=profile,
-                       pretrain_epochs=pretrain_epochs, folds=folds)
+                       pretrain_epochs=pretrain_epochs, folds=folds, checkpoint_store=checkpoint_store)
     gpu_step(with_s3_credentials(cv)).set_container_image(image).set_display_name("crossval (k folds by patient)")

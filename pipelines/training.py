@@ -40,7 +40,7 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
              image: str = IMAGE, deploy_metric: str = "planes.val.macro_f1",
              model_store: str = "s3://sonossl/models/export", service_name: str = "sonossl", namespace: str = "sonossl",
              service_account: str = "sonossl-s3", runtime: str = "sonossl", canary_percent: int = 0,
-             serve_gpu: bool = False, deploy_dry_run: bool = False) -> Model:
+             serve_gpu: bool = False, deploy_dry_run: bool = False, checkpoint_store: str = "") -> Model:
     """Args:
         dataset: the raw dataset: s3://bucket/prefix, dvc://<path>?repo=<git url>&rev=<revision>, or a folder.
         test_dataset: an independent raw dataset (other patients or videos; same kinds of location) whose every
@@ -68,6 +68,9 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
         canary_percent: traffic share of a new model (0: all at once).
         serve_gpu: serve on a GPU node.
         deploy_dry_run: upload nothing, apply nothing: only render the InferenceService (run-local sets it).
+        checkpoint_store: an s3:// prefix where pretrain and every fine-tune mirror their output folders while they
+            run, so that a retry (or a later run of the same work) resumes from the last epoch instead of starting
+            over; empty: none (KFP keeps no output of a failed attempt).
     """
     # A location does not identify its contents (an S3 prefix can change), so preprocess always runs; the version
     # id it returns is a parameter of every later step, so their cache keys follow the data.
@@ -76,7 +79,7 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
     clips, version = pre.outputs["clips"], pre.outputs["Output"]
 
     pt = pretrain(clips=clips, data_version=version, profile=profile, epochs=pretrain_epochs,
-                  learning_rate=pretrain_lr)
+                  learning_rate=pretrain_lr, checkpoint_store=checkpoint_store)
     gpu_step(with_s3_credentials(pt)).set_container_image(image).set_display_name("pretrain (both-sequential)")
 
     # The test set: every frame of test_dataset when given (as dvc repro scores data/raw/sim_test), else the test
@@ -93,7 +96,8 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
     for init, encoder in [("ssl", {"encoder": pt.outputs["encoder"]}), ("scratch", {})]:
         with dsl.ParallelFor(tasks, name=f"{init}-finetunes") as task:
             ft = finetune(clips=clips, data_version=version, profile=profile, task=task, name=f"{init}-{task}",
-                          epochs=finetune_epochs, learning_rate=finetune_lr, **encoder, **test)
+                          epochs=finetune_epochs, learning_rate=finetune_lr, checkpoint_store=checkpoint_store,
+                          **encoder, **test)
             gpu_step(with_s3_credentials(ft)).set_container_image(image).set_display_name(f"finetune ({init})")
         finetunes[init] = ft.outputs["model"]
 

@@ -74,7 +74,9 @@ def test_training_yaml_carries_the_cluster_settings():
     tasks = spec["root"]["dag"]["tasks"]
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) >= {"dataset", "test_dataset", "tasks", "profile", "pretrain_epochs", "pretrain_lr",
-                           "finetune_epochs", "finetune_lr", "image", "deploy_metric", "deploy_dry_run"}
+                           "finetune_epochs", "finetune_lr", "image", "deploy_metric", "deploy_dry_run",
+                           "checkpoint_store"}
+    assert params["checkpoint_store"]["defaultValue"] == ""  # no mirror: a retry starts over
     assert params["test_dataset"]["defaultValue"] == ""  # optional: the test split of dataset
     assert params["tasks"] == {"defaultValue": ["planes", "saliency"], "isOptional": True, "parameterType": "LIST"}
     assert params["image"]["defaultValue"] == f"ghcr.io/sonossl/sonossl:{__version__}"
@@ -118,6 +120,7 @@ def test_training_yaml_carries_the_cluster_settings():
         assert env["secretName"] == "sonossl-s3"
         assert {"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "AWS_ACCESS_KEY_ID"} in env["keyToEnv"]
         assert t["retryPolicy"]["maxRetryCount"] == 2, name
+        assert "checkpoint_store" in t["inputs"]["parameters"], name  # mirrored there, so that a retry resumes
     # SSL and scratch fine-tuning run in parallel: the scratch runs wait for nothing but the data
     assert "encoder" in finetunes["ssl"]["inputs"]["artifacts"]
     assert "encoder" not in finetunes["scratch"]["inputs"]["artifacts"]
@@ -157,7 +160,10 @@ def test_crossval_yaml_runs_preprocess_then_crossval_on_a_gpu():
     spec, platform = _docs(GOLDEN / "crossval.yaml")
     tasks = spec["root"]["dag"]["tasks"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"dataset", "profile", "pretrain_epochs", "folds", "image"}
+    assert set(params) == {"dataset", "profile", "pretrain_epochs", "folds", "checkpoint_store", "image"}
+    assert params["checkpoint_store"]["defaultValue"] == ""
+    assert tasks["crossval"]["inputs"]["parameters"]["checkpoint_store"] == {
+        "componentInputParameter": "checkpoint_store"}
     assert "defaultValue" not in params["dataset"] and params["profile"]["defaultValue"] == "default"
     assert sorted(tasks) == ["crossval", "preprocess"]
     assert tasks["preprocess"]["inputs"]["parameters"]["tasks"]["runtimeValue"]["constant"] == ["planes"]
@@ -592,17 +598,20 @@ def test_the_monitoring_pipeline_reports_drift_of_a_real_request_log(drift_expor
 
 
 @pytest.mark.slow
-def test_the_crossval_pipeline_runs_on_real_videos_as_the_library_does(pocus_subset, tmp_path):
+def test_the_crossval_pipeline_runs_on_real_videos_as_the_library_does(pocus_subset, tmp_path, s3_server):
     """`sonossl pipeline run-local --pipeline crossval` (kfp.local: preprocess -> crossval) on 12 real POCUS videos,
-    tiny profile, 2 folds: its results, report and logged metrics are those of the library's crossval on the same
-    clips. Without --dataset it refuses at once."""
+    tiny profile, 2 folds, with a checkpoint store on a local S3 server: its results, report and logged metrics are
+    those of the library's crossval on the same clips, and the store holds the step's folder. Without --dataset it
+    refuses at once."""
     from sonossl.config import load_params
     from sonossl.train.crossval import crossval
 
     cmd = [*SONOSSL, "pipeline", "run-local", "--pipeline", "crossval", "--out", str(tmp_path / "local")]
     proc = _run(*cmd)
     assert proc.returncode == 2 and "give --dataset" in proc.stderr, proc.stderr
-    proc = _run(*cmd, "--dataset", str(pocus_subset), "--param", "folds=2", timeout=600)
+    store = f"s3://{s3_server.bucket}/checkpoints"
+    proc = _run(*cmd, "--dataset", str(pocus_subset), "--param", "folds=2", "--param", f"checkpoint_store={store}",
+                timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     run, logged = Path(summary["run"]), summary["metrics"]
@@ -611,6 +620,10 @@ def test_the_crossval_pipeline_runs_on_real_videos_as_the_library_does(pocus_sub
     assert results["folds"] == 2 and results["videos"] == 12 and (run / "crossval/results/folds/fold1").is_dir()
     assert Path(summary["report"]).read_text().startswith(
         "### Video classification, 2-fold cross-validation grouped by patient:")
+    stored = s3_server.objects()
+    (key,) = {k.split("/")[2] for k in stored}  # checkpoints/crossval/<work key>/...
+    assert stored[f"checkpoints/crossval/{key}/results.json"] == Path(summary["results"]).read_bytes()
+    assert any(k.startswith(f"checkpoints/crossval/{key}/folds/fold1/") for k in stored)
 
     params = load_params(REPO / "params.yaml", "tiny")
     params = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, folds=2))

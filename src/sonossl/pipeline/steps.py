@@ -14,6 +14,7 @@ code path. Parameters come from the profile named by the pipeline, in the parame
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -156,34 +157,67 @@ def _test_clips(path: str | Path | None) -> Path | None:
     return Path(path)
 
 
+def work_key(clips_dir: str | Path, params: Params, *parts: Any) -> str:
+    """A GPU step's work, hashed: the clip dataset's version, the parameters, the step's own arguments (``parts``:
+    an encoder by its file's hash, ...) and the code (``sonossl.train.loop.code_version``). The same work gives the
+    same key, in a retried task as in a later run; the key names its folder in the checkpoint store."""
+    from sonossl.config import as_dict
+    from sonossl.train.loop import code_version
+
+    meta = Path(clips_dir) / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{clips_dir}: not a clip dataset (no meta.json)")
+    doc = [json.loads(meta.read_text())["version"], as_dict(params), [str(p) for p in parts], code_version()]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _file_hash(path: str | Path | None) -> str:
+    from sonossl.storage import file_sha256
+
+    return file_sha256(path) if path and Path(path).is_file() else ""
+
+
 def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode: str = PRETRAIN_MODE,
-                  epochs: int = 0, lr: float = 0.0) -> dict[str, float]:
-    """Pretext pretraining, as the ``pretrain@<mode>`` stage; returns held-out pretext accuracy and chance."""
+                  epochs: int = 0, lr: float = 0.0, checkpoint_store: str = "") -> dict[str, float]:
+    """Pretext pretraining, as the ``pretrain@<mode>`` stage; returns held-out pretext accuracy and chance. With a
+    ``checkpoint_store`` (s3://), the output folder is mirrored there and a retry resumes (``mirror``)."""
+    from sonossl.pipeline.mirror import mirrored
     from sonossl.train.pretrain import pretrain
 
     _logging()
-    params = load_profile(profile, pretrain_epochs=epochs, pretrain_lr=lr).pretrain
-    metrics = pretrain(clips_dir, out_dir, params, mode=mode, resume=True, progress=True)
+    loaded = load_profile(profile, pretrain_epochs=epochs, pretrain_lr=lr)
+    key = work_key(clips_dir, loaded, mode) if checkpoint_store else ""
+    with mirrored(out_dir, checkpoint_store, f"pretrain-{mode}", key):
+        metrics = pretrain(clips_dir, out_dir, loaded.pretrain, mode=mode, resume=True, progress=True)
     return _flat("val", metrics["val"]) | _flat("chance", metrics["chance"])
 
 
 def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task: str, name: str,
                   encoder: str | Path | None = None, epochs: int = 0, lr: float = 0.0,
-                  test_clips: str | Path | None = None) -> dict[str, float]:
+                  test_clips: str | Path | None = None, checkpoint_store: str = "") -> dict[str, float]:
     """Downstream training at the profile's fractions, as the ``finetune@ssl-*`` / ``scratch@*`` stages; returns
     the validation and test scores of every run (``<run>.val.<metric>``, ``<run>.test.<metric>``). The test scores
     are of every frame of ``test_clips`` when it is a clip dataset (as the stages score ``data/clips/sim_test``),
-    else (None, or the ``NO_TEST_SET`` marker) of the test split of ``clips_dir``."""
+    else (None, or the ``NO_TEST_SET`` marker) of the test split of ``clips_dir``. With a ``checkpoint_store``
+    (s3://), the output folder is mirrored there and a retry resumes (``mirror``)."""
     from sonossl.config import as_dict
+    from sonossl.pipeline.mirror import mirrored
     from sonossl.train.finetune import finetune
 
     _logging()
     params = load_profile(profile, finetune_epochs=epochs, finetune_lr=lr)
     ft = params.finetune
     fractions = ft.fractions if task == "planes" else ft.saliency_fractions
-    metrics = finetune(clips_dir, out_dir, ft, task=task, encoder=encoder,
-                       encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=fractions,
-                       name=name, test_clips=_test_clips(test_clips), resume=True, progress=True)
+    test = _test_clips(test_clips)
+    key = ""
+    if checkpoint_store:
+        test_version = json.loads((Path(test) / "meta.json").read_text())["version"] if test else ""
+        key = work_key(clips_dir, params, task, name, _file_hash(encoder and Path(encoder) / "encoder.pt"),
+                       test_version)
+    with mirrored(out_dir, checkpoint_store, name, key):
+        metrics = finetune(clips_dir, out_dir, ft, task=task, encoder=encoder,
+                           encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=fractions,
+                           name=name, test_clips=test, resume=True, progress=True)
     out = {"selected_val": float(metrics["selected_val"])}
     for run in metrics["runs"]:
         out |= _flat(f"{run['name']}.val", run["val"]) | _flat(f"{run['name']}.test", run["test"])
@@ -246,12 +280,15 @@ def export_step(clips_dir: str | Path, finetunes: dict[str, str | Path], out_dir
 
 
 def crossval_step(clips_dir: str | Path, out_dir: str | Path, report_md: str | Path, profile: str,
-                  pretrain_epochs: int = 0, folds: int = 0) -> dict[str, float]:
+                  pretrain_epochs: int = 0, folds: int = 0, checkpoint_store: str = "") -> dict[str, float]:
     """Video classification, k-fold cross-validation grouped by patient (``sonossl.train.crossval``), as the
     ``crossval`` and ``train-crossval@<name>`` stages: ``results.json``, ``metrics.json`` and the fold runs (a rerun
     into the same folder resumes from them) in ``out_dir``, the table in ``report_md``. ``pretrain_epochs`` and
-    ``folds`` override the profile's ``crossval`` block when > 0. Returns ``<init>/<method>.video_accuracy`` and
-    ``<init>/<method>.f1_<class>`` for SSL and scratch, probe and fine-tune."""
+    ``folds`` override the profile's ``crossval`` block when > 0. With a ``checkpoint_store`` (s3://), the output
+    folder (the fold runs) is mirrored there and a retry resumes (``mirror``). Returns
+    ``<init>/<method>.video_accuracy`` and ``<init>/<method>.f1_<class>`` for SSL and scratch, probe and
+    fine-tune."""
+    from sonossl.pipeline.mirror import mirrored
     from sonossl.train.crossval import crossval
 
     _logging()
@@ -263,7 +300,9 @@ def crossval_step(clips_dir: str | Path, out_dir: str | Path, report_md: str | P
     params = load_profile(profile)
     cv = dataclasses.replace(params.crossval, **{k: int(v) for k, v in [("pretrain_epochs", pretrain_epochs),
                                                                           ("folds", folds)] if v})
-    crossval(clips_dir, out_dir, dataclasses.replace(params, crossval=cv), progress=True, report=report_md)
+    params = dataclasses.replace(params, crossval=cv)
+    with mirrored(out_dir, checkpoint_store, "crossval", work_key(clips_dir, params) if checkpoint_store else ""):
+        crossval(clips_dir, out_dir, params, progress=True, report=report_md)
     return _flat("", json.loads((Path(out_dir) / "metrics.json").read_text()))
 
 
