@@ -32,6 +32,7 @@ from typing import Any
 from sonossl.config import SimulateParams
 from sonossl.pipeline.steps import DOWNSTREAM_TASKS, PARAMS_ENV, check_gaze_maps, check_tasks
 
+
 @contextlib.contextmanager
 def _environ(**values: str) -> Iterator[None]:
     """Environment for the task subprocesses (they inherit it), restored afterwards."""
