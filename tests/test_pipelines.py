@@ -635,6 +635,22 @@ def test_the_crossval_pipeline_runs_on_real_videos_as_the_library_does(pocus_sub
         assert logged[f"{r['init']}/{r['method']}.f1_covid"] == r["per_class_f1"]["covid"]
 
 
+def test_run_local_crossval_checks_the_listing_before_kfp_starts(tmp_path):
+    """A local dataset whose labels.csv lacks a patient_id (or a label) for some video fails at once, naming it."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    cmd = [*SONOSSL, "pipeline", "run-local", "--pipeline", "crossval", "--dataset", str(raw), "--out",
+           str(tmp_path / "out")]
+    for text, message in [("path,label\na.mp4,covid\n", "crossval needs a patient_id for every video; 1 row(s)"),
+                          ("path,label,patient_id\na.mp4,covid,p1\nb.mp4,,p2\n",
+                           "crossval needs a label (or annotations file) for every video; 1 row(s) of labels.csv "
+                           "have none, e.g. row 3 ('b.mp4')")]:
+        (raw / "labels.csv").write_text(text)
+        proc = _run(*cmd)
+        assert proc.returncode == 2 and f"{raw}: {message}" in proc.stderr, proc.stderr
+        assert not (tmp_path / "out/kfp").exists()
+
+
 def test_crossval_step_checks_its_overrides():
     from sonossl.config import ParamsError
     from sonossl.pipeline.steps import crossval_step

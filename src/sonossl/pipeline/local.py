@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from sonossl.config import SimulateParams
-from sonossl.pipeline.steps import DOWNSTREAM_TASKS, PARAMS_ENV, check_gaze_maps, check_tasks
+from sonossl.pipeline.steps import (DOWNSTREAM_TASKS, PARAMS_ENV, check_crossval_listing, check_gaze_maps,
+                                    check_tasks)
 
 
 @contextlib.contextmanager
@@ -113,6 +114,8 @@ def run_local_crossval(out_dir: str | Path, dataset: str, profile: str = "tiny",
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
     load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
+    if Path(dataset).is_dir():  # a folder here: videos without patient or label fail now, not in the crossval task
+        check_crossval_listing(Path(dataset), dataset)
     run_dir, seconds, _ = _run(out_dir, params_file, "crossval", dataset=dataset, profile=profile,
                                **(arguments or {}))
     tasks = summarize_run(run_dir)

@@ -102,6 +102,25 @@ def check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
                          f"tasks are {tasks}: run it with tasks ['planes'] (--param tasks=planes), or add the gaze maps")
 
 
+def check_crossval_listing(raw_dir: Path, dataset: str) -> None:
+    """Fail, naming the dataset and a row, when a video of the raw dataset has no ``patient_id`` (crossval groups
+    folds by it) or neither a ``label`` nor an ``annotations`` file (crossval classifies whole videos); only
+    labels.csv is read, so a local run fails before kfp starts."""
+    from sonossl.data.clips import read_listing
+
+    listing = read_listing(raw_dir)
+
+    def empty(column: str):
+        return listing[column] == "" if column in listing else listing["path"].map(lambda _: True)
+
+    for what, rows in (("patient_id", empty("patient_id")),
+                       ("label (or annotations file)", empty("label") & empty("annotations"))):
+        if rows.any():
+            first = int(rows.to_numpy().argmax())
+            raise ValueError(f"{dataset}: crossval needs a {what} for every video; {int(rows.sum())} row(s) of "
+                             f"labels.csv have none, e.g. row {first + 2} ({listing['path'].iloc[first]!r})")
+
+
 def _flat(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
     """Numbers of a (nested) metrics dict as ``prefix.key`` -> float, for ``Metrics.log_metric``."""
     out: dict[str, float] = {}
