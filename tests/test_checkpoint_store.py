@@ -5,6 +5,7 @@ reached instead of starting over."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -22,11 +23,11 @@ def _objects(s3_server, prefix: str) -> dict[str, bytes]:
 
 
 def test_mirror_copies_the_folder_while_it_runs_and_a_new_attempt_restores_it(s3_server, tmp_path):
-    from sonossl.pipeline.mirror import mirrored
+    from sonossl.pipeline.mirror import mirrored, store_uri
 
     store = f"s3://{s3_server.bucket}/checkpoints"
     first = tmp_path / "attempt1"
-    with mirrored(first, store, "pretrain", "key-1", interval=0.05) as uri:
+    with mirrored(first, store_uri(store, "pretrain", "key-1"), interval=0.05) as uri:
         assert uri == f"{store}/pretrain/key-1"
         (first / "checkpoints").mkdir()
         (first / "checkpoints/last.pt").write_bytes(b"epoch 1")
@@ -41,17 +42,19 @@ def test_mirror_copies_the_folder_while_it_runs_and_a_new_attempt_restores_it(s3
         "checkpoints/last.pt": b"epoch 2", "metrics.json": b"{}"}
 
     second = tmp_path / "attempt2"  # a retry: a new pod, an empty output folder
-    with mirrored(second, store, "pretrain", "key-1", interval=60):
+    with mirrored(second, f"{store}/pretrain/key-1", interval=60):
         assert (second / "checkpoints/last.pt").read_bytes() == b"epoch 2"
         assert sorted(p.name for p in second.rglob("*")) == ["checkpoints", "last.pt", "metrics.json"]
-    with mirrored(tmp_path / "other", store, "pretrain", "key-2"):  # other work starts fresh
+    with mirrored(tmp_path / "other", f"{store}/pretrain/key-2"):  # other work starts fresh
         assert not any((tmp_path / "other").iterdir())
-    with mirrored(tmp_path / "none", "", "pretrain", "key-1") as uri:  # no store: nothing mirrored
+    with mirrored(tmp_path / "none", None) as uri:  # no store: nothing mirrored
         assert uri is None
     for store, key, message in [("/data/checkpoints", "key-1", "give an s3:// prefix"),
                                 (store, "", "the key '' must be a non-empty name")]:
-        with pytest.raises(ValueError, match=message), mirrored(tmp_path / "bad", store, "pretrain", key):
-            pass
+        with pytest.raises(ValueError, match=message):
+            store_uri(store, "pretrain", key)
+    with pytest.raises(ValueError, match="give an s3:// prefix"), mirrored(tmp_path / "bad", "/data/checkpoints"):
+        pass
 
 
 def test_sigterm_copies_the_folder_before_the_step_exits(s3_server, tmp_path):
@@ -60,7 +63,7 @@ def test_sigterm_copies_the_folder_before_the_step_exits(s3_server, tmp_path):
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
-        with mirrored(tmp_path / "out", f"s3://{s3_server.bucket}/ck", "crossval", "key-1", interval=60):
+        with mirrored(tmp_path / "out", f"s3://{s3_server.bucket}/ck/crossval/key-1", interval=60):
             (tmp_path / "out/folds").mkdir(parents=True)
             (tmp_path / "out/folds/fold0.json").write_text("done")
             os.kill(os.getpid(), signal.SIGTERM)
@@ -132,5 +135,55 @@ def test_a_bad_sync_interval_is_one_clear_error(s3_server, tmp_path, monkeypatch
     for text in ("soon", "0"):
         monkeypatch.setenv("SONOSSL_CHECKPOINT_SYNC_SECONDS", text)
         with pytest.raises(ValueError, match=f"SONOSSL_CHECKPOINT_SYNC_SECONDS='{text}': expected a number"):
-            with mirrored(tmp_path / "out", f"s3://{s3_server.bucket}/ck", "pretrain", "key-1"):
+            with mirrored(tmp_path / "out", f"s3://{s3_server.bucket}/ck/pretrain/key-1"):
                 pass
+
+
+@pytest.mark.slow
+def test_pretrain_cli_under_torchrun_resumes_every_rank_from_the_store(s3_server, tiny_clips, tmp_path):
+    """`sonossl pretrain --checkpoint-store` under torchrun (2 processes, gloo): rank 0 copies the folder. A
+    restarted node (a new, empty folder) pulls it with `artifacts pull --missing-ok` before torchrun, and both ranks
+    resume after the last epoch (a rank that started over would wait forever for the other in the all-reduce)."""
+    store = f"s3://{s3_server.bucket}/checkpoints/pretrain-job"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def pretrain_ddp(out: Path) -> subprocess.CompletedProcess:
+        return run(str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sonossl.cli", "-q", "pretrain",
+                   "--profile", "tiny", "--clips", str(tiny_clips), "--mode", "order", "--out", str(out),
+                   "--checkpoint-store", store)
+
+    pull = [sys.executable, "-m", "sonossl.cli", "-q", "artifacts", "pull", "--missing-ok", store]
+    proc = run(*pull, str(tmp_path / "first"))  # nothing there yet: not an error, nothing written
+    assert proc.returncode == 0 and "nothing at" in proc.stdout and not (tmp_path / "first").exists(), proc.stderr
+    assert run(sys.executable, "-m", "sonossl.cli", "artifacts", "pull", store, str(tmp_path / "x")).returncode == 2
+
+    proc = pretrain_ddp(tmp_path / "first")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stored = _objects(s3_server, "checkpoints/pretrain-job/")
+    assert stored["encoder.pt"] == (tmp_path / "first/encoder.pt").read_bytes()
+    assert "checkpoints/last.pt" in stored and not any(k.split("/")[-1].startswith(".") for k in stored)
+
+    proc = run(*pull, str(tmp_path / "restarted"))
+    assert proc.returncode == 0 and (tmp_path / "restarted/checkpoints/last.pt").is_file(), proc.stderr
+    proc = pretrain_ddp(tmp_path / "restarted")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming after epoch 2 of 2" in proc.stderr, proc.stderr
+    assert json.loads((tmp_path / "restarted/metrics.json").read_text())["world_size"] == 2
+
+
+def test_pretrain_cli_alone_restores_from_the_store_itself(s3_server, tiny_clips, tmp_path):
+    """One process (no torchrun): `--checkpoint-store` restores the folder first, then resumes (it implies
+    --resume)."""
+    store = f"s3://{s3_server.bucket}/checkpoints/one"
+    cmd = [sys.executable, "-m", "sonossl.cli", "-q", "pretrain", "--profile", "tiny", "--clips", str(tiny_clips),
+           "--mode", "order", "--checkpoint-store", store, "--out"]
+    first = subprocess.run([*cmd, str(tmp_path / "a")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([*cmd, str(tmp_path / "b")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "restored" in again.stderr and "resuming after epoch 2 of 2" in again.stderr, \
+        again.stderr
+    assert (tmp_path / "b/encoder.pt").read_bytes() == (tmp_path / "a/encoder.pt").read_bytes()

@@ -256,16 +256,19 @@ def test_pytorchjob_script_runs_pretrain_under_torchrun(tmp_path):
     env = {**_container_env(render("overlays/cpu"), c), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1",
            "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "sonossl-pretrain-master-0", "PET_MASTER_PORT": "23456"}
     calls = _run_script(c["args"][0], env, tmp_path)
-    assert [a[0] for a in calls] == ["sonossl", "torchrun", "sonossl"]  # pull clips, train, rank 0 pushes
-    pull, push = _parse(calls[0][1:], "PyTorchJob"), _parse(calls[2][1:], "PyTorchJob")
+    # pull the clips, pull what the checkpoint store holds, train, rank 0 pushes the encoder
+    assert [a[0] for a in calls] == ["sonossl", "sonossl", "torchrun", "sonossl"]
+    pull, restore, push = (_parse(calls[i][1:], "PyTorchJob") for i in (0, 1, 3))
     assert (pull.command, pull.action) == ("artifacts", "pull") and (push.command, push.action) == ("artifacts", "push")
-    torchrun = calls[1]
+    assert (restore.action, restore.missing_ok, restore.uri) == ("pull", True, env["SONOSSL_CHECKPOINTS_URI"])
+    torchrun = calls[2]
     assert {"--nnodes=2", "--nproc_per_node=1", "--node_rank=0", "--master_port=23456"} <= set(torchrun)
     m = torchrun.index("-m")
     assert torchrun[m + 1] == "sonossl.cli"
     pretrain = _parse(torchrun[m + 2:], "PyTorchJob")
     assert pretrain.command == "pretrain" and pretrain.profile == "gpu" and str(pretrain.clips) == str(pull.local)
-    assert str(pretrain.out) == str(push.local)
+    assert str(pretrain.out) == str(push.local) == str(restore.local)
+    assert pretrain.checkpoint_store == env["SONOSSL_CHECKPOINTS_URI"]
 
 
 def test_cronjob_reports_drift_with_the_served_model():

@@ -63,12 +63,21 @@ def _cmd_contact_sheet(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import os
+
     from sonossl.config import load_params
+    from sonossl.pipeline.mirror import mirrored
     from sonossl.train.pretrain import pretrain
 
     params = load_params(args.params, args.profile).pretrain
-    metrics = pretrain(args.clips, args.out, params, mode=args.mode, resume=args.resume, progress=not args.quiet,
-                       budget=args.budget)
+    # Under torchrun, rank 0 copies the folder (the only rank that writes checkpoints) and no rank restores it:
+    # each node does before torchrun starts (`sonossl artifacts pull --missing-ok`), so all resume the same epoch.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    store = args.checkpoint_store if os.environ.get("RANK", "0") == "0" else None
+    with mirrored(args.out, store, restore_first=not distributed):
+        metrics = pretrain(args.clips, args.out, params, mode=args.mode,
+                           resume=args.resume or bool(args.checkpoint_store), progress=not args.quiet,
+                           budget=args.budget)
     if metrics:  # rank 0
         print(json.dumps({k: metrics[k] for k in ("mode", "val", "chance", "clips_per_s")}, indent=2))
     return 0
@@ -169,7 +178,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_artifacts(args: argparse.Namespace) -> int:
-    from sonossl.storage import client, download, upload
+    from sonossl.storage import client, download, list_uris, upload
 
     s3 = client(args.endpoint_url)
     if args.action == "push":
@@ -178,6 +187,9 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
         size = sum(p.stat().st_size for p in files)
         # keys already holding identical bytes are not sent again; the log line above says how many were sent
         print(f"pushed {args.local} -> {args.uri}: {len(keys)} file(s), {size:,} bytes in place (sha256 in metadata)")
+    elif args.missing_ok and not [u for u in list_uris(args.uri, client=s3)
+                                  if u == args.uri.rstrip("/") or u.startswith(args.uri.rstrip("/") + "/")]:
+        print(f"nothing at {args.uri}; {args.local} left as it is (--missing-ok)")
     else:
         out = download(args.uri, args.local, client=s3, progress=not args.quiet)
         files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
@@ -301,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of every encoder in the pretext-mode ablation (default: main)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints/last.pt when it belongs to the same run")
+    p.add_argument("--checkpoint-store", default=None, metavar="S3_URI",
+                   help="copy OUT there every minute and when the run ends or gets SIGTERM, and (one process) "
+                        "restore it first; implies --resume (under torchrun: restore each node's OUT with "
+                        "`sonossl artifacts pull --missing-ok` before torchrun starts)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="downstream training (linear probe and fine-tune) at several label fractions")
@@ -388,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("uri", help="s3://bucket/key or s3://bucket/prefix")
     a.add_argument("local", type=Path, help="file or folder to write")
     a.add_argument("--endpoint-url", default=None, help=endpoint_help)
+    a.add_argument("--missing-ok", action="store_true",
+                   help="nothing at URI is not an error (a checkpoint store before its first copy)")
     a.set_defaults(func=_cmd_artifacts)
     p = sub.add_parser("pipeline", help="Kubeflow pipelines: compile to YAML, submit to a cluster, run locally")
     actions = p.add_subparsers(dest="action", required=True)

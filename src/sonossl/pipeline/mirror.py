@@ -11,8 +11,12 @@ the last checkpoint, which it accepts only from the same run (``sonossl.train.lo
 atomically under hidden temporary names, which are never copied; unchanged files are not sent again (their SHA-256
 is compared, ``sonossl.storage``).
 
-    with mirrored("/tmp/outputs/encoder", "s3://bucket/checkpoints", "pretrain", key):
+    with mirrored("/tmp/outputs/encoder", store_uri("s3://bucket/checkpoints", "pretrain", key)):
         pretrain(clips, "/tmp/outputs/encoder", params, resume=True)
+
+``sonossl pretrain --checkpoint-store URI`` does the same outside Kubeflow, under torchrun from rank 0 only and
+without the restore (each node restores before torchrun starts, so that every rank resumes the same epoch:
+``sonossl artifacts pull --missing-ok URI FOLDER``; ``k8s/pretrain``).
 """
 
 from __future__ import annotations
@@ -101,23 +105,25 @@ def _interval() -> float:
 
 
 @contextlib.contextmanager
-def mirrored(folder: str | Path, store: str, step: str, key: str,
-             interval: float | None = None) -> Iterator[str | None]:
-    """Mirror ``folder`` to ``<store>/<step>/<key>`` while the block runs (see the module); an empty ``store``
-    mirrors nothing. Yields the mirror's URI (or None)."""
-    if not store:
+def mirrored(folder: str | Path, uri: str | None, interval: float | None = None,
+             restore_first: bool = True) -> Iterator[str | None]:
+    """Mirror ``folder`` to the ``s3://`` prefix ``uri`` while the block runs, after restoring what it holds
+    (``restore_first``; see the module); no ``uri`` mirrors nothing. Yields ``uri``."""
+    if not uri:
         yield None
         return
     from sonossl import storage
 
-    uri = store_uri(store, step, key)
+    if not uri.startswith("s3://"):
+        raise ValueError(f"checkpoint store {uri!r}: give an s3:// prefix")
     interval = _interval() if interval is None else interval
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     s3 = storage.client()
-    restored = restore(uri, folder, client=s3)
-    log.info("checkpoint store %s: %s", uri, f"restored {restored} file(s) of an earlier attempt" if restored
-             else "nothing there yet; starting fresh")
+    if restore_first:
+        restored = restore(uri, folder, client=s3)
+        log.info("checkpoint store %s: %s", uri, f"restored {restored} file(s) of an earlier attempt" if restored
+                 else "nothing there yet; starting fresh")
     stop = threading.Event()
 
     def loop() -> None:

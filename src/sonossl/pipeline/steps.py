@@ -190,10 +190,17 @@ def work_key(clips_dir: str | Path, params: Params, *parts: Any) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _file_hash(path: str | Path | None) -> str:
+def _file_hash(path: Path) -> str:
     from sonossl.storage import file_sha256
 
-    return file_sha256(path) if path and Path(path).is_file() else ""
+    return file_sha256(path) if path.is_file() else ""
+
+
+def _store(checkpoint_store: str, step: str, clips_dir: str | Path, params: Params, *parts: Any) -> str | None:
+    """The step's folder in the checkpoint store, ``<store>/<step>/<work key>``; None without a store."""
+    from sonossl.pipeline.mirror import store_uri
+
+    return store_uri(checkpoint_store, step, work_key(clips_dir, params, *parts)) if checkpoint_store else None
 
 
 def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode: str = PRETRAIN_MODE,
@@ -205,8 +212,7 @@ def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode
 
     _logging()
     loaded = load_profile(profile, pretrain_epochs=epochs, pretrain_lr=lr)
-    key = work_key(clips_dir, loaded, mode) if checkpoint_store else ""
-    with mirrored(out_dir, checkpoint_store, f"pretrain-{mode}", key):
+    with mirrored(out_dir, _store(checkpoint_store, f"pretrain-{mode}", clips_dir, loaded, mode)):
         metrics = pretrain(clips_dir, out_dir, loaded.pretrain, mode=mode, resume=True, progress=True)
     return _flat("val", metrics["val"]) | _flat("chance", metrics["chance"])
 
@@ -228,12 +234,10 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     ft = params.finetune
     fractions = ft.fractions if task == "planes" else ft.saliency_fractions
     test = _test_clips(test_clips)
-    key = ""
-    if checkpoint_store:
-        test_version = json.loads((Path(test) / "meta.json").read_text())["version"] if test else ""
-        key = work_key(clips_dir, params, task, name, _file_hash(encoder and Path(encoder) / "encoder.pt"),
-                       test_version)
-    with mirrored(out_dir, checkpoint_store, name, key):
+    test_version = json.loads((test / "meta.json").read_text())["version"] if test and checkpoint_store else ""
+    encoder_hash = _file_hash(Path(encoder) / "encoder.pt") if encoder and checkpoint_store else ""
+    store = _store(checkpoint_store, name, clips_dir, params, task, name, encoder_hash, test_version)
+    with mirrored(out_dir, store):
         metrics = finetune(clips_dir, out_dir, ft, task=task, encoder=encoder,
                            encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=fractions,
                            name=name, test_clips=test, resume=True, progress=True)
@@ -320,7 +324,7 @@ def crossval_step(clips_dir: str | Path, out_dir: str | Path, report_md: str | P
     cv = dataclasses.replace(params.crossval, **{k: int(v) for k, v in [("pretrain_epochs", pretrain_epochs),
                                                                           ("folds", folds)] if v})
     params = dataclasses.replace(params, crossval=cv)
-    with mirrored(out_dir, checkpoint_store, "crossval", work_key(clips_dir, params) if checkpoint_store else ""):
+    with mirrored(out_dir, _store(checkpoint_store, "crossval", clips_dir, params)):
         crossval(clips_dir, out_dir, params, progress=True, report=report_md)
     return _flat("", json.loads((Path(out_dir) / "metrics.json").read_text()))
 
