@@ -178,7 +178,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_artifacts(args: argparse.Namespace) -> int:
-    from sonossl.storage import client, download, list_uris, upload
+    from sonossl.storage import client, download, holds, upload
 
     s3 = client(args.endpoint_url)
     if args.action == "push":
@@ -187,8 +187,7 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
         size = sum(p.stat().st_size for p in files)
         # keys already holding identical bytes are not sent again; the log line above says how many were sent
         print(f"pushed {args.local} -> {args.uri}: {len(keys)} file(s), {size:,} bytes in place (sha256 in metadata)")
-    elif args.missing_ok and not [u for u in list_uris(args.uri, client=s3)
-                                  if u == args.uri.rstrip("/") or u.startswith(args.uri.rstrip("/") + "/")]:
+    elif args.missing_ok and not holds(args.uri, client=s3):
         print(f"nothing at {args.uri}; {args.local} left as it is (--missing-ok)")
     else:
         out = download(args.uri, args.local, client=s3, progress=not args.quiet)

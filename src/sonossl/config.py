@@ -306,26 +306,24 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
             raise ParamsError(f"{where}.seed: must differ from simulate.seed ({built['simulate'].seed}), or the "
                               "test sweeps would show the training fetuses again")
     datasets = _coerce(dict[str, str], doc.get("datasets", {}), f"{path}: datasets")
-    train = _dataset_names(doc, "train", datasets, path)
+    a_dataset = "is not a dataset; list it under `datasets:` ({listed}) so that preprocess@{name} builds its clips"
+    train = _dataset_names(doc, "train", datasets, path, a_dataset)
     return Params(profile=profile, datasets=datasets, train=train,
-                  crossval_datasets=_dataset_names(doc, "crossval_datasets", datasets, path),
-                  train_saliency=_dataset_names(doc, "train_saliency", train, path), **built)
+                  crossval_datasets=_dataset_names(doc, "crossval_datasets", datasets, path, a_dataset),
+                  train_saliency=_dataset_names(
+                      doc, "train_saliency", train, path, "is not under `train:` ({listed}); list it there so that "
+                      "train-pretrain@{name} pretrains the encoder its saliency task starts from"), **built)
 
 
-def _dataset_names(doc: dict[str, Any], key: str, among: Iterable[str], path: Path) -> list[str]:
-    """The top-level list ``key`` of dataset names, none twice, each listed under ``datasets:`` (``among`` its
-    names) or, for ``train_saliency``, under ``train:``."""
+def _dataset_names(doc: dict[str, Any], key: str, among: Iterable[str], path: Path, missing: str) -> list[str]:
+    """The top-level list ``key`` of dataset names, each one of ``among`` (else ``missing``, formatted with the
+    name and the listed names, says where to add it), none twice."""
     names = _coerce(list[str], doc.get(key) or [], f"{path}: {key}")
     among = list(among)
     for i, name in enumerate(names):
         if name not in among:
-            listed = ", ".join(among) or "none listed"
-            if key == "train_saliency":
-                raise ParamsError(f"{path}: {key}[{i}]: {name!r} is not under `train:` ({listed}); list it "
-                                  f"there so that train-pretrain@{name} pretrains the encoder its saliency task "
-                                  "starts from")
-            raise ParamsError(f"{path}: {key}[{i}]: {name!r} is not a dataset; list it under `datasets:` "
-                              f"({listed}) so that preprocess@{name} builds its clips")
+            raise ParamsError(f"{path}: {key}[{i}]: {name!r} "
+                              + missing.format(name=name, listed=", ".join(among) or "none listed"))
         if name in names[:i]:
             raise ParamsError(f"{path}: {key}[{i}]: {name!r} is listed twice")
     return names

@@ -80,7 +80,7 @@ def restore(uri: str, folder: str | Path, client=None) -> int:
     from sonossl import storage
 
     s3 = client or storage.client()
-    if not storage.list_uris(uri.rstrip("/") + "/", client=s3):
+    if not storage.holds(uri, client=s3):
         return 0
     folder = Path(folder)
     with tempfile.TemporaryDirectory(prefix="sonossl-restore-") as tmp:

@@ -190,12 +190,6 @@ def work_key(clips_dir: str | Path, params: Params, *parts: Any) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _file_hash(path: Path) -> str:
-    from sonossl.storage import file_sha256
-
-    return file_sha256(path) if path.is_file() else ""
-
-
 def _store(checkpoint_store: str, step: str, clips_dir: str | Path, params: Params, *parts: Any) -> str | None:
     """The step's folder in the checkpoint store, ``<store>/<step>/<work key>``; None without a store."""
     from sonossl.pipeline.mirror import store_uri
@@ -227,6 +221,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     (s3://), the output folder is mirrored there and a retry resumes (``mirror``)."""
     from sonossl.config import as_dict
     from sonossl.pipeline.mirror import mirrored
+    from sonossl.storage import file_sha256
     from sonossl.train.finetune import finetune
 
     _logging()
@@ -235,7 +230,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     fractions = ft.fractions if task == "planes" else ft.saliency_fractions
     test = _test_clips(test_clips)
     test_version = json.loads((test / "meta.json").read_text())["version"] if test and checkpoint_store else ""
-    encoder_hash = _file_hash(Path(encoder) / "encoder.pt") if encoder and checkpoint_store else ""
+    encoder_hash = file_sha256(Path(encoder) / "encoder.pt") if encoder and checkpoint_store else ""
     store = _store(checkpoint_store, name, clips_dir, params, task, name, encoder_hash, test_version)
     with mirrored(out_dir, store):
         metrics = finetune(clips_dir, out_dir, ft, task=task, encoder=encoder,

@@ -12,11 +12,12 @@ from sonossl.storage.s3 import (
     endpoint_from_env,
     file_sha256,
     get_bytes,
+    holds,
     list_uris,
     parse_s3_uri,
     put_bytes,
     upload,
 )
 
-__all__ = ["StorageError", "client", "download", "endpoint_from_env", "file_sha256", "get_bytes", "list_uris",
-           "parse_s3_uri", "put_bytes", "upload"]
+__all__ = ["StorageError", "client", "download", "endpoint_from_env", "file_sha256", "get_bytes", "holds",
+           "list_uris", "parse_s3_uri", "put_bytes", "upload"]

@@ -367,6 +367,12 @@ def list_uris(prefix_uri: str, *, client: Any = None) -> list[str]:
     return sorted(_uri(bucket, k) for k in _retrying(op, s3, prefix_uri, "list"))
 
 
+def holds(uri: str, *, client: Any = None) -> bool:
+    """Whether ``uri`` names an object, or a prefix with objects under it (``uri/...``)."""
+    base = uri.rstrip("/")
+    return any(u == base or u.startswith(base + "/") for u in list_uris(uri, client=client))
+
+
 def _download_file(s3: Any, bucket: str, key: str, dest: Path, config: Any, bar: Any,
                    head: dict[str, Any] | None = None) -> Path:
     """Download one object to ``dest`` through a temporary file, verified before the rename."""
