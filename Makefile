@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time drift-demo serve-example results contact-sheet image image-push clean
+.PHONY: setup run test bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time gpu-check drift-demo serve-example results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -172,6 +172,12 @@ crossval-seeds: setup
 # min on the Intel Xeon of 2f8a53e), then the machine_speed yardstick. Nothing else should run beside it.
 pipeline-time: setup
 	$(BIN)/python benchmarks/pipeline_time.py
+
+# The GPU check (issue 3, item 8): the gpu profile's pretraining for a few hundred steps on this machine's GPU
+# (README, Training throughput): 8 sweeps of 500 frames, then about 400 steps at batch 256; writes
+# benchmarks/results/gpu_check.json. Not yet run on a GPU.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 # Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
 drift-demo: setup

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -362,3 +363,35 @@ def test_simulator_speed_digest_sees_every_part_of_a_sweep(monkeypatch):
     for changed in (dataclasses.replace(sweep, frames=frames), dataclasses.replace(sweep, saliency=saliency),
                     dataclasses.replace(sweep, extra=extra), dataclasses.replace(sweep, row={**sweep.row, "frames": 0})):
         assert digest(changed) != ref
+
+
+def test_gpu_check_runs_the_profile_s_pretraining_without_pyav_or_dvclive(tmp_path):
+    """The script a session lent a GPU runs in one call: here on the CPU, tiny profile, with the packages the device
+    image lacks (PyAV, dvclive, and the serving and pipeline stack) made unimportable."""
+    out = tmp_path / "gpu_check.json"
+    script = REPO / "benchmarks" / "gpu_check.py"
+    args = ["--profile", "tiny", "--videos", "3", "--val-videos", "1", "--epochs", "2", "--steps", "2",
+            "--timing-steps", "2", "--repeats", "2", "--workers", "2", "--out", str(out)]
+    run = ("import runpy, sys\n"
+           "for name in ('av', 'dvclive', 'kfp', 'kserve', 'boto3', 'evidently', 'dvc'):\n"
+           "    sys.modules[name] = None\n"
+           f"sys.argv = [{str(script)!r}, *{args!r}]\n"
+           f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")])}
+    proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["finished"] == ["data", "training", "throughput"] and rec["device"].startswith("cpu")
+    assert rec["profile"] == "tiny" and rec["amp"] is None and rec["batch_size"] == 16
+    assert rec["data"]["frames"] == 3 * 30  # three sweeps of 3 s at 10 frames/s, every frame kept
+    hist = rec["training"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    heads = ("order", "rotation", "scale", "shear")
+    assert set(rec["training"]["chance"]) == {f"{h}_acc" for h in heads}
+    assert all(f"val_{h}_acc" in hist[-1] for h in heads)  # held-out accuracy per head, beside chance
+    t = rec["throughput"]
+    assert len(t["loop_clips_per_s"]) == len(t["model_only_clips_per_s"]) == 2
+    assert t["ratio"] == pytest.approx(t["median_loop_clips_per_s"] / t["median_model_only_clips_per_s"], abs=2e-3)
+    bad = subprocess.run([sys.executable, str(script), "--videos", "2", "--val-videos", "2"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode != 0 and "--val-videos: must be at least 1 and fewer than --videos (2)" in bad.stderr
