@@ -24,6 +24,8 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
                                        concatenated (finetune.pool_stages), SSL and scratch alike
     --encoder-lr-decay 0.5             layer-wise decay of the pretrained encoder's fine-tune rate
                                        (finetune.encoder_lr_decay; scratch keeps the full rate)
+    --ema 0.95                         the fine-tunes (and their refits) keep a moving average of their weights,
+                                       this decay per step (finetune.ema), SSL and scratch alike
     --refit / --no-refit               fit the chosen probe and fine-tune again on the inner-train and inner-validation
                                        videos (crossval.refit); the record then holds both, the selected models'
                                        accuracies under *_selected, and the refit's gain over them per seed
@@ -71,6 +73,8 @@ def main() -> int:
     ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
     ap.add_argument("--encoder-lr-decay", type=float, default=None,
                     help="finetune.encoder_lr_decay (default: the profile's)")
+    ap.add_argument("--ema", type=float, default=None,
+                    help="fine-tunes keep a moving average of their weights (finetune.ema; default: the profile's)")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                     help="crossval.refit (default: the profile's)")
     ap.add_argument("--pretrain-on-validation", action=argparse.BooleanOptionalAction, default=None,
@@ -95,8 +99,8 @@ def main() -> int:
             cv_given[flag] = getattr(args, flag)
     positive("--pretrain-lr", args.pretrain_lr)
     pt_given = {"lr": args.pretrain_lr} if args.pretrain_lr is not None else {}
-    ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay))
-                if v is not None}
+    ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay),
+                                  ("ema", args.ema)) if v is not None}
     given = cv_given | {f"pretrain_{k}": v for k, v in pt_given.items()} | ft_given
     base = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, **cv_given),
                                pretrain=dataclasses.replace(params.pretrain, **pt_given),
@@ -125,7 +129,8 @@ def main() -> int:
             "benchmark": "crossval_seeds", "profile": params.profile, "data_version": first["data_version"],
             "videos": first["videos"], "patients": first["patients"], "folds": first["folds"],
             "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
-            "encoder_lr_decay": base.finetune.encoder_lr_decay, "pretrain_lr": base.pretrain.lr,
+            "encoder_lr_decay": base.finetune.encoder_lr_decay, "ema": base.finetune.ema,
+            "pretrain_lr": base.pretrain.lr,
             "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
             "seeds": [r["seed"] for r in rows], "per_seed": rows,
             **summarise(rows), **refit,

@@ -94,6 +94,9 @@ def main() -> int:
     params = load_params(ROOT / "params.yaml", args.profile)
     sim = params.simulate if args.seconds is None else dataclasses.replace(params.simulate, seconds=args.seconds)
     pre = params.pretrain
+    t = time.perf_counter()  # rendering forks: before anything touches CUDA
+    frames, video_idx = render(sim, args.videos, params.preprocess.frame_size, args.workers)
+    render_s = time.perf_counter() - t
     env = setup_distributed()
     on_gpu = env.device.type == "cuda"
     record: dict = {
@@ -113,11 +116,9 @@ def main() -> int:
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
         print(f"{part} done: {args.out}", flush=True)
 
-    t = time.perf_counter()
-    frames, video_idx = render(sim, args.videos, params.preprocess.frame_size, args.workers)
     val = video_idx >= args.videos - args.val_videos
     record["data"] = {"videos": args.videos, "val_videos": args.val_videos, "frames": len(frames),
-                      "seconds_per_sweep": sim.seconds, "fps": sim.fps, "render_s": round(time.perf_counter() - t, 1)}
+                      "seconds_per_sweep": sim.seconds, "fps": sim.fps, "render_s": round(render_s, 1)}
     save("data")
 
     torch.manual_seed(pre.seed)

@@ -22,6 +22,8 @@ the levers; the scratch side is the same unless ``--lr`` or ``--head-init`` chan
                                        at 0.5^(n-k) x the rate (scratch stays at the full rate)
     --pool-stages 3                    probe and fine-tune heads on the last 3 encoder stages, pooled and
                                        concatenated (finetune.pool_stages), for both initialisations
+    --ema 0.95                         fine-tunes validate and keep a moving average of their weights, this decay
+                                       per step (finetune.ema), for both initialisations
     --pretrain-epochs 60               first pretrain a both-sequential encoder that long on the same training sweeps
     --pool-videos 128 [--pool-seed 2]  first simulate that many more sweeps (other fetuses: another simulator seed),
                                        unlabelled, and pretrain on them alone (the profile's epochs; an epoch is one
@@ -167,6 +169,9 @@ def draw_args(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--split-test", action="store_true", help="score the test split of --clips instead")
     ap.add_argument("--encoder-lr-decay", type=float, default=None,
                     help="a pretrained encoder's layer-wise learning rate decay (default: the profile's; scratch: 1)")
+    ap.add_argument("--ema", type=float, default=None,
+                    help="fine-tunes validate and keep a moving average of their weights with this decay per step "
+                         "(finetune.ema; both initialisations; default: the profile's)")
     return ap
 
 
@@ -176,7 +181,7 @@ def draw_params(args: argparse.Namespace, **options: object) -> Params:
     any work."""
     at_least("--seeds", args.seeds, 1)
     params = load_params(ROOT / "params.yaml", args.profile)
-    given = {"encoder_lr_decay": args.encoder_lr_decay, **options}
+    given = {"encoder_lr_decay": args.encoder_lr_decay, "ema": args.ema, **options}
     params = dataclasses.replace(params, finetune=dataclasses.replace(
         params.finetune, **{k: v for k, v in given.items() if v is not None}))
     try:
@@ -288,7 +293,7 @@ def main() -> int:
         "benchmark": "label_seeds", "profile": params.profile, "fraction": fraction, "lr": params.finetune.lr,
         "head_init": params.finetune.head_init, "encoder_lr_scale": params.finetune.encoder_lr_scale,
         "encoder_lr_decay": params.finetune.encoder_lr_decay,
-        "pool_stages": params.finetune.pool_stages,
+        "pool_stages": params.finetune.pool_stages, "ema": params.finetune.ema,
         "encoder": {"path": encoder_path, **build,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
         "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": [r["seed"] for r in rows],

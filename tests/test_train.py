@@ -352,6 +352,54 @@ def test_stop_after_trains_the_first_epochs_of_the_planned_schedule(tmp_path):
         fit(_TwoLayers(1.0), tmp_path / "bad", dataclasses.replace(params, stop_after=-1), progress=False, live=False)
 
 
+def test_ema_validates_and_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path):
+    """``ema``: the raw weights train as without it; after step t the average moves towards them by
+    1 - min(decay, (1 + t) / (10 + t)); validation sees the average, best.pt and the model end as it, last.pt keeps
+    both, and a run resumed after epoch 2 ends with the same average as one never stopped."""
+    from sonossl.train.loop import LoopParams, WeightAverage, fit, load_checkpoint
+
+    class Recorder(_TwoLayers):  # the raw weights after every step, and what each validation saw
+        def loss(self, model, batch):
+            now = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.steps = getattr(self, "steps", []) + [now]
+            return super().loss(model, batch)
+
+        def validate(self, model, device):
+            self.seen = getattr(self, "seen", []) + [{k: v.clone() for k, v in model.state_dict().items()}]
+            return {"score": 0.0}
+
+    from sonossl.config import FinetuneParams
+    from sonossl.train.finetune import finetune_loop_params
+
+    assert finetune_loop_params(FinetuneParams(ema=0.8), 3, None).ema == 0.8  # every fine-tune passes it on
+    params = LoopParams(epochs=3, lr=1e-2, warmup_epochs=0, ema=0.8)
+    fit(Recorder(1.0), tmp_path / "plain", dataclasses.replace(params, ema=0.0), progress=False, live=False)
+    task = Recorder(1.0)
+    fit(task, tmp_path / "ema", params, progress=False, live=False)
+    raw = task.steps[1:] + [load_checkpoint(tmp_path / "ema/checkpoints/last.pt")["model"]]  # after steps 1..15
+    plain = load_checkpoint(tmp_path / "plain/checkpoints/last.pt")["model"]
+    assert all(torch.equal(plain[k], v) for k, v in raw[-1].items())  # the average does not change the training
+    expected = {k: v.clone() for k, v in task.steps[0].items()}  # the weights before the first step
+    for t, now in enumerate(raw, start=1):
+        keep = min(0.8, (1 + t) / (10 + t))
+        expected = {k: keep * expected[k] + (1 - keep) * now[k] for k in expected}
+        if t % 5 == 0:  # the end of an epoch: validated
+            for k, v in task.seen[t // 5 - 1].items():
+                assert torch.allclose(v, expected[k], atol=1e-6), (t, k)
+    best = load_checkpoint(tmp_path / "ema/checkpoints/best.pt")["model"]
+    for k, v in expected.items():
+        assert torch.allclose(best[k], v, atol=1e-6) and torch.equal(task.model.state_dict()[k], best[k])
+        assert not torch.allclose(raw[-1][k], v, atol=1e-6)  # the average is not the raw weights
+    assert load_checkpoint(tmp_path / "ema/checkpoints/last.pt")["average"]["updates"] == 15
+
+    fit(Recorder(1.0), tmp_path / "cut", dataclasses.replace(params, stop_after=2), progress=False, live=False)
+    fit(Recorder(1.0), tmp_path / "cut", params, resume=True, progress=False, live=False)
+    resumed = load_checkpoint(tmp_path / "cut/checkpoints/best.pt")["model"]
+    assert all(torch.equal(resumed[k], best[k]) for k in best)
+    with pytest.raises(ValueError, match="ema: a decay between 0 and 1"):
+        WeightAverage(task.model, 1.0)
+
+
 def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder(tiny_clips, tiny_params, tmp_path):
     """LP-FT: the fine-tune's head starts as the linear probe of its encoder (with a vanishing learning rate it is
     still that probe after training), and only a pretrained encoder gets ``encoder_lr_scale``."""
@@ -380,6 +428,9 @@ def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder
                  encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
     with pytest.raises(ValueError, match="finetune.patience"):
         finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, patience=-1),
+                 encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
+    with pytest.raises(ValueError, match=r"finetune.ema: must be in \[0, 1\)"):
+        finetune(tiny_clips, tmp_path / "bad", dataclasses.replace(ft, ema=1.0),
                  encoder_spec=as_dict(tiny_params.pretrain.encoder), progress=False)
 
 

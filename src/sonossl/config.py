@@ -153,6 +153,8 @@ class FinetuneParams:
     pool_stages: int = 1
     frames_per_epoch: int = 2048  # labelled frames drawn per epoch (with replacement when fewer are labelled)
     patience: int = 0  # stop a fine-tune after this many epochs without a better validation score; 0 = never
+    # Validate and keep a moving average of the weights (decay per step, ``train.loop``) instead of them; 0 = none.
+    ema: float = 0.0
     seed: int = 0
     amp: bool = True
     channels_last: bool = True

@@ -15,7 +15,8 @@ seen. For standard-plane detection (``task="planes"``):
   encoder trains at ``encoder_lr_scale`` times the learning rate (also in saliency fine-tunes), and with
   ``encoder_lr_decay`` d < 1 its stage k of n (the stem is stage 0) at d^(n-k) times that (layer-wise decay: the
   early, generic features change least); a scratch encoder always trains at the full rate, so the baseline is not
-  slowed down by a rule meant for pretrained weights.
+  slowed down by a rule meant for pretrained weights. With ``ema`` > 0 the epochs are validated, selected and kept
+  as a moving average of the weights (``train.loop``; off by default: docs/EXPERIMENTS.md, no help at 5 %).
 
 For saliency prediction (``task="saliency"``): the encoder plus a light decoder, trained end to end with the KL
 divergence to the gaze density; the epoch with the best validation CC kept; scored with KLD, CC, NSS, SIM, AUC-Judd.
@@ -374,7 +375,7 @@ def finetune_loop_params(params: FinetuneParams, epochs: int, select: str | None
     return LoopParams(epochs=epochs, lr=params.lr, weight_decay=params.weight_decay,
                       warmup_epochs=params.warmup_epochs, seed=params.seed, amp=params.amp,
                       channels_last=params.channels_last, select=select, patience=params.patience,
-                      stop_after=stop_after)
+                      stop_after=stop_after, ema=params.ema)
 
 
 def _fresh_encoder(encoder: str | Path | None, encoder_spec: dict[str, Any] | None) -> tuple[Encoder, dict]:
@@ -589,6 +590,8 @@ def check_finetune_params(params: FinetuneParams) -> None:
         raise ValueError(f"finetune.pool_stages: must be >= 1 (1 = the last stage only), got {params.pool_stages}")
     if params.patience < 0:
         raise ValueError(f"finetune.patience: must be >= 0 (0 = train every epoch), got {params.patience}")
+    if not 0 <= params.ema < 1:
+        raise ValueError(f"finetune.ema: must be in [0, 1) (0 = no weight average), got {params.ema}")
 
 
 def check_pool_stages(encoder: Encoder, params: FinetuneParams) -> None:

@@ -11,6 +11,10 @@ same way for all of them:
   on GPU bfloat16 autocast;
 - a checkpoint after every epoch (``checkpoints/last.pt``, written atomically: a kill leaves the previous one), the
   best model by the validation metric (``best.pt``), and ``resume=True`` continuing from ``last.pt``;
+- with ``ema`` > 0, an exponential moving average of the weights and BatchNorm statistics (Polyak averaging,
+  updated after every step, its decay warmed up as min(ema, (1 + t) / (10 + t)) at step t): the average is what is
+  validated and what ``best.pt`` and the model hold at the end; ``last.pt`` keeps both, so a resumed run goes on
+  averaging where it stopped;
 - early stopping: with a validation metric and ``patience`` > 0, training ends once that many epochs in a row have
   not beaten the best one (the schedule stays the one planned for all ``epochs``; a resumed run that had stopped
   stays stopped); ``stop_after`` ends it after a fixed number of epochs of that schedule instead (a refit that
@@ -28,6 +32,7 @@ checkpoint gives an error naming the file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import math
@@ -65,6 +70,7 @@ class LoopParams:
     select: str | None = None  # validation metric that picks best.pt (higher is better); None = last epoch
     patience: int = 0  # with `select`: stop after this many epochs in a row without a better one; 0 = never stop
     stop_after: int = 0  # train only the first this many epochs of the schedule planned for `epochs`; 0 = all of it
+    ema: float = 0.0  # decay of a moving average of the weights, validated and kept instead of them; 0 = none
 
 
 class TrainTask(Protocol):
@@ -222,6 +228,37 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps([code_version(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (``fit``'s ``ema``): after update t the
+    average moves towards the model by 1 - min(decay, (1 + t) / (10 + t)), so its first updates follow the model
+    closely instead of holding on to the initial weights; integer buffers (BatchNorm's batch count) are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema: a decay between 0 and 1 (exclusive), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        self.module.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, now in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(now.detach(), 1.0 - keep)
+            else:
+                avg.copy_(now)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
 def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool = False, progress: bool = True,
         live: bool = True, dist_env: Distributed | None = None, run_id: str = "") -> FitResult:
     """Train ``task.model`` for ``params.epochs``; see the module docstring. Returns the per-epoch history.
@@ -240,6 +277,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     groups = task.param_groups() if hasattr(task, "param_groups") else [{"params": list(model.parameters())}]
     _check_groups(groups, model)
     opt = torch.optim.AdamW([{"lr_scale": 1.0, **g} for g in groups], lr=params.lr, weight_decay=params.weight_decay)
+    average = WeightAverage(model, params.ema) if params.ema else None
+    evaluated = average.module if average else model  # what is validated and kept as best.pt
     result = FitResult()
     start_epoch = 0
     ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
@@ -250,6 +289,10 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if average:
+            if "average" not in ckpt:
+                raise CheckpointError(f"{last_path}: holds no weight average (ema), yet the run has the same id")
+            average.load_state_dict(ckpt["average"])
         start_epoch = int(ckpt["epoch"])
         result.history = list(ckpt["history"])
         result.best = ckpt.get("best")
@@ -294,6 +337,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if average:
+                    average.update(model)
                 n_batches += 1
                 seen += _batch_len(batch)
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -304,18 +349,21 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
             train_time += time.perf_counter() - te
             entry = {"epoch": epoch + 1, **{f"train_{k}": round(v / max(1, n_batches), 5) for k, v in sums.items()}}
             if env.main:
-                model.eval()
+                evaluated.eval()
                 with torch.no_grad(), autocast:
-                    entry.update({f"val_{k}": round(float(v), 5) for k, v in task.validate(model, env.device).items()})
+                    entry.update({f"val_{k}": round(float(v), 5)
+                                  for k, v in task.validate(evaluated, env.device).items()})
                 result.history.append(entry)
                 improved = params.select is None or result.best is None or (
                     entry.get(params.select, -math.inf) > result.best.get(params.select, -math.inf))
                 if improved:
                     result.best = entry
-                    save_checkpoint(best_path, {"epoch": epoch + 1, "model": model.state_dict(), "entry": entry})
+                    save_checkpoint(best_path, {"epoch": epoch + 1, "model": evaluated.state_dict(),
+                                                "entry": entry})
                 save_checkpoint(last_path, {"epoch": epoch + 1, "run_id": run_id, "model": model.state_dict(),
                                             "optimizer": opt.state_dict(), "history": result.history,
-                                            "best": result.best})
+                                            "best": result.best,
+                                            **({"average": average.state_dict()} if average else {})})
                 tracker.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch)
                 if progress:
                     shown = {k: v for k, v in entry.items() if k.startswith("val_") or k == "train_loss"}
@@ -331,6 +379,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                 break
     finally:
         tracker.close()
+    if average:
+        model.load_state_dict(average.module.state_dict())
     result.seconds = time.perf_counter() - t0
     result.samples_per_s = seen * env.world / train_time if train_time else 0.0
     return result
