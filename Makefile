@@ -78,7 +78,8 @@ pretext-rates: setup
 # each of 2e-3 and 5e-4 (pretraining seeds 1 and 2), over ten draws each; the pipeline's encoder at 20% and at 100%,
 # over ten draws each; the three ablation encoders of the pipeline, over ten draws; 3x the pretraining at 2e-3 (two
 # builds, ten draws each: the pipeline's encoder since then, and another seed), and that encoder against its 8-epoch
-# twin at 20 % and 100 %, draw by draw (benchmarks/encoder_pairs.py). About 410 minutes on 2 cores.
+# twin at 20 % and 100 %, draw by draw (benchmarks/encoder_pairs.py); a moving average of the fine-tunes' weights
+# (finetune.ema 0.95) over ten draws. About 415 minutes on 2 cores.
 # Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were (every stage at
 # one rate). The pretraining rate 2e-3 became the default after all of them but the last five commands; $(LR0)
 # pretrains their encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel rows
@@ -161,6 +162,7 @@ label-levers: setup
 		--out $(LEVERS)_pretrain24_lr2e-3_seed1.json
 	$(BIN)/python benchmarks/encoder_pairs.py --against models/pretrain/both-sequential-ablation --fractions 0.2 1 \
 		--seeds 10 --out benchmarks/results/encoder_pairs_e24_vs_e8.json
+	$(BIN)/python benchmarks/label_seeds.py --ema 0.95 --seeds 10 --out $(LEVERS)_ema0.95.json
 
 # The POCUS cross-validation over seven seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 65 minutes on 2 cores). The README's

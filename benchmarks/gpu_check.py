@@ -1,8 +1,8 @@
 """The GPU check: the ``gpu`` profile's pretraining for a few hundred steps on one GPU, prepared as one run.
 
-For a session lent a GPU (the ``device`` tool), where a machine is held for minutes and starts bare: the script
-needs only torch, numpy, pandas, Pillow, PyYAML and this repository's ``src/`` (the device image has no PyAV, so it
-writes and reads no video). On one machine, in one command:
+For a GPU machine held for minutes that has torch but not this project's environment (a bare node, or the GPU
+machine a development session is sometimes lent, whose image has no PyAV): the script needs only torch, numpy,
+pandas, Pillow, PyYAML and this repository's ``src/``, and writes and reads no video. On one machine, one command:
 
 1. ``data``: render ``--videos`` of the profile's simulated sweeps in memory (``render_sweep``, one process per
    core), crop each to its sector (``detect_crop``, as ``preprocess`` does) and resize it to the profile's
@@ -16,7 +16,7 @@ writes and reads no video). On one machine, in one command:
    medians (target at least 0.9, as ``train_throughput.py``);
 4. the device's name, peak GPU memory (``torch.cuda.max_memory_allocated``), torch's version and the machine.
 
-    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json     # on the lent machine
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_check.py --out /tmp/gpu_check.json     # a bare GPU machine
     .venv/bin/python benchmarks/gpu_check.py --profile tiny --videos 3 --val-videos 1 --steps 2  # any CPU (tests)
 Writes benchmarks/results/gpu_check.json (or --out) after each part, so a run stopped at its time limit keeps
 what it measured (``finished`` names the parts done). Without a GPU it runs on the CPU and says so (``device``).
@@ -103,8 +103,9 @@ def main() -> int:
         "benchmark": "gpu_check", "profile": params.profile, "mode": MODE, "finished": [],
         "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "cuda": torch.version.cuda, "amp": "bfloat16" if on_gpu and pre.amp else None,
-        "channels_last": pre.channels_last, "encoder": dataclasses.asdict(pre.encoder), "batch_size": pre.batch_size,
-        "k": pre.k, "crop": pre.crop, "stride": pre.stride, "frame_size": params.preprocess.frame_size,
+        "channels_last": pre.channels_last, "encoder": dataclasses.asdict(pre.encoder),
+        "batch_size": pre.batch_size, "k": pre.k, "crop": pre.crop, "stride": pre.stride,
+        "frame_size": params.preprocess.frame_size,
     }
 
     def save(part: str) -> None:
@@ -156,7 +157,8 @@ def main() -> int:
         "ratio": round(loop / model, 3), "target_ratio": 0.9,
     }
     save("throughput")
-    print(json.dumps({k: record[k] for k in ("device", "peak_gpu_memory_mib", "throughput") if k in record}, indent=2))
+    shown = ("device", "peak_gpu_memory_mib", "throughput")
+    print(json.dumps({k: record[k] for k in shown if k in record}, indent=2))
     return 0
 
 
