@@ -356,6 +356,8 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights_and_resumes_i
     """``ema``: the raw weights train as without it; after step t the average moves towards them by
     1 - min(decay, (1 + t) / (10 + t)); validation sees the average, best.pt and the model end as it, last.pt keeps
     both, and a run resumed after epoch 2 ends with the same average as one never stopped."""
+    from sonossl.config import FinetuneParams
+    from sonossl.train.finetune import finetune_loop_params
     from sonossl.train.loop import LoopParams, WeightAverage, fit, load_checkpoint
 
     class Recorder(_TwoLayers):  # the raw weights after every step, and what each validation saw
@@ -367,9 +369,6 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights_and_resumes_i
         def validate(self, model, device):
             self.seen = getattr(self, "seen", []) + [{k: v.clone() for k, v in model.state_dict().items()}]
             return {"score": 0.0}
-
-    from sonossl.config import FinetuneParams
-    from sonossl.train.finetune import finetune_loop_params
 
     assert finetune_loop_params(FinetuneParams(ema=0.8), 3, None).ema == 0.8  # every fine-tune passes it on
     params = LoopParams(epochs=3, lr=1e-2, warmup_epochs=0, ema=0.8)
@@ -398,6 +397,8 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights_and_resumes_i
     assert all(torch.equal(resumed[k], best[k]) for k in best)
     with pytest.raises(ValueError, match="ema: a decay between 0 and 1"):
         WeightAverage(task.model, 1.0)
+    with pytest.raises(CheckpointError, match="plain/checkpoints/last.pt: holds no weight average"):
+        fit(Recorder(1.0), tmp_path / "plain", params, resume=True, progress=False, live=False)  # same id, no ema
 
 
 def test_lp_ft_starts_from_the_linear_probe_and_scales_only_a_pretrained_encoder(tiny_clips, tiny_params, tmp_path):
