@@ -14,7 +14,6 @@ code path. Parameters come from the profile named by the pipeline, in the parame
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -152,7 +151,7 @@ def preprocess_step(dataset: str, out_dir: str | Path, profile: str,
         raw = fetch_raw_dataset(dataset, Path(tmp) / "raw")
         check_gaze_maps(raw, dataset, tasks)
         report = preprocess(raw, out_dir, params, progress=True)
-    version = json.loads((Path(out_dir) / "meta.json").read_text())["version"]
+    version = clip_version(out_dir)
     log.info("clip dataset %s: %s", version, json.dumps(report.summary()))
     return version
 
@@ -176,18 +175,23 @@ def _test_clips(path: str | Path | None) -> Path | None:
     return Path(path)
 
 
-def work_key(clips_dir: str | Path, params: Params, *parts: Any) -> str:
-    """A GPU step's work, hashed: the clip dataset's version, the parameters, the step's own arguments (``parts``:
-    an encoder by its file's hash, ...) and the code (``sonossl.train.loop.code_version``). The same work gives the
-    same key, in a retried task as in a later run; the key names its folder in the checkpoint store."""
-    from sonossl.config import as_dict
-    from sonossl.train.loop import code_version
-
+def clip_version(clips_dir: str | Path) -> str:
+    """The version id of the clip dataset in ``clips_dir`` (its meta.json); an error naming the folder if none."""
     meta = Path(clips_dir) / "meta.json"
     if not meta.is_file():
         raise FileNotFoundError(f"{clips_dir}: not a clip dataset (no meta.json)")
-    doc = [json.loads(meta.read_text())["version"], as_dict(params), [str(p) for p in parts], code_version()]
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return json.loads(meta.read_text())["version"]
+
+
+def work_key(clips_dir: str | Path, params: Params, *parts: Any) -> str:
+    """A GPU step's work, hashed as the training loop fingerprints a run (``sonossl.train.loop.fingerprint``, the
+    code included): the clip dataset's version, the parameters and the step's own arguments (``parts``: an encoder
+    by its file's hash, ...). The same work gives the same key, in a retried task as in a later run; the key names
+    its folder in the checkpoint store."""
+    from sonossl.config import as_dict
+    from sonossl.train.loop import fingerprint
+
+    return fingerprint(clip_version(clips_dir), as_dict(params), [str(p) for p in parts])
 
 
 def _store(checkpoint_store: str, step: str, clips_dir: str | Path, params: Params, *parts: Any) -> str | None:
@@ -229,7 +233,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     ft = params.finetune
     fractions = ft.fractions if task == "planes" else ft.saliency_fractions
     test = _test_clips(test_clips)
-    test_version = json.loads((test / "meta.json").read_text())["version"] if test and checkpoint_store else ""
+    test_version = clip_version(test) if test and checkpoint_store else ""
     encoder_hash = file_sha256(Path(encoder) / "encoder.pt") if encoder and checkpoint_store else ""
     store = _store(checkpoint_store, name, clips_dir, params, task, name, encoder_hash, test_version)
     with mirrored(out_dir, store):
