@@ -5,8 +5,8 @@ machine a development session is sometimes lent, whose image has no PyAV): the s
 pandas, Pillow, PyYAML and this repository's ``src/``, and writes and reads no video. On one machine, one command:
 
 1. ``data``: render ``--videos`` of the profile's simulated sweeps in memory (``render_sweep``, one process per
-   core), crop each to its sector (``detect_crop``, as ``preprocess`` does) and resize it to the profile's
-   ``frame_size``; the last ``--val-videos`` hold out the pretext accuracy;
+   core), crop each to its sector and resize it to the profile's ``frame_size`` the way ``preprocess`` does
+   (``clips.sector_frames``); the last ``--val-videos`` hold out the pretext accuracy;
 2. ``training``: the real loop (``fit`` on a ``PretextTask``, both-sequential: batched shuffles, transforms and
    crops on the device, bfloat16 autocast and channels_last on a GPU, AdamW with its schedule, a checkpoint per
    epoch) for ``--epochs`` epochs of ``--steps`` steps at the profile's batch size; per epoch the training loss and
@@ -41,8 +41,7 @@ import torch
 
 from sonossl.atomic import atomic_write_text
 from sonossl.config import SimulateParams, load_params
-from sonossl.data.clips import SECTOR_SAMPLE, _resize, _start_method
-from sonossl.data.sector import detect_crop
+from sonossl.data.clips import sector_frames, start_method
 from sonossl.data.simulate import render_sweep
 from sonossl.machine import describe
 from sonossl.train.loop import fit, setup_distributed
@@ -56,16 +55,12 @@ MODE = "both-sequential"
 
 def sweep_frames(index: int, sim: SimulateParams, size: int) -> np.ndarray:
     """Sweep ``index`` of ``sim`` as a clip dataset holds it: cropped to its sector, ``size`` x ``size``, uint8."""
-    frames = render_sweep(index, sim).frames
-    pick = np.unique(np.linspace(0, len(frames) - 1, min(SECTOR_SAMPLE, len(frames))).round().astype(int))
-    crop = detect_crop([frames[i] for i in pick])
-    patch = frames[:, crop.y0:crop.y0 + crop.side, crop.x0:crop.x0 + crop.side]
-    return np.stack([_resize(f, size) for f in patch])
+    return sector_frames(render_sweep(index, sim).frames, size)
 
 
 def render(sim: SimulateParams, videos: int, size: int, workers: int) -> tuple[torch.Tensor, np.ndarray]:
     """All frames of ``videos`` sweeps (N, size, size) and each frame's video index, rendered in parallel."""
-    ctx = multiprocessing.get_context(_start_method())
+    ctx = multiprocessing.get_context(start_method())
     with ProcessPoolExecutor(max_workers=max(1, min(workers, videos)), mp_context=ctx) as pool:
         sweeps = list(pool.map(sweep_frames, range(videos), [sim] * videos, [size] * videos))
     video_idx = np.concatenate([np.full(len(s), i) for i, s in enumerate(sweeps)])

@@ -29,7 +29,7 @@ import numpy as np
 
 from sonossl.atomic import atomic_write_text
 from sonossl.config import PreprocessParams
-from sonossl.data.clips import _start_method, preprocess, read_listing
+from sonossl.data.clips import preprocess, read_listing, start_method
 from sonossl.data.video import THREAD_TYPE
 from sonossl.machine import cpu_model
 
@@ -53,7 +53,7 @@ def decode_only(path: str) -> int:
 def time_decode(files: list[str], workers: int) -> tuple[float, int]:
     order = sorted(files, key=lambda f: (-os.path.getsize(f), f))  # as preprocess schedules them
     start = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_start_method())) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method())) as pool:
         frames = sum(pool.map(decode_only, order))
     return time.perf_counter() - start, frames
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,11 +23,14 @@ def _objects(s3_server, prefix: str) -> dict[str, bytes]:
     return {k.removeprefix(prefix): v for k, v in s3_server.objects().items() if k.startswith(prefix)}
 
 
-def test_mirror_copies_the_folder_while_it_runs_and_a_new_attempt_restores_it(s3_server, tmp_path):
+def test_mirror_copies_the_folder_while_it_runs_and_a_new_attempt_restores_it(s3_server, tmp_path, caplog):
     from sonossl.pipeline.mirror import mirrored, store_uri
 
     store = f"s3://{s3_server.bucket}/checkpoints"
     first = tmp_path / "attempt1"
+    caplog.set_level(logging.INFO)
+    storage_log = logging.getLogger("sonossl.storage.s3")
+    level = storage_log.level
     with mirrored(first, store_uri(store, "pretrain", "key-1"), interval=0.05) as uri:
         assert uri == f"{store}/pretrain/key-1"
         (first / "checkpoints").mkdir()
@@ -40,6 +44,9 @@ def test_mirror_copies_the_folder_while_it_runs_and_a_new_attempt_restores_it(s3
         (first / "metrics.json").write_text("{}")
     assert _objects(s3_server, "checkpoints/pretrain/key-1/") == {  # the last state, copied as the block ended
         "checkpoints/last.pt": b"epoch 2", "metrics.json": b"{}"}
+    # One line for the copy, none per file (those are at DEBUG), and the storage log's level left as it was.
+    assert "folder copied" in caplog.text and "uploaded 1 of 1 file(s)" not in caplog.text
+    assert storage_log.level == level
 
     second = tmp_path / "attempt2"  # a retry: a new pod, an empty output folder
     with mirrored(second, f"{store}/pretrain/key-1", interval=60):

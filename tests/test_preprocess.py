@@ -289,6 +289,10 @@ def test_simulator_sweeps_are_cropped_inside_the_fan(tmp_path: Path) -> None:
         # Inside the fan there is speckle everywhere, and nothing static (the overlay text and scale are static).
         assert (patch.max(axis=0) > 0).all()
         assert not ((patch.std(axis=0) == 0) & (patch.max(axis=0) > 100)).any()
+        # sector_frames, for frames already in memory (the GPU check), crops and resizes them as preprocess did.
+        stored = data.frames[(data.index.video_idx == video["video_idx"]).to_numpy()]
+        assert len(stored) == len(frames)  # no blank frame was dropped, so the rows pair one to one
+        assert np.abs(clips.sector_frames(frames, TINY.frame_size).astype(int) - stored).max() <= 1
 
 
 def test_variable_frame_rate_resamples_to_the_nearest_frames(tmp_path: Path) -> None:

@@ -372,6 +372,16 @@ def _frame_crop(frame: DecodedFrame, crop: CropBox, size: int) -> np.ndarray:
     return small if frame.lut is None else frame.lut[small]
 
 
+def sector_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """One video's grey frames (T, H, W) uint8 as preprocess crops them: to the square inside the scan sector (found
+    from SECTOR_SAMPLE frames spread over them, snapped to a whole multiple of ``size`` where that is cheap) and
+    resized to (T, size, size) uint8. For frames already in memory (benchmarks): no decoding, resampling or
+    blank-frame filtering."""
+    head = [DecodedFrame(i, 0.0, f) for i, f in enumerate(frames)]
+    crop = _snap_crop(_video_crop(head), size)
+    return np.stack([_frame_crop(f, crop, size) for f in head])
+
+
 def _is_blank(small: np.ndarray, params: PreprocessParams) -> bool:
     """Mean or standard deviation of the crop's grey levels (at output resolution) below the blank thresholds;
     sums and one BLAS dot, since numpy.mean/std cost more than the arithmetic on every frame."""
@@ -538,7 +548,8 @@ def _cleanup(task: _Task) -> None:
             path.unlink()
 
 
-def _start_method() -> str:
+def start_method() -> str:
+    """How preprocess starts its worker processes (benchmarks that render or decode in parallel do the same)."""
     # fork: no re-import of the caller's main module (a plain script without a __main__ guard works) and no
     # start-up cost. Workers are forked before the progress bar exists, so no helper thread is copied mid-lock.
     return "fork" if sys.platform.startswith("linux") else "spawn"
@@ -576,7 +587,7 @@ def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, _VideoRe
         finally:
             _release_head_store()  # this is the caller's process: give the memory back
         return results
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(_start_method()))
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(start_method()))
     try:
         futures = [pool.submit(_process_video, task) for task in order]
         with bar() as progress_bar:

@@ -60,18 +60,12 @@ def push(folder: str | Path, uri: str, client=None) -> int:
 
     folder, sent = Path(folder), 0
     s3 = client or storage.client()
-    quiet = logging.getLogger(storage.upload.__module__)  # one line per file per copy would drown the step's log
-    level = quiet.level
-    quiet.setLevel(max(level, logging.WARNING))
-    try:
-        for path in _files(folder):
-            try:
-                storage.upload(path, f"{uri}/{path.relative_to(folder).as_posix()}", client=s3)
-                sent += 1
-            except FileNotFoundError:
-                continue
-    finally:
-        quiet.setLevel(level)
+    for path in _files(folder):
+        try:  # at DEBUG: one line per file per copy would drown the step's log
+            storage.upload(path, f"{uri}/{path.relative_to(folder).as_posix()}", client=s3, log_level=logging.DEBUG)
+            sent += 1
+        except FileNotFoundError:
+            continue
     return sent
 
 

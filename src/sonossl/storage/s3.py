@@ -282,10 +282,12 @@ def _abort_unfinished(s3: Any, bucket: str, key: str) -> None:
 
 
 def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multipart_threshold: int | None = None,
-           multipart_chunksize: int | None = None, progress: bool = False) -> list[str]:
+           multipart_chunksize: int | None = None, progress: bool = False,
+           log_level: int = logging.INFO) -> list[str]:
     """Upload a file (to ``uri``, or ``uri/<name>`` when ``uri`` ends with ``/``) or a folder, recursively, under
     the prefix ``uri``. Returns the keys that now hold the files, sorted (objects already there with the same
-    SHA-256 are kept, not sent again)."""
+    SHA-256 are kept, not sent again). ``log_level``: of the line that says what was sent (a caller that copies
+    one file at a time, every minute, passes DEBUG); warnings stay warnings."""
     s3 = client or _new_client()
     local_path = Path(local_path)
     bucket, prefix = parse_s3_uri(uri)
@@ -305,8 +307,8 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
     with _progress(sum(p.stat().st_size for p, _ in files), f"upload {local_path.name}", progress) as bar:
         for path, key in files:
             sent += _upload_file(s3, path, bucket, key, config, bar)
-    log.info("uploaded %d of %d file(s) to %s (%d already there, identical)", sent, len(files), uri,
-             len(files) - sent)
+    log.log(log_level, "uploaded %d of %d file(s) to %s (%d already there, identical)", sent, len(files), uri,
+            len(files) - sent)
     return sorted(key for _, key in files)
 
 
