@@ -41,6 +41,8 @@ the levers; the scratch side is the same unless ``--lr`` or ``--head-init`` chan
                                        pretrain a both-sequential encoder with another clip stride, network input
                                        (crop) or crop-centre jitter (pretrain.stride, .crop, .max_shift); a longer
                                        stride has fewer valid clips, so give --clips-per-epoch to hold the cost
+    --pretrain-warmup 3                pretrain a both-sequential encoder with this many epochs of linear
+                                       learning-rate warm-up (pretrain.warmup_epochs; the profile's 1)
     --save-encoder DIR                 keep the encoder built for the options above, to rerun other levers on
                                        it with --encoder DIR (the record still names how it was built)
 """
@@ -138,7 +140,7 @@ def check_crops(option: str, pre: PretrainParams, crops: list[int], source: int)
 # the options that set one parameter of the encoder ``build_encoder`` pretrains (as argparse names them), and which
 PRETRAIN_FIELDS = {"pretrain_epochs": "epochs", "pretrain_lr": "lr", "pretrain_seed": "seed",
                    "pretrain_stride": "stride", "pretrain_crop": "crop", "pretrain_max_shift": "max_shift",
-                   "clips_per_epoch": "clips_per_epoch"}
+                   "pretrain_warmup": "warmup_epochs", "clips_per_epoch": "clips_per_epoch"}
 # the options that make ``build_encoder`` pretrain an encoder here
 BUILD_OPTIONS = (*PRETRAIN_FIELDS, "pool_videos")
 
@@ -214,6 +216,8 @@ def main() -> int:
                     help="pretrain a both-sequential encoder first, on network inputs of this side (pixels)")
     ap.add_argument("--pretrain-max-shift", type=float, default=None,
                     help="pretrain a both-sequential encoder first, with this crop-centre jitter (pixels)")
+    ap.add_argument("--pretrain-warmup", type=float, default=None,
+                    help="pretrain a both-sequential encoder first, with this many epochs of learning-rate warm-up")
     ap.add_argument("--pool-videos", type=int, default=None, help="pretrain first on this many new unlabelled sweeps")
     ap.add_argument("--pool-seed", type=int, default=2, help="simulator seed of the unlabelled sweeps")
     ap.add_argument("--pool-fps", type=float, default=None,
@@ -241,6 +245,7 @@ def main() -> int:
     positive("--pretrain-lr", args.pretrain_lr)
     at_least("--pretrain-stride", args.pretrain_stride, 1)
     at_least("--pretrain-max-shift", args.pretrain_max_shift, 0)
+    at_least("--pretrain-warmup", args.pretrain_warmup, 0)
     if args.save_encoder is not None and not builds(args):
         *first, last = ("--" + name.replace("_", "-") for name in BUILD_OPTIONS)
         raise SystemExit(f"--save-encoder: only with {', '.join(first)} or {last} (otherwise --encoder is already a "

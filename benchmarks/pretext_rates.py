@@ -1,20 +1,21 @@
 """Which pretraining settings learn the pretext tasks best at the pipeline's cost: held-out pretext accuracy.
 
 Pretrains one ``both-sequential`` encoder for every combination of the settings given (``AXES``: the peak learning
-rate, the batch size, the order loss's weight, the clip stride, the clips per epoch, the crop and the crop-centre
-jitter) and seed, on the training videos of ``--clips``, with the profile's epochs and everything else, and reads
-the accuracy of every head on the held-out clips of the validation videos, as the pipeline's ``pretrain`` stage
-reports it, with the wall time of each run. No label is read. The held-out clips are drawn with the seed, so
-``--seeds 3`` shows how far apart two runs of one setting land: the noise any difference between settings has to
-beat. A stride, crop or jitter changes the held-out clips themselves (their frames, input size or framing), so
-across those the accuracies describe different tasks: compare the transform heads, and leave the verdict to the
-downstream check. It is the cheap screen (about 1 min per run on 2 cores: 47-69 s on the AVX2 EPYC at the default
-crop) before the expensive check, ``label_seeds.py --pretrain-lr R`` and the like (ten draws of the downstream
-fine-tune, 10 min and more).
+rate, the batch size, the order loss's weight, the clip stride, the clips per epoch, the crop, the crop-centre
+jitter, the epochs and the learning rate's warm-up) and seed, on the training videos of ``--clips``, with the
+profile's values for everything else, and reads the accuracy of every head on the held-out clips of the validation
+videos, as the pipeline's ``pretrain`` stage reports it, with the wall time of each run. No label is read. The
+held-out clips are drawn with the seed, so ``--seeds 3`` shows how far apart two runs of one setting land: the noise
+any difference between settings has to beat. A stride, crop or jitter changes the held-out clips themselves (their
+frames, input size or framing), so across those the accuracies describe different tasks: compare the transform
+heads, and leave the verdict to the downstream check. It is the cheap screen (about 1 min per run on 2 cores: 47-69
+s on the AVX2 EPYC at the default crop) before the expensive check, ``label_seeds.py --pretrain-lr R`` and the like
+(ten draws of the downstream fine-tune, 10 min and more).
+
 
     .venv/bin/python benchmarks/pretext_rates.py [--lr 5e-4 1e-3 2e-3 4e-3] [--batch-size 64 32]
         [--order-weight 1 2] [--stride 6 12 24] [--clips-per-epoch 1936] [--crop 48 64] [--max-shift 0 4]
-        [--epochs 8] [--seeds 3]
+        [--epochs 8] [--warmup-epochs 1 3] [--seeds 3]
 Run after `dvc repro preprocess@sim`. Each bad value is refused, naming its option, before any work. Writes
 benchmarks/results/pretext_rates.json (or --out) after every run; the runs nest in the order of the options above,
 the seeds innermost. Every row names all its settings and ``shift_used``, the jitter after the cap that keeps every
@@ -97,6 +98,8 @@ AXES = (
          "crop-centre jitter in pixels (capped at what the crop and the transform sets leave)"),
     Axis("--epochs", "epochs", "epochs", int, lambda v: v >= 1, "number of epochs must be at least 1",
          "pretraining epochs (the profile's 8 until it became 24: `make pretext-rates` reruns its records at 8)"),
+    Axis("--warmup-epochs", "warmup_epochs", "warmup_epochs", float, lambda v: v >= 0, "warm-up must be at least 0",
+         "epochs of linear learning-rate warm-up before the cosine decay"),
 )
 
 

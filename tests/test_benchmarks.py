@@ -31,7 +31,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--seeds", "2", "--pool-videos", "4",
                     "--pool-fps", "5", "--clips-per-epoch", "48", "--pretrain-epochs", "1", "--pretrain-lr", "0.003",
                     "--pretrain-seed", "3", "--pretrain-stride", "3", "--pretrain-crop", "16", "--pretrain-max-shift",
-                    "0", "--save-encoder", str(kept), "--out", str(out)],
+                    "0", "--pretrain-warmup", "0.5", "--save-encoder", str(kept), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     # the kept encoder gives the same draw the same scores, and its record still says how it was built
@@ -51,6 +51,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     assert (enc["pretrain_stride"], enc["pretrain_crop"], enc["pretrain_max_shift"]) == (3, 16, 0)
     kept_params = torch.load(kept / "encoder.pt", weights_only=True)["params"]  # what the encoder was built with
     assert (kept_params["stride"], kept_params["crop"], kept_params["max_shift"], kept_params["seed"]) == (3, 16, 0, 3)
+    assert enc["pretrain_warmup"] == kept_params["warmup_epochs"] == 0.5
     assert enc["data_version"] != json.loads((tiny_clips / "meta.json").read_text())["version"]
     assert result["lr"] == 0.002 and len(result["per_seed"]) == 2
     test_meta = json.loads((tiny_test_clips / "meta.json").read_text())
@@ -123,6 +124,7 @@ def test_label_seeds_pool_keeps_the_time_between_clip_frames(monkeypatch):
     (["--pretrain-lr", "0"], "--pretrain-lr: must be positive, got 0.0"),
     (["--pretrain-stride", "0"], "--pretrain-stride: must be at least 1, got 0"),
     (["--pretrain-max-shift", "-1"], "--pretrain-max-shift: must be at least 0, got -1.0"),
+    (["--pretrain-warmup", "-1"], "--pretrain-warmup: must be at least 0, got -1.0"),
     (["--pretrain-crop", "4"], "--pretrain-crop: must be at least 8, got 4"),
     (["--pretrain-crop", "40"], "--pretrain-crop: pretrain.crop=40 is too large for 32px frames"),
     (["--pretrain-epochs", "1", "--seeds", "0"], "--seeds: must be at least 1, got 0"),  # draw_params: every script
@@ -249,6 +251,7 @@ def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_settings(t
     assert result["chance"] == stage["chance"] and result["pretrain"]["batch_size"] == "per row"
     assert result["pretrain"]["epochs"] == "per row" and result["machine"]  # --epochs is an axis too
     assert {r["epochs"] for r in result["rates"]} == {tiny_params.pretrain.epochs}  # not given: the profile's
+    assert {r["warmup_epochs"] for r in result["rates"]} == {tiny_params.pretrain.warmup_epochs}  # the same
     # --seeds: the profile's seed first (the same run again), then the next, which is another run; --order-weight
     # the same way, the profile's weight first
     weight = tiny_params.pretrain.loss_weights.order
@@ -293,6 +296,7 @@ def test_pretext_rates_varies_stride_crop_and_shift(tiny_clips, tiny_params, tmp
     (["--stride", "2", "0"], "--stride: every stride must be at least 1, got [0]"),
     (["--clips-per-epoch", "0"], "--clips-per-epoch: every number of clips must be at least 1, got [0]"),
     (["--max-shift", "-1"], "--max-shift: every shift must be at least 0, got [-1.0]"),
+    (["--warmup-epochs", "1", "-1"], "--warmup-epochs: every warm-up must be at least 0, got [-1.0]"),
     (["--crop", "4"], "--crop: every crop must be at least 8, got [4]"),
     (["--crop", "16", "40"], "--crop: pretrain.crop=40 is too large for 32px frames"),
     (["--stride", "2", "9"], "--stride: every stride must fit a clip of k=4 frames into the longest training video"),
