@@ -12,7 +12,6 @@ heads, and leave the verdict to the downstream check. It is the cheap screen (ab
 s on the AVX2 EPYC at the default crop) before the expensive check, ``label_seeds.py --pretrain-lr R`` and the like
 (ten draws of the downstream fine-tune, 10 min and more).
 
-
     .venv/bin/python benchmarks/pretext_rates.py [--lr 5e-4 1e-3 2e-3 4e-3] [--batch-size 64 32]
         [--order-weight 1 2] [--stride 6 12 24] [--clips-per-epoch 1936] [--crop 48 64] [--max-shift 0 4]
         [--epochs 8] [--warmup-epochs 1 3] [--seeds 3]
