@@ -14,7 +14,7 @@ s on the AVX2 EPYC at the default crop) before the expensive check, ``label_seed
 
     .venv/bin/python benchmarks/pretext_rates.py [--lr 5e-4 1e-3 2e-3 4e-3] [--batch-size 64 32]
         [--order-weight 1 2] [--stride 6 12 24] [--clips-per-epoch 1936] [--crop 48 64] [--max-shift 0 4]
-        [--epochs 8] [--warmup-epochs 1 3] [--seeds 3]
+        [--epochs 8] [--warmup-epochs 1 3] [--seeds 3] [--first-seed 3]
 Run after `dvc repro preprocess@sim`. Each bad value is refused, naming its option, before any work. Writes
 benchmarks/results/pretext_rates.json (or --out) after every run; the runs nest in the order of the options above,
 the seeds innermost. Every row names all its settings and ``shift_used``, the jitter after the cap that keeps every
@@ -109,8 +109,10 @@ def main() -> int:
         ap.add_argument(axis.option, dest=axis.key, type=axis.type, nargs="+", default=axis.default,
                         help=f"{axis.help} (default: {default})")
     ap.add_argument("--seeds", type=int, default=1,
-                    help="pretraining seeds per setting: the profile's seed and the next ones (default: 1), to see "
+                    help="pretraining seeds per setting: the first seed and the next ones (default: 1), to see "
                          "how far one run's accuracies are from another's")
+    ap.add_argument("--first-seed", type=int, default=None,
+                    help="the first pretraining seed (default: the profile's), to add seeds to an earlier screen")
     ap.add_argument("--profile", default=None, help="params.yaml profile (default: the file's)")
     ap.add_argument("--clips", type=Path, default=ROOT / "data/clips/sim")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pretext_rates.json")
@@ -119,6 +121,8 @@ def main() -> int:
         every(axis.option, getattr(args, axis.key), axis.ok, axis.must)
     if args.seeds < 1:
         raise SystemExit(f"--seeds: must be at least 1, got {args.seeds}")
+    if args.first_seed is not None and args.first_seed < 0:
+        raise SystemExit(f"--first-seed: must be at least 0, got {args.first_seed}")
     if not (args.clips / "meta.json").is_file():
         raise SystemExit(f"{args.clips}: no clip dataset; run `dvc repro preprocess@sim` first")
     params = load_params(ROOT / "params.yaml", args.profile)
@@ -131,8 +135,9 @@ def main() -> int:
     every("--stride", args.stride, lambda stride: (pre.k - 1) * stride + 1 <= longest,
           f"stride must fit a clip of k={pre.k} frames into the longest training video of {args.clips} "
           f"({longest} frames)")
-    # the profile's seed and the next --seeds - 1, innermost
-    runs = list(itertools.product(*grid, range(pre.seed, pre.seed + args.seeds)))
+    # the first seed (the profile's unless given) and the next --seeds - 1, innermost
+    first = pre.seed if args.first_seed is None else args.first_seed
+    runs = list(itertools.product(*grid, range(first, first + args.seeds)))
     per_row = dataclasses.replace(pre, seed="per row")
     for axis in AXES:
         per_row = axis.put(per_row, "per row")

@@ -264,6 +264,12 @@ def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_settings(t
     same, next_seed, heavier, _ = seeded["rates"]
     assert same["val"] == at_profile["val"] and next_seed["train"] != at_profile["train"]
     assert heavier["train"] != at_profile["train"] and seeded["pretrain"]["loss_weights"]["order"] == "per row"
+    # --first-seed adds seeds to an earlier screen: seed 1 alone is the run above, to the last digit
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretext_rates.py"), "--profile", "tiny", "--clips",
+                    str(tiny_clips), "--lr", str(lr), "--first-seed", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    added = json.loads(out.read_text())["rates"]
+    assert [r["seed"] for r in added] == [1] and added[0]["val"] == next_seed["val"]
 
 
 def test_pretext_rates_varies_stride_crop_and_shift(tiny_clips, tiny_params, tmp_path):
@@ -292,6 +298,7 @@ def test_pretext_rates_varies_stride_crop_and_shift(tiny_clips, tiny_params, tmp
     (["--lr", "1e-3", "0"], "--lr: every rate must be positive, got [0.0]"),
     (["--batch-size", "16", "0"], "--batch-size: every batch size must be at least 1, got [0]"),
     (["--seeds", "0"], "--seeds: must be at least 1, got 0"),
+    (["--first-seed", "-1"], "--first-seed: must be at least 0, got -1"),
     (["--order-weight", "2", "0"], "--order-weight: every weight must be positive, got [0.0]"),
     (["--stride", "2", "0"], "--stride: every stride must be at least 1, got [0]"),
     (["--clips-per-epoch", "0"], "--clips-per-epoch: every number of clips must be at least 1, got [0]"),
