@@ -112,6 +112,7 @@ def test_too_few_frames_and_other_model_versions(served, drift_export, tmp_path,
 
 def test_drift_reports_to_s3(served, drift_export, s3_server, tmp_path):
     from sonossl.monitor.drift import drift_report
+    from sonossl.storage import StorageError
 
     log, windows = served
     since, until, _ = windows["pocus"]
@@ -120,6 +121,17 @@ def test_drift_reports_to_s3(served, drift_export, s3_server, tmp_path):
     assert r.drift_detected and r.html == f"{prefix}/pocus/drift.html"
     keys = set(s3_server.objects())
     assert {"drift/index.json", "drift/index.html", "drift/pocus/drift.html", "drift/pocus/summary.json"} <= keys
+    since, until, _ = windows["bright"]
+    drift_report(drift_export, log, prefix, since=since, until=until, window="bright")
+    index = json.loads(s3_server.objects()["drift/index.json"])
+    assert [e["window"] for e in index] == ["pocus", "bright"]
+    # an index that cannot be read (here: copied in by another tool, without its checksum) stops the report; it
+    # is never taken for a first report and overwritten with the one window
+    body = s3_server.objects()["drift/index.json"]
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="drift/index.json", Body=body)
+    with pytest.raises(StorageError, match="drift/index.json: object has no sha256 metadata"):
+        drift_report(drift_export, log, prefix, since=since, until=until, window="bright-again")
+    assert s3_server.objects()["drift/index.json"] == body
 
 
 def test_thresholds_are_learnt_from_windows_of_held_out_videos_only():

@@ -64,3 +64,14 @@ def test_rows_are_kept_and_written_once_storage_is_back(tmp_path):
     finally:
         log.close()
     assert list(read_request_log(blocker).request_id) == ["d", "d"]
+
+
+def test_an_s3_log_reads_its_own_prefix_not_a_sibling_s(s3_server):
+    """s3://b/logs/sonossl is a folder: the parts of s3://b/logs/sonossl-staging are another service's log."""
+    for name, rid in (("sonossl", "prod"), ("sonossl-staging", "staging")):
+        log = RequestLog(f"s3://{s3_server.bucket}/logs/{name}")
+        log.append(_rows(2, rid))
+        log.close()
+    assert list(read_request_log(f"s3://{s3_server.bucket}/logs/sonossl").request_id) == ["prod", "prod"]
+    assert list(read_request_log(f"s3://{s3_server.bucket}/logs/sonossl/").request_id) == ["prod", "prod"]
+

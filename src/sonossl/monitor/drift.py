@@ -197,13 +197,13 @@ def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) 
         entry = {k: summary[k] for k in ("window", "from", "to", "frames", "drift_detected", "drifted",
                                          "model_version")}
         if is_s3(out):
-            from sonossl.storage import StorageError, get_bytes, put_bytes, upload
+            from sonossl.storage import StorageNotFound, get_bytes, put_bytes, upload
 
             prefix = str(out).rstrip("/")
             upload(stage, f"{prefix}/{window}/")
             try:
                 entries = json.loads(get_bytes(f"{prefix}/index.json"))
-            except StorageError:
+            except StorageNotFound:  # the first report; any other failure must not wipe the index
                 entries = []
             entries = [e for e in entries if e["window"] != window] + [entry]
             put_bytes((json.dumps(entries, indent=2) + "\n").encode(), f"{prefix}/index.json")

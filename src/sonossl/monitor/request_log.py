@@ -149,7 +149,8 @@ def _part_files(uri: str) -> list[str]:
     if is_s3(uri):
         from sonossl.storage import list_uris
 
-        return sorted(u for u in list_uris(uri) if u.endswith(".jsonl"))
+        # the prefix as a folder: s3://b/logs/sonossl must not read s3://b/logs/sonossl-staging's parts
+        return sorted(u for u in list_uris(uri.rstrip("/") + "/") if u.endswith(".jsonl"))
     root = Path(uri)
     if not root.is_dir():
         raise FileNotFoundError(f"request log {uri}: no such folder")

@@ -54,6 +54,10 @@ class StorageError(ValueError):
     """A transfer that failed for a reason the user can act on (bad URI, missing object, checksum, endpoint, auth)."""
 
 
+class StorageNotFound(StorageError):
+    """The object (or bucket) does not exist: the one failure a caller may treat as "nothing there yet"."""
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` -> ``("bucket", "some/key")``; ``s3://bucket`` -> ``("bucket", "")``."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
@@ -139,9 +143,9 @@ def _storage_error(e: BaseException, s3: Any, uri: str, action: str) -> StorageE
         code, status = str(err.get("Code", "")), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("NoSuchBucket",):
             bucket, _ = parse_s3_uri(uri)
-            return StorageError(f"cannot {action} {uri}: bucket {bucket!r} does not exist at {endpoint}")
+            return StorageNotFound(f"cannot {action} {uri}: bucket {bucket!r} does not exist at {endpoint}")
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageError(f"cannot {action} {uri}: no such object at {endpoint}")
+            return StorageNotFound(f"cannot {action} {uri}: no such object at {endpoint}")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
                     "InvalidToken", "403", "Forbidden") or status == 403:
             return StorageError(f"cannot {action} {uri}: access denied by {endpoint} ({code}); check the "
