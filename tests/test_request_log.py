@@ -7,6 +7,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from sonossl.monitor import request_log
 from sonossl.monitor.request_log import RequestLog, read_request_log
 
 
@@ -74,4 +75,64 @@ def test_an_s3_log_reads_its_own_prefix_not_a_sibling_s(s3_server):
         log.close()
     assert list(read_request_log(f"s3://{s3_server.bucket}/logs/sonossl").request_id) == ["prod", "prod"]
     assert list(read_request_log(f"s3://{s3_server.bucket}/logs/sonossl/").request_id) == ["prod", "prod"]
+
+
+def test_a_failing_store_is_retried_after_a_back_off_not_at_every_request(tmp_path, monkeypatch):
+    """While writes fail, requests keep coming: each is built into rows, but the writes back off (0.05 s, then
+    0.1, 0.2...), and once storage is back every row is written."""
+    import sonossl.atomic
+
+    attempts, failing, write = [], [True], sonossl.atomic.atomic_write_bytes
+
+    def flaky(path, data):
+        attempts.append(time.monotonic())
+        if failing[0]:
+            raise OSError("disk full")
+        return write(path, data)
+
+    monkeypatch.setattr(sonossl.atomic, "atomic_write_bytes", flaky)
+    log = RequestLog(tmp_path / "log", flush_seconds=0.05, max_rows=1)
+    try:
+        for i in range(60):  # 0.6 s of one-row requests, every one at max_rows
+            log.append(_rows(1, f"r{i}"))
+            time.sleep(0.01)
+        assert 2 <= len(attempts) <= 6, attempts  # without the back-off: one attempt per request
+        assert log.written_rows == 0 and log.dropped_rows == 0
+        failing[0] = False
+        log.flush()
+        assert log.written_rows == 60
+    finally:
+        log.close()
+    assert len(read_request_log(tmp_path / "log")) == 60
+
+
+def test_requests_beyond_the_queue_bound_are_dropped_and_counted(tmp_path, monkeypatch):
+    """A writer stuck in a slow write does not let the queue (and the frames its requests hold) grow: beyond
+    MAX_QUEUED rows the newest requests are dropped, counted, and append never blocks."""
+    import sonossl.atomic
+
+    stuck, release, write = threading.Event(), threading.Event(), sonossl.atomic.atomic_write_bytes
+
+    def slow(path, data):
+        stuck.set()
+        release.wait(10)
+        return write(path, data)
+
+    monkeypatch.setattr(sonossl.atomic, "atomic_write_bytes", slow)
+    monkeypatch.setattr(request_log, "MAX_QUEUED", 10)
+    log = RequestLog(tmp_path / "log", flush_seconds=60, max_rows=1)
+    try:
+        log.append(_rows(1, "first"))  # the writer takes it and hangs in the write
+        assert stuck.wait(10)
+        t = time.monotonic()
+        for i in range(8):
+            log.append(_rows(2, f"r{i}"))  # 5 fit (10 rows), 3 are dropped
+        assert time.monotonic() - t < 1 and log.dropped_rows == 6
+        release.set()
+        log.flush()
+        assert log.written_rows == 11
+    finally:
+        release.set()
+        log.close()
+    assert sorted(set(read_request_log(tmp_path / "log").request_id)) == ["first", "r0", "r1", "r2", "r3", "r4"]
 

@@ -10,8 +10,11 @@ a request queues a callable that builds its rows, and the thread builds them all
 requests arrive took the interpreter lock from the next request: 3-20 % of a short clip's latency). Every
 ``flush_seconds`` (or ``max_rows`` rows) one part file ``date=YYYY-MM-DD/part-<time>-<pid>-<n>.jsonl`` is written
 whole, atomically on a local disk and as one object on S3 (``s3://bucket/prefix``, through ``sonossl.storage``). A
-failed write is logged and retried with the next flush; the queue is bounded, so a storage outage costs log rows,
-never memory or requests.
+failed write is logged and retried after a back-off (``flush_seconds``, doubling up to ``MAX_BACKOFF_S``), not at
+every request; meanwhile queued requests are still built into rows (which frees their frames). Both the rows not
+yet written (``MAX_PENDING``) and the rows queued but not yet taken by the writer (``MAX_QUEUED``) are bounded, the
+oldest pending rows and the newest requests dropped and counted (``dropped_rows``) beyond them, so a storage outage
+costs log rows, never memory or requests.
 
     log = RequestLog("logs/requests")            # or "s3://bucket/sonossl/requests"
     log.append(rows); log.flush(); log.close()
@@ -33,6 +36,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000  # rows held while storage is unreachable; older rows are dropped beyond this
+MAX_QUEUED = 20_000  # rows of requests queued and not yet taken by the writer (each holds its frames until built)
+MAX_BACKOFF_S = 300.0  # longest wait between two attempts to write while storage fails
 
 
 def is_s3(uri: str | Path) -> bool:
@@ -53,6 +58,10 @@ class RequestLog:
         self.uri = str(uri)
         self.flush_seconds, self.max_rows = flush_seconds, max_rows
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._queued_rows = 0  # rows in self._queue, bounded by MAX_QUEUED
+        self._count_lock = threading.Lock()  # request threads and the writer both change the counts
+        self._backoff = 0.0  # seconds to wait after a failed write (0: the last write worked)
+        self._retry_at = 0.0  # monotonic time before which no write is tried (unless flushed)
         self._pending: list[dict[str, Any]] = []  # rows built, not yet written
         self._deferred: list[Any] = []  # row builders queued since the last flush
         self._deferred_rows = 0
@@ -67,8 +76,24 @@ class RequestLog:
 
     def append(self, rows: list[dict[str, Any]] | Any, n_rows: int = 1) -> None:
         """Queue rows, or a callable returning ``n_rows`` rows (built in the writer thread at the next flush, so it
-        holds whatever it needs until then); never blocks."""
-        self._queue.put((rows, len(rows) if isinstance(rows, list) else n_rows))
+        holds whatever it needs until then); never blocks. Beyond ``MAX_QUEUED`` rows waiting for the writer (it
+        is stuck in a slow write) the rows are dropped and counted."""
+        n = len(rows) if isinstance(rows, list) else n_rows
+        with self._count_lock:
+            full = self._queued_rows + n > MAX_QUEUED
+            if not full:
+                self._queued_rows += n
+        if full:
+            self._drop(n, "the writer is behind (a slow write): the newest")
+        else:
+            self._queue.put((rows, n))
+
+    def _drop(self, n: int, which: str) -> None:
+        """Count ``n`` dropped rows; warn at the first and then once per 10,000, not at every request."""
+        with self._count_lock:
+            before, self.dropped_rows = self.dropped_rows, self.dropped_rows + n
+        if before == 0 or before // 10_000 != self.dropped_rows // 10_000:
+            log.warning("request log %s: %s rows dropped, %d so far", self.uri, which, self.dropped_rows)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Write everything queued so far; blocks until it is written (or ``timeout`` seconds)."""
@@ -98,10 +123,15 @@ class RequestLog:
                 continue
             if item is not ...:
                 rows, n = item
+                with self._count_lock:
+                    self._queued_rows -= n
                 self._deferred.append(rows)
                 self._deferred_rows += n
             if len(self._pending) + self._deferred_rows >= self.max_rows or time.monotonic() >= deadline:
-                self._write()
+                if time.monotonic() >= self._retry_at:
+                    self._write()
+                else:  # storage failed a moment ago: build the rows (freeing their frames), write later
+                    self._build()
                 deadline = time.monotonic() + self.flush_seconds
 
     def _build(self) -> None:
@@ -111,16 +141,14 @@ class RequestLog:
             except Exception:  # noqa: BLE001 - a bad row must never stop the writer
                 log.exception("request log: could not build log rows")
         self._deferred, self._deferred_rows = [], 0
+        if len(self._pending) > MAX_PENDING:
+            self._drop(len(self._pending) - MAX_PENDING, "storage unavailable: the oldest")
+            del self._pending[: len(self._pending) - MAX_PENDING]
 
     def _write(self) -> None:
         self._build()
         if not self._pending:
             return
-        if len(self._pending) > MAX_PENDING:
-            self.dropped_rows += len(self._pending) - MAX_PENDING
-            log.warning("request log %s: storage unavailable, dropped %d oldest rows", self.uri,
-                        len(self._pending) - MAX_PENDING)
-            del self._pending[: len(self._pending) - MAX_PENDING]
         now = datetime.now(UTC)
         self._parts += 1
         name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{self._parts:06d}.jsonl"
@@ -138,11 +166,15 @@ class RequestLog:
 
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(target, body)
-        except Exception as e:  # noqa: BLE001 - the server keeps serving; rows are retried at the next flush
-            log.warning("request log: could not write %s (%s); will retry", target, e)
+        except Exception as e:  # noqa: BLE001 - the server keeps serving; rows are retried after a back-off
+            self._backoff = min(MAX_BACKOFF_S, max(self.flush_seconds, 2 * self._backoff))
+            self._retry_at = time.monotonic() + self._backoff
+            log.warning("request log: could not write %s (%s); %d rows kept, next try in %.0f s", target, e,
+                        len(self._pending), self._backoff)
             return
         self.written_rows += len(self._pending)
         self._pending = []
+        self._backoff, self._retry_at = 0.0, 0.0
 
 
 def _part_files(uri: str) -> list[str]:
