@@ -434,8 +434,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, work: Path, request_log: str | None = None, *extra: str) -> ServerProcess:
-    """``python -m sonossl.serve`` on 127.0.0.1 and a free port, ready to answer; stop it with ``stop_server``."""
+def start_server(model_dir: Path, work: Path, request_log: str | None = None, *extra: str,
+                 scheme: str = "http") -> ServerProcess:
+    """``python -m sonossl.serve`` on 127.0.0.1 and a free port, ready to answer; stop it with ``stop_server``
+    (``scheme="https"`` for a server given a certificate in ``extra``, which REQUESTS_CA_BUNDLE must name)."""
     import subprocess
     import sys
 
@@ -449,7 +451,7 @@ def start_server(model_dir: Path, work: Path, request_log: str | None = None, *e
         cmd += ["--request-log", str(request_log)]
     with open(output, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
     try:
         Client(url).wait_ready(timeout=120, process=process)
     except Exception:

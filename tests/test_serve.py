@@ -215,12 +215,97 @@ def test_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert f"{tmp_path}: no exported model (model.pt)" in capsys.readouterr().err
 
 
-def test_the_binary_data_extension_gives_the_same_answer(client, tiny_clips):
+def test_the_binary_data_extension_gives_the_same_answer(server, client, tiny_clips):
     from sonossl.data.video import read_video
 
     frames, _ = read_video(_sweep(tiny_clips))
     assert np.allclose(client.infer_frames(frames[:5], binary=True)["probs"],
                        client.infer_frames(frames[:5])["probs"], atol=1e-6)
+    # a body that does not match its JSON header is the client's mistake: a 400 saying so, not a 500
+    infer = f"{server.url}/v2/models/sonossl/infer"
+    for spec, payload, length in [
+            ({"shape": [1, 64, 64], "datatype": "UINT8"}, b"\0" * 100, None),  # 100 bytes for 4096 pixels
+            ({"shape": [1], "datatype": "BYTES"}, b"\xff" * 10, None),  # a BYTES element cut short
+            ({"shape": [1, 64, 64], "datatype": "UINT8"}, b"\0" * 4096, "twelve")]:  # the header length
+        header = json.dumps({"inputs": [{"name": "frames", **spec,
+                                         "parameters": {"binary_data_size": len(payload)}}]}).encode()
+        r = requests.post(infer, data=header + payload, timeout=30, headers={
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": length or str(len(header))})
+        assert r.status_code == 400 and "binary data extension" in r.json()["error"], (spec, r.text)
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_an_encoded_video_is_refused_while_it_decodes_not_after(tmp_path):
+    """A few kilobytes of video can hold gigabytes of frames: the size limits stop the decoding at the first frame
+    too large, or at the frame that takes the clip past the pixel budget."""
+    from conftest import write_video
+    from sonossl.serve.frames import RequestError, decode_media
+
+    data = write_video(tmp_path / "v.mkv", np.full((50, 64, 64), 90, np.uint8)).read_bytes()
+    assert len(decode_media(data, max_frames=256)) == 50
+    with pytest.raises(RequestError, match="frame size 64x64 is outside the accepted range"):
+        decode_media(data, max_frames=256, max_side=32)
+    with pytest.raises(RequestError, match=r"video too large: 11 frames of 64x64 exceed 40,960 decoded pixels"):
+        decode_media(data, max_frames=256, max_pixels=10 * 64 * 64)
+
+
+def test_https_with_a_certificate_and_one_worker(tiny_export, tmp_path, monkeypatch, capsys):
+    """--ssl_certfile and --ssl_keyfile serve HTTPS (KServe's options, honoured); a missing file or half a pair is
+    refused, naming the option, and so is --workers other than 1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from sonossl.serve.__main__ import main
+    from sonossl.serve.client import Client
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    common = ["--model-dir", str(tiny_export), "--http-port", "1"]
+    assert main([*common, "--ssl_certfile", str(tmp_path / "cert.pem")]) == 2
+    assert "needs both --ssl_certfile and --ssl_keyfile" in capsys.readouterr().err
+    assert main([*common, "--ssl_certfile", str(tmp_path / "cert.pem"), "--ssl_keyfile", str(tmp_path / "no")]) == 2
+    assert f"--ssl_keyfile {tmp_path / 'no'}: no such file" in capsys.readouterr().err
+    assert main([*common, "--workers", "2"]) == 2
+    assert "--workers 2: the server runs one worker" in capsys.readouterr().err
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "cert.pem"))  # requests prefers it to verify=
+    srv = start_server(tiny_export, tmp_path, None, "--ssl_certfile", str(tmp_path / "cert.pem"), "--ssl_keyfile",
+                       str(tmp_path / "key.pem"), scheme="https")
+    try:
+        assert srv.url.startswith("https://")
+        assert Client(srv.url).infer_frames(np.full((2, 32, 32), 90, np.uint8))["probs"].shape[0] == 2
+        with pytest.raises(requests.ConnectionError):  # no plain HTTP beside it
+            requests.get(srv.url.replace("https://", "http://") + "/v2/health/ready", timeout=10)
+    finally:
+        output = stop_server(srv)
+    assert f"sonossl serving on {srv.url}" in output
+
+
+def test_a_bundle_predicts_on_the_device_it_was_moved_to(tiny_export, tiny_clips):
+    """A GPU node serves on cuda (``SonosslModel.load``): the inputs follow the models, the outputs come back to
+    numpy. Here, without a GPU, the device is the CPU and the answer is the in-process one."""
+    from sonossl.export import load_bundle
+
+    frames = np.full((3, 32, 32), 90, np.uint8)
+    bundle = load_bundle(tiny_export)
+    assert bundle.to("cpu") is bundle and bundle.device.type == "cpu"
+    assert np.array_equal(bundle.predict(frames)["probs"], _expected(tiny_export, frames)["probs"])
 
 
 def test_v2_output_selection_binary_outputs_and_headers(server, client, tiny_clips):

@@ -94,6 +94,17 @@ class Bundle:
     def frame_size(self) -> int:
         return int(self.card["input"]["frame_size"])
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.planes.parameters()).device
+
+    def to(self, device: str | torch.device) -> Bundle:
+        """Move the models to ``device`` (a GPU node serves on ``cuda``); ``predict`` follows them."""
+        self.planes.to(device)
+        if self.saliency is not None:
+            self.saliency.to(device)
+        return self
+
     @torch.no_grad()
     def predict(self, frames: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         frames = torch.as_tensor(np.asarray(frames))
@@ -102,14 +113,15 @@ class Bundle:
         outs: dict[str, list[np.ndarray]] = {"probs": [], "embedding": []}
         if self.saliency is not None:
             outs["saliency"] = []
+        device = self.device
         for i in range(0, len(frames), EVAL_BATCH):
-            x = to_input(frames[i:i + EVAL_BATCH])
+            x = to_input(frames[i:i + EVAL_BATCH]).to(device)
             features = self.planes.features(x)
             emb = features[:, -self.planes.encoder.dim:]
-            outs["probs"].append(torch.softmax(self.planes.head(features), 1).numpy())
+            outs["probs"].append(torch.softmax(self.planes.head(features), 1).cpu().numpy())
             if self.saliency is not None:
-                outs["saliency"].append(self.saliency(x).exp().numpy())
-            outs["embedding"].append(emb.numpy())
+                outs["saliency"].append(self.saliency(x).exp().cpu().numpy())
+            outs["embedding"].append(emb.cpu().numpy())
         res = {k: np.concatenate(v) for k, v in outs.items()}
         res["embedding_reduced"] = self.reduce(res["embedding"])
         res["label"] = np.array(self.classes)[res["probs"].argmax(1)]

@@ -1,6 +1,12 @@
-"""``python -m sonossl.serve``: the entry point of the serving image (KServe's own arguments work too).
+"""``python -m sonossl.serve``: the entry point of the serving image.
 
     python -m sonossl.serve --model-dir models/export --http-port 8080 --host 127.0.0.1 --request-log logs/requests
+
+KServe's own options are accepted (a ServingRuntime passes ``--model_name``); those that apply here are honoured:
+``--model_name``, ``--http_port``, ``--ssl_certfile`` with ``--ssl_keyfile`` (HTTPS; on 8443 when the port is left
+at 8080, as KServe does), ``--access_log_format`` and ``--timeout-keep-alive``. The server runs one REST worker and
+no gRPC: ``--workers`` other than 1 is refused (scale with replicas: the model is CPU-bound and the request log
+belongs to one process), and the gRPC options have no effect.
 """
 
 from __future__ import annotations
@@ -37,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     from sonossl.serve.model import Limits
     from sonossl.serve.server import serve
 
+    if args.workers != 1:
+        print(f"sonossl serve: error: --workers {args.workers}: the server runs one worker; scale with replicas",
+              file=sys.stderr)
+        return 2
     limits = Limits(max_frames=args.max_frames, max_body_bytes=int(args.max_body_mb * 2**20))
     try:
         serve(args.model_dir, host=args.host, port=args.http_port, name=args.model_name, limits=limits,
-              request_log=args.request_log, log_flush_seconds=args.log_flush_seconds)
+              request_log=args.request_log, log_flush_seconds=args.log_flush_seconds,
+              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     except (FileNotFoundError, ValueError) as e:
         print(f"sonossl serve: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from sonossl.data.sector import CropBox
 from sonossl.data.video import DecodedFrame
 
 MIN_SIDE = 16  # smaller frames hold no ultrasound image worth a prediction
+MAX_DECODED_PIXELS = 2**29  # per request: 256 frames of 1920x1080 fit (512 MiB of grey levels)
 
 
 class RequestError(ValueError):
@@ -52,13 +53,17 @@ def check_shape(shape: tuple[int, ...] | list[int], max_frames: int, max_side: i
         raise RequestError(f"frame size {w}x{h} is outside the accepted range ({MIN_SIDE} to {max_side} pixels a side)")
 
 
-def decode_media(data: bytes, max_frames: int, max_side: int = 4096) -> list[DecodedFrame]:
-    """Decode an encoded video or image into frames; RequestError when the bytes are not decodable or too long."""
+def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
+                 max_pixels: int = MAX_DECODED_PIXELS) -> list[DecodedFrame]:
+    """Decode an encoded video or image into frames; RequestError when the bytes are not decodable, too long or too
+    large. The limits are checked frame by frame as they decode: a few megabytes of video can hold gigabytes of
+    frames, which must be refused before they are in memory, not after."""
     from sonossl.data.video import VideoError, open_video
 
     if not data:
         raise RequestError("empty bytes: expected an encoded video or image")
     frames: list[DecodedFrame] = []
+    pixels = 0
     with tempfile.TemporaryDirectory(prefix="sonossl-serve-") as tmp:
         path = Path(tmp) / "media"
         path.write_bytes(data)
@@ -68,8 +73,16 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096) -> list[Dec
                     if len(frames) == max_frames:
                         raise RequestError(f"too many frames: the video has more than {max_frames}, the limit "
                                            "per request; split the clip")
-                    if frames and f.levels.shape != frames[0].levels.shape:
+                    if not frames:
+                        check_shape((1, *f.levels.shape), max_frames, max_side)
+                    elif f.levels.shape != frames[0].levels.shape:
                         raise RequestError("frame size changes within the video")
+                    pixels += f.levels.size
+                    if pixels > max_pixels:
+                        h, w = f.levels.shape
+                        raise RequestError(f"video too large: {len(frames) + 1} frames of {w}x{h} exceed "
+                                           f"{max_pixels:,} decoded pixels per request; send fewer frames or "
+                                           "smaller ones")
                     # the decoder reuses its buffers: keep a copy of the stored levels (and their map to grey)
                     frames.append(DecodedFrame(f.index, f.time, np.array(f.levels), f.lut))
         except VideoError as e:

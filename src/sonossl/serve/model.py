@@ -34,8 +34,8 @@ import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from sonossl.serve.frames import (PreparedClip, RequestError, card_preprocess_params, check_shape, decode_media,
-                                  prepare_clip)
+from sonossl.serve.frames import (MAX_DECODED_PIXELS, PreparedClip, RequestError, card_preprocess_params,
+                                  check_shape, decode_media, prepare_clip)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ OUTPUTS = ("probs", "label", "saliency", "embedding", "blank")  # per frame, in 
 class Limits:
     max_frames: int = 256  # per request
     max_side: int = 4096  # pixels, per frame side
+    max_pixels: int = MAX_DECODED_PIXELS  # decoded from one encoded video, all frames together
     max_body_bytes: int = 64 * 2**20  # enforced by the server before the body is read (HTTP 413)
 
 
@@ -97,12 +98,16 @@ class SonosslModel(kserve.Model):
         if not (self.model_dir / BUNDLE_FILE).is_file():
             raise FileNotFoundError(f"{self.model_dir}: no exported model ({BUNDLE_FILE}); pass --model-dir with the "
                                     "output of `sonossl export` (models/export)")
+        import torch
+
         self.bundle = load_bundle(self.model_dir)
+        if torch.cuda.is_available():  # a GPU node (sonossl deploy --gpu, the gpu overlay) serves on it
+            self.bundle.to("cuda")
         card = self.bundle.card
         self.model_version = card["model_version"]
         self.preprocess_params = card_preprocess_params(card)
         self.ready = True
-        log.info("loaded sonossl model %s from %s", self.model_version, self.model_dir)
+        log.info("loaded sonossl model %s from %s on %s", self.model_version, self.model_dir, self.bundle.device)
         return self.ready
 
     @property
@@ -121,27 +126,22 @@ class SonosslModel(kserve.Model):
         shape = [int(s) for s in inp.shape]
         if any(s < 0 for s in shape):
             raise RequestError(f"{where}: shape {shape} has a negative size")
-        raw = getattr(inp, "_raw_data", None)
+        # a request in the binary data extension arrives here already parsed into inp.data (KServe's from_bytes;
+        # a body that does not match its header is refused before, in the server), so both kinds are read alike
         if inp.datatype == "UINT8":
             if len(shape) not in (2, 3):
                 raise RequestError(f"{where}: UINT8 frames must have shape [N, H, W] or [H, W], got {shape}")
             if len(shape) == 2:
                 shape = [1, *shape]
             check_shape(shape, self.limits.max_frames, self.limits.max_side)
-            if raw is not None:
-                if len(raw) != int(np.prod(shape)):
-                    raise RequestError(f"{where}: shape {shape} needs {int(np.prod(shape))} bytes, got {len(raw)}")
-                return np.frombuffer(raw, np.uint8).reshape(shape), "v2"
             return _uint8_tensor(inp.data, shape, where), "v2"
         if inp.datatype == "BYTES":
-            if raw is not None:
-                items = list(inp.as_numpy().ravel())
-            else:
-                items = list(np.asarray(inp.data, dtype=object).ravel()) if inp.data is not None else []
+            items = list(np.asarray(inp.data, dtype=object).ravel()) if inp.data is not None else []
             if shape != [1] or len(items) != 1:
                 raise RequestError(f"{where}: BYTES input must hold one encoded video or image (shape [1]), "
                                    f"got shape {shape} with {len(items)} element(s)")
-            return decode_media(_b64(items[0], where), self.limits.max_frames, self.limits.max_side), "v2"
+            return decode_media(_b64(items[0], where), self.limits.max_frames, self.limits.max_side,
+                                self.limits.max_pixels), "v2"
         raise RequestError(f"{where}: datatype {inp.datatype} is not accepted; send UINT8 frames [N, H, W] "
                            "or BYTES holding an encoded video or image")
 
@@ -155,7 +155,7 @@ class SonosslModel(kserve.Model):
             if len(instances) != 1 or set(instances[0]) != {"b64"}:
                 raise RequestError('v1 request: send one instance {"b64": "<encoded video or image>"} per request')
             return decode_media(_b64(instances[0]["b64"], "instances[0].b64"), self.limits.max_frames,
-                                self.limits.max_side)
+                                self.limits.max_side, self.limits.max_pixels)
         if len(instances) > self.limits.max_frames:
             raise RequestError(f"too many frames: {len(instances)} in one request, the limit is "
                                f"{self.limits.max_frames}; split the clip")

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from kserve import ModelServer
+from kserve.errors import InvalidInput
 from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
 from kserve.protocol.rest.server import RESTServer
 
@@ -78,32 +79,59 @@ class V2ContentType:
 
 
 class _ModelServer(ModelServer):
-    """KServe's ModelServer (one REST worker, no gRPC) listening on ``host``."""
+    """KServe's ModelServer (one REST worker, no gRPC) listening on ``host``.
+
+    A v2 request in the binary data extension is parsed by KServe before the model sees it, and a body that does
+    not match its JSON header (a tensor of the wrong size, a BYTES element cut short, a non-numeric header length)
+    raised a plain ValueError there: a 500. Here it is a 400 that says what does not match."""
 
     def __init__(self, host: str, **kwargs):
         super().__init__(**kwargs)
         self.host = host
+        decode = self.dataplane.decode_inference_request
+
+        def decode_checked(body, headers, model_name):
+            if not isinstance(body, bytes):
+                return decode(body, headers, model_name)
+            try:
+                return decode(body, headers, model_name)
+            except InvalidInput:
+                raise
+            except Exception as e:  # noqa: BLE001 - any parse failure of the client's bytes is the client's
+                raise InvalidInput(f"binary data extension: the body does not match its JSON header "
+                                   f"({type(e).__name__}: {e})") from None
+
+        self.dataplane.decode_inference_request = decode_checked
 
     def start(self, models) -> None:
         self._register_and_check_atleast_one_model_is_ready(models)
         self._rest_server = RESTServer(
             FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
             access_log_format=self.access_log_format, workers=1, grace_period=self.grace_period,
-            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive)
+            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         # the uvicorn server reads its config when it binds: this is the only address it listens on
         self._rest_server.config.host = self.host
         self.servers.append(self._rest_server.start())
         self.setup_event_loop()
         self.register_signal_handler()
-        log.info("sonossl serving on http://%s:%d (v1 and v2)", self.host, self.http_port)
+        scheme = "https" if self.ssl_certfile else "http"
+        log.info("sonossl serving on %s://%s:%d (v1 and v2)", scheme, self.host, self.http_port)
         asyncio.run(self._serve())
 
 
 def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", port: int = 8080,
           name: str = "sonossl", limits: Limits = Limits(), request_log: str | None = None,
-          log_flush_seconds: float = 5.0) -> None:
-    """Load the exported model and serve it until SIGTERM/SIGINT; the request log is flushed on the way out."""
+          log_flush_seconds: float = 5.0, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    """Load the exported model and serve it until SIGTERM/SIGINT (HTTPS on ``port`` with a certificate and its key);
+    the request log is flushed on the way out."""
     from sonossl.monitor.request_log import RequestLog
+
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise ValueError("HTTPS needs both --ssl_certfile and --ssl_keyfile, got only one")
+    for option, path in (("--ssl_certfile", ssl_certfile), ("--ssl_keyfile", ssl_keyfile)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{option} {path}: no such file")
 
     rlog = RequestLog(request_log, flush_seconds=log_flush_seconds) if request_log else None
     model = SonosslModel(name, model_dir, limits=limits, request_log=rlog)
@@ -111,7 +139,8 @@ def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", po
     app.add_middleware(V2ContentType)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     try:
-        _ModelServer(host, http_port=port, enable_grpc=False).start([model])
+        _ModelServer(host, http_port=port, enable_grpc=False, ssl_certfile=ssl_certfile or None,
+                     ssl_keyfile=ssl_keyfile or None).start([model])
     finally:
         if rlog is not None:
             rlog.close()
