@@ -5,8 +5,9 @@ function of ``sonossl.pipeline.steps``. They are ``@dsl.component``s with ``inst
 packages to install: the image (``IMAGE``, tagged with the package version) already holds sonossl and kfp, and
 ``kfp.local``'s SubprocessRunner runs them with this interpreter. The helpers below add what the cluster needs.
 
-    from components import gpu_step, with_s3_credentials
+    from components import GPU_IMAGE, gpu_step, with_s3_credentials
     task = gpu_step(with_s3_credentials(pretrain(clips=..., data_version=..., profile="gpu")))
+    task.set_container_image(GPU_IMAGE)
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from sonossl.pipeline import IMAGE, S3_SECRET
+from sonossl.pipeline import GPU_IMAGE, IMAGE, S3_SECRET
 
-__all__ = ["IMAGE", "S3_SECRET", "gpu_step", "with_s3_credentials", "COMPONENT_OPTIONS"]
+__all__ = ["IMAGE", "GPU_IMAGE", "S3_SECRET", "gpu_step", "with_s3_credentials", "COMPONENT_OPTIONS"]
 
 # Every component: the project image, nothing installed at run time.
 COMPONENT_OPTIONS = {"base_image": IMAGE, "install_kfp_package": False, "packages_to_install": []}
@@ -28,9 +29,16 @@ def with_s3_credentials(task: PipelineTask) -> PipelineTask:
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV})
 
 
-def gpu_step(task: PipelineTask, gpus: int = 1, shm: str = "16Gi", retries: int = 2) -> PipelineTask:
-    """A GPU step: ``nvidia.com/gpu``, a memory-backed ``/dev/shm`` for the data loader's workers (the container
-    default of 64 MiB is too small), and retries with back-off for preempted or failed nodes."""
+def gpu_step(task: PipelineTask, gpus: int = 1, shm: str = "16Gi", cpu: str = "8", memory: str = "32Gi",
+             memory_limit: str = "64Gi", retries: int = 2) -> PipelineTask:
+    """A GPU step: ``nvidia.com/gpu``, the toleration of GPU node pools' usual taint (``nvidia.com/gpu``,
+    NoSchedule), CPU and memory requests (the data loader's workers decode and augment on the CPU; without requests
+    the pod is BestEffort, the first evicted), a memory limit that also holds the memory-backed ``/dev/shm`` (the
+    container default of 64 MiB is too small for the loader's workers; its pages count against the limit), and
+    retries with back-off for preempted or failed nodes. The task must run the CUDA image (``GPU_IMAGE``): the
+    step fails at once, naming it, when it got a GPU that its torch cannot use."""
     task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory_limit)
+    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=shm)
     return task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)

@@ -14,7 +14,8 @@ from components import COMPONENT_OPTIONS
 
 @dsl.component(**COMPONENT_OPTIONS)
 def deploy(model: Input[Model], model_store: str, name: str, namespace: str, image: str, service_account: str,
-           runtime: str, canary_percent: int = 0, gpu: bool = False, dry_run: bool = False) -> str:
+           runtime: str, canary_percent: int = 0, gpu: bool = False, dry_run: bool = False,
+           gpu_image: str = "") -> str:
     """Create or update the InferenceService serving ``model`` (``sonossl.deploy.deploy``).
 
     Args:
@@ -23,10 +24,11 @@ def deploy(model: Input[Model], model_store: str, name: str, namespace: str, ima
         name: the InferenceService's name.
         namespace: its namespace.
         image: the serving image (the project image the pipeline ran).
+        gpu_image: the serving image on a GPU node (its CUDA build); empty: ``image`` with ``-cuda``.
         service_account: the service account whose secret gives KServe's storage initializer S3 access.
         runtime: the ServingRuntime's name.
         canary_percent: share of traffic for the new model (0: all of it at once).
-        gpu: serve on a GPU node.
+        gpu: serve on a GPU node (with ``gpu_image``).
         dry_run: upload nothing and talk to no cluster: only render the InferenceService.
 
     Returns:
@@ -34,5 +36,5 @@ def deploy(model: Input[Model], model_store: str, name: str, namespace: str, ima
     """
     from sonossl.pipeline.steps import deploy_step
 
-    return deploy_step(model.path, model_store, name, namespace, image, canary_percent, service_account, runtime,
-                       gpu, dry_run)
+    return deploy_step(model.path, model_store, name, namespace, (gpu_image or f"{image}-cuda") if gpu else image,
+                       canary_percent, service_account, runtime, gpu, dry_run)

@@ -5,10 +5,11 @@ It runs the main line of ``dvc.yaml`` (both-sequential pretraining; SSL and scra
 and saliency), not the whole ablation, with the same library calls. The ``tasks`` parameter names the downstream
 tasks: ``["planes"]`` for data without gaze maps (your own videos, as a rule), and the export then serves the
 classifier and embeddings alone. Every task runs the project image, a pipeline parameter (``image``, default
-``ghcr.io/sonossl/sonossl:<package version>``) applied with ``set_container_image``: the components' ``base_image``
-is fixed when they are compiled, and the KFP backend resolves a parameter in a task's image only when the parameter
-is the whole reference (its driver substitutes the parameter's value for the whole string), so the parameter is the
-full image reference, not a tag to append. With ``test_dataset``, the preprocess-test task turns an independent raw
+``ghcr.io/sonossl/sonossl:<package version>``), and the GPU steps (pretrain, the fine-tunes, and the model server
+with ``serve_gpu``) its CUDA build (``gpu_image``, default the same tag with ``-cuda``), applied with
+``set_container_image``: the components' ``base_image`` is fixed when they are compiled, and the KFP backend
+resolves a parameter in a task's image only when the parameter is the whole reference (its driver substitutes the
+parameter's value for the whole string), so each parameter is the full image reference, not a tag to append. With ``test_dataset``, the preprocess-test task turns an independent raw
 dataset into the test set every fine-tune run is scored on, as ``dvc repro`` scores ``data/raw/sim_test``; without
 it, the runs are scored on the test split of ``dataset``.
 
@@ -28,7 +29,7 @@ from components.export import export
 from components.finetune import finetune
 from components.preprocess import preprocess, preprocess_test
 from components.pretrain import pretrain
-from sonossl.pipeline import IMAGE
+from sonossl.pipeline import GPU_IMAGE, IMAGE
 from sonossl.pipeline.steps import DOWNSTREAM_TASKS
 
 
@@ -37,7 +38,7 @@ from sonossl.pipeline.steps import DOWNSTREAM_TASKS
                           "evaluation, export, and deployment when the new model beats the serving one.")
 def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM_TASKS), profile: str = "default",
              pretrain_epochs: int = 0, pretrain_lr: float = 0.0, finetune_epochs: int = 0, finetune_lr: float = 0.0,
-             image: str = IMAGE, deploy_metric: str = "planes.val.macro_f1",
+             image: str = IMAGE, gpu_image: str = GPU_IMAGE, deploy_metric: str = "planes.val.macro_f1",
              model_store: str = "s3://sonossl/models/export", service_name: str = "sonossl", namespace: str = "sonossl",
              service_account: str = "sonossl-s3", runtime: str = "sonossl", canary_percent: int = 0,
              serve_gpu: bool = False, deploy_dry_run: bool = False, checkpoint_store: str = "") -> Model:
@@ -55,8 +56,11 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
         pretrain_lr: pretraining learning rate; 0 keeps the profile's.
         finetune_epochs: fine-tuning epochs (planes and saliency); 0 keeps the profile's.
         finetune_lr: fine-tuning learning rate; 0 keeps the profile's.
-        image: the project image every step runs (and the model server); change its tag to run another
+        image: the project image the CPU steps run (and the model server); change its tag to run another
             release, e.g. ghcr.io/sonossl/sonossl:0.2.0.
+        gpu_image: the same release's CUDA build, which the GPU steps run (and the model server with serve_gpu),
+            e.g. ghcr.io/sonossl/sonossl:0.2.0-cuda; a GPU step fails at once, naming it, when its torch cannot
+            use the GPU it was given.
         deploy_metric: metric of the deploy gate, as the InferenceService annotates it (planes.val.macro_f1,
             saliency.val.cc, planes.test.macro_f1...; higher is better). The default is a validation score: like
             every other model choice here, promotion does not look at the test videos.
@@ -73,14 +77,15 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
             over; empty: none (KFP keeps no output of a failed attempt).
     """
     # A location does not identify its contents (an S3 prefix can change), so preprocess always runs; the version
-    # id it returns is a parameter of every later step, so their cache keys follow the data.
+    # id it returns is a parameter of every later step, so none is served a result of other data. (The backend
+    # also keys its cache on the input artefacts, new in every run: the checkpoint store is what skips done work.)
     pre = with_s3_credentials(preprocess(dataset=dataset, profile=profile, tasks=tasks)).set_caching_options(False)
     pre.set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
     clips, version = pre.outputs["clips"], pre.outputs["Output"]
 
     pt = pretrain(clips=clips, data_version=version, profile=profile, epochs=pretrain_epochs,
                   learning_rate=pretrain_lr, checkpoint_store=checkpoint_store)
-    gpu_step(with_s3_credentials(pt)).set_container_image(image).set_display_name("pretrain (both-sequential)")
+    gpu_step(with_s3_credentials(pt)).set_container_image(gpu_image).set_display_name("pretrain (both-sequential)")
 
     # The test set: every frame of test_dataset when given (as dvc repro scores data/raw/sim_test), else the test
     # split of dataset (the task then only records that there is no independent test set).
@@ -98,7 +103,7 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
             ft = finetune(clips=clips, data_version=version, profile=profile, task=task, name=f"{init}-{task}",
                           epochs=finetune_epochs, learning_rate=finetune_lr, checkpoint_store=checkpoint_store,
                           **encoder, **test)
-            gpu_step(with_s3_credentials(ft)).set_container_image(image).set_display_name(f"finetune ({init})")
+            gpu_step(with_s3_credentials(ft)).set_container_image(gpu_image).set_display_name(f"finetune ({init})")
         finetunes[init] = ft.outputs["model"]
 
     ev = evaluate(encoder=pt.outputs["encoder"], **{k: dsl.Collected(v) for k, v in finetunes.items()})
@@ -111,7 +116,8 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
     gate.set_container_image(image).set_caching_options(False)  # the champion can change between runs
     with dsl.If(gate.output == "deploy", name="beats-champion"):
         dep = deploy(model=exp.outputs["model"], model_store=model_store, name=service_name, namespace=namespace,
-                     image=image, service_account=service_account, runtime=runtime, canary_percent=canary_percent,
+                     image=image, gpu_image=gpu_image, service_account=service_account, runtime=runtime,
+                     canary_percent=canary_percent,
                      gpu=serve_gpu, dry_run=deploy_dry_run)
         with_s3_credentials(dep).set_container_image(image).set_caching_options(False)
         dep.set_retry(num_retries=2, backoff_duration="30s")

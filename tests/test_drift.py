@@ -157,3 +157,46 @@ def test_thresholds_are_learnt_from_windows_of_held_out_videos_only():
     assert quantiles["embedding"] > 0.1  # far from the reference, not the ~0 of training-like windows
     with pytest.raises(ValueError, match="3 held-out videos .*need at least 4"):
         null_thresholds(reference, heldout[heldout.video < 23], ["mean"], ["emb_0", "emb_1"], floors, DriftParams())
+
+
+def test_a_scheduled_report_covers_yesterday_on_the_served_model(served, drift_export, tmp_path, monkeypatch):
+    """The monitoring pipeline's step: the last whole UTC days before the run (a daily schedule: yesterday's
+    requests, the window named by the date), and with no model_uri the model the InferenceService serves."""
+    from datetime import timedelta
+
+    import pandas as pd
+
+    from sonossl.config import ParamsError
+    from sonossl.monitor.request_log import RequestLog, read_request_log
+    from sonossl.pipeline import steps
+
+    now = datetime(2026, 3, 1, 5, 0, tzinfo=UTC)
+    assert steps.report_window(1, now) == (datetime(2026, 2, 28, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC),
+                                           "2026-02-28")
+    assert steps.report_window(7, now)[2] == "2026-02-22_2026-02-28" and steps.report_window(0, now) == (None,) * 3
+    with pytest.raises(ParamsError, match="window_days=-1: must be at least 1, or 0"):
+        steps.report_window(-1, now)
+
+    log, windows = served
+    rows = read_request_log(log)
+    since, until, n = windows["heldout"]
+    held = (rows.ts >= pd.Timestamp(since)) & (rows.ts < pd.Timestamp(until))
+    run = datetime.now(UTC)
+    yesterday = run.replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    rows.loc[held, "ts"] = yesterday  # the held-out sweeps were served yesterday, the bright ones today
+    rows.loc[~held, "ts"] = run
+    moved = tmp_path / "log"
+    rl = RequestLog(moved)
+    rl.append(rows.assign(ts=rows.ts.map(lambda t: t.isoformat())).to_dict("records"))
+    rl.close()
+
+    served_now = {"model-uri": str(drift_export)}
+    monkeypatch.setattr("sonossl.deploy.served_model", lambda name, namespace: served_now)
+    detected, summary = steps.drift_step("", str(moved), tmp_path / "r.html", str(tmp_path / "reports"), now=run)
+    assert not detected and summary["frames"] == n and (tmp_path / "r.html").stat().st_size > 100_000
+    index = json.loads((tmp_path / "reports/index.json").read_text())
+    assert [e["window"] for e in index] == [f"{yesterday:%Y-%m-%d}"]
+    served_now = {}
+    with pytest.raises(ValueError, match="model_uri is empty and InferenceService sonossl/sonossl names no model"):
+        steps.drift_step("", str(moved), tmp_path / "r.html", now=run)
+

@@ -74,18 +74,21 @@ def test_training_yaml_carries_the_cluster_settings():
     tasks = spec["root"]["dag"]["tasks"]
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) >= {"dataset", "test_dataset", "tasks", "profile", "pretrain_epochs", "pretrain_lr",
-                           "finetune_epochs", "finetune_lr", "image", "deploy_metric", "deploy_dry_run",
-                           "checkpoint_store"}
+                           "finetune_epochs", "finetune_lr", "image", "gpu_image", "deploy_metric",
+                           "deploy_dry_run", "checkpoint_store"}
     assert params["checkpoint_store"]["defaultValue"] == ""  # no mirror: a retry starts over
     assert params["test_dataset"]["defaultValue"] == ""  # optional: the test split of dataset
     assert params["tasks"] == {"defaultValue": ["planes", "saliency"], "isOptional": True, "parameterType": "LIST"}
     assert params["image"]["defaultValue"] == f"ghcr.io/sonossl/sonossl:{__version__}"
+    assert params["gpu_image"]["defaultValue"] == f"ghcr.io/sonossl/sonossl:{__version__}-cuda"
     assert "defaultValue" not in params["dataset"]  # required
 
-    # one image for all, a run parameter, whole (the KFP driver resolves a parameter in an image only as the whole
-    # string); lightweight components with nothing installed at run time
+    # the project image, a run parameter, whole (the KFP driver resolves a parameter in an image only as the whole
+    # string); its CUDA build for the GPU steps; lightweight components with nothing installed at run time
+    gpu_executors = {"exec-pretrain", "exec-finetune", "exec-finetune-2"}
     for name, ex in executors.items():
-        assert ex["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}", name
+        param = "gpu_image" if name in gpu_executors else "image"
+        assert ex["container"]["image"] == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}", name
         assert "pip install" not in " ".join(ex["container"]["command"]), name
     components = spec["components"]
     assert {c.removeprefix("comp-").split("-")[0] for c in components} >= {
@@ -107,13 +110,18 @@ def test_training_yaml_carries_the_cluster_settings():
                 for init in ("ssl", "scratch")} == set(loops.values())
         assert components[f"comp-{consumer}"]["inputDefinitions"]["artifacts"]["ssl"]["isArtifactList"] is True
 
-    # GPU steps: accelerator, memory-backed /dev/shm, S3 secret as env, retries
+    # GPU steps: accelerator, the GPU pools' taint tolerated, CPU and memory requested (not BestEffort) with a
+    # limit above the memory-backed /dev/shm, S3 secret as env, retries
     gpu_tasks = {"pretrain": tasks["pretrain"], **finetunes}
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {t["componentRef"]["name"].replace("comp-", "exec-") for t in gpu_tasks.values()} == gpu_executors
     for name, t in gpu_tasks.items():
         ex = t["componentRef"]["name"].replace("comp-", "exec-")
         res = executors[ex]["container"]["resources"]
         assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+        assert (res["resourceCpuRequest"], res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == \
+            ("8", "32Gi", "64Gi")
+        assert k8s[ex]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
         assert {"mountPath": "/dev/shm", "medium": "Memory", "volumeName": "dshm", "sizeLimit": "16Gi"} \
             in k8s[ex]["emptyDirMounts"]
         env = k8s[ex]["secretAsEnv"][0]
@@ -160,7 +168,8 @@ def test_crossval_yaml_runs_preprocess_then_crossval_on_a_gpu():
     spec, platform = _docs(GOLDEN / "crossval.yaml")
     tasks = spec["root"]["dag"]["tasks"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"dataset", "profile", "pretrain_epochs", "folds", "checkpoint_store", "image"}
+    assert set(params) == {"dataset", "profile", "pretrain_epochs", "folds", "checkpoint_store", "image",
+                           "gpu_image"}
     assert params["checkpoint_store"]["defaultValue"] == ""
     assert tasks["crossval"]["inputs"]["parameters"]["checkpoint_store"] == {
         "componentInputParameter": "checkpoint_store"}
@@ -171,9 +180,14 @@ def test_crossval_yaml_runs_preprocess_then_crossval_on_a_gpu():
     assert tasks["crossval"]["inputs"]["parameters"]["data_version"]["taskOutputParameter"] == {
         "outputParameterKey": "Output", "producerTask": "preprocess"}
     ex = "exec-crossval"
-    res = spec["deploymentSpec"]["executors"][ex]["container"]["resources"]
-    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    container = spec["deploymentSpec"]["executors"][ex]["container"]
+    assert container["image"] == "{{$.inputs.parameters['pipelinechannel--gpu_image']}}"
+    assert spec["deploymentSpec"]["executors"]["exec-preprocess"]["container"]["image"] == \
+        "{{$.inputs.parameters['pipelinechannel--image']}}"
+    res = container["resources"]
+    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["resourceMemoryLimit"] == "64Gi"
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][ex]
+    assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert k8s["secretAsEnv"][0]["secretName"] == "sonossl-s3"
     assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
     assert tasks["crossval"]["retryPolicy"]["maxRetryCount"] == 2
@@ -193,6 +207,43 @@ def test_compile_overrides_defaults_and_rejects_unknown_parameters(tmp_path):
     proc = _run(*SONOSSL, "pipeline", "compile", "--out", str(tmp_path / "x"), "--param", "epochs=3")
     assert proc.returncode == 2 and "has parameter(s) ['epochs']" in proc.stderr, proc.stderr
     assert not (tmp_path / "x").exists()
+    # from Python, values of the declared types work as the same text does
+    from sonossl.pipeline.spec import compile_pipeline
+
+    compile_pipeline("training", tmp_path / "py.yaml", {"tasks": ["planes"], "serve_gpu": True, "pretrain_epochs": 3})
+    params = _docs(tmp_path / "py.yaml")[0]["root"]["inputDefinitions"]["parameters"]
+    assert (params["tasks"]["defaultValue"], params["serve_gpu"]["defaultValue"]) == (["planes"], True)
+    assert params["pretrain_epochs"]["defaultValue"] == 3
+
+
+def test_a_gpu_step_given_a_gpu_its_torch_cannot_use_fails_at_once(monkeypatch, tmp_path):
+    """The CPU image on a GPU node would train the gpu profile on the node's CPUs: the device plugin's
+    NVIDIA_VISIBLE_DEVICES says a GPU was given, so the step stops, naming the CUDA image; without it (kfp.local,
+    a CPU node) nothing is checked. The deploy step serves a GPU model with the CUDA image too."""
+    import torch
+
+    from components.deploy import deploy
+    from sonossl.pipeline import GPU_IMAGE, IMAGE
+    from sonossl.pipeline.steps import require_usable_gpu
+
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    require_usable_gpu()
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "void")
+    require_usable_gpu()
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-0e1f")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=rf"given a GPU \(NVIDIA_VISIBLE_DEVICES=GPU-0e1f\).*{GPU_IMAGE}"):
+        require_usable_gpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    require_usable_gpu()
+
+    chosen = []
+    monkeypatch.setattr("sonossl.pipeline.steps.deploy_step", lambda *args: chosen.append(args[4]) or "{}")
+    model = type("Model", (), {"path": str(tmp_path)})()
+    for gpu, gpu_image in [(False, ""), (True, ""), (True, "registry.example.org/sonossl:1-cuda")]:
+        deploy.python_func(model=model, model_store="s3://m", name="s", namespace="n", image=IMAGE,
+                           service_account="a", runtime="r", gpu=gpu, gpu_image=gpu_image)
+    assert chosen == [IMAGE, GPU_IMAGE, "registry.example.org/sonossl:1-cuda"]
 
 
 # ------------------------------------------------------------------------------------------------- submit
@@ -586,7 +637,7 @@ def test_the_monitoring_pipeline_reports_drift_of_a_real_request_log(drift_expor
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline_function("monitoring")(model_uri=str(drift_export), request_log=str(tmp_path / "requests"),
-                                    reports=str(tmp_path / "reports"))
+                                    reports=str(tmp_path / "reports"), window_days=0)  # today's log: all of it
     (run,) = (tmp_path / "root").glob("sonossl-monitoring-*")
     out = json.loads((run / "drift/executor_output.json").read_text())
     logged = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]

@@ -136,3 +136,14 @@ def test_requests_beyond_the_queue_bound_are_dropped_and_counted(tmp_path, monke
         log.close()
     assert sorted(set(read_request_log(tmp_path / "log").request_id)) == ["first", "r0", "r1", "r2", "r3", "r4"]
 
+
+
+def test_times_on_a_whole_second_read_beside_the_others(tmp_path):
+    """isoformat() leaves out the microseconds of a time on a whole second: one row in a million, and pandas, left
+    to guess, took the first row's form for all of them and failed the whole read on it."""
+    log = RequestLog(tmp_path / "log")
+    log.append([{"ts": "2026-11-27T10:00:00.250000+00:00", "request_id": "a"},
+                {"ts": "2026-11-27T10:00:01+00:00", "request_id": "b"}])
+    log.close()
+    frame = read_request_log(tmp_path / "log")
+    assert list(frame.request_id) == ["a", "b"] and frame.ts[1].second == 1

@@ -217,7 +217,9 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
     out = pd.concat(frames, ignore_index=True)
     if "ts" not in out.columns:
         raise ValueError(f"request log {uri}: rows have no `ts` column; is this a sonossl request log?")
-    out["ts"] = pd.to_datetime(out["ts"], utc=True)
+    # ISO 8601 in any of its forms: isoformat() leaves out the fraction of a time on a whole second (1 in 10^6
+    # requests), and pandas would otherwise take the first row's form for every row and fail on such a one
+    out["ts"] = pd.to_datetime(out["ts"], utc=True, format="ISO8601")
     if since is not None:
         out = out[out.ts >= pd.Timestamp(since)]
     if until is not None:

@@ -94,12 +94,14 @@ def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
 
 
 def compile_pipeline(name: str, path: str | Path, parameters: dict[str, Any] | None = None) -> Path:
-    """Write the pipeline's YAML to ``path`` (atomically); ``parameters`` replace defaults."""
+    """Write the pipeline's YAML to ``path`` (atomically); ``parameters`` replace defaults, as text (``--param``)
+    or as Python values (a list, a bool, a number)."""
     from kfp import compiler
 
     func = pipeline_function(name)
-    if parameters:
-        parameters = typed_parameters(name, {k: str(v) for k, v in parameters.items()})
+    if parameters:  # a Python value as the text --param would give: a list as JSON, a bool as true/false
+        parameters = typed_parameters(name, {k: v if isinstance(v, str) else json.dumps(v)
+                                             for k, v in parameters.items()})
     with tempfile.TemporaryDirectory(prefix="sonossl-compile-") as tmp:
         out = Path(tmp) / f"{name}.yaml"
         compiler.Compiler().compile(func, str(out), pipeline_parameters=parameters or None)

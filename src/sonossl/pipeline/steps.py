@@ -19,11 +19,13 @@ import logging
 import os
 import shutil
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sonossl.atomic import atomic_write_text
 from sonossl.config import Params, ParamsError, load_params
+from sonossl.pipeline import GPU_IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,22 @@ def _store(checkpoint_store: str, step: str, clips_dir: str | Path, params: Para
     return store_uri(checkpoint_store, step, work_key(clips_dir, params, *parts)) if checkpoint_store else None
 
 
+def require_usable_gpu() -> None:
+    """Fail at once when this container was given a GPU that torch cannot use (the CPU image on a GPU node, a
+    driver too old for the image's CUDA), instead of training the GPU profile on the node's CPUs for hours. The
+    NVIDIA device plugin names the GPUs it gave a container in NVIDIA_VISIBLE_DEVICES; nothing is checked without
+    it (kfp.local, a CPU node)."""
+    import torch
+
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    if visible.lower() in ("", "void", "none") or torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+    raise RuntimeError(f"this step was given a GPU (NVIDIA_VISIBLE_DEVICES={visible}) but torch {torch.__version__} "
+                       f"({build}) cannot use it: run the GPU steps with the CUDA image (the pipeline's gpu_image "
+                       f"parameter, {GPU_IMAGE} for this release), on a node whose driver supports its CUDA")
+
+
 def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode: str = PRETRAIN_MODE,
                   epochs: int = 0, lr: float = 0.0, checkpoint_store: str = "") -> dict[str, float]:
     """Pretext pretraining, as the ``pretrain@<mode>`` stage; returns held-out pretext accuracy and chance. With a
@@ -209,6 +227,7 @@ def pretrain_step(clips_dir: str | Path, out_dir: str | Path, profile: str, mode
     from sonossl.train.pretrain import pretrain
 
     _logging()
+    require_usable_gpu()
     loaded = load_profile(profile, pretrain_epochs=epochs, pretrain_lr=lr)
     with mirrored(out_dir, _store(checkpoint_store, f"pretrain-{mode}", clips_dir, loaded, mode)):
         metrics = pretrain(clips_dir, out_dir, loaded.pretrain, mode=mode, resume=True, progress=True)
@@ -229,6 +248,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     from sonossl.train.finetune import finetune
 
     _logging()
+    require_usable_gpu()
     params = load_profile(profile, finetune_epochs=epochs, finetune_lr=lr)
     ft = params.finetune
     fractions = ft.fractions if task == "planes" else ft.saliency_fractions
@@ -314,6 +334,7 @@ def crossval_step(clips_dir: str | Path, out_dir: str | Path, report_md: str | P
     from sonossl.train.crossval import crossval
 
     _logging()
+    require_usable_gpu()
     if pretrain_epochs < 0:
         raise ParamsError(f"pipeline parameter pretrain_epochs={pretrain_epochs}: must be positive, or 0 for the "
                           "profile's value")
@@ -386,15 +407,45 @@ def deploy_step(model_dir: str | Path, model_store: str, name: str, namespace: s
     return json.dumps(isvc, indent=2, sort_keys=True, default=str)
 
 
-def drift_step(model_uri: str, request_log: str, report_html: str | Path, reports: str = "") -> tuple[bool, dict]:
-    """Drift report of the endpoint's request log against the model's reference (``sonossl.monitor.drift``);
-    writes its HTML to ``report_html``. With ``reports`` (a folder or s3:// prefix) the report is also kept there,
+def report_window(days: int, now: datetime | None = None) -> tuple[datetime | None, datetime | None, str | None]:
+    """(since, until, name) of the last ``days`` whole UTC days before ``now``: a recurring run reports on the days
+    since the last one, as the drift CronJob does (``days=1``: yesterday, named by its date); 0: the whole log."""
+    if days < 0:
+        raise ParamsError(f"pipeline parameter window_days={days}: must be at least 1, or 0 for the whole log")
+    if days == 0:
+        return None, None, None
+    now = now or datetime.now(UTC)
+    until = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    since = until - timedelta(days=days)
+    last = until - timedelta(days=1)
+    name = f"{since:%Y-%m-%d}" if days == 1 else f"{since:%Y-%m-%d}_{last:%Y-%m-%d}"
+    return since, until, name
+
+
+def drift_step(model_uri: str, request_log: str, report_html: str | Path, reports: str = "", window_days: int = 1,
+               service_name: str = "sonossl", namespace: str = "sonossl",
+               now: datetime | None = None) -> tuple[bool, dict]:
+    """Drift report of the endpoint's request log over the last ``window_days`` whole UTC days (0: all of it)
+    against the model's reference (``sonossl.monitor.drift``); writes its HTML to ``report_html``. An empty
+    ``model_uri`` is the model the InferenceService ``service_name`` serves now (its ``sonossl.io/model-uri``), so
+    that a schedule follows promotions. With ``reports`` (a folder or s3:// prefix) the report is also kept there,
     per window, with the index of all windows; returns (drift detected, flat numbers of the summary)."""
     from sonossl.monitor.drift import drift_report
 
     _logging()
+    since, until, window = report_window(window_days, now)
+    if not model_uri:
+        from sonossl.deploy import served_model
+
+        served = served_model(service_name, namespace) or {}
+        if not served.get("model-uri"):
+            raise ValueError(f"pipeline parameter model_uri is empty and InferenceService {namespace}/{service_name} "
+                             "names no model (sonossl.io/model-uri): give model_uri, or deploy with `sonossl deploy`")
+        model_uri = served["model-uri"]
+        log.info("drift of %s/%s's model %s", namespace, service_name, model_uri)
     with tempfile.TemporaryDirectory(prefix="sonossl-drift-") as tmp:
-        result = drift_report(model_uri, request_log, reports or Path(tmp) / "reports")
+        result = drift_report(model_uri, request_log, reports or Path(tmp) / "reports", since=since, until=until,
+                              window=window)
         if str(result.html).startswith("s3://"):
             from sonossl import storage
 
