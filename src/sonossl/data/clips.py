@@ -168,16 +168,19 @@ def read_listing(raw_dir: str | Path) -> pd.DataFrame:
 
 
 def _inside(root: Path, rel: str) -> tuple[Path | None, str | None]:
-    """Resolve ``rel`` under ``root``; (path, None) or (None, reason) when it is empty, absolute or escapes."""
+    """Resolve ``rel`` under ``root``; (path, None) or (None, reason) when it is empty, absolute or escapes.
+
+    The path as written must stay in the dataset ("../x.mp4" does not); a symlink in it may point anywhere, as
+    DVC's symlink cache (``cache.type symlink``) points every file of a dataset into ``.dvc/cache``. What the
+    version id hashes is the file's content, wherever it lives."""
     if not rel:
         return None, "empty path"
     if Path(rel).is_absolute():
         return None, "absolute path; paths must be relative to the dataset root"
-    resolved = (root / rel).resolve()
-    if not resolved.is_relative_to(root):
-        # Covers "../x.mp4" and symlinks that point out of the dataset.
+    written = Path(os.path.normpath(root / rel))
+    if not written.is_relative_to(root):
         return None, "path outside the dataset root"
-    return resolved, None
+    return written.resolve(), None
 
 
 def _plan(raw_dir: Path, listing: pd.DataFrame, params: PreprocessParams, work_dir: Path):
@@ -630,11 +633,19 @@ def assign_splits(groups: Mapping[str, str | None], split: SplitParams, seed: in
     return min(cuts, key=lambda cut: split_imbalance(cut, frames, split))  # min keeps the first: the lowest salt
 
 
+def fraction_for_test(split: SplitParams) -> float:
+    """What ``train`` and ``val`` leave to test. A sum of 1 in decimal is not always 1 in floating point (0.85 +
+    0.15 leaves 2.8e-17): a remainder below 1e-9 is none, or every stratum would put one group in a test split
+    nobody asked for."""
+    rest = 1.0 - split.train - split.val
+    return rest if rest > 1e-9 else 0.0
+
+
 def split_imbalance(assignment: Mapping[str, str], frames: Mapping[str, Mapping[str, int]],
                     split: SplitParams) -> tuple[float, float]:
     """(worst, mean) relative gap between a class's share of frames in val (and test) and that split's fraction,
     over the labels and the splits whose fraction is above 0; 0 is a perfect spread."""
-    fractions = {"val": split.val, "test": max(0.0, 1.0 - split.train - split.val)}
+    fractions = {"val": split.val, "test": fraction_for_test(split)}
     totals: Counter = Counter()
     per_split: dict[str, Counter] = {s: Counter() for s in fractions}
     for group, counts in frames.items():
@@ -647,7 +658,7 @@ def split_imbalance(assignment: Mapping[str, str], frames: Mapping[str, Mapping[
 
 
 def _stratified_cut(groups: Mapping[str, str | None], split: SplitParams, seed: int, salt: int) -> dict[str, str]:
-    test = max(0.0, 1.0 - split.train - split.val)
+    test = fraction_for_test(split)
     strata: dict[str | None, list[str]] = {}
     for group, stratum in groups.items():
         strata.setdefault(stratum, []).append(group)
