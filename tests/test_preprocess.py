@@ -25,7 +25,8 @@ from conftest import (
 from sonossl.config import PreprocessParams, SplitParams
 from sonossl.data import clips
 from sonossl.data.annotations import has_saliency, save_annotations
-from sonossl.data.clips import PreprocessError, assign_splits, load_clip_dataset, preprocess, split_imbalance
+from sonossl.data.clips import (PreprocessError, assign_splits, load_clip_dataset, preprocess, read_listing,
+                                 split_imbalance)
 
 TINY = PreprocessParams(frame_size=32, saliency_size=16, workers=1)
 
@@ -377,6 +378,26 @@ def test_an_interruption_while_videos_are_decoded(raw: Path, tmp_path: Path, mon
     with pytest.raises(KeyboardInterrupt):
         preprocess(raw, tmp_path / "clips", TINY, progress=False)
     assert len(calls) == 2 and not (tmp_path / "clips").exists() and _no_staging_left(tmp_path)
+
+
+@pytest.mark.parametrize("column, meant", [("Label", "label"), ("labels", "label"), ("patient ID", "patient_id"),
+                                           ("Annotation", "annotations"), ("PATH", "path"), ("Strata ", None)])
+def test_a_listing_column_written_another_way_is_refused_not_ignored(tmp_path: Path, column, meant, caplog) -> None:
+    """Left as an extra column, "Label" would give every video no label, and "patient ID" splits blind to patients;
+    a near miss is warned about and kept (an extra column may be called anything: "labeller")."""
+    root = tmp_path / "raw"
+    _fan_video(root, "videos/a.mp4", seed=0)
+    header = ["path", column] if meant != "path" else [column]
+    header += [c for c in ("label", "labeller") if c != meant]  # labeller: no warning beside a label column
+    (root / "labels.csv").write_text(",".join(header) + "\n" + ",".join(["videos/a.mp4"] + ["x"] * (len(header) - 1))
+                                     + "\n")
+    if meant is None:
+        assert list(read_listing(root).columns) == ["path", "Strata", "label", "labeller"]
+        assert "column 'Strata' is kept as an extra column, not read; if it is meant as 'stratum'" in caplog.text
+        assert "'labeller'" not in caplog.text
+        return
+    with pytest.raises(ValueError, match=rf"labels.csv: column '{column.strip()}' is not read; did you mean '{meant}'"):
+        read_listing(root)
 
 
 def test_videos_that_are_symlinks_into_a_cache_preprocess_like_the_files(tmp_path: Path) -> None:

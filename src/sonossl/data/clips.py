@@ -36,6 +36,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -159,12 +160,42 @@ def read_listing(raw_dir: str | Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{csv}: not a readable CSV file ({e})") from None
     listing.columns = [str(c).strip() for c in listing.columns]
+    _check_column_names(csv, list(listing.columns))
     if "path" not in listing.columns:
         raise ValueError(
             f"{csv}: no 'path' column (columns found: {list(listing.columns)}); add one with each video's path "
             f"relative to {raw_dir}"
         )
     return listing.map(str.strip)
+
+
+LISTING_COLUMNS = ("path", "label", "patient_id", "annotations", "stratum")  # read by preprocess; others are kept
+
+
+def _column_key(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower()).rstrip("s")
+
+
+def _check_column_names(csv: Path, columns: list[str]) -> None:
+    """A column that is one of ``LISTING_COLUMNS`` written another way (``Label``, ``patient ID``, ``labels``,
+    ``annotation``) fails, naming it: left as an extra column it would be ignored, and the videos would have no
+    label, splits would ignore patients, annotations would go unread. A near miss (``patient``) is only warned
+    about, since an extra column may be named anything (``labeller``)."""
+    import difflib
+
+    keys = {_column_key(c): c for c in LISTING_COLUMNS}
+    for column in columns:
+        if column in LISTING_COLUMNS:
+            continue
+        meant = keys.get(_column_key(column))
+        if meant is not None and meant not in columns:
+            raise ValueError(f"{csv}: column {column!r} is not read; did you mean {meant!r}? (the columns "
+                             f"preprocess reads are {', '.join(LISTING_COLUMNS)}; rename it)")
+        close = difflib.get_close_matches(column.lower(), [c for c in LISTING_COLUMNS if c not in columns], n=1,
+                                          cutoff=0.75)
+        if close:
+            log.warning("%s: column %r is kept as an extra column, not read; if it is meant as %r, rename it",
+                        csv, column, close[0])
 
 
 def _inside(root: Path, rel: str) -> tuple[Path | None, str | None]:
