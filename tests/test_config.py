@@ -55,6 +55,22 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
          "train_saliency[0]: 'sim' is not under `train:` (none listed); list it there so that"),
         (lambda d: d.update(train=["sim"], train_saliency=["sim", "sim"]),
          "train_saliency[1]: 'sim' is listed twice"),
+        # a top-level key misspelled would be ignored: train_salency, crossval_dataset, profle
+        (lambda d: d.update(train_salency=["sim"]), "unknown top-level key(s) ['train_salency']; valid keys are"),
+        (lambda d: d.update(profle="gpu"), "unknown top-level key(s) ['profle']"),
+        (lambda d: d.update(tiny=[1, 2]), "tiny: expected a mapping of sections, got list"),
+        # a text value outside its choices fails at load time, not hours later in the stage that reads it
+        (lambda d: d["tiny"]["finetune"].update(head_init="probe_ft"),
+         "tiny.finetune.head_init: 'probe_ft' is not one of ['random', 'probe']"),
+        (lambda d: d["tiny"]["pretrain"]["encoder"].update(name="resnet-18"),
+         "tiny.pretrain.encoder.name: 'resnet-18' is not one of ['resnet18', 'small_cnn']"),
+        (lambda d: d["tiny"].setdefault("export", {}).update(select_metric="val_f1"),
+         "tiny.export.select_metric: 'val_f1' is not one of ['val_macro_f1'"),
+        (lambda d: d["tiny"].setdefault("export", {}).update(saliency_metric="val_kld"),
+         "tiny.export.saliency_metric: 'val_kld' is not one of"),
+        (lambda d: d["tiny"]["finetune"].update(head_init=None), "tiny.finetune.head_init: expected text, got null"),
+        (lambda d: d["tiny"]["pretrain"].update(lr="1e-3"),
+         "tiny.pretrain.lr: expected a number, got '1e-3' (YAML reads 1e-3 as text: write it with a decimal point"),
     ],
 )
 def test_bad_entries_fail_naming_the_file_and_field(tmp_path, edit, message):
@@ -75,6 +91,20 @@ def test_the_test_sweeps_are_the_simulate_block_with_the_test_keys_replaced(prof
     changed = {k: v for k, v in dataclasses.asdict(params.simulate_test).items()
                if v != getattr(params.simulate, k)}
     assert changed and set(changed) <= set(doc["simulate_test"]) and changed["seed"] != params.simulate.seed
+
+
+def test_a_key_given_twice_is_refused_not_the_first_one_dropped(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `preprocess:` block in a profile replaced the first
+    whole (its max_frames back to the default) without a word."""
+    text = (REPO / "params.yaml").read_text().replace("profile: default", "profile: tiny", 1)
+    start = text.index("\ntiny:")
+    block = text.index("\n  preprocess:", start)
+    text = text[:block] + "\n  preprocess:\n    frame_size: 32" + text[block:]
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=rf"{path}: line \d+: key 'preprocess' given twice in one mapping \(first on "
+                                          r"line \d+\); YAML would keep only the last"):
+        load_params(path)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -79,7 +79,7 @@ class PreprocessParams:
 class EncoderParams:
     """The frame encoder (see ``sonossl.models.encoder``)."""
 
-    name: str = "resnet18"  # resnet18 | small_cnn
+    name: str = field(default="resnet18", metadata={"choices": ("resnet18", "small_cnn")})
     width: int = 64  # channels of the first stage (64 = the standard ResNet-18)
     maxpool: bool = True  # the stem's max-pool; off doubles the feature-map size (for small frames)
 
@@ -143,7 +143,7 @@ class FinetuneParams:
     warmup_epochs: float = 0.5
     probe_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse L2 strengths tried
     # Plane fine-tunes start their head from a random layer ("random") or from the linear probe ("probe": LP-FT).
-    head_init: str = "random"
+    head_init: str = field(default="random", metadata={"choices": ("random", "probe")})
     # A pretrained encoder trains at this multiple of ``lr`` (the head and a decoder at ``lr``); scratch at ``lr``.
     encoder_lr_scale: float = 1.0
     # ... and its stage k of n (the stem is stage 0) at a further encoder_lr_decay ** (n - k): layer-wise decay.
@@ -164,8 +164,12 @@ class FinetuneParams:
 class ExportParams:
     """Choice of the served model and its reference statistics (see ``sonossl.export``)."""
 
-    select_metric: str = "val_macro_f1"  # plane-detection runs, highest wins
-    saliency_metric: str = "val_cc"  # saliency runs, highest wins
+    # plane-detection runs, highest wins
+    select_metric: str = field(default="val_macro_f1", metadata={"choices": (
+        "val_macro_f1", "val_accuracy", "val_macro_precision", "val_macro_recall")})
+    # saliency runs, highest wins (so not KLD, where lower is better)
+    saliency_metric: str = field(default="val_cc", metadata={"choices": ("val_cc", "val_nss", "val_sim",
+                                                                         "val_auc_judd")})
     embedding_dims: int = 16  # PCA dimensions of the logged / reference embeddings
     reference_frames: int = 2000  # training frames summarised in the reference statistics (at most)
 
@@ -239,6 +243,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     values = {}
     for name, value in raw.items():
         values[name] = _coerce(hints[name], value, f"{where}.{name}")
+        choices = fields[name].metadata.get("choices")
+        if choices and values[name] not in choices:
+            raise ParamsError(f"{where}.{name}: {values[name]!r} is not one of {list(choices)}")
     return cls(**values)
 
 
@@ -271,27 +278,67 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{where}: expected a number, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and _is_number(value):
+                hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-3)"
+            raise ParamsError(f"{where}: expected a number, got {value!r}{hint}")
         return float(value)
     if tp is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ParamsError(f"{where}: expected text, got {'null' if value is None else type(value).__name__}")
         return str(value)
     raise ParamsError(f"{where}: unsupported parameter type {tp}")  # pragma: no cover
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one, so a second
+    ``preprocess:`` block in a profile silently replaced the first, every key of it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ParamsError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice in one mapping "
+                                  f"(first on line {seen[key] + 1}); YAML would keep only the last")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+TOP_LEVEL = ("profile", "datasets", "train", "train_saliency", "crossval_datasets", *PROFILES)
 
 
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ParamsError(f"{path}: parameter file not found") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{path}: expected a mapping of profiles and settings, got {type(doc).__name__}")
+    unknown = sorted(str(k) for k in set(doc) - set(TOP_LEVEL))
+    if unknown:
+        raise ParamsError(f"{path}: unknown top-level key(s) {unknown}; valid keys are {list(TOP_LEVEL)}")
     profile = profile or doc.get("profile", "default")
     if profile not in PROFILES:
         raise ParamsError(f"{path}: profile {profile!r} is not one of {list(PROFILES)}")
     if profile not in doc:
         raise ParamsError(f"{path}: the active profile {profile!r} has no block in the file")
     block = doc[profile] or {}
+    if not isinstance(block, dict):
+        raise ParamsError(f"{path}: {profile}: expected a mapping of sections, got {type(block).__name__}")
     sections = {"simulate": SimulateParams, "preprocess": PreprocessParams, "pretrain": PretrainParams,
                 "finetune": FinetuneParams, "export": ExportParams, "crossval": CrossvalParams}
     known = set(sections) | {"simulate_test"}
