@@ -400,6 +400,26 @@ def test_a_listing_column_written_another_way_is_refused_not_ignored(tmp_path: P
         read_listing(root)
 
 
+def test_annotations_of_the_wrong_length_are_refused_when_max_frames_stops_early(tmp_path: Path) -> None:
+    """With max_frames the loop stops before the end of the video; the frame count of the annotations is still
+    checked against the whole video (annotations made at another frame rate would label the wrong frames)."""
+    root = tmp_path / "raw"
+    rows = []
+    for name, n_labels in [("right", 30), ("double", 60), ("short", 25)]:
+        _fan_video(root, f"videos/{name}.mp4", seed=len(rows), t=30)
+        save_annotations(root / "ann" / f"{name}.npz", labels=["p"] * n_labels)
+        rows.append({"path": f"videos/{name}.mp4", "label": "", "annotations": f"ann/{name}.npz"})
+    _labels(root, rows)
+    report = preprocess(root, tmp_path / "clips", replace(TINY, max_frames=20, max_reject_fraction=1.0),
+                        progress=False)
+    assert {r["path"]: r["reason"] for r in report.rejects} == {
+        "videos/double.mp4": "annotations ann/double.npz have 60 frames but the video has 30",
+        "videos/short.mp4": "annotations ann/short.npz have 25 frames but the video has 30"}
+    meta = load_clip_dataset(tmp_path / "clips").meta
+    (kept,) = meta["videos"]
+    assert kept["frames_kept"] == 20 and not kept["decoded_to_end"]
+
+
 def test_videos_that_are_symlinks_into_a_cache_preprocess_like_the_files(tmp_path: Path) -> None:
     """DVC's symlink cache (``dvc config cache.type symlink``) makes every file of a dataset a link into
     .dvc/cache: such a dataset gives the same clips and the same version id as the files themselves."""

@@ -543,6 +543,16 @@ def _convert_video(task: _Task) -> _VideoResult:
             if params.max_frames is not None and len(result.source) >= params.max_frames:
                 complete = False
                 break
+        if not complete and annotations is not None:
+            # the cap ended the loop early: count the rest (decoded, not resized) so that annotations made for
+            # another frame count (another frame rate, a few frames off) are refused all the same
+            total = decoded
+            for f in frames:
+                total = f.index + 1
+            if total != len(annotations):
+                raise VideoError(
+                    task.file, f"annotations {task.annotations} have {len(annotations)} frames but the video has {total}"
+                )
         out.write(b"".join(pending))
 
     kept = len(result.source)
