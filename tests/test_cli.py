@@ -36,6 +36,13 @@ def test_bad_parameter_file_names_the_field(tmp_path, capsys):
     assert "tiny.simulate: unknown key(s) ['colour']" in capsys.readouterr().err
 
 
+def test_bad_fractions_name_the_option(tmp_path, capsys):
+    assert main(["finetune", "--profile", "tiny", "--clips", str(tmp_path), "--out", str(tmp_path / "ft"),
+                 "--fractions", "0.05,5%"]) == 2
+    assert "sonossl finetune: error: --fractions 0.05,5%: give all, ablation, or fractions" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+
+
 def test_test_sweeps_need_a_simulate_test_block(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: 1\n")

@@ -33,6 +33,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a file's contents to the disk before it is renamed into place: a rename is durable only with its
+    data, or a power loss can leave the new name on a truncated file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     path = Path(path)
@@ -68,7 +78,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -89,7 +101,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield staging
-        _fsync_dir(staging)
+        for root, _, files in os.walk(staging):
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    _fsync_file(Path(root, name))
+            _fsync_dir(Path(root))
         if path.exists() or path.is_symlink():
             trash = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, trash)

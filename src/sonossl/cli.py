@@ -94,7 +94,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     elif args.fractions == "ablation":
         fractions = ft.ablation_fractions
     else:
-        fractions = [float(x) for x in args.fractions.split(",")]
+        try:
+            fractions = [float(x) for x in args.fractions.split(",")]
+        except ValueError:
+            raise ValueError(f"--fractions {args.fractions}: give all, ablation, or fractions of the training "
+                             "videos separated by commas, e.g. 0.05,0.2,1") from None
     metrics = finetune(args.clips, args.out, ft, task=args.task, encoder=args.encoder,
                        encoder_spec=None if args.encoder else as_dict(params.pretrain.encoder),
                        fractions=fractions, test_clips=args.test_clips, resume=args.resume,

@@ -1,0 +1,54 @@
+"""Atomic writes: a file or dataset folder appears complete, with its contents flushed to the disk before the rename
+that makes it visible, or not at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sonossl import atomic
+
+
+class Flushes:
+    """The files flushed to disk, each with whether the final path (``final``) already existed when it was."""
+
+    def __init__(self) -> None:
+        self.final = Path("/nonexistent")
+        self.calls: list[tuple[str, bool]] = []
+
+
+@pytest.fixture
+def flushes(monkeypatch) -> Flushes:
+    seen, flush = Flushes(), atomic._fsync_file
+
+    def record(path: Path) -> None:
+        seen.calls.append((Path(path).name, seen.final.exists()))
+        flush(path)
+
+    monkeypatch.setattr(atomic, "_fsync_file", record)
+    return seen
+
+
+def test_every_file_of_a_folder_is_flushed_before_the_folder_appears(tmp_path, flushes):
+    flushes.final = tmp_path / "dataset"
+    with atomic.atomic_dir(flushes.final) as staging:
+        (staging / "frames.npy").write_bytes(b"x" * 100)
+        (staging / "sub").mkdir()
+        (staging / "sub" / "index.parquet").write_bytes(b"y")
+    assert sorted(flushes.calls) == [("frames.npy", False), ("index.parquet", False)]
+    assert (flushes.final / "sub" / "index.parquet").read_bytes() == b"y"
+
+
+def test_a_file_written_by_name_is_flushed_before_it_appears_and_absent_after_an_error(tmp_path, flushes):
+    flushes.final = tmp_path / "clip.mp4"
+    with atomic.atomic_file(flushes.final) as tmp:
+        tmp.write_bytes(b"video")
+    assert flushes.calls == [(f".clip.mp4.tmp-{os.getpid()}.mp4", False)]
+    assert flushes.final.read_bytes() == b"video"
+    flushes.final = tmp_path / "other.mp4"
+    with pytest.raises(RuntimeError), atomic.atomic_file(flushes.final) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert not flushes.final.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
