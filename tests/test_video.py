@@ -25,6 +25,38 @@ def test_h264_round_trip_keeps_count_levels_and_times(tmp_path: Path) -> None:
     assert info.fps == pytest.approx(12.5)
 
 
+def _with_display_matrix(path: Path, matrix: tuple[int, ...]) -> Path:
+    """The MP4 with its track header's display matrix replaced (16.16 fixed point), as a phone writes it."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    version = data[at + 4]
+    offset = at + 8 + (4 * 5 if version == 0 else 8 + 8 + 4 + 4 + 8) + 8 + 2 + 2 + 2 + 2
+    data[offset:offset + 36] = struct.pack(">9i", *matrix)
+    out = path.with_name(f"turned-{path.name}")
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_display_rotation_is_applied_as_players_apply_it(tmp_path: Path) -> None:
+    """A portrait phone recording is stored sideways with a display matrix that turns it a quarter clockwise
+    (QuickTime's matrix a=0, b=1, c=-1, d=0; FFmpeg calls it a rotation of -90): frames come out upright."""
+    frames = np.full((6, 48, 64), 40, np.uint8)
+    frames[:, :16, :16] = 220  # a bright square in the top left corner as stored
+    stored = encode_video(tmp_path / "clip.mp4", frames, fps=10.0)
+    turned = _with_display_matrix(stored, (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000))
+    decoded, _ = read_video(turned)
+    assert decoded.shape == (6, 64, 48)  # portrait
+    # a quarter turn clockwise takes the top left corner to the top right
+    assert decoded[:, :16, -16:].mean() > 200 and decoded[:, :16, :16].mean() < 60
+    assert probe_video(turned).width == 64  # the container's size, as stored
+    upside_down = _with_display_matrix(stored, (-0x10000, 0, 0, 0, -0x10000, 0, 0, 0, 0x40000000))
+    decoded, _ = read_video(upside_down)
+    assert decoded.shape == (6, 48, 64) and decoded[:, -16:, -16:].mean() > 200
+    assert np.array_equal(read_video(stored)[0], np.rot90(read_video(upside_down)[0], 2, axes=(1, 2)))
+
+
 @pytest.mark.parametrize(
     ("suffix", "codec", "tolerance"),
     [("avi", "mpeg4", 4.0), ("mov", "mpeg4", 4.0), ("mpeg", "mpeg2video", 6.0), ("gif", "gif", 0.0), ("mkv", "ffv1", 0.0)],

@@ -106,7 +106,8 @@ class VideoError(ValueError):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the container says about its first video stream (``frames`` 0 and ``fps`` None when it does not say)."""
+    """What the container says about its first video stream (``frames`` 0 and ``fps`` None when it does not say;
+    ``width`` and ``height`` as stored, before any display rotation ``Video.frames`` applies)."""
 
     container: str
     codec: str
@@ -285,6 +286,8 @@ class Video:
     def frames(self) -> Iterator[DecodedFrame]:
         """Decode frame by frame as grey images with presentation times; VideoError when the file is unusable.
 
+        Frames are turned as the container's display matrix says (``frame.rotation``, counterclockwise, in quarter
+        turns), as players show them: a phone's portrait recording is stored sideways with a rotation of -90.
         Times come from each frame's pts (not index / fps), shifted so the first frame is at 0, and are made
         strictly increasing (a repeated or missing pts gets the previous time plus one nominal frame interval). A
         decode error, a decoder error message (concealed damage) or fewer frames than the container declares raise
@@ -312,6 +315,9 @@ class Video:
                     t = last + step
                 last = t
                 levels, lut = _levels(frame)
+                turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
+                if turns:  # a display rotation (a phone held upright): the frame as a player shows it
+                    levels = np.ascontiguousarray(np.rot90(levels, turns))
                 yield DecodedFrame(index=index, time=t, levels=levels, lut=lut)
                 index += 1
         except av.error.DecoderNotFoundError:
