@@ -100,6 +100,11 @@ def test_v1_frames_and_b64(server, tiny_clips):
     b64 = base64.b64encode(_sweep(tiny_clips).read_bytes()).decode()
     r = requests.post(url, json={"instances": [{"b64": b64}]}, timeout=60)
     assert r.status_code == 200 and len(r.json()["predictions"]) == len(frames)
+    # base64 wrapped every 76 characters, as `base64 file` writes it, is the same video
+    wrapped = base64.encodebytes(_sweep(tiny_clips).read_bytes()).decode()
+    assert "\n" in wrapped
+    again = requests.post(url, json={"instances": [{"b64": wrapped}]}, timeout=60)
+    assert again.status_code == 200 and again.json()["predictions"] == r.json()["predictions"]
 
 
 def _v2(data=None, shape=(2, 32, 32), datatype="UINT8", name="frames"):

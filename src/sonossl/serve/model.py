@@ -77,8 +77,8 @@ def _b64(value: Any, where: str) -> bytes:
         return value
     if not isinstance(value, str):
         raise RequestError(f"{where}: expected base64 text of an encoded video or image, got {type(value).__name__}")
-    try:
-        return base64.b64decode(value, validate=True)
+    try:  # line breaks allowed: `base64 file` wraps its output every 76 characters
+        return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{where}: not valid base64") from None
 
