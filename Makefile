@@ -52,10 +52,10 @@ selection-oracle: setup
 # clip strides 6 and 24, and at crops 48 and 64 with and without jitter, at the pipeline's cost
 # (docs/EXPERIMENTS.md, "the pretraining rate"; after `make run`; about 46 minutes on 2 cores), all at 8 epochs, the
 # pipeline's until it pretrained its own encoder 24 (the ablation's encoders still train 8); last, 1 and 3 epochs of
-# warm-up at 24 epochs, three seeds each. The records in benchmarks/results carry the machine they ran on in their
-# names (--out): pretext_rates_avx2.json, pretext_batch_avx2.json, pretext_seeds_avx2.json,
-# pretext_order_weight_avx2.json, pretext_stride_avx2.json, pretext_crop_shift_avx2.json,
-# pretext_warmup_e24_epyc_avx512.json.
+# warm-up at 24 epochs, three seeds each, then ten more seeds each (3-12; 52.5 min). The records in
+# benchmarks/results carry the machine they ran on in their names (--out): pretext_rates_avx2.json,
+# pretext_batch_avx2.json, pretext_seeds_avx2.json, pretext_order_weight_avx2.json, pretext_stride_avx2.json,
+# pretext_crop_shift_avx2.json, pretext_warmup_e24_epyc_avx512.json, pretext_warmup_e24_seeds3-12_epyc_avx512.json.
 pretext-rates: setup
 	$(BIN)/python benchmarks/pretext_rates.py --epochs 8
 	$(BIN)/python benchmarks/pretext_rates.py --epochs 8 --lr 1e-3 2e-3 4e-3 --batch-size 32 16 \
@@ -70,6 +70,8 @@ pretext-rates: setup
 		--out benchmarks/results/pretext_crop_shift.json
 	$(BIN)/python benchmarks/pretext_rates.py --epochs 24 --lr 2e-3 --warmup-epochs 1 3 --seeds 3 \
 		--out benchmarks/results/pretext_warmup_e24.json
+	$(BIN)/python benchmarks/pretext_rates.py --epochs 24 --lr 2e-3 --warmup-epochs 1 3 --seeds 10 --first-seed 3 \
+		--out benchmarks/results/pretext_warmup_e24_seeds3-12.json
 
 # The label-seeds comparison for what might make the gain larger (docs/EXPERIMENTS.md, the levers): a lower
 # fine-tune LR, LP-FT, the ablation encoders, 3x and 7.5x the pretraining, 128 and 256 more unlabelled sweeps, 128
@@ -83,7 +85,8 @@ pretext-rates: setup
 # builds, ten draws each: the pipeline's encoder since then, and another seed), and that encoder against its 8-epoch
 # twin at 20 % and 100 %, draw by draw (benchmarks/encoder_pairs.py); a moving average of the fine-tunes' weights
 # (finetune.ema 0.95) over ten draws; the seed-1 build of 3x the pretraining with 3 epochs of warm-up (on the AVX-512
-# EPYC its 1-epoch twin's order head stayed at chance). About 423 minutes on 2 cores.
+# EPYC its 1-epoch twin's order head stayed at chance), and the pipeline's own build (seed 0) with 3 epochs of
+# warm-up. About 431 minutes on 2 cores.
 # Decay 0.5 became the default after most of these were measured; $(NODECAY) runs those as they were (every stage at
 # one rate). The pretraining rate 2e-3 became the default after all of them but the last five commands; $(LR0)
 # pretrains their encoders, and the pipeline's, at the rate they had (5e-4). The order-only and both-parallel rows
@@ -169,6 +172,8 @@ label-levers: setup
 	$(BIN)/python benchmarks/label_seeds.py --ema 0.95 --seeds 10 --out $(LEVERS)_ema0.95.json
 	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 24 --pretrain-seed 1 --pretrain-warmup 3 --seeds 10 \
 		--out $(LEVERS)_pretrain24_seed1_warmup3.json
+	$(BIN)/python benchmarks/label_seeds.py --pretrain-epochs 24 --pretrain-warmup 3 --seeds 10 \
+		--out $(LEVERS)_pretrain24_warmup3.json
 
 # The POCUS cross-validation over seven seeds (folds, inner validation patients, initialisations), SSL against
 # scratch; seed 0 is the pipeline's own run (after `dvc repro crossval`; about 65 minutes on 2 cores). The README's

@@ -4,14 +4,15 @@ then deploy, only when the new model beats the serving champion on the configure
 It runs the main line of ``dvc.yaml`` (both-sequential pretraining; SSL and scratch fine-tuning for plane detection
 and saliency), not the whole ablation, with the same library calls. The ``tasks`` parameter names the downstream
 tasks: ``["planes"]`` for data without gaze maps (your own videos, as a rule), and the export then serves the
-classifier and embeddings alone. Every task runs the project image, a pipeline parameter (``image``, default
+classifier and embeddings alone. The CPU tasks run the project image, a pipeline parameter (``image``, default
 ``ghcr.io/sonossl/sonossl:<package version>``), and the GPU steps (pretrain, the fine-tunes, and the model server
 with ``serve_gpu``) its CUDA build (``gpu_image``, default the same tag with ``-cuda``), applied with
 ``set_container_image``: the components' ``base_image`` is fixed when they are compiled, and the KFP backend
 resolves a parameter in a task's image only when the parameter is the whole reference (its driver substitutes the
-parameter's value for the whole string), so each parameter is the full image reference, not a tag to append. With ``test_dataset``, the preprocess-test task turns an independent raw
-dataset into the test set every fine-tune run is scored on, as ``dvc repro`` scores ``data/raw/sim_test``; without
-it, the runs are scored on the test split of ``dataset``.
+parameter's value for the whole string), so each parameter is the full image reference, not a tag to append. With
+``test_dataset``, the preprocess-test task turns an independent raw dataset into the test set every fine-tune run is
+scored on, as ``dvc repro`` scores ``data/raw/sim_test``; without it, the runs are scored on the test split of
+``dataset``.
 
     kfp dsl compile --py pipelines/training.py --output training.yaml
     sonossl pipeline submit --host https://kubeflow.example.org/pipeline --param dataset=s3://datasets/raw/sim

@@ -550,9 +550,8 @@ def _convert_video(task: _Task) -> _VideoResult:
             for f in frames:
                 total = f.index + 1
             if total != len(annotations):
-                raise VideoError(
-                    task.file, f"annotations {task.annotations} have {len(annotations)} frames but the video has {total}"
-                )
+                raise VideoError(task.file, f"annotations {task.annotations} have {len(annotations)} frames but "
+                                            f"the video has {total}")
         out.write(b"".join(pending))
 
     kept = len(result.source)

@@ -20,5 +20,5 @@ from sonossl.storage.s3 import (
     upload,
 )
 
-__all__ = ["StorageError", "StorageNotFound", "client", "download", "endpoint_from_env", "file_sha256", "get_bytes", "holds",
-           "list_uris", "parse_s3_uri", "put_bytes", "upload"]
+__all__ = ["StorageError", "StorageNotFound", "client", "download", "endpoint_from_env", "file_sha256",
+           "get_bytes", "holds", "list_uris", "parse_s3_uri", "put_bytes", "upload"]
