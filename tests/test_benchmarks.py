@@ -230,6 +230,22 @@ def test_benchmark_records_name_the_cpu_model(tmp_path):
     assert describe(new) == f"AMD EPYC (family 25 model 17, AVX-512), {os.cpu_count()} cores, {platform.machine()}"
 
 
+def test_the_cpu_limit_is_read_from_the_cgroup(tmp_path):
+    """cgroup v2's cpu.max and v1's cfs quota give the CPUs of a container's limit, rounded up; none without one."""
+    from sonossl.machine import cpu_quota
+
+    (tmp_path / "v2").mkdir()
+    for text, cpus in [("200000 100000\n", 2), ("150000 100000", 2), ("50000 100000", 1), ("max 100000", None)]:
+        (tmp_path / "v2" / "cpu.max").write_text(text)
+        assert cpu_quota(tmp_path / "v2") == cpus, text
+    (tmp_path / "v1" / "cpu").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, cpus in [("400000", 4), ("-1", None)]:
+        (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        assert cpu_quota(tmp_path / "v1") == cpus, quota
+    assert cpu_quota(tmp_path / "none") is None
+
+
 def test_pretext_rates_reproduces_the_pretrain_stage_at_the_profile_s_settings(tiny_clips, tiny_export, tiny_params,
                                                                                tmp_path):
     """One encoder per rate, batch size, order weight and seed; at the profile's own settings the held-out accuracies

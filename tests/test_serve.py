@@ -403,3 +403,24 @@ def test_a_model_without_saliency_exports_and_serves_without_it(planes_only_expo
         assert [sorted(p) for p in r.json()["predictions"]] == [["blank", "embedding", "label", "probs"]] * 2
     finally:
         stop_server(srv)
+
+
+def test_the_server_runs_one_torch_thread_per_cpu_of_its_limit(monkeypatch):
+    """torch counts the node's cores; under a CPU limit the server takes the limit instead, unless OMP_NUM_THREADS
+    is set (then the user's number stands)."""
+    import torch
+
+    from sonossl.serve import server
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("sonossl.machine.cpu_quota", lambda: 1)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        server._fit_threads_to_cpu_limit()
+        assert torch.get_num_threads() == before
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        server._fit_threads_to_cpu_limit()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+

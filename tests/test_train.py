@@ -213,6 +213,29 @@ def _index(videos: dict[int, tuple[str, list[str | None]]]):
     return pd.DataFrame(rows, columns=["video_idx", "split", "label"])
 
 
+def test_a_dataset_without_validation_frames_is_refused_before_training(tiny_clips, tiny_params, tmp_path):
+    """The probe's strength, the fine-tune's epoch and the exported run are chosen on the validation videos: with
+    none (split.val 0, or too few videos to reach it) each fell silently on its first candidate."""
+    import shutil
+
+    import pandas as pd
+
+    from sonossl.config import as_dict
+    from sonossl.train.finetune import finetune
+
+    clips = tmp_path / "clips"
+    shutil.copytree(tiny_clips, clips)
+    index = pd.read_parquet(clips / "index.parquet")
+    index["split"] = index["split"].replace({"val": "train"})
+    index.to_parquet(clips / "index.parquet")
+    for task in ("planes", "saliency"):
+        with pytest.raises(ValueError, match=r"clips: the validation split has no (labelled frames|frames with "
+                                             r"saliency maps), and the probe's strength"):
+            finetune(clips, tmp_path / task, tiny_params.finetune, task=task, progress=False,
+                     encoder_spec=as_dict(tiny_params.pretrain.encoder))
+        assert not (tmp_path / task / "runs").exists()
+
+
 def test_labelled_videos_take_every_main_plane_even_at_the_smallest_fraction():
     from sonossl.config import FinetuneParams
     from sonossl.train.finetune import labelled_videos, labelling_plan, video_order, video_strata

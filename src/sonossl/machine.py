@@ -60,3 +60,24 @@ def describe(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     details = cpu_details(cpuinfo)
     cpu = f"{cpu_model(cpuinfo)} ({details})" if details else cpu_model(cpuinfo)
     return f"{cpu}, {os.cpu_count()} cores, {platform.machine()}"
+
+
+def cpu_quota(cgroup: str | Path = "/sys/fs/cgroup") -> int | None:
+    """The CPUs this container may use by its cgroup's CPU limit, rounded up (a Kubernetes ``limits.cpu``, a
+    ``docker run --cpus``), or None without a limit. torch sizes its thread pool by the host's cores, not by the
+    limit: on a 64-core node a server limited to 2 CPUs would run 32 threads and spend its quota being throttled.
+    cgroup v2 (``cpu.max``: ``<quota> <period>`` or ``max``), else v1 (``cpu/cpu.cfs_quota_us``, -1: none)."""
+    root = Path(cgroup)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else max(1, -(-quota // period))

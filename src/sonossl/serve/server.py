@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from pathlib import Path
 
 from kserve import ModelServer
@@ -120,6 +121,20 @@ class _ModelServer(ModelServer):
         asyncio.run(self._serve())
 
 
+def _fit_threads_to_cpu_limit() -> None:
+    """One torch thread per CPU of the container's limit (``sonossl.machine.cpu_quota``), unless OMP_NUM_THREADS
+    says otherwise: torch counts the node's cores, and a pod limited to 2 CPUs on a 64-core node would otherwise
+    run 32 threads against 2 CPUs of quota and be throttled at every request."""
+    import torch
+
+    from sonossl.machine import cpu_quota
+
+    quota = cpu_quota()
+    if quota is not None and "OMP_NUM_THREADS" not in os.environ and quota < torch.get_num_threads():
+        log.info("CPU limit %d: %d torch threads, not %d", quota, quota, torch.get_num_threads())
+        torch.set_num_threads(quota)
+
+
 def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", port: int = 8080,
           name: str = "sonossl", limits: Limits = Limits(), request_log: str | None = None,
           log_flush_seconds: float = 5.0, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
@@ -133,6 +148,7 @@ def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", po
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{option} {path}: no such file")
 
+    _fit_threads_to_cpu_limit()
     rlog = RequestLog(request_log, flush_seconds=log_flush_seconds) if request_log else None
     model = SonosslModel(name, model_dir, limits=limits, request_log=rlog)
     model.load()

@@ -477,12 +477,22 @@ def finetune_classifier(encoder: Encoder, pretrained: bool, d: LabelledFrames, t
     return model, {**extra, "best_epoch": best["epoch"], "stopped_early": res.stopped_early, "history": res.history}
 
 
+def _need_validation(d: LabelledFrames, val_rows: np.ndarray, what: str) -> None:
+    """Every choice here (the probe's L2 strength, the fine-tune's epoch, the run exported) is made on the
+    validation videos; without them each would silently fall on its first candidate (the first epoch's weights)."""
+    if len(val_rows) == 0:
+        raise ValueError(f"{d.data.path}: the validation split has no {what}, and the probe's strength, the epoch "
+                         "and the exported run are chosen on it; preprocess with preprocess.split.val > 0 and "
+                         "enough labelled videos (or patients) for each class to reach it")
+
+
 def _plane_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, make_encoder, pretrained: bool,
                 fractions: list[float], methods: list[str], resume: bool, progress: bool, device: torch.device,
                 run_key: str, test: TestSet) -> tuple[list[dict], dict]:
     order, floor = labelling_plan(d.data.index, params)
     n_cls = len(d.classes)
     val_rows, test_rows = _rows(d, split="val"), test.rows()
+    _need_validation(d, val_rows, "labelled frames")
     runs, best_state = [], None
     probe_encoder, z_all = None, None
     for frac in fractions:
@@ -538,6 +548,7 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
     order, floor = labelling_plan(d.data.index, params)
     out_size = saliency.shape[-1]
     val_rows = np.flatnonzero((d.split == "val") & has)
+    _need_validation(d, val_rows, "frames with saliency maps")
     test_rows = test.rows(saliency=True)
     if test.info["split"] == "all" and (test.saliency is None or test.saliency.shape[1:] != saliency.shape[1:]):
         raise ValueError(f"{test.info['clips']}: independent test set: saliency maps of "
