@@ -8,7 +8,8 @@ ARG VARIANT=cpu
 ARG BASE_IMAGE_CPU=python:3.11-slim-bookworm
 # The cu130 torch wheels carry CUDA's user-space libraries (cuBLAS, cuDNN, NCCL) as pip packages, and the node's
 # NVIDIA container toolkit mounts the driver: a plain Python base serves both. An nvidia/cuda base works too
-# (--build-arg BASE_IMAGE_CUDA=...) if it has Python 3.11.
+# (--build-arg BASE_IMAGE_CUDA=...) if it has Python 3.11 and no user or group 1000 yet (Ubuntu 24.04's have
+# `ubuntu` there: remove it first, or the groupadd below fails).
 ARG BASE_IMAGE_CUDA=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE_CPU} AS base-cpu
