@@ -130,6 +130,7 @@ class FakeKubeAPI:
         self.objects: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str]] = []
         self.refuse_with: int | None = None
+        self.conflicts = 0  # PUTs to answer 409 first, each after a write of its own (as KServe writes status)
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -164,6 +165,9 @@ class FakeKubeAPI:
                 if method == "PUT":
                     if not current:
                         return self._status(404, "NotFound")
+                    if api.conflicts:
+                        api.conflicts -= 1
+                        current["metadata"]["resourceVersion"] = str(int(current["metadata"]["resourceVersion"]) + 1)
                     if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
                         return self._status(409, "Conflict")
                     version = int(current["metadata"]["resourceVersion"]) + 1
@@ -237,10 +241,19 @@ def test_deploy_creates_then_updates_and_promotes(tiny_export, s3_server, kube_a
     assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 20
     assert canary["metadata"]["annotations"]["team.example.com/owner"] == "imaging"
 
-    # promotion: a deploy without a canary replaces the spec, so the canary split is gone
+    # promotion: a deploy without a canary replaces the spec, so the canary split is gone; KServe writes the object
+    # (its status) twice between our read and our write: each 409 is read again and retried; its finalizer stays
+    kube_api.objects[("sonossl", "sonossl")]["metadata"]["finalizers"] = ["inferenceservice.finalizers"]
+    kube_api.conflicts = 2
     promoted = deploy(uri, canary_percent=None, **ARGS)
     assert "canaryTrafficPercent" not in promoted["spec"]["predictor"]
-    assert promoted["metadata"]["resourceVersion"] == "3"
+    assert promoted["metadata"]["resourceVersion"] == "5" and [m for m, _ in kube_api.requests[-6:]] == [
+        "GET", "PUT", "GET", "PUT", "GET", "PUT"]
+    assert promoted["metadata"]["finalizers"] == ["inferenceservice.finalizers"]
+    assert promoted["metadata"]["annotations"]["team.example.com/owner"] == "imaging"
+    kube_api.conflicts = 9  # a cluster that keeps changing it: a clear error after the last attempt
+    with pytest.raises(DeployError, match=r"InferenceService sonossl/sonossl: the cluster refused the update: .*409"):
+        deploy(uri, canary_percent=None, **ARGS)
 
 
 def test_a_refusing_cluster_gives_a_clear_error(kube_api):

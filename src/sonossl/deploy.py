@@ -219,6 +219,13 @@ def _get(kc: Any, name: str, namespace: str) -> dict[str, Any] | None:
         raise DeployError(f"cannot reach the Kubernetes API at {host}: {e}") from None
 
 
+CONFLICT_ATTEMPTS = 4  # read-and-replace tries when the object changes between the read and the write (HTTP 409)
+
+
+def _is_conflict(message: str) -> bool:
+    return "(409)" in message or "Conflict" in message or "AlreadyExists" in message
+
+
 def deploy(model_uri: str, *, name: str, namespace: str, image: str, canary_percent: int | None,
            service_account: str, runtime: str = "sonossl", gpu: bool = False, dry_run: bool = False,
            model_card: Mapping[str, Any] | str | Path | None = None) -> dict[str, Any]:
@@ -245,23 +252,40 @@ def deploy(model_uri: str, *, name: str, namespace: str, image: str, canary_perc
         return rendered
 
     kc = _client()
-    current = _get(kc, name, namespace)
-    try:
-        if current is None:
-            out = kc.create(isvc, namespace=namespace)
-            action = "created"
-        else:
-            meta = current.get("metadata") or {}
-            isvc.metadata.resource_version = meta["resourceVersion"]
-            # keep what others put on the object (kubectl, GitOps tools); ours are replaced
-            for field in ("labels", "annotations"):
-                theirs = {k: v for k, v in (meta.get(field) or {}).items() if not k.startswith(ANNOTATION_PREFIX)}
-                setattr(isvc.metadata, field, {**theirs, **(getattr(isvc.metadata, field) or {})})
-            out = kc.replace(name, isvc, namespace=namespace)
-            action = "updated"
-    except RuntimeError as e:  # KServeClient wraps the API's error in a RuntimeError
-        raise DeployError(f"InferenceService {namespace}/{name}: the cluster refused the "
-                          f"{'create' if current is None else 'update'}: {str(e).strip()[:500]}") from None
+    ours = {field: dict(getattr(isvc.metadata, field) or {}) for field in ("labels", "annotations")}
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        current = _get(kc, name, namespace)
+        verb = "create" if current is None else "update"
+        try:
+            if current is None:
+                out = kc.create(isvc, namespace=namespace)
+                action = "created"
+            else:
+                meta = current.get("metadata") or {}
+                isvc.metadata.resource_version = meta["resourceVersion"]
+                # keep what others put on the object (kubectl, GitOps tools, KServe's finalizer); ours are replaced
+                for field in ("labels", "annotations"):
+                    theirs = {k: v for k, v in (meta.get(field) or {}).items()
+                              if not k.startswith(ANNOTATION_PREFIX)}
+                    setattr(isvc.metadata, field, {**theirs, **ours[field]})
+                isvc.metadata.finalizers = meta.get("finalizers")
+                isvc.metadata.owner_references = meta.get("ownerReferences")
+                out = kc.replace(name, isvc, namespace=namespace)
+                action = "updated"
+            break
+        except RuntimeError as e:  # KServeClient wraps the API's error in a RuntimeError
+            message = str(e).strip()
+            if _is_conflict(message) and attempt < CONFLICT_ATTEMPTS:
+                # someone wrote the object between our read and our write (KServe updates its status during a
+                # rollout): read it again and retry, rather than fail the pipeline's deploy step
+                log.info("InferenceService %s/%s changed during the %s (attempt %d of %d); reading it again",
+                         namespace, name, verb, attempt, CONFLICT_ATTEMPTS)
+                continue
+            raise DeployError(f"InferenceService {namespace}/{name}: the cluster refused the {verb}: "
+                              f"{message[:500]}") from None
+        except Exception as e:  # urllib3 connection errors after its retries
+            raise DeployError(f"InferenceService {namespace}/{name}: the {verb} did not reach the Kubernetes API "
+                              f"({type(e).__name__}: {e})") from None
     log.info("%s InferenceService %s/%s: model %s, %s", action, namespace, name,
              (card or {}).get("model_version", model_uri), traffic)
     return out
