@@ -151,10 +151,14 @@ def test_overlays_cpu_and_gpu():
     assert gpu["minReplicas"] == 1
     assert gpu["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
-    for overlay, tag in (("overlays/cpu", __version__), ("overlays/gpu", f"{__version__}-cuda"),
-                         ("pretrain", f"{__version__}-cuda")):
+    for overlay, tag in (("overlays/cpu", __version__), ("pretrain", f"{__version__}-cuda")):
         images = {m.group(1) for m in re.finditer(r"image: (\S+)", yaml.safe_dump_all(render(overlay)))}
         assert images == {f"ghcr.io/sonossl/sonossl:{tag}"}, overlay
+    # on GPU only the model server runs the CUDA image; the drift CronJob keeps the smaller CPU one
+    docs = render("overlays/gpu")
+    assert one(docs, "ServingRuntime")["spec"]["containers"][0]["image"] == f"ghcr.io/sonossl/sonossl:{__version__}-cuda"
+    job = one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert job["image"] == f"ghcr.io/sonossl/sonossl:{__version__}"
 
 
 @pytest.mark.parametrize("gpu", [False, True])
