@@ -273,6 +273,10 @@ def test_pytorchjob_script_runs_pretrain_under_torchrun(tmp_path):
     assert pretrain.command == "pretrain" and pretrain.profile == "gpu" and str(pretrain.clips) == str(pull.local)
     assert str(pretrain.out) == str(push.local) == str(restore.local)
     assert pretrain.checkpoint_store == env["SONOSSL_CHECKPOINTS_URI"]
+    # a worker node pulls the clips and trains: rank 0 sends it the checkpoint to resume, and pushes the encoder
+    (tmp_path / "worker").mkdir()
+    calls = _run_script(c["args"][0], {**env, "PET_NODE_RANK": "1"}, tmp_path / "worker")
+    assert [a[0] for a in calls] == ["sonossl", "torchrun"] and _parse(calls[0][1:], "PyTorchJob").uri != restore.uri
 
 
 def test_cronjob_reports_drift_with_the_served_model():

@@ -154,6 +154,87 @@ def test_pretrain_under_torchrun_two_processes_on_cpu(tiny_clips, tmp_path):
     assert (tmp_path / "ddp/encoder.pt").is_file()
 
 
+_DDP_FIT = """
+import json, sys
+import torch
+from torch import nn
+from sonossl.train.loop import LoopParams, fit, setup_distributed
+
+class RankTask:  # a toy task whose per-batch number is the rank that ran the batch
+    def __init__(self, rank):
+        torch.manual_seed(0)
+        self.model, self.rank = nn.Linear(3, 1), rank
+    def steps_per_epoch(self, world):
+        return 2
+    def batches(self, epoch, rank, world, device):
+        gen = torch.Generator().manual_seed(10 * epoch + rank)
+        return [torch.randn(4, 3, generator=gen) for _ in range(2)]
+    def loss(self, model, batch):
+        return model(batch).pow(2).mean(), {"rank": float(self.rank)}
+    def validate(self, model, device):
+        return {}
+
+env = setup_distributed()
+root, stop_after = sys.argv[1], int(sys.argv[2])
+task = RankTask(env.rank)
+res = fit(task, f"{root}/node{env.rank}", LoopParams(epochs=4, lr=0.1, channels_last=False, stop_after=stop_after),
+          resume=True, progress=False, live=False, dist_env=env, run_id="toy")
+out = {"resumed_from": res.resumed_from, "history": res.history, "weights": [p.tolist() for p in task.model.parameters()]}
+open(f"{root}/rank{env.rank}.json", "w").write(json.dumps(out))
+"""
+
+
+def test_ddp_ranks_resume_from_rank_0_and_average_their_train_numbers(tmp_path):
+    """Two ranks with a folder each (two nodes, no shared disk): a resumed run continues rank 0's last.pt on both
+    (rank 1 has none: it would start over, and the ranks' steps would no longer pair up); ``train_*`` is the mean
+    over both ranks' batches; a damaged last.pt on rank 0 stops every rank with its name."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(_DDP_FIT)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(stop_after: int) -> subprocess.CompletedProcess:
+        return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
+                               str(stop_after)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    first = run(2)
+    assert first.returncode == 0, first.stdout + first.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [e["train_rank"] for e in ranks[0]["history"]] == [0.5, 0.5]  # rank 0's batches alone gave 0.0
+    assert (tmp_path / "node0/checkpoints/last.pt").is_file() and not (tmp_path / "node1").exists()
+
+    second = run(0)
+    assert second.returncode == 0, second.stdout + second.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["resumed_from"] for r in ranks] == [2, 2]
+    assert [e["epoch"] for e in ranks[0]["history"]] == [1, 2, 3, 4]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+    last = tmp_path / "node0/checkpoints/last.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    broken = run(0)
+    assert broken.returncode != 0
+    assert f"{last}: cannot read checkpoint" in broken.stderr and f"rank 0: {last}" in broken.stderr
+
+
+def test_pretext_batches_are_whole_on_every_rank_when_the_clips_are_few(tiny_clips, tiny_params):
+    """Fewer clips than batch_size x world: every rank still gets whole batches (rank 1 got an empty one)."""
+    from sonossl.data.clips import load_clip_dataset
+    from sonossl.train.pretrain import PretextTask, frames_tensor
+
+    data = load_clip_dataset(tiny_clips)
+    split = data.index.split.to_numpy()
+    video = data.index.video_idx.to_numpy()
+    one = split == "train"
+    one &= video == video[one][0]  # the clips of one training video
+    params = dataclasses.replace(tiny_params.pretrain, clips_per_epoch=None, batch_size=16)
+    task = PretextTask(frames_tensor(data), video, one, split == "val", params, "both-sequential")
+    assert len(task.train_starts) < 2 * 16
+    for rank in (0, 1):
+        batches = list(task.batches(0, rank, 2, torch.device("cpu")))
+        assert len(batches) == task.steps_per_epoch(2) and all(len(b) == 16 for b in batches)
+
+
 def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path, caplog):
     from sonossl.config import as_dict
     from sonossl.evaluate.report import evaluate

@@ -318,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/checkpoints/last.pt when it belongs to the same run")
     p.add_argument("--checkpoint-store", default=None, metavar="S3_URI",
                    help="copy OUT there every minute and when the run ends or gets SIGTERM, and (one process) "
-                        "restore it first; implies --resume (under torchrun: restore each node's OUT with "
-                        "`sonossl artifacts pull --missing-ok` before torchrun starts)")
+                        "restore it first; implies --resume (under torchrun: restore rank 0's OUT with "
+                        "`sonossl artifacts pull --missing-ok` before torchrun starts; rank 0 sends the "
+                        "checkpoint to the other ranks)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="downstream training (linear probe and fine-tune) at several label fractions")

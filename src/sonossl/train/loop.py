@@ -19,7 +19,9 @@ same way for all of them:
   not beaten the best one (the schedule stays the one planned for all ``epochs``; a resumed run that had stopped
   stays stopped); ``stop_after`` ends it after a fixed number of epochs of that schedule instead (a refit that
   repeats the epochs a validation run chose, without validation data);
-- DDP under ``torchrun`` (gloo on CPU, nccl on GPU), each rank taking its own share of every epoch's batches;
+- DDP under ``torchrun`` (gloo on CPU, nccl on GPU), each rank taking its own share of every epoch's batches; the
+  ``train_*`` numbers average the batches of every rank, and a resumed run continues rank 0's ``last.pt`` on every
+  rank (sent to the others: their nodes need no copy of it);
 - dvclive metrics (one step per epoch) and a progress bar, on rank 0.
 
     result = fit(task, "models/pretrain/both-sequential", LoopParams(epochs=10, lr=1e-3), resume=True)
@@ -281,11 +283,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     evaluated = average.module if average else model  # what is validated and kept as best.pt
     result = FitResult()
     start_epoch = 0
-    ckpt = load_checkpoint(last_path) if resume and last_path.is_file() else None
-    if ckpt is not None and ckpt.get("run_id", "") != run_id:
-        if env.main:
-            log.info("%s belongs to another run (parameters, data or code changed); starting over", last_path)
-        ckpt = None
+    ckpt = _resume_checkpoint(last_path, run_id, env) if resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -347,6 +345,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                 if hasattr(bar, "set_postfix") and i % 10 == 0:
                     bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}")
             train_time += time.perf_counter() - te
+            if env.world > 1:
+                sums, n_batches = _sum_over_ranks(sums, n_batches, env.device)
             entry = {"epoch": epoch + 1, **{f"train_{k}": round(v / max(1, n_batches), 5) for k, v in sums.items()}}
             if env.main:
                 evaluated.eval()
@@ -384,6 +384,37 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     result.seconds = time.perf_counter() - t0
     result.samples_per_s = seen * env.world / train_time if train_time else 0.0
     return result
+
+
+def _resume_checkpoint(last_path: Path, run_id: str, env: Distributed) -> dict[str, Any] | None:
+    """``last_path`` as rank 0 reads it, sent to every rank: the ranks resume after the same epoch with the same
+    weights and optimizer state even when the other nodes hold an older copy of the folder, or none. ``None`` when
+    there is nothing to resume (no file, or one of another run); a damaged file fails on every rank."""
+    ckpt, error = None, None
+    if env.main and last_path.is_file():
+        try:
+            ckpt = load_checkpoint(last_path)
+        except CheckpointError as e:
+            error = str(e)
+        if ckpt is not None and ckpt.get("run_id", "") != run_id:
+            log.info("%s belongs to another run (parameters, data or code changed); starting over", last_path)
+            ckpt = None
+    if env.world > 1:
+        box = [(ckpt, error)]
+        dist.broadcast_object_list(box, src=0)  # pickled between the ranks of one job (rank 0 read it safely)
+        ckpt, error = box[0]
+    if error is not None:
+        raise CheckpointError(error if env.main else f"rank 0: {error}")
+    return ckpt
+
+
+def _sum_over_ranks(sums: dict[str, float], n_batches: int, device: torch.device) -> tuple[dict[str, float], int]:
+    """An epoch's per-batch sums and batch count added up over the ranks, so that ``train_*`` averages every
+    rank's batches (not rank 0's alone). Every rank runs the same steps, so every rank has the same keys."""
+    keys = sorted(sums)
+    t = torch.tensor([float(n_batches), *(sums[k] for k in keys)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t[1:].tolist(), strict=True)), int(t[0])
 
 
 def _patience_spent(result: FitResult, params: LoopParams) -> bool:

@@ -103,7 +103,10 @@ class PretextTask:
     def batches(self, epoch: int, rank: int, world: int, device: torch.device):
         order_gen = torch.Generator().manual_seed(seed_for(self.params.seed, epoch))
         n = len(self.train_starts)
-        reps = math.ceil(self.clips_per_epoch / n)
+        # enough passes over the clips for a whole batch on every rank at every step, also when the clips number
+        # fewer than batch_size x world (a short or empty batch on some rank would fail or skew the mean)
+        needed = max(self.clips_per_epoch, self.steps_per_epoch(world) * world * self.batch_size)
+        reps = math.ceil(needed / n)
         order = torch.cat([torch.randperm(n, generator=order_gen) for _ in range(reps)])
         gen = torch.Generator().manual_seed(seed_for(self.params.seed, epoch, rank + 1))
         starts = torch.from_numpy(self.train_starts)
