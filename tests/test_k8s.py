@@ -85,16 +85,24 @@ def test_kubernetes_validate_rejects_a_misspelled_core_field():
         check(cron)
 
 
+def _deployed(capsys, *extra: str) -> dict:
+    """The InferenceService `sonossl deploy` creates with its defaults (name, namespace, service account, runtime,
+    image): the object the overlays leave to it."""
+    from sonossl.cli import main
+
+    assert main(["deploy", "--model-uri", "s3://sonossl/models/initial", "--dry-run", *extra]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
-def test_kserve_kinds_check_strictly_against_kserve_types(overlay):
+def test_kserve_kinds_check_strictly_against_kserve_types(overlay, capsys):
     from kserve.models import V1alpha1ServingRuntime, V1beta1InferenceService
 
     docs = render(overlay)
-    isvc = check(one(docs, "InferenceService", "sonossl"))
+    isvc = check(_deployed(capsys, *(["--gpu"] if overlay == "overlays/gpu" else [])))
     runtime = check(one(docs, "ServingRuntime", "sonossl"))
     assert isinstance(isvc, V1beta1InferenceService) and isinstance(runtime, V1alpha1ServingRuntime)
     assert isvc.spec.predictor.model.storage_uri.startswith("s3://")
-    assert isvc.spec.predictor.service_account_name == one(docs, "ServiceAccount", "sonossl-s3")["metadata"]["name"]
 
 
 @pytest.mark.parametrize("mutate, error", [
@@ -105,8 +113,8 @@ def test_kserve_kinds_check_strictly_against_kserve_types(overlay):
      r"readinessProbe\.httpGet: Invalid value for `port`, must not be `None`"),
     (lambda d: d["spec"].update(predicter=d["spec"].pop("predictor")), r"unknown field 'predicter'"),
 ], ids=["misspelled-field", "wrong-type", "missing-required", "misspelled-section"])
-def test_a_broken_inferenceservice_fails_the_strict_check(mutate, error):
-    isvc = one(render("overlays/cpu"), "InferenceService")
+def test_a_broken_inferenceservice_fails_the_strict_check(mutate, error, capsys):
+    isvc = _deployed(capsys)
     check(isvc)
     mutate(isvc)
     with pytest.raises(ManifestError, match=error):
@@ -146,11 +154,6 @@ def test_servingruntime_runs_the_project_model_server():
 
 
 def test_overlays_cpu_and_gpu():
-    cpu, gpu = (one(render(f"overlays/{o}"), "InferenceService")["spec"]["predictor"] for o in ("cpu", "gpu"))
-    assert "nvidia.com/gpu" not in cpu["model"]["resources"]["limits"] and "tolerations" not in cpu
-    assert gpu["minReplicas"] == 1
-    assert gpu["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
     for overlay, tag in (("overlays/cpu", __version__), ("pretrain", f"{__version__}-cuda")):
         images = {m.group(1) for m in re.finditer(r"image: (\S+)", yaml.safe_dump_all(render(overlay)))}
         assert images == {f"ghcr.io/sonossl/sonossl:{tag}"}, overlay
@@ -162,19 +165,26 @@ def test_overlays_cpu_and_gpu():
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_inferenceservice_manifest_is_what_deploy_renders(gpu):
-    """k8s/ and `sonossl deploy` describe one service: same spec (deploy adds the image and the card's annotations)."""
-    from sonossl.deploy import deploy
-
-    manifest = one(render("overlays/gpu" if gpu else "overlays/cpu"), "InferenceService")
-    p = manifest["spec"]["predictor"]
-    rendered = deploy(p["model"]["storageUri"], name=manifest["metadata"]["name"],
-                      namespace=manifest["metadata"]["namespace"], image="ghcr.io/sonossl/sonossl:x",
-                      canary_percent=None, service_account=p["serviceAccountName"], runtime=p["model"]["runtime"],
-                      gpu=gpu, dry_run=True)
-    assert rendered["spec"]["predictor"]["model"].pop("image") == "ghcr.io/sonossl/sonossl:x"
-    assert rendered["spec"] == manifest["spec"]
-    assert rendered["metadata"]["labels"] == manifest["metadata"]["labels"]
+def test_the_overlays_leave_the_inferenceservice_to_deploy_and_run_what_it_asks_for(gpu, capsys):
+    """No InferenceService in the overlays (a re-apply would set its model back to the manifest's: a silent
+    rollback); the one `sonossl deploy` creates with its defaults runs on what the overlay provides: its service
+    account, its runtime and model format, the runtime's port, protocol and image."""
+    docs = render("overlays/gpu" if gpu else "overlays/cpu")
+    assert not [d for d in docs if d["kind"] == "InferenceService"]
+    isvc = _deployed(capsys, *(["--gpu"] if gpu else []))
+    assert isvc["metadata"]["namespace"] == one(docs, "Namespace")["metadata"]["name"]
+    p = isvc["spec"]["predictor"]
+    assert one(docs, "ServiceAccount", p["serviceAccountName"])["secrets"] == [{"name": "sonossl-s3"}]
+    runtime = one(docs, "ServingRuntime", p["model"]["runtime"])["spec"]
+    assert p["model"]["modelFormat"]["name"] in [f["name"] for f in runtime["supportedModelFormats"]]
+    assert p["model"]["protocolVersion"] in runtime["protocolVersions"]
+    (container,) = runtime["containers"]
+    assert p["model"]["readinessProbe"]["httpGet"]["port"] == container["ports"][0]["containerPort"]
+    assert p["model"]["image"] == container["image"]  # the -cuda image on GPU, as the overlay's runtime
+    assert ("nvidia.com/gpu" in p["model"]["resources"]["limits"]) == gpu
+    # the drift job asks it which model to compare with, by name, in its own namespace
+    job = one(docs, "CronJob", "sonossl-drift")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "SONOSSL_SERVICE", "value": isvc["metadata"]["name"]} in job["env"]
 
 
 def test_pytorchjob_runs_pretrain_under_torchrun_on_gpus():

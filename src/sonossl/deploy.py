@@ -3,14 +3,16 @@
 ``deploy`` builds a ``V1beta1InferenceService`` with the kserve client's model classes: the predictor runs the
 project's ServingRuntime (``k8s/base/servingruntime.yaml``, model format ``sonossl``) on the image the pipeline ran
 with; ``storageUri`` is the exported model folder in S3, fetched by KServe's storage initializer with the S3
-credentials that the service account carries (``k8s/base/s3-secret.yaml``); resources, a readiness probe and, for
+credentials that the service account carries (``k8s/s3-secret.template.yaml``); resources, a readiness probe and, for
 GPU, one ``nvidia.com/gpu`` and one warm replica. With ``canary_percent`` the new revision gets that share of the
 traffic and the previous one keeps the rest, until a deploy without it promotes the new one to 100 %.
 The model card's versions and metrics become annotations (``sonossl.io/model-version``,
 ``sonossl.io/planes.val.macro_f1``, ...): ``champion_metric`` reads them back from the live service, so the
 pipeline deploys only a better model.
 The rendered object is checked strictly against KServe's types (``sonossl.manifests``) before it is sent.
-On a cluster: get, then create when absent (404) or replace (a full update, so a finished canary's
+It is the one writer of the InferenceService: ``k8s/`` holds none (a re-applied manifest would roll the served
+model back), so the first model is served with ``sonossl deploy`` too. On a cluster: get, then create when absent
+(404) or replace (a full update, so a finished canary's
 ``canaryTrafficPercent`` does not linger as it would under a merge patch).
 
     isvc = deploy("s3://models/sonossl/3b4fb01c4761", name="sonossl", namespace="sonossl", image=DEFAULT_IMAGE,

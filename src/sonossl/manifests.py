@@ -9,7 +9,7 @@ error, with the closest known names), every value must have the declared type, a
 the class itself, so the client's own checks (required fields, allowed values) run too.
 
     from sonossl.manifests import check
-    isvc = check(yaml.safe_load(open("k8s/base/inferenceservice.yaml")))   # a V1beta1InferenceService
+    runtime = check(yaml.safe_load(open("k8s/base/servingruntime.yaml")))   # a V1alpha1ServingRuntime
     check({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}, "strinData": {}})  # ManifestError
 """
 
