@@ -179,7 +179,8 @@ root, stop_after = sys.argv[1], int(sys.argv[2])
 task = RankTask(env.rank)
 res = fit(task, f"{root}/node{env.rank}", LoopParams(epochs=4, lr=0.1, channels_last=False, stop_after=stop_after),
           resume=True, progress=False, live=False, dist_env=env, run_id="toy")
-out = {"resumed_from": res.resumed_from, "history": res.history, "weights": [p.tolist() for p in task.model.parameters()]}
+weights = [p.tolist() for p in task.model.parameters()]
+out = {"resumed_from": res.resumed_from, "history": res.history, "weights": weights}
 open(f"{root}/rank{env.rank}.json", "w").write(json.dumps(out))
 """
 
