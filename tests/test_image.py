@@ -46,9 +46,9 @@ def test_torch_pins_agree_with_pyproject_and_the_makefile():
     p = pins()
     assert found == {"torch": p["torch"], "torchvision": p["torchvision"]}
     assert f"torch=={p['torch']} torchvision=={p['torchvision']}" in (REPO / "Makefile").read_text()
-    # torch first (from the variant's index), then the package with all its other pins
+    # torch first (from the variant's index), then the other pins (torch's own pin is then already satisfied)
     runs = [a for i, a in instructions() if i == "RUN"]
-    assert runs.index(torch_lines[0]) < next(n for n, a in enumerate(runs) if re.search(r"pip install \.( |$)", a))
+    assert runs.index(torch_lines[0]) < next(n for n, a in enumerate(runs) if "pip install -r" in a)
 
 
 def test_both_variants_pick_a_base_and_a_torch_index():
@@ -120,3 +120,26 @@ def test_build_context_holds_what_the_dockerfile_copies():
         assert included(src), f"COPY {src}: excluded by .dockerignore"
     for heavy in (".venv", "data", "models", ".git", ".dvc/cache", "reports"):
         assert not included(heavy), f"{heavy} would be sent to the Docker daemon"
+
+
+def test_dependencies_install_in_a_layer_that_code_changes_do_not_rebuild():
+    """Only pyproject.toml is copied before the dependencies are installed (a change to src, components, pipelines,
+    params.yaml or the README reuses that layer); the package goes in afterwards without them, and `pip check`
+    proves nothing is missing. The requirements command is run here on pyproject.toml: it lists every pin."""
+    import shlex
+    import subprocess
+    import sys
+
+    steps = instructions()
+    deps = next(i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "requirements.txt" in args)
+    package = next(i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "pip install --no-deps ." in args)
+    copied = [(i, args.split()[:-1]) for i, (ins, args) in enumerate(steps) if ins == "COPY"]
+    assert [src for i, srcs in copied if i < deps for src in srcs] == ["pyproject.toml"]
+    after = {src for i, srcs in copied if deps < i < package for src in srcs}
+    assert {"src", "components", "pipelines", "README.md"} <= after
+    assert "pip check" in steps[package][1]
+
+    words = shlex.split(steps[deps][1].split(">")[0])
+    assert words[:2] == ["python", "-c"]
+    out = subprocess.run([sys.executable, "-c", words[2]], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == pyproject()["project"]["dependencies"]
