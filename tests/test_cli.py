@@ -29,6 +29,19 @@ def test_missing_raw_dataset_is_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unexpected_error_exits_2_with_its_traceback_never_1(tmp_path, capsys, monkeypatch):
+    """1 is an answer for some commands (`drift`: drift found): a crash must not read as one."""
+    import sonossl.monitor.drift as drift
+
+    def crash(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(drift, "drift_report", crash)
+    assert main(["drift", "--model-dir", str(tmp_path), "--log", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("sonossl drift: error: KeyError: 'boom'")
+
+
 def test_bad_parameter_file_names_the_field(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: -1\n    colour: red\n")

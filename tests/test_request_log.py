@@ -147,3 +147,16 @@ def test_times_on_a_whole_second_read_beside_the_others(tmp_path):
     log.close()
     frame = read_request_log(tmp_path / "log")
     assert list(frame.request_id) == ["a", "b"] and frame.ts[1].second == 1
+
+
+def test_a_line_that_is_not_a_row_or_not_text_names_the_file_and_line(tmp_path):
+    import pytest
+
+    part = tmp_path / "log/date=2026-11-27/part-1.jsonl"
+    part.parent.mkdir(parents=True)
+    part.write_text('{"ts": "2026-11-27T10:00:00+00:00", "request_id": "a"}\n5\n')
+    with pytest.raises(ValueError, match=r"part-1\.jsonl: line 2 is JSON but not an object .*got int"):
+        read_request_log(tmp_path / "log")
+    part.write_bytes(b'{"ts": "2026-11-27T10:00:00+00:00", "request_id": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"part-1\.jsonl: not UTF-8 text .* at byte 51"):
+        read_request_log(tmp_path / "log")

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from sonossl import __version__
@@ -490,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError, ValueError) as e:
         # Expected failures (bad parameters, bad inputs) get one clear line, not a traceback.
         print(f"sonossl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # Anything else is an error too, with its traceback; never exit 1, which some commands use as an answer
+        # (`drift`: drift found, `champion`: nothing served), so that a crash cannot read as one.
+        traceback.print_exc()
+        print(f"sonossl {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -199,17 +199,25 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
         if is_s3(uri):
             from sonossl.storage import get_bytes
 
-            text = get_bytes(name).decode()
+            data = get_bytes(name)
         else:
-            text = Path(name).read_text()
+            data = Path(name).read_bytes()
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); is this a request log?") from None
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{name}: line {n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{name}: line {n} is JSON but not an object (a request log row is one), "
+                                 f"got {type(row).__name__}")
+            rows.append(row)
         if rows:
             frames.append(pd.DataFrame(rows))
     if not frames:
