@@ -86,6 +86,27 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
     assert "Running stage" not in _dvc(root, "repro", DATA)
 
 
+def test_dvc_add_of_your_own_videos_gives_a_dvc_file_git_commits_and_ignores_the_videos(tmp_path):
+    """README, "Your own videos", step 2: `dvc add data/raw/<name>`, then commit the .dvc file (a .gitignore of the
+    whole of data/ made DVC refuse: "bad DVC file name 'data/raw/mine.dvc' is git-ignored")."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    _copy_repo(root)
+    videos = root / "data/raw/mine/videos"
+    videos.mkdir(parents=True)
+    (videos / "a.mp4").write_bytes(b"not really a video, but a file to version")
+    (root / "data/raw/mine/labels.csv").write_text("path,label\nvideos/a.mp4,x\n")
+    _dvc(root, "add", "data/raw/mine")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+    git("add", "data/raw/mine.dvc", "data/raw/.gitignore")
+    status = git("status", "--porcelain", "--untracked-files=all", "data/")
+    assert "A  data/raw/mine.dvc" in status and "data/raw/mine/" not in status, status
+    assert "/mine" in (root / "data/raw/.gitignore").read_text().split()
+
+
 @pytest.mark.slow
 def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
     """simulate -> preprocess -> pretrain (the pipeline's encoder, and the 4 modes of the ablation at their own
