@@ -2,8 +2,8 @@
 on 2 cores", and the POCUS `crossval` stage's own 15 minutes.
 
 Runs ``dvc repro --force`` (every stage of the targets runs again, none is restored from a cache) in the repository
-with this environment's ``sonossl``, after deleting the stages' persisted outputs (``persist: true``: the training
-checkpoints that let an interrupted run resume; left in place, a forced training stage would resume from its last
+with this environment's ``sonossl``, after deleting what the stages resume from (the training checkpoint folders
+and the persisted curves, ``resume_state``; left in place, a forced training stage would resume from its last
 epoch and train nothing), so every stage starts from nothing, as in a fresh checkout. It notes when each stage
 starts from DVC's own "Running stage" lines, and writes a record: seconds per stage, the simulated pipeline (every
 stage but ``crossval``, the other datasets' ``preprocess@<name>`` and the ``train-*`` stages of the datasets under
@@ -61,14 +61,23 @@ def summarise(stages: dict[str, float]) -> dict[str, float | None]:
     return {"simulated_s": round(sum(simulated), 1) if simulated else None, "crossval_s": stages.get("crossval")}
 
 
-def persisted_outputs(repo: Path, targets: list[str]) -> list[Path]:
-    """The ``persist: true`` outputs of the stages that ``dvc repro targets`` runs (every stage without targets)."""
+# The folders the training steps resume from, beside their outputs (dvc.yaml: not outputs themselves):
+# train/loop.py's checkpoints/, finetune's runs/, crossval's folds/.
+RESUME_DIRS = ("checkpoints", "runs", "folds")
+
+
+def resume_state(repo: Path, targets: list[str]) -> list[Path]:
+    """What would let the stages that ``dvc repro targets`` runs (every stage without targets) resume rather than
+    start over: their ``persist: true`` outputs (the training curves) and the resume folders beside their outputs
+    that exist."""
     from dvc.repo import Repo
 
     with contextlib.chdir(repo), Repo(".") as dvc:  # targets name stages relative to the working directory
         stages = ({s for t in targets for s in dvc.stage.collect(t, with_deps=True)} if targets
                   else set(dvc.index.stages))
-        return sorted({Path(out.fs_path) for stage in stages for out in stage.outs if out.persist})
+        outs = [(Path(out.fs_path), out.persist) for stage in stages for out in stage.outs]
+    folders = {path.parent / name for path, _ in outs for name in RESUME_DIRS}
+    return sorted({path for path, persist in outs if persist} | {f for f in folders if f.is_dir()})
 
 
 def clear(paths: list[Path]) -> None:
@@ -118,9 +127,10 @@ def main() -> int:
         ap.error(f"--repo {args.repo}: no dvc.yaml there")
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=args.repo, capture_output=True,
                             text=True).stdout.strip() or None
-    persisted = persisted_outputs(args.repo, args.targets)
-    print(f"deleting {len(persisted)} persisted outputs (checkpoints), so that no stage resumes", file=sys.stderr)
-    clear(persisted)
+    resumable = resume_state(args.repo, args.targets)
+    print(f"deleting {len(resumable)} checkpoint folders and persisted curves, so that no stage resumes",
+          file=sys.stderr)
+    clear(resumable)
     stages, total = repro(args.repo, args.targets)
     result: dict = {"benchmark": "pipeline_time", "machine": describe(), "commit": commit,
                     "targets": args.targets or "all", "stages_s": stages, "total_s": total, **summarise(stages),

@@ -285,14 +285,17 @@ def test_pipeline_time_reruns_every_target_stage_and_records_its_time(tmp_path, 
     assert record["simulated_s"] == pytest.approx(sum(record["stages_s"].values()), abs=0.11)
     assert 0 < record["simulated_s"] <= record["total_s"] and record["crossval_s"] is None
     assert "yardstick" not in record and record["machine"]
-    # training stages would resume from their persisted checkpoints: the benchmark deletes exactly those of its targets
+    # training stages would resume from their checkpoints: the benchmark deletes exactly those of its targets
     import pipeline_time
 
-    assert pipeline_time.persisted_outputs(root, [DATA]) == []
-    order = pipeline_time.persisted_outputs(root, ["pretrain@order"])
-    assert root / "models/pretrain/order/checkpoints" in order
+    assert pipeline_time.resume_state(root, [DATA]) == []
+    for folder in ("pretrain/order/checkpoints", "pretrain/both-sequential/checkpoints", "finetune/ssl-planes/runs"):
+        (root / "models" / folder).mkdir(parents=True)
+    order = pipeline_time.resume_state(root, ["pretrain@order"])
+    assert root / "models/pretrain/order/checkpoints" in order and root / "models/pretrain/order/live/plots/metrics" in order
     assert not any("both-sequential" in str(p) for p in order)
-    assert set(order) < set(pipeline_time.persisted_outputs(root, []))
+    every = pipeline_time.resume_state(root, [])
+    assert set(order) < set(every) and root / "models/finetune/ssl-planes/runs" in every
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks/pipeline_time.py"), "--repo", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no dvc.yaml there" in bad.stderr

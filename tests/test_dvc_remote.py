@@ -114,6 +114,32 @@ def test_dvc_push_delete_everything_then_pull_is_byte_identical(tiny_repo, tmp_p
     assert md5 not in _cache_entries(root).values()  # the damaged download was not kept (and what is, verifies)
 
 
+@pytest.mark.slow
+def test_a_clone_pulls_every_output_and_has_nothing_to_rerun(tiny_repo, tmp_path, s3_server):
+    """What git holds, then `dvc pull`: every output comes back (metrics and curves too: with `cache: false` they
+    existed nowhere, so a clone saw each training stage as changed and `dvc repro` retrained it from scratch)."""
+    root = _copy(tiny_repo, tmp_path / "repo")
+    _dvc(root, "remote", "add", "-d", "storage", f"s3://{s3_server.bucket}/dvc")
+    _dvc(root, "remote", "modify", "storage", "endpointurl", s3_server.endpoint_url)
+    _dvc(root, "push", "--with-deps", "pretrain@order")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    clone = tmp_path / "clone"
+    for name in filter(None, files):
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, clone / name)
+    assert not (clone / "models").exists() and not (clone / "data/clips/sim").exists()  # only what git holds
+    subprocess.run(["git", "init", "-q"], cwd=clone, check=True)
+    _dvc(clone, "pull", "--with-deps", "pretrain@order")
+    assert "up to date" in _dvc(clone, "status", "pretrain@order")
+    out = _dvc(clone, "repro", "pretrain@order")
+    assert "Running stage" not in out, out
+    assert "order_acc" in _dvc(clone, "metrics", "show")
+    outs = ["models/pretrain/order/metrics.json", "models/pretrain/order/live/plots/metrics", *OUTS]
+    assert _files(clone, outs) == _files(root, outs)
+    assert not (clone / "models/pretrain/order/checkpoints").exists()  # resume state stays where it was made
+
+
 def _start(root: Path, *args: str) -> subprocess.Popen:
     # A session of its own, so that kill -9 hits dvc and the stage's command together, as a dying machine would.
     return subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(), stdout=subprocess.PIPE,
@@ -154,7 +180,8 @@ def test_kill_9_during_dvc_repro_of_preprocess_then_rerun(tiny_repo, tmp_path):
     out = _dvc(root, "repro", "preprocess@sim")
     assert "Running stage 'preprocess@sim'" in out and "Running stage 'simulate'" not in out, out
     assert "had been killed. Auto removed it from the lock file" in out  # the killed run's stale lock
-    assert sorted(p.name for p in (root / "data/clips").iterdir()) == ["sim"]  # the killed run's staging is gone
+    # the killed run's staging is gone (beside the output: DVC's .gitignore listing it)
+    assert sorted(p.name for p in (root / "data/clips").iterdir()) == [".gitignore", "sim"]
     assert _files(root, ["data/clips/sim"]) == _files(reference, ["data/clips/sim"])
     assert _lock_outs(root, "preprocess@sim") == _lock_outs(reference, "preprocess@sim")
     assert "up to date" in _dvc(root, "status", "preprocess@sim")
