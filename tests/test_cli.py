@@ -42,6 +42,15 @@ def test_an_unexpected_error_exits_2_with_its_traceback_never_1(tmp_path, capsys
     assert "Traceback" in err and err.rstrip().endswith("sonossl drift: error: KeyError: 'boom'")
 
 
+def test_the_help_says_which_profile_and_when_parameters_are_read(capsys):
+    for argv, said in ((["pipeline", "run-local"], "(default: tiny; the file's `profile:` is not read)"),
+                       (["evaluate"], "read only with --train-dataset"),
+                       (["pretrain"], "(default: the file's `profile:`)")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        assert said in " ".join(capsys.readouterr().out.split()), argv
+
+
 def test_bad_parameter_file_names_the_field(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: -1\n    colour: red\n")

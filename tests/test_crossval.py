@@ -70,6 +70,27 @@ def test_crossval_refuses_videos_without_one_label_naming_the_dataset(tiny_clips
     assert str(tmp_path / "clips") in str(err.value) and not (tmp_path / "cv").exists()
 
 
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_as_many_patients_as_folds_is_refused_before_training_naming_the_fold(pocus_subset, tiny_params, tmp_path):
+    """3 patients, 3 folds: the outer split works, but each fold's 2 training patients cannot be split 3 ways for
+    model selection. Refused before any training, for what it is (it said the dataset had 2 patients)."""
+    from sonossl.data.clips import preprocess
+    from sonossl.train.crossval import crossval
+
+    raw = tmp_path / "raw"
+    shutil.copytree(pocus_subset, raw)
+    labels = pd.read_csv(raw / "labels.csv")
+    labels["patient_id"] = [f"p{i % 3}" for i in range(len(labels))]
+    labels.to_csv(raw / "labels.csv", index=False)
+    preprocess(raw, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, folds=3))
+    with pytest.raises(ValueError, match=r"clips: fold 1's training videos, split again for model selection "
+                                         r"\(crossval.folds=3: the dataset needs more patients than folds\) has "
+                                         r"only 2 patients"):
+        crossval(tmp_path / "clips", tmp_path / "cv", params, progress=False)
+    assert not (tmp_path / "cv").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
 def test_refit_scores_the_chosen_models_fitted_again_on_train_and_validation_videos(pocus_subset, tiny_params,

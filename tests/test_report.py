@@ -43,3 +43,87 @@ def test_the_pretext_table_marks_the_heads_near_chance():
     assert table[3] == "| order | 8 | 0.070 (0.083) * | – | – | – |"
     assert table[-1].startswith("\\* not clearly above chance")
     assert "*" not in "".join(pretext_table({"order": metrics(order=0.3)}))
+
+
+def _finetune_output(root, name: str, task: str, init: str, runs: list[tuple[str, float, float]]):
+    """A finetune output folder ``root/name`` holding a metrics.json with ``runs`` of (method, fraction, macro-F1)."""
+    import json
+
+    classes = ["a", "b"]
+    test = lambda f1: {"macro_f1": f1, "accuracy": f1, "classes": classes, "confusion": [[1, 0], [0, 1]],  # noqa: E731
+                       "per_class": {c: {"f1": f1, "support": 1} for c in classes}}
+    m = {"name": name, "task": task, "init": init, "encoder": None if init == "scratch" else "models/pretrain/x",
+         "data_version": "v1", "runs": [{"method": me, "fraction": fr, "test": test(f1)} for me, fr, f1 in runs]}
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.json").write_text(json.dumps(m))
+
+
+def test_rows_come_from_what_each_run_was_trained_from_and_unknown_names_get_their_own_row(tmp_path):
+    """A run in a folder whose name contradicts its metrics (scratch under `ssl-planes`) is refused, not shown as
+    SSL; a name outside the known ones gets a row of its own instead of vanishing."""
+    from sonossl.evaluate.report import evaluate
+
+    ft = tmp_path / "ft"
+    _finetune_output(ft, "ssl-planes", "planes", "pretrained", [("finetune", 0.05, 0.5)])
+    _finetune_output(ft, "scratch-planes", "planes", "scratch", [("finetune", 0.05, 0.3)])
+    _finetune_output(ft, "mine-planes", "planes", "pretrained", [("finetune", 0.05, 0.4)])
+    evaluate(tmp_path / "pt", ft, tmp_path / "out")
+    md = (tmp_path / "out/results.md").read_text()
+    assert "| SSL (both-sequential) | – | 0.500 |" in md and "| mine | – | 0.400 |" in md
+
+    bad = tmp_path / "bad"
+    _finetune_output(bad, "ssl-planes", "planes", "scratch", [("finetune", 0.05, 0.3)])
+    with pytest.raises(ValueError, match=r"ssl-planes/metrics\.json: the folder name says 'ssl' but the run was "
+                                         r"trained from scratch"):
+        evaluate(tmp_path / "pt", bad, tmp_path / "out-bad")
+    odd = tmp_path / "odd"
+    _finetune_output(odd, "baseline_planes", "planes", "scratch", [("finetune", 0.05, 0.3)])
+    with pytest.raises(ValueError, match=r"baseline_planes/metrics\.json: the folder name says task "
+                                         r"'baseline_planes' but the run is of task 'planes'"):
+        evaluate(tmp_path / "pt", odd, tmp_path / "out-odd")
+
+
+def test_the_per_class_table_and_confusion_plots_use_the_smallest_fraction_ssl_and_scratch_share(tmp_path):
+    """An ablation encoder at a fraction below every SSL/scratch one left the per-class table and plots empty."""
+    import json
+
+    from sonossl.evaluate.report import evaluate
+
+    ft = tmp_path / "ft"
+    _finetune_output(ft, "ssl-planes", "planes", "pretrained", [("finetune", 0.2, 0.5), ("finetune", 1.0, 0.7)])
+    _finetune_output(ft, "scratch-planes", "planes", "scratch", [("finetune", 0.2, 0.3), ("finetune", 1.0, 0.6)])
+    _finetune_output(ft, "order-planes", "planes", "pretrained", [("finetune", 0.05, 0.2)])
+    evaluate(tmp_path / "pt", ft, tmp_path / "out")
+    md = (tmp_path / "out/results.md").read_text()
+    assert "### Per-class test F1 at 20% of the training videos" in md
+    assert "| SSL (both-sequential) | finetune | 0.500 | 0.500 |" in md
+    assert json.loads((tmp_path / "out/plots/confusion_ssl.json").read_text())
+
+
+@pytest.mark.parametrize("content, error", [
+    ('{"comment": "notes"}', r"notes-planes/metrics\.json: no `task` \(str\) in it"),
+    ("[1, 2]", r"notes-planes/metrics\.json: a JSON object expected, got list"),
+    (b"\xff\xfe", r"notes-planes/metrics\.json: not valid JSON"),
+])
+def test_a_metrics_file_of_another_shape_names_the_file(tmp_path, content, error):
+    from sonossl.evaluate.report import evaluate
+
+    _finetune_output(tmp_path / "ft", "ssl-planes", "planes", "pretrained", [("finetune", 0.05, 0.5)])
+    (tmp_path / "ft/notes-planes").mkdir()
+    path = tmp_path / "ft/notes-planes/metrics.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=error):
+        evaluate(tmp_path / "pt", tmp_path / "ft", tmp_path / "out")
+
+
+def test_a_crossval_file_that_is_not_there_is_an_error_and_readme_markers_out_of_order_are_named(tmp_path):
+    from sonossl.evaluate.report import BEGIN, END, evaluate, insert_into_readme
+
+    _finetune_output(tmp_path / "ft", "ssl-planes", "planes", "pretrained", [("finetune", 0.05, 0.5)])
+    with pytest.raises(FileNotFoundError, match=r"crossval results .*nope\.json: no such file"):
+        evaluate(tmp_path / "pt", tmp_path / "ft", tmp_path / "out", crossval=tmp_path / "nope.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{END}\n{BEGIN}\n")
+    (tmp_path / "results.md").write_text("table\n")
+    with pytest.raises(ValueError, match=r"README\.md: the results block's end marker .* comes before its begin"):
+        insert_into_readme(tmp_path / "results.md", readme)

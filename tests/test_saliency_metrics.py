@@ -123,6 +123,12 @@ def test_nss_by_hand(fixated, expected):
 
 def test_nss_of_a_constant_prediction_is_zero():
     assert nss(UNIFORM, np.eye(2, dtype=bool)) == 0.0
+    # constants whose mean rounds one ulp off: the std came out ~1e-19 instead of 0, and NSS about -1 or +1 (a
+    # uniform softmax at the gpu profile's saliency_size 48 is 1/2304 everywhere)
+    fix = np.zeros((48, 48), dtype=bool)
+    fix[20:24, 20:24] = True
+    for value in (1 / 2304, 0.1, 0.3):
+        assert nss(np.full((48, 48), value), fix) == 0.0
 
 
 # --- AUC-Judd -------------------------------------------------------------------------------------------------------
@@ -187,6 +193,17 @@ def test_fixations_from_density(gt, top_fraction, expected):
     fix = fixations_from_density(gt, top_fraction)
     assert fix.dtype == bool
     assert fix.tolist() == expected
+
+
+def test_a_sparse_density_fixates_only_where_it_is_positive_and_its_batch_scores():
+    """Fewer positive pixels than k (fixation points): the k-th largest value is 0, and `>= 0` fixated every
+    pixel, so AUC-Judd (no other pixels) failed the whole batch."""
+    gt = np.zeros((32, 32))
+    gt[3, 4], gt[10, 20], gt[25, 7] = 1.0, 2.0, 1.0  # 3 pixels, k = round(0.02 * 1024) = 20
+    fix = fixations_from_density(gt)
+    assert fix.sum() == 3 and fix[3, 4] and fix[10, 20] and fix[25, 7]
+    scores = saliency_scores(gt[None] + 1e-3, gt[None])
+    assert scores["auc_judd"] == 1.0 and scores["n"] == 1
 
 
 def test_default_fixations_are_the_top_two_percent():

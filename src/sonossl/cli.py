@@ -27,9 +27,13 @@ def _utc_time(text: str):
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def _add_params_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)")
-    p.add_argument("--profile", default=None, help="profile to use instead of the file's `profile:` (tiny|default|gpu)")
+def _add_params_args(p: argparse.ArgumentParser, note: str = "", profile: str | None = None) -> None:
+    """--params and --profile; ``note`` says when they are read, ``profile`` is a default other than the file's."""
+    default = (f"default: {profile}; the file's `profile:` is not read" if profile
+               else "default: the file's `profile:`")
+    p.add_argument("--params", default="params.yaml", type=Path,
+                   help=f"parameter file (default: params.yaml){note}")
+    p.add_argument("--profile", default=profile, help=f"profile: tiny|default|gpu ({default}){note}")
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -342,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="results report (markdown tables, metrics, confusion plots) of all runs")
     p.add_argument("--pretrain", required=True, type=Path, help="folder of pretrain outputs (one per mode)")
     p.add_argument("--finetune", required=True, type=Path, help="folder of finetune outputs")
-    p.add_argument("--crossval", type=Path, default=None, help="POCUS cross-validation results.json, if run")
+    p.add_argument("--crossval", type=Path, default=None,
+                   help="a cross-validation results.json (`sonossl crossval`) to add to the report")
     p.add_argument("--out", required=True, type=Path, help="report folder: results.md, metrics.json, plots/")
-    _add_params_args(p)
+    _add_params_args(p, note="; read only with --train-dataset")
     _add_train_dataset_arg(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -439,8 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the training pipeline (or the crossval pipeline) on this machine with "
                                        "kfp.local. The tasks' logs go to stderr; the run's summary (JSON) alone to "
                                        "stdout.")
-    _add_params_args(a)
-    a.set_defaults(profile="tiny")
+    _add_params_args(a, profile="tiny")
     a.add_argument("--pipeline", default="training", choices=["training", "crossval"])
     a.add_argument("--out", type=Path, default=Path("dist/run-local"),
                    help="folder for the pipeline root, raw data and temp files (default: dist/run-local)")

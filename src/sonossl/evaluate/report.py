@@ -34,20 +34,54 @@ NEAR_CHANCE = "not clearly above chance"
 log = logging.getLogger(__name__)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path, required: dict[str, type] | None = None) -> dict[str, Any]:
+    """A JSON object from ``path`` with the ``required`` keys of the given types; an error names the file."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        m = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); rerun the stage that writes it") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: a JSON object expected, got {type(m).__name__}; rerun the stage that writes it")
+    for key, kind in (required or {}).items():
+        if not isinstance(m.get(key), kind):
+            raise ValueError(f"{path}: no `{key}` ({kind.__name__}) in it: not the output of the step this report "
+                             "reads; rerun that step, or move the file out of the folder")
+    return m
 
 
-def _runs(finetune: dict[str, dict]) -> dict[tuple[str, str, str, float], dict]:
+FINETUNE_KEYS = {"task": str, "runs": list}
+PRETRAIN_KEYS = {"val": dict, "chance": dict}
+CROSSVAL_KEYS = {"results": list, "classes": list}
+
+
+def _runs(finetune: dict[str, dict], folder: Path | None = None) -> dict[tuple[str, str, str, float], dict]:
+    """Every run of the finetune outputs by (initialisation, task, method, fraction). An output's folder is named
+    ``<init>-<task>`` (dvc.yaml: ``ssl-planes``, ``scratch-saliency``, ``order-planes``...): the initialisation is
+    read from the name and must agree with what the output says it was trained from (``init``: scratch or
+    pretrained) and its task, so that a run in a misnamed folder is not reported under another row."""
     out = {}
     for name, m in finetune.items():
-        init = name.rsplit("-", 1)[0]
-        for r in m["runs"]:
+        init, _, task = name.rpartition("-")
+        where = f"{folder / name / 'metrics.json'}" if folder else name
+        if task != m["task"] or not init:
+            raise ValueError(f"{where}: the folder name says task {task!r} but the run is of task {m['task']!r}; "
+                             "finetune outputs are named <init>-<task>")
+        if "init" in m and (init == "scratch") != (m["init"] == "scratch"):
+            raise ValueError(f"{where}: the folder name says {init!r} but the run was trained from "
+                             f"{m['init']} ({m.get('encoder') or 'random init'}); finetune outputs are named "
+                             "<init>-<task>, with init 'scratch' for random initialisation")
+        for i, r in enumerate(m["runs"]):
+            if not (isinstance(r, dict) and isinstance(r.get("method"), str)
+                    and isinstance(r.get("fraction"), (int, float))):
+                raise ValueError(f"{where}: runs[{i}] has no `method` and `fraction`; rerun the step that wrote it")
             out[(init, m["task"], r["method"], r["fraction"])] = r
     return out
+
+
+def _inits(runs: dict) -> list[str]:
+    """The initialisations of ``runs`` in the tables' order: those of ``INITS`` first, then any other by name."""
+    seen = {k[0] for k in runs}
+    return [i for i in INITS if i in seen] + sorted(seen - set(INITS))
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -61,7 +95,8 @@ def _pct(f: float) -> str:
 def planes_table(runs: dict, fractions: list[float]) -> list[str]:
     head = ["encoder"] + [f"{m} {_pct(f)}" for m in ("probe", "finetune") for f in fractions]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for init, label in INITS.items():
+    for init in _inits(runs):
+        label = INITS.get(init, init)
         cells = []
         for m in ("probe", "finetune"):
             for f in fractions:
@@ -209,8 +244,8 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
              crossval: str | Path | None = None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """The report of every run in ``finetune_dir`` (only those of ``tasks``, when given: each must have one)."""
     pretrain_dir, finetune_dir, out_dir = Path(pretrain_dir), Path(finetune_dir), Path(out_dir)
-    pretrain = {p.parent.name: _read(p) for p in sorted(pretrain_dir.glob("*/metrics.json"))}
-    finetune = {p.parent.name: _read(p) for p in sorted(finetune_dir.glob("*/metrics.json"))}
+    pretrain = {p.parent.name: _read(p, PRETRAIN_KEYS) for p in sorted(pretrain_dir.glob("*/metrics.json"))}
+    finetune = {p.parent.name: _read(p, FINETUNE_KEYS) for p in sorted(finetune_dir.glob("*/metrics.json"))}
     if not finetune:
         raise FileNotFoundError(f"{finetune_dir}: no */metrics.json; run the finetune stages first")
     if tasks is not None:
@@ -218,9 +253,12 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
         missing = sorted(set(tasks) - {m["task"] for m in finetune.values()})
         if missing:
             raise FileNotFoundError(f"{finetune_dir}: no finetune output for the {', '.join(missing)} task(s)")
-    runs = _runs(finetune)
+    runs = _runs(finetune, finetune_dir)
     fractions = sorted({k[3] for k in runs if k[1] == "planes"})
-    smallest = fractions[0] if fractions else None
+    # the per-class table and the confusion plots compare SSL with scratch: at the smallest fraction both have (an
+    # ablation encoder's smaller fraction would leave them empty)
+    compared = sorted({k[3] for k in runs if k[1] == "planes" and k[0] in ("ssl", "scratch")})
+    smallest = compared[0] if compared else None
     data_versions = sorted({m["data_version"] for m in finetune.values()})
 
     md = [f"### {classification_title(runs)}: test macro-F1", "", *planes_table(runs, fractions), ""]
@@ -238,7 +276,9 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
                             "have learned that task; check its training curves, or pretrain again with another seed "
                             "or a lower rate", mode, h, m["val"][f"{h}_acc"], NEAR_CHANCE, m["chance"][f"{h}_acc"],
                             m["val_clips"])
-    cv = _read(Path(crossval)) if crossval and Path(crossval).is_file() else None
+    if crossval is not None and not Path(crossval).is_file():
+        raise FileNotFoundError(f"crossval results {crossval}: no such file (the output of `sonossl crossval`)")
+    cv = _read(Path(crossval), CROSSVAL_KEYS) if crossval is not None else None
     if cv:
         md += [crossval_markdown(cv)]
     md.append(f"Clip dataset version(s): {', '.join(data_versions)}.")
@@ -279,5 +319,7 @@ def insert_into_readme(results_md: str | Path, readme: str | Path, extra: list[s
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme}: no results block; add the lines {BEGIN!r} and {END!r} where the table goes")
     head, rest = text.split(BEGIN, 1)
+    if END not in rest:
+        raise ValueError(f"{readme}: the results block's end marker {END!r} comes before its begin marker {BEGIN!r}")
     _, tail = rest.split(END, 1)
     return atomic_write_text(readme, f"{head}{BEGIN}\n{body}\n{END}{tail}")

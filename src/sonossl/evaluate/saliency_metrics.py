@@ -74,10 +74,11 @@ def nss(pred: Any, fixations: Any) -> float:
     """
     p = _check_map(pred, "pred")
     f = _check_fixations(fixations, p.shape)
-    sd = p.std(ddof=1) if p.size > 1 else 0.0
-    if sd == 0:
+    # constant: tested on the values, not on the std, which rounding leaves at ~1e-19 for many constants (the mean
+    # one ulp off), so that (p - mean) / sd was about +-1 (a uniform 48x48 softmax, 1/2304 everywhere: -0.9998)
+    if p.size <= 1 or np.all(p == p.flat[0]):
         return 0.0
-    return float(np.mean((p[f] - p.mean()) / sd))
+    return float(np.mean((p[f] - p.mean()) / p.std(ddof=1)))
 
 
 def auc_judd(pred: Any, fixations: Any) -> float:
@@ -118,7 +119,9 @@ def fixations_from_density(gt: Any, top_fraction: float = TOP_FRACTION) -> np.nd
     The benchmark scores NSS and AUC against recorded fixation points; the simulator only gives the density those
     fixations were blurred into, so its peaks stand in for them. With k = max(1, round(top_fraction * H * W)), the
     map holds every pixel whose value is at least the k-th largest, so ties at that threshold are all included (and
-    the map can hold more than k pixels). Returns a boolean (H, W) array.
+    the map can hold more than k pixels), and only pixels of positive density: when fewer than k pixels have any
+    (a sparse map, fixation points), they are the fixations (a threshold of 0 made every pixel one). Returns a
+    boolean (H, W) array.
     """
     g = _check_map(gt, "gt")
     if isinstance(top_fraction, bool) or not isinstance(top_fraction, Real) or not 0 < top_fraction <= 1:
@@ -128,7 +131,7 @@ def fixations_from_density(gt: Any, top_fraction: float = TOP_FRACTION) -> np.nd
         raise ValueError("gt is all zero: there is no gaze density to take fixations from")
     k = max(1, round(top_fraction * g.size))
     threshold = np.partition(g.ravel(), g.size - k)[g.size - k]
-    return g >= threshold
+    return (g >= threshold) & (g > 0)
 
 
 def saliency_scores(pred_batch: Any, gt_batch: Any, top_fraction: float = TOP_FRACTION) -> dict[str, float]:

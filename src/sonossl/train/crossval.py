@@ -53,13 +53,15 @@ log = logging.getLogger(__name__)
 FLIP_VIEW = "frames+mirrored"  # flip_test: each frame's probabilities averaged with its left-right mirror's
 
 
-def video_folds(video_label: np.ndarray, video_group: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number of every video, grouped by patient and stratified by class."""
+def video_folds(video_label: np.ndarray, video_group: np.ndarray, folds: int, seed: int,
+                what: str = "the dataset") -> np.ndarray:
+    """Fold number of every video, grouped by patient and stratified by class; ``what`` names the videos in an
+    error."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_groups = len(np.unique(video_group))
     if n_groups < folds:
-        raise ValueError(f"crossval.folds={folds} but the dataset has only {n_groups} patients")
+        raise ValueError(f"{folds} folds grouped by patient, but {what} has only {n_groups} patients")
     fold = np.zeros(len(video_label), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for f, (_, test) in enumerate(splitter.split(np.zeros(len(video_label)), video_label, video_group)):
@@ -107,7 +109,14 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     vid_ids = videos.index.to_numpy()
     vlabel = np.array([d.classes.index(str(x)) for x in videos.label])
     label_of = dict(zip(vid_ids.tolist(), vlabel.tolist()))
-    fold_of = video_folds(vlabel, videos.patient.to_numpy(), cv.folds, cv.seed)
+    patients = videos.patient.to_numpy()
+    fold_of = video_folds(vlabel, patients, cv.folds, cv.seed, what=f"{clips_dir} (crossval.folds={cv.folds})")
+    # each fold's training videos split again for model selection, checked for every fold before any training
+    inner_k = min(4, cv.folds)
+    inners = [video_folds(vlabel[fold_of != f], patients[fold_of != f], inner_k, cv.seed + f + 1,
+                          what=f"{clips_dir}: fold {f + 1}'s training videos, split again for model selection "
+                               f"(crossval.folds={cv.folds}: the dataset needs more patients than folds)")
+              for f in range(cv.folds)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pre = dataclasses.replace(params.pretrain, epochs=cv.pretrain_epochs, clips_per_epoch=cv.pretrain_clips_per_epoch)
     ft = dataclasses.replace(params.finetune, epochs=cv.finetune_epochs)
@@ -119,7 +128,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     for f in range(cv.folds):
         test_v = vid_ids[fold_of == f]
         rest = np.flatnonzero(fold_of != f)
-        inner = video_folds(vlabel[rest], videos.patient.to_numpy()[rest], min(4, cv.folds), cv.seed + f + 1)
+        inner = inners[f]
         val_v, train_v = vid_ids[rest][inner == 0], vid_ids[rest][inner != 0]
         in_train, in_val = np.isin(d.video_idx, train_v), np.isin(d.video_idx, val_v)
         log.info("fold %d/%d: %d train, %d validation, %d test videos", f + 1, cv.folds, len(train_v), len(val_v),
