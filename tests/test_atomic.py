@@ -21,13 +21,13 @@ class Flushes:
 
 @pytest.fixture
 def flushes(monkeypatch) -> Flushes:
-    seen, flush = Flushes(), atomic._fsync_file
+    seen, flush = Flushes(), atomic.fsync_file
 
     def record(path: Path) -> None:
         seen.calls.append((Path(path).name, seen.final.exists()))
         flush(path)
 
-    monkeypatch.setattr(atomic, "_fsync_file", record)
+    monkeypatch.setattr(atomic, "fsync_file", record)
     return seen
 
 

@@ -328,3 +328,64 @@ def test_credentials_from_a_profile_are_used(s3_server, tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_PROFILE")
     with pytest.raises(StorageError, match="Invalid endpoint: 127.0.0.1:9000"):
         s3mod.client("127.0.0.1:9000")
+
+
+@pytest.mark.parametrize("change", ["replaced", "appended"])
+def test_a_file_changed_while_it_is_pushed_goes_up_as_hashed(s3_server, tmp_path, monkeypatch, change):
+    """A checkpoint replaced (atomic rename) or a log appended to between the hash and the upload: the object holds
+    the bytes that were hashed. Hashing by name and uploading by name again stored the new bytes under the old
+    sha256, which every later pull refused as corrupted."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = folder / "last.pt"
+    path.write_bytes(b"epoch 1" * 1000)
+    real_head = s3mod._head
+
+    def head_then_change(*args, **kwargs):  # runs after the hash, before the upload
+        if change == "replaced":
+            (folder / ".last.pt.tmp").write_bytes(b"epoch 2" * 1200)
+            os.replace(folder / ".last.pt.tmp", path)
+        else:
+            with open(path, "ab") as f:
+                f.write(b"more")
+        return real_head(*args, **kwargs)
+
+    monkeypatch.setattr(s3mod, "_head", head_then_change)
+    uri = f"s3://{s3_server.bucket}/store/last.pt"
+    upload(path, uri)
+    monkeypatch.setattr(s3mod, "_head", real_head)
+    assert download(uri, tmp_path / "back.pt").read_bytes() == b"epoch 1" * 1000  # sha256-verified
+
+
+def test_temporary_files_of_a_killed_write_are_not_pushed(s3_server, tmp_path, caplog):
+    src = tmp_path / "clips"
+    (src / "sub").mkdir(parents=True)
+    for name in ("frames.npy", "sub/meta.json", ".dvcignore", "sub/.hidden.txt"):
+        (src / name).write_bytes(b"data")
+    for name in (".frames.npy.tmp-123.npy", ".meta.json.abc123.tmp", "sub/.x.bin.k2j3.part",
+                 ".sim.staging-abc/frames.npy"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger="sonossl.storage.s3"):
+        keys = upload(src, f"s3://{s3_server.bucket}/c")
+    assert keys == ["c/.dvcignore", "c/frames.npy", "c/sub/.hidden.txt", "c/sub/meta.json"]  # dot files are data
+    assert any("4 temporary file(s) of an interrupted write left out" in r.getMessage() for r in caplog.records)
+
+
+def test_a_destination_ending_in_a_slash_is_a_folder_to_download_into(s3_server, tmp_path, monkeypatch):
+    """`pull s3://…/clips/sim data/clips/` writes data/clips/sim and leaves the other datasets there (without the
+    slash, the prefix replaced data/clips as a whole); an object into `dir/` lands in dir, not in a file `dir`."""
+    (tmp_path / "up/sim").mkdir(parents=True)
+    (tmp_path / "up/sim/frames.npy").write_bytes(b"sim frames")
+    upload(tmp_path / "up/sim", f"s3://{s3_server.bucket}/clips/sim")
+    (tmp_path / "data/clips/pocus").mkdir(parents=True)
+    (tmp_path / "data/clips/pocus/frames.npy").write_bytes(b"pocus frames")
+    assert download(f"s3://{s3_server.bucket}/clips/sim", f"{tmp_path}/data/clips/") == tmp_path / "data/clips/sim"
+    assert _read_tree(tmp_path / "data/clips") == {"pocus/frames.npy": b"pocus frames", "sim/frames.npy": b"sim frames"}
+    out = download(f"s3://{s3_server.bucket}/clips/sim/frames.npy", f"{tmp_path}/new/")
+    assert out == tmp_path / "new/frames.npy" and out.read_bytes() == b"sim frames"
+
+    synced = []
+    monkeypatch.setattr(s3mod, "fsync_file", lambda p: synced.append(Path(p).name))
+    download(f"s3://{s3_server.bucket}/clips/sim/frames.npy", tmp_path / "again.npy")
+    assert len(synced) == 1 and synced[0].startswith(".again.npy.") and synced[0].endswith(".part")

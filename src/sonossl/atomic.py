@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,7 +34,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+# The temporary names of the writes below (and of storage's downloads): `.<name>.<random>.tmp`,
+# `.<name>.tmp-<pid><suffix>`, `.<name>.staging-<random>`, `.<name>.<random>.part`.
+_TEMPORARY = re.compile(r"\..+\.(?:[^./]*\.tmp|tmp-\d+.*|staging-[^/]*|[^./]*\.part)")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is one of the temporary names of an atomic write or a download (left behind
+    by a killed process): not data, never to be copied elsewhere."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def fsync_file(path: str | os.PathLike) -> None:
     """Flush a file's contents to the disk before it is renamed into place: a rename is durable only with its
     data, or a power loss can leave the new name on a truncated file."""
     fd = os.open(path, os.O_RDONLY)
@@ -78,7 +90,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -104,7 +116,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         for root, _, files in os.walk(staging):
             for name in files:
                 if not os.path.islink(os.path.join(root, name)):
-                    _fsync_file(Path(root, name))
+                    fsync_file(Path(root, name))
             _fsync_dir(Path(root))
         if path.exists() or path.is_symlink():
             trash = path.with_name(f".{path.name}.old-{os.getpid()}")

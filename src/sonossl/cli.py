@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_artifacts)
     a = actions.add_parser("pull", help="download an object, or a prefix into a folder (replaced when complete)")
     a.add_argument("uri", help="s3://bucket/key or s3://bucket/prefix")
-    a.add_argument("local", type=Path, help="file or folder to write")
+    a.add_argument("local", help="file or folder to write; ending in / a folder to write into, under the URI's "
+                                 "last name (the rest of the folder is left alone)")
     a.add_argument("--endpoint-url", default=None, help=endpoint_help)
     a.add_argument("--missing-ok", action="store_true",
                    help="nothing at URI is not an error (a checkpoint store before its first copy)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import posixpath
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sonossl.atomic import atomic_dir
+from sonossl.atomic import atomic_dir, fsync_file, is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -242,29 +243,71 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
 
 
-def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: Any) -> bool:
-    """Upload one file with its sha256 in the metadata; False when an identical object is already there."""
-    digest = file_sha256(path)
-    uri = _uri(bucket, key)
+class _Snapshot(io.RawIOBase):
+    """The first ``size`` bytes of an open file, seekable: the bytes that were hashed, sent even when the file
+    grows meanwhile (a log appended to); a file replaced by a rename stays the old one through the open handle."""
 
-    def op() -> bool:
-        try:
-            head = _head(s3, bucket, key)
-        except Exception as e:
-            if not _forbidden(e):
-                raise
-            head = None  # allowed to write but not to read: just upload (a refused upload still fails clearly)
-        if head is not None and head.get("Metadata", {}).get(SHA256_KEY) == digest \
-                and head.get("ContentLength") == path.stat().st_size:
-            bar.update(path.stat().st_size)
-            return False
-        if path.stat().st_size >= config.multipart_threshold:
-            _abort_unfinished(s3, bucket, key)
-        s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {SHA256_KEY: digest}}, Config=config,
-                       Callback=bar.update)
+    def __init__(self, fh: Any, size: int):
+        self.fh, self.size, self.pos = fh, size, 0
+        fh.seek(0)
+
+    def readable(self) -> bool:
         return True
 
-    return _retrying(op, s3, uri, "upload to")
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, min(self.size, base + offset))
+        self.fh.seek(self.pos)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self.fh.read(n)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: Any) -> bool:
+    """Upload one file with its sha256 in the metadata; False when an identical object is already there.
+
+    The file is opened once: hashed, then sent from the same handle, at most the bytes hashed. Hashing by name and
+    sending by name again let a file replaced in between (a checkpoint, every epoch, under a running mirror) go up
+    under the sha256 of its predecessor: a store that no restore could read."""
+    uri = _uri(bucket, key)
+    with open(path, "rb") as fh:
+        h, size = hashlib.sha256(), 0
+        while chunk := fh.read(_READ_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+        digest = h.hexdigest()
+
+        def op() -> bool:
+            try:
+                head = _head(s3, bucket, key)
+            except Exception as e:
+                if not _forbidden(e):
+                    raise
+                head = None  # allowed to write but not to read: just upload (a refused upload still fails clearly)
+            if head is not None and head.get("Metadata", {}).get(SHA256_KEY) == digest \
+                    and head.get("ContentLength") == size:
+                bar.update(size)
+                return False
+            if size >= config.multipart_threshold:
+                _abort_unfinished(s3, bucket, key)
+            s3.upload_fileobj(_Snapshot(fh, size), bucket, key, ExtraArgs={"Metadata": {SHA256_KEY: digest}},
+                              Config=config, Callback=bar.update)
+            return True
+
+        return _retrying(op, s3, uri, "upload to")
 
 
 def _abort_unfinished(s3: Any, bucket: str, key: str) -> None:
@@ -300,8 +343,13 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
         files = [(local_path, key)]
     elif local_path.is_dir():
         base = prefix.rstrip("/")
+        found = [p for p in sorted(local_path.rglob("*")) if p.is_file()]
+        # not the temporary files of a killed write or download (`.frames.npy.tmp-123.npy`, `.sim.staging-*/`)
+        kept = [p for p in found if not any(is_temporary(part) for part in p.relative_to(local_path).parts)]
+        if len(kept) < len(found):
+            log.warning("%s: %d temporary file(s) of an interrupted write left out", local_path, len(found) - len(kept))
         files = [(p, f"{base}/{p.relative_to(local_path).as_posix()}" if base else p.relative_to(local_path).as_posix())
-                 for p in sorted(local_path.rglob("*")) if p.is_file()]
+                 for p in kept]
         if not files:
             raise StorageError(f"{local_path}: folder holds no files to upload")
     else:
@@ -403,6 +451,7 @@ def _download_file(s3: Any, bucket: str, key: str, dest: Path, config: Any, bar:
                                        "run it again")
                 raise _mismatch(uri, expected, got)
             os.chmod(tmp, 0o666 & ~_umask())
+            fsync_file(tmp)  # a rename is durable only with its data
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -434,12 +483,17 @@ def _safe_relative(bucket: str, key: str, prefix: str, uri: str) -> str:
 def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, progress: bool = False) -> Path:
     """Download one object to the file ``local_path`` (into it, when it is a folder), or every object under the
     prefix ``uri`` into the folder ``local_path``, which is replaced as a whole only once every file is in and
-    verified. Returns the path written."""
+    verified. A ``local_path`` written with a trailing ``/`` is a folder to download into, under the object's or
+    the prefix's last name, like ``cp -r``: ``download("s3://b/clips/sim", "data/clips/")`` writes
+    ``data/clips/sim`` and leaves the rest of ``data/clips`` alone. Returns the path written."""
     s3 = client or _new_client()
+    into = str(local_path).endswith(("/", os.sep))
     local_path = Path(local_path)
     bucket, key = parse_s3_uri(uri)
     config = _transfer_config()
     head = _retrying(lambda: _head(s3, bucket, key), s3, uri, "download") if key and not key.endswith("/") else None
+    if into:
+        local_path = local_path / (posixpath.basename(key.rstrip("/")) or bucket)
     if head is not None:
         if local_path.is_dir():  # like cp: into the folder, under the object's name
             local_path = local_path / posixpath.basename(key)
