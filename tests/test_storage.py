@@ -381,7 +381,8 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_download_into(s3_server,
     (tmp_path / "data/clips/pocus").mkdir(parents=True)
     (tmp_path / "data/clips/pocus/frames.npy").write_bytes(b"pocus frames")
     assert download(f"s3://{s3_server.bucket}/clips/sim", f"{tmp_path}/data/clips/") == tmp_path / "data/clips/sim"
-    assert _read_tree(tmp_path / "data/clips") == {"pocus/frames.npy": b"pocus frames", "sim/frames.npy": b"sim frames"}
+    assert _read_tree(tmp_path / "data/clips") == {"pocus/frames.npy": b"pocus frames",
+                                                   "sim/frames.npy": b"sim frames"}
     out = download(f"s3://{s3_server.bucket}/clips/sim/frames.npy", f"{tmp_path}/new/")
     assert out == tmp_path / "new/frames.npy" and out.read_bytes() == b"sim frames"
 

@@ -347,7 +347,8 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
         # not the temporary files of a killed write or download (`.frames.npy.tmp-123.npy`, `.sim.staging-*/`)
         kept = [p for p in found if not any(is_temporary(part) for part in p.relative_to(local_path).parts)]
         if len(kept) < len(found):
-            log.warning("%s: %d temporary file(s) of an interrupted write left out", local_path, len(found) - len(kept))
+            log.warning("%s: %d temporary file(s) of an interrupted write left out", local_path,
+                        len(found) - len(kept))
         files = [(p, f"{base}/{p.relative_to(local_path).as_posix()}" if base else p.relative_to(local_path).as_posix())
                  for p in kept]
         if not files:
