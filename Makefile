@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time gpu-check drift-demo serve-example results contact-sheet image image-push clean
+.PHONY: setup run test ran bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time gpu-check drift-demo serve-example results contact-sheet image image-push clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -29,20 +29,25 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: setup
+# What the benchmarks and demos below read from `make run`: a clear stop before them instead of a traceback.
+ran: setup
+	@for p in data/clips/sim models/export models/pretrain/both-sequential/encoder.pt; do \
+	  test -e $$p || { echo "make $(MAKECMDGOALS): $$p is missing: run \`make run\` first"; exit 2; }; done
+
+bench: ran
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve.py
 
 # The smallest label fraction over five seeds, SSL against scratch (after `make run`; about 5 minutes on 2 cores).
-label-seeds: setup
+label-seeds: ran
 	$(BIN)/python benchmarks/label_seeds.py --seeds 5
 
 # The same draws: the test score of what validation selects against the best test score any selection could reach
 # (a diagnosis of whether selection holds the result back; after `make run`; 12.8 min on 2 cores beside the tests).
 # As recorded: with every encoder stage at one rate ($(NODECAY), below; without it, the profile's decay), on the
 # pipeline's encoder as it was pretrained then ($(LR0): first built and kept in models/bench/lr5e-4, with one draw).
-selection-oracle: setup
+selection-oracle: ran
 	$(BIN)/python benchmarks/label_seeds.py $(LR0) $(E8) --seeds 1 --save-encoder models/bench/lr5e-4 \
 		--out models/bench/lr5e-4.json
 	$(BIN)/python benchmarks/selection_oracle.py --seeds 5 $(NODECAY) --encoder models/bench/lr5e-4
@@ -56,7 +61,7 @@ selection-oracle: setup
 # benchmarks/results carry the machine they ran on in their names (--out): pretext_rates_avx2.json,
 # pretext_batch_avx2.json, pretext_seeds_avx2.json, pretext_order_weight_avx2.json, pretext_stride_avx2.json,
 # pretext_crop_shift_avx2.json, pretext_warmup_e24_epyc_avx512.json, pretext_warmup_e24_seeds3-12_epyc_avx512.json.
-pretext-rates: setup
+pretext-rates: ran
 	$(BIN)/python benchmarks/pretext_rates.py --epochs 8
 	$(BIN)/python benchmarks/pretext_rates.py --epochs 8 --lr 1e-3 2e-3 4e-3 --batch-size 32 16 \
 		--out benchmarks/results/pretext_batch.json
@@ -193,15 +198,15 @@ gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
 
 # Serve four kinds of traffic to the default model and write a drift report per window (after `make run`).
-drift-demo: setup
+drift-demo: ran
 	$(BIN)/python benchmarks/drift_cases.py
 
 # The README's serving example: one held-out sweep through the real server (after `make run`).
-serve-example: setup
+serve-example: ran
 	$(BIN)/python benchmarks/serve_example.py
 
 # Copy the results table of the last `dvc repro` (reports/results.md) into the README, between its markers.
-results:
+results: setup
 	$(BIN)/python -m sonossl.cli readme-results --results reports/results.md --readme README.md
 
 contact-sheet: setup
