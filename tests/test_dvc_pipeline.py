@@ -85,6 +85,13 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
     assert meta2["version"] != meta["version"]
     assert "Running stage" not in _dvc(root, "repro", DATA)
 
+    # The parameters' defaults (a field params.yaml leaves out, such as preprocess.split.train) live in the code:
+    # every stage with parameters depends on it
+    config = root / "src/sonossl/config.py"
+    config.write_text(config.read_text() + "\n# a default changed\n")
+    for stage in ("simulate", DATA):
+        assert "modified:           src/sonossl/config.py" in _dvc(root, "status", stage), stage
+
 
 def test_dvc_add_of_your_own_videos_gives_a_dvc_file_git_commits_and_ignores_the_videos(tmp_path):
     """README, "Your own videos", step 2: `dvc add data/raw/<name>`, then commit the .dvc file (a .gitignore of the
