@@ -422,3 +422,24 @@ def test_gpu_check_runs_the_profile_s_pretraining_without_pyav_or_dvclive(tmp_pa
     bad = subprocess.run([sys.executable, str(script), "--videos", "2", "--val-videos", "2"], capture_output=True,
                          text=True, timeout=120, env=env)
     assert bad.returncode != 0 and "--val-videos: must be at least 1 and fewer than --videos (2)" in bad.stderr
+
+
+def test_pretext_texture_probe_names_what_white_noise_gives_away(tmp_path, monkeypatch):
+    """The texture statistics are what they say (white noise: variance 1/12 of the grey range, no correlation
+    between neighbours on an unwarped crop), and the probe writes one accuracy per factor beside its chance."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import pretext_texture_probe as probe
+
+    noise = torch.rand(64, 4, 48, 48, generator=torch.Generator().manual_seed(0))
+    stats = probe.texture_statistics(noise)
+    assert stats[:, 0].mean().item() == pytest.approx(1 / 12, rel=0.02)
+    assert stats[:, 1:].abs().max().item() < 0.05
+    smooth = noise + noise.roll(1, -1)  # each pixel shares one value with its right neighbour: lag (0, 1) = 0.5
+    assert probe.texture_statistics(smooth)[:, 1].mean().item() == pytest.approx(0.5, abs=0.03)
+
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/pretext_texture_probe.py"), "--profile", "tiny",
+                    "--clips", "300", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["accuracy"]) == {"rotation", "scale", "shear"} and result["clips"] == 300
+    assert result["accuracy"]["rotation"]["chance"] == 0.333 and "at_shear_0" in result["accuracy"]["rotation"]
