@@ -52,7 +52,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="default")
-    ap.add_argument("--source", type=int, default=None, help="frame side (default: the profile's preprocess.frame_size)")
+    ap.add_argument("--source", type=int, default=None,
+                    help="frame side (default: the profile's preprocess.frame_size)")
     ap.add_argument("--clips", type=int, default=5120)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/pretext_texture_probe.json")
     args = ap.parse_args()
