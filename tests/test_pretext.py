@@ -101,3 +101,27 @@ def test_clip_starts_stay_inside_one_video():
     video_idx = np.array([0] * 5 + [1] * 2 + [2] * 7)
     starts = clip_starts(video_idx, k=3, stride=2)
     assert starts.tolist() == [0, 7, 8, 9]
+
+
+def test_a_shift_larger_than_the_crop_allows_is_cut_with_a_warning(caplog):
+    import logging
+
+    tset = TransformSet()
+    room = tset.max_shift(160, 112)
+    with caplog.at_level(logging.WARNING, logger="sonossl.pretext.batch"):
+        maker = PretextBatchMaker("transform", permutation_set(4, 12, 0), tset, source=160, crop=112, max_shift=8.0)
+    assert maker.shift == room < 4
+    assert any(f"pretrain.max_shift=8 px: only {room:.2f} px fit a 112 px crop of 160 px frames" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sonossl.pretext.batch"):
+        PretextBatchMaker("transform", permutation_set(4, 12, 0), tset, source=160, crop=112, max_shift=3.9)
+    assert not caplog.records
+
+
+def test_small_cnn_refuses_maxpool_false_which_it_would_ignore():
+    from sonossl.models.encoder import build_encoder
+
+    with pytest.raises(ValueError, match="small_cnn has no max-pool"):
+        build_encoder({"name": "small_cnn", "width": 8, "maxpool": False})
+    assert build_encoder({"name": "small_cnn", "width": 8}).spec["maxpool"] is True

@@ -93,6 +93,10 @@ def _resnet18(width: int = 64, maxpool: bool = True) -> Encoder:
 
 
 def _small_cnn(width: int = 16, maxpool: bool = True) -> Encoder:
+    if not maxpool:  # it downsamples with strided convolutions: there is no max-pool to leave out
+        raise ValueError("encoder: small_cnn has no max-pool (strided convolutions downsample); maxpool: false "
+                         "applies to resnet18 only")
+
     def block(cin: int, cout: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
                              nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1, bias=False),

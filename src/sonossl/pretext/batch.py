@@ -22,12 +22,15 @@ reaches the network: only pixels.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sonossl.pretext.transforms import TransformSet, warp_clips
+
+log = logging.getLogger(__name__)
 
 MODES = ("order", "transform", "both-sequential", "both-parallel")
 
@@ -80,7 +83,12 @@ class PretextBatchMaker:
         self.k = self.permutations.shape[1]
         self.transforms = transforms
         self.source, self.crop = source, crop
-        self.shift = min(max_shift, transforms.max_shift(source, crop))
+        room = transforms.max_shift(source, crop)
+        if max_shift > room:
+            log.warning("pretrain.max_shift=%g px: only %.2f px fit a %d px crop of %d px frames under every "
+                        "transform; shifting by %.2f px (lower it, or the crop, to silence this)", max_shift, room,
+                        crop, source, room)
+        self.shift = min(max_shift, room)
         self.gain, self.offset = gain, offset
         self.identity = torch.tensor(transforms.identity)
 
