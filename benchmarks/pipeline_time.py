@@ -61,22 +61,24 @@ def summarise(stages: dict[str, float]) -> dict[str, float | None]:
     return {"simulated_s": round(sum(simulated), 1) if simulated else None, "crossval_s": stages.get("crossval")}
 
 
-# The folders the training steps resume from, beside their outputs (dvc.yaml: not outputs themselves):
-# train/loop.py's checkpoints/, finetune's runs/, crossval's folds/.
+# The folders the training steps resume from, beside their outputs under models/ (dvc.yaml: not outputs
+# themselves): train/loop.py's checkpoints/, finetune's runs/, crossval's folds/.
 RESUME_DIRS = ("checkpoints", "runs", "folds")
 
 
 def resume_state(repo: Path, targets: list[str]) -> list[Path]:
     """What would let the stages that ``dvc repro targets`` runs (every stage without targets) resume rather than
-    start over: their ``persist: true`` outputs (the training curves) and the resume folders beside their outputs
-    that exist."""
+    start over: their ``persist: true`` outputs (the training curves) and the resume folders that exist beside
+    their outputs in ``models/`` (only there: a dataset folder of that name under data/ is data)."""
     from dvc.repo import Repo
 
     with contextlib.chdir(repo), Repo(".") as dvc:  # targets name stages relative to the working directory
         stages = ({s for t in targets for s in dvc.stage.collect(t, with_deps=True)} if targets
                   else set(dvc.index.stages))
         outs = [(Path(out.fs_path), out.persist) for stage in stages for out in stage.outs]
-    folders = {path.parent / name for path, _ in outs for name in RESUME_DIRS}
+    models = (Path(repo) / "models").resolve()
+    folders = {path.parent / name for path, _ in outs if path.resolve().is_relative_to(models)
+               for name in RESUME_DIRS}
     return sorted({path for path, persist in outs if persist} | {f for f in folders if f.is_dir()})
 
 

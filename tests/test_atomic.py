@@ -52,3 +52,17 @@ def test_a_file_written_by_name_is_flushed_before_it_appears_and_absent_after_an
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert not flushes.final.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_the_temporary_names_of_atomic_writes_and_downloads_are_recognised_and_nothing_else(tmp_path):
+    import tempfile
+
+    from sonossl.atomic import is_temporary
+
+    made = [Path(tempfile.mkstemp(prefix=".frames.npy.", suffix=".tmp", dir=tmp_path)[1]).name,  # atomic_write_*
+            Path(tempfile.mkstemp(prefix=".model.pt.", suffix=".part", dir=tmp_path)[1]).name,  # a download
+            Path(tempfile.mkdtemp(prefix=".sim.staging-", dir=tmp_path)).name,  # atomic_dir
+            ".frames.npy.tmp-4242.npy", ".sim.old-4242"]
+    assert all(is_temporary(n) for n in made), made
+    for data in ("frames.npy", ".dvcignore", ".env.local.tmp", ".data.v2.part", ".gitignore", "a.tmp"):
+        assert not is_temporary(data), data

@@ -194,6 +194,11 @@ def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_sub
                  "models/datasets/mine/crossval/metrics.json"):
         assert path in shown, shown
     assert "Running stage" not in _dvc(root, "repro", *targets)
+    # the resume folders are not part of anything: a clone has none, and nothing is out of date without them
+    for folder in [*base.rglob("runs"), *base.rglob("checkpoints"), *base.rglob("folds")]:
+        if folder.exists():  # not inside one removed already
+            shutil.rmtree(folder)
+    assert "up to date" in _dvc(root, "status", *targets)
 
     from sonossl.serve.model import SonosslModel
 
@@ -295,6 +300,8 @@ def test_pipeline_time_reruns_every_target_stage_and_records_its_time(tmp_path, 
     # training stages would resume from their checkpoints: the benchmark deletes exactly those of its targets
     import pipeline_time
 
+    for data in ("data/raw/runs", "data/clips/folds"):  # data that happens to carry such a name is not touched
+        (root / data).mkdir(parents=True)
     assert pipeline_time.resume_state(root, [DATA]) == []
     for folder in ("pretrain/order/checkpoints", "pretrain/both-sequential/checkpoints", "finetune/ssl-planes/runs"):
         (root / "models" / folder).mkdir(parents=True)
@@ -303,6 +310,7 @@ def test_pipeline_time_reruns_every_target_stage_and_records_its_time(tmp_path, 
     assert not any("both-sequential" in str(p) for p in order)
     every = pipeline_time.resume_state(root, [])
     assert set(order) < set(every) and root / "models/finetune/ssl-planes/runs" in every
+    assert not any(p.is_relative_to(root / "data") for p in every)
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks/pipeline_time.py"), "--repo", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no dvc.yaml there" in bad.stderr

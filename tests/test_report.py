@@ -78,9 +78,13 @@ def test_rows_come_from_what_each_run_was_trained_from_and_unknown_names_get_the
         evaluate(tmp_path / "pt", bad, tmp_path / "out-bad")
     odd = tmp_path / "odd"
     _finetune_output(odd, "baseline_planes", "planes", "scratch", [("finetune", 0.05, 0.3)])
-    with pytest.raises(ValueError, match=r"baseline_planes/metrics\.json: the folder name says task "
-                                         r"'baseline_planes' but the run is of task 'planes'"):
+    with pytest.raises(ValueError, match=r"baseline_planes/metrics\.json: the folder is not named <init>-<task>"):
         evaluate(tmp_path / "pt", odd, tmp_path / "out-odd")
+    other = tmp_path / "other"
+    _finetune_output(other, "ssl-saliency", "planes", "pretrained", [("finetune", 0.05, 0.3)])
+    with pytest.raises(ValueError, match=r"ssl-saliency/metrics\.json: the folder name says task 'saliency' but "
+                                         r"the run is of task 'planes'"):
+        evaluate(tmp_path / "pt", other, tmp_path / "out-other")
 
 
 def test_the_per_class_table_and_confusion_plots_use_the_smallest_fraction_ssl_and_scratch_share(tmp_path):
@@ -90,14 +94,17 @@ def test_the_per_class_table_and_confusion_plots_use_the_smallest_fraction_ssl_a
     from sonossl.evaluate.report import evaluate
 
     ft = tmp_path / "ft"
-    _finetune_output(ft, "ssl-planes", "planes", "pretrained", [("finetune", 0.2, 0.5), ("finetune", 1.0, 0.7)])
+    _finetune_output(ft, "ssl-planes", "planes", "pretrained", [("finetune", 0.1, 0.4), ("finetune", 0.2, 0.5),
+                                                                  ("finetune", 1.0, 0.7)])
     _finetune_output(ft, "scratch-planes", "planes", "scratch", [("finetune", 0.2, 0.3), ("finetune", 1.0, 0.6)])
     _finetune_output(ft, "order-planes", "planes", "pretrained", [("finetune", 0.05, 0.2)])
     evaluate(tmp_path / "pt", ft, tmp_path / "out")
     md = (tmp_path / "out/results.md").read_text()
-    assert "### Per-class test F1 at 20% of the training videos" in md
+    assert "### Per-class test F1 at 20% of the training videos" in md  # not 5% (order only), not 10% (SSL only)
     assert "| SSL (both-sequential) | finetune | 0.500 | 0.500 |" in md
-    assert json.loads((tmp_path / "out/plots/confusion_ssl.json").read_text())
+    assert "| scratch (random init) | finetune | 0.300 | 0.300 |" in md
+    for init in ("ssl", "scratch"):
+        assert json.loads((tmp_path / f"out/plots/confusion_{init}.json").read_text())
 
 
 @pytest.mark.parametrize("content, error", [

@@ -362,14 +362,18 @@ def test_temporary_files_of_a_killed_write_are_not_pushed(s3_server, tmp_path, c
     (src / "sub").mkdir(parents=True)
     for name in ("frames.npy", "sub/meta.json", ".dvcignore", "sub/.hidden.txt"):
         (src / name).write_bytes(b"data")
-    for name in (".frames.npy.tmp-123.npy", ".meta.json.abc123.tmp", "sub/.x.bin.k2j3.part",
-                 ".sim.staging-abc/frames.npy"):
+    for name in (".frames.npy.tmp-123.npy", ".meta.json.abc1_3yz.tmp", "sub/.x.bin.k2j3m8q0.part",
+                 ".sim.staging-abcd1234/frames.npy", ".old.old-77/frames.npy"):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(b"partial")
     with caplog.at_level(logging.WARNING, logger="sonossl.storage.s3"):
         keys = upload(src, f"s3://{s3_server.bucket}/c")
     assert keys == ["c/.dvcignore", "c/frames.npy", "c/sub/.hidden.txt", "c/sub/meta.json"]  # dot files are data
-    assert any("4 temporary file(s) of an interrupted write left out" in r.getMessage() for r in caplog.records)
+    assert any("5 temporary file(s) of an interrupted write left out" in r.getMessage() for r in caplog.records)
+    out = subprocess.run([sys.executable, "-m", "sonossl.cli", "-q", "artifacts", "push", str(src),
+                          f"s3://{s3_server.bucket}/c", "--endpoint-url", s3_server.endpoint_url],
+                         capture_output=True, text=True, env=os.environ, check=True).stdout
+    assert f"pushed {src} -> s3://{s3_server.bucket}/c: 4 file(s), 16 bytes in place" in out  # what went up
 
 
 def test_a_destination_ending_in_a_slash_is_a_folder_to_download_into(s3_server, tmp_path, monkeypatch):

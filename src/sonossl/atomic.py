@@ -34,9 +34,10 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-# The temporary names of the writes below (and of storage's downloads): `.<name>.<random>.tmp`,
-# `.<name>.tmp-<pid><suffix>`, `.<name>.staging-<random>`, `.<name>.<random>.part`.
-_TEMPORARY = re.compile(r"\..+\.(?:[^./]*\.tmp|tmp-\d+.*|staging-[^/]*|[^./]*\.part)")
+# The temporary names of the writes below (and of storage's downloads), `tempfile`'s random part being 8 of
+# [a-z0-9_]: `.<name>.<random>.tmp`, `.<name>.tmp-<pid><suffix>`, `.<name>.staging-<random>`, `.<name>.old-<pid>`
+# (the replaced folder, between its two renames), `.<name>.<random>.part`.
+_TEMPORARY = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.(?:tmp|part)|tmp-\d+(?:\.[^./]+)?|staging-[a-z0-9_]{8}|old-\d+)")
 
 
 def is_temporary(name: str) -> bool:

@@ -76,7 +76,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, args.profile).pretrain
     # Under torchrun, rank 0 copies the folder (the only rank that writes checkpoints) and no rank restores it:
-    # each node does before torchrun starts (`sonossl artifacts pull --missing-ok`), so all resume the same epoch.
+    # rank 0's node does before torchrun starts (`sonossl artifacts pull --missing-ok`), and rank 0 sends the
+    # checkpoint it resumes to the other ranks (train.loop), so all resume the same epoch.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     store = args.checkpoint_store if os.environ.get("RANK", "0") == "0" else None
     with mirrored(args.out, store, restore_first=not distributed):
@@ -187,11 +188,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_artifacts(args: argparse.Namespace) -> int:
-    from sonossl.storage import client, download, holds, upload
+    from sonossl.storage import client, download, files_to_upload, holds, upload
 
     s3 = client(args.endpoint_url)
     if args.action == "push":
-        files = [args.local] if args.local.is_file() else [p for p in args.local.rglob("*") if p.is_file()]
+        files, _ = files_to_upload(args.local)  # what upload sends (not the temporary files of a killed write)
         keys = upload(args.local, args.uri, client=s3, progress=not args.quiet)
         size = sum(p.stat().st_size for p in files)
         # keys already holding identical bytes are not sent again; the log line above says how many were sent

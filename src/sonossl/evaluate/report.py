@@ -63,7 +63,10 @@ def _runs(finetune: dict[str, dict], folder: Path | None = None) -> dict[tuple[s
     for name, m in finetune.items():
         init, _, task = name.rpartition("-")
         where = f"{folder / name / 'metrics.json'}" if folder else name
-        if task != m["task"] or not init:
+        if not init:
+            raise ValueError(f"{where}: the folder is not named <init>-<task> (ssl-planes, scratch-saliency...), "
+                             "which is how the report tells the runs apart; rename it")
+        if task != m["task"]:
             raise ValueError(f"{where}: the folder name says task {task!r} but the run is of task {m['task']!r}; "
                              "finetune outputs are named <init>-<task>")
         if "init" in m and (init == "scratch") != (m["init"] == "scratch"):
@@ -257,7 +260,8 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
     fractions = sorted({k[3] for k in runs if k[1] == "planes"})
     # the per-class table and the confusion plots compare SSL with scratch: at the smallest fraction both have (an
     # ablation encoder's smaller fraction would leave them empty)
-    compared = sorted({k[3] for k in runs if k[1] == "planes" and k[0] in ("ssl", "scratch")})
+    by_init = [{k[3] for k in runs if k[1] == "planes" and k[0] == init} for init in ("ssl", "scratch")]
+    compared = sorted(set.intersection(*by_init) or set.union(*by_init))  # both; else the one there is
     smallest = compared[0] if compared else None
     data_versions = sorted({m["data_version"] for m in finetune.values()})
 

@@ -15,8 +15,9 @@ is compared, ``sonossl.storage``).
         pretrain(clips, "/tmp/outputs/encoder", params, resume=True)
 
 ``sonossl pretrain --checkpoint-store URI`` does the same outside Kubeflow, under torchrun from rank 0 only and
-without the restore (each node restores before torchrun starts, so that every rank resumes the same epoch:
-``sonossl artifacts pull --missing-ok URI FOLDER``; ``k8s/pretrain``).
+without the restore (rank 0's node restores before torchrun starts, ``sonossl artifacts pull --missing-ok URI
+FOLDER``, ``k8s/pretrain``, and rank 0 sends the checkpoint to the other ranks, so that every rank resumes the same
+epoch).
 """
 
 from __future__ import annotations

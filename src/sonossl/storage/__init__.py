@@ -12,6 +12,7 @@ from sonossl.storage.s3 import (
     download,
     endpoint_from_env,
     file_sha256,
+    files_to_upload,
     get_bytes,
     holds,
     list_uris,
@@ -21,4 +22,4 @@ from sonossl.storage.s3 import (
 )
 
 __all__ = ["StorageError", "StorageNotFound", "client", "download", "endpoint_from_env", "file_sha256",
-           "get_bytes", "holds", "list_uris", "parse_s3_uri", "put_bytes", "upload"]
+           "files_to_upload", "get_bytes", "holds", "list_uris", "parse_s3_uri", "put_bytes", "upload"]

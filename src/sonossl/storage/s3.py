@@ -328,6 +328,20 @@ def _abort_unfinished(s3: Any, bucket: str, key: str) -> None:
                     _uri(bucket, key))
 
 
+def files_to_upload(local_path: str | os.PathLike) -> tuple[list[Path], int]:
+    """What ``upload`` sends of ``local_path``: the file itself, or the folder's files, sorted, without the
+    temporary files of a killed write or download (``.frames.npy.tmp-123.npy``, ``.sim.staging-*/``); and how many
+    of those were left out."""
+    local_path = Path(local_path)
+    if local_path.is_file():
+        return [local_path], 0
+    if not local_path.is_dir():
+        raise FileNotFoundError(f"{local_path}: no such file or folder to upload")
+    found = [p for p in sorted(local_path.rglob("*")) if p.is_file()]
+    kept = [p for p in found if not any(is_temporary(part) for part in p.relative_to(local_path).parts)]
+    return kept, len(found) - len(kept)
+
+
 def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multipart_threshold: int | None = None,
            multipart_chunksize: int | None = None, progress: bool = False,
            log_level: int = logging.INFO) -> list[str]:
@@ -338,23 +352,18 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
     s3 = client or _new_client()
     local_path = Path(local_path)
     bucket, prefix = parse_s3_uri(uri)
+    kept, skipped = files_to_upload(local_path)
     if local_path.is_file():
         key = prefix + local_path.name if (not prefix or prefix.endswith("/")) else prefix
         files = [(local_path, key)]
-    elif local_path.is_dir():
+    else:
         base = prefix.rstrip("/")
-        found = [p for p in sorted(local_path.rglob("*")) if p.is_file()]
-        # not the temporary files of a killed write or download (`.frames.npy.tmp-123.npy`, `.sim.staging-*/`)
-        kept = [p for p in found if not any(is_temporary(part) for part in p.relative_to(local_path).parts)]
-        if len(kept) < len(found):
-            log.warning("%s: %d temporary file(s) of an interrupted write left out", local_path,
-                        len(found) - len(kept))
+        if skipped:
+            log.warning("%s: %d temporary file(s) of an interrupted write left out", local_path, skipped)
         files = [(p, f"{base}/{p.relative_to(local_path).as_posix()}" if base else p.relative_to(local_path).as_posix())
                  for p in kept]
         if not files:
             raise StorageError(f"{local_path}: folder holds no files to upload")
-    else:
-        raise FileNotFoundError(f"{local_path}: no such file or folder to upload")
     config = _transfer_config(multipart_threshold, multipart_chunksize)
     sent = 0
     with _progress(sum(p.stat().st_size for p, _ in files), f"upload {local_path.name}", progress) as bar:

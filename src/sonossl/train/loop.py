@@ -390,12 +390,12 @@ def _resume_checkpoint(last_path: Path, run_id: str, env: Distributed) -> dict[s
     """``last_path`` as rank 0 reads it, sent to every rank: the ranks resume after the same epoch with the same
     weights and optimizer state even when the other nodes hold an older copy of the folder, or none. ``None`` when
     there is nothing to resume (no file, or one of another run); a damaged file fails on every rank."""
-    ckpt, error = None, None
+    ckpt, failure, error = None, None, None
     if env.main and last_path.is_file():
         try:
             ckpt = load_checkpoint(last_path)
-        except CheckpointError as e:
-            error = str(e)
+        except Exception as e:  # damaged, or gone or unreadable since is_file(): every rank must hear of it
+            failure, error = e, f"{e}" if isinstance(e, CheckpointError) else f"{last_path}: {type(e).__name__}: {e}"
         if ckpt is not None and ckpt.get("run_id", "") != run_id:
             log.info("%s belongs to another run (parameters, data or code changed); starting over", last_path)
             ckpt = None
@@ -403,8 +403,10 @@ def _resume_checkpoint(last_path: Path, run_id: str, env: Distributed) -> dict[s
         box = [(ckpt, error)]
         dist.broadcast_object_list(box, src=0)  # pickled between the ranks of one job (rank 0 read it safely)
         ckpt, error = box[0]
+    if failure is not None:
+        raise failure
     if error is not None:
-        raise CheckpointError(error if env.main else f"rank 0: {error}")
+        raise CheckpointError(f"rank 0: {error}")
     return ckpt
 
 
