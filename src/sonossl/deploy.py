@@ -12,8 +12,8 @@ pipeline deploys only a better model.
 The rendered object is checked strictly against KServe's types (``sonossl.manifests``) before it is sent.
 It is the one writer of the InferenceService: ``k8s/`` holds none (a re-applied manifest would roll the served
 model back), so the first model is served with ``sonossl deploy`` too. On a cluster: get, then create when absent
-(404) or replace (a full update, so a finished canary's
-``canaryTrafficPercent`` does not linger as it would under a merge patch).
+(404) or replace (a full update, so a finished canary's ``canaryTrafficPercent`` does not linger as it would under
+a merge patch).
 
     isvc = deploy("s3://models/sonossl/3b4fb01c4761", name="sonossl", namespace="sonossl", image=DEFAULT_IMAGE,
                   canary_percent=10, service_account="sonossl-s3", model_card="models/export", dry_run=True)

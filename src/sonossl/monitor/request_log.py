@@ -205,7 +205,8 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
         try:
             text = data.decode()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); is this a request log?") from None
+            raise ValueError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); is this a request "
+                             "log?") from None
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
