@@ -46,10 +46,11 @@ WORKDIR /app
 # The dependencies next, from pyproject.toml alone, in a layer of their own: a change to the code (src, components,
 # pipelines, params.yaml, the README) rebuilds only the small layers below, not this one (about 1.5 GB installed
 # besides torch, measured in this machine's virtualenv).
-COPY pyproject.toml ./
+# constraints.txt: every other package at the version the tests last passed with (not whatever is newest today).
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
+ && pip install -c constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 COPY README.md ./
 COPY src ./src

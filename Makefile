@@ -1,5 +1,6 @@
 # One-command set-up: `make run` (the pipeline on the embedded default data) and `make test`.
-# `make setup` is idempotent: it reinstalls only when pyproject.toml changed since the last install.
+# `make setup` is idempotent: it reinstalls only when pyproject.toml or constraints.txt (every other package's
+# version, as the tests last passed with it) changed since the last install.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -14,10 +15,10 @@ export PATH := $(BIN):$(PATH)
 .PHONY: setup run test ran bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time gpu-check drift-demo serve-example results contact-sheet image image-push clean
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 # The POCUS stage needs the real videos beside the repository; without them, everything else still runs.

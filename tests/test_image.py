@@ -48,7 +48,7 @@ def test_torch_pins_agree_with_pyproject_and_the_makefile():
     assert f"torch=={p['torch']} torchvision=={p['torchvision']}" in (REPO / "Makefile").read_text()
     # torch first (from the variant's index), then the other pins (torch's own pin is then already satisfied)
     runs = [a for i, a in instructions() if i == "RUN"]
-    assert runs.index(torch_lines[0]) < next(n for n, a in enumerate(runs) if "pip install -r" in a)
+    assert runs.index(torch_lines[0]) < next(n for n, a in enumerate(runs) if "-r /tmp/requirements.txt" in a)
 
 
 def test_both_variants_pick_a_base_and_a_torch_index():
@@ -123,7 +123,8 @@ def test_build_context_holds_what_the_dockerfile_copies():
 
 
 def test_dependencies_install_in_a_layer_that_code_changes_do_not_rebuild():
-    """Only pyproject.toml is copied before the dependencies are installed (a change to src, components, pipelines,
+    """Only pyproject.toml and constraints.txt are copied before the dependencies are installed (a change to src,
+    components, pipelines,
     params.yaml or the README reuses that layer); the package goes in afterwards without them, and `pip check`
     proves nothing is missing. The requirements command is run here on pyproject.toml: it lists every pin."""
     import shlex
@@ -134,7 +135,7 @@ def test_dependencies_install_in_a_layer_that_code_changes_do_not_rebuild():
     deps = next(i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "requirements.txt" in args)
     package = next(i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "pip install --no-deps ." in args)
     copied = [(i, args.split()[:-1]) for i, (ins, args) in enumerate(steps) if ins == "COPY"]
-    assert [src for i, srcs in copied if i < deps for src in srcs] == ["pyproject.toml"]
+    assert [src for i, srcs in copied if i < deps for src in srcs] == ["pyproject.toml", "constraints.txt"]
     after = {src for i, srcs in copied if deps < i < package for src in srcs}
     assert {"src", "components", "pipelines", "README.md"} <= after
     assert "pip check" in steps[package][1]
@@ -143,3 +144,32 @@ def test_dependencies_install_in_a_layer_that_code_changes_do_not_rebuild():
     assert words[:2] == ["python", "-c"]
     out = subprocess.run([sys.executable, "-c", words[2]], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == pyproject()["project"]["dependencies"]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[=<>!~\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-").replace(".", "-")
+
+
+def test_constraints_hold_every_pin_of_pyproject_and_both_installs_use_them():
+    """constraints.txt fixes the transitive packages at the versions the tests passed with; it must agree with every
+    direct pin (dependencies and the dev extra), leave torch to its own install (the image's comes from the
+    variant's index), and be what `make setup` and the Dockerfile install with."""
+    constraints = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and name.lower() not in constraints, line
+            constraints[name.lower().replace("_", "-").replace(".", "-")] = version
+    project = pyproject()["project"]
+    direct = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    for requirement in direct:
+        name, version = _name(requirement), requirement.split("==", 1)[1].split(";")[0].strip()
+        if name in ("torch", "torchvision"):
+            assert name not in constraints
+        else:
+            assert constraints.get(name) == version, (requirement, constraints.get(name))
+    assert not any(n.startswith(("nvidia-", "cuda-")) or n == "triton" for n in constraints)
+    assert "-c constraints.txt -e '.[dev]'" in (REPO / "Makefile").read_text()
+    assert "$(STAMP): pyproject.toml constraints.txt" in (REPO / "Makefile").read_text()
+    runs = [a for i, a in instructions() if i == "RUN"]
+    assert any("pip install -c constraints.txt -r /tmp/requirements.txt" in a for a in runs)
