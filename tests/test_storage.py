@@ -394,3 +394,29 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_download_into(s3_server,
     monkeypatch.setattr(s3mod, "fsync_file", lambda p: synced.append(Path(p).name))
     download(f"s3://{s3_server.bucket}/clips/sim/frames.npy", tmp_path / "again.npy")
     assert len(synced) == 1 and synced[0].startswith(".again.npy.") and synced[0].endswith(".part")
+
+
+def test_push_with_delete_makes_the_prefix_a_copy_of_the_folder(s3_server, tmp_path):
+    """Without --delete a file deleted here stays in the prefix and a pull brings it back; with it, it goes. A
+    sibling prefix that shares the name's start is not touched, and a whole bucket or a single file is refused."""
+    src = tmp_path / "export"
+    (src / "ref").mkdir(parents=True)
+    for name in ("model.pt", "old.txt", "ref/emb.npy"):
+        (src / name).write_bytes(name.encode())
+    uri = f"s3://{s3_server.bucket}/models/export"
+    upload(src, uri)
+    upload(src, f"{uri}-staging")  # s3://…/models/export-staging: another prefix
+    (src / "old.txt").unlink()
+    upload(src, uri)
+    assert _read_tree(download(uri, tmp_path / "back1")) == {"model.pt": b"model.pt", "old.txt": b"old.txt",
+                                                            "ref/emb.npy": b"ref/emb.npy"}  # came back
+    out = subprocess.run([sys.executable, "-m", "sonossl.cli", "artifacts", "push", "--delete", str(src), uri,
+                          "--endpoint-url", s3_server.endpoint_url], capture_output=True, text=True, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert "deleted 1 object(s) under" in out.stderr
+    assert _read_tree(download(uri, tmp_path / "back2")) == {"model.pt": b"model.pt", "ref/emb.npy": b"ref/emb.npy"}
+    assert "models/export-staging/old.txt" in s3_server.objects()
+    with pytest.raises(StorageError, match="with delete: give a folder and a prefix under the bucket"):
+        upload(src, f"s3://{s3_server.bucket}", delete=True)
+    with pytest.raises(StorageError, match="with delete: give a folder"):
+        upload(src / "model.pt", f"{uri}/model.pt", delete=True)

@@ -193,7 +193,7 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
     s3 = client(args.endpoint_url)
     if args.action == "push":
         files, _ = files_to_upload(args.local)  # what upload sends (not the temporary files of a killed write)
-        keys = upload(args.local, args.uri, client=s3, progress=not args.quiet)
+        keys = upload(args.local, args.uri, client=s3, progress=not args.quiet, delete=args.delete)
         size = sum(p.stat().st_size for p in files)
         # keys already holding identical bytes are not sent again; the log line above says how many were sent
         print(f"pushed {args.local} -> {args.uri}: {len(keys)} file(s), {size:,} bytes in place (sha256 in metadata)")
@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("local", type=Path, help="file or folder to upload")
     a.add_argument("uri", help="s3://bucket/prefix (a folder's files go under it)")
     a.add_argument("--endpoint-url", default=None, help=endpoint_help)
+    a.add_argument("--delete", action="store_true",
+                   help="a folder: also delete the objects under the prefix that it no longer holds, once every "
+                        "file is up (the prefix becomes a copy of the folder, as `aws s3 sync --delete`)")
     a.set_defaults(func=_cmd_artifacts)
     a = actions.add_parser("pull", help="download an object, or a prefix into a folder (replaced when complete)")
     a.add_argument("uri", help="s3://bucket/key or s3://bucket/prefix")

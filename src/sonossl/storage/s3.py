@@ -344,15 +344,20 @@ def files_to_upload(local_path: str | os.PathLike) -> tuple[list[Path], int]:
 
 def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multipart_threshold: int | None = None,
            multipart_chunksize: int | None = None, progress: bool = False,
-           log_level: int = logging.INFO) -> list[str]:
+           log_level: int = logging.INFO, delete: bool = False) -> list[str]:
     """Upload a file (to ``uri``, or ``uri/<name>`` when ``uri`` ends with ``/``) or a folder, recursively, under
     the prefix ``uri``. Returns the keys that now hold the files, sorted (objects already there with the same
     SHA-256 are kept, not sent again). ``log_level``: of the line that says what was sent (a caller that copies
-    one file at a time, every minute, passes DEBUG); warnings stay warnings."""
+    one file at a time, every minute, passes DEBUG); warnings stay warnings. ``delete`` (a folder only): then also
+    delete the objects under the prefix that the folder no longer holds, once every file is up, so that the prefix
+    is a copy of the folder (a pull would otherwise bring back files deleted here)."""
     s3 = client or _new_client()
     local_path = Path(local_path)
     bucket, prefix = parse_s3_uri(uri)
     kept, skipped = files_to_upload(local_path)
+    if delete and (local_path.is_file() or not prefix.strip("/")):
+        raise StorageError(f"push {local_path} -> {uri} with delete: give a folder and a prefix under the bucket "
+                           "(deleting what a single file or a whole bucket does not hold is refused)")
     if local_path.is_file():
         key = prefix + local_path.name if (not prefix or prefix.endswith("/")) else prefix
         files = [(local_path, key)]
@@ -371,7 +376,26 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
             sent += _upload_file(s3, path, bucket, key, config, bar)
     log.log(log_level, "uploaded %d of %d file(s) to %s (%d already there, identical)", sent, len(files), uri,
             len(files) - sent)
-    return sorted(key for _, key in files)
+    keys = sorted(key for _, key in files)
+    if delete:
+        _delete_others(s3, bucket, prefix.rstrip("/") + "/", set(keys), local_path)
+    return keys
+
+
+def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Path) -> None:
+    """Delete the objects under ``prefix`` whose keys are not in ``keep`` (1,000 per request, S3's limit)."""
+    uri = _uri(bucket, prefix)
+    stale = [u.split("/", 3)[3] for u in list_uris(uri, client=s3)]
+    stale = [k for k in stale if k not in keep]
+    for i in range(0, len(stale), 1000):
+        batch = {"Objects": [{"Key": k} for k in stale[i:i + 1000]], "Quiet": True}
+        out = _retrying(lambda b=batch: s3.delete_objects(Bucket=bucket, Delete=b), s3, uri, "delete in")
+        if out.get("Errors"):
+            first = out["Errors"][0]
+            raise StorageError(f"cannot delete {_uri(bucket, first.get('Key', '?'))}: {first.get('Code')} "
+                               f"{first.get('Message', '')}".rstrip())
+    if stale:
+        log.info("deleted %d object(s) under %s that %s no longer holds", len(stale), uri, folder)
 
 
 def put_bytes(data: bytes, uri: str, *, client: Any = None) -> str:
