@@ -731,3 +731,19 @@ def test_a_weighted_linear_probe_is_the_probe_on_rows_repeated_by_their_weights(
     x = torch.tensor(z, dtype=torch.float32)
     assert torch.allclose(weighted(x), plain(x), atol=2e-3)
     assert not torch.allclose(weighted(x), linear_probe(z, y, z, y, 3, [info_p["C"]], 0)[0](x), atol=2e-3)
+
+
+def test_a_training_summary_left_empty_by_a_kill_does_not_stop_the_resume(tmp_path, caplog):
+    """dvclive rewrites live/metrics.json in place every epoch; a kill -9 in that instant left it empty, and the
+    resumed run failed on it ("Expecting value: line 1 column 1"), once in a `make test` run of the kill -9 test."""
+    from sonossl.train.loop import LoopParams, fit
+
+    fit(_TwoLayers(1.0), tmp_path / "run", LoopParams(epochs=3, lr=1e-2, stop_after=2), progress=False)
+    summary = tmp_path / "run/live/metrics.json"
+    assert summary.is_file()
+    summary.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="sonossl.train.loop"):
+        res = fit(_TwoLayers(1.0), tmp_path / "run", LoopParams(epochs=3, lr=1e-2), resume=True, progress=False)
+    assert res.resumed_from == 2 and [e["epoch"] for e in res.history] == [1, 2, 3]
+    assert any("is damaged (a killed run was writing it)" in r.getMessage() for r in caplog.records)
+    assert json.loads(summary.read_text())["step"] == 2  # rewritten by the resumed epoch

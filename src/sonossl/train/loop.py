@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import math
 import os
@@ -193,6 +194,14 @@ class _Live:
                 def _init_dvc(self) -> None:
                     pass
 
+            summary = Path(directory) / "metrics.json"
+            if resume and summary.is_file():
+                try:
+                    json.loads(summary.read_bytes())
+                except ValueError:  # dvclive rewrites it in place each step: a kill -9 can leave it empty
+                    log.warning("%s is damaged (a killed run was writing it); it is rewritten at the next epoch",
+                                summary)
+                    summary.unlink()
             self.live = FileLive(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -225,7 +234,6 @@ def fingerprint(*parts: Any) -> str:
     continues a checkpoint with the same fingerprint, so a changed parameter or a new version of the code can never
     continue a stale run; resuming is for interruptions."""
     import hashlib
-    import json
 
     return hashlib.sha256(json.dumps([code_version(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
