@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = "preprocess@sim"  # the data stages (simulate is upstream); the training stages have their own test below
 
 
-def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+def _copy_repo(dst: Path, source: Path = REPO) -> None:
+    """What git holds of ``source`` (tracked, and untracked but not ignored), copied into a new git repository."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=source,
                            check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, files):
-        src = REPO / name
+        src = source / name
         if src.is_file():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / name)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_dvc_pipeline import _dvc, _edit_params, _tiny_sim_repo
+from test_dvc_pipeline import _copy_repo, _dvc, _edit_params, _tiny_sim_repo
 
 OUTS = ["data/raw/sim", "data/clips/sim", "models/pretrain/order/encoder.pt"]  # raw data, features, a model
 
@@ -122,14 +122,10 @@ def test_a_clone_pulls_every_output_and_has_nothing_to_rerun(tiny_repo, tmp_path
     _dvc(root, "remote", "add", "-d", "storage", f"s3://{s3_server.bucket}/dvc")
     _dvc(root, "remote", "modify", "storage", "endpointurl", s3_server.endpoint_url)
     _dvc(root, "push", "--with-deps", "pretrain@order")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
-                           check=True, capture_output=True).stdout.decode().split("\0")
     clone = tmp_path / "clone"
-    for name in filter(None, files):
-        (clone / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / name, clone / name)
+    clone.mkdir()
+    _copy_repo(clone, root)
     assert not (clone / "models").exists() and not (clone / "data/clips/sim").exists()  # only what git holds
-    subprocess.run(["git", "init", "-q"], cwd=clone, check=True)
     _dvc(clone, "pull", "--with-deps", "pretrain@order")
     assert "up to date" in _dvc(clone, "status", "pretrain@order")
     out = _dvc(clone, "repro", "pretrain@order")

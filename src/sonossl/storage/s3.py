@@ -211,11 +211,17 @@ def _retrying(op: Callable[[], T], s3: Any, uri: str, action: str, attempts: int
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return _sha256_of(f)[0]
+
+
+def _sha256_of(fh: Any) -> tuple[str, int]:
+    """SHA-256 and length of what an open file holds from its position to its end."""
+    h, size = hashlib.sha256(), 0
+    while chunk := fh.read(_READ_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
 
 
 def _head(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
@@ -284,11 +290,7 @@ def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: A
     under the sha256 of its predecessor: a store that no restore could read."""
     uri = _uri(bucket, key)
     with open(path, "rb") as fh:
-        h, size = hashlib.sha256(), 0
-        while chunk := fh.read(_READ_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-        digest = h.hexdigest()
+        digest, size = _sha256_of(fh)
 
         def op() -> bool:
             try:
