@@ -27,6 +27,19 @@ def test_resnet18_is_torchvision_resnet18_at_width_64():
     assert 11_000_000 < n < 11_300_000  # ResNet-18 without fc, one input channel
 
 
+@pytest.mark.parametrize("width", [16, 64])
+def test_resnet18_initialises_every_convolution_as_torchvision_does_at_any_width(width):
+    """Kaiming-normal, fan-out, for ReLU (std sqrt(2 / fan-out)), as torchvision's ResNet: the stages rebuilt for a
+    width other than 64 kept PyTorch's default instead, weights 1.7-2.5x smaller."""
+    torch.manual_seed(0)
+    enc = build_encoder({"name": "resnet18", "width": width})
+    convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 20  # the stem, 16 in the blocks, 3 shortcuts
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert float(conv.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.15), conv
+
+
 def test_unknown_encoder_lists_the_valid_ones():
     with pytest.raises(ValueError, match="resnet18"):
         build_encoder({"name": "vgg"})

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sonossl.train.loop import CheckpointError, load_checkpoint
 
@@ -747,3 +748,38 @@ def test_a_training_summary_left_empty_by_a_kill_does_not_stop_the_resume(tmp_pa
     assert res.resumed_from == 2 and [e["epoch"] for e in res.history] == [1, 2, 3]
     assert any("is damaged (a killed run was writing it)" in r.getMessage() for r in caplog.records)
     assert json.loads(summary.read_text())["step"] == 2  # rewritten by the resumed epoch
+
+
+def test_saliency_targets_follow_their_frames_through_shift_zoom_and_flip(tiny_params):
+    """The fine-tune moves each gaze map exactly as its frame (``augment_frames``' shift, zoom and flip), at the
+    map's own resolution, and it stays a distribution: frames that are their maps enlarged 4x keep their bright spot
+    where the target's mass is. Before, only the flip followed, and the spot sat up to about 0.1 of the image
+    width away from the target's centre."""
+    from sonossl.train.finetune import SaliencyTask
+
+    gen = torch.Generator().manual_seed(0)
+    n, m = 32, 16
+    centre = (torch.rand(n, 2, generator=gen) - 0.5) * 1.2  # normalised (x, y), away from the edges
+    axis = (torch.arange(m) + 0.5) / m * 2 - 1
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    maps = torch.exp(-((xx - centre[:, :1, None]) ** 2 + (yy - centre[:, 1:, None]) ** 2) / (2 * 0.12**2))
+    maps = maps / maps.flatten(1).sum(1)[:, None, None]
+    big = F.interpolate(maps[:, None], scale_factor=4, mode="bilinear", align_corners=False)[:, 0]
+    frames = (255 * big / big.flatten(1).amax(1)[:, None, None]).round().to(torch.uint8)
+    rows = np.arange(n)
+    ft = dataclasses.replace(tiny_params.finetune, batch_size=n, frames_per_epoch=4 * n)
+    task = SaliencyTask(torch.nn.Identity(), frames, maps, rows, rows[:0], ft)
+
+    def mass_centre(p: torch.Tensor) -> torch.Tensor:  # (B, H, W) -> (B, 2) normalised (x, y)
+        p = p / p.flatten(1).sum(1)[:, None, None]
+        a = (torch.arange(p.shape[-1]) + 0.5) / p.shape[-1] * 2 - 1
+        return torch.stack([(p.sum(1) * a).sum(1), (p.sum(2) * a).sum(1)], 1)
+
+    moved = 0.0
+    for x, drawn, theta in task.batches(0, 0, 1, torch.device("cpu")):
+        target = task.targets(drawn, theta)
+        assert target.shape == (n, m, m) and target.flatten(1).sum(1) == pytest.approx(torch.ones(n), abs=1e-5)
+        spot = (x[:, 0] - x[:, 0].flatten(1).amin(1)[:, None, None]).clamp_min(0) ** 4  # the peak, not the offset
+        assert (mass_centre(spot) - mass_centre(target)).abs().max() < 0.02
+        moved = max(moved, float((mass_centre(target) - mass_centre(maps[drawn])).abs().max()))
+    assert moved > 0.05  # the augmentation did move the maps

@@ -83,6 +83,9 @@ def _resnet18(width: int = 64, maxpool: bool = True) -> Encoder:
         net.layer2 = net._make_layer(BasicBlock, 2 * width, 2, stride=2)
         net.layer3 = net._make_layer(BasicBlock, 4 * width, 2, stride=2)
         net.layer4 = net._make_layer(BasicBlock, 8 * width, 2, stride=2)
+        for m in [*net.layer1.modules(), *net.layer2.modules(), *net.layer3.modules(), *net.layer4.modules()]:
+            if isinstance(m, nn.Conv2d):  # torchvision's own initialisation (ResNet.__init__), not PyTorch's default
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     net.conv1 = nn.Conv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, *([net.maxpool] if maxpool else []))

@@ -141,7 +141,8 @@ def balanced_weights(y: np.ndarray, n_classes: int, row_weights: np.ndarray | No
 def augment_frames(x: torch.Tensor, gen: torch.Generator, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched shift (±6 %), zoom (0.9-1.1), horizontal flip and gain/offset of (B, 1, S, S) frames in [0, 1].
 
-    Returns the frames and the flip mask (for targets that must follow, such as saliency maps).
+    Returns the frames and the (B, 2, 3) affine map (``affine_grid``'s theta, align_corners=False) they were sampled
+    with, so that targets on the same field of view, such as saliency maps, follow them (``warp_like``).
     """
     b = len(x)
     zoom = 1 + 0.1 * (2 * torch.rand(b, generator=gen) - 1)
@@ -150,11 +151,18 @@ def augment_frames(x: torch.Tensor, gen: torch.Generator, flip: bool = True) -> 
     theta[:, 0, 0] = sx / zoom
     theta[:, 1, 1] = 1 / zoom
     theta[:, :, 2] = 0.06 * (2 * torch.rand(b, 2, generator=gen) - 1)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    theta = theta.to(x.device)
+    x = warp_like(x, theta)
     gain = (1 + 0.2 * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)).to(x.device)
     offset = (0.06 * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)).to(x.device)
-    return (x * gain + offset).clamp_(0, 1), sx < 0
+    return (x * gain + offset).clamp_(0, 1), theta
+
+
+def warp_like(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) sampled under ``augment_frames``' affine map: in normalised coordinates (align_corners=False)
+    the same map moves a frame and a map of any resolution over the same field of view alike."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
 def to_input(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -221,8 +229,8 @@ class _FrameTask:
                     if self.row_weights is None else
                     torch.multinomial(self.row_weights, self.params.batch_size, replacement=True, generator=gen))
             rows = torch.from_numpy(self.train_rows)[pick]
-            x, flipped = augment_frames(to_input(self.frames[rows]).to(device), gen)
-            yield x, rows, flipped
+            x, theta = augment_frames(to_input(self.frames[rows]).to(device), gen)
+            yield x, rows, theta
 
 
 class PlaneTask(_FrameTask):
@@ -254,11 +262,15 @@ class SaliencyTask(_FrameTask):
         super().__init__(model, frames, train_rows, val_rows, params, encoder_lr_scale, encoder_lr_decay)
         self.saliency = saliency
 
+    def targets(self, rows: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The gaze maps of ``rows``, moved as their frames were (shift, zoom, flip: ``augment_frames``' ``theta``),
+        each still a distribution."""
+        target = warp_like(self.saliency[rows].to(theta.device)[:, None].float(), theta)[:, 0]
+        return target / target.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
+
     def loss(self, model, batch):
-        x, rows, flipped = batch
-        target = self.saliency[rows].to(x.device)
-        target = torch.where(flipped.to(x.device)[:, None, None], target.flip(-1), target)
-        # zoom/shift are small against the coarse maps; the flip must follow the frame
+        x, rows, theta = batch
+        target = self.targets(rows, theta)
         log_p = model(x).float()
         return -(target * log_p).flatten(1).sum(1).mean(), {}
 
