@@ -8,8 +8,13 @@ factor. What it can name, the encoder can too, from the interpolation and the te
 the anatomy the task is meant to teach: rotation through the sub-pixel shift's blur (the identity's bilinear
 weights are the same at every pixel, a rotation's are mixed) and scale and shear through the stretched texture.
 
-    .venv/bin/python benchmarks/pretext_texture_probe.py [--profile default] [--clips 5120]
-Writes benchmarks/results/pretext_texture_probe.json (or --out); about a minute on 2 cores.
+With ``--frames-from data/clips/sim`` the clips are the clip dataset's own (K frames of one training video at the
+profile's stride, random starts) instead of noise: how much the same statistics tell on the frames pretraining
+sees, where the anatomy enters as well as the speckle.
+
+    .venv/bin/python benchmarks/pretext_texture_probe.py [--profile default] [--clips 5120] [--frames-from DIR]
+Writes benchmarks/results/pretext_texture_probe.json (pretext_texture_probe_<dataset>.json with --frames-from; or
+--out); about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sonossl.atomic import atomic_write_text
 from sonossl.config import load_params
 from sonossl.machine import describe
-from sonossl.pretext.batch import PretextBatchMaker
+from sonossl.data.clips import load_clip_dataset
+from sonossl.pretext.batch import PretextBatchMaker, clip_starts
 from sonossl.pretext.permutations import permutation_set
 from sonossl.train.pretrain import transform_set
 
@@ -54,25 +61,46 @@ def main() -> int:
     ap.add_argument("--source", type=int, default=None,
                     help="frame side (default: the profile's preprocess.frame_size)")
     ap.add_argument("--clips", type=int, default=5120)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/pretext_texture_probe.json")
+    ap.add_argument("--frames-from", type=Path, default=None,
+                    help="a clip dataset (e.g. data/clips/sim): its training videos' clips instead of white noise")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     params = load_params(REPO / "params.yaml", args.profile)
     p = params.pretrain
     source = args.source or params.preprocess.frame_size
+    starts = frames = None
+    if args.frames_from is not None:
+        data = load_clip_dataset(args.frames_from)
+        train = (data.index["split"] == "train").to_numpy()
+        video = data.index["video_idx"].to_numpy()
+        starts = clip_starts(np.where(train, video, -1), p.k, p.stride)
+        starts = starts[train[starts]]
+        if not len(starts):
+            raise SystemExit(f"{args.frames_from}: no training video is long enough for one clip of "
+                             f"{p.k} frames at stride {p.stride}")
+        frames, source = torch.from_numpy(np.asarray(data.frames)), data.frames.shape[-1]
+    out = args.out or REPO / "benchmarks/results" / (
+        "pretext_texture_probe.json" if args.frames_from is None
+        else f"pretext_texture_probe_{args.frames_from.name}.json")
     maker = PretextBatchMaker("transform", permutation_set(p.k, p.n_permutations, p.seed), transform_set(p),
                               source=source, crop=p.crop, max_shift=p.max_shift)
     gen = torch.Generator().manual_seed(0)
     stats, targets = [], []
     for start in range(0, args.clips, 256):
         n = min(256, args.clips - start)
-        noise = torch.randint(0, 256, (n, p.k, source, source), dtype=torch.uint8, generator=gen)
-        batch = maker(noise, gen)
+        if frames is None:
+            clips = torch.randint(0, 256, (n, p.k, source, source), dtype=torch.uint8, generator=gen)
+        else:
+            first = torch.from_numpy(starts)[torch.randint(len(starts), (n,), generator=gen)]
+            clips = frames[first[:, None] + p.stride * torch.arange(p.k)]
+        batch = maker(clips, gen)
         stats.append(texture_statistics(batch.transform_clips[:, :, 0]))
         targets.append(torch.stack([batch.targets[f] for f in maker.transforms.sizes], 1))
     x, t = torch.cat(stats).numpy(), torch.cat(targets).numpy()
     sizes = maker.transforms.sizes
     identity = dict(zip(sizes, maker.transforms.identity, strict=True))
     result = {"benchmark": "pretext_texture_probe", "machine": describe(), "profile": args.profile,
+              "frames": "white noise" if args.frames_from is None else str(args.frames_from),
               "source": source, "crop": p.crop, "shift_px": round(float(maker.shift), 3), "clips": len(x),
               "features": ["variance"] + [f"autocorrelation {dy},{dx}" for dy, dx in LAGS], "accuracy": {}}
     for j, name in enumerate(sizes):
@@ -83,7 +111,7 @@ def main() -> int:
             keep = t[:, list(sizes).index("shear")] == identity["shear"]
             result["accuracy"][name]["at_shear_0"] = round(float(cross_val_score(clf, x[keep], t[keep, j],
                                                                                  cv=5).mean()), 3)
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

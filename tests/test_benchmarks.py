@@ -424,9 +424,10 @@ def test_gpu_check_runs_the_profile_s_pretraining_without_pyav_or_dvclive(tmp_pa
     assert bad.returncode != 0 and "--val-videos: must be at least 1 and fewer than --videos (2)" in bad.stderr
 
 
-def test_pretext_texture_probe_names_what_white_noise_gives_away(tmp_path, monkeypatch):
+def test_pretext_texture_probe_names_what_white_noise_gives_away(tmp_path, monkeypatch, tiny_clips):
     """The texture statistics are what they say (white noise: variance 1/12 of the grey range, no correlation
-    between neighbours on an unwarped crop), and the probe writes one accuracy per factor beside its chance."""
+    between neighbours on an unwarped crop), and the probe writes one accuracy per factor beside its chance, on noise
+    or on a clip dataset's training clips (``--frames-from``)."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import pretext_texture_probe as probe
 
@@ -443,3 +444,10 @@ def test_pretext_texture_probe_names_what_white_noise_gives_away(tmp_path, monke
     result = json.loads(out.read_text())
     assert set(result["accuracy"]) == {"rotation", "scale", "shear"} and result["clips"] == 300
     assert result["accuracy"]["rotation"]["chance"] == 0.333 and "at_shear_0" in result["accuracy"]["rotation"]
+    assert result["frames"] == "white noise"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/pretext_texture_probe.py"), "--profile", "tiny",
+                    "--clips", "300", "--frames-from", str(tiny_clips), "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["frames"] == str(tiny_clips) and result["clips"] == 300 and set(result["accuracy"]) == {
+        "rotation", "scale", "shear"}
