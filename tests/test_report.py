@@ -134,3 +134,23 @@ def test_a_crossval_file_that_is_not_there_is_an_error_and_readme_markers_out_of
     (tmp_path / "results.md").write_text("table\n")
     with pytest.raises(ValueError, match=r"README\.md: the results block's end marker .* comes before its begin"):
         insert_into_readme(tmp_path / "results.md", readme)
+
+
+def test_crossval_metrics_are_keyed_by_the_dataset_cross_validated(tmp_path):
+    """`evaluate --crossval` names the metrics after the clip dataset of the cross-validation (they were `pocus/...`
+    whatever the dataset)."""
+    import json
+
+    from sonossl.evaluate.report import evaluate
+
+    ft = tmp_path / "ft"
+    _finetune_output(ft, "ssl-planes", "planes", "pretrained", [("finetune", 0.05, 0.5)])
+    result = {"init": "ssl", "method": "finetune", "accuracy": 0.75, "fold_accuracy": [0.5, 1.0],
+              "per_class_f1": {"a": 0.8, "b": 0.6}}
+    cv = {"dataset": "data/clips/lungs", "data_version": "v2", "folds": 2, "classes": ["a", "b"], "videos": 8,
+          "patients": 4, "results": [result]}
+    (tmp_path / "cv.json").write_text(json.dumps(cv))
+    metrics = evaluate(tmp_path / "pt", ft, tmp_path / "out", crossval=tmp_path / "cv.json")
+    assert metrics["crossval/lungs/ssl/finetune"] == {"accuracy": 0.75, "a": 0.8, "b": 0.6}
+    assert not [k for k in metrics if k.startswith("pocus/")]
+    assert "cross-validation grouped by patient: data/clips/lungs" in (tmp_path / "out/results.md").read_text()

@@ -297,8 +297,9 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
     for mode, m in pretrain.items():
         metrics[f"pretext/{mode}"] = m["val"] | {"chance_" + k: v for k, v in m["chance"].items()}
     if cv:
+        name = Path(cv.get("dataset", "crossval")).name  # the clip dataset's folder: pocus, or one of yours
         for r in cv["results"]:
-            metrics[f"pocus/{r['init']}/{r['method']}"] = {"accuracy": r["accuracy"], **r["per_class_f1"]}
+            metrics[f"crossval/{name}/{r['init']}/{r['method']}"] = {"accuracy": r["accuracy"], **r["per_class_f1"]}
 
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     for init in ("ssl", "scratch"):
