@@ -269,3 +269,20 @@ def test_an_unreachable_cluster_gives_a_clear_error(kube_api):
     kube_api.close()
     with pytest.raises(DeployError, match=r"cannot reach the Kubernetes API at http://127\.0\.0\.1:\d+"):
         deploy("s3://models/v1", canary_percent=None, model_card={"model_version": "abc"}, **ARGS)
+
+
+def test_the_model_version_changes_with_the_export_parameters(tiny_export, tiny_clips, tiny_params, tmp_path):
+    """Two exports of the same fine-tunes with other export parameters are other models (another PCA, so another
+    served `embedding_reduced`, other drift references): they get other versions; the same parameters, the same
+    version (the version ignored the export parameters)."""
+    import dataclasses
+    import json
+
+    from sonossl.export import export
+
+    finetune_dir = tiny_export.parent / "ft"
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    same = export(tiny_clips, finetune_dir, tmp_path / "same", tiny_params, progress=False)
+    fewer = dataclasses.replace(tiny_params, export=dataclasses.replace(tiny_params.export, embedding_dims=2))
+    other = export(tiny_clips, finetune_dir, tmp_path / "other", fewer, progress=False)
+    assert same["model_version"] == card["model_version"] != other["model_version"]

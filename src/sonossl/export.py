@@ -17,7 +17,8 @@ and writes ``<out>/``:
   source lie from the reference.
 
 Versions: the feature version is the clip dataset's; the raw version is a hash of the raw inputs listed in its
-``meta.json``; the model version is a hash of the feature version, the training parameters and the weights.
+``meta.json``; the model version is a hash of the feature version, the training and export parameters and the
+weights.
 
     card = export("data/clips/sim", "models/finetune", "models/export", params)
     bundle = load_bundle("models/export");  out = bundle.predict(frames_u8)   # probs, saliency, embedding
@@ -237,8 +238,10 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     reduced = ((emb - mean) @ components.T).astype(np.float32)
 
     weights = _weights_hash(pck["state_dict"]) + (_weights_hash(sck["state_dict"]) if sck else "")
+    # the export parameters too: they decide the bundle's PCA (the served embedding_reduced) and drift references
     model_version = hashlib.sha256(json.dumps(
-        [data.version, as_dict(params.pretrain), as_dict(params.finetune), weights]).encode()).hexdigest()[:12]
+        [data.version, as_dict(params.pretrain), as_dict(params.finetune), as_dict(ep), weights]).encode()
+    ).hexdigest()[:12]
     sel = lambda m: next(r for r in m["runs"] if r["name"] == m["selected"])  # noqa: E731
     pr = sel(planes_m)
     sal_card, sal_metrics, sal_output, sal_bundle, sal_test = None, None, {}, None, None
