@@ -753,8 +753,9 @@ def test_a_training_summary_left_empty_by_a_kill_does_not_stop_the_resume(tmp_pa
 def test_saliency_targets_follow_their_frames_through_shift_zoom_and_flip(tiny_params):
     """The fine-tune moves each gaze map exactly as its frame (``augment_frames``' shift, zoom and flip), at the
     map's own resolution, and it stays a distribution: frames that are their maps enlarged 4x keep their bright spot
-    where the target's mass is. Before, only the flip followed, and the spot sat up to about 0.1 of the image
-    width away from the target's centre."""
+    where the target's mass is. Before, only the flip followed, and the spot sat up to 0.08 (normalised
+    coordinates, the image 2 wide) from the target's centre. What leaves the view is dropped, not repeated from the
+    edge, and the targets are the same under the loop's bfloat16 autocast."""
     from sonossl.train.finetune import SaliencyTask
 
     gen = torch.Generator().manual_seed(0)
@@ -783,3 +784,12 @@ def test_saliency_targets_follow_their_frames_through_shift_zoom_and_flip(tiny_p
         assert (mass_centre(spot) - mass_centre(target)).abs().max() < 0.02
         moved = max(moved, float((mass_centre(target) - mass_centre(maps[drawn])).abs().max()))
     assert moved > 0.05  # the augmentation did move the maps
+
+    uniform = SaliencyTask(torch.nn.Identity(), frames, torch.full((n, m, m), 1 / m**2), rows, rows[:0], ft)
+    right = torch.tensor([[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]).expand(n, 2, 3)  # the view a quarter to the right
+    target = uniform.targets(torch.arange(n), right)
+    assert target[:, :, -m // 4:].sum() == 0  # off the map: no gaze (an edge repeated would put 1/4 of it there)
+    assert target[:, :, : m - m // 4 - 1] == pytest.approx(torch.full((n, m, m - m // 4 - 1), 4 / (3 * m**2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = task.targets(drawn, theta)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, task.targets(drawn, theta))

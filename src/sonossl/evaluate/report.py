@@ -5,8 +5,8 @@ given; with ``tasks``, the finetune outputs of those tasks only) and writes:
 
 - ``results.md``: the tables the README shows (plane detection, or classification by your own videos' labels, by
   initialisation, method and label fraction; per-class F1 at the smallest fraction; saliency; pretext accuracy per
-  head against chance, a head that is not clearly above chance marked, and logged as a warning; POCUS
-  cross-validation);
+  head against chance, a head that is not clearly above chance marked, and logged as a warning; the
+  cross-validation by patient, POCUS or yours);
 - ``metrics.json``: the headline numbers, flat, for ``dvc metrics show``;
 - ``plots/confusion_<init>.json``: test confusion pairs of the fine-tune at the smallest fraction, for ``dvc plots``.
 
@@ -51,7 +51,7 @@ def _read(path: Path, required: dict[str, type] | None = None) -> dict[str, Any]
 
 FINETUNE_KEYS = {"task": str, "runs": list}
 PRETRAIN_KEYS = {"val": dict, "chance": dict}
-CROSSVAL_KEYS = {"results": list, "classes": list}
+CROSSVAL_KEYS = {"results": list, "classes": list, "dataset": str}
 
 
 def _runs(finetune: dict[str, dict], folder: Path | None = None) -> dict[tuple[str, str, str, float], dict]:
@@ -297,7 +297,7 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
     for mode, m in pretrain.items():
         metrics[f"pretext/{mode}"] = m["val"] | {"chance_" + k: v for k, v in m["chance"].items()}
     if cv:
-        name = Path(cv.get("dataset", "crossval")).name  # the clip dataset's folder: pocus, or one of yours
+        name = Path(cv["dataset"]).name  # the clip dataset's folder: pocus, or one of yours
         for r in cv["results"]:
             metrics[f"crossval/{name}/{r['init']}/{r['method']}"] = {"accuracy": r["accuracy"], **r["per_class_f1"]}
 

@@ -158,11 +158,12 @@ def augment_frames(x: torch.Tensor, gen: torch.Generator, flip: bool = True) -> 
     return (x * gain + offset).clamp_(0, 1), theta
 
 
-def warp_like(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def warp_like(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
     """(B, C, H, W) sampled under ``augment_frames``' affine map: in normalised coordinates (align_corners=False)
-    the same map moves a frame and a map of any resolution over the same field of view alike."""
+    the same map moves a frame and a map of any resolution over the same field of view alike. Frames repeat their
+    edge where the view leaves them; a gaze map should take ``padding_mode="zeros"`` (nobody looked there)."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, padding_mode=padding_mode, align_corners=False)
 
 
 def to_input(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -264,8 +265,10 @@ class SaliencyTask(_FrameTask):
 
     def targets(self, rows: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """The gaze maps of ``rows``, moved as their frames were (shift, zoom, flip: ``augment_frames``' ``theta``),
-        each still a distribution."""
-        target = warp_like(self.saliency[rows].to(theta.device)[:, None].float(), theta)[:, 0]
+        each still a distribution: what leaves the view is dropped, not repeated from the edge, and the rest
+        renormalised. In float32 also under the loop's autocast (bfloat16 grids move the maps)."""
+        with torch.autocast(theta.device.type, enabled=False):
+            target = warp_like(self.saliency[rows].to(theta.device)[:, None].float(), theta.float(), "zeros")[:, 0]
         return target / target.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
 
     def loss(self, model, batch):
