@@ -70,6 +70,8 @@ def main() -> int:
     source = args.source or params.preprocess.frame_size
     starts = frames = None
     if args.frames_from is not None:
+        if args.source is not None:
+            raise SystemExit("--source: the frame side of noise; with --frames-from the clip dataset's frames decide")
         data = load_clip_dataset(args.frames_from)
         train = (data.index["split"] == "train").to_numpy()
         video = data.index["video_idx"].to_numpy()
@@ -78,7 +80,7 @@ def main() -> int:
         if not len(starts):
             raise SystemExit(f"{args.frames_from}: no training video is long enough for one clip of "
                              f"{p.k} frames at stride {p.stride}")
-        frames, source = torch.from_numpy(np.asarray(data.frames)), data.frames.shape[-1]
+        frames, source = torch.from_numpy(np.array(data.frames)), data.frames.shape[-1]  # a copy: writable
     out = args.out or REPO / "benchmarks/results" / (
         "pretext_texture_probe.json" if args.frames_from is None
         else f"pretext_texture_probe_{args.frames_from.name}.json")
