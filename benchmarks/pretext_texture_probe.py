@@ -24,7 +24,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sonossl.atomic import atomic_write_text
@@ -33,7 +32,7 @@ from sonossl.machine import describe
 from sonossl.data.clips import load_clip_dataset
 from sonossl.pretext.batch import PretextBatchMaker, clip_starts
 from sonossl.pretext.permutations import permutation_set
-from sonossl.train.pretrain import transform_set
+from sonossl.train.pretrain import frames_tensor, transform_set
 
 REPO = Path(__file__).resolve().parents[1]
 LAGS = ((0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0))
@@ -73,14 +72,12 @@ def main() -> int:
         if args.source is not None:
             raise SystemExit("--source: the frame side of noise; with --frames-from the clip dataset's frames decide")
         data = load_clip_dataset(args.frames_from)
-        train = (data.index["split"] == "train").to_numpy()
-        video = data.index["video_idx"].to_numpy()
-        starts = clip_starts(np.where(train, video, -1), p.k, p.stride)
-        starts = starts[train[starts]]
+        starts = clip_starts(data.index["video_idx"].to_numpy(), p.k, p.stride)  # as pretraining takes them
+        starts = starts[(data.index["split"] == "train").to_numpy()[starts]]
         if not len(starts):
             raise SystemExit(f"{args.frames_from}: no training video is long enough for one clip of "
                              f"{p.k} frames at stride {p.stride}")
-        frames, source = torch.from_numpy(np.array(data.frames)), data.frames.shape[-1]  # a copy: writable
+        frames, source = frames_tensor(data), data.frames.shape[-1]
     out = args.out or REPO / "benchmarks/results" / (
         "pretext_texture_probe.json" if args.frames_from is None
         else f"pretext_texture_probe_{args.frames_from.name}.json")
