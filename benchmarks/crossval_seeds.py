@@ -7,7 +7,8 @@ pipeline's ``crossval`` step (the profile's parameters) with seeds 0..n-1; seed 
 ``pretrain.seed`` and ``finetune.seed`` to s, so it draws other folds, other inner validation patients, other
 pretraining clips and other initialisations. Seed 0 is the pipeline's own run. Video accuracy per seed for SSL and
 scratch, probe and fine-tune, the SSL - scratch differences, their median and range, and how many seeds reach the
-issue's 0.85.
+issue's 0.85; and per seed the mean over the folds of each model's inner-validation macro-F1 (``*_val``: the score
+that chose its epoch or L2 strength), the one to compare settings on without looking at the test folds.
 
     .venv/bin/python benchmarks/crossval_seeds.py [--seeds 5] [--profile default]   # after `dvc repro preprocess@pocus`
 
@@ -20,6 +21,8 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
     --pretrain-clips-per-epoch 6000    pretraining clips per epoch
     --finetune-epochs 8                fine-tune epochs per fold
     --frames-per-video 48              labelled training frames per video (probe and fine-tune)
+    --encoder-init pytorch             every encoder, pretrained or scratch, starts from this initialisation
+                                       (pretrain.encoder.init)
     --pool-stages 3                    probe and fine-tune heads on the last 3 encoder stages, pooled and
                                        concatenated (finetune.pool_stages), SSL and scratch alike
     --encoder-lr-decay 0.5             layer-wise decay of the pretrained encoder's fine-tune rate
@@ -49,7 +52,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sonossl.config import as_dict, load_params
+from sonossl.models import encoder as encoders
 from sonossl.train.crossval import crossval
 from sonossl.train.finetune import check_finetune_params
 
@@ -70,6 +76,8 @@ def main() -> int:
         ap.add_argument(f"--{lever.replace('_', '-')}", type=int, default=None,
                         help=f"crossval.{lever} (default: the profile's)")
     ap.add_argument("--pretrain-lr", type=float, default=None, help="pretrain.lr (default: the profile's)")
+    ap.add_argument("--encoder-init", choices=encoders.INITS, default=None,
+                    help="pretrain.encoder.init (default: the profile's)")
     ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
     ap.add_argument("--encoder-lr-decay", type=float, default=None,
                     help="finetune.encoder_lr_decay (default: the profile's)")
@@ -98,10 +106,14 @@ def main() -> int:
         if getattr(args, flag) is not None:
             cv_given[flag] = getattr(args, flag)
     positive("--pretrain-lr", args.pretrain_lr)
-    pt_given = {"lr": args.pretrain_lr} if args.pretrain_lr is not None else {}
+    pt_given: dict = {"lr": args.pretrain_lr} if args.pretrain_lr is not None else {}
+    if args.encoder_init is not None:
+        pt_given["encoder"] = dataclasses.replace(params.pretrain.encoder, init=args.encoder_init)
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay),
                                   ("ema", args.ema)) if v is not None}
-    given = cv_given | {f"pretrain_{k}": v for k, v in pt_given.items()} | ft_given
+    given = cv_given | {f"pretrain_{k}": v for k, v in pt_given.items() if k != "encoder"} | ft_given
+    if args.encoder_init is not None:
+        given["encoder_init"] = args.encoder_init
     base = dataclasses.replace(params, crossval=dataclasses.replace(params.crossval, **cv_given),
                                pretrain=dataclasses.replace(params.pretrain, **pt_given),
                                finetune=dataclasses.replace(params.finetune, **ft_given))
@@ -131,6 +143,7 @@ def main() -> int:
             "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
             "encoder_lr_decay": base.finetune.encoder_lr_decay, "ema": base.finetune.ema,
             "pretrain_lr": base.pretrain.lr,
+            "encoder_spec": encoders.build_encoder(as_dict(base.pretrain.encoder)).spec,
             "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
             "seeds": [r["seed"] for r in rows], "per_seed": rows,
             **summarise(rows), **refit,
@@ -160,6 +173,9 @@ def main() -> int:
                     row[f"{key}_selected_folds"] = r["fold_accuracy_selected"]
                 if "by_view" in r:
                     row[f"{key}_frames"] = r["by_view"]["frames"]
+            for key in ("ssl_finetune", "scratch_finetune", "ssl_probe", "scratch_probe"):
+                # the inner-validation score that made each fold's choice, averaged over the folds
+                row[f"{key}_val"] = round(float(np.mean([f[f"{key}_val_macro_f1"] for f in out["fold_runs"]])), 4)
             row["finetune_gain"] = round(row["ssl_finetune"] - row["scratch_finetune"], 4)
             row["probe_gain"] = round(row["ssl_probe"] - row["scratch_probe"], 4)
             row["minutes"] = round((time.perf_counter() - t) / 60, 1)

@@ -4,7 +4,9 @@ The results table scores one draw (``finetune.seed``). At 5 % of the training vi
 so which ones, and the fine-tune's own randomness, move macro-F1 a lot. This reruns the smallest fraction of the
 ``ssl-planes`` and ``scratch@planes`` stages (linear probe and fine-tune, the profile's parameters) with seeds
 0..n-1: each seed draws another set of labelled videos (still one per main plane) and another initialisation of the
-head and the augmentation. Test macro-F1 per seed, the SSL - scratch differences, their median and range. The test
+head and the augmentation. Test macro-F1 per seed, the SSL - scratch differences, their median and range, and each
+run's validation macro-F1 (``*_val``: the score that chose its epoch or L2 strength, the one to compare choices on
+without looking at the test set). The test
 set is the pipeline's: the independent simulated sweeps (``data/clips/sim_test``, stage ``simulate-test``), or with
 ``--split-test`` the test split of ``--clips`` (the 10 sweeps that earlier results were scored on).
 
@@ -43,6 +45,9 @@ the levers; the scratch side is the same unless ``--lr`` or ``--head-init`` chan
                                        stride has fewer valid clips, so give --clips-per-epoch to hold the cost
     --pretrain-warmup 3                pretrain a both-sequential encoder with this many epochs of linear
                                        learning-rate warm-up (pretrain.warmup_epochs; the profile's 1)
+    --encoder-init pytorch             both encoders start from this initialisation (pretrain.encoder.init: the
+                                       scratch encoder, and a both-sequential encoder pretrained first with the
+                                       profile's parameters), to compare initialisations on the validation sweeps
     --save-encoder DIR                 keep the encoder built for the options above, to rerun other levers on
                                        it with --encoder DIR (the record still names how it was built)
 """
@@ -59,8 +64,9 @@ import time
 from pathlib import Path
 
 from sonossl.atomic import atomic_dir, atomic_write_text
-from sonossl.config import Params, PretrainParams, SimulateParams, SplitParams, as_dict, load_params
+from sonossl.config import EncoderParams, Params, PretrainParams, SimulateParams, SplitParams, as_dict, load_params
 from sonossl.machine import describe
+from sonossl.models import encoder as encoders
 from sonossl.train.finetune import HEAD_INITS, check_finetune_params, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +148,7 @@ PRETRAIN_FIELDS = {"pretrain_epochs": "epochs", "pretrain_lr": "lr", "pretrain_s
                    "pretrain_stride": "stride", "pretrain_crop": "crop", "pretrain_max_shift": "max_shift",
                    "pretrain_warmup": "warmup_epochs", "clips_per_epoch": "clips_per_epoch"}
 # the options that make ``build_encoder`` pretrain an encoder here
-BUILD_OPTIONS = (*PRETRAIN_FIELDS, "pool_videos")
+BUILD_OPTIONS = (*PRETRAIN_FIELDS, "encoder_init", "pool_videos")
 
 
 def builds(args: argparse.Namespace) -> bool:
@@ -233,6 +239,9 @@ def main() -> int:
                     help="a pretrained encoder's learning rate multiple (default: the profile's; scratch: 1)")
     ap.add_argument("--pool-stages", type=int, default=None,
                     help="heads on the last N encoder stages, pooled (default: the profile's finetune.pool_stages)")
+    ap.add_argument("--encoder-init", choices=encoders.INITS, default=None,
+                    help="both encoders start from this initialisation (pretrain.encoder.init; pretrains a "
+                         "both-sequential encoder first)")
     ap.add_argument("--save-encoder", type=Path, default=None,
                     help="keep the encoder built for the pretraining options above (--pretrain-*, --clips-per-epoch, "
                          "--pool-videos) in this directory, so that other levers can reuse it with --encoder")
@@ -255,6 +264,16 @@ def main() -> int:
 
     params = draw_params(args, lr=args.lr, head_init=args.head_init, encoder_lr_scale=args.encoder_lr_scale,
                          pool_stages=args.pool_stages)
+    # scratch is the network compared, from random weights: the encoder's own spec when it is given (an encoder
+    # kept by --save-encoder with --encoder-init, say), the profile's with --encoder-init's initialisation when built
+    if builds(args):
+        init = {"init": args.encoder_init} if args.encoder_init else {}
+        spec = dataclasses.replace(params.pretrain.encoder, **init)
+    else:
+        from sonossl.train.pretrain import load_encoder
+
+        spec = EncoderParams(**load_encoder(args.encoder)[1]["encoder"])
+    params = dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, encoder=spec))
     if args.pretrain_crop is not None:  # the pool is preprocessed as the profile says
         check_crops("--pretrain-crop", params.pretrain, [args.pretrain_crop], params.preprocess.frame_size)
     fraction = min(params.finetune.fractions) if args.fraction is None else args.fraction
@@ -281,6 +300,7 @@ def main() -> int:
                 test_set = m["test_set"]
                 for run in m["runs"]:
                     row[f"{init}_{run['method']}"] = run["test"]["macro_f1"]
+                    row[f"{init}_{run['method']}_val"] = run["val"]["macro_f1"]
                     row["videos"] = run["videos"]
                     if "best_epoch" in run:  # which fine-tune epoch the validation videos chose, of how many
                         row[f"{init}_finetune_epoch"] = f"{run['best_epoch']}/{ft.epochs}"
@@ -299,6 +319,7 @@ def main() -> int:
         "head_init": params.finetune.head_init, "encoder_lr_scale": params.finetune.encoder_lr_scale,
         "encoder_lr_decay": params.finetune.encoder_lr_decay,
         "pool_stages": params.finetune.pool_stages, "ema": params.finetune.ema,
+        "encoder_spec": encoders.build_encoder(as_dict(params.pretrain.encoder)).spec,  # both inits' network
         "encoder": {"path": encoder_path, **build,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
         "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": [r["seed"] for r in rows],
@@ -321,11 +342,16 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
 
 
+VAL_KEYS = ("ssl_finetune_val", "scratch_finetune_val", "ssl_probe_val", "scratch_probe_val")
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Median, min and max over the seeds of each SSL / scratch score and gain, and in how many seeds the fine-tune
-    gain is positive (also used by ``crossval_seeds.py``)."""
-    return {**{k: spread([r[k] for r in rows]) for k in ("ssl_finetune", "scratch_finetune", "finetune_gain",
-                                                         "ssl_probe", "scratch_probe", "probe_gain")},
+    """Median, min and max over the seeds of each SSL / scratch score and gain, and of each validation score
+    (``VAL_KEYS``) every row has, and in how many seeds the fine-tune gain is positive (also used by
+    ``crossval_seeds.py``)."""
+    keys = ("ssl_finetune", "scratch_finetune", "finetune_gain", "ssl_probe", "scratch_probe", "probe_gain",
+            *(k for k in VAL_KEYS if all(k in r for r in rows)))
+    return {**{k: spread([r[k] for r in rows]) for k in keys},
             "finetune_gain_positive_in": f"{sum(r['finetune_gain'] > 0 for r in rows)}/{len(rows)} seeds"}
 
 

@@ -31,7 +31,8 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     subprocess.run([sys.executable, str(LABEL_SEEDS), *common, "--seeds", "2", "--pool-videos", "4",
                     "--pool-fps", "5", "--clips-per-epoch", "48", "--pretrain-epochs", "1", "--pretrain-lr", "0.003",
                     "--pretrain-seed", "3", "--pretrain-stride", "3", "--pretrain-crop", "16", "--pretrain-max-shift",
-                    "0", "--pretrain-warmup", "0.5", "--save-encoder", str(kept), "--out", str(out)],
+                    "0", "--pretrain-warmup", "0.5", "--encoder-init", "torchvision", "--save-encoder", str(kept),
+                    "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(out.read_text())
     # the kept encoder gives the same draw the same scores, and its record still says how it was built
@@ -62,6 +63,14 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     row = result["per_seed"][0]
     assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
     assert {row["ssl_finetune_epoch"], row["scratch_finetune_epoch"]} <= {"1/2", "2/2"}  # tiny: 2 fine-tune epochs
+    # --encoder-init: both networks start so (small_cnn's own is pytorch), and a kept encoder's scratch twin too
+    assert enc["encoder_init"] == "torchvision" and kept_params["encoder"]["init"] == "torchvision"
+    assert result["encoder_spec"] == again["encoder_spec"] == {"name": "small_cnn", "width": 8, "maxpool": True,
+                                                               "init": "torchvision"}
+    # every run's validation score, and their spread: what choices are compared on
+    for r in result["per_seed"]:
+        assert all(0 <= r[f"{i}_{m}_val"] <= 1 for i in ("ssl", "scratch") for m in ("finetune", "probe"))
+    assert result["ssl_finetune_val"]["min"] == min(r["ssl_finetune_val"] for r in result["per_seed"])
 
 
 @pytest.mark.parametrize("seed", [0, 1])  # the tiny profile's training and test sweeps

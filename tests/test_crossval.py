@@ -319,20 +319,23 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
     from sonossl.train.crossval import crossval
 
     preprocess(pocus_subset, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    spec = dataclasses.replace(tiny_params.pretrain.encoder, init="torchvision")  # small_cnn's own is pytorch
     params = dataclasses.replace(tiny_params, crossval=dataclasses.replace(tiny_params.crossval, frames_per_video=3,
                                                                            refit=True),
-                                 pretrain=dataclasses.replace(tiny_params.pretrain, lr=0.003),
+                                 pretrain=dataclasses.replace(tiny_params.pretrain, lr=0.003, encoder=spec),
                                  finetune=dataclasses.replace(tiny_params.finetune, pool_stages=2,
                                                               encoder_lr_decay=0.5))
-    step = {f"{r['init']}_{r['method']}": r for r in crossval(tmp_path / "clips", tmp_path / "cv", params,
-                                                               progress=False)["results"]}
+    out = crossval(tmp_path / "clips", tmp_path / "cv", params, progress=False)
+    step = {f"{r['init']}_{r['method']}": r for r in out["results"]}
     subprocess.run([sys.executable, str(CROSSVAL_SEEDS), "--profile", "tiny", "--clips", str(tmp_path / "clips"),
                     "--seeds", "2", "--frames-per-video", "3", "--pool-stages", "2", "--encoder-lr-decay", "0.5",
-                    "--pretrain-lr", "0.003", "--refit", "--out", str(tmp_path / "seeds.json")],
+                    "--pretrain-lr", "0.003", "--encoder-init", "torchvision", "--refit", "--out",
+                    str(tmp_path / "seeds.json")],
                    check=True, capture_output=True, text=True, timeout=900)
     result = json.loads((tmp_path / "seeds.json").read_text())
     assert result["levers"] == {"frames_per_video": 3, "refit": True, "pretrain_lr": 0.003, "pool_stages": 2,
-                                "encoder_lr_decay": 0.5}
+                                "encoder_lr_decay": 0.5, "encoder_init": "torchvision"}
+    assert result["encoder_spec"]["init"] == "torchvision"
     assert result["pool_stages"] == 2 and result["encoder_lr_decay"] == 0.5 and result["pretrain_lr"] == 0.003
     assert result["crossval"]["frames_per_video"] == 3
     assert result["seeds"] == [0, 1] and result["finished"] == "2/2 seeds"
@@ -343,6 +346,8 @@ def test_crossval_seeds_seed_0_is_the_crossval_step_s_own_run(pocus_subset, tiny
         assert seed0[f"{key}_selected"] == r["accuracy_selected"]  # --refit keeps the selected models' scores too
         assert seed0[f"{key}_selected_folds"] == r["fold_accuracy_selected"]
         diffs = [round(row[key] - row[f"{key}_selected"], 4) for row in result["per_seed"]]
+        # the inner-validation score of each fold's choice, averaged over the folds
+        assert seed0[f"{key}_val"] == round(float(np.mean([f[f"{key}_val_macro_f1"] for f in out["fold_runs"]])), 4)
         assert result[f"{key}_refit_minus_selected"]["min"] == min(diffs)
     for row in (seed0, seed1):
         assert row["finetune_gain"] == round(row["ssl_finetune"] - row["scratch_finetune"], 4)
@@ -392,7 +397,9 @@ def test_crossval_seeds_keeps_the_seeds_it_finished_when_a_later_one_fails(tmp_p
             raise RuntimeError("stopped")
         results = [{"init": i, "method": m, "accuracy": 0.5 + 0.1 * (i == "ssl"), "fold_accuracy": [0.5],
                     "per_class_f1": {}} for i in ("ssl", "scratch") for m in ("probe", "finetune")]
-        return {"results": results, "data_version": "v", "videos": 12, "patients": 6, "folds": 3}
+        fold_runs = [{f"{i}_{m}_val_macro_f1": 0.5 for i in ("ssl", "scratch") for m in ("probe", "finetune")}]
+        return {"results": results, "data_version": "v", "videos": 12, "patients": 6, "folds": 3,
+                "fold_runs": fold_runs}
 
     monkeypatch.setattr(bench, "crossval", fake_crossval)
     monkeypatch.setattr(sys, "argv", ["crossval_seeds.py", "--profile", "tiny", "--clips", str(tmp_path / "clips"),

@@ -40,6 +40,40 @@ def test_resnet18_initialises_every_convolution_as_torchvision_does_at_any_width
         assert float(conv.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.15), conv
 
 
+@pytest.mark.parametrize("width", [16, 64])
+def test_resnet18_init_pytorch_keeps_pytorch_s_default_after_the_stem(width):
+    """``init: pytorch``: every convolution of the four stages as PyTorch's layer default leaves it
+    (kaiming-uniform, a=sqrt(5): std sqrt(1 / (3 fan-in))), at width 64 too, where torchvision re-initialises them;
+    the stem stays torchvision's. The spec names the initialisation either way."""
+    torch.manual_seed(0)
+    enc = build_encoder({"name": "resnet18", "width": width, "init": "pytorch"})
+    stem, *convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert float(stem.weight.detach().std()) == pytest.approx((2 / (width * 49)) ** 0.5, rel=0.15)
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert float(conv.weight.detach().std()) == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.15), conv
+    assert enc.spec["init"] == "pytorch"
+    assert build_encoder({"name": "resnet18", "width": width}).spec["init"] == "torchvision"  # resnet18's own
+
+
+def test_small_cnn_takes_either_initialisation():
+    """small_cnn's own is PyTorch's default; ``init: torchvision`` gives its convolutions kaiming-normal fan-out."""
+    for init, torchvision_like in (("pytorch", False), (None, False), ("torchvision", True)):
+        torch.manual_seed(0)
+        enc = build_encoder({"name": "small_cnn", "width": 16, "init": init})
+        assert enc.spec["init"] == (init or "pytorch")
+        for conv in (m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)):
+            k = conv.kernel_size[0] * conv.kernel_size[1]
+            fan_out, fan_in = conv.out_channels * k, conv.in_channels * k
+            std = (2 / fan_out) ** 0.5 if torchvision_like else (1 / (3 * fan_in)) ** 0.5
+            assert float(conv.weight.detach().std()) == pytest.approx(std, rel=0.2), (init, conv)
+
+
+def test_encoder_init_refuses_an_unknown_name():
+    with pytest.raises(ValueError, match=r"encoder.init='xavier': must be one of \['torchvision', 'pytorch'\]"):
+        build_encoder({"name": "resnet18", "width": 8, "init": "xavier"})
+
+
 def test_unknown_encoder_lists_the_valid_ones():
     with pytest.raises(ValueError, match="resnet18"):
         build_encoder({"name": "vgg"})

@@ -82,6 +82,10 @@ class EncoderParams:
     name: str = field(default="resnet18", metadata={"choices": ("resnet18", "small_cnn")})
     width: int = 64  # channels of the first stage (64 = the standard ResNet-18)
     maxpool: bool = True  # the stem's max-pool; off doubles the feature-map size (for small frames)
+    # how the convolutions start: torchvision (kaiming-normal, fan-out, as torchvision's ResNets) or pytorch
+    # (PyTorch's layer default, kaiming-uniform a=sqrt(5), 1.7-2.5x smaller weights) for every convolution after
+    # the stem; null: the network's own (resnet18 torchvision, small_cnn pytorch)
+    init: str | None = field(default=None, metadata={"choices": (None, "torchvision", "pytorch")})
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 Encoders are entries of ``ENCODERS``: ``resnet18`` is torchvision's ResNet-18 (``weights=None``: every model is
 trained here) with a one-channel stem and a ``width`` option (64 is the standard network; 32 or 16 divide the
-channels, for 2-core machines), and ``small_cnn`` is a four-block CNN for the tiny test profile. Frames go in as
-float in [0, 1], (B, 1, H, W) of any size; the encoder normalises them itself, so the serving contract is just
-"grey levels / 255".
+channels, for 2-core machines), and ``small_cnn`` is a four-block CNN for the tiny test profile. ``init`` picks how
+the convolutions after the stem start: ``torchvision`` (kaiming-normal, fan-out; resnet18's own) or ``pytorch``
+(PyTorch's layer default, kaiming-uniform a=sqrt(5); small_cnn's own, and what resnet18's stages had at a width
+other than 64 until the stages were initialised as torchvision's). Frames go in as float in [0, 1], (B, 1, H, W) of
+any size; the encoder normalises them itself, so the serving contract is just "grey levels / 255".
 
     enc = build_encoder({"name": "resnet18", "width": 32})
     emb = enc(frames)                    # (B, enc.dim)
@@ -71,11 +73,21 @@ class Encoder(nn.Module):
         return torch.cat([m.mean(dim=(2, 3)) for m in self.feature_maps(x)[-stages:]], 1)
 
 
-def _resnet18(width: int = 64, maxpool: bool = True) -> Encoder:
+INITS = ("torchvision", "pytorch")  # the ``init`` of a spec: how the convolutions after the stem start
+
+
+def _kaiming_fan_out(modules: list[nn.Module]) -> None:
+    """torchvision's ResNet initialisation of every convolution among ``modules`` (ResNet.__init__)."""
+    for m in modules:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _resnet18(width: int = 64, maxpool: bool = True, init: str = "torchvision") -> Encoder:
     import torchvision
     from torchvision.models.resnet import BasicBlock
 
-    net = torchvision.models.resnet18(weights=None)
+    net = torchvision.models.resnet18(weights=None)  # every convolution initialised as torchvision does
     if width != 64:  # rebuild the stages with fewer channels (torchvision has no width option for BasicBlock)
         net.inplanes = width
         net.bn1 = nn.BatchNorm2d(width)
@@ -83,19 +95,23 @@ def _resnet18(width: int = 64, maxpool: bool = True) -> Encoder:
         net.layer2 = net._make_layer(BasicBlock, 2 * width, 2, stride=2)
         net.layer3 = net._make_layer(BasicBlock, 4 * width, 2, stride=2)
         net.layer4 = net._make_layer(BasicBlock, 8 * width, 2, stride=2)
-        for m in [*net.layer1.modules(), *net.layer2.modules(), *net.layer3.modules(), *net.layer4.modules()]:
-            if isinstance(m, nn.Conv2d):  # torchvision's own initialisation (ResNet.__init__), not PyTorch's default
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    after_stem = [m for stage in stages for m in stage.modules() if isinstance(m, nn.Conv2d)]
+    if init == "torchvision" and width != 64:  # the rebuilt stages start with PyTorch's default
+        _kaiming_fan_out(after_stem)
+    elif init == "pytorch" and width == 64:  # torchvision re-initialised them
+        for m in after_stem:
+            m.reset_parameters()
     net.conv1 = nn.Conv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
-    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    _kaiming_fan_out([net.conv1])  # the stem as torchvision's, whatever ``init`` says
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, *([net.maxpool] if maxpool else []))
     s = 4 if maxpool else 2
-    spec = {"name": "resnet18", "width": width, "maxpool": maxpool}
+    spec = {"name": "resnet18", "width": width, "maxpool": maxpool, "init": init}
     channels = [width, 2 * width, 4 * width, 8 * width]
-    return Encoder(spec, stem, [net.layer1, net.layer2, net.layer3, net.layer4], channels, [s, 2 * s, 4 * s, 8 * s])
+    return Encoder(spec, stem, stages, channels, [s, 2 * s, 4 * s, 8 * s])
 
 
-def _small_cnn(width: int = 16, maxpool: bool = True) -> Encoder:
+def _small_cnn(width: int = 16, maxpool: bool = True, init: str = "pytorch") -> Encoder:
     if not maxpool:  # it downsamples with strided convolutions: there is no max-pool to leave out
         raise ValueError("encoder: small_cnn has no max-pool (strided convolutions downsample); maxpool: false "
                          "applies to resnet18 only")
@@ -107,7 +123,9 @@ def _small_cnn(width: int = 16, maxpool: bool = True) -> Encoder:
 
     channels = [width, 2 * width, 4 * width, 8 * width]
     stages = [block(1 if i == 0 else channels[i - 1], c) for i, c in enumerate(channels)]
-    spec = {"name": "small_cnn", "width": width, "maxpool": maxpool}
+    if init == "torchvision":
+        _kaiming_fan_out([m for stage in stages for m in stage.modules()])
+    spec = {"name": "small_cnn", "width": width, "maxpool": maxpool, "init": init}
     return Encoder(spec, nn.Identity(), stages, channels, [2, 4, 8, 16])
 
 
@@ -115,7 +133,8 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {"resnet18": _resnet18, "small_cnn
 
 
 def build_encoder(spec: dict[str, Any]) -> Encoder:
-    """An untrained encoder from its spec ``{"name", "width", "maxpool"}`` (as stored in checkpoints)."""
+    """An untrained encoder from its spec ``{"name", "width", "maxpool", "init"}`` (as stored in checkpoints; a
+    missing or null ``init`` is the network's own: resnet18 torchvision, small_cnn pytorch)."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in ENCODERS:
@@ -124,6 +143,9 @@ def build_encoder(spec: dict[str, Any]) -> Encoder:
     if width < 4:
         raise ValueError(f"encoder.width={width}: must be at least 4")
     maxpool = bool(spec.pop("maxpool", True))
+    init = spec.pop("init", None)
+    if init is not None and init not in INITS:
+        raise ValueError(f"encoder.init={init!r}: must be one of {list(INITS)}, or null for the network's own")
     if spec:
-        raise ValueError(f"encoder spec: unknown key(s) {sorted(spec)}; valid keys are name, width, maxpool")
-    return ENCODERS[name](width=width, maxpool=maxpool)
+        raise ValueError(f"encoder spec: unknown key(s) {sorted(spec)}; valid keys are name, width, maxpool, init")
+    return ENCODERS[name](width=width, maxpool=maxpool, **({"init": init} if init else {}))

@@ -11,7 +11,9 @@ Per fold (``StratifiedGroupKFold`` on videos: every patient's videos fall in one
    pretext validation on the inner-validation ones): the test fold is never seen, not even unlabelled;
 3. from that encoder and from a random one: a linear probe and a fine-tune (the finetune step's, with its
    ``head_init``, ``encoder_lr_scale`` and ``encoder_lr_decay``) on ``frames_per_video`` evenly spaced frames of
-   every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos
+   every inner-train video, with the L2 strength / the epoch chosen on the inner-validation videos (their frames'
+   macro-F1, kept per fold in ``fold_runs`` as ``<init>_<method>_val_macro_f1``: the score to compare settings on
+   without looking at the test folds)
    (``fresh_frames``: the fine-tune draws its frames each epoch from every frame of those videos instead, each video
    equally likely, ``frames_per_video`` per video and epoch on average);
 4. with ``refit``, the probe (at its chosen L2 strength) and the fine-tune (for its chosen number of epochs, of the
@@ -188,6 +190,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                     model.head[1] = layer
                     score(model, (init, method, "selected"))
                     info_f[f"{init}_probe_C"] = info["C"]
+                    info_f[f"{init}_probe_val_macro_f1"] = info["val_macro_f1"]  # the score that chose C
                     if cv.refit:  # the chosen L2 strength, fitted on the training and validation videos' frames
                         model.head[1], _ = linear_probe(np.stack([z[r] for r in refit_rows]), d.labels[refit_rows],
                                                         zv[:0], d.labels[val_rows][:0], len(d.classes), [info["C"]],
@@ -199,6 +202,8 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                                                       progress=progress, row_weights=ft_train_w)
                     score(model, (init, method, "selected"))
                     info_f[f"{init}_finetune_epochs"] = info["best_epoch"]
+                    info_f[f"{init}_finetune_val_macro_f1"] = next(  # the score that chose the epoch
+                        (h.get("val_macro_f1") for h in info["history"] if h["epoch"] == info["best_epoch"]), None)
                     if cv.refit:  # the same initialisation and schedule, for the chosen number of epochs
                         torch.manual_seed(seed_for(cv.seed, f))
                         ft_params = dataclasses.replace(ft_fold, frames_per_epoch=len(refit_rows),
