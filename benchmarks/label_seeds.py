@@ -12,7 +12,8 @@ set is the pipeline's: the independent simulated sweeps (``data/clips/sim_test``
 
     .venv/bin/python benchmarks/label_seeds.py [--seeds 5] [--profile default]      # after `dvc repro`
 Writes benchmarks/results/label_seeds.json (or --out). The same comparison for other choices (docs/EXPERIMENTS.md,
-the levers; the scratch side is the same unless ``--lr`` or ``--head-init`` changes):
+the levers; the scratch side is the same unless ``--lr``, ``--head-init`` or the network changes: scratch trains
+the compared encoder's own network, its width and ``init``, from random weights):
 
     --encoder models/pretrain/order    another pretrain output (an ablation mode, or one of your own)
     --fraction 0.2                     another label fraction than the profile's smallest
@@ -199,6 +200,20 @@ def draw_params(args: argparse.Namespace, **options: object) -> Params:
     return params
 
 
+def scratch_twin(params: Params, encoder: Path | None, init: str | None = None) -> Params:
+    """``params`` with ``pretrain.encoder`` the network compared, which scratch trains from random weights: the spec
+    stored in ``encoder`` (a pretrain output: an encoder kept by ``--save-encoder --encoder-init pytorch`` has its
+    scratch twin start as it did), or for an encoder pretrained here (None) the profile's, with ``init`` when given
+    (also ``selection_oracle.py``)."""
+    if encoder is not None:
+        from sonossl.train.pretrain import load_encoder
+
+        spec = EncoderParams(**load_encoder(encoder)[1]["encoder"])
+    else:
+        spec = dataclasses.replace(params.pretrain.encoder, **({"init": init} if init else {}))
+    return dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, encoder=spec))
+
+
 def test_clips(args: argparse.Namespace) -> Path | None:
     """The ``test_clips`` argument of ``finetune`` for these options: None scores the test split of ``--clips``."""
     if args.split_test:
@@ -244,7 +259,8 @@ def main() -> int:
                          "both-sequential encoder first)")
     ap.add_argument("--save-encoder", type=Path, default=None,
                     help="keep the encoder built for the pretraining options above (--pretrain-*, --clips-per-epoch, "
-                         "--pool-videos) in this directory, so that other levers can reuse it with --encoder")
+                         "--encoder-init, --pool-videos) in this directory, so that other levers can reuse it with "
+                         "--encoder")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/label_seeds.json")
     args = ap.parse_args()
     if args.pool_fps is not None and args.pool_videos is None:
@@ -264,16 +280,7 @@ def main() -> int:
 
     params = draw_params(args, lr=args.lr, head_init=args.head_init, encoder_lr_scale=args.encoder_lr_scale,
                          pool_stages=args.pool_stages)
-    # scratch is the network compared, from random weights: the encoder's own spec when it is given (an encoder
-    # kept by --save-encoder with --encoder-init, say), the profile's with --encoder-init's initialisation when built
-    if builds(args):
-        init = {"init": args.encoder_init} if args.encoder_init else {}
-        spec = dataclasses.replace(params.pretrain.encoder, **init)
-    else:
-        from sonossl.train.pretrain import load_encoder
-
-        spec = EncoderParams(**load_encoder(args.encoder)[1]["encoder"])
-    params = dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, encoder=spec))
+    params = scratch_twin(params, None if builds(args) else args.encoder, args.encoder_init)
     if args.pretrain_crop is not None:  # the pool is preprocessed as the profile says
         check_crops("--pretrain-crop", params.pretrain, [args.pretrain_crop], params.preprocess.frame_size)
     fraction = min(params.finetune.fractions) if args.fraction is None else args.fraction
@@ -319,7 +326,7 @@ def main() -> int:
         "head_init": params.finetune.head_init, "encoder_lr_scale": params.finetune.encoder_lr_scale,
         "encoder_lr_decay": params.finetune.encoder_lr_decay,
         "pool_stages": params.finetune.pool_stages, "ema": params.finetune.ema,
-        "encoder_spec": encoders.build_encoder(as_dict(params.pretrain.encoder)).spec,  # both inits' network
+        "encoder_spec": encoders.build_encoder(as_dict(params.pretrain.encoder)).spec,  # SSL's and scratch's
         "encoder": {"path": encoder_path, **build,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
         "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": [r["seed"] for r in rows],

@@ -38,7 +38,8 @@ from sonossl.train import finetune as ft
 from sonossl.train.loop import fit
 from sonossl.train.pretrain import load_encoder, seed_for
 
-from label_seeds import draw_args, draw_params, finish, test_clips  # benchmarks/ is on the path when run as a script
+# benchmarks/ is on the path when run as a script
+from label_seeds import draw_args, draw_params, finish, scratch_twin, test_clips
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,8 @@ def main() -> int:
     args = ap.parse_args()
     if not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
-    params = draw_params(args)
+    params = scratch_twin(draw_params(args), args.encoder)  # scratch: the encoder's own network, random weights
+    spec = as_dict(params.pretrain.encoder)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = ft.open_labelled(args.clips)
     val_rows, test = ft._rows(d, split="val"), ft.open_test_set(d, test_clips(args))
@@ -114,8 +116,7 @@ def main() -> int:
             row: dict = {"seed": seed}
             for init in ("ssl", "scratch"):
                 def make_encoder():
-                    return load_encoder(args.encoder)[0] if init == "ssl" else build_encoder(
-                        as_dict(params.pretrain.encoder))
+                    return load_encoder(args.encoder)[0] if init == "ssl" else build_encoder(spec)
                 torch.manual_seed(seed_for(seed, 1))  # as finetune's probe: the same random encoder every run
                 probe = probe_candidates(make_encoder(), d, train_rows, val_rows, test, p, device)
                 torch.manual_seed(seed_for(seed, int(fraction * 1000)))  # as finetune's fine-tune

@@ -65,6 +65,7 @@ def test_label_seeds_pretrains_on_a_new_unlabelled_pool(tiny_clips, tiny_test_cl
     assert {row["ssl_finetune_epoch"], row["scratch_finetune_epoch"]} <= {"1/2", "2/2"}  # tiny: 2 fine-tune epochs
     # --encoder-init: both networks start so (small_cnn's own is pytorch), and a kept encoder's scratch twin too
     assert enc["encoder_init"] == "torchvision" and kept_params["encoder"]["init"] == "torchvision"
+    assert torch.load(kept / "encoder.pt", weights_only=True)["encoder"]["init"] == "torchvision"  # its network
     assert result["encoder_spec"] == again["encoder_spec"] == {"name": "small_cnn", "width": 8, "maxpool": True,
                                                                "init": "torchvision"}
     # every run's validation score, and their spread: what choices are compared on

@@ -65,7 +65,9 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
         (lambda d: d["tiny"]["pretrain"]["encoder"].update(name="resnet-18"),
          "tiny.pretrain.encoder.name: 'resnet-18' is not one of ['resnet18', 'small_cnn']"),
         (lambda d: d["tiny"]["pretrain"]["encoder"].update(init="kaiming"),
-         "tiny.pretrain.encoder.init: 'kaiming' is not one of [None, 'torchvision', 'pytorch']"),
+         "tiny.pretrain.encoder.init: 'kaiming' is not one of [null, 'torchvision', 'pytorch']"),
+        (lambda d: d["tiny"]["pretrain"]["encoder"].update(init="None"),  # YAML's null is `null`, not None
+         "tiny.pretrain.encoder.init: 'None' is not one of [null, 'torchvision', 'pytorch']"),
         (lambda d: d["tiny"].setdefault("export", {}).update(select_metric="val_f1"),
          "tiny.export.select_metric: 'val_f1' is not one of ['val_macro_f1'"),
         (lambda d: d["tiny"].setdefault("export", {}).update(saliency_metric="val_kld"),

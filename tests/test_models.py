@@ -56,6 +56,45 @@ def test_resnet18_init_pytorch_keeps_pytorch_s_default_after_the_stem(width):
     assert build_encoder({"name": "resnet18", "width": width}).spec["init"] == "torchvision"  # resnet18's own
 
 
+def _resnet18_as_built_before(width: int, kaiming_stages: bool) -> list[torch.Tensor]:
+    """The stem and stages as ``_resnet18`` built them before ``init`` existed, inline: with ``kaiming_stages``
+    a8b5d3e's (torchvision's initialisation in the rebuilt stages), without it the construction before a8b5d3e."""
+    import torchvision
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock
+
+    net = torchvision.models.resnet18(weights=None)
+    if width != 64:
+        net.inplanes, net.bn1 = width, nn.BatchNorm2d(width)
+        net.layer1 = net._make_layer(BasicBlock, width, 2)
+        net.layer2 = net._make_layer(BasicBlock, 2 * width, 2, stride=2)
+        net.layer3 = net._make_layer(BasicBlock, 4 * width, 2, stride=2)
+        net.layer4 = net._make_layer(BasicBlock, 8 * width, 2, stride=2)
+        if kaiming_stages:
+            for m in [*net.layer1.modules(), *net.layer2.modules(), *net.layer3.modules(), *net.layer4.modules()]:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    net.conv1 = nn.Conv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    parts = [net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4]
+    return [t for part in parts for t in part.state_dict().values()]
+
+
+@pytest.mark.parametrize("width,init,kaiming_stages", [(16, None, True), (16, "torchvision", True),
+                                                       (64, None, True), (16, "pytorch", False)])
+def test_each_init_builds_exactly_the_network_it_names(width, init, kaiming_stages):
+    """Bit for bit, and leaving the random generator where the old construction did (the draws after it, heads and
+    data, stay the same): the default is the network of a8b5d3e on, ``pytorch`` at width 16 the one before it, so
+    every record made with either can be rebuilt."""
+    torch.manual_seed(0)
+    expected, after = _resnet18_as_built_before(width, kaiming_stages), torch.get_rng_state()
+    torch.manual_seed(0)
+    enc = build_encoder({"name": "resnet18", "width": width, "init": init})
+    got = list(enc.state_dict().values())
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(torch.get_rng_state(), after)
+
+
 def test_small_cnn_takes_either_initialisation():
     """small_cnn's own is PyTorch's default; ``init: torchvision`` gives its convolutions kaiming-normal fan-out."""
     for init, torchvision_like in (("pytorch", False), (None, False), ("torchvision", True)):

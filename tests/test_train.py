@@ -622,6 +622,24 @@ def test_pool_stages_reaches_the_probe_the_fine_tune_and_the_served_model(tiny_c
     assert not (tmp_path / "bad").exists()
 
 
+def test_resume_never_continues_a_scratch_fine_tune_of_another_network(tiny_clips, tiny_params, tmp_path, caplog):
+    """A scratch run is defined by its network too: the same parameters with another ``encoder.init`` (same shapes)
+    start over instead of "resuming" the finished run of the other initialisation and keeping its weights."""
+    from sonossl.config import as_dict
+    from sonossl.train.finetune import finetune
+
+    ft = dataclasses.replace(tiny_params.finetune, fractions=[1.0])
+    spec = as_dict(tiny_params.pretrain.encoder)
+    finetune(tiny_clips, tmp_path / "ft", ft, encoder_spec=spec, methods=("finetune",), progress=False)
+    caplog.set_level("INFO")
+    finetune(tiny_clips, tmp_path / "ft", ft, encoder_spec=spec, methods=("finetune",), resume=True, progress=False)
+    assert "resuming after epoch 2 of 2" in caplog.text  # the same network: continued (nothing left to do)
+    caplog.clear()
+    finetune(tiny_clips, tmp_path / "ft", ft, encoder_spec={**spec, "init": "torchvision"}, methods=("finetune",),
+             resume=True, progress=False)
+    assert "belongs to another run" in caplog.text and "resuming" not in caplog.text
+
+
 def test_an_independent_test_set_is_scored_whole_and_must_fit_the_training_clips(tiny_clips, tiny_test_clips,
                                                                                   tiny_params, tmp_path):
     """``test_clips``: every labelled frame of another clip dataset is scored, with the training dataset's class

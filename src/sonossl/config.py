@@ -249,7 +249,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         values[name] = _coerce(hints[name], value, f"{where}.{name}")
         choices = fields[name].metadata.get("choices")
         if choices and values[name] not in choices:
-            raise ParamsError(f"{where}.{name}: {values[name]!r} is not one of {list(choices)}")
+            shown = ", ".join("null" if c is None else repr(c) for c in choices)  # as YAML writes them
+            raise ParamsError(f"{where}.{name}: {values[name]!r} is not one of [{shown}]")
     return cls(**values)
 
 

@@ -134,7 +134,9 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {"resnet18": _resnet18, "small_cnn
 
 def build_encoder(spec: dict[str, Any]) -> Encoder:
     """An untrained encoder from its spec ``{"name", "width", "maxpool", "init"}`` (as stored in checkpoints; a
-    missing or null ``init`` is the network's own: resnet18 torchvision, small_cnn pytorch)."""
+    missing or null ``init`` is the network's own: resnet18 torchvision, small_cnn pytorch). Checkpoints written
+    before the spec had ``init`` say nothing of how they started: a resnet18 at a width other than 64 from before
+    a8b5d3e started as ``pytorch`` does now, its rebuilt network starts as ``torchvision``."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in ENCODERS:

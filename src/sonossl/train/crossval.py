@@ -190,7 +190,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                     model.head[1] = layer
                     score(model, (init, method, "selected"))
                     info_f[f"{init}_probe_C"] = info["C"]
-                    info_f[f"{init}_probe_val_macro_f1"] = info["val_macro_f1"]  # the score that chose C
+                    info_f[f"{init}_probe_val_macro_f1"] = round(info["val_macro_f1"], 5)  # the score that chose C
                     if cv.refit:  # the chosen L2 strength, fitted on the training and validation videos' frames
                         model.head[1], _ = linear_probe(np.stack([z[r] for r in refit_rows]), d.labels[refit_rows],
                                                         zv[:0], d.labels[val_rows][:0], len(d.classes), [info["C"]],
@@ -202,8 +202,9 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
                                                       progress=progress, row_weights=ft_train_w)
                     score(model, (init, method, "selected"))
                     info_f[f"{init}_finetune_epochs"] = info["best_epoch"]
-                    info_f[f"{init}_finetune_val_macro_f1"] = next(  # the score that chose the epoch
-                        (h.get("val_macro_f1") for h in info["history"] if h["epoch"] == info["best_epoch"]), None)
+                    # the score that chose the epoch (best.pt's own history entry)
+                    info_f[f"{init}_finetune_val_macro_f1"] = [h["val_macro_f1"] for h in info["history"]
+                                                               if h["epoch"] == info["best_epoch"]][0]
                     if cv.refit:  # the same initialisation and schedule, for the chosen number of epochs
                         torch.manual_seed(seed_for(cv.seed, f))
                         ft_params = dataclasses.replace(ft_fold, frames_per_epoch=len(refit_rows),

@@ -655,8 +655,11 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
     def make_encoder() -> Encoder:
         return _fresh_encoder(encoder, encoder_spec)[0]
 
+    # what the encoder starts as: a pretrained one's file, or a scratch one's spec (its width and initialisation:
+    # --resume must not continue a scratch run of another network)
     run_key = fingerprint(as_dict(params), task, d.data.version, origin,
-                          _file_hash(Path(encoder) / "encoder.pt" if encoder and Path(encoder).is_dir() else encoder))
+                          _file_hash(Path(encoder) / "encoder.pt" if encoder and Path(encoder).is_dir() else encoder),
+                          None if encoder else fresh.spec)
     if task == "planes":
         fractions = fractions or params.fractions
         runs, best = _plane_runs(d, out_dir, params, make_encoder, encoder is not None, fractions, list(methods),
