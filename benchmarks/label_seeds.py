@@ -1,14 +1,14 @@
 """How much of the smallest-fraction result is the draw of labelled videos: SSL against scratch over several seeds.
 
-The results table scores one draw (``finetune.seed``). At 5 % of the training videos only a handful are labelled,
-so which ones, and the fine-tune's own randomness, move macro-F1 a lot. This reruns the smallest fraction of the
+The results table scores one draw (``finetune.seed``). At 5 % of the training videos only a handful are labelled, so
+which ones, and the fine-tune's own randomness, move macro-F1 a lot. This reruns the smallest fraction of the
 ``ssl-planes`` and ``scratch@planes`` stages (linear probe and fine-tune, the profile's parameters) with seeds
 0..n-1: each seed draws another set of labelled videos (still one per main plane) and another initialisation of the
 head and the augmentation. Test macro-F1 per seed, the SSL - scratch differences, their median and range, and each
 run's validation macro-F1 (``*_val``: the score that chose its epoch or L2 strength, the one to compare choices on
-without looking at the test set). The test
-set is the pipeline's: the independent simulated sweeps (``data/clips/sim_test``, stage ``simulate-test``), or with
-``--split-test`` the test split of ``--clips`` (the 10 sweeps that earlier results were scored on).
+without looking at the test set). The test set is the pipeline's: the independent simulated sweeps
+(``data/clips/sim_test``, stage ``simulate-test``), or with ``--split-test`` the test split of ``--clips`` (the 10
+sweeps that earlier results were scored on).
 
     .venv/bin/python benchmarks/label_seeds.py [--seeds 5] [--profile default]      # after `dvc repro`
 Writes benchmarks/results/label_seeds.json (or --out). The same comparison for other choices (docs/EXPERIMENTS.md,
