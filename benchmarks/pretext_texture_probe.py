@@ -84,7 +84,7 @@ def main() -> int:
     maker = PretextBatchMaker("transform", permutation_set(p.k, p.n_permutations, p.seed), transform_set(p),
                               source=source, crop=p.crop, max_shift=p.max_shift)
     gen = torch.Generator().manual_seed(0)
-    stats, targets = [], []
+    stats, targets, drawn = [], [], set()
     for start in range(0, args.clips, 256):
         n = min(256, args.clips - start)
         if frames is None:
@@ -92,6 +92,7 @@ def main() -> int:
         else:
             first = torch.from_numpy(starts)[torch.randint(len(starts), (n,), generator=gen)]
             clips = frames[first[:, None] + p.stride * torch.arange(p.k)]
+            drawn.update(data.index["video_idx"].to_numpy()[first.numpy()].tolist())
         batch = maker(clips, gen)
         stats.append(texture_statistics(batch.transform_clips[:, :, 0]))
         targets.append(torch.stack([batch.targets[f] for f in maker.transforms.sizes], 1))
@@ -102,6 +103,8 @@ def main() -> int:
               "frames": "white noise" if args.frames_from is None else str(args.frames_from),
               "source": source, "crop": p.crop, "shift_px": round(float(maker.shift), 3), "clips": len(x),
               "features": ["variance"] + [f"autocorrelation {dy},{dx}" for dy, dx in LAGS], "accuracy": {}}
+    if starts is not None:  # which clips it drew from: the training videos' valid starts, as pretraining
+        result |= {"clip_starts": len(starts), "videos": sorted(int(v) for v in drawn)}
     for j, name in enumerate(sizes):
         clf = LogisticRegression(max_iter=5000)
         result["accuracy"][name] = {"all": round(float(cross_val_score(clf, x, t[:, j], cv=5).mean()), 3),

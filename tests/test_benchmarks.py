@@ -461,3 +461,13 @@ def test_pretext_texture_probe_names_what_white_noise_gives_away(tmp_path, monke
     result = json.loads(out.read_text())
     assert result["frames"] == str(tiny_clips) and result["clips"] == 300 and set(result["accuracy"]) == {
         "rotation", "scale", "shear"}
+    # the clips are pretraining's: every valid start of a training video (none of validation or test), each video
+    # drawn from
+    from sonossl.data.clips import load_clip_dataset
+    from sonossl.pretext.batch import clip_starts
+
+    index, pre = load_clip_dataset(tiny_clips).index, load_params(REPO / "params.yaml", "tiny").pretrain
+    train = index["split"].to_numpy() == "train"
+    valid = clip_starts(index["video_idx"].to_numpy(), pre.k, pre.stride)
+    assert result["clip_starts"] == int(train[valid].sum()) > 0
+    assert result["videos"] == sorted(set(index["video_idx"][train].tolist()))
