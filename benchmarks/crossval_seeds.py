@@ -122,6 +122,8 @@ def main() -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
+    encoder_spec = encoders.build_encoder(as_dict(base.pretrain.encoder)).spec  # every seed's network, resolved
+
     def against(rows: list[dict], other: str, name: str) -> dict:
         """Per draw, each scored accuracy minus the same model's ``<key>_<other>`` one, when every row has it."""
         out = {}
@@ -143,7 +145,7 @@ def main() -> int:
             "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
             "encoder_lr_decay": base.finetune.encoder_lr_decay, "ema": base.finetune.ema,
             "pretrain_lr": base.pretrain.lr,
-            "encoder_spec": encoders.build_encoder(as_dict(base.pretrain.encoder)).spec,
+            "encoder_spec": encoder_spec,
             "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
             "seeds": [r["seed"] for r in rows], "per_seed": rows,
             **summarise(rows), **refit,

@@ -72,7 +72,8 @@ def main() -> int:
         if args.source is not None:
             raise SystemExit("--source: the frame side of noise; with --frames-from the clip dataset's frames decide")
         data = load_clip_dataset(args.frames_from)
-        starts = clip_starts(data.index["video_idx"].to_numpy(), p.k, p.stride)  # as pretraining takes them
+        video = data.index["video_idx"].to_numpy()
+        starts = clip_starts(video, p.k, p.stride)  # as pretraining takes them
         starts = starts[(data.index["split"] == "train").to_numpy()[starts]]
         if not len(starts):
             raise SystemExit(f"{args.frames_from}: no training video is long enough for one clip of "
@@ -92,7 +93,7 @@ def main() -> int:
         else:
             first = torch.from_numpy(starts)[torch.randint(len(starts), (n,), generator=gen)]
             clips = frames[first[:, None] + p.stride * torch.arange(p.k)]
-            drawn.update(data.index["video_idx"].to_numpy()[first.numpy()].tolist())
+            drawn.update(video[first.numpy()].tolist())
         batch = maker(clips, gen)
         stats.append(texture_statistics(batch.transform_clips[:, :, 0]))
         targets.append(torch.stack([batch.targets[f] for f in maker.transforms.sizes], 1))
