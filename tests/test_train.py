@@ -811,3 +811,54 @@ def test_saliency_targets_follow_their_frames_through_shift_zoom_and_flip(tiny_p
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = task.targets(drawn, theta)
     assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, task.targets(drawn, theta))
+
+
+def test_a_run_stopped_and_resumed_ends_bit_for_bit_as_one_never_stopped(tiny_clips, tiny_params, tmp_path):
+    """``last.pt`` holds the weights, the optimizer state, the history and the best epoch, and every batch comes
+    from generators seeded per epoch (and rank), never from the global RNG. So a real pretext run and a real plane
+    fine-tune (augmented frames, validation selecting the best epoch), stopped after epoch 2 and resumed in a new
+    task with the global RNG elsewhere, end with the weights, optimizer state, history and best epoch of runs never
+    stopped."""
+    from sonossl.config import as_dict
+    from sonossl.data.clips import load_clip_dataset
+    from sonossl.models.downstream import PlaneClassifier
+    from sonossl.models.encoder import build_encoder
+    from sonossl.train.finetune import PlaneTask, _rows, finetune_loop_params, open_labelled
+    from sonossl.train.loop import fit
+    from sonossl.train.pretrain import PretextTask, frames_tensor, loop_params
+
+    data, d = load_clip_dataset(tiny_clips), open_labelled(tiny_clips)
+    split = data.index.split.to_numpy()
+    pt = dataclasses.replace(tiny_params.pretrain, epochs=3)
+    ft = dataclasses.replace(tiny_params.finetune, epochs=3, patience=0)
+
+    def pretext() -> PretextTask:
+        torch.manual_seed(0)
+        return PretextTask(frames_tensor(data), data.index.video_idx.to_numpy(), split == "train", split == "val",
+                           pt, "both-parallel")
+
+    def plane() -> PlaneTask:
+        torch.manual_seed(0)
+        model = PlaneClassifier(build_encoder(as_dict(pt.encoder)), len(d.classes))
+        return PlaneTask(model, d.frames, d.labels, _rows(d, split="train"), _rows(d, split="val"), ft,
+                         len(d.classes))
+
+    def run(make, out, loop, resume=False, global_seed=0):
+        task = make()
+        torch.manual_seed(global_seed)  # what the global RNG holds while training
+        return fit(task, out, loop, resume=resume, progress=False, live=False)
+
+    for name, make, loop in (("pretext", pretext, loop_params(pt)),
+                             ("plane", plane, finetune_loop_params(ft, ft.epochs, "val_macro_f1"))):
+        whole = run(make, tmp_path / name / "whole", loop)
+        run(make, tmp_path / name / "cut", dataclasses.replace(loop, stop_after=2))
+        resumed = run(make, tmp_path / name / "cut", loop, resume=True, global_seed=12345)
+        assert resumed.resumed_from == 2 and [e["epoch"] for e in resumed.history] == [1, 2, 3]
+        assert resumed.history == whole.history and resumed.best == whole.best, name
+        for file in ("last.pt", "best.pt"):
+            a, b = (load_checkpoint(tmp_path / name / run_dir / "checkpoints" / file) for run_dir in ("whole", "cut"))
+            assert a["epoch"] == b["epoch"] and a["model"].keys() == b["model"].keys()
+            assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), (name, file)
+        a, b = (load_checkpoint(tmp_path / name / run_dir / "checkpoints/last.pt")["optimizer"]["state"]
+                for run_dir in ("whole", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), name
