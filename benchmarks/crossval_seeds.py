@@ -22,7 +22,8 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
     --finetune-epochs 8                fine-tune epochs per fold
     --frames-per-video 48              labelled training frames per video (probe and fine-tune)
     --encoder-init pytorch             every encoder, pretrained or scratch, starts from this initialisation
-                                       (pretrain.encoder.init)
+                                       (pretrain.encoder.init; scratch unless finetune.scratch_init names its own)
+    --scratch-init torchvision         the scratch encoders start from this initialisation (finetune.scratch_init)
     --pool-stages 3                    probe and fine-tune heads on the last 3 encoder stages, pooled and
                                        concatenated (finetune.pool_stages), SSL and scratch alike
     --encoder-lr-decay 0.5             layer-wise decay of the pretrained encoder's fine-tune rate
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sonossl.config import as_dict, load_params
+from sonossl.config import as_dict, load_params, scratch_spec
 from sonossl.models import encoder as encoders
 from sonossl.train.crossval import crossval
 from sonossl.train.finetune import check_finetune_params
@@ -78,6 +79,8 @@ def main() -> int:
     ap.add_argument("--pretrain-lr", type=float, default=None, help="pretrain.lr (default: the profile's)")
     ap.add_argument("--encoder-init", choices=encoders.INITS, default=None,
                     help="pretrain.encoder.init (default: the profile's)")
+    ap.add_argument("--scratch-init", choices=encoders.INITS, default=None,
+                    help="finetune.scratch_init (default: the profile's)")
     ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
     ap.add_argument("--encoder-lr-decay", type=float, default=None,
                     help="finetune.encoder_lr_decay (default: the profile's)")
@@ -110,7 +113,7 @@ def main() -> int:
     if args.encoder_init is not None:
         pt_given["encoder"] = dataclasses.replace(params.pretrain.encoder, init=args.encoder_init)
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay),
-                                  ("ema", args.ema)) if v is not None}
+                                  ("ema", args.ema), ("scratch_init", args.scratch_init)) if v is not None}
     given = cv_given | {f"pretrain_{k}": v for k, v in pt_given.items() if k != "encoder"} | ft_given
     if args.encoder_init is not None:
         given["encoder_init"] = args.encoder_init
@@ -122,7 +125,8 @@ def main() -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
-    encoder_spec = encoders.build_encoder(as_dict(base.pretrain.encoder)).spec  # every seed's network, resolved
+    encoder_spec = encoders.build_encoder(as_dict(base.pretrain.encoder)).spec  # every seed's networks, resolved
+    scratch = encoders.build_encoder(scratch_spec(base)).spec
 
     def against(rows: list[dict], other: str, name: str) -> dict:
         """Per draw, each scored accuracy minus the same model's ``<key>_<other>`` one, when every row has it."""
@@ -145,7 +149,7 @@ def main() -> int:
             "crossval": as_dict(base.crossval) | {"seed": "per seed"}, "pool_stages": base.finetune.pool_stages,
             "encoder_lr_decay": base.finetune.encoder_lr_decay, "ema": base.finetune.ema,
             "pretrain_lr": base.pretrain.lr,
-            "encoder_spec": encoder_spec,
+            "encoder_spec": encoder_spec, "scratch_spec": scratch,
             "levers": given, "finished": f"{len(rows)}/{args.seeds} seeds",
             "seeds": [r["seed"] for r in rows], "per_seed": rows,
             **summarise(rows), **refit,

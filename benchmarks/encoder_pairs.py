@@ -28,7 +28,7 @@ from label_seeds import (ROOT, draw_args, draw_params, finish, shown, spread,  #
 
 
 def main() -> int:
-    ap = draw_args(__doc__)
+    ap = draw_args(__doc__, scratch=False)
     ap.add_argument("--against", type=Path, required=True, help="the second encoder (a pretrain output folder)")
     ap.add_argument("--fractions", type=float, nargs="+", default=None,
                     help="label fractions (default: the profile's)")

@@ -46,9 +46,12 @@ the compared encoder's own network, its width and ``init``, from random weights)
                                        stride has fewer valid clips, so give --clips-per-epoch to hold the cost
     --pretrain-warmup 3                pretrain a both-sequential encoder with this many epochs of linear
                                        learning-rate warm-up (pretrain.warmup_epochs; the profile's 1)
-    --encoder-init pytorch             both encoders start from this initialisation (pretrain.encoder.init: the
-                                       scratch encoder, and a both-sequential encoder pretrained first with the
-                                       profile's parameters), to compare initialisations on the validation sweeps
+    --encoder-init pytorch             both encoders start from this initialisation (pretrain.encoder.init: a
+                                       both-sequential encoder pretrained first with the profile's parameters, and
+                                       the scratch encoder unless --scratch-init or finetune.scratch_init names its
+                                       own), to compare initialisations on the validation sweeps
+    --scratch-init torchvision         the scratch encoder starts from this initialisation (finetune.scratch_init),
+                                       whatever the pretrained one started from
     --save-encoder DIR                 keep the encoder built for the options above, to rerun other levers on
                                        it with --encoder DIR (the record still names how it was built)
 """
@@ -65,7 +68,8 @@ import time
 from pathlib import Path
 
 from sonossl.atomic import atomic_dir, atomic_write_text
-from sonossl.config import EncoderParams, Params, PretrainParams, SimulateParams, SplitParams, as_dict, load_params
+from sonossl.config import (EncoderParams, Params, PretrainParams, SimulateParams, SplitParams, as_dict, load_params,
+                            scratch_spec)
 from sonossl.machine import describe
 from sonossl.models import encoder as encoders
 from sonossl.train.finetune import HEAD_INITS, check_finetune_params, finetune
@@ -164,8 +168,9 @@ def built_by(args: argparse.Namespace) -> dict:
         "pool_seed": args.pool_seed if pooled else None, "pool_fps": args.pool_fps if pooled else None}
 
 
-def draw_args(doc: str) -> argparse.ArgumentParser:
-    """The options of every benchmark over the labelled draws (also ``selection_oracle.py``)."""
+def draw_args(doc: str, scratch: bool = True) -> argparse.ArgumentParser:
+    """The options of every benchmark over the labelled draws (also ``selection_oracle.py``; ``scratch``: the
+    benchmark trains scratch too, and takes ``--scratch-init``)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0,
@@ -181,16 +186,20 @@ def draw_args(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--ema", type=float, default=None,
                     help="fine-tunes validate and keep a moving average of their weights with this decay per step "
                          "(finetune.ema; both initialisations; default: the profile's)")
+    if scratch:
+        ap.add_argument("--scratch-init", choices=encoders.INITS, default=None,
+                        help="the scratch encoder's initialisation (finetune.scratch_init; default: the profile's)")
     return ap
 
 
 def draw_params(args: argparse.Namespace, **options: object) -> Params:
-    """The profile's parameters with the fine-tune options given on the command line replaced (``--encoder-lr-decay``
-    of ``draw_args``, and the script's own as keywords; None keeps the profile's), checked with ``--seeds`` before
-    any work."""
+    """The profile's parameters with the fine-tune options given on the command line replaced
+    (``--encoder-lr-decay`` and ``--scratch-init`` of ``draw_args``, and the script's own as keywords; None keeps
+    the profile's), checked with ``--seeds`` before any work."""
     at_least("--seeds", args.seeds, 1)
     params = load_params(ROOT / "params.yaml", args.profile)
-    given = {"encoder_lr_decay": args.encoder_lr_decay, "ema": args.ema, **options}
+    given = {"encoder_lr_decay": args.encoder_lr_decay, "ema": args.ema,
+             "scratch_init": getattr(args, "scratch_init", None), **options}
     params = dataclasses.replace(params, finetune=dataclasses.replace(
         params.finetune, **{k: v for k, v in given.items() if v is not None}))
     try:
@@ -201,10 +210,11 @@ def draw_params(args: argparse.Namespace, **options: object) -> Params:
 
 
 def scratch_twin(params: Params, encoder: Path | None, init: str | None = None) -> Params:
-    """``params`` with ``pretrain.encoder`` the network compared, which scratch trains from random weights: the spec
-    stored in ``encoder`` (a pretrain output: an encoder kept by ``--save-encoder --encoder-init pytorch`` has its
-    scratch twin start as it did), or for an encoder pretrained here (None) the profile's, with ``init`` when given
-    (also ``selection_oracle.py``)."""
+    """``params`` with ``pretrain.encoder`` the network compared, which scratch trains from random weights (started
+    as ``finetune.scratch_init`` says when set: ``sonossl.config.scratch_spec``): the spec stored in ``encoder`` (a
+    pretrain output: an encoder kept by ``--save-encoder --encoder-init pytorch`` has its scratch twin start as it
+    did), or for an encoder pretrained here (None) the profile's, with ``init`` when given (also
+    ``selection_oracle.py``)."""
     if encoder is not None:
         from sonossl.train.pretrain import load_encoder
 
@@ -302,7 +312,7 @@ def main() -> int:
             row = {"seed": seed}
             for init, encoder in (("ssl", encoder_dir), ("scratch", None)):
                 m = finetune(args.clips, Path(tmp) / f"{init}-{seed}", ft, task="planes", encoder=encoder,
-                             encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=[fraction],
+                             encoder_spec=None if encoder else scratch_spec(params), fractions=[fraction],
                              test_clips=test_clips(args), progress=False)
                 test_set = m["test_set"]
                 for run in m["runs"]:
@@ -326,7 +336,8 @@ def main() -> int:
         "head_init": params.finetune.head_init, "encoder_lr_scale": params.finetune.encoder_lr_scale,
         "encoder_lr_decay": params.finetune.encoder_lr_decay,
         "pool_stages": params.finetune.pool_stages, "ema": params.finetune.ema,
-        "encoder_spec": encoders.build_encoder(as_dict(params.pretrain.encoder)).spec,  # SSL's and scratch's
+        "encoder_spec": encoders.build_encoder(as_dict(params.pretrain.encoder)).spec,  # SSL's
+        "scratch_spec": encoders.build_encoder(scratch_spec(params)).spec,
         "encoder": {"path": encoder_path, **build,
                     **{k: pretext.get(k) for k in ("mode", "epochs", "train_clips", "data_version", "val")}},
         "test_set": test_set, "labelled_videos": rows[0]["videos"], "seeds": [r["seed"] for r in rows],

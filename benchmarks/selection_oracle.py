@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sonossl.config import as_dict
+from sonossl.config import scratch_spec
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
 from sonossl.models.encoder import build_encoder
@@ -102,7 +102,7 @@ def main() -> int:
     if not (args.encoder / "encoder.pt").is_file():
         raise SystemExit(f"{args.encoder}: no encoder.pt; run `dvc repro` first")
     params = scratch_twin(draw_params(args), args.encoder)  # scratch: the encoder's own network, random weights
-    spec = as_dict(params.pretrain.encoder)
+    spec = scratch_spec(params)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = ft.open_labelled(args.clips)
     val_rows, test = ft._rows(d, split="val"), ft.open_test_set(d, test_clips(args))

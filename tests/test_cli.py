@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -111,3 +112,30 @@ def test_train_dataset_gives_export_and_evaluate_the_tasks_params_lists_for_it(t
         with pytest.raises(ValueError, match=r"export bundles planes \(the served classifier\) and optionally"):
             export(tiny_clips, both, tmp_path / "export4", tiny_params, tasks=tasks)
     assert not (tmp_path / "export4").exists()
+
+
+def test_scratch_starts_as_finetune_scratch_init_says(tiny_clips, tmp_path, monkeypatch):
+    """``finetune.scratch_init`` gives the scratch encoder its own initialisation, in ``sonossl finetune`` and in the
+    pipeline's finetune step alike; null leaves it ``pretrain.encoder.init``'s (the tiny profile's small_cnn:
+    pytorch), and the pretrained encoder's spec is not touched."""
+    from sonossl.config import load_params, scratch_spec
+    from sonossl.pipeline.steps import PARAMS_ENV, finetune_step
+    from sonossl.train.loop import load_checkpoint
+
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["tiny"]["finetune"]["scratch_init"] = "torchvision"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    params = load_params(path, "tiny")
+    assert scratch_spec(params) == {**dataclasses.asdict(params.pretrain.encoder), "init": "torchvision"}
+    assert params.pretrain.encoder.init is None
+    assert scratch_spec(load_params(REPO / "params.yaml", "tiny"))["init"] is None  # null: the network's own
+
+    assert main(["-q", "finetune", "--params", str(path), "--profile", "tiny", "--clips", str(tiny_clips),
+                 "--out", str(tmp_path / "cli"), "--fractions", "1"]) == 0
+    monkeypatch.setenv(PARAMS_ENV, str(path))
+    finetune_step(tiny_clips, tmp_path / "step", "tiny", "planes", "scratch-planes", epochs=1)
+    monkeypatch.setenv(PARAMS_ENV, str(REPO / "params.yaml"))
+    finetune_step(tiny_clips, tmp_path / "own", "tiny", "planes", "scratch-planes", epochs=1)
+    inits = {name: load_checkpoint(tmp_path / name / "model.pt")["encoder"]["init"] for name in ("cli", "step", "own")}
+    assert inits == {"cli": "torchvision", "step": "torchvision", "own": "pytorch"}

@@ -68,6 +68,8 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
          "tiny.pretrain.encoder.init: 'kaiming' is not one of [null, 'torchvision', 'pytorch']"),
         (lambda d: d["tiny"]["pretrain"]["encoder"].update(init="None"),  # YAML's null is `null`, not None
          "tiny.pretrain.encoder.init: 'None' is not one of [null, 'torchvision', 'pytorch']"),
+        (lambda d: d["tiny"]["finetune"].update(scratch_init="kaiming"),
+         "tiny.finetune.scratch_init: 'kaiming' is not one of [null, 'torchvision', 'pytorch']"),
         (lambda d: d["tiny"].setdefault("export", {}).update(select_metric="val_f1"),
          "tiny.export.select_metric: 'val_f1' is not one of ['val_macro_f1'"),
         (lambda d: d["tiny"].setdefault("export", {}).update(saliency_metric="val_kld"),

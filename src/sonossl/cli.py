@@ -90,7 +90,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from sonossl.config import as_dict, load_params
+    from sonossl.config import load_params, scratch_spec
     from sonossl.train.finetune import finetune
 
     params = load_params(args.params, args.profile)
@@ -106,7 +106,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             raise ValueError(f"--fractions {args.fractions}: give all, ablation, or fractions of the training "
                              "videos separated by commas, e.g. 0.05,0.2,1") from None
     metrics = finetune(args.clips, args.out, ft, task=args.task, encoder=args.encoder,
-                       encoder_spec=None if args.encoder else as_dict(params.pretrain.encoder),
+                       encoder_spec=None if args.encoder else scratch_spec(params),
                        fractions=fractions, test_clips=args.test_clips, resume=args.resume,
                        progress=not args.quiet)
     keys = ("macro_f1", "accuracy") if args.task == "planes" else ("cc", "kld", "nss", "sim", "auc_judd")

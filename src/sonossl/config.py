@@ -159,6 +159,9 @@ class FinetuneParams:
     patience: int = 0  # stop a fine-tune after this many epochs without a better validation score; 0 = never
     # Validate and keep a moving average of the weights (decay per step, ``train.loop``) instead of them; 0 = none.
     ema: float = 0.0
+    # The scratch starting point's initialisation (``pretrain.encoder.init``'s choices): a random encoder of the
+    # pretrained one's network, started this way; null: as ``pretrain.encoder.init`` (``scratch_spec``).
+    scratch_init: str | None = field(default=None, metadata={"choices": (None, "torchvision", "pytorch")})
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
@@ -395,3 +398,13 @@ def train_tasks(params: Params, name: str) -> list[str]:
 def as_dict(obj: Any) -> dict[str, Any]:
     """Plain-dict view of a parameter dataclass, for ``meta.json`` and model cards."""
     return dataclasses.asdict(obj)
+
+
+def scratch_spec(params: Params) -> dict[str, Any]:
+    """The encoder spec scratch trains from random weights: ``pretrain.encoder``'s network, with
+    ``finetune.scratch_init`` as its ``init`` when that is set (each starting point may take its own initialisation;
+    docs/EXPERIMENTS.md, stop 44)."""
+    spec = as_dict(params.pretrain.encoder)
+    if params.finetune.scratch_init is not None:
+        spec["init"] = params.finetune.scratch_init
+    return spec

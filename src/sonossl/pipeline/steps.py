@@ -242,7 +242,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     are of every frame of ``test_clips`` when it is a clip dataset (as the stages score ``data/clips/sim_test``),
     else (None, or the ``NO_TEST_SET`` marker) of the test split of ``clips_dir``. With a ``checkpoint_store``
     (s3://), the output folder is mirrored there and a retry resumes (``mirror``)."""
-    from sonossl.config import as_dict
+    from sonossl.config import scratch_spec
     from sonossl.pipeline.mirror import mirrored
     from sonossl.storage import file_sha256
     from sonossl.train.finetune import finetune
@@ -258,7 +258,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     store = _store(checkpoint_store, name, clips_dir, params, task, name, encoder_hash, test_version)
     with mirrored(out_dir, store):
         metrics = finetune(clips_dir, out_dir, ft, task=task, encoder=encoder,
-                           encoder_spec=None if encoder else as_dict(params.pretrain.encoder), fractions=fractions,
+                           encoder_spec=None if encoder else scratch_spec(params), fractions=fractions,
                            name=name, test_clips=test, resume=True, progress=True)
     out = {"selected_val": float(metrics["selected_val"])}
     for run in metrics["runs"]:

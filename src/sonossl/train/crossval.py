@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from sonossl.atomic import atomic_write_text
-from sonossl.config import Params, as_dict
+from sonossl.config import Params, as_dict, scratch_spec
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
 from sonossl.models.encoder import build_encoder
@@ -122,7 +122,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pre = dataclasses.replace(params.pretrain, epochs=cv.pretrain_epochs, clips_per_epoch=cv.pretrain_clips_per_epoch)
     ft = dataclasses.replace(params.finetune, epochs=cv.finetune_epochs)
-    spec = as_dict(params.pretrain.encoder)
+    spec = scratch_spec(params)  # scratch's network; each fold's SSL encoder is pretrain.encoder's
     check_pool_stages(build_encoder(spec), ft)
     preds: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
     fold_acc: dict[tuple[str, str, str], list[float]] = {}
