@@ -256,19 +256,40 @@ def test_deploy_creates_then_updates_and_promotes(tiny_export, s3_server, kube_a
         deploy(uri, canary_percent=None, **ARGS)
 
 
-def test_a_refusing_cluster_gives_a_clear_error(kube_api):
+@pytest.fixture
+def pushed(tiny_export, s3_server) -> str:
+    """The tiny export pushed to the local S3 server; its URI."""
+    from sonossl.storage import upload
+
+    uri = f"s3://{s3_server.bucket}/models/tiny"
+    upload(tiny_export, uri)
+    return uri
+
+
+def test_a_refusing_cluster_gives_a_clear_error(kube_api, pushed):
     kube_api.refuse_with = 403
     refused = r"reading InferenceService sonossl/sonossl from http://127\.0\.0\.1:\d+: 403"
     with pytest.raises(DeployError, match=refused):
-        deploy("s3://models/v1", canary_percent=None, model_card={"model_version": "abc"}, **ARGS)
+        deploy(pushed, canary_percent=None, **ARGS)
     with pytest.raises(DeployError, match="403"):
         champion_metric("sonossl", "sonossl", "planes.test.macro_f1")
 
 
-def test_an_unreachable_cluster_gives_a_clear_error(kube_api):
+def test_an_unreachable_cluster_gives_a_clear_error(kube_api, pushed):
     kube_api.close()
     with pytest.raises(DeployError, match=r"cannot reach the Kubernetes API at http://127\.0\.0\.1:\d+"):
-        deploy("s3://models/v1", canary_percent=None, model_card={"model_version": "abc"}, **ARGS)
+        deploy(pushed, canary_percent=None, **ARGS)
+
+
+def test_a_card_of_another_model_than_the_uri_holds_is_refused_before_the_cluster(kube_api, pushed, tiny_export):
+    """The card's annotations are what the champion gate compares: a card of another export (a re-export beside
+    a URI pushed earlier) would describe another model than the one served."""
+    stale = {**json.loads((tiny_export / "model_card.json").read_text()), "model_version": "0123456789ab"}
+    with pytest.raises(DeployError, match=rf"of model version '0123456789ab', but {pushed} holds '[0-9a-f]{{12}}'"):
+        deploy(pushed, canary_percent=None, model_card=stale, **ARGS)
+    assert kube_api.requests == []
+    deploy(pushed, canary_percent=None, model_card=tiny_export, **ARGS)  # its own card: deployed
+    assert [m for m, _ in kube_api.requests] == ["GET", "POST"]
 
 
 def test_the_model_version_changes_with_the_export_parameters(tiny_export, tiny_clips, tiny_params, tmp_path):

@@ -83,6 +83,11 @@ def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_pat
     assert main([*common, "--since", since.isoformat(), "--until", until.isoformat(), "--window", "b"]) == 1
     out = capsys.readouterr().out
     assert "DRIFT in" in out and "threshold" in out and "report:" in out
+    # nothing to judge (no rows in the window, or too few): exit 3, no report, not the error code 2
+    for window in (["--since", "2031-01-01T00:00"], ["--until", since.isoformat(), "--since", since.isoformat()]):
+        assert main([*common, *window, "--window", "empty"]) == 3
+        assert "too few frames to judge" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
 
 
 def test_too_few_frames_and_other_model_versions(served, drift_export, tmp_path, tiny_export):
@@ -200,3 +205,15 @@ def test_a_scheduled_report_covers_yesterday_on_the_served_model(served, drift_e
     with pytest.raises(ValueError, match="model_uri is empty and InferenceService sonossl/sonossl names no model"):
         steps.drift_step("", str(moved), tmp_path / "r.html", now=run)
 
+
+
+def test_the_index_page_escapes_what_it_shows():
+    """Window names (any text without '/') and model versions reach the index page as text, not as markup."""
+    from sonossl.monitor.drift import _index_html
+
+    page = _index_html([{"window": "<img src=x onerror=alert(1)>", "from": "2026-11-27T00:00:00+00:00",
+                         "to": "2026-11-28T00:00:00+00:00", "frames": 40, "drift_detected": True,
+                         "drifted": ["mean"], "model_version": "a&b\"c"}])
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert 'href="%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E/drift.html"' in page
+    assert "<code>a&amp;b&quot;c</code>" in page

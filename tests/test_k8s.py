@@ -213,11 +213,13 @@ def test_pytorchjob_runs_pretrain_under_torchrun_on_gpus():
     assert 'backend="nccl" if cuda else "gloo"' in loop
 
 
-def _run_script(script: str, env: dict[str, str], tmp: Path) -> list[list[str]]:
+def _run_script(script: str, env: dict[str, str], tmp: Path, drift_exit: int = 0,
+                expect: int = 0) -> list[list[str]]:
     """Run a job's shell script with ``sonossl`` and ``torchrun`` replaced by recorders; return their argv's.
 
     The real shell expands the script's variables (``set -u`` fails on an undefined one), so what is recorded is
-    the command line the container would run."""
+    the command line the container would run. ``sonossl drift`` exits ``drift_exit``; the script must exit
+    ``expect``."""
     bindir, record = tmp / "bin", tmp / "calls.jsonl"
     bindir.mkdir()
     for name in ("sonossl", "torchrun"):
@@ -225,11 +227,12 @@ def _run_script(script: str, env: dict[str, str], tmp: Path) -> list[list[str]]:
         stub.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                         "argv = [os.path.basename(sys.argv[0])] + sys.argv[1:]\n"
                         f"open({str(record)!r}, 'a').write(json.dumps(argv) + '\\n')\n"
-                        "if 'champion' in sys.argv: print('s3://sonossl/models/export')\n")
+                        "if 'champion' in sys.argv: print('s3://sonossl/models/export')\n"
+                        f"if 'drift' in sys.argv: sys.exit({drift_exit})\n")
         stub.chmod(0o755)
     out = subprocess.run(["sh", "-c", script], env={**env, "PATH": f"{bindir}:/usr/bin:/bin"}, capture_output=True,
                          text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == expect, out.stderr
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
@@ -262,6 +265,10 @@ def test_drift_cronjob_script_runs_valid_sonossl_commands(tmp_path):
     assert drift.command == "drift" and drift.model_dir == "s3://sonossl/models/export"  # the served model
     assert drift.log.startswith("s3://") and drift.out.startswith("s3://")
     assert drift.since < drift.until  # one window: yesterday
+    # exit 3, too few frames to judge (a day without traffic), ends the Job well; drift (1) and errors (2) fail it
+    for code, job in ((3, 0), (1, 1), (2, 2)):
+        (tmp_path / str(code)).mkdir()
+        _run_script(c["args"][0], _container_env(docs, c), tmp_path / str(code), drift_exit=code, expect=job)
 
 
 def test_pytorchjob_script_runs_pretrain_under_torchrun(tmp_path):
@@ -293,6 +300,7 @@ def test_cronjob_reports_drift_with_the_served_model():
     cron = one(render("overlays/cpu"), "CronJob", "sonossl-drift")
     job = cron["spec"]["jobTemplate"]["spec"]
     assert job["backoffLimit"] == 0 and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["timeZone"] == "Etc/UTC"  # the windows are UTC days, whatever the controller's zone
     pod = job["template"]["spec"]
     assert pod["serviceAccountName"] == "sonossl-drift" and pod["securityContext"]["runAsNonRoot"] is True
     script = pod["containers"][0]["args"][0]

@@ -3,6 +3,8 @@ outage loses nothing else."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -160,3 +162,52 @@ def test_a_line_that_is_not_a_row_or_not_text_names_the_file_and_line(tmp_path):
     part.write_bytes(b'{"ts": "2026-11-27T10:00:00+00:00", "request_id": "\xff"}\n')
     with pytest.raises(ValueError, match=r"part-1\.jsonl: not UTF-8 text .* at byte 51"):
         read_request_log(tmp_path / "log")
+
+
+def test_a_window_reads_only_the_days_it_can_hold_and_takes_naive_times_as_utc(tmp_path):
+    """A part file is written after every row in it, so the parts of days before ``since`` are never read (here one
+    of them is not even JSON), while a later day's part may hold a late-written row of the window (a storage outage
+    delays writes). A part outside any ``date=`` folder is read. A naive ``since``/``until`` is UTC, as the CLI's
+    times are: pandas refused to compare one with the log's times."""
+    root = tmp_path / "log"
+    parts = {"date=2026-11-25/part-1.jsonl": "not json\n",
+             "date=2026-11-26/part-1.jsonl": '{"ts": "2026-11-26T23:59:59+00:00", "request_id": "before"}\n',
+             "date=2026-11-27/part-1.jsonl": '{"ts": "2026-11-27T10:00:00+00:00", "request_id": "in"}\n',
+             "date=2026-11-28/part-1.jsonl": ('{"ts": "2026-11-27T23:59:58+00:00", "request_id": "late"}\n'
+                                              '{"ts": "2026-11-28T00:00:01+00:00", "request_id": "after"}\n'),
+             "part-old.jsonl": '{"ts": "2026-11-27T12:00:00+00:00", "request_id": "loose"}\n'}
+    for name, text in parts.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    naive = read_request_log(root, since=datetime(2026, 11, 27), until=datetime(2026, 11, 28))
+    aware = read_request_log(root, since=datetime(2026, 11, 27, tzinfo=UTC), until=datetime(2026, 11, 28, tzinfo=UTC))
+    assert list(naive.request_id) == list(aware.request_id) == ["in", "loose", "late"]
+    import pytest
+
+    with pytest.raises(ValueError, match=r"date=2026-11-25/part-1\.jsonl: line 1 is not JSON"):
+        read_request_log(root, since=datetime(2026, 11, 25, 12))  # that day's part may hold the window: read
+    later = read_request_log(root, since=datetime(2026, 12, 1))  # every part written before it: no rows, no error
+    assert later.empty and "ts" in later.columns
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no log files"):  # a log with no parts at all: a wrong location
+        read_request_log(tmp_path / "empty")
+
+
+def test_a_row_json_cannot_write_is_dropped_not_the_writer(tmp_path, caplog):
+    """Rows become JSON lines where they are built: one that JSON cannot write (an object, a numpy scalar) is logged
+    and dropped with its request, and the writer goes on; it used to end the writer thread, and every later row.
+    Part names carry the host: in pods every replica's server is process 1."""
+    log = RequestLog(tmp_path / "log", flush_seconds=60)
+    try:
+        log.append([{"ts": "2026-11-27T10:00:00+00:00", "request_id": "bad", "x": object()}])
+        log.append(_rows(2, "good"))
+        log.flush()
+        log.append(_rows(1, "later"))
+        log.flush()
+        assert log.written_rows == 3
+    finally:
+        log.close()
+    assert list(read_request_log(tmp_path / "log").request_id) == ["good", "good", "later"]
+    assert "could not build log rows" in caplog.text
+    writer = f"-{request_log._safe_name(socket.gethostname())}-{os.getpid()}-"  # replicas are all process 1
+    assert all(writer in p.name for p in (tmp_path / "log").rglob("part-*.jsonl"))

@@ -37,7 +37,8 @@ def server(tiny_export, tmp_path_factory):
 def client(server):
     from sonossl.serve.client import Client
 
-    return Client(server.url)
+    with Client(server.url) as c:  # its connections closed after the module's tests
+        yield c
 
 
 def _expected(tiny_export: Path, frames: np.ndarray) -> dict:
@@ -253,6 +254,33 @@ def test_an_encoded_video_is_refused_while_it_decodes_not_after(tmp_path):
         decode_media(data, max_frames=256, max_side=32)
     with pytest.raises(RequestError, match=r"video too large: 11 frames of 64x64 exceed 40,960 decoded pixels"):
         decode_media(data, max_frames=256, max_pixels=10 * 64 * 64)
+
+
+def test_a_frame_size_the_container_states_too_large_is_refused_before_any_frame_decodes(tmp_path, monkeypatch):
+    """A still image's size is in its header: a 16000x16000 PNG (745 KB) decoded to a gigabyte before its size
+    was refused. Here nothing decodes: the stated size is refused first, by side and by pixel count."""
+    import av
+
+    from sonossl.data import video
+    from sonossl.serve.frames import RequestError, decode_media
+
+    path = tmp_path / "wide.png"
+    with av.open(str(path), "w") as out:  # one grey frame of 5000x20: too wide for the default 4096 a side
+        stream = out.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = 5000, 20, "gray"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((20, 5000), 90, np.uint8), format="gray")):
+            out.mux(packet)
+    data = path.read_bytes()
+    assert decode_media(data, max_frames=4, max_side=5000)[0].levels.shape == (20, 5000)
+
+    def no_decoding(self):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(video.Video, "frames", no_decoding)
+    with pytest.raises(RequestError, match="frame size 5000x20 is outside the accepted range"):
+        decode_media(data, max_frames=4)
+    with pytest.raises(RequestError, match=r"frame size 5000x20 exceeds 50,000 decoded pixels"):
+        decode_media(data, max_frames=4, max_side=5000, max_pixels=50_000)
 
 
 def test_https_with_a_certificate_and_one_worker(tiny_export, tmp_path, monkeypatch, capsys):

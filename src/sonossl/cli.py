@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=1.25,
                    help="threshold = margin x the 95th percentile of scores of windows of unchanged videos")
     p.add_argument("--drift-share", type=float, default=0.5, help="share of drifted statistics that is drift")
-    p.add_argument("--min-frames", type=int, default=30, help="fewer usable frames than this is an error")
+    p.add_argument("--min-frames", type=int, default=30,
+                   help="fewer usable frames of the model in the window: no report, exit code 3")
     p.set_defaults(func=_cmd_drift)
 
     p = sub.add_parser("serve", help="serve an exported model (same as python -m sonossl.serve; --help there)",
@@ -495,8 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sonossl.config import ParamsError
 
+    from sonossl.monitor.drift import TooFewFrames
+
     try:
         return args.func(args)
+    except TooFewFrames as e:  # `drift`: nothing to judge in the window, which is an answer, not an error
+        print(f"sonossl {args.command}: too few frames to judge: {e}", file=sys.stderr)
+        return 3
     except (ParamsError, FileNotFoundError, ValueError) as e:
         # Expected failures (bad parameters, bad inputs) get one clear line, not a traceback.
         print(f"sonossl {args.command}: error: {e}", file=sys.stderr)

@@ -234,14 +234,21 @@ def deploy(model_uri: str, *, name: str, namespace: str, image: str, canary_perc
     """Create or update the InferenceService ``namespace/name`` serving ``model_uri``; return it as a dict.
 
     ``model_card`` (a dict, a local export folder or model_card.json) supplies the version and metric annotations;
-    when it is not given, a real deploy reads ``<model_uri>/model_card.json`` from S3 (which also proves the model
-    is there) and a dry run renders without them. ``dry_run`` only renders and checks the object."""
+    a real deploy always reads ``<model_uri>/model_card.json`` from S3 (which also proves the model is there), uses
+    it when no card is given, and refuses a given card of another model version (its annotations, which the
+    champion gate compares, would describe another model than the one served). A dry run renders with the given
+    card, or without annotations. ``dry_run`` only renders and checks the object."""
     from sonossl.manifests import check, to_dict
 
     model_uri = _check_model_uri(model_uri)
     card = load_model_card(model_card) if model_card is not None else None
-    if card is None and not dry_run:
-        card = load_model_card(model_uri)
+    if not dry_run:
+        stored = load_model_card(model_uri)
+        if card is not None and card.get("model_version") != stored.get("model_version"):
+            raise DeployError(f"--model-card {model_card if not isinstance(model_card, Mapping) else '(given)'} is "
+                              f"of model version {card.get('model_version')!r}, but {model_uri} holds "
+                              f"{stored.get('model_version')!r}: push that export there, or give its own card")
+        card = card or stored
     if card is None:
         log.info("dry run without a model card: no version or metric annotations")
     isvc = render(model_uri, name=name, namespace=namespace, image=image, canary_percent=canary_percent,

@@ -29,9 +29,11 @@ window with its verdict and model version. ``out`` may be an ``s3://`` prefix.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import tempfile
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -171,11 +173,15 @@ def _window_name(current, window: str | None) -> str:
 
 
 def _index_html(entries: list[dict[str, Any]]) -> str:
+    def esc(value: Any) -> str:  # window names and model versions come from the command line and the log
+        return html.escape(str(value), quote=True)
+
     rows = "\n".join(
-        f"<tr class=\"{'drift' if e['drift_detected'] else 'ok'}\"><td><a href=\"{e['window']}/drift.html\">"
-        f"{e['window']}</a></td><td>{e['from']}</td><td>{e['to']}</td><td>{e['frames']}</td>"
-        f"<td>{'DRIFT' if e['drift_detected'] else 'no drift'}</td><td>{', '.join(e['drifted']) or '-'}</td>"
-        f"<td><code>{e['model_version']}</code></td></tr>"
+        f"<tr class=\"{'drift' if e['drift_detected'] else 'ok'}\"><td>"
+        f"<a href=\"{esc(urllib.parse.quote(e['window']))}/drift.html\">{esc(e['window'])}</a></td>"
+        f"<td>{esc(e['from'])}</td><td>{esc(e['to'])}</td><td>{esc(e['frames'])}</td>"
+        f"<td>{'DRIFT' if e['drift_detected'] else 'no drift'}</td><td>{esc(', '.join(e['drifted']) or '-')}</td>"
+        f"<td><code>{esc(e['model_version'])}</code></td></tr>"
         for e in sorted(entries, key=lambda e: e["from"], reverse=True))
     return ("<!doctype html><meta charset=utf-8><title>sonossl drift reports</title>"
             "<style>body{font-family:sans-serif}td,th{padding:4px 10px;text-align:left}"
@@ -222,6 +228,11 @@ def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) 
         return str(target / "drift.html"), str(target / "drift.json")
 
 
+class TooFewFrames(ValueError):
+    """The window holds too few usable frames of the model to judge drift: no report (``sonossl drift`` exits 3).
+    A day without traffic, or one that served another model until a late promotion, is not an error."""
+
+
 def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *, params: DriftParams | None = None,
                  since: datetime | None = None, until: datetime | None = None,
                  window: str | None = None) -> DriftResult:
@@ -233,6 +244,9 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
         card, reference, heldout = load_reference(_local_model_dir(model_dir, Path(tmp)))
     version = card["model_version"]
     rows = read_request_log(log, since, until)
+    if rows.empty:
+        raise TooFewFrames(f"request log {log}: no rows in the window (need at least {params.min_frames} usable "
+                           f"frames of model {version})")
     columns = list(params.columns)
     emb_cols = [c for c in reference.columns if c.startswith("emb_")]
     missing = [c for c in columns + emb_cols + ["model_version", "blank", "height", "width"] if c not in rows.columns]
@@ -241,7 +255,7 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     other = rows[rows.model_version != version]
     current = rows[(rows.model_version == version) & ~rows.blank.astype(bool)]
     if len(current) < params.min_frames:
-        raise ValueError(f"request log {log}: {len(current)} usable frames of model {version} in the window "
+        raise TooFewFrames(f"request log {log}: {len(current)} usable frames of model {version} in the window "
                          f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
                          f"{int(rows.blank.astype(bool).sum())} blank frames left out)")
 

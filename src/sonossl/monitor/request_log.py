@@ -8,13 +8,13 @@ Raw images are never logged.
 Rows are queued by the request handler and written by a background thread, so logging adds no latency to a request:
 a request queues a callable that builds its rows, and the thread builds them all at flush time (building them as
 requests arrive took the interpreter lock from the next request: 3-20 % of a short clip's latency). Every
-``flush_seconds`` (or ``max_rows`` rows) one part file ``date=YYYY-MM-DD/part-<time>-<pid>-<n>.jsonl`` is written
-whole, atomically on a local disk and as one object on S3 (``s3://bucket/prefix``, through ``sonossl.storage``). A
-failed write is logged and retried after a back-off (``flush_seconds``, doubling up to ``MAX_BACKOFF_S``), not at
-every request; meanwhile queued requests are still built into rows (which frees their frames). Both the rows not
-yet written (``MAX_PENDING``) and the rows queued but not yet taken by the writer (``MAX_QUEUED``) are bounded, the
-oldest pending rows and the newest requests dropped and counted (``dropped_rows``) beyond them, so a storage outage
-costs log rows, never memory or requests.
+``flush_seconds`` (or ``max_rows`` rows) one part file ``date=YYYY-MM-DD/part-<time>-<host>-<pid>-<n>.jsonl`` is
+written whole, atomically on a local disk and as one object on S3 (``s3://bucket/prefix``, through
+``sonossl.storage``). A failed write is logged and retried after a back-off (``flush_seconds``, doubling up to
+``MAX_BACKOFF_S``), not at every request; meanwhile queued requests are still built into rows (which frees their
+frames). Both the rows not yet written (``MAX_PENDING``) and the rows queued but not yet taken by the writer
+(``MAX_QUEUED``) are bounded, the oldest pending rows and the newest requests dropped and counted (``dropped_rows``)
+beyond them, so a storage outage costs log rows, never memory or requests.
 
     log = RequestLog("logs/requests")            # or "s3://bucket/sonossl/requests"
     log.append(rows); log.flush(); log.close()
@@ -27,9 +27,11 @@ import json
 import logging
 import os
 import queue
+import re
+import socket
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,11 @@ MAX_BACKOFF_S = 300.0  # longest wait between two attempts to write while storag
 def is_s3(uri: str | Path) -> bool:
     """Whether a log or report location is an S3 prefix (s3://bucket/...) rather than a local folder."""
     return str(uri).startswith("s3://")
+
+
+def _safe_name(text: str) -> str:
+    """``text`` with anything but letters, digits, '.', '_' and '-' replaced, for a file or object name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text) or "host"
 
 
 def _join(uri: str | Path, *parts: str) -> str:
@@ -62,7 +69,8 @@ class RequestLog:
         self._count_lock = threading.Lock()  # request threads and the writer both change the counts
         self._backoff = 0.0  # seconds to wait after a failed write (0: the last write worked)
         self._retry_at = 0.0  # monotonic time before which no write is tried (unless flushed)
-        self._pending: list[dict[str, Any]] = []  # rows built, not yet written
+        self._pending: list[str] = []  # rows built (JSON lines), not yet written
+        self._writer = f"{_safe_name(socket.gethostname())}-{os.getpid()}"
         self._deferred: list[Any] = []  # row builders queued since the last flush
         self._deferred_rows = 0
         self._parts = 0
@@ -136,10 +144,12 @@ class RequestLog:
 
     def _build(self) -> None:
         for item in self._deferred:
-            try:
-                self._pending.extend(item() if callable(item) else item)
+            try:  # to JSON here: a row JSON cannot write is dropped with its request, not the writer thread
+                lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in (item() if callable(item) else item)]
             except Exception:  # noqa: BLE001 - a bad row must never stop the writer
                 log.exception("request log: could not build log rows")
+                continue
+            self._pending.extend(lines)
         self._deferred, self._deferred_rows = [], 0
         if len(self._pending) > MAX_PENDING:
             self._drop(len(self._pending) - MAX_PENDING, "storage unavailable: the oldest")
@@ -151,8 +161,9 @@ class RequestLog:
             return
         now = datetime.now(UTC)
         self._parts += 1
-        name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{self._parts:06d}.jsonl"
-        body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self._pending).encode()
+        # the host names the writer: every replica's server is process 1 of its own pod
+        name = f"part-{now:%Y%m%dT%H%M%S%f}-{self._writer}-{self._parts:06d}.jsonl"
+        body = "".join(self._pending).encode()
         target = _join(self.uri, f"date={now:%Y-%m-%d}", name)
         try:
             if is_s3(self.uri):
@@ -177,6 +188,17 @@ class RequestLog:
         self._backoff, self._retry_at = 0.0, 0.0
 
 
+def _written_on(name: str) -> date | None:
+    """The day a part file was written, from its ``date=YYYY-MM-DD`` folder; None for a file outside one."""
+    folder = Path(name).parent.name  # a local path or an s3:// URI alike
+    if not folder.startswith("date="):
+        return None
+    try:
+        return date.fromisoformat(folder[5:])
+    except ValueError:
+        return None
+
+
 def _part_files(uri: str) -> list[str]:
     if is_s3(uri):
         from sonossl.storage import list_uris
@@ -189,13 +211,29 @@ def _part_files(uri: str) -> list[str]:
     return [str(p) for p in sorted(root.rglob("*.jsonl"))]
 
 
+def _utc(t: datetime | None) -> datetime | None:
+    """An aware time as it is, a naive one taken as UTC (as the log's own times are written)."""
+    return t if t is None or t.tzinfo else t.replace(tzinfo=UTC)
+
+
 def read_request_log(uri: str | Path, since: datetime | None = None, until: datetime | None = None):
-    """All rows of a request log (local folder or ``s3://`` prefix), oldest first, within [since, until)."""
+    """All rows of a request log (local folder or ``s3://`` prefix), oldest first, within [since, until); a naive
+    ``since`` or ``until`` is UTC. A part file is written after every row it holds, so those under a
+    ``date=`` folder of a day before ``since`` are not read at all: a window costs the days it covers (and the
+    files written after it), not the whole history."""
     import pandas as pd
 
     uri = str(uri)
+    since, until = _utc(since), _utc(until)
+    first_day = since.astimezone(UTC).date() if since is not None else None
     frames = []
-    for name in _part_files(uri):
+    names = _part_files(uri)
+    if not names:
+        raise FileNotFoundError(f"request log {uri}: no log files (part-*.jsonl) found")
+    for name in names:
+        day = _written_on(name)
+        if first_day is not None and day is not None and day < first_day:
+            continue
         if is_s3(uri):
             from sonossl.storage import get_bytes
 
@@ -221,8 +259,8 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
             rows.append(row)
         if rows:
             frames.append(pd.DataFrame(rows))
-    if not frames:
-        raise FileNotFoundError(f"request log {uri}: no log files (part-*.jsonl) found")
+    if not frames:  # every part is of a day before the window, or empty
+        return pd.DataFrame({"ts": pd.Series([], dtype="datetime64[ns, UTC]")})
     out = pd.concat(frames, ignore_index=True)
     if "ts" not in out.columns:
         raise ValueError(f"request log {uri}: rows have no `ts` column; is this a sonossl request log?")

@@ -1,7 +1,7 @@
 """A small client for the sonossl endpoint (Open Inference Protocol v2), for scripts, tests and benchmarks.
 
-    client = Client("http://127.0.0.1:8080")
-    out = client.infer_video("sweep.mp4")        # or client.infer_frames(frames_u8)  (N, H, W)
+    with Client("http://127.0.0.1:8080") as client:   # closes its connections at the end
+        out = client.infer_video("sweep.mp4")          # or client.infer_frames(frames_u8)  (N, H, W)
     out["label"], out["probs"].shape, out["model_version"]
 """
 
@@ -33,6 +33,16 @@ class Client:
 
         self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
         self.session = requests.Session()
+
+    def close(self) -> None:
+        """Close the connections the client keeps open (also on leaving ``with Client(...) as c:``)."""
+        self.session.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def wait_ready(self, timeout: float = 60.0, process=None) -> None:
         """Poll the model's readiness route until it answers 200 (or the server ``process`` exits)."""

@@ -57,7 +57,9 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
                  max_pixels: int = MAX_DECODED_PIXELS) -> list[DecodedFrame]:
     """Decode an encoded video or image into frames; RequestError when the bytes are not decodable, too long or too
     large. The limits are checked frame by frame as they decode: a few megabytes of video can hold gigabytes of
-    frames, which must be refused before they are in memory, not after."""
+    frames, which must be refused before they are in memory, not after. The frame size the container states is
+    checked before the first frame decodes: one still image of 16000x16000 pixels is 745 KB as a PNG and took a
+    gigabyte and 4.6 s to decode before its size was refused."""
     from sonossl.data.video import VideoError, open_video
 
     if not data:
@@ -69,6 +71,12 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
         path.write_bytes(data)
         try:
             with open_video(path) as video:
+                stated = video.info  # stored size, before any display rotation: the same sides and pixel count
+                if stated.width > 0 and stated.height > 0:
+                    check_shape((1, stated.height, stated.width), max_frames, max_side)
+                    if stated.width * stated.height > max_pixels:
+                        raise RequestError(f"frame size {stated.width}x{stated.height} exceeds {max_pixels:,} "
+                                           "decoded pixels per request; send smaller frames")
                 for f in video.frames():
                     if len(frames) == max_frames:
                         raise RequestError(f"too many frames: the video has more than {max_frames}, the limit "
