@@ -256,12 +256,17 @@ def test_an_encoded_video_is_refused_while_it_decodes_not_after(tmp_path):
         decode_media(data, max_frames=256, max_pixels=10 * 64 * 64)
 
 
-def test_a_frame_size_the_container_states_too_large_is_refused_before_any_frame_decodes(tmp_path, monkeypatch):
-    """A still image's size is in its header: a 16000x16000 PNG (745 KB) decoded to a gigabyte before its size
-    was refused. Here nothing decodes: the stated size is refused first, by side and by pixel count."""
+def test_a_stated_frame_size_too_large_is_refused_before_any_frame_decodes(tmp_path, monkeypatch):
+    """A still image's size is in its header, and FFmpeg decodes the image to open it: a 16000x16000 PNG (280 KB)
+    took 3.6 s and 263 MiB before its size was refused. Its header is read first now (Pillow), by side and by pixel
+    count, before FFmpeg opens anything; a video's stated size is checked before its first frame decodes."""
+    import zlib
+
     import av
 
+    from conftest import write_video
     from sonossl.data import video
+    from sonossl.serve import frames
     from sonossl.serve.frames import RequestError, decode_media
 
     path = tmp_path / "wide.png"
@@ -273,14 +278,31 @@ def test_a_frame_size_the_container_states_too_large_is_refused_before_any_frame
     data = path.read_bytes()
     assert decode_media(data, max_frames=4, max_side=5000)[0].levels.shape == (20, 5000)
 
-    def no_decoding(self):
-        raise AssertionError("a frame was decoded")
+    clip = write_video(tmp_path / "v.mkv", np.full((5, 64, 64), 90, np.uint8)).read_bytes()
 
+    def no_decoding(*args, **kw):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(frames, "_image_header_size", lambda data: None)  # as FFmpeg alone sees it
     monkeypatch.setattr(video.Video, "frames", no_decoding)
+    with pytest.raises(RequestError, match="frame size 5000x20 is outside the accepted range"):
+        decode_media(data, max_frames=4)
+    with pytest.raises(RequestError, match="frame size 64x64 is outside the accepted range"):
+        decode_media(clip, max_frames=4, max_side=32)
+    monkeypatch.undo()
+    monkeypatch.setattr(video, "open_video", no_decoding)  # the image's header: FFmpeg never opens it
     with pytest.raises(RequestError, match="frame size 5000x20 is outside the accepted range"):
         decode_media(data, max_frames=4)
     with pytest.raises(RequestError, match=r"frame size 5000x20 exceeds 50,000 decoded pixels"):
         decode_media(data, max_frames=4, max_side=5000, max_pixels=50_000)
+    # a PNG header of 16000x16000 (over Pillow's own limit of 179 M pixels): refused from the header alone
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", (16000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(RequestError, match=r"image too large: Image size \(256000000 pixels\)"):
+        decode_media(bomb, max_frames=4)
 
 
 def test_https_with_a_certificate_and_one_worker(tiny_export, tmp_path, monkeypatch, capsys):

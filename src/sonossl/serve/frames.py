@@ -13,6 +13,7 @@ motion, so send a clip (a few frames of one sweep) where you can; a single frame
 from __future__ import annotations
 
 import dataclasses
+import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +58,16 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
                  max_pixels: int = MAX_DECODED_PIXELS) -> list[DecodedFrame]:
     """Decode an encoded video or image into frames; RequestError when the bytes are not decodable, too long or too
     large. The limits are checked frame by frame as they decode: a few megabytes of video can hold gigabytes of
-    frames, which must be refused before they are in memory, not after. The frame size the container states is
-    checked before the first frame decodes: one still image of 16000x16000 pixels is 745 KB as a PNG and took a
-    gigabyte and 4.6 s to decode before its size was refused."""
+    frames, which must be refused before they are in memory, not after. A still image's size is read from its
+    header first (Pillow, no pixel decoded), because FFmpeg decodes an image's one frame already to open it: a
+    16000x16000 PNG is 280 KB. A video's stated frame size is checked once it is open, before its frames decode."""
     from sonossl.data.video import VideoError, open_video
 
     if not data:
         raise RequestError("empty bytes: expected an encoded video or image")
+    stated = _image_header_size(data)
+    if stated is not None:
+        _check_stated(stated, max_frames, max_side, max_pixels)
     frames: list[DecodedFrame] = []
     pixels = 0
     with tempfile.TemporaryDirectory(prefix="sonossl-serve-") as tmp:
@@ -71,12 +75,8 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
         path.write_bytes(data)
         try:
             with open_video(path) as video:
-                stated = video.info  # stored size, before any display rotation: the same sides and pixel count
-                if stated.width > 0 and stated.height > 0:
-                    check_shape((1, stated.height, stated.width), max_frames, max_side)
-                    if stated.width * stated.height > max_pixels:
-                        raise RequestError(f"frame size {stated.width}x{stated.height} exceeds {max_pixels:,} "
-                                           "decoded pixels per request; send smaller frames")
+                # the stored size, before any display rotation: the same sides and pixel count
+                _check_stated((video.info.width, video.info.height), max_frames, max_side, max_pixels)
                 for f in video.frames():
                     if len(frames) == max_frames:
                         raise RequestError(f"too many frames: the video has more than {max_frames}, the limit "
@@ -98,6 +98,30 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
     if not frames:
         raise RequestError("undecodable bytes: no frames")
     return frames  # the size and count limits were checked frame by frame above
+
+
+def _image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a still image's header (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), read without decoding a
+    pixel; None for bytes Pillow does not take for an image (a video)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Image.DecompressionBombError as e:  # over twice Pillow's pixel limit: far over ours too
+        raise RequestError(f"image too large: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # not an image, or a damaged header
+        return None
+
+
+def _check_stated(size: tuple[int, int], max_frames: int, max_side: int, max_pixels: int) -> None:
+    """The frame size a header states (0 where it states none), against the limits, before anything decodes."""
+    w, h = size
+    if w > 0 and h > 0:
+        check_shape((1, h, w), max_frames, max_side)
+        if w * h > max_pixels:
+            raise RequestError(f"frame size {w}x{h} exceeds {max_pixels:,} decoded pixels per request; send "
+                               "smaller frames")
 
 
 def card_preprocess_params(card: dict) -> PreprocessParams:
