@@ -474,3 +474,28 @@ def test_the_server_runs_one_torch_thread_per_cpu_of_its_limit(monkeypatch):
     finally:
         torch.set_num_threads(before)
 
+
+
+def test_kserve_s_server_options_reach_the_model_server_from_main_s_own_arguments(monkeypatch, tmp_path):
+    """KServe's ModelServer takes its defaults from the process's sys.argv, parsed when kserve is imported: options
+    given to main() from code were dropped. They are passed on explicitly now."""
+    from sonossl.serve import server
+    from sonossl.serve.__main__ import main
+
+    got = {}
+
+    class Recorder:
+        def __init__(self, host, **kwargs):
+            got.update(kwargs)
+
+        def start(self, models):
+            got["models"] = [m.name for m in models]
+
+    monkeypatch.setattr(server, "_ModelServer", Recorder)
+    monkeypatch.setattr(server, "app", type("App", (), {"add_middleware": lambda *a, **k: None})())
+    monkeypatch.setattr(server, "SonosslModel", lambda name, *a, **k: type("M", (), {"name": name,
+                                                                                       "load": lambda self: None})())
+    assert main(["--model-dir", str(tmp_path), "--timeout-keep-alive", "7", "--event-loop", "asyncio",
+                 "--access_log_format", "%(h)s %(r)s"]) == 0
+    assert (got["timeout_keep_alive"], got["event_loop"], got["access_log_format"]) == (7, "asyncio", "%(h)s %(r)s")
+    assert got["models"] == ["sonossl"] and got["http_port"] == 8080

@@ -4,9 +4,9 @@
 
 KServe's own options are accepted (a ServingRuntime passes ``--model_name``); those that apply here are honoured:
 ``--model_name``, ``--http_port``, ``--ssl_certfile`` with ``--ssl_keyfile`` (HTTPS; on 8443 when the port is left
-at 8080, as KServe does), ``--access_log_format`` and ``--timeout-keep-alive``. The server runs one REST worker and
-no gRPC: ``--workers`` other than 1 is refused (scale with replicas: the model is CPU-bound and the request log
-belongs to one process), and the gRPC options have no effect.
+at 8080, as KServe does), ``--access_log_format``, ``--timeout-keep-alive`` and ``--event-loop``. The server runs
+one REST worker and no gRPC: ``--workers`` other than 1 is refused (scale with replicas: the model is CPU-bound and
+the request log belongs to one process), and the gRPC options have no effect.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+
+# KServe's options passed on to its ModelServer (whose defaults come from the process's own sys.argv, parsed when
+# kserve is imported: a main() called from code would silently drop them)
+SERVER_OPTIONS = ("access_log_format", "timeout_keep_alive", "event_loop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(args.model_dir, host=args.host, port=args.http_port, name=args.model_name, limits=limits,
               request_log=args.request_log, log_flush_seconds=args.log_flush_seconds,
-              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+              server_options={k: getattr(args, k) for k in SERVER_OPTIONS})
     except (FileNotFoundError, ValueError) as e:
         print(f"sonossl serve: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from kserve import ModelServer
 from kserve.errors import InvalidInput
@@ -137,9 +138,12 @@ def _fit_threads_to_cpu_limit() -> None:
 
 def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", port: int = 8080,
           name: str = "sonossl", limits: Limits = Limits(), request_log: str | None = None,
-          log_flush_seconds: float = 5.0, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+          log_flush_seconds: float = 5.0, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+          server_options: dict[str, Any] | None = None) -> None:
     """Load the exported model and serve it until SIGTERM/SIGINT (HTTPS on ``port`` with a certificate and its key);
-    the request log is flushed on the way out."""
+    the request log is flushed on the way out. ``server_options``: more of KServe's ModelServer arguments
+    (``access_log_format``, ``timeout_keep_alive``, ``event_loop``), given here, not read from ``sys.argv`` as
+    KServe's defaults are."""
     from sonossl.monitor.request_log import RequestLog
 
     if bool(ssl_certfile) != bool(ssl_keyfile):
@@ -156,7 +160,7 @@ def serve(model_dir: str | Path = DEFAULT_MODEL_DIR, host: str = "127.0.0.1", po
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     try:
         _ModelServer(host, http_port=port, enable_grpc=False, ssl_certfile=ssl_certfile or None,
-                     ssl_keyfile=ssl_keyfile or None).start([model])
+                     ssl_keyfile=ssl_keyfile or None, **(server_options or {})).start([model])
     finally:
         if rlog is not None:
             rlog.close()
