@@ -21,12 +21,18 @@ __all__ = ["IMAGE", "GPU_IMAGE", "S3_SECRET", "gpu_step", "with_s3_credentials",
 
 # Every component: the project image, nothing installed at run time.
 COMPONENT_OPTIONS = {"base_image": IMAGE, "install_kfp_package": False, "packages_to_install": []}
-S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# optional: on AWS itself a Secret may leave them out (boto3 finds the endpoint, and the region elsewhere)
+S3_ENV_OPTIONAL = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
 def with_s3_credentials(task: PipelineTask) -> PipelineTask:
-    """S3 credentials (and endpoint, region) from the Kubernetes Secret ``S3_SECRET``, as environment variables."""
-    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV})
+    """S3 credentials (and endpoint, region) from the Kubernetes Secret ``S3_SECRET``, as environment variables.
+    The key id and secret key are required; the endpoint and region keys are optional, so a Secret without them
+    still starts the pod (a required key that is missing fails it with CreateContainerConfigError)."""
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV})
+    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV_OPTIONAL},
+                                        optional=True)
 
 
 def gpu_step(task: PipelineTask, gpus: int = 1, shm: str = "16Gi", cpu: str = "8", memory: str = "32Gi",

@@ -124,9 +124,11 @@ def test_training_yaml_carries_the_cluster_settings():
         assert k8s[ex]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
         assert {"mountPath": "/dev/shm", "medium": "Memory", "volumeName": "dshm", "sizeLimit": "16Gi"} \
             in k8s[ex]["emptyDirMounts"]
-        env = k8s[ex]["secretAsEnv"][0]
-        assert env["secretName"] == "sonossl-s3"
+        env, optional = k8s[ex]["secretAsEnv"]  # the keys, and the endpoint and region a Secret may leave out
+        assert env["secretName"] == optional["secretName"] == "sonossl-s3"
         assert {"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "AWS_ACCESS_KEY_ID"} in env["keyToEnv"]
+        assert not env["optional"] and optional["optional"] and {"envVar": "AWS_ENDPOINT_URL",
+                                                                  "secretKey": "AWS_ENDPOINT_URL"} in optional["keyToEnv"]
         assert t["retryPolicy"]["maxRetryCount"] == 2, name
         assert "checkpoint_store" in t["inputs"]["parameters"], name  # mirrored there, so that a retry resumes
     # SSL and scratch fine-tuning run in parallel: the scratch runs wait for nothing but the data
