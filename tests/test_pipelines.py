@@ -127,8 +127,8 @@ def test_training_yaml_carries_the_cluster_settings():
         env, optional = k8s[ex]["secretAsEnv"]  # the keys, and the endpoint and region a Secret may leave out
         assert env["secretName"] == optional["secretName"] == "sonossl-s3"
         assert {"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "AWS_ACCESS_KEY_ID"} in env["keyToEnv"]
-        assert not env["optional"] and optional["optional"] and {"envVar": "AWS_ENDPOINT_URL",
-                                                                  "secretKey": "AWS_ENDPOINT_URL"} in optional["keyToEnv"]
+        assert not env["optional"] and optional["optional"]
+        assert {"envVar": "AWS_ENDPOINT_URL", "secretKey": "AWS_ENDPOINT_URL"} in optional["keyToEnv"]
         assert t["retryPolicy"]["maxRetryCount"] == 2, name
         assert "checkpoint_store" in t["inputs"]["parameters"], name  # mirrored there, so that a retry resumes
     # SSL and scratch fine-tuning run in parallel: the scratch runs wait for nothing but the data
