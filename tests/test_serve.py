@@ -148,6 +148,14 @@ def test_bad_inputs_get_a_4xx_that_names_the_problem_and_the_server_stays_up(ser
     big = b"0" * (MAX_BODY_MB * 2**20 + 1)
     r = requests.post(infer, data=big, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and "over the limit" in r.text
+    # a body of unknown length (chunked: a generator), as a proxy may send it: counted as it arrives
+    chunks = (big[i:i + 2**20] for i in range(0, len(big), 2**20))
+    r = requests.post(infer, data=chunks, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "request body of more than" in r.text
+    small = json.dumps(_v2(shape=(1, 32, 32), data=[90] * 1024)).encode()
+    r = requests.post(infer, data=(small[i:i + 1000] for i in range(0, len(small), 1000)),
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"][0] == 1, r.text
     # v1 mistakes
     for body, message in [({"instances": []}, "empty batch"), ({"rows": [1]}, "expected {\"instances\""),
                           ({"instances": [[1, 2, 3]]}, "H x W list"),

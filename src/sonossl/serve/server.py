@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body declared larger than ``max_bytes``, 411 for a body of unknown length."""
+    """ASGI middleware: 413 for a body larger than ``max_bytes``: refused before it is read when its Content-Length
+    says so, or, for a body of unknown length (chunked, as a proxy or an HTTP/2 client may send it), as soon as the
+    bytes received pass the limit; such a body is held here and handed on whole."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -39,7 +41,14 @@ class BodyLimit:
             length = headers.get(b"content-length")
             status, message = None, None
             if length is None and headers.get(b"transfer-encoding"):
-                status, message = 411, "send the request with a Content-Length header"
+                received = await self._read_chunked(receive)
+                if received is None:  # the client went away
+                    return
+                if isinstance(received, int):
+                    status, message = 413, (f"request body of more than {received} bytes is over the limit of "
+                                            f"{self.max_bytes} bytes; send fewer frames per request")
+                else:
+                    receive = received
             elif length is not None and (not length.isdigit() or int(length) > self.max_bytes):
                 status, message = 413, (f"request body of {length.decode(errors='replace')} bytes is over the limit of "
                                         f"{self.max_bytes} bytes; send fewer frames per request")
@@ -51,6 +60,33 @@ class BodyLimit:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+    async def _read_chunked(self, receive):
+        """The whole body of unknown length, as a ``receive`` that replays it; the count of bytes received when it
+        passed the limit (nothing more is read); None when the client disconnected."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            part = message.get("body", b"")
+            size += len(part)
+            if size > self.max_bytes:
+                return size
+            parts.append(part)
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return whole
+            return await receive()  # after the body: a disconnect, as the server reports it
+
+        return replay
 
 
 class V2ContentType:
