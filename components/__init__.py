@@ -31,8 +31,8 @@ def with_s3_credentials(task: PipelineTask) -> PipelineTask:
     The key id and secret key are required; the endpoint and region keys are optional, so a Secret without them
     still starts the pod (a required key that is missing fails it with CreateContainerConfigError)."""
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV})
-    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV_OPTIONAL},
-                                        optional=True)
+    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET,
+                                        secret_key_to_env={k: k for k in S3_ENV_OPTIONAL}, optional=True)
 
 
 def gpu_step(task: PipelineTask, gpus: int = 1, shm: str = "16Gi", cpu: str = "8", memory: str = "32Gi",

@@ -501,8 +501,14 @@ def test_kserve_s_server_options_reach_the_model_server_from_main_s_own_argument
 
     monkeypatch.setattr(server, "_ModelServer", Recorder)
     monkeypatch.setattr(server, "app", type("App", (), {"add_middleware": lambda *a, **k: None})())
-    monkeypatch.setattr(server, "SonosslModel", lambda name, *a, **k: type("M", (), {"name": name,
-                                                                                       "load": lambda self: None})())
+    class Model:
+        def __init__(self, name, *args, **kwargs):
+            self.name = name
+
+        def load(self):
+            pass
+
+    monkeypatch.setattr(server, "SonosslModel", Model)
     assert main(["--model-dir", str(tmp_path), "--timeout-keep-alive", "7", "--event-loop", "asyncio",
                  "--access_log_format", "%(h)s %(r)s"]) == 0
     assert (got["timeout_keep_alive"], got["event_loop"], got["access_log_format"]) == (7, "asyncio", "%(h)s %(r)s")

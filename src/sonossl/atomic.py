@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it, then setting it back): the permissions a new file would get."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -62,7 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -112,7 +113,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         yield staging
         for root, _, files in os.walk(staging):
             for name in files:

@@ -1,10 +1,11 @@
 """Compile the pipelines to Kubeflow's YAML (the IR a cluster runs and the UI uploads), the same bytes every time.
 
-The pipelines are ``pipelines/training.py`` and ``pipelines/monitoring.py``; ``kfp dsl compile --py <file>`` gives
-the same YAML as this module with no parameter overrides. ``parameters`` replaces parameter defaults in the YAML (the
-values a run gets when it names none); run parameters are typed from the pipeline's own declarations.
+The pipelines are ``pipelines/training.py``, ``pipelines/monitoring.py`` and ``pipelines/crossval.py``; ``kfp dsl
+compile --py <file>`` gives the same YAML as this module with no parameter overrides. ``parameters`` replaces
+parameter defaults in the YAML (the values a run gets when it names none); run parameters are typed from the
+pipeline's own declarations.
 
-    paths = compile_pipelines("dist/pipelines")                     # training.yaml, monitoring.yaml
+    paths = compile_pipelines("dist/pipelines")          # training.yaml, monitoring.yaml, crossval.yaml
     compile_pipeline("training", "training.yaml", {"image": "ghcr.io/sonossl/sonossl:0.2.0"})
 """
 

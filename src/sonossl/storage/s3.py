@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sonossl.atomic import atomic_dir, fsync_file, is_temporary
+from sonossl.atomic import atomic_dir, current_umask, fsync_file, is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +486,7 @@ def _download_file(s3: Any, bucket: str, key: str, dest: Path, config: Any, bar:
                     raise StorageError(f"cannot download {uri}: the object was replaced during the download; "
                                        "run it again")
                 raise _mismatch(uri, expected, got)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~current_umask())
             fsync_file(tmp)  # a rename is durable only with its data
             os.replace(tmp, dest)
         except BaseException:
@@ -497,12 +497,6 @@ def _download_file(s3: Any, bucket: str, key: str, dest: Path, config: Any, bar:
         return dest
 
     return _retrying(op, s3, uri, "download")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _safe_relative(bucket: str, key: str, prefix: str, uri: str) -> str:
