@@ -21,9 +21,11 @@ stopped part-way keeps the cross-validations it completed. Levers (the profile's
     --pretrain-clips-per-epoch 6000    pretraining clips per epoch
     --finetune-epochs 8                fine-tune epochs per fold
     --frames-per-video 48              labelled training frames per video (probe and fine-tune)
-    --encoder-init pytorch             every encoder, pretrained or scratch, starts from this initialisation
-                                       (pretrain.encoder.init; scratch unless finetune.scratch_init names its own)
-    --scratch-init torchvision         the scratch encoders start from this initialisation (finetune.scratch_init)
+    --encoder-init pytorch             every fold's SSL encoder starts from this initialisation
+                                       (pretrain.encoder.init), and scratch only where finetune.scratch_init is null
+                                       (the default profile's is torchvision; see --scratch-init)
+    --scratch-init torchvision         the scratch encoders start from this initialisation (finetune.scratch_init;
+                                       "encoder": as the SSL encoders do)
     --pool-stages 3                    probe and fine-tune heads on the last 3 encoder stages, pooled and
                                        concatenated (finetune.pool_stages), SSL and scratch alike
     --encoder-lr-decay 0.5             layer-wise decay of the pretrained encoder's fine-tune rate
@@ -60,7 +62,8 @@ from sonossl.models import encoder as encoders
 from sonossl.train.crossval import crossval
 from sonossl.train.finetune import check_finetune_params
 
-from label_seeds import finish, positive, spread, summarise  # benchmarks/ is on the path when run as a script
+# benchmarks/ is on the path when run as a script
+from label_seeds import SAME_AS_ENCODER, finish, positive, spread, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.85  # the POCUS video accuracy with SSL
@@ -79,8 +82,8 @@ def main() -> int:
     ap.add_argument("--pretrain-lr", type=float, default=None, help="pretrain.lr (default: the profile's)")
     ap.add_argument("--encoder-init", choices=encoders.INITS, default=None,
                     help="pretrain.encoder.init (default: the profile's)")
-    ap.add_argument("--scratch-init", choices=encoders.INITS, default=None,
-                    help="finetune.scratch_init (default: the profile's)")
+    ap.add_argument("--scratch-init", choices=(*encoders.INITS, SAME_AS_ENCODER), default=None,
+                    help=f"finetune.scratch_init (default: the profile's; {SAME_AS_ENCODER}: as the SSL encoders)")
     ap.add_argument("--pool-stages", type=int, default=None, help="finetune.pool_stages (default: the profile's)")
     ap.add_argument("--encoder-lr-decay", type=float, default=None,
                     help="finetune.encoder_lr_decay (default: the profile's)")
@@ -114,6 +117,8 @@ def main() -> int:
         pt_given["encoder"] = dataclasses.replace(params.pretrain.encoder, init=args.encoder_init)
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay),
                                   ("ema", args.ema), ("scratch_init", args.scratch_init)) if v is not None}
+    if args.scratch_init == SAME_AS_ENCODER:  # finetune.scratch_init null: scratch starts as the SSL encoders
+        ft_given["scratch_init"] = None
     given = cv_given | {f"pretrain_{k}": v for k, v in pt_given.items() if k != "encoder"} | ft_given
     if args.encoder_init is not None:
         given["encoder_init"] = args.encoder_init

@@ -13,7 +13,8 @@ sweeps that earlier results were scored on).
     .venv/bin/python benchmarks/label_seeds.py [--seeds 5] [--profile default]      # after `dvc repro`
 Writes benchmarks/results/label_seeds.json (or --out). The same comparison for other choices (docs/EXPERIMENTS.md,
 the levers; the scratch side is the same unless ``--lr``, ``--head-init`` or the network changes: scratch trains
-the compared encoder's own network, its width and ``init``, from random weights):
+the compared encoder's own network, its width, from random weights, started as ``finetune.scratch_init`` says, or
+as the compared encoder was when that is null or ``--scratch-init encoder`` is given):
 
     --encoder models/pretrain/order    another pretrain output (an ablation mode, or one of your own)
     --fraction 0.2                     another label fraction than the profile's smallest
@@ -46,12 +47,13 @@ the compared encoder's own network, its width and ``init``, from random weights)
                                        stride has fewer valid clips, so give --clips-per-epoch to hold the cost
     --pretrain-warmup 3                pretrain a both-sequential encoder with this many epochs of linear
                                        learning-rate warm-up (pretrain.warmup_epochs; the profile's 1)
-    --encoder-init pytorch             both encoders start from this initialisation (pretrain.encoder.init: a
-                                       both-sequential encoder pretrained first with the profile's parameters, and
-                                       the scratch encoder unless --scratch-init or finetune.scratch_init names its
-                                       own), to compare initialisations on the validation sweeps
+    --encoder-init pytorch             a both-sequential encoder pretrained first with the profile's parameters
+                                       from this initialisation (pretrain.encoder.init), to compare initialisations
+                                       on the validation sweeps; scratch too only where finetune.scratch_init is
+                                       null or --scratch-init encoder is given (the default profile's is
+                                       torchvision)
     --scratch-init torchvision         the scratch encoder starts from this initialisation (finetune.scratch_init),
-                                       whatever the pretrained one started from
+                                       whatever the pretrained one started from; "encoder": as that one did
     --save-encoder DIR                 keep the encoder built for the options above, to rerun other levers on
                                        it with --encoder DIR (the record still names how it was built)
 """
@@ -68,8 +70,8 @@ import time
 from pathlib import Path
 
 from sonossl.atomic import atomic_dir, atomic_write_text
-from sonossl.config import (EncoderParams, Params, PretrainParams, SimulateParams, SplitParams, as_dict, load_params,
-                            scratch_spec)
+from sonossl.config import (EncoderParams, Params, PretrainParams, SimulateParams, SplitParams, as_dict,
+                            load_params, scratch_spec)
 from sonossl.machine import describe
 from sonossl.models import encoder as encoders
 from sonossl.train.finetune import HEAD_INITS, check_finetune_params, finetune
@@ -152,6 +154,8 @@ def check_crops(option: str, pre: PretrainParams, crops: list[int], source: int)
 PRETRAIN_FIELDS = {"pretrain_epochs": "epochs", "pretrain_lr": "lr", "pretrain_seed": "seed",
                    "pretrain_stride": "stride", "pretrain_crop": "crop", "pretrain_max_shift": "max_shift",
                    "pretrain_warmup": "warmup_epochs", "clips_per_epoch": "clips_per_epoch"}
+# --scratch-init's value for "as the compared encoder started" (finetune.scratch_init null)
+SAME_AS_ENCODER = "encoder"
 # the options that make ``build_encoder`` pretrain an encoder here
 BUILD_OPTIONS = (*PRETRAIN_FIELDS, "encoder_init", "pool_videos")
 
@@ -187,8 +191,9 @@ def draw_args(doc: str, scratch: bool = True) -> argparse.ArgumentParser:
                     help="fine-tunes validate and keep a moving average of their weights with this decay per step "
                          "(finetune.ema; both initialisations; default: the profile's)")
     if scratch:
-        ap.add_argument("--scratch-init", choices=encoders.INITS, default=None,
-                        help="the scratch encoder's initialisation (finetune.scratch_init; default: the profile's)")
+        ap.add_argument("--scratch-init", choices=(*encoders.INITS, SAME_AS_ENCODER), default=None,
+                        help="the scratch encoder's initialisation (finetune.scratch_init; default: the profile's; "
+                             f"{SAME_AS_ENCODER}: as the compared encoder started)")
     return ap
 
 
@@ -198,10 +203,12 @@ def draw_params(args: argparse.Namespace, **options: object) -> Params:
     the profile's), checked with ``--seeds`` before any work."""
     at_least("--seeds", args.seeds, 1)
     params = load_params(ROOT / "params.yaml", args.profile)
-    given = {"encoder_lr_decay": args.encoder_lr_decay, "ema": args.ema,
-             "scratch_init": getattr(args, "scratch_init", None), **options}
-    params = dataclasses.replace(params, finetune=dataclasses.replace(
-        params.finetune, **{k: v for k, v in given.items() if v is not None}))
+    scratch = getattr(args, "scratch_init", None)
+    given = {"encoder_lr_decay": args.encoder_lr_decay, "ema": args.ema, "scratch_init": scratch, **options}
+    given = {k: v for k, v in given.items() if v is not None}
+    if scratch == SAME_AS_ENCODER:  # finetune.scratch_init null: scratch starts as the compared encoder did
+        given["scratch_init"] = None
+    params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, **given))
     try:
         check_finetune_params(params.finetune)
     except ValueError as e:
@@ -265,8 +272,8 @@ def main() -> int:
     ap.add_argument("--pool-stages", type=int, default=None,
                     help="heads on the last N encoder stages, pooled (default: the profile's finetune.pool_stages)")
     ap.add_argument("--encoder-init", choices=encoders.INITS, default=None,
-                    help="both encoders start from this initialisation (pretrain.encoder.init; pretrains a "
-                         "both-sequential encoder first)")
+                    help="pretrain a both-sequential encoder first, from this initialisation (pretrain.encoder.init; "
+                         "scratch follows it only under --scratch-init encoder or a null finetune.scratch_init)")
     ap.add_argument("--save-encoder", type=Path, default=None,
                     help="keep the encoder built for the pretraining options above (--pretrain-*, --clips-per-epoch, "
                          "--encoder-init, --pool-videos) in this directory, so that other levers can reuse it with "

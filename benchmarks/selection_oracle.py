@@ -140,7 +140,7 @@ def main() -> int:
                 for method in ("probe", "finetune") for how in ("selected", "oracle")}
     result = {
         "benchmark": "selection_oracle", "profile": params.profile, "fraction": fraction,
-        "encoder_lr_decay": params.finetune.encoder_lr_decay,
+        "encoder_lr_decay": params.finetune.encoder_lr_decay, "scratch_spec": build_encoder(spec).spec,
         "clips_version": d.data.version, "test_set": test.info, "encoder": str(args.encoder.resolve().relative_to(ROOT))
         if args.encoder.resolve().is_relative_to(ROOT) else str(args.encoder),
         "seeds": [r["seed"] for r in rows], "medians": summary, "per_seed": rows,

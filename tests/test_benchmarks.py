@@ -471,3 +471,23 @@ def test_pretext_texture_probe_names_what_white_noise_gives_away(tmp_path, monke
     valid = clip_starts(index["video_idx"].to_numpy(), pre.k, pre.stride)
     assert result["clip_starts"] == int(train[valid].sum()) > 0
     assert result["videos"] == sorted(set(index["video_idx"][train].tolist()))
+
+
+def test_scratch_init_of_the_draw_benchmarks(monkeypatch):
+    """--scratch-init sets finetune.scratch_init; "encoder" makes it null (scratch starts as the compared encoder);
+    absent, the profile's stays (the default profile's: torchvision, beside a pytorch SSL encoder)."""
+    monkeypatch.syspath_prepend(str(LABEL_SEEDS.parent))
+    from label_seeds import draw_args, draw_params, scratch_twin
+
+    from sonossl.config import scratch_spec
+
+    def scratch_of(*argv: str) -> dict:
+        args = draw_args("")
+        params = scratch_twin(draw_params(args.parse_args(["--profile", "default", *argv])), None, "pytorch")
+        return scratch_spec(params)
+
+    assert scratch_of()["init"] == "torchvision" and scratch_of("--scratch-init", "pytorch")["init"] == "pytorch"
+    assert scratch_of("--scratch-init", "encoder")["init"] == "pytorch"  # as the compared (pytorch) encoder
+    with pytest.raises(SystemExit):
+        draw_args("").parse_args(["--scratch-init", "kaiming"])
+    assert "--scratch-init" not in draw_args("", scratch=False).format_help()  # encoder_pairs trains no scratch

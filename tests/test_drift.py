@@ -83,10 +83,12 @@ def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_pat
     assert main([*common, "--since", since.isoformat(), "--until", until.isoformat(), "--window", "b"]) == 1
     out = capsys.readouterr().out
     assert "DRIFT in" in out and "threshold" in out and "report:" in out
-    # nothing to judge (no rows in the window, or too few): exit 3, no report, not the error code 2
+    # nothing to judge (no rows in the window, or too few): exit 3, no report, not the error code 2; a schedule
+    # may make it 0 (--too-few-exit-code)
     for window in (["--since", "2031-01-01T00:00"], ["--until", since.isoformat(), "--since", since.isoformat()]):
         assert main([*common, *window, "--window", "empty"]) == 3
         assert "too few frames to judge" in capsys.readouterr().err
+        assert main([*common, *window, "--window", "empty", "--too-few-exit-code", "0"]) == 0
     assert not (tmp_path / "empty").exists()
 
 

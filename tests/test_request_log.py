@@ -165,9 +165,9 @@ def test_a_line_that_is_not_a_row_or_not_text_names_the_file_and_line(tmp_path):
 
 
 def test_a_window_reads_only_the_days_it_can_hold_and_takes_naive_times_as_utc(tmp_path):
-    """A part file is written after every row in it, so the parts of days before ``since`` are never read (here one
-    of them is not even JSON), while a later day's part may hold a late-written row of the window (a storage outage
-    delays writes). A part outside any ``date=`` folder is read. A naive ``since``/``until`` is UTC, as the CLI's
+    """A part file is written after every row in it, so the parts of days more than a day before ``since`` are never
+    read (here one of them is not even JSON; the day before is, for a clock stepped back), while a later day's part
+    may hold a late-written row of the window (a storage outage delays writes). A part outside any ``date=`` folder is read. A naive ``since``/``until`` is UTC, as the CLI's
     times are: pandas refused to compare one with the log's times."""
     root = tmp_path / "log"
     parts = {"date=2026-11-25/part-1.jsonl": "not json\n",
@@ -211,3 +211,38 @@ def test_a_row_json_cannot_write_is_dropped_not_the_writer(tmp_path, caplog):
     assert "could not build log rows" in caplog.text
     writer = f"-{request_log._safe_name(socket.gethostname())}-{os.getpid()}-"  # replicas are all process 1
     assert all(writer in p.name for p in (tmp_path / "log").rglob("part-*.jsonl"))
+
+
+def test_an_s3_window_lists_only_the_days_it_can_hold(s3_server, monkeypatch):
+    """On S3 a window's read starts the listing after the day before its first day (S3 lists keys in order): a
+    year of parts is not listed for yesterday's report. Parts outside any date= folder sort after the folders and
+    are still read; a window after the last part is empty, not a missing log."""
+    import pytest
+
+    from sonossl import storage
+    from sonossl.storage import put_bytes
+
+    log = f"s3://{s3_server.bucket}/logs/sonossl"
+    for day, rid in (("2026-11-20", "old"), ("2026-11-26", "eve"), ("2026-11-27", "in"), ("2026-11-28", "late")):
+        ts = "2026-11-27T23:00:00+00:00" if rid == "late" else f"{day}T12:00:00+00:00"
+        put_bytes(f'{{"ts": "{ts}", "request_id": "{rid}"}}\n'.encode(), f"{log}/date={day}/part-1.jsonl")
+    put_bytes(b'{"ts": "2026-11-27T13:00:00+00:00", "request_id": "loose"}\n', f"{log}/part-loose.jsonl")
+    listed = []
+    real = storage.list_uris
+
+    def recording(prefix, **kw):
+        got = real(prefix, **kw)
+        listed.extend(got)
+        return got
+
+    monkeypatch.setattr(storage, "list_uris", recording)
+    rows = read_request_log(log, since=datetime(2026, 11, 27, tzinfo=UTC), until=datetime(2026, 11, 28, tzinfo=UTC))
+    assert list(rows.request_id) == ["in", "loose", "late"]
+    assert not any("date=2026-11-20" in u for u in listed)  # the old day: never listed
+    assert any("date=2026-11-26" in u for u in listed)  # the day before: kept for a clock stepped back
+    assert read_request_log(log, since=datetime(2027, 1, 1, tzinfo=UTC)).empty
+    old = f"s3://{s3_server.bucket}/logs/old"  # only parts of days long before the window: no rows, no error
+    put_bytes(b'{"ts": "2026-11-20T12:00:00+00:00", "request_id": "old"}\n', f"{old}/date=2026-11-20/part-1.jsonl")
+    assert read_request_log(old, since=datetime(2027, 1, 1, tzinfo=UTC)).empty
+    with pytest.raises(FileNotFoundError, match="no log files"):  # nothing there at all: a wrong location
+        read_request_log(f"s3://{s3_server.bucket}/logs/none", since=datetime(2027, 1, 1, tzinfo=UTC))

@@ -151,7 +151,7 @@ def test_bad_inputs_get_a_4xx_that_names_the_problem_and_the_server_stays_up(ser
     # a body of unknown length (chunked: a generator), as a proxy may send it: counted as it arrives
     chunks = (big[i:i + 2**20] for i in range(0, len(big), 2**20))
     r = requests.post(infer, data=chunks, headers={"content-type": "application/json"}, timeout=30)
-    assert r.status_code == 413 and "request body of more than" in r.text
+    assert r.status_code == 413 and "request body of at least" in r.text
     small = json.dumps(_v2(shape=(1, 32, 32), data=[90] * 1024)).encode()
     r = requests.post(infer, data=(small[i:i + 1000] for i in range(0, len(small), 1000)),
                       headers={"content-type": "application/json"}, timeout=30)
@@ -252,13 +252,14 @@ def test_the_binary_data_extension_gives_the_same_answer(server, client, tiny_cl
 
 def test_an_encoded_video_is_refused_while_it_decodes_not_after(tmp_path):
     """A few kilobytes of video can hold gigabytes of frames: the size limits stop the decoding at the first frame
-    too large, or at the frame that takes the clip past the pixel budget."""
+    too large (FFmpeg decodes none over max_side squared pixels), or at the frame that takes the clip past the pixel
+    budget."""
     from conftest import write_video
     from sonossl.serve.frames import RequestError, decode_media
 
     data = write_video(tmp_path / "v.mkv", np.full((50, 64, 64), 90, np.uint8)).read_bytes()
     assert len(decode_media(data, max_frames=256)) == 50
-    with pytest.raises(RequestError, match="frame size 64x64 is outside the accepted range"):
+    with pytest.raises(RequestError, match="Picture size 64x64 exceeds specified max pixel count 1024"):
         decode_media(data, max_frames=256, max_side=32)
     with pytest.raises(RequestError, match=r"video too large: 11 frames of 64x64 exceed 40,960 decoded pixels"):
         decode_media(data, max_frames=256, max_pixels=10 * 64 * 64)
@@ -286,7 +287,7 @@ def test_a_stated_frame_size_too_large_is_refused_before_any_frame_decodes(tmp_p
     data = path.read_bytes()
     assert decode_media(data, max_frames=4, max_side=5000)[0].levels.shape == (20, 5000)
 
-    clip = write_video(tmp_path / "v.mkv", np.full((5, 64, 64), 90, np.uint8)).read_bytes()
+    clip = write_video(tmp_path / "v.mkv", np.full((5, 8, 64), 90, np.uint8)).read_bytes()  # 8 rows: too few
 
     def no_decoding(*args, **kw):
         raise AssertionError("decoded")
@@ -295,8 +296,8 @@ def test_a_stated_frame_size_too_large_is_refused_before_any_frame_decodes(tmp_p
     monkeypatch.setattr(video.Video, "frames", no_decoding)
     with pytest.raises(RequestError, match="frame size 5000x20 is outside the accepted range"):
         decode_media(data, max_frames=4)
-    with pytest.raises(RequestError, match="frame size 64x64 is outside the accepted range"):
-        decode_media(clip, max_frames=4, max_side=32)
+    with pytest.raises(RequestError, match="frame size 64x8 is outside the accepted range"):
+        decode_media(clip, max_frames=4)
     monkeypatch.undo()
     monkeypatch.setattr(video, "open_video", no_decoding)  # the image's header: FFmpeg never opens it
     with pytest.raises(RequestError, match="frame size 5000x20 is outside the accepted range"):
@@ -311,6 +312,21 @@ def test_a_stated_frame_size_too_large_is_refused_before_any_frame_decodes(tmp_p
             + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     with pytest.raises(RequestError, match=r"image too large: Image size \(256000000 pixels\)"):
         decode_media(bomb, max_frames=4)
+    monkeypatch.undo()
+    # a PNG frame of 100x100 inside an AVI that states 16x16: Pillow does not read it, and FFmpeg, which would
+    # decode it while opening the container, decodes no frame over max_side squared pixels
+    avi = tmp_path / "png.avi"
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", (100).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * 101 * 100)) + chunk(b"IEND", b""))
+    with av.open(str(avi), "w", format="avi") as out:
+        stream = out.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "gray"
+        packet = av.Packet(png)
+        packet.stream, packet.pts, packet.dts = stream, 0, 0
+        out.mux(packet)
+    assert decode_media(avi.read_bytes(), max_frames=4)[0].levels.shape == (100, 100)
+    with pytest.raises(RequestError, match="exceeds specified max pixel count 4096"):
+        decode_media(avi.read_bytes(), max_frames=4, max_side=64)
 
 
 def test_https_with_a_certificate_and_one_worker(tiny_export, tmp_path, monkeypatch, capsys):

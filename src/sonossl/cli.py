@@ -171,11 +171,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_drift(args: argparse.Namespace) -> int:
-    from sonossl.monitor.drift import DriftParams, drift_report, summary_text
+    from sonossl.monitor.drift import DriftParams, TooFewFrames, drift_report, summary_text
 
     params = DriftParams(margin=args.margin, drift_share=args.drift_share, min_frames=args.min_frames)
-    result = drift_report(args.model_dir, args.log, args.out, params=params, since=args.since, until=args.until,
-                          window=args.window)
+    try:
+        result = drift_report(args.model_dir, args.log, args.out, params=params, since=args.since,
+                              until=args.until, window=args.window)
+    except TooFewFrames as e:  # nothing to judge in the window: an answer, not an error
+        print(f"sonossl drift: too few frames to judge: {e}", file=sys.stderr)
+        return args.too_few_exit_code
     print(summary_text(result.summary))
     print(f"report: {result.html}")
     return 1 if result.drift_detected else 0
@@ -395,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold = margin x the 95th percentile of scores of windows of unchanged videos")
     p.add_argument("--drift-share", type=float, default=0.5, help="share of drifted statistics that is drift")
     p.add_argument("--min-frames", type=int, default=30,
-                   help="fewer usable frames of the model in the window: no report, exit code 3")
+                   help="fewer usable frames of the model in the window: no report, exit code --too-few-exit-code")
+    p.add_argument("--too-few-exit-code", type=int, default=3,
+                   help="exit code for a window with too few frames to judge (default 3; 0 for a schedule on which "
+                        "a day without traffic is no failure)")
     p.set_defaults(func=_cmd_drift)
 
     p = sub.add_parser("serve", help="serve an exported model (same as python -m sonossl.serve; --help there)",
@@ -496,13 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sonossl.config import ParamsError
 
-    from sonossl.monitor.drift import TooFewFrames
-
     try:
         return args.func(args)
-    except TooFewFrames as e:  # `drift`: nothing to judge in the window, which is an answer, not an error
-        print(f"sonossl {args.command}: too few frames to judge: {e}", file=sys.stderr)
-        return 3
     except (ParamsError, FileNotFoundError, ValueError) as e:
         # Expected failures (bad parameters, bad inputs) get one clear line, not a traceback.
         print(f"sonossl {args.command}: error: {e}", file=sys.stderr)

@@ -229,12 +229,15 @@ def _check_file(path: Path) -> None:
         raise VideoError(path, "empty file (0 bytes)")
 
 
-def _open_container(path: Path, logs: list):
-    """``av.open`` with failures mapped to VideoError; returns (container, first video stream)."""
+def _open_container(path: Path, logs: list, max_pixels: int | None = None):
+    """``av.open`` with failures mapped to VideoError; returns (container, first video stream). ``max_pixels``:
+    FFmpeg's own limit on a frame's pixels, for the probe that opening runs and for the decoder (a larger frame is
+    never decoded; the stream then states no size, and its decoding fails)."""
     import av
 
+    options = {"max_pixels": str(max_pixels)} if max_pixels else {}
     try:
-        container = av.open(str(path), mode="r", metadata_errors="ignore")
+        container = av.open(str(path), mode="r", metadata_errors="ignore", options=options)
     except PermissionError:
         raise VideoError(path, "not readable (permission denied)") from None
     except av.error.FFmpegError as e:
@@ -250,6 +253,8 @@ def _open_container(path: Path, logs: list):
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise VideoError(path, "unsupported codec (no decoder for the video stream in this FFmpeg build)")
+        if options:
+            stream.codec_context.options = options
     except BaseException:
         container.close()
         raise
@@ -336,15 +341,17 @@ class Video:
 
 
 @contextlib.contextmanager
-def open_video(path: str | Path, thread_type: str = THREAD_TYPE) -> Iterator[Video]:
-    """Open ``path`` for decoding (once, for both its info and its frames); VideoError when it is unusable."""
+def open_video(path: str | Path, thread_type: str = THREAD_TYPE, max_pixels: int | None = None) -> Iterator[Video]:
+    """Open ``path`` for decoding (once, for both its info and its frames); VideoError when it is unusable.
+    ``max_pixels``: frames larger than this are never decoded, not even by the probe that opening runs (a still
+    image inside a video container is decoded there)."""
     path = Path(path)
     _check_file(path)
     log = _ErrorLog()
     container = stream = None
     log.start()
     try:
-        container, stream = _open_container(path, log.messages)
+        container, stream = _open_container(path, log.messages, max_pixels)
         yield Video(path, container, stream, log.messages, thread_type)
     finally:
         log.stop()

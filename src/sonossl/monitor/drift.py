@@ -294,8 +294,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
                   "quantile of the scores of windows of held-out videos from the training source (at least 0.1 "
                   "and 0.015, Evidently's defaults)",
     }
-    html, js = _write_outputs(out_dir, name, snap, summary)
-    return DriftResult(drift_detected=bool(detected), summary=summary, html=html, json=js, out=str(out_dir))
+    page, js = _write_outputs(out_dir, name, snap, summary)
+    return DriftResult(drift_detected=bool(detected), summary=summary, html=page, json=js, out=str(out_dir))
 
 
 def summary_text(summary: dict[str, Any]) -> str:

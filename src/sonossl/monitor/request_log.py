@@ -31,7 +31,7 @@ import re
 import socket
 import threading
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -199,16 +199,30 @@ def _written_on(name: str) -> date | None:
         return None
 
 
-def _part_files(uri: str) -> list[str]:
+def _part_files(uri: str, first_day: date | None = None) -> list[str]:
+    """The log's part files; on S3 from the ``date=`` folder of ``first_day`` on (the earlier ones are not listed,
+    as S3 lists keys in order), with the parts outside any ``date=`` folder that sort after it."""
     if is_s3(uri):
-        from sonossl.storage import list_uris
+        from sonossl.storage import list_uris, parse_s3_uri
 
         # the prefix as a folder: s3://b/logs/sonossl must not read s3://b/logs/sonossl-staging's parts
-        return sorted(u for u in list_uris(uri.rstrip("/") + "/") if u.endswith(".jsonl"))
+        folder = uri.rstrip("/") + "/"
+        after = ""
+        if first_day is not None:  # after every key of the day before: "~" sorts after a part's name
+            after = parse_s3_uri(folder)[1] + f"date={first_day - timedelta(days=1):%Y-%m-%d}/~"
+        return sorted(u for u in list_uris(folder, start_after=after) if u.endswith(".jsonl"))
     root = Path(uri)
     if not root.is_dir():
         raise FileNotFoundError(f"request log {uri}: no such folder")
     return [str(p) for p in sorted(root.rglob("*.jsonl"))]
+
+
+def _holds_anything(uri: str) -> bool:
+    """Whether an S3 log prefix holds any object (one short listing): a log with parts, none of them listed for a
+    window after its last day, is a log with no rows there, not a wrong location."""
+    from sonossl.storage import holds
+
+    return holds(uri.rstrip("/") + "/")
 
 
 def _utc(t: datetime | None) -> datetime | None:
@@ -218,17 +232,18 @@ def _utc(t: datetime | None) -> datetime | None:
 
 def read_request_log(uri: str | Path, since: datetime | None = None, until: datetime | None = None):
     """All rows of a request log (local folder or ``s3://`` prefix), oldest first, within [since, until); a naive
-    ``since`` or ``until`` is UTC. A part file is written after every row it holds, so those under a
-    ``date=`` folder of a day before ``since`` are not read at all: a window costs the days it covers (and the
-    files written after it), not the whole history."""
+    ``since`` or ``until`` is UTC. A part file is written after every row it holds, so those under a ``date=``
+    folder more than a day before ``since`` are neither read nor, on S3, listed: a window costs the days it covers
+    (and the files written after it), not the whole history. (The day's margin: a wall clock stepped back across
+    midnight can write a row of the next day into the day before.)"""
     import pandas as pd
 
     uri = str(uri)
     since, until = _utc(since), _utc(until)
-    first_day = since.astimezone(UTC).date() if since is not None else None
+    first_day = since.astimezone(UTC).date() - timedelta(days=1) if since is not None else None
     frames = []
-    names = _part_files(uri)
-    if not names:
+    names = _part_files(uri, first_day)
+    if not names and not (first_day is not None and is_s3(uri) and _holds_anything(uri)):
         raise FileNotFoundError(f"request log {uri}: no log files (part-*.jsonl) found")
     for name in names:
         day = _written_on(name)

@@ -18,7 +18,8 @@ import sys
 
 # KServe's options passed on to its ModelServer (whose defaults come from the process's own sys.argv, parsed when
 # kserve is imported: a main() called from code would silently drop them)
-SERVER_OPTIONS = ("access_log_format", "timeout_keep_alive", "event_loop")
+SERVER_OPTIONS = ("access_log_format", "timeout_keep_alive", "event_loop", "max_threads",
+                  "max_asyncio_workers", "enable_latency_logging", "enable_docs_url")
 
 
 def build_parser() -> argparse.ArgumentParser:

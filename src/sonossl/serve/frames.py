@@ -60,7 +60,9 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
     large. The limits are checked frame by frame as they decode: a few megabytes of video can hold gigabytes of
     frames, which must be refused before they are in memory, not after. A still image's size is read from its
     header first (Pillow, no pixel decoded), because FFmpeg decodes an image's one frame already to open it: a
-    16000x16000 PNG is 280 KB. A video's stated frame size is checked once it is open, before its frames decode."""
+    16000x16000 PNG is 280 KB. Whatever the container, FFmpeg itself decodes no frame of more than ``max_side``
+    squared pixels (its ``max_pixels``; an image inside a video container, which Pillow does not read, is decoded
+    while the container opens), and a video's stated frame size is checked before its frames decode."""
     from sonossl.data.video import VideoError, open_video
 
     if not data:
@@ -69,12 +71,12 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
     if stated is not None:
         _check_stated(stated, max_frames, max_side, max_pixels)
     frames: list[DecodedFrame] = []
-    pixels = 0
+    pixels, frame_limit = 0, min(max_side * max_side, max_pixels)
     with tempfile.TemporaryDirectory(prefix="sonossl-serve-") as tmp:
         path = Path(tmp) / "media"
         path.write_bytes(data)
         try:
-            with open_video(path) as video:
+            with open_video(path, max_pixels=frame_limit) as video:
                 # the stored size, before any display rotation: the same sides and pixel count
                 _check_stated((video.info.width, video.info.height), max_frames, max_side, max_pixels)
                 for f in video.frames():
@@ -93,8 +95,9 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
                                            "smaller ones")
                     # the decoder reuses its buffers: keep a copy of the stored levels (and their map to grey)
                     frames.append(DecodedFrame(f.index, f.time, np.array(f.levels), f.lut))
-        except VideoError as e:
-            raise RequestError(f"undecodable bytes: {e.reason}") from None
+        except VideoError as e:  # also a frame FFmpeg refused to decode for its size (it then says "invalid")
+            raise RequestError(f"undecodable bytes: {e.reason} (frames of more than {frame_limit:,} pixels, "
+                               f"{max_side}x{max_side}, are not decoded)") from None
     if not frames:
         raise RequestError("undecodable bytes: no frames")
     return frames  # the size and count limits were checked frame by frame above

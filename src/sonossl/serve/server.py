@@ -40,12 +40,13 @@ class BodyLimit:
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             status, message = None, None
-            if length is None and headers.get(b"transfer-encoding"):
+            # chunked first: a request may carry both headers (HTTP/1.1 says chunked wins, and h11 reads it so)
+            if headers.get(b"transfer-encoding"):
                 received = await self._read_chunked(receive)
                 if received is None:  # the client went away
                     return
                 if isinstance(received, int):
-                    status, message = 413, (f"request body of more than {received} bytes is over the limit of "
+                    status, message = 413, (f"request body of at least {received} bytes is over the limit of "
                                             f"{self.max_bytes} bytes; send fewer frames per request")
                 else:
                     receive = received

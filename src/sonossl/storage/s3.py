@@ -443,14 +443,17 @@ def get_bytes(uri: str, *, client: Any = None) -> bytes:
     return data
 
 
-def list_uris(prefix_uri: str, *, client: Any = None) -> list[str]:
-    """All object URIs under a prefix (``s3://bucket/prefix``; ``s3://bucket`` for the whole bucket), sorted."""
+def list_uris(prefix_uri: str, *, client: Any = None, start_after: str = "") -> list[str]:
+    """All object URIs under a prefix (``s3://bucket/prefix``; ``s3://bucket`` for the whole bucket), sorted;
+    with ``start_after`` (a key) only those whose keys sort after it (S3 lists keys in that order, so the ones
+    before it are not even listed)."""
     s3 = client or _new_client()
     bucket, prefix = parse_s3_uri(prefix_uri)
+    after = {"StartAfter": start_after} if start_after else {}
 
     def op() -> list[str]:
         keys = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **after):
             keys += [obj["Key"] for obj in page.get("Contents", [])]
         return keys
 
