@@ -529,3 +529,37 @@ def test_kserve_s_server_options_reach_the_model_server_from_main_s_own_argument
                  "--access_log_format", "%(h)s %(r)s"]) == 0
     assert (got["timeout_keep_alive"], got["event_loop"], got["access_log_format"]) == (7, "asyncio", "%(h)s %(r)s")
     assert got["models"] == ["sonossl"] and got["http_port"] == 8080
+
+
+def test_the_body_limit_counts_a_chunked_body_even_beside_a_content_length():
+    """HTTP/1.1 reads a body as chunked when both headers come (h11 does): the declared length must not let a
+    larger chunked body through (a 5-byte Content-Length let 3,000 bytes past a 1,000-byte limit). A body within
+    the limit reaches the app whole, in one message."""
+    import asyncio
+
+    from sonossl.serve.server import BodyLimit
+
+    def run(parts: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[list[dict], list[bytes]]:
+        sent, seen = [], []
+
+        async def app(scope, receive, send):
+            message = await receive()
+            seen.append(message["body"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+
+        async def receive():
+            body = parts.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(parts)}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "headers": headers}
+        asyncio.run(BodyLimit(app, max_bytes=1000)(scope, receive, send))
+        return sent, seen
+
+    both = [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")]
+    sent, seen = run([b"x" * 600, b"x" * 600, b"x" * 1800], both)
+    assert sent[0]["status"] == 413 and not seen and b"at least 1200 bytes" in sent[1]["body"]
+    sent, seen = run([b"x" * 400, b"y" * 400], [(b"transfer-encoding", b"chunked")])
+    assert sent[0]["status"] == 200 and seen == [b"x" * 400 + b"y" * 400]
