@@ -259,7 +259,7 @@ def test_an_encoded_video_is_refused_while_it_decodes_not_after(tmp_path):
 
     data = write_video(tmp_path / "v.mkv", np.full((50, 64, 64), 90, np.uint8)).read_bytes()
     assert len(decode_media(data, max_frames=256)) == 50
-    with pytest.raises(RequestError, match="Picture size 64x64 exceeds specified max pixel count 1024"):
+    with pytest.raises(RequestError, match="frame too large: .*Picture size 64x64 exceeds .* max pixel count 1024"):
         decode_media(data, max_frames=256, max_side=32)
     with pytest.raises(RequestError, match=r"video too large: 11 frames of 64x64 exceed 40,960 decoded pixels"):
         decode_media(data, max_frames=256, max_pixels=10 * 64 * 64)
@@ -325,7 +325,7 @@ def test_a_stated_frame_size_too_large_is_refused_before_any_frame_decodes(tmp_p
         packet.stream, packet.pts, packet.dts = stream, 0, 0
         out.mux(packet)
     assert decode_media(avi.read_bytes(), max_frames=4)[0].levels.shape == (100, 100)
-    with pytest.raises(RequestError, match="exceeds specified max pixel count 4096"):
+    with pytest.raises(RequestError, match=r"frame too large: .* max pixel count 4096, .*\(64x64\) are not"):
         decode_media(avi.read_bytes(), max_frames=4, max_side=64)
 
 

@@ -256,8 +256,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     current = rows[(rows.model_version == version) & ~rows.blank.astype(bool)]
     if len(current) < params.min_frames:
         raise TooFewFrames(f"request log {log}: {len(current)} usable frames of model {version} in the window "
-                         f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
-                         f"{int(rows.blank.astype(bool).sum())} blank frames left out)")
+                           f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
+                           f"{int(rows.blank.astype(bool).sum())} blank frames left out)")
 
     floors = {**{c: EVIDENTLY_WASSERSTEIN for c in columns}, "embedding": EVIDENTLY_MMD}
     thresholds, baseline = null_thresholds(reference, heldout, columns, emb_cols, floors, params)

@@ -95,9 +95,11 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
                                            "smaller ones")
                     # the decoder reuses its buffers: keep a copy of the stored levels (and their map to grey)
                     frames.append(DecodedFrame(f.index, f.time, np.array(f.levels), f.lut))
-        except VideoError as e:  # also a frame FFmpeg refused to decode for its size (it then says "invalid")
-            raise RequestError(f"undecodable bytes: {e.reason} (frames of more than {frame_limit:,} pixels, "
-                               f"{max_side}x{max_side}, are not decoded)") from None
+        except VideoError as e:
+            if "max pixel count" in e.reason:  # FFmpeg refused to decode a frame for its size
+                raise RequestError(f"frame too large: {e.reason}; frames of more than {frame_limit:,} pixels "
+                                   f"({max_side}x{max_side}) are not decoded") from None
+            raise RequestError(f"undecodable bytes: {e.reason}") from None
     if not frames:
         raise RequestError("undecodable bytes: no frames")
     return frames  # the size and count limits were checked frame by frame above
