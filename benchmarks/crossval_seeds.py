@@ -63,7 +63,7 @@ from sonossl.train.crossval import crossval
 from sonossl.train.finetune import check_finetune_params
 
 # benchmarks/ is on the path when run as a script
-from label_seeds import SAME_AS_ENCODER, finish, positive, spread, summarise
+from label_seeds import SAME_AS_ENCODER, finish, positive, scratch_init_given, spread, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.85  # the POCUS video accuracy with SSL
@@ -116,9 +116,7 @@ def main() -> int:
     if args.encoder_init is not None:
         pt_given["encoder"] = dataclasses.replace(params.pretrain.encoder, init=args.encoder_init)
     ft_given = {k: v for k, v in (("pool_stages", args.pool_stages), ("encoder_lr_decay", args.encoder_lr_decay),
-                                  ("ema", args.ema), ("scratch_init", args.scratch_init)) if v is not None}
-    if args.scratch_init == SAME_AS_ENCODER:  # finetune.scratch_init null: scratch starts as the SSL encoders
-        ft_given["scratch_init"] = None
+                                  ("ema", args.ema)) if v is not None} | scratch_init_given(args.scratch_init)
     given = cv_given | {f"pretrain_{k}": v for k, v in pt_given.items() if k != "encoder"} | ft_given
     if args.encoder_init is not None:
         given["encoder_init"] = args.encoder_init

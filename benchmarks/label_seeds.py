@@ -197,17 +197,24 @@ def draw_args(doc: str, scratch: bool = True) -> argparse.ArgumentParser:
     return ap
 
 
+def scratch_init_given(value: str | None) -> dict:
+    """``--scratch-init``'s value as the finetune field to replace: none for None (the profile's), a null
+    ``scratch_init`` for ``SAME_AS_ENCODER`` (scratch starts as the compared encoder), else the initialisation named
+    (also ``crossval_seeds.py``)."""
+    if value is None:
+        return {}
+    return {"scratch_init": None if value == SAME_AS_ENCODER else value}
+
+
 def draw_params(args: argparse.Namespace, **options: object) -> Params:
     """The profile's parameters with the fine-tune options given on the command line replaced
     (``--encoder-lr-decay`` and ``--scratch-init`` of ``draw_args``, and the script's own as keywords; None keeps
     the profile's), checked with ``--seeds`` before any work."""
     at_least("--seeds", args.seeds, 1)
     params = load_params(ROOT / "params.yaml", args.profile)
-    scratch = getattr(args, "scratch_init", None)
-    given = {"encoder_lr_decay": args.encoder_lr_decay, "ema": args.ema, "scratch_init": scratch, **options}
+    given = {"encoder_lr_decay": args.encoder_lr_decay, "ema": args.ema, **options}
     given = {k: v for k, v in given.items() if v is not None}
-    if scratch == SAME_AS_ENCODER:  # finetune.scratch_init null: scratch starts as the compared encoder did
-        given["scratch_init"] = None
+    given |= scratch_init_given(getattr(args, "scratch_init", None))
     params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, **given))
     try:
         check_finetune_params(params.finetune)

@@ -18,13 +18,14 @@ from sonossl import __version__
 
 
 def _utc_time(text: str):
-    from datetime import UTC, datetime
+    from datetime import datetime
+
+    from sonossl.monitor.request_log import as_utc
 
     try:
-        t = datetime.fromisoformat(text)
+        return as_utc(datetime.fromisoformat(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO time: {text!r} (e.g. 2026-11-27T08:00)") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _add_params_args(p: argparse.ArgumentParser, note: str = "", profile: str | None = None) -> None:

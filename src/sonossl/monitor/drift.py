@@ -229,8 +229,9 @@ def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) 
 
 
 class TooFewFrames(ValueError):
-    """The window holds too few usable frames of the model to judge drift: no report (``sonossl drift`` exits 3).
-    A day without traffic, or one that served another model until a late promotion, is not an error."""
+    """The window holds too few usable frames of the model to judge drift: no report (``sonossl drift`` exits 3 by
+    default, ``--too-few-exit-code``). A day without traffic, or one that served another model until a late
+    promotion, is not an error."""
 
 
 def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *, params: DriftParams | None = None,

@@ -225,8 +225,9 @@ def _holds_anything(uri: str) -> bool:
     return holds(uri.rstrip("/") + "/")
 
 
-def _utc(t: datetime | None) -> datetime | None:
-    """An aware time as it is, a naive one taken as UTC (as the log's own times are written)."""
+def as_utc(t: datetime | None) -> datetime | None:
+    """An aware time as it is, a naive one taken as UTC (as the log's own times are written; also the CLI's
+    ``--since`` and ``--until``)."""
     return t if t is None or t.tzinfo else t.replace(tzinfo=UTC)
 
 
@@ -239,7 +240,7 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
     import pandas as pd
 
     uri = str(uri)
-    since, until = _utc(since), _utc(until)
+    since, until = as_utc(since), as_utc(until)
     first_day = since.astimezone(UTC).date() - timedelta(days=1) if since is not None else None
     frames = []
     names = _part_files(uri, first_day)

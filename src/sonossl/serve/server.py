@@ -40,7 +40,7 @@ class BodyLimit:
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             status, message = None, None
-            # chunked first: a request may carry both headers (HTTP/1.1 says chunked wins, and h11 reads it so)
+            # chunked first: a request may carry both headers, and then HTTP/1.1 (RFC 9112) reads it as chunked
             if headers.get(b"transfer-encoding"):
                 received = await self._read_chunked(receive)
                 if received is None:  # the client went away
