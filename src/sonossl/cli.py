@@ -258,9 +258,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _cmd_deploy(args: argparse.Namespace) -> int:
     import yaml
 
-    from sonossl.deploy import DEFAULT_IMAGE, deploy
+    from sonossl.deploy import deploy
+    from sonossl.pipeline import GPU_IMAGE, IMAGE
 
-    image = args.image or (f"{DEFAULT_IMAGE}-cuda" if args.gpu else DEFAULT_IMAGE)
+    image = args.image or (GPU_IMAGE if args.gpu else IMAGE)
     isvc = deploy(args.model_uri, name=args.name, namespace=args.namespace, image=image,
                   canary_percent=args.canary_percent, service_account=args.service_account, runtime=args.runtime,
                   gpu=args.gpu, dry_run=args.dry_run, model_card=args.model_card)

@@ -12,10 +12,8 @@ pipelines (``spec``), submits them to a cluster (``submit``) and runs the traini
 
 from __future__ import annotations
 
-from sonossl import __version__
-from sonossl.deploy import IMAGE_REPOSITORY
+from sonossl.deploy import DEFAULT_IMAGE as IMAGE  # the tag follows the package version
 
-IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"  # the tag follows the package version
 GPU_IMAGE = f"{IMAGE}-cuda"  # the same release built with CUDA torch (the Dockerfile's VARIANT=cuda): the GPU steps
 # Kubernetes Secret holding the S3 credentials (k8s/ creates it); its keys become the tasks' environment.
 S3_SECRET = "sonossl-s3"
