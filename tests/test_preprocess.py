@@ -155,7 +155,7 @@ def test_bad_inputs_are_listed_and_the_good_ones_processed(tmp_path: Path) -> No
     for row in rows:
         row["annotations"] = annotations.get(row["path"], "")
     rows.insert(2, {"path": "videos/sweep one.mp4", "label": "dup", "annotations": ""})
-    expected["videos/sweep one.mp4"] = "listed twice in labels.csv (same file as row 2)"
+    expected["videos/sweep one.mp4"] = "listed twice in labels.csv: the same file as row 2 (videos/sweep one.mp4)"
     _labels(root, rows)
 
     out = tmp_path / "clips"
@@ -444,6 +444,113 @@ def test_videos_that_are_symlinks_into_a_cache_preprocess_like_the_files(tmp_pat
     _labels(linked, [*rows, {"path": "videos/../../raw/videos/v0.mp4", "label": "ok", "annotations": ""}])
     report = preprocess(linked, tmp_path / "escape", replace(TINY, max_reject_fraction=1.0), progress=False)
     assert [r["reason"] for r in report.rejects] == ["path outside the dataset root"]
+
+
+def test_the_same_video_under_two_names_is_listed_once(tmp_path: Path) -> None:
+    """A copy of a video under another name (or a second symlink to the same cache object) is the same video:
+    kept twice it would be trained on twice and could fall in train and test. It is rejected the same way however
+    the dataset stores its files."""
+    for layout in ("copies", "symlinks"):
+        root, cache = tmp_path / layout, tmp_path / f"{layout}-cache"
+        _fan_video(cache, "v0.mp4", seed=0)
+        _fan_video(root, "videos/other.mp4", seed=1)
+        for name in ("a.mp4", "b.mp4"):
+            target = root / "videos" / name
+            if layout == "copies":
+                target.write_bytes((cache / "v0.mp4").read_bytes())
+            else:
+                os.symlink(cache / "v0.mp4", target)
+        _labels(root, [{"path": f"videos/{n}", "label": "ok"} for n in ("a.mp4", "other.mp4", "b.mp4")])
+        report = preprocess(root, tmp_path / f"{layout}-clips", replace(TINY, max_reject_fraction=1.0), progress=False)
+        assert [(r["path"], r["reason"]) for r in report.rejects] == [
+            ("videos/b.mp4", "the same bytes as row 2 (videos/a.mp4): one video under two names")], layout
+        assert report.videos == 2
+
+
+def test_the_output_may_not_replace_or_sit_inside_the_raw_dataset(raw: Path, tmp_path: Path) -> None:
+    before = _tree_digest(raw)
+    for out, words in [(raw, "would replace the raw dataset"), (raw / ".." / raw.name, "would replace the raw"),
+                       (tmp_path, "a folder above it"), (raw / "clips", "is inside the raw dataset")]:
+        with pytest.raises(ValueError, match=words) as err:
+            preprocess(raw, out, TINY, progress=False)
+        assert str(raw) in str(err.value)
+    assert _tree_digest(raw) == before  # nothing moved, nothing deleted
+
+
+def test_listing_and_label_spellings_that_would_mislead(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    for i in range(3):
+        _fan_video(root, f"v{i}.mp4", seed=i)
+    # a trailing comma on every row: the columns stay where the header says, not shifted by one
+    (root / "labels.csv").write_text("path,label,patient_id\nv0.mp4,covid,p1,\nv1.mp4,regular,p2,\n")
+    report = preprocess(root, tmp_path / "comma", TINY, progress=False)
+    videos = load_clip_dataset(tmp_path / "comma").meta["videos"]
+    assert report.rejects == [] and [(v["path"], v["label"], v["patient_id"]) for v in videos] == [
+        ("v0.mp4", "covid", "p1"), ("v1.mp4", "regular", "p2")]
+    # one class written two ways fails, naming a video of each spelling
+    _labels(root, [{"path": "v0.mp4", "label": "covid"}, {"path": "v1.mp4", "label": "Covid"},
+                   {"path": "v2.mp4", "label": "regular"}])
+    with pytest.raises(PreprocessError, match=r"differ only in case or spaces.*'covid' \(v0.mp4\), 'Covid' \(v1.mp4\)"):
+        preprocess(root, tmp_path / "case", TINY, progress=False)
+    assert not (tmp_path / "case").exists()
+    # annotation labels: spaces are stripped, an empty one is a frame without a label, not a class ""
+    save_annotations(root / "v0.npz", labels=["a "] * 6 + [""] * 6)
+    save_annotations(root / "v1.npz", labels=[["a"] * 12])
+    _labels(root, [{"path": "v0.mp4", "annotations": "v0.npz"}, {"path": "v1.mp4", "annotations": "v1.npz"}])
+    report = preprocess(root, tmp_path / "ann", replace(TINY, max_reject_fraction=1.0), progress=False)
+    assert [r["path"] for r in report.rejects] == ["v1.mp4"]
+    assert "'labels' must be one label per frame (a 1-D array), got shape (1, 12)" in report.rejects[0]["reason"]
+    index = load_clip_dataset(tmp_path / "ann").index
+    assert index.label.tolist() == ["a"] * 6 + [None] * 6
+
+
+def test_fps_must_be_finite() -> None:
+    with pytest.raises(ValueError, match="fps must be a finite number > 0, or null, got inf"):
+        clips._check_params(replace(TINY, fps=float("inf")))
+
+
+_convert = clips._process_video
+
+
+def _killed_on_b(task):
+    """``_process_video``, but its process dies on videos/b.avi (module level: the pool pickles it by name)."""
+    import signal
+
+    if task.path == "videos/b.avi":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _convert(task)
+
+
+def test_a_worker_that_dies_rejects_its_video_by_name(raw: Path, tmp_path: Path, monkeypatch) -> None:
+    """A worker killed by a signal (FFmpeg crashing on a file, the OOM killer) breaks the process pool: the
+    unfinished videos are converted again one process each, the one that kills its process is rejected by name,
+    and the rest are kept."""
+    monkeypatch.setattr(clips, "_process_video", _killed_on_b)  # the workers are forked: they see it too
+    report = preprocess(raw, tmp_path / "clips", replace(TINY, workers=2, max_reject_fraction=0.5), progress=False)
+    assert [r["path"] for r in report.rejects] == ["videos/b.avi"]
+    assert "the process converting it died" in report.rejects[0]["reason"]
+    assert report.videos == 3 and _no_staging_left(tmp_path)
+    assert "workers" not in load_clip_dataset(tmp_path / "clips").meta["params"]  # how fast, not what
+
+
+def test_a_dataset_swapped_out_by_a_killed_run_comes_back(tmp_path: Path) -> None:
+    from sonossl.atomic import atomic_dir
+
+    out = tmp_path / "clips"
+    with atomic_dir(out) as staging:
+        (staging / "meta.json").write_text("first")
+    # killed between moving the old one aside and moving the new one in: the old one is back before the next run
+    os.replace(out, tmp_path / ".clips.old-12345")
+    (tmp_path / ".clips.staging-abc").mkdir()
+    with pytest.raises(RuntimeError), atomic_dir(out):
+        assert (out / "meta.json").read_text() == "first"
+        raise RuntimeError("this run fails too")
+    assert (out / "meta.json").read_text() == "first" and _no_staging_left(tmp_path)
+    # a swapped-out copy beside a complete dataset is deleted
+    os.symlink(out, tmp_path / ".clips.old-777")
+    with atomic_dir(out) as staging:
+        (staging / "meta.json").write_text("second")
+    assert (out / "meta.json").read_text() == "second" and _no_staging_left(tmp_path)
 
 
 def test_splits_are_deterministic_proportional_and_never_empty() -> None:

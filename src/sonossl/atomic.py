@@ -104,13 +104,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``path`` as a whole, on error it is deleted.
 
-    An existing ``path`` is kept until the new one is complete, then swapped out and removed.
+    An existing ``path`` is kept until the new one is complete, then swapped out and removed. A run killed in
+    between leaves its pieces, which the next run puts right: a staging folder is deleted; a swapped-out previous
+    one (``.name.old-PID``) comes back when ``path`` is missing (killed between the two renames) and is deleted
+    otherwise. One writer per ``path`` at a time: a second one would delete the first one's staging folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of runs that were killed before they could clean up.
     for stale in path.parent.glob(f".{path.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove_tree(stale)
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if path.exists() or path.is_symlink():
+            _remove_tree(old)
+        else:
+            os.replace(old, path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
@@ -124,10 +132,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             trash = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, trash)
             os.replace(staging, path)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_tree(trash)
         else:
             os.replace(staging, path)
         _fsync_dir(path.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder, or a symlink (to one) without following it."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

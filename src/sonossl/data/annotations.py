@@ -71,7 +71,10 @@ def load_annotations(path: str | Path, n_frames: int | None = None) -> Annotatio
         raise ValueError(f"{path}: not a readable annotations .npz ({e})") from e
     if "labels" not in arrays:
         raise ValueError(f"{path}: annotations must contain a 'labels' array (found {sorted(arrays)})")
-    labels = arrays.pop("labels").astype(str)
+    labels = arrays.pop("labels")
+    if labels.ndim != 1:
+        raise ValueError(f"{path}: 'labels' must be one label per frame (a 1-D array), got shape {labels.shape}")
+    labels = np.char.strip(labels.astype(str))  # "" is a frame without a label; spaces are no part of a class
     saliency = arrays.pop("saliency", None)
     if saliency is not None and (saliency.ndim != 3 or len(saliency) != len(labels)):
         raise ValueError(f"{path}: 'saliency' must be (T, h, w) with T={len(labels)}, got {saliency.shape}")

@@ -34,6 +34,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -43,6 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,7 +158,9 @@ def read_listing(raw_dir: str | Path) -> pd.DataFrame:
             f"{raw_dir}) and optionally 'label', 'patient_id', 'annotations'"
         )
     try:
-        listing = pd.read_csv(csv, dtype=str, keep_default_na=False, na_values=[], skipinitialspace=True)
+        # index_col=False: a trailing comma on every row must not turn the first column into the index
+        listing = pd.read_csv(csv, dtype=str, keep_default_na=False, na_values=[], skipinitialspace=True,
+                              index_col=False)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{csv}: not a readable CSV file ({e})") from None
     listing.columns = [str(c).strip() for c in listing.columns]
@@ -214,12 +218,18 @@ def _inside(root: Path, rel: str) -> tuple[Path | None, str | None]:
     return written.resolve(), None
 
 
-def _plan(raw_dir: Path, listing: pd.DataFrame, params: PreprocessParams, work_dir: Path):
-    """Tasks for the workers and the rejects that need no decoding (bad paths, missing files, duplicates)."""
+def _plan(raw_dir: Path, listing: pd.DataFrame, params: PreprocessParams, work_dir: Path,
+          hashes: Mapping[str, str] | None = None):
+    """Tasks for the workers and the rejects that need no decoding (bad paths, missing files, duplicates).
+
+    A video listed twice is one whose bytes are those of an earlier row (``hashes``: ``_input_hashes``, by path as
+    written), whatever its name or wherever a symlink points: the same video under two names would be trained on
+    twice and could land in two splits. A file that could not be hashed is compared by its resolved path."""
     root = raw_dir.resolve()
+    hashes = hashes or {}
     tasks: list[_Task] = []
     rejects: dict[int, str] = {}
-    seen: dict[Path, int] = {}
+    seen: dict[str | Path, int] = {}
     has_ann = "annotations" in listing.columns
     has_label = "label" in listing.columns
     for idx, row in enumerate(listing.itertuples(index=False)):
@@ -229,8 +239,12 @@ def _plan(raw_dir: Path, listing: pd.DataFrame, params: PreprocessParams, work_d
             reason = "file not found"
         if reason is None and not file.is_file():
             reason = "not a file"
-        if reason is None and file in seen:
-            reason = f"listed twice in labels.csv (same file as row {seen[file] + 2})"
+        key = hashes.get(rel, file)
+        if reason is None and key in seen:
+            first, first_rel = seen[key], listing.path.iloc[seen[key]]
+            reason = (f"listed twice in labels.csv: the same file as row {first + 2} ({first_rel})"
+                      if os.path.normpath(rel) == os.path.normpath(first_rel) else
+                      f"the same bytes as row {first + 2} ({first_rel}): one video under two names")
         ann_rel = getattr(row, "annotations", "") if has_ann else ""
         ann_file = None
         if reason is None and ann_rel:
@@ -242,7 +256,7 @@ def _plan(raw_dir: Path, listing: pd.DataFrame, params: PreprocessParams, work_d
         if reason is not None:
             rejects[idx] = reason
             continue
-        seen[file] = idx
+        seen[key] = idx
         label = getattr(row, "label", "") if has_label else ""
         tasks.append(
             _Task(
@@ -533,7 +547,8 @@ def _convert_video(task: _Task) -> _VideoResult:
                 pending.clear()
             result.times.append(round(frame.time, 6))
             result.source.append(frame.index)
-            result.labels.append(str(annotations.labels[frame.index]) if annotations is not None else task.label)
+            label = str(annotations.labels[frame.index]) or None if annotations is not None else task.label
+            result.labels.append(label)
             if saliency_out is not None:
                 target = _crop_saliency(annotations.saliency[frame.index], crop, (height, width), params.saliency_size)
                 result.has_saliency.append(target is not None)
@@ -630,12 +645,24 @@ def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, _VideoRe
         finally:
             _release_head_store()  # this is the caller's process: give the memory back
         return results
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(start_method()))
+    context = multiprocessing.get_context(start_method())
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=context)
     try:
         futures = [pool.submit(_process_video, task) for task in order]
         with bar() as progress_bar:
-            for future in as_completed(futures):
-                done(future.result(), progress_bar)
+            try:
+                for future in as_completed(futures):
+                    done(future.result(), progress_bar)
+            except BrokenProcessPool:
+                # A worker was killed (FFmpeg crashed on a file, or the kernel's OOM killer): every unfinished video
+                # fails with it, and which one did it is not known. Convert those again, each in a process of its
+                # own, so that the culprit is rejected by name and the others are kept.
+                pool.shutdown(wait=True, cancel_futures=True)
+                rest = [task for task in order if task.idx not in results]
+                log.warning("a preprocess worker died; converting the %d unfinished videos one process each to find "
+                            "which one killed it", len(rest))
+                for task in rest:
+                    done(_isolated(task, context), progress_bar)
     except BaseException:
         # Interrupted (Ctrl-C) or failed: drop queued videos and wait for running ones, so that no worker writes
         # into the staging folder after it is removed.
@@ -643,6 +670,18 @@ def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, _VideoRe
         raise
     pool.shutdown(wait=True)
     return results
+
+
+def _isolated(task: _Task, context) -> _VideoResult:
+    """``_process_video`` in a process of its own; a rejection saying so when that process dies."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        future = pool.submit(_process_video, task)
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            pass
+    return _VideoResult(idx=task.idx, reason="the process converting it died (FFmpeg crashed on it, or it ran out of "
+                                             "memory); try it alone with workers: 1")
 
 
 # ------------------------------------------------------------------------------------------------- splits
@@ -737,8 +776,8 @@ def _check_params(params: PreprocessParams) -> None:
         problems.append(f"frame_size must be >= 2, got {params.frame_size}")
     if params.saliency_size < 1:
         problems.append(f"saliency_size must be >= 1, got {params.saliency_size}")
-    if params.fps is not None and not params.fps > 0:
-        problems.append(f"fps must be > 0 or null, got {params.fps}")
+    if params.fps is not None and not (params.fps > 0 and math.isfinite(params.fps)):
+        problems.append(f"fps must be a finite number > 0, or null, got {params.fps}")
     if params.max_frames is not None and params.max_frames < 2:
         problems.append(f"max_frames must be >= 2 or null, got {params.max_frames}")
     if not 0.0 <= params.max_reject_fraction <= 1.0:
@@ -894,7 +933,7 @@ def _meta(
     return {
         "format": FORMAT,
         "version": version,
-        "params": asdict(params),
+        "params": {k: v for k, v in asdict(params).items() if k != "workers"},  # as the version: what, not how fast
         "inputs": inputs,
         "counts": {
             "videos_listed": len(listing),
@@ -925,6 +964,36 @@ def _meta(
     }
 
 
+def _check_apart(raw_dir: Path, out_dir: Path) -> None:
+    """The clip dataset replaces ``out_dir`` as a whole: it must not be, hold or sit inside the raw dataset."""
+    raw, out = raw_dir.resolve(), out_dir.resolve()
+    if out == raw or raw.is_relative_to(out):
+        what = "the same folder" if out == raw else "a folder above it"
+        raise ValueError(f"out_dir {out_dir} would replace the raw dataset {raw_dir} ({what}); write the clip "
+                         "dataset to a folder of its own, e.g. data/clips/<name>")
+    if out.is_relative_to(raw):
+        raise ValueError(f"out_dir {out_dir} is inside the raw dataset {raw_dir}: the clips would become part of "
+                         "the raw data (and of its DVC version); write them to a folder of its own")
+
+
+def _check_label_spelling(raw_dir: Path, kept: list[_Task], results: Mapping[int, _VideoResult]) -> None:
+    """Labels that differ only in case or spaces ("Covid", "covid ") are one class written two ways: fail, naming
+    a video of each, rather than train on a class split in two."""
+    where: dict[str, str] = {}
+    for task in kept:
+        for label in dict.fromkeys(results[task.idx].labels):
+            if label is not None:
+                where.setdefault(label, task.path)
+    spellings: dict[str, list[str]] = {}
+    for label in where:
+        spellings.setdefault(" ".join(label.casefold().split()), []).append(label)
+    clashes = [names for names in spellings.values() if len(names) > 1]
+    if clashes:
+        lines = "; ".join(", ".join(f"{n!r} ({where[n]})" for n in names) for names in clashes)
+        raise PreprocessError(f"{raw_dir}: labels that differ only in case or spaces would be separate classes: "
+                              f"{lines}; write each class one way in labels.csv and the annotations")
+
+
 def preprocess(
     raw_dir: str | Path, out_dir: str | Path, params: PreprocessParams, progress: bool = True
 ) -> PreprocessReport:
@@ -936,6 +1005,7 @@ def preprocess(
     start = time.perf_counter()
     _check_params(params)
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    _check_apart(raw_dir, out_dir)
     listing = read_listing(raw_dir)
     if len(listing) == 0:
         raise PreprocessError(f"{raw_dir / 'labels.csv'}: lists no videos")
@@ -945,7 +1015,7 @@ def preprocess(
     with atomic_dir(out_dir) as staging:
         work = staging / ".work"  # the workers' per-video files, inside the staging folder so cleanup is one place
         work.mkdir()
-        tasks, reasons = _plan(raw_dir, listing, params, work)
+        tasks, reasons = _plan(raw_dir, listing, params, work, inputs)
         results = _run(tasks, params.workers, progress) if tasks else {}
         for task in tasks:
             if results[task.idx].reason is not None:
@@ -955,6 +1025,7 @@ def preprocess(
         for r in rejects:
             log.warning("unusable video %s: %s", r["path"], r["reason"])
         kept = [t for t in tasks if t.idx not in reasons]
+        _check_label_spelling(raw_dir, kept, results)
         if not kept:
             raise PreprocessError(
                 f"{raw_dir}: no usable video among the {len(listing)} listed in labels.csv:\n"
