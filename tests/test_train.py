@@ -7,7 +7,9 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,15 +173,23 @@ class RankTask:  # a toy task whose per-batch number is the rank that ran the ba
         gen = torch.Generator().manual_seed(10 * epoch + rank)
         return [torch.randn(4, 3, generator=gen) for _ in range(2)]
     def loss(self, model, batch):
-        return model(batch).pow(2).mean(), {"rank": float(self.rank)}
+        loss = model(batch).pow(2).mean()
+        if nan_on_rank_1 and self.rank == 1:
+            loss = loss * float("nan")
+        return loss, {"rank": float(self.rank)}
     def validate(self, model, device):
         return {}
 
 env = setup_distributed()
 root, stop_after = sys.argv[1], int(sys.argv[2])
+nan_on_rank_1 = sys.argv[3:] == ["nan"]
 task = RankTask(env.rank)
-res = fit(task, f"{root}/node{env.rank}", LoopParams(epochs=4, lr=0.1, channels_last=False, stop_after=stop_after),
-          resume=True, progress=False, live=False, dist_env=env, run_id="toy")
+try:
+    res = fit(task, f"{root}/node{env.rank}", LoopParams(epochs=4, lr=0.1, channels_last=False, stop_after=stop_after),
+              resume=True, progress=False, live=False, dist_env=env, run_id="toy")
+except FloatingPointError as e:  # both ranks must get here: the other one must not wait in the gradient exchange
+    open(f"{root}/rank{env.rank}.err", "w").write(str(e))
+    sys.exit(0)
 weights = [p.tolist() for p in task.model.parameters()]
 out = {"resumed_from": res.resumed_from, "history": res.history, "weights": weights}
 open(f"{root}/rank{env.rank}.json", "w").write(json.dumps(out))
@@ -195,9 +205,10 @@ def test_ddp_ranks_resume_from_rank_0_and_average_their_train_numbers(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
-    def run(stop_after: int) -> subprocess.CompletedProcess:
+    def run(stop_after: int, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
-                               str(stop_after)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                               str(stop_after), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
 
     first = run(2)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -217,6 +228,15 @@ def test_ddp_ranks_resume_from_rank_0_and_average_their_train_numbers(tmp_path):
     broken = run(0)
     assert broken.returncode != 0
     assert f"{last}: cannot read checkpoint" in broken.stderr and f"rank 0: {last}" in broken.stderr
+
+    # a loss that is not finite on rank 1 alone stops both ranks at that step (rank 0 used to wait in the
+    # gradient exchange for rank 1, which had stopped, until the collective timed out)
+    (tmp_path / "node0").rename(tmp_path / "node0-old")
+    diverged = run(0, "nan")
+    assert diverged.returncode == 0, diverged.stdout + diverged.stderr
+    errors = [(tmp_path / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert errors[0].startswith("a rank's loss became non-finite (rank 0's: ") and "epoch 1, step 1" in errors[0]
+    assert errors[1].startswith("a rank's loss became non-finite (rank 1's: nan)")
 
 
 def test_pretext_batches_are_whole_on_every_rank_when_the_clips_are_few(tiny_clips, tiny_params):
@@ -425,6 +445,31 @@ def test_early_stopping_ends_after_patience_epochs_without_a_better_score_and_st
     unselected = fit(_Scripted(scores), tmp_path / "d", dataclasses.replace(params, select=None), progress=False,
                      live=False)  # no metric to watch: patience does nothing
     assert len(unselected.history) == 8
+    # a NaN score (a diverged validation) is the worst, not a best that nothing after it can beat
+    nan_first = fit(_Scripted([math.nan, 0.3, 0.2, 0.1]), tmp_path / "e", params, progress=False, live=False)
+    assert nan_first.best["epoch"] == 2 and load_checkpoint(tmp_path / "e/checkpoints/best.pt")["epoch"] == 2
+
+
+def test_a_run_killed_before_its_best_pt_was_written_writes_it_when_resumed(tmp_path):
+    """last.pt is written before best.pt: killed between the two, the best epoch is the last one finished, and the
+    resumed run writes best.pt from its weights, so best.pt is the epoch history names (not an older one)."""
+    from sonossl.train.loop import LoopParams, fit, load_checkpoint
+
+    scores = [0.2, 0.5, 0.4, 0.3]
+    params = LoopParams(epochs=4, lr=1e-2, select="val_score")
+    whole = fit(_Scripted(scores), tmp_path / "whole", params, progress=False, live=False)
+    assert whole.best["epoch"] == 2
+    best = tmp_path / "cut/checkpoints/best.pt"
+    fit(_Scripted(scores), tmp_path / "cut", dataclasses.replace(params, stop_after=1), progress=False, live=False)
+    epoch_1 = best.read_bytes()
+    fit(_Scripted(scores[1:]), tmp_path / "cut", dataclasses.replace(params, stop_after=2), resume=True,
+        progress=False, live=False)  # each _Scripted scores from the first epoch it validates
+    best.write_bytes(epoch_1)  # as if killed after epoch 2's last.pt, before its best.pt
+    resumed = fit(_Scripted(scores[2:]), tmp_path / "cut", params, resume=True, progress=False, live=False)
+    assert resumed.best["epoch"] == 2
+    kept, expected = load_checkpoint(best), load_checkpoint(tmp_path / "whole/checkpoints/best.pt")
+    assert kept["epoch"] == 2 and kept["entry"] == expected["entry"]
+    assert all(torch.equal(kept["model"][k], v) for k, v in expected["model"].items())
 
 
 def test_stop_after_trains_the_first_epochs_of_the_planned_schedule(tmp_path):
@@ -744,12 +789,13 @@ def test_a_weighted_linear_probe_is_the_probe_on_rows_repeated_by_their_weights(
     w = rng.integers(0, 4, size=len(y)).astype(np.float64)
     w[[0, 30, 42]] = 1  # every class keeps a row
     repeated = np.repeat(np.arange(len(y)), w.astype(int))
-    weighted, info_w = linear_probe(z, y, z, y, 3, [0.1, 10.0], 0, sample_weight=w)
-    plain, info_p = linear_probe(z[repeated], y[repeated], z, y, 3, [0.1, 10.0], 0)
-    assert info_w == info_p
     x = torch.tensor(z, dtype=torch.float32)
-    assert torch.allclose(weighted(x), plain(x), atol=2e-3)
-    assert not torch.allclose(weighted(x), linear_probe(z, y, z, y, 3, [info_p["C"]], 0)[0](x), atol=2e-3)
+    for n_classes in (3, 4):  # 4: a class no training row has (it used to change the weighted probe's strength)
+        weighted, info_w = linear_probe(z, y, z, y, n_classes, [0.1, 10.0], 0, sample_weight=w)
+        plain, info_p = linear_probe(z[repeated], y[repeated], z, y, n_classes, [0.1, 10.0], 0)
+        assert info_w == info_p
+        assert torch.allclose(weighted(x), plain(x), atol=2e-3), n_classes
+    assert not torch.allclose(weighted(x), linear_probe(z, y, z, y, 4, [info_p["C"]], 0)[0](x), atol=2e-3)
 
 
 def test_a_training_summary_left_empty_by_a_kill_does_not_stop_the_resume(tmp_path, caplog):
@@ -862,3 +908,50 @@ def test_a_run_stopped_and_resumed_ends_bit_for_bit_as_one_never_stopped(tiny_cl
         a, b = (load_checkpoint(tmp_path / name / run_dir / "checkpoints/last.pt")["optimizer"]["state"]
                 for run_dir in ("whole", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), name
+
+
+@pytest.mark.parametrize("section, changes, message", [
+    ("finetune", {"epochs": 0}, "finetune.epochs: must be at least 1, got 0"),
+    ("finetune", {"batch_size": 0}, "finetune.batch_size: must be at least 1, got 0"),
+    ("finetune", {"probe_c": []}, "finetune.probe_c: must be a non-empty list of positive numbers, got []"),
+    ("finetune", {"fractions": []}, "finetune.fractions: must be a non-empty list of fractions in (0, 1]"),
+    ("finetune", {"saliency_fractions": [0.2, 1.5]}, "finetune.saliency_fractions: must be a non-empty list"),
+    ("finetune", {"lr": 0.0}, "finetune.lr: must be positive, got 0.0"),
+    ("pretrain", {"batch_size": 0}, "pretrain.batch_size: must be at least 1, got 0"),
+    ("pretrain", {"k": 1}, "pretrain.k: must be at least 2, got 1"),
+    ("pretrain", {"n_permutations": 13}, "pretrain.n_permutations: must be null or between 2 and 12 for k=4, got 13"),
+    ("pretrain", {"warmup_epochs": -1.0}, "pretrain.warmup_epochs: must be 0 or more, got -1.0"),
+    ("pretrain", {"max_shift": -2.0}, "pretrain.max_shift: must be 0 or more, got -2.0"),
+    ("crossval", {"folds": 1}, "crossval.folds: must be at least 2, got 1"),
+    ("crossval", {"frames_per_video": 0}, "crossval.frames_per_video: must be at least 1, got 0"),
+])
+def test_a_setting_out_of_range_fails_before_any_work_naming_it(tiny_params, tmp_path, section, changes, message):
+    """A 0, a negative number or an empty list failed deep inside (a division by zero, sklearn, an empty loop) or,
+    for finetune.epochs: 0, loaded an old best.pt; every step checks its settings first and names the one."""
+    from sonossl.config import ParamsError
+    from sonossl.train.crossval import crossval
+    from sonossl.train.finetune import finetune
+    from sonossl.train.pretrain import check_pretrain_params
+
+    params = dataclasses.replace(tiny_params, **{section: dataclasses.replace(getattr(tiny_params, section),
+                                                                              **changes)})
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        if section == "finetune":
+            finetune(tmp_path / "no-clips", tmp_path / "out", params.finetune)
+        elif section == "pretrain":
+            check_pretrain_params(params.pretrain)
+        else:
+            crossval(tmp_path / "no-clips", tmp_path / "out", params)
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_and_crossval_refuse_torchrun(tiny_params, tmp_path, monkeypatch):
+    """Only pretraining splits batches over ranks; finetune under torchrun trained the same model on every rank."""
+    from sonossl.train.crossval import crossval
+    from sonossl.train.finetune import finetune
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"finetune runs in one process, not under torchrun \(WORLD_SIZE=2\)"):
+        finetune(tmp_path / "no-clips", tmp_path / "out", tiny_params.finetune)
+    with pytest.raises(RuntimeError, match="crossval runs in one process"):
+        crossval(tmp_path / "no-clips", tmp_path / "out", tiny_params)

@@ -236,6 +236,29 @@ class ParamsError(ValueError):
     pass
 
 
+# Ranges of numeric settings, checked by the steps that use them (``check_ranges``): (test, what it requires).
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+AT_LEAST_2 = (lambda v: v >= 2, "at least 2")
+POSITIVE = (lambda v: v > 0, "positive")
+NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+FRACTIONS = (lambda v: len(v) > 0 and all(0 < f <= 1 for f in v), "a non-empty list of fractions in (0, 1]")
+POSITIVES = (lambda v: len(v) > 0 and all(c > 0 for c in v), "a non-empty list of positive numbers")
+
+
+def optional(rule: tuple[Any, str]) -> tuple[Any, str]:
+    test, what = rule
+    return (lambda v: v is None or test(v), f"null or {what}")
+
+
+def check_ranges(section: str, params: Any, rules: dict[str, tuple[Any, str]]) -> None:
+    """Raise ParamsError naming ``section.field`` for the first setting outside its range, before any work: a
+    0 or an empty list would otherwise fail deep inside (a division by zero, an empty loop), naming nothing."""
+    for name, (test, what) in rules.items():
+        value = getattr(params, name)
+        if not test(value):
+            raise ParamsError(f"{section}.{name}: must be {what}, got {value!r}")
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking names and types; ``where`` names the place in the file."""
     if raw is None:

@@ -9,9 +9,10 @@ pipeline keeps up with the model:
 - both-sequential: one clip carries both perturbations (one forward pass, all heads);
 - both-parallel: two branches of the same clip, one shuffled only, one transformed only (two forward passes).
 
-Every clip, whatever the task, is cropped the same way (a ``crop``-pixel square sampled inside the frame with a
-random sub-pixel shift) and gets one random gain and offset of its grey levels, so neither crop position,
-interpolation blur nor brightness says which perturbation was applied. Nothing about frame index or file order
+Every clip, whatever the task, is cropped the same way (a ``crop``-pixel square sampled inside the frame, its
+centre moved by a uniform random shift of up to ``max_shift`` pixels per axis, not a whole number of pixels) and gets
+one random gain and offset of its grey levels, so neither crop position, interpolation blur nor brightness says which
+perturbation was applied. Nothing about frame index or file order
 reaches the network: only pixels.
 
     starts = clip_starts(index, k=4, stride=3)                 # first-frame rows of every valid clip

@@ -6,8 +6,9 @@ the clip and the network names each factor (one classification head per factor).
 smaller centred crop, and the crop size is checked so that every sampled point of every transform, shifted by the
 largest jitter, lies inside the frame: no padding, no fan border, nothing but tissue reaches the network. A
 constant frame therefore gives the same output under every transform (tested). The crop is also shifted by a
-random sub-pixel offset for every clip, so that the identity transform is interpolated too; texture statistics
-still tell part of the transform without any anatomy (``benchmarks/pretext_texture_probe.py``, README).
+uniform random offset of up to ``max_shift`` pixels per axis for every clip (not a whole number of pixels, so that the
+identity transform is interpolated too); texture statistics still tell part of the transform without any anatomy
+(``benchmarks/pretext_texture_probe.py``, README).
 
     tset = TransformSet(rotations=(-15, 0, 15), scales=(1.0, 1.2, 1.4), shears=(-8, 0, 8))
     tset.max_shift(source=96, crop=64)            # > 0, else the sets are too large for the crop

@@ -42,13 +42,14 @@ import numpy as np
 import torch
 
 from sonossl.atomic import atomic_write_text
-from sonossl.config import Params, as_dict, scratch_spec
+from sonossl.config import AT_LEAST_1, AT_LEAST_2, Params, as_dict, check_ranges, scratch_spec
 from sonossl.evaluate.classification_metrics import classification_report
 from sonossl.models.downstream import PlaneClassifier
 from sonossl.models.encoder import build_encoder
 from sonossl.train.finetune import (check_finetune_params, check_pool_stages, embed, finetune_classifier, linear_probe,
                                     open_labelled, predict)
-from sonossl.train.pretrain import load_encoder, pretrain_on, seed_for
+from sonossl.train.pretrain import check_pretrain_params, load_encoder, pretrain_on, seed_for
+from sonossl.train.loop import require_one_process
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,12 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     """Run the cross-validation; writes ``results.json`` and ``metrics.json`` (and the markdown ``report``)."""
     t0 = time.perf_counter()
     cv, out_dir = params.crossval, Path(out_dir)
+    require_one_process("crossval")
     check_finetune_params(params.finetune)
+    check_pretrain_params(params.pretrain)
+    check_ranges("crossval", params.crossval, {
+        "folds": AT_LEAST_2, "frames_per_video": AT_LEAST_1, "pretrain_epochs": AT_LEAST_1,
+        "pretrain_clips_per_epoch": AT_LEAST_1, "finetune_epochs": AT_LEAST_1})
     d = open_labelled(clips_dir)
     idx = d.data.index
     if idx.patient_id.isna().any():

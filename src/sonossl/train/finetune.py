@@ -49,13 +49,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from sonossl.atomic import atomic_write_text
-from sonossl.config import FinetuneParams, as_dict
+from sonossl.config import (AT_LEAST_1, FRACTIONS, NOT_NEGATIVE, POSITIVE, POSITIVES, FinetuneParams, as_dict,
+                            check_ranges)
 from sonossl.data.clips import ClipDataset, load_clip_dataset
 from sonossl.evaluate.classification_metrics import classification_report
-from sonossl.evaluate.saliency_metrics import saliency_scores
+from sonossl.evaluate.saliency_metrics import EPS, saliency_scores
 from sonossl.models.downstream import PlaneClassifier, PooledFeatures, SaliencyModel
 from sonossl.models.encoder import Encoder, build_encoder
-from sonossl.train.loop import LoopParams, fingerprint, fit, load_best, save_checkpoint, to_channels_last
+from sonossl.train.loop import (LoopParams, fingerprint, fit, load_best, require_one_process, save_checkpoint,
+                                to_channels_last)
 from sonossl.train.pretrain import frames_tensor, load_encoder, seed_for
 
 log = logging.getLogger(__name__)
@@ -285,7 +287,11 @@ class SaliencyTask(_FrameTask):
         g = self.saliency[torch.as_tensor(self.val_rows)].flatten(1)
         pc, gc = p - p.mean(1, keepdim=True), g - g.mean(1, keepdim=True)
         cc = (pc * gc).sum(1) / (pc.norm(dim=1) * gc.norm(dim=1)).clamp_min(1e-12)
-        kld = (g * torch.log(1e-12 + g / (p + 1e-12))).sum(1)
+        # KLD as saliency_metrics.kld scores it (both maps normalised, MATLAB's eps), so the curve and metrics.json's
+        # val.kld are one measure; in float64, as there
+        p64, g64 = p.double(), g.double()
+        p64, g64 = p64 / p64.sum(1, keepdim=True), g64 / g64.sum(1, keepdim=True).clamp_min(1e-300)
+        kld = (g64 * torch.log(EPS + g64 / (p64 + EPS))).sum(1)
         return {"cc": float(cc.mean()), "kld": float(kld.mean())}
 
 
@@ -427,8 +433,11 @@ def linear_probe(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_
     else:
         mu = np.average(z_train, axis=0, weights=sample_weight)
         sd = np.sqrt(np.average((z_train - mu) ** 2, axis=0, weights=sample_weight)) + 1e-6
-        class_w = class_balance(y_train, n_classes, sample_weight)
-        balance = {int(c): float(class_w[c]) for c in np.unique(y_train)}
+        present = np.unique(y_train)
+        # sklearn's "balanced" shares the weight among the classes present, class_balance among all n_classes:
+        # rescaled, a class missing from training does not change the probe's effective L2 strength
+        class_w = class_balance(y_train, n_classes, sample_weight) * n_classes / len(present)
+        balance = {int(c): float(class_w[c]) for c in present}
     best = None
     for c in cs:
         clf = LogisticRegression(C=c, class_weight=balance, max_iter=3000, random_state=seed)
@@ -605,6 +614,11 @@ def _saliency_runs(d: LabelledFrames, out_dir: Path, params: FinetuneParams, mak
 
 
 def check_finetune_params(params: FinetuneParams) -> None:
+    check_ranges("finetune", params, {
+        "fractions": FRACTIONS, "ablation_fractions": FRACTIONS, "saliency_fractions": FRACTIONS,
+        "epochs": AT_LEAST_1, "saliency_epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE,
+        "weight_decay": NOT_NEGATIVE, "warmup_epochs": NOT_NEGATIVE, "probe_c": POSITIVES,
+        "frames_per_epoch": AT_LEAST_1})
     if params.head_init not in HEAD_INITS:
         raise ValueError(f"finetune.head_init: {params.head_init!r} is not one of {list(HEAD_INITS)}")
     if not params.encoder_lr_scale > 0:
@@ -643,6 +657,7 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
     come from ``test_clips`` (every labelled frame) when given, else from the test split of ``clips_dir``."""
     if task not in TASKS:
         raise ValueError(f"finetune task {task!r} is not one of {list(TASKS)}")
+    require_one_process("finetune")
     check_finetune_params(params)
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

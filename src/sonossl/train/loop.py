@@ -134,6 +134,15 @@ def setup_distributed() -> Distributed:
     return Distributed(rank=rank, world=dist.get_world_size(), device=device)
 
 
+def require_one_process(step: str) -> None:
+    """Refuse to run ``step`` under torchrun: only pretraining splits its batches over ranks; another step would
+    train the same model on every rank, each on GPU 0, each writing the same files."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise RuntimeError(f"{step} runs in one process, not under torchrun (WORLD_SIZE={world}); start it "
+                           "directly (only pretraining trains across processes)")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``), with a clear error when it is damaged."""
     path = Path(path)
@@ -305,6 +314,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
         result.resumed_from = start_epoch
         if env.main:
             log.info("%s: resuming after epoch %d of %d", last_path, start_epoch, params.epochs)
+            _mend_best(best_path, result, start_epoch, evaluated)
     elif not resume and last_path.exists() and env.main:
         log.info("%s exists; starting over (pass resume=True to continue it)", last_path)
     train_model: nn.Module = model
@@ -337,9 +347,10 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                     group["lr"] = params.lr * group["lr_scale"] * _lr_factor(epoch * steps + i, total, warmup)
                 with autocast:
                     loss, numbers = task.loss(train_model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                                             "lower the learning rate")
+                if not _finite_everywhere(loss, env):
+                    which = (f"the loss became {loss.item()}" if env.world == 1 else
+                             f"a rank's loss became non-finite (rank {env.rank}'s: {loss.item()})")
+                    raise FloatingPointError(f"{which} at epoch {epoch + 1}, step {i + 1}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -358,20 +369,24 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
             entry = {"epoch": epoch + 1, **{f"train_{k}": round(v / max(1, n_batches), 5) for k, v in sums.items()}}
             if env.main:
                 evaluated.eval()
-                with torch.no_grad(), autocast:
+                with torch.no_grad():  # in float32 also on GPU: the score that picks the epoch is the one reported
                     entry.update({f"val_{k}": round(float(v), 5)
                                   for k, v in task.validate(evaluated, env.device).items()})
                 result.history.append(entry)
                 improved = params.select is None or result.best is None or (
-                    entry.get(params.select, -math.inf) > result.best.get(params.select, -math.inf))
+                    _score(entry, params.select) > _score(result.best, params.select))
                 if improved:
                     result.best = entry
-                    save_checkpoint(best_path, {"epoch": epoch + 1, "model": evaluated.state_dict(),
-                                                "entry": entry})
+                # last.pt first: a run killed before best.pt is written finds its best epoch in last.pt and writes
+                # best.pt from it when it resumes (_mend_best); the other way round best.pt could hold an epoch
+                # that the resumed run trains again and history never names.
                 save_checkpoint(last_path, {"epoch": epoch + 1, "run_id": run_id, "model": model.state_dict(),
                                             "optimizer": opt.state_dict(), "history": result.history,
                                             "best": result.best,
                                             **({"average": average.state_dict()} if average else {})})
+                if improved:
+                    save_checkpoint(best_path, {"epoch": epoch + 1, "model": evaluated.state_dict(),
+                                                "entry": entry})
                 tracker.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch)
                 if progress:
                     shown = {k: v for k, v in entry.items() if k.startswith("val_") or k == "train_loss"}
@@ -392,6 +407,39 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     result.seconds = time.perf_counter() - t0
     result.samples_per_s = seen * env.world / train_time if train_time else 0.0
     return result
+
+
+def _score(entry: dict[str, Any], key: str) -> float:
+    """The selection score of a history entry; NaN (a diverged validation) counts as the worst, so a later finite
+    epoch can still win (NaN > x and x > NaN are both false)."""
+    value = entry.get(key, -math.inf)
+    if math.isnan(value):
+        log.warning("epoch %s: %s is NaN; counted as the worst score", entry.get("epoch"), key)
+        return -math.inf
+    return value
+
+
+def _finite_everywhere(loss: torch.Tensor, env: Distributed) -> bool:
+    """Whether the loss is finite on every rank. Under DDP a rank that stopped alone would leave the others waiting
+    in the gradient exchange until the collective timed out, so the ranks agree first and all stop together."""
+    ok = torch.isfinite(loss.detach()).reshape(1).to(torch.int32)
+    if env.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _mend_best(best_path: Path, result: FitResult, start_epoch: int, evaluated: nn.Module) -> None:
+    """After a resume: when the last finished epoch was the best and the run was killed before its best.pt was
+    written, write it now from the resumed weights (those of that epoch), so best.pt is the epoch history names."""
+    if result.best is None or result.best["epoch"] != start_epoch:
+        return
+    try:
+        have = load_checkpoint(best_path).get("epoch")
+    except (FileNotFoundError, CheckpointError):
+        have = None
+    if have != start_epoch:
+        log.info("%s: holds epoch %s, the best is epoch %d; writing it from last.pt", best_path, have, start_epoch)
+        save_checkpoint(best_path, {"epoch": start_epoch, "model": evaluated.state_dict(), "entry": result.best})
 
 
 def _resume_checkpoint(last_path: Path, run_id: str, env: Distributed) -> dict[str, Any] | None:

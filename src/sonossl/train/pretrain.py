@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sonossl.atomic import atomic_write_text
-from sonossl.config import PretrainParams, as_dict
+from sonossl.config import (AT_LEAST_1, AT_LEAST_2, NOT_NEGATIVE, POSITIVE, PretrainParams, as_dict, check_ranges,
+                            optional)
 from sonossl.data.clips import ClipDataset, load_clip_dataset
 from sonossl.models.encoder import build_encoder
 from sonossl.models.pretext_heads import PretextModel
@@ -187,10 +188,24 @@ def loop_params(params: PretrainParams) -> LoopParams:
                       channels_last=params.channels_last)
 
 
+def check_pretrain_params(params: PretrainParams) -> None:
+    """Fail before any work, naming the setting, when one is outside its range."""
+    check_ranges("pretrain", params, {
+        "k": AT_LEAST_2, "stride": AT_LEAST_1, "crop": AT_LEAST_2, "max_shift": NOT_NEGATIVE, "epochs": AT_LEAST_1,
+        "ablation_epochs": optional(AT_LEAST_1), "clips_per_epoch": optional(AT_LEAST_1), "batch_size": AT_LEAST_1,
+        "lr": POSITIVE, "weight_decay": NOT_NEGATIVE, "warmup_epochs": NOT_NEGATIVE, "val_clips": NOT_NEGATIVE})
+    classes = math.factorial(params.k) // 2  # a permutation and its reverse are one class
+    check_ranges("pretrain", params, {"n_permutations": optional((lambda n: 2 <= n <= classes,
+                                                                  f"between 2 and {classes} for k={params.k}"))})
+    for name in ("order", "transform"):
+        check_ranges("pretrain.loss_weights", params.loss_weights, {name: NOT_NEGATIVE})
+
+
 def pretrain_on(data: ClipDataset, train_mask: np.ndarray, val_mask: np.ndarray, out_dir: str | Path,
                 params: PretrainParams, mode: str, resume: bool = False, progress: bool = True,
                 env: Distributed | None = None) -> dict[str, Any]:
     """Pretrain on the clips of the given rows of ``data``; see ``pretrain``. Returns the metrics."""
+    check_pretrain_params(params)
     out_dir = Path(out_dir)
     env = env or setup_distributed()
     torch.manual_seed(params.seed)
