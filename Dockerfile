@@ -5,12 +5,14 @@
 #   docker build --build-arg VARIANT=cuda -t ghcr.io/sonossl/sonossl:0.1.0-cuda .
 # The tag follows the package version (pyproject.toml); the cuda variant adds "-cuda".
 ARG VARIANT=cpu
-ARG BASE_IMAGE_CPU=python:3.11-slim-bookworm
+# Python at the patch release the tests run on (3.11.7); pin a digest (python:3.11.7-slim-bookworm@sha256:...) for
+# byte-for-byte rebuilds.
+ARG BASE_IMAGE_CPU=python:3.11.7-slim-bookworm
 # The cu130 torch wheels carry CUDA's user-space libraries (cuBLAS, cuDNN, NCCL) as pip packages, and the node's
 # NVIDIA container toolkit mounts the driver: a plain Python base serves both. An nvidia/cuda base works too
 # (--build-arg BASE_IMAGE_CUDA=...) if it has Python 3.11 and no user or group 1000 yet (Ubuntu 24.04's have
 # `ubuntu` there: remove it first, or the groupadd below fails).
-ARG BASE_IMAGE_CUDA=python:3.11-slim-bookworm
+ARG BASE_IMAGE_CUDA=python:3.11.7-slim-bookworm
 
 FROM ${BASE_IMAGE_CPU} AS base-cpu
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -57,12 +59,16 @@ COPY src ./src
 # the Kubeflow component and pipeline definitions, so `sonossl pipeline compile` works inside the image too
 COPY components ./components
 COPY pipelines ./pipelines
-# the package itself, on the dependencies above (`pip check` fails the build if pyproject.toml asked for more)
-RUN pip install --no-deps . \
+# the package itself, on the dependencies above (`pip check` fails the build if pyproject.toml asked for more),
+# built with a pinned setuptools (the one the tests' virtualenv has) instead of whatever is newest
+RUN pip install setuptools==84.2.1 \
+ && pip install --no-deps . --no-build-isolation \
  && pip check \
  && python -c "import sonossl, torch; print('sonossl', sonossl.__version__, 'torch', torch.__version__)"
-# `sonossl <step>` reads ./params.yaml by default: the profiles travel with the image.
+# `sonossl <step>` reads ./params.yaml by default: the profiles travel with the image. The pipeline steps read
+# $SONOSSL_PARAMS, set here so that they find it whatever working directory a task starts in.
 COPY params.yaml ./
+ENV SONOSSL_PARAMS=/app/params.yaml
 
 # A fixed non-root uid, so pod securityContexts (runAsNonRoot, runAsUser: 1000) match the image.
 RUN groupadd --gid 1000 sonossl \

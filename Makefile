@@ -213,16 +213,18 @@ results: setup
 contact-sheet: setup
 	sonossl contact-sheet --raw data/raw/sim --out docs/contact_sheet.png --per-class 6 --real $(POCUS)
 
-# The one image (Dockerfile): cpu variant tagged <version>, cuda variant <version>-cuda. Needs Docker.
+# The one image (Dockerfile): cpu variant tagged <TAG>, cuda variant <TAG>-cuda; TAG is the package version unless
+# given (TAG=0.1.0-$(git rev-parse --short HEAD) for unreleased code: nodes do not pull a tag they hold). Needs Docker.
 IMAGE ?= ghcr.io/sonossl/sonossl
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+TAG ?= $(VERSION)
 image:
-	docker build --build-arg VARIANT=cpu  --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
-	docker build --build-arg VARIANT=cuda --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(VERSION)-cuda .
+	docker build --build-arg VARIANT=cpu  --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(TAG) .
+	docker build --build-arg VARIANT=cuda --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(TAG)-cuda .
 
 image-push: image
-	docker push $(IMAGE):$(VERSION)
-	docker push $(IMAGE):$(VERSION)-cuda
+	docker push $(IMAGE):$(TAG)
+	docker push $(IMAGE):$(TAG)-cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache

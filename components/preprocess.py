@@ -25,7 +25,8 @@ def preprocess(dataset: str, profile: str, tasks: list, clips: Output[Dataset]) 
 
     Returns:
         The clip dataset's version id (a hash of the inputs and parameters): later steps take it as a parameter,
-        so their cache keys change exactly when the data does.
+        so a cached result is never one of other data. (A key holds the image reference and the profile's name,
+        not their contents: give a rebuilt image a new tag.)
     """
     from sonossl.pipeline.steps import preprocess_step
 

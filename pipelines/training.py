@@ -62,9 +62,9 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
         gpu_image: the same release's CUDA build, which the GPU steps run (and the model server with serve_gpu),
             e.g. ghcr.io/sonossl/sonossl:0.2.0-cuda; a GPU step fails at once, naming it, when its torch cannot
             use the GPU it was given.
-        deploy_metric: metric of the deploy gate, as the InferenceService annotates it (planes.val.macro_f1,
-            saliency.val.cc, planes.test.macro_f1...; higher is better). The default is a validation score: like
-            every other model choice here, promotion does not look at the test videos.
+        deploy_metric: metric of the deploy gate, as the InferenceService annotates it: a validation score where
+            higher is better (planes.val.macro_f1, planes.val.accuracy, saliency.val.cc...). Like every other model
+            choice here, promotion does not look at the test videos; a test score or KLD is refused.
         model_store: s3:// prefix the deployed model is uploaded under (<model_store>/<model version>).
         service_name: the InferenceService to create or update.
         namespace: its namespace.

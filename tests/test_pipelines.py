@@ -390,11 +390,22 @@ def test_deploy_gate_and_metric_names():
     assert deploy_decision(0.51, 0.5) == "deploy"
     assert deploy_decision(0.5, 0.5) == "keep" and deploy_decision(0.4, 0.5) == "keep"
     card = {"model_version": "abc", "metrics": {"planes": {"val": {"macro_f1": 0.5}, "test": {"macro_f1": 0.25}},
-                                                "saliency": {"test": {"cc": 0.1, "n": 15}}}}
-    assert card_metric(card, "planes.test.macro_f1") == 0.25 and card_metric(card, "saliency.test.cc") == 0.1
-    with pytest.raises(ValueError, match=r"'planes.test.f1' is not in the model card; valid metrics are "
-                                         r"\['planes.test.macro_f1', 'planes.val.macro_f1', 'saliency.test.cc'\]"):
-        card_metric(card, "planes.test.f1")
+                                                "saliency": {"val": {"cc": 0.2, "kld": 1.2},
+                                                             "test": {"cc": 0.1, "n": 15}}}}
+    assert card_metric(card, "planes.val.macro_f1") == 0.5 and card_metric(card, "saliency.val.cc") == 0.2
+    with pytest.raises(ValueError, match=r"'planes.val.accuracy' is not in the model card; valid metrics are "
+                                         r"\['planes.test.macro_f1', 'planes.val.macro_f1', 'saliency.test.cc', "
+                                         r"'saliency.val.cc', 'saliency.val.kld'\]"):
+        card_metric(card, "planes.val.accuracy")
+    # a test score would choose the model on the test videos; KLD is lower-is-better, and the gate keeps the higher
+    for metric in ("planes.test.macro_f1", "saliency.val.kld", "planes.val.f1", "macro_f1"):
+        with pytest.raises(ValueError, match=rf"deploy metric '{metric}': give <task>.val.<metric>"):
+            card_metric(card, metric)
+    from sonossl.pipeline.spec import typed_parameters
+
+    assert typed_parameters("training", {"deploy_metric": "saliency.val.cc"}) == {"deploy_metric": "saliency.val.cc"}
+    with pytest.raises(ValueError, match="deploy metric 'planes.test.macro_f1'"):  # before anything is submitted
+        typed_parameters("training", {"deploy_metric": "planes.test.macro_f1"})
 
 
 def test_the_finetune_step_scores_the_pipeline_s_test_set(tiny_clips, tiny_test_clips, tmp_path, monkeypatch):
@@ -538,6 +549,22 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
     rendered = json.loads(json.loads((run / "deploy/executor_output.json").read_text())["parameterValues"]["Output"])
     assert rendered["metadata"]["annotations"]["sonossl.io/planes.test.macro_f1"] == \
         format(card["metrics"]["planes"]["test"]["macro_f1"], ".6g")
+
+
+def test_run_local_renders_the_simulated_data_again_only_for_other_parameters(tmp_path):
+    """``run-local`` keeps an earlier rendering in its --out folder; one made for another profile (other simulator
+    parameters) used to be reused, so a default-profile run trained on the tiny profile's sweeps."""
+    from sonossl.config import SimulateParams
+    from sonossl.pipeline.local import _simulated_dataset
+
+    small = SimulateParams(videos=1, seconds=0.5, fps=8.0, height=64, beams=32, samples=64, saliency_size=8, workers=1)
+    raw = _simulated_dataset(tmp_path / "raw", small)
+    first = (raw / "labels.csv").stat().st_mtime_ns
+    _simulated_dataset(raw, dataclasses.replace(small, workers=2))  # how fast, not what: kept
+    assert (raw / "labels.csv").stat().st_mtime_ns == first
+    _simulated_dataset(raw, dataclasses.replace(small, videos=2))
+    assert len((raw / "labels.csv").read_text().splitlines()) == 3  # header and two sweeps: rendered again
+    assert json.loads((raw / "simulator.json").read_text())["params"]["videos"] == 2
 
 
 def test_the_tasks_parameter_is_checked_before_a_run():

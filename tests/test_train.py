@@ -295,6 +295,16 @@ def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path, cap
 
     card = export(tiny_clips, tmp_path / "ft", tmp_path / "export", tiny_params)
     assert card["data"]["feature_version"] == m["data_version"] and card["model_version"]
+    # the card names the parameters that trained the models, not the profile export runs with (a pipeline's
+    # overrides, an ablation encoder's epochs): the same card and version from a profile that says otherwise
+    other = dataclasses.replace(tiny_params, pretrain=dataclasses.replace(tiny_params.pretrain, epochs=99),
+                                finetune=dataclasses.replace(ft, epochs=77))
+    card2 = export(tiny_clips, tmp_path / "ft", tmp_path / "export2", other)
+    pretrained = card2["planes"]["origin"].get("encoder") is not None
+    assert card2["params"]["pretrain"] == (as_dict(tiny_params.pretrain) if pretrained else None)
+    assert card2["params"]["finetune"] == as_dict(ft) and card2["saliency"]["params"]["finetune"] == as_dict(ft)
+    assert card2["saliency"]["params"]["pretrain"] == as_dict(tiny_params.pretrain)  # ssl-saliency's encoder
+    assert card2["model_version"] == card["model_version"] and card2["params"] == card["params"]
     assert (tmp_path / "export/model_card.md").read_text().startswith("# Model card")
     bundle = load_bundle(tmp_path / "export")
     frames = np.load(tiny_clips / "frames.npy")[:5]

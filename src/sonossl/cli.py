@@ -91,21 +91,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from sonossl.config import load_params, scratch_spec
+    from sonossl.config import load_params, scratch_spec, task_fractions
     from sonossl.train.finetune import finetune
 
     params = load_params(args.params, args.profile)
     ft = params.finetune
-    if args.fractions == "all":
-        fractions = ft.fractions if args.task == "planes" else ft.saliency_fractions
-    elif args.fractions == "ablation":
-        fractions = ft.ablation_fractions
-    else:
-        try:
-            fractions = [float(x) for x in args.fractions.split(",")]
-        except ValueError:
-            raise ValueError(f"--fractions {args.fractions}: give all, ablation, or fractions of the training "
-                             "videos separated by commas, e.g. 0.05,0.2,1") from None
+    fractions = task_fractions(ft, args.task, args.fractions)
     metrics = finetune(args.clips, args.out, ft, task=args.task, encoder=args.encoder,
                        encoder_spec=None if args.encoder else scratch_spec(params),
                        fractions=fractions, test_clips=args.test_clips, resume=args.resume,

@@ -171,7 +171,8 @@ class FinetuneParams:
 class ExportParams:
     """Choice of the served model and its reference statistics (see ``sonossl.export``)."""
 
-    # plane-detection runs, highest wins
+    # plane-detection outputs, highest wins: it compares each finetune output's selected run (the one with the best
+    # validation macro-F1 among its fractions and methods, whatever this says), not every run
     select_metric: str = field(default="val_macro_f1", metadata={"choices": (
         "val_macro_f1", "val_accuracy", "val_macro_precision", "val_macro_recall")})
     # saliency runs, highest wins (so not KLD, where lower is better)
@@ -421,6 +422,21 @@ def train_tasks(params: Params, name: str) -> list[str]:
 def as_dict(obj: Any) -> dict[str, Any]:
     """Plain-dict view of a parameter dataclass, for ``meta.json`` and model cards."""
     return dataclasses.asdict(obj)
+
+
+def task_fractions(finetune: FinetuneParams, task: str, which: str = "all") -> list[float]:
+    """The label fractions a fine-tune trains at: ``all`` (the task's own list: ``fractions`` for planes,
+    ``saliency_fractions`` for saliency), ``ablation`` (``ablation_fractions``) or fractions separated by commas
+    (``0.05,0.2,1``); the ``--fractions`` of ``sonossl finetune`` and what a pipeline's finetune step trains."""
+    if which == "all":
+        return list(finetune.fractions if task == "planes" else finetune.saliency_fractions)
+    if which == "ablation":
+        return list(finetune.ablation_fractions)
+    try:
+        return [float(x) for x in which.split(",")]
+    except ValueError:
+        raise ValueError(f"--fractions {which}: give all, ablation, or fractions of the training videos separated "
+                         "by commas, e.g. 0.05,0.2,1") from None
 
 
 def scratch_spec(params: Params) -> dict[str, Any]:

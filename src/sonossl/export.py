@@ -17,7 +17,9 @@ and writes ``<out>/``:
   source lie from the reference.
 
 Versions: the feature version is the clip dataset's; the raw version is a hash of the raw inputs listed in its
-``meta.json``; the model version is a hash of the feature version, the training and export parameters and the
+``meta.json`` (the sha256 of labels.csv and of every listed file: sonossl's own id, not DVC's directory hash; DVC's
+``dvc.lock`` ties that folder's md5 to the clip dataset it built); the model version is a hash of the feature
+version, the parameters each model was trained with (as its own outputs recorded them) and the export's, and the
 weights.
 
     card = export("data/clips/sim", "models/finetune", "models/export", params)
@@ -156,6 +158,16 @@ def load_bundle(path: str | Path) -> Bundle:
                   json.loads(ckpt["card"]))
 
 
+def _trained_with(ckpt: dict[str, Any], metrics: dict[str, Any], params: Params) -> dict[str, Any]:
+    """The pretraining and fine-tuning parameters a finetune output was made with: the encoder's (recorded in its
+    ``origin`` since pretrain_params existed; null for scratch) and the fine-tune's (its metrics.json); the
+    profile's where an older output lacks them."""
+    origin = ckpt.get("origin", {})
+    pretrain = origin.get("pretrain_params") if "pretrain_params" in origin else (
+        as_dict(params.pretrain) if origin.get("encoder") else None)
+    return {"pretrain": pretrain, "finetune": metrics.get("params", as_dict(params.finetune))}
+
+
 def _raw_version(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta.get("inputs", {}), sort_keys=True).encode()).hexdigest()[:12]
 
@@ -238,9 +250,14 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     reduced = ((emb - mean) @ components.T).astype(np.float32)
 
     weights = _weights_hash(pck["state_dict"]) + (_weights_hash(sck["state_dict"]) if sck else "")
+    # What trained each model, as its own outputs recorded it (a pipeline's overrides or an ablation encoder's
+    # epochs differ from the profile); the clips' preprocessing as their meta.json says.
+    trained = {"preprocess": data.meta.get("params", as_dict(params.preprocess)),
+               **_trained_with(pck, planes_m, params), "export": as_dict(ep)}
+    sal_trained = _trained_with(sck, saliency[3], params) if sck is not None else None
     # the export parameters too: they decide the bundle's PCA (the served embedding_reduced) and drift references
     model_version = hashlib.sha256(json.dumps(
-        [data.version, as_dict(params.pretrain), as_dict(params.finetune), as_dict(ep), weights]).encode()
+        [data.version, trained, sal_trained, weights], sort_keys=True).encode()
     ).hexdigest()[:12]
     sel = lambda m: next(r for r in m["runs"] if r["name"] == m["selected"])  # noqa: E731
     pr = sel(planes_m)
@@ -249,7 +266,8 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         sal_score, sal_src, _, sal_m = saliency
         sr = sel(sal_m)
         sal_card = {"source": sal_src, "run": sck["run"], "origin": sck.get("origin", {}),
-                    "select_metric": ep.saliency_metric, "select_value": sal_score, "encoder": sck["encoder"]}
+                    "select_metric": ep.saliency_metric, "select_value": sal_score, "encoder": sck["encoder"],
+                    "params": sal_trained}
         sal_metrics, sal_test = {"val": sr["val"], "test": sr.get("test")}, sal_m.get("test_set")
         s = int(sck["saliency_size"])
         sal_output = {"saliency": f"(N, {s}, {s}) map over the frame, sums to 1"}
@@ -271,8 +289,9 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         },
         # the frames the test metrics come from: an independent clip dataset, or the test split of `data`
         "test_set": {"planes": planes_m.get("test_set"), "saliency": sal_test},
-        "params": {"preprocess": as_dict(params.preprocess), "pretrain": as_dict(params.pretrain),
-                   "finetune": as_dict(params.finetune), "export": as_dict(ep)},
+        # the plane model's: preprocess, pretrain (null for scratch: no pretraining), finetune, export; the
+        # saliency model's pretrain and finetune are under saliency.params
+        "params": trained,
         "input": {
             "frames": "grey uint8, one clip or batch (N, H, W); encoded video or image bytes are decoded first",
             "preprocessing": "sonossl.data.clips: crop inside the ultrasound sector, resize to frame_size (area)",

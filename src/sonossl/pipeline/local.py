@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sonossl.config import SimulateParams
+from sonossl.config import SimulateParams, as_dict
 from sonossl.pipeline.steps import (DOWNSTREAM_TASKS, PARAMS_ENV, check_crossval_listing, check_gaze_maps,
                                     check_tasks)
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -50,9 +53,20 @@ def _environ(**values: str) -> Iterator[None]:
 
 
 def _simulated_dataset(raw: Path, params: SimulateParams) -> Path:
-    from sonossl.data.simulate import simulate
+    from sonossl.data.simulate import SIMULATOR_VERSION, simulate
 
-    if not (raw / "labels.csv").is_file():  # deterministic per seed: an earlier rendering is the same data
+    # Deterministic per parameters: an earlier rendering with the same ones (its simulator.json) is the same data and
+    # is kept; one made with others (another profile into the same --out) or another simulator is rendered again.
+    wanted = {"simulator_version": SIMULATOR_VERSION,
+              "params": json.loads(json.dumps({k: v for k, v in as_dict(params).items() if k != "workers"}))}
+    try:
+        doc = json.loads((raw / "simulator.json").read_text())
+        kept = {"simulator_version": doc.get("simulator_version"), "params": doc.get("params")}
+    except (OSError, ValueError, AttributeError):
+        kept = None
+    if not (raw / "labels.csv").is_file() or kept != wanted:
+        if kept is not None:
+            log.info("%s: rendered with other simulator parameters or version; rendering it again", raw)
         simulate(raw, params, progress=True)
     return raw
 

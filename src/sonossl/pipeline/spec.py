@@ -56,8 +56,8 @@ def parameter_types(name: str) -> dict[str, type]:
 
 def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
     """``key -> text`` (from ``--param key=value``) as the types the pipeline declares (a list as JSON or
-    comma-separated); unknown keys and, for the training pipeline, bad ``tasks`` fail."""
-    from sonossl.pipeline.steps import check_tasks
+    comma-separated); unknown keys and, for the training pipeline, bad ``tasks`` and ``deploy_metric`` fail."""
+    from sonossl.pipeline.steps import check_gate_metric, check_tasks
 
     types = parameter_types(name)
     out: dict[str, Any] = {}
@@ -80,6 +80,8 @@ def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
             raise ValueError(f"--param {key}={text}: expected {what}") from None
     if name == "training" and "tasks" in out:
         out["tasks"] = check_tasks(out["tasks"])
+    if name == "training" and "deploy_metric" in out:
+        out["deploy_metric"] = check_gate_metric(out["deploy_metric"])
     return out
 
 

@@ -242,7 +242,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     are of every frame of ``test_clips`` when it is a clip dataset (as the stages score ``data/clips/sim_test``),
     else (None, or the ``NO_TEST_SET`` marker) of the test split of ``clips_dir``. With a ``checkpoint_store``
     (s3://), the output folder is mirrored there and a retry resumes (``mirror``)."""
-    from sonossl.config import scratch_spec
+    from sonossl.config import scratch_spec, task_fractions
     from sonossl.pipeline.mirror import mirrored
     from sonossl.storage import file_sha256
     from sonossl.train.finetune import finetune
@@ -251,7 +251,7 @@ def finetune_step(clips_dir: str | Path, out_dir: str | Path, profile: str, task
     require_usable_gpu()
     params = load_profile(profile, finetune_epochs=epochs, finetune_lr=lr)
     ft = params.finetune
-    fractions = ft.fractions if task == "planes" else ft.saliency_fractions
+    fractions = task_fractions(ft, task)
     test = _test_clips(test_clips)
     test_version = clip_version(test) if test and checkpoint_store else ""
     encoder_hash = file_sha256(Path(encoder) / "encoder.pt") if encoder and checkpoint_store else ""
@@ -349,12 +349,29 @@ def crossval_step(clips_dir: str | Path, out_dir: str | Path, report_md: str | P
     return _flat("", json.loads((Path(out_dir) / "metrics.json").read_text()))
 
 
+# What the deploy gate may compare: validation scores where higher is better (never test: promotion would then be
+# a choice made on the test videos; never KLD: lower is better, and the gate promotes the higher).
+GATE_METRICS = ("macro_f1", "accuracy", "macro_precision", "macro_recall", "cc", "nss", "sim", "auc_judd")
+
+
+def check_gate_metric(metric: str) -> str:
+    """``metric`` when it is ``<task>.val.<one of GATE_METRICS>``; a ValueError saying why otherwise."""
+    task, _, rest = metric.partition(".")
+    split, _, name = rest.partition(".")
+    if not task or split != "val" or name not in GATE_METRICS:
+        raise ValueError(f"deploy metric {metric!r}: give <task>.val.<metric>, a validation score where higher is "
+                         f"better ({', '.join(GATE_METRICS)}), e.g. planes.val.macro_f1 or saliency.val.cc; test "
+                         "scores would choose the model on the test videos")
+    return metric
+
+
 def card_metric(card: dict[str, Any], metric: str) -> float:
     """A model card's ``metric`` under the name the InferenceService's annotations give it (``planes.val.macro_f1``,
-    ``planes.val.macro_f1``, ``saliency.val.cc``...: ``sonossl.deploy.card_annotations``), so that the new model
-    and the serving champion are compared on the same number."""
+    ``saliency.val.cc``...: ``sonossl.deploy.card_annotations``), so that the new model and the serving champion
+    are compared on the same number. Only validation scores where higher is better (``check_gate_metric``)."""
     from sonossl.deploy import ANNOTATION_PREFIX, card_annotations
 
+    check_gate_metric(metric)
     # metrics are <task>.<split>.<metric>; the other annotations are versions
     numbers = {k.removeprefix(ANNOTATION_PREFIX): float(v) for k, v in card_annotations(card).items()
                if k.count(".") >= 3}

@@ -402,8 +402,9 @@ def finetune_loop_params(params: FinetuneParams, epochs: int, select: str | None
 def _fresh_encoder(encoder: str | Path | None, encoder_spec: dict[str, Any] | None) -> tuple[Encoder, dict]:
     if encoder is not None:
         enc, ckpt = load_encoder(encoder)
+        # the pretraining's own parameters travel with the model: the card names what built it, not the profile
         return enc, {"encoder": str(encoder), "pretext": ckpt.get("pretext", {}).get("mode"),
-                     "pretrain_data_version": ckpt.get("data_version")}
+                     "pretrain_data_version": ckpt.get("data_version"), "pretrain_params": ckpt.get("params")}
     if encoder_spec is None:
         raise ValueError("finetune: give a pretrained encoder, or an encoder spec to train from scratch")
     return build_encoder(encoder_spec), {"encoder": None, "pretext": None}
