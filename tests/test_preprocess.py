@@ -208,7 +208,7 @@ def test_listing_errors_name_the_file_and_the_column(tmp_path: Path) -> None:
         preprocess(root, tmp_path / "out", TINY, progress=False)
     with pytest.raises(FileNotFoundError, match="raw dataset folder not found"):
         preprocess(tmp_path / "nowhere", tmp_path / "out", TINY, progress=False)
-    with pytest.raises(ValueError, match="fps must be > 0"):
+    with pytest.raises(ValueError, match="fps must be a finite number > 0"):
         preprocess(root, tmp_path / "out", replace(TINY, fps=0.0), progress=False)
     assert not (tmp_path / "out").exists()
 
