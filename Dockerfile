@@ -5,14 +5,14 @@
 #   docker build --build-arg VARIANT=cuda -t ghcr.io/sonossl/sonossl:0.1.0-cuda .
 # The tag follows the package version (pyproject.toml); the cuda variant adds "-cuda".
 ARG VARIANT=cpu
-# Python at the patch release the tests run on (3.11.7); pin a digest (python:3.11.7-slim-bookworm@sha256:...) for
-# byte-for-byte rebuilds.
-ARG BASE_IMAGE_CPU=python:3.11.7-slim-bookworm
+# Python 3.11 on Debian bookworm, the tag Docker keeps rebuilding with security fixes (a patch tag such as 3.11.7 is
+# frozen); pin a digest (python:3.11-slim-bookworm@sha256:...) and bump it on purpose for byte-for-byte rebuilds.
+ARG BASE_IMAGE_CPU=python:3.11-slim-bookworm
 # The cu130 torch wheels carry CUDA's user-space libraries (cuBLAS, cuDNN, NCCL) as pip packages, and the node's
 # NVIDIA container toolkit mounts the driver: a plain Python base serves both. An nvidia/cuda base works too
 # (--build-arg BASE_IMAGE_CUDA=...) if it has Python 3.11 and no user or group 1000 yet (Ubuntu 24.04's have
 # `ubuntu` there: remove it first, or the groupadd below fails).
-ARG BASE_IMAGE_CUDA=python:3.11.7-slim-bookworm
+ARG BASE_IMAGE_CUDA=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE_CPU} AS base-cpu
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +47,7 @@ def _tree_digest(path: Path) -> dict[str, str]:
 
 
 def _no_staging_left(parent: Path) -> bool:
-    return not [p for p in parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+    return not [p for p in parent.iterdir() if any(k in p.name for k in (".staging-", ".old-", ".trash-"))]
 
 
 @pytest.fixture
@@ -487,6 +488,12 @@ def test_listing_and_label_spellings_that_would_mislead(tmp_path: Path) -> None:
     videos = load_clip_dataset(tmp_path / "comma").meta["videos"]
     assert report.rejects == [] and [(v["path"], v["label"], v["patient_id"]) for v in videos] == [
         ("v0.mp4", "covid", "p1"), ("v1.mp4", "regular", "p2")]
+    # more fields than the header, not all empty: a label or patient id would be lost without a word
+    for text, line in [("path,label\nv0.mp4,covid,p1\n", 2), ("path,label\nv0.mp4,a\nv1.mp4,head, axial\n", 3)]:
+        (root / "labels.csv").write_text(text)
+        with pytest.raises(ValueError, match=rf"labels\.csv: not a readable CSV file \(line {line} has 3 fields but "
+                                             r"the header names 2 columns \(path, label\); quote a field"):
+            preprocess(root, tmp_path / "wide", TINY, progress=False)
     # one class written two ways fails, naming a video of each spelling
     _labels(root, [{"path": "v0.mp4", "label": "covid"}, {"path": "v1.mp4", "label": "Covid"},
                    {"path": "v2.mp4", "label": "regular"}])
@@ -546,6 +553,13 @@ def test_a_dataset_swapped_out_by_a_killed_run_comes_back(tmp_path: Path) -> Non
         assert (out / "meta.json").read_text() == "first"
         raise RuntimeError("this run fails too")
     assert (out / "meta.json").read_text() == "first" and _no_staging_left(tmp_path)
+    # a half-deleted old one (renamed to trash before its deletion began) never comes back
+    shutil.rmtree(out)
+    (tmp_path / ".clips.trash-5").mkdir()
+    (tmp_path / ".clips.trash-5" / "meta.json").write_text("half gone")
+    with atomic_dir(out) as staging:
+        (staging / "meta.json").write_text("rebuilt")
+    assert (out / "meta.json").read_text() == "rebuilt" and _no_staging_left(tmp_path)
     # a swapped-out copy beside a complete dataset is deleted
     os.symlink(out, tmp_path / ".clips.old-777")
     with atomic_dir(out) as staging:

@@ -235,8 +235,8 @@ def test_ddp_ranks_resume_from_rank_0_and_average_their_train_numbers(tmp_path):
     diverged = run(0, "nan")
     assert diverged.returncode == 0, diverged.stdout + diverged.stderr
     errors = [(tmp_path / f"rank{r}.err").read_text() for r in (0, 1)]
-    assert errors[0].startswith("a rank's loss became non-finite (rank 0's: ") and "epoch 1, step 1" in errors[0]
-    assert errors[1].startswith("a rank's loss became non-finite (rank 1's: nan)")
+    assert errors[0].startswith("another rank's loss became non-finite (rank 0's: ") and "epoch 1, step 1" in errors[0]
+    assert errors[1].startswith("rank 1's loss became nan at epoch 1, step 1")
 
 
 def test_pretext_batches_are_whole_on_every_rank_when_the_clips_are_few(tiny_clips, tiny_params):
@@ -480,6 +480,22 @@ def test_a_run_killed_before_its_best_pt_was_written_writes_it_when_resumed(tmp_
     kept, expected = load_checkpoint(best), load_checkpoint(tmp_path / "whole/checkpoints/best.pt")
     assert kept["epoch"] == 2 and kept["entry"] == expected["entry"]
     assert all(torch.equal(kept["model"][k], v) for k, v in expected["model"].items())
+
+    # a best.pt of the same epoch number left by another run (other data or parameters: another run id) is no
+    # stand-in for this run's: it is replaced too
+    other = tmp_path / "other/checkpoints/best.pt"
+    stranger = _Scripted([0.1, 0.9])
+    torch.nn.init.constant_(stranger.model[0].weight, 0.3)  # other weights than this run's
+    fit(stranger, tmp_path / "other", dataclasses.replace(params, stop_after=2), progress=False, live=False,
+        run_id="other")
+    assert load_checkpoint(other)["epoch"] == 2
+    fit(_Scripted(scores), tmp_path / "run", dataclasses.replace(params, stop_after=2), progress=False, live=False,
+        run_id="this")
+    best = tmp_path / "run/checkpoints/best.pt"
+    best.write_bytes(other.read_bytes())  # killed before its own epoch-2 best.pt, beside an old run's epoch 2
+    fit(_Scripted(scores[2:]), tmp_path / "run", params, resume=True, progress=False, live=False, run_id="this")
+    kept = load_checkpoint(best)
+    assert kept["run_id"] == "this" and all(torch.equal(kept["model"][k], v) for k, v in expected["model"].items())
 
 
 def test_stop_after_trains_the_first_epochs_of_the_planned_schedule(tmp_path):

@@ -105,20 +105,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``path`` as a whole, on error it is deleted.
 
     An existing ``path`` is kept until the new one is complete, then swapped out and removed. A run killed in
-    between leaves its pieces, which the next run puts right: a staging folder is deleted; a swapped-out previous
-    one (``.name.old-PID``) comes back when ``path`` is missing (killed between the two renames) and is deleted
-    otherwise. One writer per ``path`` at a time: a second one would delete the first one's staging folder.
+    between leaves its pieces, which the next run puts right: a staging folder or a half-deleted old one
+    (``.name.trash-PID``) is deleted; a swapped-out previous one (``.name.old-PID``, whole: it is renamed to trash
+    before any of it is deleted) comes back when ``path`` is missing (killed between the two renames), the newest if
+    there are several, and is deleted otherwise. One writer per ``path`` at a time: a second one would delete the
+    first one's staging folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of runs that were killed before they could clean up.
-    for stale in path.parent.glob(f".{path.name}.staging-*"):
+    for stale in [*path.parent.glob(f".{path.name}.staging-*"), *path.parent.glob(f".{path.name}.trash-*")]:
         _remove_tree(stale)
-    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
-        if path.exists() or path.is_symlink():
-            _remove_tree(old)
-        else:
-            os.replace(old, path)
+    swapped = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.lstat().st_mtime_ns)
+    if swapped and not (path.exists() or path.is_symlink()):
+        os.replace(swapped.pop(), path)
+    for old in swapped:
+        _remove_tree(old)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
@@ -129,9 +131,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                     fsync_file(Path(root, name))
             _fsync_dir(Path(root))
         if path.exists() or path.is_symlink():
-            trash = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, trash)
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
             os.replace(staging, path)
+            trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+            os.replace(old, trash)  # no longer a whole dataset to bring back once its deletion starts
             _remove_tree(trash)
         else:
             os.replace(staging, path)

@@ -43,7 +43,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,6 +158,7 @@ def read_listing(raw_dir: str | Path) -> pd.DataFrame:
             f"{raw_dir}) and optionally 'label', 'patient_id', 'annotations'"
         )
     try:
+        _check_row_widths(csv)
         # index_col=False: a trailing comma on every row must not turn the first column into the index
         listing = pd.read_csv(csv, dtype=str, keep_default_na=False, na_values=[], skipinitialspace=True,
                               index_col=False)
@@ -171,6 +172,23 @@ def read_listing(raw_dir: str | Path) -> pd.DataFrame:
             f"relative to {raw_dir}"
         )
     return listing.map(str.strip)
+
+
+def _check_row_widths(csv_path: Path) -> None:
+    """A row with more fields than the header is refused, naming its line, unless the extra fields are empty (a
+    trailing comma): pandas would drop them with a warning, or shift every column by one, and a label or a
+    patient id would be lost without a word (an unquoted comma inside a label, a header missing a column)."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f, skipinitialspace=True)
+        header = next(rows, [])
+        for row in rows:
+            extra = row[len(header):]
+            if any(field.strip() for field in extra):
+                raise ValueError(f"line {rows.line_num} has {len(row)} fields but the header names {len(header)} "
+                                 f"columns ({', '.join(header)}); quote a field that holds a comma, or add the "
+                                 "missing column to the header")
 
 
 LISTING_COLUMNS = ("path", "label", "patient_id", "annotations", "stratum")  # read by preprocess; others are kept
@@ -656,13 +674,13 @@ def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, _VideoRe
             except BrokenProcessPool:
                 # A worker was killed (FFmpeg crashed on a file, or the kernel's OOM killer): every unfinished video
                 # fails with it, and which one did it is not known. Convert those again, each in a process of its
-                # own, so that the culprit is rejected by name and the others are kept.
+                # own (still n at a time), so that the culprit is rejected by name and the others are kept.
                 pool.shutdown(wait=True, cancel_futures=True)
                 rest = [task for task in order if task.idx not in results]
                 log.warning("a preprocess worker died; converting the %d unfinished videos one process each to find "
                             "which one killed it", len(rest))
-                for task in rest:
-                    done(_isolated(task, context), progress_bar)
+                for result in _isolated(rest, n, context):
+                    done(result, progress_bar)
     except BaseException:
         # Interrupted (Ctrl-C) or failed: drop queued videos and wait for running ones, so that no worker writes
         # into the staging folder after it is removed.
@@ -672,16 +690,31 @@ def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, _VideoRe
     return results
 
 
-def _isolated(task: _Task, context) -> _VideoResult:
-    """``_process_video`` in a process of its own; a rejection saying so when that process dies."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        future = pool.submit(_process_video, task)
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            pass
-    return _VideoResult(idx=task.idx, reason="the process converting it died (FFmpeg crashed on it, or it ran out of "
-                                             "memory); try it alone with workers: 1")
+WORKER_DIED = ("the process converting it died (FFmpeg crashed on it, or the process ran out of memory); check the "
+               "file with ffprobe, or re-encode it")
+
+
+def _isolated(tasks: list[_Task], n: int, context) -> Iterator[_VideoResult]:
+    """``_process_video`` for each task in a process of its own, ``n`` at a time (each process started from this
+    thread); a task whose process dies gets ``WORKER_DIED``, the others their results, as they finish."""
+    queue, running = list(tasks), {}
+    try:
+        while queue or running:
+            while queue and len(running) < n:
+                task = queue.pop(0)
+                pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+                running[pool.submit(_process_video, task)] = (task, pool)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task, pool = running.pop(future)
+                pool.shutdown(wait=True)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    yield _VideoResult(idx=task.idx, reason=WORKER_DIED)
+    finally:
+        for _, pool in running.values():
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------- splits

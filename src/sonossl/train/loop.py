@@ -314,7 +314,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
         result.resumed_from = start_epoch
         if env.main:
             log.info("%s: resuming after epoch %d of %d", last_path, start_epoch, params.epochs)
-            _mend_best(best_path, result, start_epoch, evaluated)
+            _mend_best(best_path, result, start_epoch, evaluated, run_id)
     elif not resume and last_path.exists() and env.main:
         log.info("%s exists; starting over (pass resume=True to continue it)", last_path)
     train_model: nn.Module = model
@@ -349,7 +349,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                     loss, numbers = task.loss(train_model, batch)
                 if not _finite_everywhere(loss, env):
                     which = (f"the loss became {loss.item()}" if env.world == 1 else
-                             f"a rank's loss became non-finite (rank {env.rank}'s: {loss.item()})")
+                             f"rank {env.rank}'s loss became {loss.item()}" if not torch.isfinite(loss) else
+                             f"another rank's loss became non-finite (rank {env.rank}'s: {loss.item():.4g})")
                     raise FloatingPointError(f"{which} at epoch {epoch + 1}, step {i + 1}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -385,8 +386,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                                             "best": result.best,
                                             **({"average": average.state_dict()} if average else {})})
                 if improved:
-                    save_checkpoint(best_path, {"epoch": epoch + 1, "model": evaluated.state_dict(),
-                                                "entry": entry})
+                    save_checkpoint(best_path, {"epoch": epoch + 1, "run_id": run_id,
+                                                "model": evaluated.state_dict(), "entry": entry})
                 tracker.log({k: v for k, v in entry.items() if k != "epoch"}, step=epoch)
                 if progress:
                     shown = {k: v for k, v in entry.items() if k.startswith("val_") or k == "train_loss"}
@@ -428,18 +429,22 @@ def _finite_everywhere(loss: torch.Tensor, env: Distributed) -> bool:
     return bool(ok.item())
 
 
-def _mend_best(best_path: Path, result: FitResult, start_epoch: int, evaluated: nn.Module) -> None:
+def _mend_best(best_path: Path, result: FitResult, start_epoch: int, evaluated: nn.Module, run_id: str) -> None:
     """After a resume: when the last finished epoch was the best and the run was killed before its best.pt was
-    written, write it now from the resumed weights (those of that epoch), so best.pt is the epoch history names."""
+    written, write it now from the resumed weights (those of that epoch), so best.pt is the epoch history names
+    (a best.pt of the same epoch number left by another run, another ``run_id``, is replaced too)."""
     if result.best is None or result.best["epoch"] != start_epoch:
         return
     try:
-        have = load_checkpoint(best_path).get("epoch")
+        ckpt = load_checkpoint(best_path)
+        have = (ckpt.get("epoch"), ckpt.get("run_id"))
     except (FileNotFoundError, CheckpointError):
-        have = None
-    if have != start_epoch:
-        log.info("%s: holds epoch %s, the best is epoch %d; writing it from last.pt", best_path, have, start_epoch)
-        save_checkpoint(best_path, {"epoch": start_epoch, "model": evaluated.state_dict(), "entry": result.best})
+        have = (None, None)
+    if have != (start_epoch, run_id):
+        log.info("%s: holds epoch %s of run %r, the best is epoch %d of this run; writing it from last.pt",
+                 best_path, *have, start_epoch)
+        save_checkpoint(best_path, {"epoch": start_epoch, "run_id": run_id, "model": evaluated.state_dict(),
+                                    "entry": result.best})
 
 
 def _resume_checkpoint(last_path: Path, run_id: str, env: Distributed) -> dict[str, Any] | None:
