@@ -17,7 +17,8 @@ from kfp.dsl import PipelineTask
 
 from sonossl.pipeline import GPU_IMAGE, IMAGE, S3_SECRET
 
-__all__ = ["IMAGE", "GPU_IMAGE", "S3_SECRET", "gpu_step", "with_s3_credentials", "COMPONENT_OPTIONS"]
+__all__ = ["IMAGE", "GPU_IMAGE", "S3_SECRET", "gpu_step", "cpu_step", "CPU_REQUESTS", "with_s3_credentials",
+           "COMPONENT_OPTIONS"]
 
 # Every component: the project image, nothing installed at run time.
 COMPONENT_OPTIONS = {"base_image": IMAGE, "install_kfp_package": False, "packages_to_install": []}
@@ -33,6 +34,21 @@ def with_s3_credentials(task: PipelineTask) -> PipelineTask:
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_ENV})
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET,
                                         secret_key_to_env={k: k for k in S3_ENV_OPTIONAL}, optional=True)
+
+
+# CPU and memory requests of the CPU steps, so that none runs BestEffort (the first pods evicted when a node runs
+# short). Sized from each step's peak resident memory on the default profile on a 2-core machine (GNU time's %M):
+# export 1.06 GB (the reference frames through the encoder; the gpu profile's wider encoder and 15,000 frames take
+# more), preprocess 140 MB for the 64 simulated sweeps (the largest worker), evaluate 32 MB; champion and deploy
+# import torch with sonossl, about 0.7 GB. Requests only: a step may use more where the node has it.
+CPU_REQUESTS = {"preprocess": ("2", "2Gi"), "evaluate": ("250m", "256Mi"), "export": ("1", "4Gi"),
+                "control": ("250m", "1Gi")}
+
+
+def cpu_step(task: PipelineTask, kind: str) -> PipelineTask:
+    """``CPU_REQUESTS[kind]`` as the task's CPU and memory requests."""
+    cpu, memory = CPU_REQUESTS[kind]
+    return task.set_cpu_request(cpu).set_memory_request(memory)
 
 
 def gpu_step(task: PipelineTask, gpus: int = 1, shm: str = "16Gi", cpu: str = "8", memory: str = "32Gi",

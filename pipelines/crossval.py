@@ -11,7 +11,7 @@ does). The preprocess task runs the project image (the ``image`` parameter) and 
 
 from kfp import dsl
 
-from components import gpu_step, with_s3_credentials
+from components import cpu_step, gpu_step, with_s3_credentials
 from components.crossval import crossval as crossval_step
 from components.preprocess import preprocess
 from sonossl.pipeline import GPU_IMAGE, IMAGE
@@ -36,7 +36,8 @@ def crossval(dataset: str, profile: str = "default", pretrain_epochs: int = 0, f
     """
     # Always runs (a location does not identify its contents); its version id keys the cache of the step after it.
     pre = with_s3_credentials(preprocess(dataset=dataset, profile=profile, tasks=["planes"]))
-    pre.set_caching_options(False).set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
+    cpu_step(pre, "preprocess").set_caching_options(False).set_container_image(image)
+    pre.set_retry(num_retries=2, backoff_duration="30s")
     cv = crossval_step(clips=pre.outputs["clips"], data_version=pre.outputs["Output"], profile=profile,
                        pretrain_epochs=pretrain_epochs, folds=folds, checkpoint_store=checkpoint_store)
     gpu_step(with_s3_credentials(cv)).set_container_image(gpu_image).set_display_name(

@@ -22,7 +22,7 @@ scored on, as ``dvc repro`` scores ``data/raw/sim_test``; without it, the runs a
 from kfp import dsl
 from kfp.dsl import Model
 
-from components import gpu_step, with_s3_credentials
+from components import cpu_step, gpu_step, with_s3_credentials
 from components.champion import champion
 from components.deploy import deploy
 from components.evaluate import evaluate
@@ -81,7 +81,7 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
     # id it returns is a parameter of every later step, so none is served a result of other data. (The backend
     # also keys its cache on the input artefacts, new in every run: the checkpoint store is what skips done work.)
     pre = with_s3_credentials(preprocess(dataset=dataset, profile=profile, tasks=tasks)).set_caching_options(False)
-    pre.set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
+    cpu_step(pre, "preprocess").set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
     clips, version = pre.outputs["clips"], pre.outputs["Output"]
 
     pt = pretrain(clips=clips, data_version=version, profile=profile, epochs=pretrain_epochs,
@@ -92,7 +92,7 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
     # split of dataset (the task then only records that there is no independent test set).
     tst = preprocess_test(dataset=test_dataset, profile=profile, tasks=tasks)
     tst = with_s3_credentials(tst).set_caching_options(False)
-    tst.set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
+    cpu_step(tst, "preprocess").set_container_image(image).set_retry(num_retries=2, backoff_duration="30s")
     test = {"test_clips": tst.outputs["clips"], "test_data_version": tst.outputs["Output"]}
 
     # One fine-tune per task from the SSL encoder, and one from scratch (no encoder: these wait only for the data);
@@ -108,18 +108,18 @@ def training(dataset: str, test_dataset: str = "", tasks: list = list(DOWNSTREAM
         finetunes[init] = ft.outputs["model"]
 
     ev = evaluate(encoder=pt.outputs["encoder"], **{k: dsl.Collected(v) for k, v in finetunes.items()})
-    ev.set_container_image(image)
+    cpu_step(ev, "evaluate").set_container_image(image)
     exp = export(clips=clips, data_version=version, profile=profile, metric=deploy_metric,
                  **{k: dsl.Collected(v) for k, v in finetunes.items()})
-    exp.set_container_image(image).after(ev)  # a report for every model that may be served
+    cpu_step(exp, "export").set_container_image(image).after(ev)  # a report for every model that may be served
 
     gate = champion(name=service_name, namespace=namespace, metric=deploy_metric, score=exp.outputs["score"])
-    gate.set_container_image(image).set_caching_options(False)  # the champion can change between runs
+    cpu_step(gate, "control").set_container_image(image).set_caching_options(False)  # the champion can change
     with dsl.If(gate.output == "deploy", name="beats-champion"):
         dep = deploy(model=exp.outputs["model"], model_store=model_store, name=service_name, namespace=namespace,
                      image=image, gpu_image=gpu_image, service_account=service_account, runtime=runtime,
                      canary_percent=canary_percent,
                      gpu=serve_gpu, dry_run=deploy_dry_run)
-        with_s3_credentials(dep).set_container_image(image).set_caching_options(False)
+        cpu_step(with_s3_credentials(dep), "control").set_container_image(image).set_caching_options(False)
         dep.set_retry(num_retries=2, backoff_duration="30s")
     return exp.outputs["model"]

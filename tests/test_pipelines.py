@@ -93,6 +93,16 @@ def test_training_yaml_carries_the_cluster_settings():
     components = spec["components"]
     assert {c.removeprefix("comp-").split("-")[0] for c in components} >= {
         "preprocess", "pretrain", "finetune", "evaluate", "export", "champion", "deploy"}
+    # every CPU step requests CPU and memory (none runs BestEffort, the first evicted), the GPU steps their own
+    from components import CPU_REQUESTS
+
+    kinds = {"exec-preprocess": "preprocess", "exec-preprocess-test": "preprocess", "exec-evaluate": "evaluate",
+             "exec-export": "export", "exec-champion": "control", "exec-deploy": "control"}
+    for name, kind in kinds.items():
+        resources = executors[name]["container"]["resources"]
+        cpu, memory = CPU_REQUESTS[kind]
+        assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == (cpu, memory), name
+    assert all("resources" in ex["container"] for ex in executors.values())
 
     # the fine-tunes: one loop over `tasks` from the SSL encoder, one from scratch; evaluate and export collect both
     loops = {tasks[t]["taskInfo"]["name"]: t for t in tasks if t.startswith("for-loop")}
