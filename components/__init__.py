@@ -38,9 +38,9 @@ def with_s3_credentials(task: PipelineTask) -> PipelineTask:
 
 # CPU and memory requests of the CPU steps, so that none runs BestEffort (the first pods evicted when a node runs
 # short). Sized from each step's peak resident memory on the default profile on a 2-core machine (GNU time's %M):
-# export 1.06 GB (the reference frames through the encoder; the gpu profile's wider encoder and 15,000 frames take
-# more), preprocess 140 MB for the 64 simulated sweeps (the largest worker), evaluate 32 MB; champion and deploy
-# import torch with sonossl, about 0.7 GB. Requests only: a step may use more where the node has it.
+# export 1,057 MiB (the reference frames through the encoder; the gpu profile's wider encoder and 15,000 frames
+# take more), preprocess 137 MiB for the 64 simulated sweeps (its largest process), evaluate 32 MiB; champion and
+# deploy import torch with sonossl, 689 MiB. Requests only: a step may use more where the node has it.
 CPU_REQUESTS = {"preprocess": ("2", "2Gi"), "evaluate": ("250m", "256Mi"), "export": ("1", "4Gi"),
                 "control": ("250m", "1Gi")}
 
