@@ -56,7 +56,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && rm /tmp/requirements.txt
 COPY README.md ./
 COPY src ./src
-# the Kubeflow component and pipeline definitions, so `sonossl pipeline compile` works inside the image too
+# the Kubeflow component and pipeline definitions, so `sonossl pipeline compile --out /work/pipelines` works inside
+# the image too (with --out: /app, where the default dist/pipelines would go, belongs to root, not the image's user)
 COPY components ./components
 COPY pipelines ./pipelines
 # the package itself, on the dependencies above (`pip check` fails the build if pyproject.toml asked for more),

@@ -219,3 +219,87 @@ def test_the_index_page_escapes_what_it_shows():
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert 'href="%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E/drift.html"' in page
     assert "<code>a&amp;b&quot;c</code>" in page
+
+
+def test_a_busy_window_is_scored_on_at_most_max_frames_evenly_spaced(served, drift_export, tmp_path):
+    """The embedding check's memory grows with the square of the frames compared: a window is thinned to
+    ``max_frames``, evenly spaced in time, and the summary says how many it held and how many were scored."""
+    from sonossl.monitor.drift import DriftParams, drift_report
+
+    log, windows = served
+    since, until, n = windows["pocus"]
+    r = drift_report(drift_export, log, tmp_path / "reports", since=since, until=until, window="thin",
+                     params=DriftParams(max_frames=40))
+    assert r.summary["frames"] == n > 40 and r.summary["frames_scored"] == 40
+    full = drift_report(drift_export, log, tmp_path / "reports", since=since, until=until, window="full")
+    assert full.summary["frames_scored"] == n
+    assert (r.summary["from"], r.summary["to"]) == (full.summary["from"], full.summary["to"])  # the whole window
+    scored = json.loads((tmp_path / "reports/thin/drift.json").read_text())
+    assert scored["metrics"] and r.drift_detected  # real lung videos still drift on 40 of their frames
+
+
+def test_drift_parameters_out_of_range_fail_naming_the_option(drift_export, tmp_path, capsys):
+    from sonossl.cli import main
+    from sonossl.monitor.drift import DriftParams
+
+    for bad, match in [({"drift_share": 0.0}, r"drift_share \(--drift-share\) = 0.0, must be in \(0, 1\]"),
+                       ({"margin": -1.0}, "margin"), ({"quantile": 1.0}, "quantile"), ({"min_frames": 0}, "min_frames"),
+                       ({"max_frames": 10}, r"max_frames .* must be >= min_frames \(30\)")]:
+        with pytest.raises(ValueError, match=match):
+            DriftParams(**bad)
+    code = main(["drift", "--model-dir", str(drift_export), "--log", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--drift-share", "0"])
+    assert code == 2 and "--drift-share" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_window_of_only_another_models_traffic_is_too_few_frames_whatever_its_columns(served, drift_export,
+                                                                                         tmp_path, capsys):
+    """The day a model with a larger embedding is promoted late: the window holds only the old model's rows, which
+    lack the new model's embedding columns. That is nothing to judge (exit 3), not an error (exit 2)."""
+    from sonossl.cli import main
+    from sonossl.monitor.drift import TooFewFrames, drift_report
+    from sonossl.monitor.request_log import RequestLog, read_request_log
+
+    log, _ = served
+    rows = read_request_log(log)
+    old = rows.drop(columns=[c for c in rows.columns if c.startswith("emb_") and c != "emb_0"])
+    rl = RequestLog(tmp_path / "log")
+    rl.append([{**r, "model_version": "oldmodel"} for r in old.assign(ts=old.ts.astype(str)).to_dict("records")])
+    rl.close()
+    with pytest.raises(TooFewFrames, match=r"0 usable frames of model \w+ .* \d+ rows of other model versions, none of this one"):
+        drift_report(drift_export, tmp_path / "log", tmp_path / "reports")
+    assert main(["drift", "--model-dir", str(drift_export), "--log", str(tmp_path / "log"), "--out",
+                 str(tmp_path / "reports")]) == 3
+    assert "too few frames to judge" in capsys.readouterr().err
+    # this model's own rows without its embedding columns are still an error that names them
+    ours = rows.drop(columns=["emb_1"])
+    rl = RequestLog(tmp_path / "log2")
+    rl.append(ours.assign(ts=ours.ts.astype(str)).to_dict("records"))
+    rl.close()
+    with pytest.raises(ValueError, match=r"the rows of model \w+ lack the columns \['emb_1'\]"):
+        drift_report(drift_export, tmp_path / "log2", tmp_path / "reports")
+
+
+def test_a_damaged_index_stops_the_report_before_it_writes_anything(served, drift_export, tmp_path):
+    from sonossl.monitor.drift import drift_report
+
+    log, windows = served
+    since, until, _ = windows["heldout"]
+    (tmp_path / "reports").mkdir()
+    for body in ("", '{"window": "a"}'):
+        (tmp_path / "reports/index.json").write_text(body)
+        with pytest.raises(ValueError, match=r"reports/index.json: not a (readable )?drift report index"):
+            drift_report(drift_export, log, tmp_path / "reports", since=since, until=until, window="w")
+        assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["index.json"]
+
+
+def test_frame_sizes_seen_in_training_are_every_training_videos(drift_export):
+    """The card lists every training video's size, which the drift check counts as seen even where no sampled
+    reference frame came from that video."""
+    from sonossl.data.clips import load_clip_dataset
+
+    card = json.loads((drift_export / "model_card.json").read_text())
+    clips = load_clip_dataset(drift_export.parent / "clips")
+    train = set(clips.index.video_idx[clips.index.split == "train"])
+    expected = {f"{v['width']}x{v['height']}" for v in clips.meta["videos"] if v["video_idx"] in train}
+    assert card["reference"]["frame_sizes"] == sorted(expected) and expected

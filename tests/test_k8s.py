@@ -168,7 +168,7 @@ def test_overlays_cpu_and_gpu():
 def test_the_overlays_leave_the_inferenceservice_to_deploy_and_run_what_it_asks_for(gpu, capsys):
     """No InferenceService in the overlays (a re-apply would set its model back to the manifest's: a silent
     rollback); the one `sonossl deploy` creates with its defaults runs on what the overlay provides: its service
-    account, its runtime and model format, the runtime's port, protocol and image."""
+    account, its runtime and model format, the runtime's port, protocol and image (it sets none itself)."""
     docs = render("overlays/gpu" if gpu else "overlays/cpu")
     assert not [d for d in docs if d["kind"] == "InferenceService"]
     isvc = _deployed(capsys, *(["--gpu"] if gpu else []))
@@ -180,7 +180,8 @@ def test_the_overlays_leave_the_inferenceservice_to_deploy_and_run_what_it_asks_
     assert p["model"]["protocolVersion"] in runtime["protocolVersions"]
     (container,) = runtime["containers"]
     assert p["model"]["readinessProbe"]["httpGet"]["port"] == container["ports"][0]["containerPort"]
-    assert p["model"]["image"] == container["image"]  # the -cuda image on GPU, as the overlay's runtime
+    # no image of its own: the runtime's applies (the -cuda image on GPU), the one image a user edits in k8s/
+    assert "image" not in p["model"] and container["image"].endswith("-cuda") == gpu
     assert ("nvidia.com/gpu" in p["model"]["resources"]["limits"]) == gpu
     # the drift job asks it which model to compare with, by name, in its own namespace
     job = one(docs, "CronJob", "sonossl-drift")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
@@ -242,7 +243,8 @@ def _container_env(docs: list[dict], container: dict) -> dict[str, str]:
     env = dict(one(docs, "ConfigMap", "sonossl-config")["data"])
     env.update(secret_template()["stringData"])
     for e in container.get("env", []):
-        env[e["name"]] = e.get("value", "sonossl")  # valueFrom (the pod's namespace): a sample value
+        # valueFrom (the pod's namespace): a sample value of its own, so a check can tell it from a literal
+        env[e["name"]] = e.get("value", "ns-of-the-pod")
     return env
 
 
@@ -261,7 +263,7 @@ def test_drift_cronjob_script_runs_valid_sonossl_commands(tmp_path):
     calls = _run_script(c["args"][0], _container_env(docs, c), tmp_path)
     assert [a[0] for a in calls] == ["sonossl", "sonossl"]
     champion, drift = (_parse(a[1:], "drift CronJob") for a in calls)
-    assert (champion.command, champion.field, champion.namespace) == ("champion", "model-uri", "sonossl")
+    assert (champion.command, champion.field, champion.namespace) == ("champion", "model-uri", "ns-of-the-pod")
     assert drift.command == "drift" and drift.model_dir == "s3://sonossl/models/export"  # the served model
     assert drift.log.startswith("s3://") and drift.out.startswith("s3://")
     assert drift.since < drift.until  # one window: yesterday

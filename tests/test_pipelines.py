@@ -739,6 +739,12 @@ def test_run_local_crossval_checks_the_listing_before_kfp_starts(tmp_path):
         proc = _run(*cmd)
         assert proc.returncode == 2 and f"{raw}: {message}" in proc.stderr, proc.stderr
         assert not (tmp_path / "out/kfp").exists()
+    # a local folder that does not exist (a typo) fails at once too, for either pipeline, naming it
+    for pipeline in ("crossval", "training"):
+        proc = _run(*SONOSSL, "pipeline", "run-local", "--pipeline", pipeline, "--dataset", str(tmp_path / "nodata"),
+                    "--out", str(tmp_path / "out"))
+        assert proc.returncode == 2 and f"dataset '{tmp_path / 'nodata'}': no such folder" in proc.stderr, proc.stderr
+        assert not (tmp_path / "out/kfp").exists()
 
 
 def test_crossval_step_checks_its_overrides():

@@ -246,3 +246,35 @@ def test_an_s3_window_lists_only_the_days_it_can_hold(s3_server, monkeypatch):
     assert read_request_log(old, since=datetime(2027, 1, 1, tzinfo=UTC)).empty
     with pytest.raises(FileNotFoundError, match="no log files"):  # nothing there at all: a wrong location
         read_request_log(f"s3://{s3_server.bucket}/logs/none", since=datetime(2027, 1, 1, tzinfo=UTC))
+
+
+def test_rows_that_cannot_be_written_at_shutdown_are_retried_then_counted_as_lost(tmp_path, monkeypatch, caplog):
+    """close() (the server's SIGTERM) with storage down: the last rows are tried again a few times; if storage
+    comes back meanwhile they are written, otherwise they are counted as dropped and an error says how many."""
+    import logging
+
+    import sonossl.atomic
+
+    attempts, fail_first, write = [], [99], sonossl.atomic.atomic_write_bytes
+
+    def flaky(path, data):
+        attempts.append(path)
+        if len(attempts) <= fail_first[0]:
+            raise OSError("storage down")
+        return write(path, data)
+
+    monkeypatch.setattr(sonossl.atomic, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(request_log, "CLOSE_RETRY_S", (0.01, 0.01))
+    log = RequestLog(tmp_path / "down", flush_seconds=60)
+    log.append(_rows(5, "a"))
+    with caplog.at_level(logging.ERROR, logger="sonossl.monitor.request_log"):
+        log.close()
+    assert len(attempts) == 3 and log.written_rows == 0 and log.dropped_rows == 5
+    assert "5 rows could not be written before shutdown and are lost" in caplog.text
+    attempts.clear()
+    fail_first[0] = 1  # storage back after one more failure: nothing lost
+    log = RequestLog(tmp_path / "back", flush_seconds=60)
+    log.append(_rows(5, "b"))
+    log.close()
+    assert len(attempts) == 2 and log.written_rows == 5 and log.dropped_rows == 0
+    assert len(read_request_log(tmp_path / "back")) == 5

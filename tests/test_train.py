@@ -314,8 +314,28 @@ def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path, cap
     assert out["saliency"].shape[1] == int(side) and np.allclose(out["saliency"].sum((1, 2)), 1, atol=1e-4)
     ref = np.load(tmp_path / "export/reference/embeddings.npy")
     assert ref.shape[1] == out["embedding_reduced"].shape[1]
-    # the exported model predicts what the finetune run measured
+    # the bundle records its format (test_pool_stages_... checks that it predicts what the finetune run measured)
     assert torch.load(tmp_path / "export/model.pt", weights_only=True)["bundle_format"] == 1
+
+    # a finetune output of another clip dataset (a folder left from before a re-preprocess) is refused, naming it:
+    # its validation score is on other videos, and its model would ship under these clips' lineage
+    import shutil
+
+    shutil.copytree(tmp_path / "ft", tmp_path / "ft-stale")
+    mpath = tmp_path / "ft-stale/scratch-planes/metrics.json"
+    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "data_version": "000000000000"}))
+    with pytest.raises(ValueError, match=r"scratch-planes/metrics.json: fine-tuned on clip dataset version "
+                                         rf"'000000000000', not the exported clips' '{m['data_version']}'"):
+        export(tiny_clips, tmp_path / "ft-stale", tmp_path / "export-stale", tiny_params)
+    assert not (tmp_path / "export-stale").exists()
+    # fine-tunes that scored no test videos (splits without a test share): the card says so instead of failing
+    shutil.copytree(tmp_path / "ft", tmp_path / "ft-notest")
+    for mpath in (tmp_path / "ft-notest").glob("*/metrics.json"):
+        mj = json.loads(mpath.read_text())
+        mpath.write_text(json.dumps({**mj, "runs": [{**r, "test": None} for r in mj["runs"]]}))
+    card3 = export(tiny_clips, tmp_path / "ft-notest", tmp_path / "export-notest", tiny_params)
+    assert card3["metrics"]["planes"]["test"] is None and card3["model_version"] == card["model_version"]
+    assert "no test videos were scored" in (tmp_path / "export-notest/model_card.md").read_text()
 
 
 def _index(videos: dict[int, tuple[str, list[str | None]]]):

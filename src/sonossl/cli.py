@@ -165,7 +165,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_drift(args: argparse.Namespace) -> int:
     from sonossl.monitor.drift import DriftParams, TooFewFrames, drift_report, summary_text
 
-    params = DriftParams(margin=args.margin, drift_share=args.drift_share, min_frames=args.min_frames)
+    params = DriftParams(margin=args.margin, drift_share=args.drift_share, min_frames=args.min_frames,
+                         max_frames=args.max_frames)
     try:
         result = drift_report(args.model_dir, args.log, args.out, params=params, since=args.since,
                               until=args.until, window=args.window)
@@ -250,10 +251,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     import yaml
 
     from sonossl.deploy import deploy
-    from sonossl.pipeline import GPU_IMAGE, IMAGE
 
-    image = args.image or (GPU_IMAGE if args.gpu else IMAGE)
-    isvc = deploy(args.model_uri, name=args.name, namespace=args.namespace, image=image,
+    isvc = deploy(args.model_uri, name=args.name, namespace=args.namespace, image=args.image,
                   canary_percent=args.canary_percent, service_account=args.service_account, runtime=args.runtime,
                   gpu=args.gpu, dry_run=args.dry_run, model_card=args.model_card)
     if args.dry_run:
@@ -393,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-share", type=float, default=0.5, help="share of drifted statistics that is drift")
     p.add_argument("--min-frames", type=int, default=30,
                    help="fewer usable frames of the model in the window: no report, exit code --too-few-exit-code")
+    p.add_argument("--max-frames", type=int, default=5000,
+                   help="score at most this many of the window's frames, evenly spaced in time (the embedding "
+                        "check's memory grows with the square of reference + window frames)")
     p.add_argument("--too-few-exit-code", type=int, default=3,
                    help="exit code for a window with too few frames to judge (default 3; 0 for a schedule on which "
                         "a day without traffic is no failure)")
@@ -466,9 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="sonossl", help="InferenceService name (default: sonossl)")
     p.add_argument("--namespace", default="sonossl", help="its namespace (default: sonossl)")
     p.add_argument("--image", default=None,
-                   help="serving image (default: ghcr.io/sonossl/sonossl:<version>, with -cuda when --gpu)")
+                   help="serving image (default: none in the InferenceService, so the ServingRuntime's image applies: "
+                        "the one k8s/'s kustomization names)")
     p.add_argument("--canary-percent", type=int, default=None,
-                   help="share of the traffic for the new model, 0-100 (default: all of it)")
+                   help="share of the traffic for the new model, 0-100 (default: all of it; 0 deploys it with none, "
+                        "KServe's rollback, where the pipeline's canary_percent=0 means all at once)")
     p.add_argument("--service-account", default="sonossl-s3",
                    help="service account carrying the S3 credentials (default: sonossl-s3)")
     p.add_argument("--runtime", default="sonossl", help="ServingRuntime name (default: sonossl)")

@@ -63,22 +63,28 @@ class DeployError(ValueError):
     """The cluster refused or could not be reached (a ValueError, so the CLI prints one clear line)."""
 
 
+def _field(name: str) -> str:
+    """A setting as the deploy step's parameter and as ``sonossl deploy``'s option: ``canary_percent
+    (--canary-percent)``."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
 def _check_name(value: Any, field: str, pattern: re.Pattern[str], max_len: int, what: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value) or len(value) > max_len:
-        raise ValueError(f"{field}={value!r} is not a valid {what} (lower-case letters, digits and '-', "
+        raise ValueError(f"{_field(field)} {value!r} is not a valid {what} (lower-case letters, digits and '-', "
                          f"at most {max_len} characters)")
     return value
 
 
 def _check_model_uri(uri: Any) -> str:
     if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ValueError(f"model_uri={uri!r}: KServe fetches the model from S3 here; give the exported model folder "
+        raise ValueError(f"{_field('model_uri')} {uri!r}: KServe fetches the model from S3 here; give the exported model folder "
                          "as s3://BUCKET/PREFIX (upload it with `sonossl artifacts push models/export s3://...`)")
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not _BUCKET.fullmatch(bucket):
-        raise ValueError(f"model_uri={uri!r}: {bucket!r} is not a valid S3 bucket name")
+        raise ValueError(f"{_field('model_uri')} {uri!r}: {bucket!r} is not a valid S3 bucket name")
     if not key.strip("/"):
-        raise ValueError(f"model_uri={uri!r} names a whole bucket; give the folder of the exported model, "
+        raise ValueError(f"{_field('model_uri')} {uri!r} names a whole bucket; give the folder of the exported model, "
                          f"e.g. s3://{bucket}/models/sonossl/<model version>")
     return uri.rstrip("/")
 
@@ -87,8 +93,8 @@ def _check_canary(percent: Any) -> int | None:
     if percent is None:
         return None
     if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
-        raise ValueError(f"canary_percent={percent!r}: give a whole percentage 0-100 of the traffic for the new "
-                         "model (or none to send it all the traffic)")
+        raise ValueError(f"{_field('canary_percent')} {percent!r}: give a whole percentage 0-100 of the traffic for "
+                         "the new model (or leave it out to send it all the traffic)")
     return percent
 
 
@@ -147,7 +153,7 @@ def card_annotations(card: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def render(model_uri: str, *, name: str, namespace: str, image: str, canary_percent: int | None,
+def render(model_uri: str, *, name: str, namespace: str, image: str | None, canary_percent: int | None,
            service_account: str, runtime: str = "sonossl", gpu: bool = False,
            card: Mapping[str, Any] | None = None) -> Any:
     """The InferenceService as a ``kserve.models.V1beta1InferenceService`` (arguments checked, nothing sent)."""
@@ -163,8 +169,8 @@ def render(model_uri: str, *, name: str, namespace: str, image: str, canary_perc
     _check_name(service_account, "service_account", _DNS1123_SUBDOMAIN, 253, "service account name")
     _check_name(runtime, "runtime", _DNS1123_SUBDOMAIN, 253, "ServingRuntime name")
     canary_percent = _check_canary(canary_percent)
-    if not isinstance(image, str) or not image or any(c.isspace() for c in image):
-        raise ValueError(f"image={image!r}: give a container image reference such as {DEFAULT_IMAGE}")
+    if image is not None and (not isinstance(image, str) or not image or any(c.isspace() for c in image)):
+        raise ValueError(f"{_field('image')} {image!r}: give a container image reference such as {DEFAULT_IMAGE}")
 
     annotations = card_annotations(card) if card else {}
     annotations[ANNOTATION_PREFIX + "model-uri"] = model_uri
@@ -177,7 +183,8 @@ def render(model_uri: str, *, name: str, namespace: str, image: str, canary_perc
     model = V1beta1ModelSpec(
         name="kserve-container", model_format=V1beta1ModelFormat(name=MODEL_FORMAT), runtime=runtime,
         storage_uri=model_uri, protocol_version="v2",
-        # the image the pipeline trained with, over the runtime's default: served code = trained code
+        # the image the pipeline trained with, over the runtime's: served code = trained code; None (a deploy by
+        # hand without --image): the ServingRuntime's, the image its kustomization names
         image=image,
         resources=V1ResourceRequirements(requests=dict(res["requests"]), limits=dict(res["limits"])),
         readiness_probe=V1Probe(http_get=V1HTTPGetAction(path="/v2/health/ready", port=HTTP_PORT),
@@ -228,7 +235,7 @@ def _is_conflict(message: str) -> bool:
     return "(409)" in message or "Conflict" in message or "AlreadyExists" in message
 
 
-def deploy(model_uri: str, *, name: str, namespace: str, image: str, canary_percent: int | None,
+def deploy(model_uri: str, *, name: str, namespace: str, image: str | None, canary_percent: int | None,
            service_account: str, runtime: str = "sonossl", gpu: bool = False, dry_run: bool = False,
            model_card: Mapping[str, Any] | str | Path | None = None) -> dict[str, Any]:
     """Create or update the InferenceService ``namespace/name`` serving ``model_uri``; return it as a dict.

@@ -55,13 +55,20 @@ BUNDLE_FORMAT = 1
 HELDOUT_SPLITS = ("val", "test")  # videos never trained on: drift thresholds are learnt from windows of them
 
 
-def _candidates(finetune_dir: Path, task: str, metric: str,
+def _candidates(finetune_dir: Path, task: str, metric: str, data_version: str,
                 required: bool = True) -> list[tuple[float, str, Path, dict]]:
+    """The ``task``'s finetune outputs under ``finetune_dir``, best validation ``metric`` first; each must have been
+    trained on the clip dataset of version ``data_version`` (another dataset's scores are on other validation
+    videos, and its model would be shipped under this dataset's lineage)."""
     found = []
     for mpath in sorted(finetune_dir.glob("*/metrics.json")):
         m = json.loads(mpath.read_text())
         if m["task"] != task:
             continue
+        if m.get("data_version") != data_version:
+            raise ValueError(f"{mpath}: fine-tuned on clip dataset version {m.get('data_version')!r}, not the "
+                             f"exported clips' {data_version!r}: fine-tune it again on these clips, or remove "
+                             f"{mpath.parent} from {finetune_dir}")
         key = metric.removeprefix("val_")
         selected = next(r for r in m["runs"] if r["name"] == m["selected"])
         if not selected.get("val") or key not in selected["val"]:
@@ -189,8 +196,11 @@ def _card_markdown(card: dict[str, Any]) -> str:
                if has_saliency else []), "",
              "## Metrics (test videos; selection on validation videos only)", "",
              *(f"- test set ({task}): {describe_test_set(t)}" for task, t in card.get("test_set", {}).items() if t),
-             f"- classification (planes): macro-F1 {m['planes']['test']['macro_f1']}, accuracy "
-             f"{m['planes']['test']['accuracy']} (validation macro-F1 {m['planes']['val']['macro_f1']})",
+             (f"- classification (planes): macro-F1 {m['planes']['test']['macro_f1']}, accuracy "
+              f"{m['planes']['test']['accuracy']} (validation macro-F1 {m['planes']['val']['macro_f1']})"
+              if m["planes"].get("test") else
+              f"- classification (planes): no test videos were scored (validation macro-F1 "
+              f"{m['planes']['val']['macro_f1']}, accuracy {m['planes']['val']['accuracy']})"),
              *(["- saliency: " + ", ".join(f"{k} {v}" for k, v in m["saliency"]["test"].items() if k != "n")]
                if has_saliency and m["saliency"].get("test") else []), "",
              "## Input contract", "",
@@ -214,11 +224,12 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     if tasks is not None and ("planes" not in tasks or not set(tasks) <= {"planes", "saliency"}):
         raise ValueError(f"tasks {list(tasks)}: export bundles planes (the served classifier) and optionally saliency")
     data = load_clip_dataset(clips_dir)
-    planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric)[0]
+    planes_score, planes_src, planes_path, planes_m = _candidates(finetune_dir, "planes", ep.select_metric,
+                                                                  data.version)[0]
     saliency = None
     if tasks is None or "saliency" in tasks:
-        saliency = next(iter(_candidates(finetune_dir, "saliency", ep.saliency_metric, required=tasks is not None)),
-                        None)
+        saliency = next(iter(_candidates(finetune_dir, "saliency", ep.saliency_metric, data.version,
+                                         required=tasks is not None)), None)
     pck = load_checkpoint(planes_path)
     sck = load_checkpoint(saliency[2]) if saliency else None
     planes = plane_model(pck, len(pck["classes"]))
@@ -228,6 +239,10 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
     idx = data.index
     videos = {v["video_idx"]: v for v in data.meta.get("videos", [])}
 
+    def source_size(video: int) -> tuple[int, int]:  # (height, width) of the video before preprocessing
+        v = videos.get(int(video), {})
+        return int(v.get("height", data.frames.shape[1])), int(v.get("width", data.frames.shape[2]))
+
     def sample(splits: tuple[str, ...], n: int) -> tuple[np.ndarray, np.ndarray, Any]:
         rows = np.flatnonzero(idx.split.isin(splits).to_numpy())
         pick = rows[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
@@ -235,9 +250,7 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
         with torch.no_grad():
             emb = [planes.encoder(to_input(torch.from_numpy(frames[i:i + EVAL_BATCH]))).numpy()
                    for i in range(0, len(frames), EVAL_BATCH)]
-        source_hw = np.array([(videos.get(int(v), {}).get("height", data.frames.shape[1]),
-                               videos.get(int(v), {}).get("width", data.frames.shape[2]))
-                              for v in idx.video_idx.to_numpy()[pick]]).reshape(-1, 2)
+        source_hw = np.array([source_size(v) for v in idx.video_idx.to_numpy()[pick]]).reshape(-1, 2)
         return pick, (np.concatenate(emb) if emb else np.zeros((0, planes.encoder.dim), np.float32)), \
             image_stats(frames, source_hw)
 
@@ -305,7 +318,10 @@ def export(clips_dir: str | Path, finetune_dir: str | Path, out_dir: str | Path,
             "embedding": f"(N, {emb.shape[1]}) pooled encoder features; embedding_reduced (N, {dims}) after PCA",
         },
         "reference": {"frames": int(len(pick)), "heldout_frames": int(len(held_pick)), "embedding_dims": dims,
-                      "image_stats": list(stats.columns)},
+                      "image_stats": list(stats.columns),
+                      # every training video's size, not only the sampled frames' (drift: unseen frame sizes)
+                      "frame_sizes": sorted({f"{w}x{h}" for h, w in map(source_size, np.unique(
+                          idx.video_idx.to_numpy()[idx.split.to_numpy() == "train"]))})},
     }
     bundle = {
         "bundle_format": BUNDLE_FORMAT,

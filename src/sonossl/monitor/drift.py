@@ -57,8 +57,24 @@ class DriftParams:
     null_draws: int = 40  # windows drawn to learn those scores
     drift_share: float = 0.5  # share of drifted statistics (or of frames at an unseen size) that is drift
     min_frames: int = 30  # fewer current frames than this is not enough to judge
+    # At most this many of the window's frames are scored, evenly spaced in time: the embeddings' MMD holds an
+    # (reference + window)^2 kernel in float64 (8 bytes x 7,000^2 = 0.4 GB at the default 2,000 reference frames;
+    # 12,000 frames in all took 1.1 GB more), so an unbounded busy day ran the report out of memory.
+    max_frames: int = 5000
     seed: int = 0
     columns: tuple[str, ...] = STAT_COLUMNS
+
+    def __post_init__(self) -> None:
+        checks = {"margin": self.margin > 0, "quantile": 0 < self.quantile < 1, "null_draws": self.null_draws >= 1,
+                  "drift_share": 0 < self.drift_share <= 1, "min_frames": self.min_frames >= 1,
+                  "max_frames": self.max_frames >= self.min_frames}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            rules = {"margin": "> 0", "quantile": "in (0, 1)", "null_draws": ">= 1", "drift_share": "in (0, 1]",
+                     "min_frames": ">= 1", "max_frames": f">= min_frames ({self.min_frames})"}
+            raise ValueError("drift parameters out of range: " + "; ".join(
+                f"{name} (--{name.replace('_', '-')}) = {getattr(self, name)!r}, must be {rules[name]}"
+                for name in bad))
 
 
 @dataclass
@@ -191,6 +207,20 @@ def _index_html(entries: list[dict[str, Any]]) -> str:
             f"<th>drifted</th><th>model version</th></tr>\n{rows}\n</table>\n")
 
 
+def _index_entries(data: bytes, where: str | Path) -> list[dict[str, Any]]:
+    """The rows of an existing ``index.json``, checked: a damaged index fails naming itself, before anything of
+    the new report is written."""
+    try:
+        entries = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"{where}: not a readable drift report index ({e}); move it aside (the reports' "
+                         "folders keep their summary.json) and run again") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "window" in e for e in entries):
+        raise ValueError(f"{where}: not a drift report index (expected a JSON list of windows, each with "
+                         "'window'); move it aside and run again")
+    return entries
+
+
 def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) -> tuple[str, str]:
     """Window folder + updated index, atomically on disk or object by object on S3."""
     from sonossl.atomic import atomic_write_text
@@ -206,22 +236,22 @@ def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) 
             from sonossl.storage import StorageNotFound, get_bytes, put_bytes, upload
 
             prefix = str(out).rstrip("/")
-            upload(stage, f"{prefix}/{window}/")
-            try:
-                entries = json.loads(get_bytes(f"{prefix}/index.json"))
+            try:  # read first: a report whose index cannot be read writes nothing
+                entries = _index_entries(get_bytes(f"{prefix}/index.json"), f"{prefix}/index.json")
             except StorageNotFound:  # the first report; any other failure must not wipe the index
                 entries = []
+            upload(stage, f"{prefix}/{window}/")
             entries = [e for e in entries if e["window"] != window] + [entry]
             put_bytes((json.dumps(entries, indent=2) + "\n").encode(), f"{prefix}/index.json")
             put_bytes(_index_html(entries).encode(), f"{prefix}/index.html")
             return f"{prefix}/{window}/drift.html", f"{prefix}/{window}/drift.json"
         out = Path(out)
+        index = out / "index.json"
+        entries = _index_entries(index.read_bytes(), index) if index.is_file() else []
         target = out / window
         target.mkdir(parents=True, exist_ok=True)
         for name in ("drift.html", "drift.json", "summary.json"):
             atomic_write_text(target / name, (stage / name).read_text())
-        index = out / "index.json"
-        entries = json.loads(index.read_text()) if index.is_file() else []
         entries = [e for e in entries if e["window"] != window] + [entry]
         atomic_write_text(index, json.dumps(entries, indent=2) + "\n")
         atomic_write_text(out / "index.html", _index_html(entries))
@@ -250,21 +280,39 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
                            f"frames of model {version})")
     columns = list(params.columns)
     emb_cols = [c for c in reference.columns if c.startswith("emb_")]
-    missing = [c for c in columns + emb_cols + ["model_version", "blank", "height", "width"] if c not in rows.columns]
-    if missing:
-        raise ValueError(f"request log {log}: rows lack the columns {missing}; is it a log of this model?")
+    if "model_version" not in rows.columns:
+        raise ValueError(f"request log {log}: rows lack the column 'model_version'; is it a sonossl request log?")
     other = rows[rows.model_version != version]
-    current = rows[(rows.model_version == version) & ~rows.blank.astype(bool)]
-    if len(current) < params.min_frames:
-        raise TooFewFrames(f"request log {log}: {len(current)} usable frames of model {version} in the window "
+    ours = rows[rows.model_version == version]  # another model's rows may have other columns (embedding size)
+    if ours.empty:
+        raise TooFewFrames(f"request log {log}: 0 usable frames of model {version} in the window (need at least "
+                           f"{params.min_frames}; {len(other)} rows of other model versions, none of this one)")
+    missing = [c for c in columns + emb_cols + ["blank", "height", "width"] if c not in ours.columns
+               or ours[c].isna().all()]
+    if missing:
+        raise ValueError(f"request log {log}: the rows of model {version} lack the columns {missing}; is it a log "
+                         "of this model?")
+    blank = ours.blank.astype(bool)
+    usable = ours[~blank]
+    if len(usable) < params.min_frames:
+        raise TooFewFrames(f"request log {log}: {len(usable)} usable frames of model {version} in the window "
                            f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
-                           f"{int(rows.blank.astype(bool).sum())} blank frames left out)")
+                           f"{int(blank.sum())} blank frames left out)")
+    current = usable.iloc[np.linspace(  # read_request_log sorts the rows by time
+        0, len(usable) - 1, min(params.max_frames, len(usable))).astype(int)]
+    if len(current) < len(usable):
+        logging.getLogger(__name__).info(  # `log` here is the request log's location
+            "drift: %d usable frames in the window; scoring %d of them, evenly spaced in time (max_frames)",
+            len(usable), len(current))
 
     floors = {**{c: EVIDENTLY_WASSERSTEIN for c in columns}, "embedding": EVIDENTLY_MMD}
     thresholds, baseline = null_thresholds(reference, heldout, columns, emb_cols, floors, params)
     snap, scores = _evidently_scores(reference, current, columns, emb_cols, thresholds)
 
     seen_sizes = set(map(tuple, reference[["height", "width"]].astype(int).to_numpy()))
+    for size in card.get("reference", {}).get("frame_sizes", []):  # every training video's (where the card lists them)
+        w, h = map(int, size.split("x"))
+        seen_sizes.add((h, w))
     sizes = current[["height", "width"]].astype(int).apply(tuple, axis=1)
     unseen_share = float((~sizes.isin(seen_sizes)).mean())
     col_drift = {c: scores[c] >= thresholds[c] for c in columns}
@@ -272,12 +320,12 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     emb_drift = scores["embedding"] >= thresholds["embedding"]
     size_drift = unseen_share >= params.drift_share
     detected = share >= params.drift_share or emb_drift or size_drift
-    name = _window_name(current, window)
+    name = _window_name(usable, window)
     summary = {
-        "window": name, "from": str(current.ts.min()), "to": str(current.ts.max()),
+        "window": name, "from": str(usable.ts.min()), "to": str(usable.ts.max()),
         "model_version": version, "feature_version": card["data"]["feature_version"],
-        "frames": int(len(current)), "frames_other_versions": int(len(other)),
-        "frames_blank": int(rows[rows.model_version == version].blank.astype(bool).sum()),
+        "frames": int(len(usable)), "frames_scored": int(len(current)), "frames_other_versions": int(len(other)),
+        "frames_blank": int(blank.sum()),
         "reference_frames": int(len(reference)), "heldout_frames": int(len(heldout)),
         "calibration": {"window_videos": calibration_videos(heldout), "draws": params.null_draws,
                         "quantile": params.quantile, "margin": params.margin},

@@ -14,7 +14,8 @@ written whole, atomically on a local disk and as one object on S3 (``s3://bucket
 ``MAX_BACKOFF_S``), not at every request; meanwhile queued requests are still built into rows (which frees their
 frames). Both the rows not yet written (``MAX_PENDING``) and the rows queued but not yet taken by the writer
 (``MAX_QUEUED``) are bounded, the oldest pending rows and the newest requests dropped and counted (``dropped_rows``)
-beyond them, so a storage outage costs log rows, never memory or requests.
+beyond them, so a storage outage costs log rows, never memory or requests. ``close`` (SIGTERM's shutdown) tries the
+last rows again a few times (``CLOSE_RETRY_S``); rows still unwritten are counted as dropped and logged as an error.
 
     log = RequestLog("logs/requests")            # or "s3://bucket/sonossl/requests"
     log.append(rows); log.flush(); log.close()
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 100_000  # rows held while storage is unreachable; older rows are dropped beyond this
 MAX_QUEUED = 20_000  # rows of requests queued and not yet taken by the writer (each holds its frames until built)
 MAX_BACKOFF_S = 300.0  # longest wait between two attempts to write while storage fails
+CLOSE_RETRY_S = (1.0, 2.0, 4.0)  # pauses between the last tries at shutdown (within close()'s 30 s join)
 
 
 def is_s3(uri: str | Path) -> bool:
@@ -123,7 +125,7 @@ class RequestLog:
             except queue.Empty:
                 item = ...
             if item is None:
-                self._write()
+                self._last_write()
                 return
             if isinstance(item, threading.Event):
                 self._write()
@@ -142,6 +144,20 @@ class RequestLog:
                     self._build()
                 deadline = time.monotonic() + self.flush_seconds
 
+    def _last_write(self) -> None:
+        """At shutdown: write what is left, trying again a few times (``CLOSE_RETRY_S`` apart) while storage fails;
+        rows still unwritten then are counted as dropped, and said so: nothing is lost silently."""
+        for pause in (*CLOSE_RETRY_S, None):
+            if self._write():
+                return
+            if pause is not None:
+                time.sleep(pause)
+        lost = len(self._pending)
+        self._pending = []
+        self._drop(lost, "storage unavailable at shutdown: the last")
+        log.error("request log %s: %d rows could not be written before shutdown and are lost (%d dropped in all)",
+                  self.uri, lost, self.dropped_rows)
+
     def _build(self) -> None:
         for item in self._deferred:
             try:  # to JSON here: a row JSON cannot write is dropped with its request, not the writer thread
@@ -155,10 +171,11 @@ class RequestLog:
             self._drop(len(self._pending) - MAX_PENDING, "storage unavailable: the oldest")
             del self._pending[: len(self._pending) - MAX_PENDING]
 
-    def _write(self) -> None:
+    def _write(self) -> bool:
+        """Write the pending rows as one part file; False when storage failed (the rows stay pending)."""
         self._build()
         if not self._pending:
-            return
+            return True
         now = datetime.now(UTC)
         self._parts += 1
         # the host names the writer: every replica's server is process 1 of its own pod
@@ -182,10 +199,11 @@ class RequestLog:
             self._retry_at = time.monotonic() + self._backoff
             log.warning("request log: could not write %s (%s); %d rows kept, next try in %.0f s", target, e,
                         len(self._pending), self._backoff)
-            return
+            return False
         self.written_rows += len(self._pending)
         self._pending = []
         self._backoff, self._retry_at = 0.0, 0.0
+        return True
 
 
 def _written_on(name: str) -> date | None:

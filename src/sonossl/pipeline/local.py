@@ -119,6 +119,16 @@ def _run(out_dir: Path, params_file: Path, name: str, **arguments: Any) -> tuple
     return runs[-1], seconds, task
 
 
+def _check_local(location: str | None, what: str) -> None:
+    """A location that is neither ``s3://`` nor ``dvc://`` is a folder here (``sonossl.pipeline.dataset``): one that
+    does not exist fails now, naming it, not after the first task's retries."""
+    from sonossl.pipeline.dataset import DVC_SCHEME
+
+    if location and not location.startswith(("s3://", DVC_SCHEME)) and not Path(location).is_dir():
+        raise FileNotFoundError(f"{what} {location!r}: no such folder (a local raw dataset: labels.csv and videos; "
+                                f"or an s3:// or {DVC_SCHEME} location)")
+
+
 def run_local_crossval(out_dir: str | Path, dataset: str, profile: str = "tiny",
                        params_file: str | Path = "params.yaml",
                        arguments: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -128,6 +138,7 @@ def run_local_crossval(out_dir: str | Path, dataset: str, profile: str = "tiny",
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
     load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
+    _check_local(dataset, "dataset")
     if Path(dataset).is_dir():  # a folder here: videos without patient or label fail now, not in the crossval task
         check_crossval_listing(Path(dataset), dataset)
     run_dir, seconds, _ = _run(out_dir, params_file, "crossval", dataset=dataset, profile=profile,
@@ -153,6 +164,8 @@ def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = 
         if params.simulate_test is not None and "test_dataset" not in arguments:  # as dvc repro: sim and sim_test
             arguments["test_dataset"] = str(_simulated_dataset(out_dir / "raw_test", params.simulate_test))
     tasks = check_tasks(arguments.get("tasks", DOWNSTREAM_TASKS))
+    _check_local(dataset, "dataset")
+    _check_local(arguments.get("test_dataset"), "test_dataset")
     for location in (dataset, arguments.get("test_dataset")):
         if location and Path(location).is_dir():  # a folder here: saliency without gaze maps fails now, not in a task
             check_gaze_maps(Path(location), location, tasks)
