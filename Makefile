@@ -36,7 +36,8 @@ ran: setup
 	  test -e $$p || { echo "make $(MAKECMDGOALS): $$p is missing: run \`make run\` first"; exit 2; }; done
 
 bench: ran
-	$(BIN)/python benchmarks/preprocess.py
+	@if [ -d ../shared/data/pocus ]; then $(BIN)/python benchmarks/preprocess.py --repeats 5; \
+	else echo "make bench: ../shared/data/pocus is missing: the preprocess benchmark (POCUS videos) is skipped"; fi
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve.py
 

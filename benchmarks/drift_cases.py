@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from sonossl.atomic import atomic_write_text
+from sonossl.machine import describe
+
 REPO = Path(__file__).resolve().parents[1]
 POCUS = REPO.parent / "shared" / "data" / "pocus"
 
@@ -87,9 +90,8 @@ def main() -> int:
             results[name] = {"videos": videos, "frames_served": frames, **{k: r.summary[k] for k in (
                 "drift_detected", "drifted", "frames", "frames_blank", "columns", "embedding", "frame_size")}}
     out = REPO / "benchmarks/results/drift_cases.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model_version": json.loads((args.model_dir / "model_card.json").read_text())[
-        "model_version"], "gain_db": args.gain_db, "windows": results}, indent=2) + "\n")
+    atomic_write_text(out, json.dumps({"model_version": json.loads((args.model_dir / "model_card.json").read_text())[
+        "model_version"], "gain_db": args.gain_db, "windows": results, "machine": describe()}, indent=2) + "\n")
     print(f"wrote {out}; reports: {args.out}/index.html")
     return 0
 

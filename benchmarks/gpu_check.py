@@ -2,7 +2,7 @@
 
 For a GPU machine held for minutes that has torch but not this project's environment (a bare node, or the GPU
 machine a development session is sometimes lent, whose image has no PyAV): the script needs only torch, numpy,
-pandas, Pillow, PyYAML and this repository's ``src/``, and writes and reads no video. On one machine, one command:
+scipy, PyYAML and this repository's ``src/``, and writes and reads no video. On one machine, one command:
 
 1. ``data``: render ``--videos`` of the profile's simulated sweeps in memory (``render_sweep``, one process per
    core), crop each to its sector and resize it to the profile's ``frame_size`` the way ``preprocess`` does
@@ -16,10 +16,13 @@ pandas, Pillow, PyYAML and this repository's ``src/``, and writes and reads no v
    medians (target at least 0.9, as ``train_throughput.py``);
 4. the device's name, peak GPU memory (``torch.cuda.max_memory_allocated``), torch's version and the machine.
 
-    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_check.py --out /tmp/gpu_check.json     # a bare GPU machine
+    PYTHONUNBUFFERED=1 PYTHONPATH=src:benchmarks python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json
+                                               # the lent GPU machine: only what is written under $OUT comes back
     .venv/bin/python benchmarks/gpu_check.py --profile tiny --videos 3 --val-videos 1 --steps 2  # any CPU (tests)
 Writes benchmarks/results/gpu_check.json (or --out) after each part, so a run stopped at its time limit keeps
-what it measured (``finished`` names the parts done). Without a GPU it runs on the CPU and says so (``device``).
+what it measured (``finished`` names the parts done). A part that fails (CUDA out of memory, a non-finite loss) is
+recorded under ``errors`` with its message, the throughput part still runs, and the script exits 1. Without a GPU
+it runs on the CPU and says so (``device``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -95,7 +99,7 @@ def main() -> int:
     env = setup_distributed()
     on_gpu = env.device.type == "cuda"
     record: dict = {
-        "benchmark": "gpu_check", "profile": params.profile, "mode": MODE, "finished": [],
+        "benchmark": "gpu_check", "profile": params.profile, "mode": MODE, "finished": [], "errors": {},
         "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "cuda": torch.version.cuda, "amp": "bfloat16" if on_gpu and pre.amp else None,
         "channels_last": pre.channels_last, "encoder": dataclasses.asdict(pre.encoder),
@@ -103,8 +107,13 @@ def main() -> int:
         "frame_size": params.preprocess.frame_size,
     }
 
-    def save(part: str) -> None:
-        record["finished"].append(part)
+    def save(part: str, error: BaseException | None = None) -> None:
+        if error is None:
+            record["finished"].append(part)
+        else:  # the message and where it came from; the next part still runs
+            record["errors"][part] = f"{type(error).__name__}: {error}"
+            record.setdefault("tracebacks", {})[part] = traceback.format_exc(limit=-8)
+            print(f"{part} failed: {record['errors'][part]}", file=sys.stderr, flush=True)
         if on_gpu:
             record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
         record["machine"] = describe()
@@ -122,39 +131,56 @@ def main() -> int:
     task.clips_per_epoch = args.steps * task.batch_size
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="sonossl-gpu-check-") as tmp:
-        res = fit(task, tmp, dataclasses.replace(loop_params(pre), epochs=args.epochs), progress=False, live=False,
-                  dist_env=env)
-    record["training"] = {
-        "epochs": args.epochs, "steps_per_epoch": args.steps, "seconds": round(res.seconds, 1),
-        "steps_per_s": round(res.samples_per_s / task.batch_size, 2), "clips_per_s": round(res.samples_per_s, 1),
-        "history": res.history, "chance": task.chance(),
-        "loss_fell": res.history[-1]["train_loss"] < res.history[0]["train_loss"],
-    }
-    save("training")
+    try:
+        with tempfile.TemporaryDirectory(prefix="sonossl-gpu-check-") as tmp:
+            res = fit(task, tmp, dataclasses.replace(loop_params(pre), epochs=args.epochs), progress=False,
+                      live=False, dist_env=env)
+        record["training"] = {
+            "epochs": args.epochs, "steps_per_epoch": args.steps, "seconds": round(res.seconds, 1),
+            "steps_per_s": round(res.samples_per_s / task.batch_size, 2), "clips_per_s": round(res.samples_per_s, 1),
+            "history": res.history, "chance": task.chance(),
+            # null with one epoch: nothing to compare its loss with
+            "loss_fell": res.history[-1]["train_loss"] < res.history[0]["train_loss"] if args.epochs > 1 else None,
+        }
+        save("training")
+    except Exception as e:  # noqa: BLE001 - recorded; the throughput part does not need a trained model
+        save("training", e)
+        if on_gpu:
+            torch.cuda.empty_cache()
 
+    try:
+        record["throughput"] = throughput(task, args.timing_steps, args.repeats, env, pre)
+        save("throughput")
+    except Exception as e:  # noqa: BLE001 - recorded, then the exit code says a part failed
+        save("throughput", e)
+    shown = ("device", "peak_gpu_memory_mib", "throughput", "errors")
+    print(json.dumps({k: record[k] for k in shown if record.get(k)}, indent=2))
+    return 1 if record["errors"] else 0
+
+
+def throughput(task: PretextTask, steps: int, repeats: int, env, pre) -> dict:
+    """``repeats`` times in turn: ``steps`` steps of the real loop, then as many of the model alone on one batch."""
     loops, models = [], []
-    task.clips_per_epoch = args.timing_steps * task.batch_size
-    for r in range(args.repeats):
+    task.clips_per_epoch = task.batch_size  # warm-up, untimed: one step of the loop (model_only warms up itself)
+    with tempfile.TemporaryDirectory(prefix="sonossl-gpu-check-") as tmp:
+        fit(task, tmp, dataclasses.replace(loop_params(pre), epochs=1), progress=False, live=False, dist_env=env)
+    task.clips_per_epoch = steps * task.batch_size
+    for r in range(repeats):
         with tempfile.TemporaryDirectory(prefix="sonossl-gpu-check-") as tmp:
             run = fit(task, tmp, dataclasses.replace(loop_params(pre), epochs=1), progress=False, live=False,
                       dist_env=env)
         loops.append(run.samples_per_s)
-        models.append(model_only(task, args.timing_steps, env.device, pre.amp))
+        models.append(model_only(task, steps, env.device, pre.amp))
         print(f"repeat {r + 1}: loop {loops[-1]:.1f} clips/s, model only {models[-1]:.1f} clips/s", flush=True)
     loop, model = statistics.median(loops), statistics.median(models)
-    record["throughput"] = {
-        "steps": args.timing_steps, "repeats": args.repeats,
+    return {
+        "steps": steps, "repeats": repeats,
         "loop_clips_per_s": [round(x, 1) for x in loops], "model_only_clips_per_s": [round(x, 1) for x in models],
         "median_loop_clips_per_s": round(loop, 1), "median_model_only_clips_per_s": round(model, 1),
         "median_loop_steps_per_s": round(loop / task.batch_size, 2),
         "median_loop_frames_per_s": round(loop * pre.k, 1),
         "ratio": round(loop / model, 3), "target_ratio": 0.9,
     }
-    save("throughput")
-    shown = ("device", "peak_gpu_memory_mib", "throughput")
-    print(json.dumps({k: record[k] for k in shown if k in record}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

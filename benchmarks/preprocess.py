@@ -31,7 +31,7 @@ from sonossl.atomic import atomic_write_text
 from sonossl.config import PreprocessParams
 from sonossl.data.clips import preprocess, read_listing, start_method
 from sonossl.data.video import THREAD_TYPE
-from sonossl.machine import cpu_model
+from sonossl.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pocus"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
-            "processor": cpu_model(),
+            "processor": describe(),
             "python": platform.python_version(),
             "numpy": np.__version__,
             "av": __import__("av").__version__,

@@ -71,8 +71,17 @@ def _start(model_dir: Path, port: int, log_dir: Path | None):
            "--host", "127.0.0.1"]
     if log_dir is not None:
         cmd += ["--request-log", str(log_dir)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    Client(f"http://127.0.0.1:{port}").wait_ready(timeout=120, process=server)
+    # the server's log to a file, shown if it does not come up (a port in use, a broken export)
+    log = tempfile.NamedTemporaryFile(prefix="sonossl-serve-bench-", suffix=".log", delete=False)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        Client(f"http://127.0.0.1:{port}").wait_ready(timeout=120, process=server)
+    except Exception:
+        server.kill()
+        sys.stderr.write(Path(log.name).read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        log.close()
     return server
 
 
@@ -114,9 +123,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=REPO / "models/export")
     ap.add_argument("--raw", type=Path, default=REPO / "data/raw/sim")
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=200,
+                    help="requests per timed run, at least 20 (blocks of 10, the JSON run half as many)")
     ap.add_argument("--port", type=int, default=18282)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve.json")
     args = ap.parse_args()
+    if args.requests < 20:
+        raise SystemExit(f"--requests: at least 20 (timed in blocks of 10; the JSON run sends half), got "
+                         f"{args.requests}")
 
     from sonossl.data.video import read_video
 
@@ -164,8 +178,7 @@ def main() -> int:
         "in_process_p50_ms_beside_the_unlogged_server": _percentiles(full2)["p50_ms"],
         "target": "p50 at concurrency 1 at most 1.5x the in-process call",
     }
-    out = REPO / "benchmarks/results/serve.json"
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -3,7 +3,8 @@
 The real loop is ``sonossl.train.loop.fit`` on a ``PretextTask`` (gathering clips from the in-memory clip dataset,
 batched shuffles, transforms, crops and intensity jitter, then forward, backward, AdamW step) for one epoch, its
 throughput taken from the loop's own training time (validation excluded). The baseline runs the same model, loss and
-optimizer step over one pre-made batch of the same size, again and again: the speed of the model alone. Repeats
+optimizer step over one pre-made batch of the same size, again and again, reading the loss after each step as the
+loop does: the speed of the model alone. Both are warmed up first, untimed (one step of each). Repeats
 alternate between the two; medians give clips/s and their ratio (target >= 0.9: the input pipeline keeps up). A
 third run per repeat, the real loop in the plain contiguous memory format, gives what channels_last (the loop's
 default, on GPU and CPU) gains on this machine: ``memory_format_speedup``.
@@ -50,6 +51,8 @@ def model_only(task: PretextTask, steps: int, device: torch.device, amp: bool) -
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        float(loss.detach())  # the loop reads its loss after every step: the same wait for the device here
+
     step()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -95,6 +98,8 @@ def main() -> None:
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     loops, models, plains = [], [], []
+    real_loop(task, params, 1, env)  # warm-up, untimed: the first use of the model and of each memory format
+    real_loop(plain, contiguous, 1, env)
     for r in range(args.repeats):
         loops.append(real_loop(task, params, args.steps, env))
         models.append(model_only(task, args.steps, env.device, params.amp))

@@ -40,9 +40,12 @@ def with_s3_credentials(task: PipelineTask) -> PipelineTask:
 # short). Sized from each step's peak resident memory on the default profile on a 2-core machine (GNU time's %M):
 # export 1,057 MiB (the reference frames through the encoder; the gpu profile's wider encoder and 15,000 frames
 # take more), preprocess 137 MiB for the 64 simulated sweeps (its largest process), evaluate 32 MiB; champion and
-# deploy import torch with sonossl, 689 MiB. Requests only: a step may use more where the node has it.
+# deploy import torch with sonossl, 689 MiB; the monitoring pipeline's drift report 768 MiB for a window of 12,000
+# frames (5,000 of them scored: --max-frames) against the default model's 2,000 reference frames (the gpu profile's
+# 10,000 take more: the embedding check grows with the square of the frames compared), as the drift CronJob's
+# request in k8s/. Requests only: a step may use more where the node has it.
 CPU_REQUESTS = {"preprocess": ("2", "2Gi"), "evaluate": ("250m", "256Mi"), "export": ("1", "4Gi"),
-                "control": ("250m", "1Gi")}
+                "control": ("250m", "1Gi"), "drift": ("1", "2Gi")}
 
 
 def cpu_step(task: PipelineTask, kind: str) -> PipelineTask:

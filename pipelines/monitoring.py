@@ -8,7 +8,7 @@ the last (``window_days``, yesterday by default), on the model the InferenceServ
 
 from kfp import dsl
 
-from components import with_s3_credentials
+from components import cpu_step, with_s3_credentials
 from components.drift import drift
 from sonossl.pipeline import IMAGE
 
@@ -32,5 +32,5 @@ def monitoring(request_log: str, model_uri: str = "", reports: str = "", window_
     task = drift(model_uri=model_uri, request_log=request_log, reports=reports, window_days=window_days,
                  service_name=service_name, namespace=namespace)
     # Each run reads new requests: never served from the cache.
-    with_s3_credentials(task).set_container_image(image).set_caching_options(False)
+    cpu_step(with_s3_credentials(task), "drift").set_container_image(image).set_caching_options(False)
     task.set_retry(num_retries=2, backoff_duration="60s")

@@ -54,6 +54,25 @@ def test_a_file_written_by_name_is_flushed_before_it_appears_and_absent_after_an
     assert not flushes.final.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
 
 
+def test_bytes_are_on_disk_before_the_rename_and_a_failed_write_leaves_the_old_file_alone(tmp_path, monkeypatch):
+    """atomic_write_bytes (every checkpoint, encoder and metrics.json): the data is fsynced before the rename makes
+    it the file; a write that fails leaves the previous file as it was and no temporary file behind."""
+    events, fsync, replace = [], os.fsync, os.replace
+    target = tmp_path / "metrics.json"
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: events.append(("fsync", target.exists())) or fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or replace(a, b))
+    atomic.atomic_write_bytes(target, b"old")
+    assert events[:2] == [("fsync", False), ("replace", "metrics.json")] and target.read_bytes() == b"old"
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.atomic_write_bytes(target, b"new, half written")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
 def test_the_temporary_names_of_atomic_writes_and_downloads_are_recognised_and_nothing_else(tmp_path):
     import tempfile
 

@@ -414,11 +414,14 @@ def test_gpu_check_runs_the_profile_s_pretraining_without_pyav_or_dvclive(tmp_pa
            "    sys.modules[name] = None\n"
            f"sys.argv = [{str(script)!r}, *{args!r}]\n"
            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")])}
+    # CUDA hidden: on a machine with a GPU the run would take it, and this test is about the CPU path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")]),
+           "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert rec["finished"] == ["data", "training", "throughput"] and rec["device"].startswith("cpu")
+    assert rec["errors"] == {} and rec["training"]["loss_fell"] in (True, False)
     assert rec["profile"] == "tiny" and rec["amp"] is None and rec["batch_size"] == 16
     assert rec["data"]["frames"] == 3 * 30  # three sweeps of 3 s at 10 frames/s, every frame kept
     hist = rec["training"]["history"]
@@ -432,6 +435,21 @@ def test_gpu_check_runs_the_profile_s_pretraining_without_pyav_or_dvclive(tmp_pa
     bad = subprocess.run([sys.executable, str(script), "--videos", "2", "--val-videos", "2"], capture_output=True,
                          text=True, timeout=120, env=env)
     assert bad.returncode != 0 and "--val-videos: must be at least 1 and fewer than --videos (2)" in bad.stderr
+    # a training part that fails (here: out of memory, made up) is recorded with its message; the throughput part
+    # still runs and the exit code says a part failed, so the one short GPU run is not lost to one error
+    failing = ("import sonossl.train.loop as loop\n"
+               "fit = loop.fit\n"
+               "def oom(task, out, params, **kw):\n"
+               "    if params.epochs > 1:\n"
+               "        raise RuntimeError('CUDA out of memory (made up by the test)')\n"
+               "    return fit(task, out, params, **kw)\n"
+               "loop.fit = oom\n")
+    proc = subprocess.run([sys.executable, "-c", failing + run], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["finished"] == ["data", "throughput"] and "training" not in rec
+    assert rec["errors"] == {"training": "RuntimeError: CUDA out of memory (made up by the test)"}
+    assert "in oom" in rec["tracebacks"]["training"] and rec["throughput"]["ratio"] > 0
 
 
 def test_pretext_texture_probe_names_what_white_noise_gives_away(tmp_path, monkeypatch, tiny_clips):
@@ -491,3 +509,23 @@ def test_scratch_init_of_the_draw_benchmarks(monkeypatch):
     with pytest.raises(SystemExit):
         draw_args("").parse_args(["--scratch-init", "kaiming"])
     assert "--scratch-init" not in draw_args("", scratch=False).format_help()  # encoder_pairs trains no scratch
+
+
+def test_train_throughput_records_the_ratio_of_the_medians_of_alternating_runs(tiny_clips, tmp_path):
+    """The loop and the model alone, in turn, in one run: the record's ratio is the ratio of the two medians, each
+    median over the listed repeats, and it names the machine."""
+    import statistics
+
+    out = tmp_path / "tt.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--profile", "tiny",
+                           "--clips", str(tiny_clips), "--steps", "2", "--repeats", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["repeats"] == 3 and len(rec["loop_clips_per_s"]) == len(rec["model_only_clips_per_s"]) == 3
+    loop, model = statistics.median(rec["loop_clips_per_s"]), statistics.median(rec["model_only_clips_per_s"])
+    assert (rec["median_loop_clips_per_s"], rec["median_model_only_clips_per_s"]) == (loop, model)
+    assert rec["ratio"] == pytest.approx(loop / model, abs=2e-3) and rec["batch_size"] == 16
+    assert rec["machine"] and rec["device"].startswith("cpu")
+    assert proc.stdout.count("repeat ") == 3  # progress, one line per repeat

@@ -33,7 +33,8 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
     for r in out["results"]:
         assert len(r["fold_accuracy"]) == 3 and 0 <= r["accuracy"] <= 1
         assert r["report"]["n"] == 12  # every video predicted exactly once, pooled over folds
-    # a patient's videos never straddle folds; the pretraining of a fold never saw its test videos
+    # a patient's videos never straddle folds (pocus_subset has one video per patient, so the unit test below checks
+    # the grouping); the pretraining of a fold never saw its test videos
     labels = pd.read_csv(pocus_subset / "labels.csv").set_index("path")
     folds = pd.Series(out["fold_of_video"])
     assert labels.loc[folds.index].assign(fold=folds.values).groupby("patient_id").fold.nunique().max() == 1
@@ -46,6 +47,26 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
     assert md.startswith(heading)
     assert "| ssl | finetune |" in md and "inner validation videos included" not in md and "every frame" not in md
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
+
+
+def test_folds_keep_each_patients_videos_together_and_hold_every_class():
+    """Several videos per patient (as POCUS has for some): every patient's videos land in one fold, outer and
+    inner alike, and each fold holds every class (stratified)."""
+    from sonossl.train.crossval import video_folds
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(30), rng.integers(1, 5, 30))  # 1 to 4 videos per patient
+    labels = patients % 3  # a patient's videos share a label
+    order = rng.permutation(len(patients))  # videos listed in no particular order
+    patients, labels = patients[order], labels[order]
+    for folds, seed in ((5, 0), (3, 7)):
+        fold = video_folds(labels, patients, folds, seed)
+        assert pd.Series(fold).groupby(patients).nunique().max() == 1
+        assert sorted(set(fold)) == list(range(folds))
+        assert all(set(labels[fold == f]) == {0, 1, 2} for f in range(folds))
+    # grouping is what keeps a patient together: the same videos as 1-video patients scatter them
+    scattered = video_folds(labels, np.arange(len(patients)), 5, 0)
+    assert pd.Series(scattered).groupby(patients).nunique().max() > 1
 
 
 def test_crossval_refuses_videos_without_one_label_naming_the_dataset(tiny_clips, pocus_subset, tiny_params,

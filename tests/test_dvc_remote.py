@@ -199,7 +199,9 @@ def test_kill_9_during_dvc_repro_of_training_then_rerun_resumes(tiny_repo, tmp_p
 
         return load_checkpoint(last)["epoch"]  # always whole: written atomically
 
-    assert epochs_done() == 1  # the fixture's run (tiny: ablation_epochs 1): the first run resumes from it, too
+    # the fixture's run (tiny: ablation_epochs 1); another epoch count is another run, so the first repro below starts
+    # over from epoch 0 rather than resuming it
+    assert epochs_done() == 1
     proc = _start(root, "repro", "pretrain@order")
     _kill_when(proc, lambda: epochs_done() >= 4, "four epochs", poll=0.02)
     done = epochs_done()

@@ -130,6 +130,26 @@ def test_pretext_model_outputs_one_logit_set_per_head(mode):
         assert {out[h].shape for h in ("rotation", "scale", "shear")} == {(3, 3)}
 
 
+def test_in_both_parallel_each_head_reads_its_own_branch():
+    """The order head sees the shuffled branch only, the transform heads the transformed branch only: changing
+    one branch's clips moves its own heads' logits and leaves the other's unchanged."""
+    from sonossl.pretext.batch import PretextBatch
+
+    torch.manual_seed(0)
+    model = PretextModel(build_encoder({"name": "small_cnn", "width": 8}), "both-parallel", 4, 12,
+                         TransformSet().sizes).eval()
+    a, b = torch.rand(3, 4, 1, 32, 32), torch.rand(3, 4, 1, 32, 32)
+    with torch.no_grad():
+        base = model(PretextBatch(a, b, {}))
+        new_order = model(PretextBatch(torch.rand_like(a), b, {}))
+        new_transform = model(PretextBatch(a, torch.rand_like(b), {}))
+    heads = ("rotation", "scale", "shear")
+    assert not torch.allclose(new_order["order"], base["order"])
+    assert all(torch.equal(new_order[h], base[h]) for h in heads)
+    assert torch.equal(new_transform["order"], base["order"])
+    assert not any(torch.allclose(new_transform[h], base[h]) for h in heads)
+
+
 def test_downstream_heads():
     enc = build_encoder({"name": "small_cnn", "width": 8})
     assert PlaneClassifier(enc, 6)(torch.rand(2, 1, 32, 32)).shape == (2, 6)

@@ -215,6 +215,11 @@ def test_compile_overrides_defaults_and_rejects_unknown_parameters(tmp_path):
     assert params["profile"]["defaultValue"] == "gpu"
     mon, _ = _docs(tmp_path / "monitoring.yaml")
     assert mon["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == "ghcr.io/sonossl/sonossl:0.9.1"
+    # the drift step is no BestEffort pod either: it asks what the drift CronJob in k8s/ asks
+    from components import CPU_REQUESTS
+
+    res = mon["deploymentSpec"]["executors"]["exec-drift"]["container"]["resources"]
+    assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == CPU_REQUESTS["drift"] == ("1", "2Gi")
 
     proc = _run(*SONOSSL, "pipeline", "compile", "--out", str(tmp_path / "x"), "--param", "epochs=3")
     assert proc.returncode == 2 and "has parameter(s) ['epochs']" in proc.stderr, proc.stderr

@@ -21,6 +21,7 @@ def test_k4_has_12_classes_covering_every_permutation_once_with_its_reverse():
 
 
 def test_larger_k_uses_a_fixed_hamming_distant_subset():
+    assert permutation_set(6).shape == (24, 6)  # the default class count past K=4
     a, b = permutation_set(6, 20, seed=0), permutation_set(6, 20, seed=0)
     assert a.shape == (20, 6) and (a == b).all()
     dmin = min(class_distance(p, np.delete(a, i, 0)).min() for i, p in enumerate(a))
@@ -46,6 +47,74 @@ def test_constant_clips_look_the_same_under_every_transform():
     # and every sample point lies on or inside the outermost pixel centres of the frame
     grid = sampling_grid(tset.matrices(idx[:, 0], idx[:, 1], idx[:, 2]), shift, 48, 32)
     assert grid.abs().max() <= 1 - 1 / 48 + 1e-5
+
+
+@pytest.mark.parametrize("mode", ["transform", "both-sequential", "both-parallel"])
+def test_the_batch_maker_samples_inside_the_frame_so_constant_clips_carry_no_transform(mode, monkeypatch):
+    """What the network sees: every grid the batch maker hands to grid_sample stays within the outermost pixel
+    centres (the border padding, which makes a constant frame constant whatever the grid, never decides a pixel),
+    and constant clips come out identical whatever their transform targets: the heads can only guess."""
+    import sonossl.pretext.transforms as transforms
+
+    grids, sample = [], transforms.F.grid_sample
+
+    def spy(x, grid, **kw):
+        grids.append(grid)
+        return sample(x, grid, **kw)
+
+    monkeypatch.setattr(transforms.F, "grid_sample", spy)
+    maker = PretextBatchMaker(mode, permutation_set(4), TransformSet(), source=48, crop=32, max_shift=2.0, gain=0.0,
+                              offset=0.0)
+    batch = maker(torch.full((256, 4, 48, 48), 150, dtype=torch.uint8), torch.Generator().manual_seed(0))
+    assert grids and max(float(g.abs().max()) for g in grids) <= 1 - 1 / 48 + 1e-5
+    assert len({tuple(t) for t in torch.stack([batch.targets[n] for n in TransformSet().sizes], 1).tolist()}) == 27
+    assert torch.allclose(batch.transform_clips, torch.full_like(batch.transform_clips, 150 / 255), atol=1e-5)
+
+
+def _plain(mode: str) -> PretextBatchMaker:
+    """A maker whose only perturbations are the targets' (no crop jitter, gain or offset)."""
+    return PretextBatchMaker(mode, permutation_set(4), TransformSet(), 48, 32, max_shift=0.0, gain=0.0, offset=0.0)
+
+
+def _shuffled_by_target(shuffled: torch.Tensor, plain: torch.Tensor, cls: torch.Tensor) -> list[bool]:
+    """Per clip: whether ``shuffled`` is ``plain`` with its frames in the order of class ``cls`` or its reverse."""
+    perms = torch.as_tensor(permutation_set(4))
+    return [any(torch.allclose(shuffled[i], plain[i][p], atol=1e-6) for p in (perms[c], perms[c].flip(0)))
+            for i, c in enumerate(cls.tolist())]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_branch_carries_exactly_its_targets_perturbation(mode):
+    """The transform targets name the transform each clip got, and the order target its shuffle; in both-parallel
+    the order branch is only shuffled and the transform branch only transformed (a clip given its neighbour's
+    transform, or a branch given both perturbations, would train the heads on labels that say nothing)."""
+    gen = torch.Generator().manual_seed(2)
+    clips = torch.randint(0, 256, (32, 4, 48, 48), dtype=torch.uint8, generator=gen)
+    batch = _plain(mode)(clips, torch.Generator().manual_seed(5))
+    x, tset, zero = clips.float(), TransformSet(), torch.zeros(32, 2)
+    ident = torch.tensor(tset.identity).expand(32, 3)
+    plain = warp_clips(x, tset.matrices(ident[:, 0], ident[:, 1], ident[:, 2]), zero, 32).div(255).clamp(0, 1)
+    if mode != "order":
+        t = [batch.targets[n] for n in tset.sizes]
+        warped = warp_clips(x, tset.matrices(*t), zero, 32).div(255).clamp(0, 1)
+    if mode == "transform" or mode == "both-parallel":
+        assert torch.allclose(batch.transform_clips[:, :, 0], warped, atol=1e-6)
+    if mode == "order" or mode == "both-parallel":
+        assert all(_shuffled_by_target(batch.order_clips[:, :, 0], plain, batch.targets["order"]))
+    if mode == "both-sequential":  # one clip, transformed and shuffled
+        assert all(_shuffled_by_target(batch.order_clips[:, :, 0], warped, batch.targets["order"]))
+
+
+def test_about_half_the_shuffles_are_reversed():
+    """A permutation and its reverse are one class: the maker shows either, about equally often (a maker that
+    never reversed would teach the head half of each class, and a sweep played backwards would be a new class)."""
+    levels = torch.tensor([20, 80, 140, 200], dtype=torch.uint8)
+    clips = levels[None, :, None, None].expand(512, 4, 48, 48).contiguous()
+    batch = _plain("order")(clips, torch.Generator().manual_seed(1))
+    shown = (batch.order_clips[:, :, 0, 16, 16] * 255).argsort(dim=1).argsort(dim=1)
+    perms = permutation_set(4)
+    reversed_ = [tuple(s) != tuple(perms[c]) for s, c in zip(shown.tolist(), batch.targets["order"].tolist())]
+    assert 0.4 < sum(reversed_) / len(reversed_) < 0.6
 
 
 def test_a_clip_warps_its_frames_together_exactly_as_each_alone():

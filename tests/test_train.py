@@ -40,19 +40,16 @@ def test_pretrain_writes_encoder_metrics_and_resumes(tiny_clips, tiny_params, tm
     assert set(m["val"]) >= {"order_acc", "rotation_acc", "scale_acc", "shear_acc"}
     assert m["chance"]["order_acc"] == round(1 / 12, 4)
     enc, ckpt = load_encoder(tmp_path / "pt")
-    assert ckpt["pretext"]["permutations"] == [list(x) for x in ckpt["pretext"]["permutations"]]
+    # the classes it trained with, in their order, travel with the encoder (a later change of the set's
+    # construction cannot silently relabel them)
+    from sonossl.pretext.permutations import permutation_set
+
+    assert ckpt["pretext"]["permutations"] == permutation_set(p.k, p.n_permutations, p.seed).tolist()
     assert len(ckpt["pretext"]["permutations"]) == 12 and ckpt["data_version"] == m["data_version"]
     live = json.loads((tmp_path / "pt/live/metrics.json").read_text())
     assert "val" in live and "train" in live
-
-    # more epochs with --resume continues after the last finished one
-    longer = dataclasses.replace(p, epochs=p.epochs + 1)
     hist = load_checkpoint(tmp_path / "pt/checkpoints/last.pt")["history"]
     assert len(hist) == p.epochs
-    pretrain(tiny_clips, tmp_path / "pt", longer, mode="both-parallel", resume=True, progress=False)
-    # other parameters changed too: a resume would be wrong, so it starts over
-    ck = load_checkpoint(tmp_path / "pt/checkpoints/last.pt")
-    assert ck["epoch"] == longer.epochs
 
 
 def test_resume_continues_only_the_same_run(tiny_clips, tiny_params, tmp_path, caplog):
@@ -255,6 +252,28 @@ def test_pretext_batches_are_whole_on_every_rank_when_the_clips_are_few(tiny_cli
     for rank in (0, 1):
         batches = list(task.batches(0, rank, 2, torch.device("cpu")))
         assert len(batches) == task.steps_per_epoch(2) and all(len(b) == 16 for b in batches)
+
+
+def test_ranks_train_on_different_clips(tiny_clips, tiny_params, monkeypatch):
+    """Under DDP each rank takes its own share of the epoch's clips: within one pass over them no clip goes to
+    two ranks (every rank on rank 0's clips would be one process's training, run twice)."""
+    from sonossl.data.clips import load_clip_dataset
+    from sonossl.train.pretrain import PretextTask, frames_tensor
+
+    data = load_clip_dataset(tiny_clips)
+    split = data.index.split.to_numpy()
+    params = dataclasses.replace(tiny_params.pretrain, clips_per_epoch=None, batch_size=4)
+    task = PretextTask(frames_tensor(data), data.index.video_idx.to_numpy(), split == "train", split == "val", params,
+                       "both-sequential")
+    assert task.steps_per_epoch(2) * 2 * 4 <= len(task.train_starts)  # one pass holds every rank's batches
+    seen, rows = {}, task.rows
+    for rank in (0, 1):
+        drawn = []
+        monkeypatch.setattr(task, "rows", lambda starts, drawn=drawn: drawn.extend(starts.tolist()) or rows(starts))
+        assert len(list(task.batches(0, rank, 2, torch.device("cpu")))) == task.steps_per_epoch(2)
+        seen[rank] = drawn
+    assert len(seen[0]) == len(seen[1]) == task.steps_per_epoch(2) * 4
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == len(seen[0])
 
 
 def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path, caplog):
