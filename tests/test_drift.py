@@ -266,7 +266,8 @@ def test_a_window_of_only_another_models_traffic_is_too_few_frames_whatever_its_
     rl = RequestLog(tmp_path / "log")
     rl.append([{**r, "model_version": "oldmodel"} for r in old.assign(ts=old.ts.astype(str)).to_dict("records")])
     rl.close()
-    with pytest.raises(TooFewFrames, match=r"0 usable frames of model \w+ .* \d+ rows of other model versions, none of this one"):
+    with pytest.raises(TooFewFrames, match=r"0 usable frames of model \w+ .* \d+ rows of other model versions, "
+                                           r"none of this one"):
         drift_report(drift_export, tmp_path / "log", tmp_path / "reports")
     assert main(["drift", "--model-dir", str(drift_export), "--log", str(tmp_path / "log"), "--out",
                  str(tmp_path / "reports")]) == 3

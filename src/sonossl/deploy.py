@@ -78,8 +78,9 @@ def _check_name(value: Any, field: str, pattern: re.Pattern[str], max_len: int, 
 
 def _check_model_uri(uri: Any) -> str:
     if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ValueError(f"{_field('model_uri')} {uri!r}: KServe fetches the model from S3 here; give the exported model folder "
-                         "as s3://BUCKET/PREFIX (upload it with `sonossl artifacts push models/export s3://...`)")
+        raise ValueError(f"{_field('model_uri')} {uri!r}: KServe fetches the model from S3 here; give the exported "
+                         "model folder as s3://BUCKET/PREFIX (upload it with `sonossl artifacts push models/export "
+                         "s3://...`)")
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not _BUCKET.fullmatch(bucket):
         raise ValueError(f"{_field('model_uri')} {uri!r}: {bucket!r} is not a valid S3 bucket name")
