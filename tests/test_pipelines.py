@@ -662,6 +662,7 @@ def test_run_local_on_real_videos_without_gaze_maps_trains_plane_models_only(poc
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")  # kfp.local on the image tag
+@pytest.mark.filterwarnings("ignore:Task .* have no effect in the current local runner:UserWarning")  # requests
 def test_the_monitoring_pipeline_reports_drift_of_a_real_request_log(drift_export, tmp_path, monkeypatch):
     """A real server logs the tiny sweeps it serves; the monitoring pipeline (kfp.local) reports on that log."""
     from kfp import local
