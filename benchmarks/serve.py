@@ -82,6 +82,7 @@ def _start(model_dir: Path, port: int, log_dir: Path | None):
         raise
     finally:
         log.close()
+        Path(log.name).unlink()  # the running server keeps writing to its open file, which goes with it
     return server
 
 

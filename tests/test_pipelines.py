@@ -393,6 +393,13 @@ def test_submit_checks_parameters_before_any_network_call():
     assert proc.returncode == 2 and "no parameter 'epochs'" in proc.stderr and "pretrain_epochs" in proc.stderr
     proc = _run(*SONOSSL, "pipeline", "submit", "--host", "http://127.0.0.1:1", "--param", "pretrain_epochs=many")
     assert proc.returncode == 2 and "pretrain_epochs=many: expected int" in proc.stderr
+    # a folder of this machine, which the cluster's pods cannot read: refused before anything is sent
+    for args, key in [(["--param", "dataset=data/raw/sim"], "dataset='data/raw/sim'"),
+                      (["--pipeline", "monitoring", "--param", "request_log=logs/requests"],
+                       "request_log='logs/requests'")]:
+        proc = _run(*SONOSSL, "pipeline", "submit", "--host", f"http://127.0.0.1:{_closed_port()}", *args)
+        assert proc.returncode == 2 and f"pipeline parameter {key}: a cluster run reads s3:// or dvc://" \
+            in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ steps, datasets

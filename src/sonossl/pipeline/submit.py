@@ -62,6 +62,23 @@ def check_host(host: str, token: str | None = None, timeout: float = 10.0) -> No
                           "(usually https://<kubeflow host>/pipeline)?") from None
 
 
+REMOTE_LOCATIONS = ("dataset", "test_dataset", "request_log")  # read by the cluster's pods, not by this machine
+
+
+def _check_remote(arguments: dict[str, Any]) -> None:
+    """A cluster's pods cannot read a folder of this machine: the locations they read must be ``s3://`` or
+    ``dvc://`` (``sonossl.pipeline.dataset``); a local path fails here, before anything is sent."""
+    from sonossl.config import ParamsError
+    from sonossl.pipeline.dataset import DVC_SCHEME
+
+    for key in REMOTE_LOCATIONS:
+        value = arguments.get(key)
+        if isinstance(value, str) and value and not value.startswith(("s3://", DVC_SCHEME)):
+            raise ParamsError(f"pipeline parameter {key}={value!r}: a cluster run reads s3:// or {DVC_SCHEME} "
+                              "locations, not a folder of this machine; push it first (`sonossl artifacts push "
+                              f"{value} s3://BUCKET/PREFIX`) or run it here with `sonossl pipeline run-local`")
+
+
 def submit(host: str, pipeline: str = "training", params: dict[str, str] | None = None, *,
            namespace: str | None = None, experiment: str = "sonossl", token: str | None = None,
            run_name: str | None = None, schedule: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
@@ -77,6 +94,7 @@ def submit(host: str, pipeline: str = "training", params: dict[str, str] | None 
     from sonossl.pipeline.spec import compile_pipeline, typed_parameters
 
     arguments = typed_parameters(pipeline, params or {})  # bad names and values fail before any network call
+    _check_remote(arguments)
     cron = _cron(schedule) if schedule else None
     check_host(host, token, timeout)
     try:
