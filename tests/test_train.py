@@ -32,7 +32,7 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_pretrain_writes_encoder_metrics_and_resumes(tiny_clips, tiny_params, tmp_path):
+def test_pretrain_writes_encoder_metrics_and_the_permutation_set_it_trained_with(tiny_clips, tiny_params, tmp_path):
     from sonossl.train.pretrain import load_encoder, pretrain
 
     p = tiny_params.pretrain
@@ -333,7 +333,8 @@ def test_finetune_evaluate_export_on_tiny(tiny_clips, tiny_params, tmp_path, cap
     assert out["saliency"].shape[1] == int(side) and np.allclose(out["saliency"].sum((1, 2)), 1, atol=1e-4)
     ref = np.load(tmp_path / "export/reference/embeddings.npy")
     assert ref.shape[1] == out["embedding_reduced"].shape[1]
-    # the bundle records its format (test_pool_stages_... checks that it predicts what the finetune run measured)
+    # the bundle records its format (test_pool_stages_reaches_the_probe_the_fine_tune_and_the_served_model checks
+    # that it predicts what the finetune run measured)
     assert torch.load(tmp_path / "export/model.pt", weights_only=True)["bundle_format"] == 1
 
     # a finetune output of another clip dataset (a folder left from before a re-preprocess) is refused, naming it:
