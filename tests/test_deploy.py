@@ -313,3 +313,19 @@ def test_the_model_version_changes_with_the_export_parameters(tiny_export, tiny_
     fewer = dataclasses.replace(tiny_params, export=dataclasses.replace(tiny_params.export, embedding_dims=2))
     other = export(tiny_clips, finetune_dir, tmp_path / "other", fewer, progress=False)
     assert same["model_version"] == card["model_version"] != other["model_version"]
+
+
+def test_the_pipeline_s_deploy_step_names_its_own_parameters_in_a_bad_argument(tiny_export):
+    """sonossl deploy's checks name its options; from the pipeline's deploy step the message also says which
+    pipeline parameters those are."""
+    from sonossl.pipeline.steps import deploy_step
+
+    common = dict(model_dir=tiny_export, namespace="sonossl", image=ARGS["image"], canary_percent=0,
+                  service_account="sonossl-s3", runtime="sonossl", gpu=False, dry_run=True)
+    with pytest.raises(ValueError, match=r"deploy step \(pipeline parameters service_name='Bad_Name', .*\): "
+                                         r"name \(--name\) 'Bad_Name' is not a valid InferenceService name"):
+        deploy_step(model_store="s3://models/sonossl", name="Bad_Name", **common)
+    with pytest.raises(ValueError, match=r"model_store='s3://Bad_Bucket/m'.*'Bad_Bucket' is not a valid S3 bucket"):
+        deploy_step(model_store="s3://Bad_Bucket/m", name="sonossl", **common)
+    isvc = json.loads(deploy_step(model_store="s3://models/sonossl", name="sonossl", **common))
+    assert isvc["spec"]["predictor"]["model"]["image"] == ARGS["image"]  # the pipeline's image: served = trained

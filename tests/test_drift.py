@@ -139,6 +139,7 @@ def test_drift_reports_to_s3(served, drift_export, s3_server, tmp_path):
     with pytest.raises(StorageError, match="drift/index.json: object has no sha256 metadata"):
         drift_report(drift_export, log, prefix, since=since, until=until, window="bright-again")
     assert s3_server.objects()["drift/index.json"] == body
+    assert not [k for k in s3_server.objects() if k.startswith("drift/bright-again/")]  # nothing of it written
 
 
 def test_thresholds_are_learnt_from_windows_of_held_out_videos_only():
@@ -244,7 +245,7 @@ def test_drift_parameters_out_of_range_fail_naming_the_option(drift_export, tmp_
 
     for bad, match in [({"drift_share": 0.0}, r"drift_share \(--drift-share\) = 0.0, must be in \(0, 1\]"),
                        ({"margin": -1.0}, "margin"), ({"quantile": 1.0}, "quantile"), ({"min_frames": 0}, "min_frames"),
-                       ({"max_frames": 10}, r"max_frames .* must be >= min_frames \(30\)")]:
+                       ({"max_frames": 10}, r"max_frames .* must be >= min_frames \(--min-frames\) = 30: raise the one")]:
         with pytest.raises(ValueError, match=match):
             DriftParams(**bad)
     code = main(["drift", "--model-dir", str(drift_export), "--log", str(tmp_path), "--out", str(tmp_path / "r"),
@@ -287,7 +288,7 @@ def test_a_damaged_index_stops_the_report_before_it_writes_anything(served, drif
     log, windows = served
     since, until, _ = windows["heldout"]
     (tmp_path / "reports").mkdir()
-    for body in ("", '{"window": "a"}'):
+    for body in ("", '{"window": "a"}', '[{"window": "a"}]'):  # unreadable, not a list, rows lacking fields
         (tmp_path / "reports/index.json").write_text(body)
         with pytest.raises(ValueError, match=r"reports/index.json: not a (readable )?drift report index"):
             drift_report(drift_export, log, tmp_path / "reports", since=since, until=until, window="w")
@@ -304,3 +305,28 @@ def test_frame_sizes_seen_in_training_are_every_training_videos(drift_export):
     train = set(clips.index.video_idx[clips.index.split == "train"])
     expected = {f"{v['width']}x{v['height']}" for v in clips.meta["videos"] if v["video_idx"] in train}
     assert card["reference"]["frame_sizes"] == sorted(expected) and expected
+
+
+def test_a_frame_size_of_any_training_video_counts_as_seen(served, drift_export, tmp_path):
+    """The sizes the card lists are the training videos' (not only the sampled reference frames'): a window at a
+    size the card lists is not "unseen", the same window against a card without it is."""
+    import shutil
+
+    from sonossl.monitor.drift import drift_report
+    from sonossl.monitor.request_log import RequestLog, read_request_log
+
+    log, windows = served
+    since, until, _ = windows["heldout"]
+    rows = read_request_log(log, since, until).assign(height=999, width=777)  # a size no reference frame has
+    rl = RequestLog(tmp_path / "log")
+    rl.append(rows.assign(ts=rows.ts.astype(str)).to_dict("records"))
+    rl.close()
+    unseen = drift_report(drift_export, tmp_path / "log", tmp_path / "r1").summary["frame_size"]
+    assert unseen["unseen_share"] == 1.0 and unseen["drift"]
+    listed = tmp_path / "export"
+    shutil.copytree(drift_export, listed)
+    card = json.loads((listed / "model_card.json").read_text())
+    card["reference"]["frame_sizes"].append("777x999")
+    (listed / "model_card.json").write_text(json.dumps(card))
+    seen = drift_report(listed, tmp_path / "log", tmp_path / "r2").summary["frame_size"]
+    assert seen["unseen_share"] == 0.0 and not seen["drift"] and "777x999" in seen["reference"]

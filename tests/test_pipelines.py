@@ -394,11 +394,16 @@ def test_submit_checks_parameters_before_any_network_call():
     proc = _run(*SONOSSL, "pipeline", "submit", "--host", "http://127.0.0.1:1", "--param", "pretrain_epochs=many")
     assert proc.returncode == 2 and "pretrain_epochs=many: expected int" in proc.stderr
     # a folder of this machine, which the cluster's pods cannot read: refused before anything is sent
-    for args, key in [(["--param", "dataset=data/raw/sim"], "dataset='data/raw/sim'"),
-                      (["--pipeline", "monitoring", "--param", "request_log=logs/requests"],
-                       "request_log='logs/requests'")]:
+    for args, key, forms in [
+            (["--param", "dataset=data/raw/sim"], "dataset='data/raw/sim'", "s3:// or dvc://"),
+            (["--param", "dataset=s3://d/raw", "--param", "checkpoint_store=ckpt"], "checkpoint_store='ckpt'",
+             "s3://"),
+            (["--pipeline", "monitoring", "--param", "request_log=logs/requests"], "request_log='logs/requests'",
+             "s3://"),
+            (["--pipeline", "monitoring", "--param", "request_log=s3://l/r", "--param", "reports=reports/drift"],
+             "reports='reports/drift'", "s3://")]:
         proc = _run(*SONOSSL, "pipeline", "submit", "--host", f"http://127.0.0.1:{_closed_port()}", *args)
-        assert proc.returncode == 2 and f"pipeline parameter {key}: a cluster run reads s3:// or dvc://" \
+        assert proc.returncode == 2 and f"pipeline parameter {key}: a cluster run reaches {forms} locations" \
             in proc.stderr, proc.stderr
 
 
@@ -755,9 +760,9 @@ def test_run_local_crossval_checks_the_listing_before_kfp_starts(tmp_path):
     # a local folder that does not exist (a typo) fails at once too, for either pipeline, naming it
     for pipeline in ("crossval", "training"):
         proc = _run(*SONOSSL, "pipeline", "run-local", "--pipeline", pipeline, "--dataset", str(tmp_path / "nodata"),
-                    "--out", str(tmp_path / "out"))
+                    "--out", str(tmp_path / "typo"))
         assert proc.returncode == 2 and f"dataset '{tmp_path / 'nodata'}': no such folder" in proc.stderr, proc.stderr
-        assert not (tmp_path / "out/kfp").exists()
+        assert not (tmp_path / "typo").exists()  # nothing made, nothing simulated
 
 
 def test_crossval_step_checks_its_overrides():

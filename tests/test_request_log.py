@@ -278,3 +278,25 @@ def test_rows_that_cannot_be_written_at_shutdown_are_retried_then_counted_as_los
     log.close()
     assert len(attempts) == 2 and log.written_rows == 5 and log.dropped_rows == 0
     assert len(read_request_log(tmp_path / "back")) == 5
+
+
+def test_a_shutdown_whose_last_write_outlasts_close_counts_the_rows_once(tmp_path, monkeypatch, caplog):
+    """One failed S3 write can take longer than close()'s wait: close() then counts what is unwritten as dropped and
+    says so, and the writer, finishing later, does not count the same rows again."""
+    import logging
+
+    import sonossl.atomic
+
+    def slow_failure(path, data):
+        time.sleep(0.5)
+        raise OSError("storage down")
+
+    monkeypatch.setattr(sonossl.atomic, "atomic_write_bytes", slow_failure)
+    monkeypatch.setattr(request_log, "CLOSE_RETRY_S", (0.01, 0.01))
+    log = RequestLog(tmp_path / "slow", flush_seconds=60)
+    log.append(_rows(7, "a"))
+    with caplog.at_level(logging.ERROR, logger="sonossl.monitor.request_log"):
+        log.close(timeout=0.2)
+    assert log.dropped_rows == 7 and "still writing when close() gave up after 0.2 s; 7 rows" in caplog.text
+    log._thread.join(timeout=5)  # the writer's own last try fails later, and stops: no time left for another
+    assert not log._thread.is_alive() and log.dropped_rows == 7 and log.written_rows == 0

@@ -252,6 +252,10 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
     from sonossl.deploy import deploy
 
+    if args.gpu and not args.image:
+        logging.getLogger("sonossl.deploy").warning(
+            "--gpu without --image: the pods run the image of ServingRuntime %s; on GPU nodes that must be the "
+            "CUDA image (the gpu overlay's runtime), or they serve on the CPU", args.runtime)
     isvc = deploy(args.model_uri, name=args.name, namespace=args.namespace, image=args.image,
                   canary_percent=args.canary_percent, service_account=args.service_account, runtime=args.runtime,
                   gpu=args.gpu, dry_run=args.dry_run, model_card=args.model_card)

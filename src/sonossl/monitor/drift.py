@@ -71,7 +71,8 @@ class DriftParams:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             rules = {"margin": "> 0", "quantile": "in (0, 1)", "null_draws": ">= 1", "drift_share": "in (0, 1]",
-                     "min_frames": ">= 1", "max_frames": f">= min_frames ({self.min_frames})"}
+                     "min_frames": ">= 1",
+                     "max_frames": f">= min_frames (--min-frames) = {self.min_frames}: raise the one or lower the other"}
             raise ValueError("drift parameters out of range: " + "; ".join(
                 f"{name} (--{name.replace('_', '-')}) = {getattr(self, name)!r}, must be {rules[name]}"
                 for name in bad))
@@ -207,6 +208,9 @@ def _index_html(entries: list[dict[str, Any]]) -> str:
             f"<th>drifted</th><th>model version</th></tr>\n{rows}\n</table>\n")
 
 
+INDEX_KEYS = ("window", "from", "to", "frames", "drift_detected", "drifted", "model_version")  # one index row
+
+
 def _index_entries(data: bytes, where: str | Path) -> list[dict[str, Any]]:
     """The rows of an existing ``index.json``, checked: a damaged index fails naming itself, before anything of
     the new report is written."""
@@ -215,9 +219,9 @@ def _index_entries(data: bytes, where: str | Path) -> list[dict[str, Any]]:
     except ValueError as e:
         raise ValueError(f"{where}: not a readable drift report index ({e}); move it aside (the reports' "
                          "folders keep their summary.json) and run again") from None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "window" in e for e in entries):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and set(INDEX_KEYS) <= set(e) for e in entries):
         raise ValueError(f"{where}: not a drift report index (expected a JSON list of windows, each with "
-                         "'window'); move it aside and run again")
+                         f"{list(INDEX_KEYS)}); move it aside and run again")
     return entries
 
 
@@ -230,31 +234,32 @@ def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) 
         snap.save_html(str(stage / "drift.html"))
         snap.save_json(str(stage / "drift.json"))
         (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        entry = {k: summary[k] for k in ("window", "from", "to", "frames", "drift_detected", "drifted",
-                                         "model_version")}
+        # the index is read, checked and rendered first: a report whose index cannot be read writes nothing
         if is_s3(out):
             from sonossl.storage import StorageNotFound, get_bytes, put_bytes, upload
 
             prefix = str(out).rstrip("/")
-            try:  # read first: a report whose index cannot be read writes nothing
+            try:
                 entries = _index_entries(get_bytes(f"{prefix}/index.json"), f"{prefix}/index.json")
             except StorageNotFound:  # the first report; any other failure must not wipe the index
                 entries = []
+        else:
+            out = Path(out)
+            index = out / "index.json"
+            entries = _index_entries(index.read_bytes(), index) if index.is_file() else []
+        entries = [e for e in entries if e["window"] != window] + [{k: summary[k] for k in INDEX_KEYS}]
+        index_json, page = json.dumps(entries, indent=2) + "\n", _index_html(entries)
+        if is_s3(out):
             upload(stage, f"{prefix}/{window}/")
-            entries = [e for e in entries if e["window"] != window] + [entry]
-            put_bytes((json.dumps(entries, indent=2) + "\n").encode(), f"{prefix}/index.json")
-            put_bytes(_index_html(entries).encode(), f"{prefix}/index.html")
+            put_bytes(index_json.encode(), f"{prefix}/index.json")
+            put_bytes(page.encode(), f"{prefix}/index.html")
             return f"{prefix}/{window}/drift.html", f"{prefix}/{window}/drift.json"
-        out = Path(out)
-        index = out / "index.json"
-        entries = _index_entries(index.read_bytes(), index) if index.is_file() else []
         target = out / window
         target.mkdir(parents=True, exist_ok=True)
         for name in ("drift.html", "drift.json", "summary.json"):
             atomic_write_text(target / name, (stage / name).read_text())
-        entries = [e for e in entries if e["window"] != window] + [entry]
-        atomic_write_text(index, json.dumps(entries, indent=2) + "\n")
-        atomic_write_text(out / "index.html", _index_html(entries))
+        atomic_write_text(index, index_json)
+        atomic_write_text(out / "index.html", page)
         return str(target / "drift.html"), str(target / "drift.json")
 
 

@@ -15,7 +15,8 @@ written whole, atomically on a local disk and as one object on S3 (``s3://bucket
 frames). Both the rows not yet written (``MAX_PENDING``) and the rows queued but not yet taken by the writer
 (``MAX_QUEUED``) are bounded, the oldest pending rows and the newest requests dropped and counted (``dropped_rows``)
 beyond them, so a storage outage costs log rows, never memory or requests. ``close`` (SIGTERM's shutdown) tries the
-last rows again a few times (``CLOSE_RETRY_S``); rows still unwritten are counted as dropped and logged as an error.
+last rows again a few times (``CLOSE_RETRY_S``) within ``CLOSE_TIMEOUT_S``; rows still unwritten are counted as
+dropped and logged as an error.
 
     log = RequestLog("logs/requests")            # or "s3://bucket/sonossl/requests"
     log.append(rows); log.flush(); log.close()
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 100_000  # rows held while storage is unreachable; older rows are dropped beyond this
 MAX_QUEUED = 20_000  # rows of requests queued and not yet taken by the writer (each holds its frames until built)
 MAX_BACKOFF_S = 300.0  # longest wait between two attempts to write while storage fails
-CLOSE_RETRY_S = (1.0, 2.0, 4.0)  # pauses between the last tries at shutdown (within close()'s 30 s join)
+CLOSE_RETRY_S = (1.0, 2.0, 4.0)  # pauses between the last tries at shutdown, while close()'s time lasts
+CLOSE_TIMEOUT_S = 30.0  # how long close() waits for the last write (a pod's grace period is 30 s by default)
 
 
 def is_s3(uri: str | Path) -> bool:
@@ -77,6 +79,8 @@ class RequestLog:
         self._deferred_rows = 0
         self._parts = 0
         self._s3 = None
+        self._close_by = float("inf")  # close() sets when the last write must be done
+        self._given_up = False  # close() stopped waiting for the writer
         self.written_rows = 0
         self.dropped_rows = 0
         if not is_s3(self.uri):
@@ -112,10 +116,22 @@ class RequestLog:
         if not done.wait(timeout):
             raise TimeoutError(f"request log {self.uri}: not flushed within {timeout} s")
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Write what is queued and stop the writer, within ``timeout`` seconds. Rows still unwritten then (storage
+        slow or down: one failed S3 write can outlast it) are counted as dropped and logged as an error, as the
+        process is about to exit with them."""
+        if not self._thread.is_alive():
+            return
+        self._close_by = time.monotonic() + timeout
+        self._queue.put(None)
+        self._thread.join(timeout=timeout)
         if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout=30)
+            with self._count_lock:
+                unwritten = len(self._pending) + self._deferred_rows + self._queued_rows
+                self._given_up = True  # the writer, if it ever finishes, does not count them again
+            self._drop(unwritten, "storage too slow at shutdown: the last")
+            log.error("request log %s: still writing when close() gave up after %g s; %d rows not written are lost "
+                      "when the process exits (%d dropped in all)", self.uri, timeout, unwritten, self.dropped_rows)
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.flush_seconds
@@ -150,10 +166,14 @@ class RequestLog:
         for pause in (*CLOSE_RETRY_S, None):
             if self._write():
                 return
-            if pause is not None:
-                time.sleep(pause)
+            if pause is None or time.monotonic() + pause >= self._close_by:
+                break  # no time left for another try
+            time.sleep(pause)
         lost = len(self._pending)
         self._pending = []
+        with self._count_lock:
+            if self._given_up:  # close() stopped waiting and counted them already
+                return
         self._drop(lost, "storage unavailable at shutdown: the last")
         log.error("request log %s: %d rows could not be written before shutdown and are lost (%d dropped in all)",
                   self.uri, lost, self.dropped_rows)

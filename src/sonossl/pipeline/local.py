@@ -157,15 +157,15 @@ def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = 
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
     params = load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
-    out_dir.mkdir(parents=True, exist_ok=True)
     arguments = {"deploy_dry_run": True, **(arguments or {})}
+    _check_local(dataset, "dataset")  # before anything is made: a typo costs nothing
+    _check_local(arguments.get("test_dataset"), "test_dataset")
+    out_dir.mkdir(parents=True, exist_ok=True)
     if dataset is None:
         dataset = str(_simulated_dataset(out_dir / "raw", params.simulate))
         if params.simulate_test is not None and "test_dataset" not in arguments:  # as dvc repro: sim and sim_test
             arguments["test_dataset"] = str(_simulated_dataset(out_dir / "raw_test", params.simulate_test))
     tasks = check_tasks(arguments.get("tasks", DOWNSTREAM_TASKS))
-    _check_local(dataset, "dataset")
-    _check_local(arguments.get("test_dataset"), "test_dataset")
     for location in (dataset, arguments.get("test_dataset")):
         if location and Path(location).is_dir():  # a folder here: saliency without gaze maps fails now, not in a task
             check_gaze_maps(Path(location), location, tasks)

@@ -402,7 +402,7 @@ def deploy_step(model_dir: str | Path, model_store: str, name: str, namespace: s
     """Upload the export folder to ``<model_store>/<model version>`` and roll it out as a KServe InferenceService
     (``sonossl.deploy.deploy``); on ``dry_run`` nothing leaves this machine: the InferenceService that would be
     applied is only rendered. Returns it as JSON."""
-    from sonossl.deploy import deploy, load_model_card
+    from sonossl.deploy import DeployError, deploy, load_model_card
 
     _logging()
     if not model_store.startswith("s3://"):
@@ -419,8 +419,14 @@ def deploy_step(model_dir: str | Path, model_store: str, name: str, namespace: s
 
         keys = storage.upload(model_dir, model_uri)
         log.info("uploaded %d file(s) to %s", len(keys), model_uri)
-    isvc = deploy(model_uri, name=name, namespace=namespace, image=image, canary_percent=canary_percent or None,
-                  service_account=service_account, runtime=runtime, gpu=gpu, dry_run=dry_run, model_card=card)
+    try:
+        isvc = deploy(model_uri, name=name, namespace=namespace, image=image, canary_percent=canary_percent or None,
+                      service_account=service_account, runtime=runtime, gpu=gpu, dry_run=dry_run, model_card=card)
+    except DeployError:
+        raise
+    except ValueError as e:  # deploy's checks name sonossl deploy's options; say which pipeline parameters they are
+        raise ValueError(f"deploy step (pipeline parameters service_name={name!r}, namespace={namespace!r}, "
+                         f"model_store={model_store!r}, the image {image!r}): {e}") from None
     return json.dumps(isvc, indent=2, sort_keys=True, default=str)
 
 

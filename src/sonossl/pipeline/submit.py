@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sonossl.pipeline.dataset import DVC_SCHEME
+
 HEALTHZ = "/apis/v2beta1/healthz"
 
 
@@ -62,21 +64,26 @@ def check_host(host: str, token: str | None = None, timeout: float = 10.0) -> No
                           "(usually https://<kubeflow host>/pipeline)?") from None
 
 
-REMOTE_LOCATIONS = ("dataset", "test_dataset", "request_log")  # read by the cluster's pods, not by this machine
+# Locations the cluster's pods read or write, and the forms they can reach there: the raw datasets also from a DVC
+# revision (``sonossl.pipeline.dataset``), the rest from S3 only. Empty, where a parameter allows it, means none.
+REMOTE_LOCATIONS = {"dataset": ("s3://", DVC_SCHEME), "test_dataset": ("s3://", DVC_SCHEME), "request_log": ("s3://",),
+                    "reports": ("s3://",), "model_uri": ("s3://",), "model_store": ("s3://",),
+                    "checkpoint_store": ("s3://",)}
 
 
 def _check_remote(arguments: dict[str, Any]) -> None:
-    """A cluster's pods cannot read a folder of this machine: the locations they read must be ``s3://`` or
-    ``dvc://`` (``sonossl.pipeline.dataset``); a local path fails here, before anything is sent."""
+    """A cluster's pods cannot read or write a folder of this machine (what a pod writes to its own disk is lost
+    with it): each location in ``REMOTE_LOCATIONS`` must have one of its forms; anything else fails here, before
+    anything is sent."""
     from sonossl.config import ParamsError
-    from sonossl.pipeline.dataset import DVC_SCHEME
 
-    for key in REMOTE_LOCATIONS:
+    for key, forms in REMOTE_LOCATIONS.items():
         value = arguments.get(key)
-        if isinstance(value, str) and value and not value.startswith(("s3://", DVC_SCHEME)):
-            raise ParamsError(f"pipeline parameter {key}={value!r}: a cluster run reads s3:// or {DVC_SCHEME} "
-                              "locations, not a folder of this machine; push it first (`sonossl artifacts push "
-                              f"{value} s3://BUCKET/PREFIX`) or run it here with `sonossl pipeline run-local`")
+        if isinstance(value, str) and value and not value.startswith(forms):
+            raise ParamsError(f"pipeline parameter {key}={value!r}: a cluster run reaches {' or '.join(forms)} "
+                              "locations, not a folder of this machine; push a local folder first (`sonossl "
+                              f"artifacts push {value} s3://BUCKET/PREFIX`), or run here with `sonossl pipeline "
+                              "run-local`")
 
 
 def submit(host: str, pipeline: str = "training", params: dict[str, str] | None = None, *,
