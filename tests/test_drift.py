@@ -245,7 +245,8 @@ def test_drift_parameters_out_of_range_fail_naming_the_option(drift_export, tmp_
 
     for bad, match in [({"drift_share": 0.0}, r"drift_share \(--drift-share\) = 0.0, must be in \(0, 1\]"),
                        ({"margin": -1.0}, "margin"), ({"quantile": 1.0}, "quantile"), ({"min_frames": 0}, "min_frames"),
-                       ({"max_frames": 10}, r"max_frames .* must be >= min_frames \(--min-frames\) = 30: raise the one")]:
+                       ({"max_frames": 10},
+                        r"max_frames .* must be >= min_frames \(--min-frames\) = 30: raise the one")]:
         with pytest.raises(ValueError, match=match):
             DriftParams(**bad)
     code = main(["drift", "--model-dir", str(drift_export), "--log", str(tmp_path), "--out", str(tmp_path / "r"),

@@ -72,7 +72,8 @@ class DriftParams:
         if bad:
             rules = {"margin": "> 0", "quantile": "in (0, 1)", "null_draws": ">= 1", "drift_share": "in (0, 1]",
                      "min_frames": ">= 1",
-                     "max_frames": f">= min_frames (--min-frames) = {self.min_frames}: raise the one or lower the other"}
+                     "max_frames": f">= min_frames (--min-frames) = {self.min_frames}: raise the one or lower "
+                                   "the other"}
             raise ValueError("drift parameters out of range: " + "; ".join(
                 f"{name} (--{name.replace('_', '-')}) = {getattr(self, name)!r}, must be {rules[name]}"
                 for name in bad))
