@@ -529,3 +529,50 @@ def test_train_throughput_records_the_ratio_of_the_medians_of_alternating_runs(t
     assert rec["ratio"] == pytest.approx(loop / model, abs=2e-3) and rec["batch_size"] == 16
     assert rec["machine"] and rec["device"].startswith("cpu")
     assert proc.stdout.count("repeat ") == 3  # progress, one line per repeat
+
+
+def test_preprocess_benchmark_records_the_ratio_of_medians_against_decode_only(pocus_subset, tmp_path, monkeypatch,
+                                                                              capsys):
+    """benchmarks/preprocess.py on 12 real videos: decode-only and the whole preprocess alternate, the record's
+    ratio is the ratio of their medians over the listed runs, and it names the machine; a folder without
+    labels.csv is refused by name."""
+    import statistics
+
+    monkeypatch.syspath_prepend(str(LABEL_SEEDS.parent))
+    bench = importlib.import_module("preprocess")
+    out = tmp_path / "pre.json"
+    assert bench.main(["--data", str(pocus_subset), "--size", "32", "--repeats", "3", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["videos"] == 12 and rec["repeats"] == 3 and rec["params"]["frame_size"] == 32
+    dec = statistics.median(r["fps"] for r in rec["runs"]["decode_only"])
+    pre = statistics.median(r["fps"] for r in rec["runs"]["preprocess"])
+    assert rec["ratio"] == pytest.approx(pre / dec, abs=1e-3) and rec["machine"]["processor"]
+    assert all(r["frames"] == rec["runs"]["decode_only"][0]["frames"] for r in rec["runs"]["decode_only"])
+    assert capsys.readouterr().err.count("repeat ") == 3  # progress, one line per repeat
+    assert bench.main(["--data", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert f"{tmp_path}: no labels.csv" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_serve_benchmark_times_the_real_server_against_the_same_work_in_process(tiny_clips, tiny_export, tmp_path):
+    """benchmarks/serve.py on the tiny model: its ratios are of the numbers it records beside them (each server run
+    against the in-process calls interleaved with it), and too few requests are refused before a server starts."""
+    from conftest import free_port
+
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--model-dir", str(tiny_export), "--raw",
+           str(tiny_clips.parent / "raw"), "--port", str(free_port()), "--out", str(out)]
+    proc = subprocess.run([*cmd, "--requests", "20"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    logged, unlogged = r["server_with_request_log"]["concurrency_1"], r["server_without_request_log"]["concurrency_1"]
+    assert logged["requests"] == unlogged["requests"] == 20 and r["server_frames_as_json_numbers"][
+        "concurrency_1"]["requests"] == 10
+    assert r["ratio_p50_c1_vs_in_process"] == pytest.approx(
+        logged["p50_ms"] / r["in_process"]["preprocess_and_forward"]["p50_ms"], abs=2e-3)
+    assert r["ratio_p50_c1_log_on_vs_off"] == pytest.approx(
+        (logged["p50_ms"] / r["in_process"]["preprocess_and_forward"]["p50_ms"])
+        / (unlogged["p50_ms"] / r["in_process_p50_ms_beside_the_unlogged_server"]), abs=2e-3)
+    assert r["machine"] and r["clip"] == [4, *r["clip"][1:]]
+    out.unlink()
+    proc = subprocess.run([*cmd, "--requests", "5"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--requests: at least 20" in proc.stderr and not out.exists()
