@@ -51,7 +51,7 @@ from sonossl.machine import describe
 from sonossl.train.loop import fit, setup_distributed
 from sonossl.train.pretrain import PretextTask, loop_params
 
-from train_throughput import model_only  # benchmarks/ is on the path when run as a script
+from train_throughput import model_only, real_loop  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODE = "both-sequential"
@@ -161,15 +161,9 @@ def main() -> int:
 def throughput(task: PretextTask, steps: int, repeats: int, env, pre) -> dict:
     """``repeats`` times in turn: ``steps`` steps of the real loop, then as many of the model alone on one batch."""
     loops, models = [], []
-    task.clips_per_epoch = task.batch_size  # warm-up, untimed: one step of the loop (model_only warms up itself)
-    with tempfile.TemporaryDirectory(prefix="sonossl-gpu-check-") as tmp:
-        fit(task, tmp, dataclasses.replace(loop_params(pre), epochs=1), progress=False, live=False, dist_env=env)
-    task.clips_per_epoch = steps * task.batch_size
+    real_loop(task, pre, 1, env)  # warm-up, untimed: one step of the loop (model_only warms up itself)
     for r in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="sonossl-gpu-check-") as tmp:
-            run = fit(task, tmp, dataclasses.replace(loop_params(pre), epochs=1), progress=False, live=False,
-                      dist_env=env)
-        loops.append(run.samples_per_s)
+        loops.append(real_loop(task, pre, steps, env))
         models.append(model_only(task, steps, env.device, pre.amp))
         print(f"repeat {r + 1}: loop {loops[-1]:.1f} clips/s, model only {models[-1]:.1f} clips/s", flush=True)
     loop, model = statistics.median(loops), statistics.median(models)
