@@ -293,7 +293,7 @@ def test_a_damaged_index_stops_the_report_before_it_writes_anything(served, drif
         (tmp_path / "reports/index.json").write_text(body)
         with pytest.raises(ValueError, match=r"reports/index.json: not a (readable )?drift report index"):
             drift_report(drift_export, log, tmp_path / "reports", since=since, until=until, window="w")
-        assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["index.json"]
+        assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [".index.lock", "index.json"]
 
 
 def test_frame_sizes_seen_in_training_are_every_training_videos(drift_export):
@@ -331,3 +331,69 @@ def test_a_frame_size_of_any_training_video_counts_as_seen(served, drift_export,
     (listed / "model_card.json").write_text(json.dumps(card))
     seen = drift_report(listed, tmp_path / "log", tmp_path / "r2").summary["frame_size"]
     assert seen["unseen_share"] == 0.0 and not seen["drift"] and "777x999" in seen["reference"]
+
+
+def _row(window: str) -> dict:
+    return {"window": window, "from": f"2026-11-{window[-2:]}T00:00:00+00:00", "to": "-", "frames": 50,
+            "drift_detected": False, "drifted": [], "model_version": "abc"}
+
+
+def test_reports_written_at_once_each_keep_their_row_in_the_s3_index(s3_server):
+    """A backfill beside the daily CronJob: each report reads the index, adds its row and writes it back. The
+    index is replaced only over the version read, so a report that read before another wrote adds its row to the
+    other's instead of dropping it; and the page ends up listing what the index lists."""
+    import threading
+
+    from sonossl.monitor.drift import _s3_index, _s3_update_index
+
+    prefix = f"s3://{s3_server.bucket}/drift"
+    stale, etag = _s3_index(prefix)  # read before the report below wrote
+    assert (stale, etag) == ([], None)
+    _s3_update_index(prefix, "w01", _row("w01"), *_s3_index(prefix))
+    _s3_update_index(prefix, "w02", _row("w02"), stale, etag)
+    assert [e["window"] for e in json.loads(s3_server.objects()["drift/index.json"])] == ["w01", "w02"]
+
+    stale, etag = _s3_index(prefix)  # eight reports at once, each from the same read
+    threads = [threading.Thread(target=_s3_update_index, args=(prefix, f"w{i:02d}", _row(f"w{i:02d}"), stale, etag))
+               for i in range(3, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    index = json.loads(s3_server.objects()["drift/index.json"])
+    assert sorted(e["window"] for e in index) == [f"w{i:02d}" for i in range(1, 11)]
+    page = s3_server.objects()["drift/index.html"].decode()
+    assert all(f">w{i:02d}</a>" in page for i in range(1, 11))
+
+
+class _Snapshot:  # what _write_outputs asks of Evidently's snapshot: its two files
+    def save_html(self, path: str) -> None:
+        Path(path).write_text("<html></html>")
+
+    def save_json(self, path: str) -> None:
+        Path(path).write_text("{}")
+
+
+def test_a_local_index_is_updated_by_one_report_at_a_time(tmp_path):
+    """On disk the index is read, merged and written under an exclusive lock: a report waits while another holds it,
+    then adds its row to what that one wrote."""
+    import fcntl
+    import threading
+
+    from sonossl.monitor.drift import _write_outputs
+
+    out = tmp_path / "reports"
+    _write_outputs(out, "w01", _Snapshot(), _row("w01"))
+    with open(out / ".index.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another report is writing
+        waiting = threading.Thread(target=_write_outputs, args=(out, "w02", _Snapshot(), _row("w02")))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not (out / "w02").exists()
+        index = json.loads((out / "index.json").read_text())
+        index.append(_row("w03"))  # what that other report wrote meanwhile
+        (out / "index.json").write_text(json.dumps(index))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiting.join(10)
+    assert [e["window"] for e in json.loads((out / "index.json").read_text())] == ["w01", "w03", "w02"]
+    assert (out / "w02/summary.json").is_file() and ">w03</a>" in (out / "index.html").read_text()

@@ -118,6 +118,24 @@ def test_single_file_push_and_bytes_round_trip(s3_server, tmp_path):
         put_bytes(b"x", f"s3://{s3_server.bucket}/prefix/")
 
 
+def test_conditional_writes_refuse_a_stale_version(s3_server):
+    """``put_bytes_if`` writes only over the version read (or only where nothing is yet): the S3 server's
+    If-Match / If-None-Match, which the drift index relies on when reports run at once."""
+    from sonossl.storage import StorageConflict, get_bytes_etag, put_bytes_if
+
+    uri = f"s3://{s3_server.bucket}/reports/index.json"
+    first = put_bytes_if(b"[1]", uri, None)  # nothing there yet
+    with pytest.raises(StorageConflict, match="reports/index.json: the object changed meanwhile"):
+        put_bytes_if(b"[2]", uri, None)  # another writer created it first
+    data, etag = get_bytes_etag(uri)
+    assert (data, etag) == (b"[1]", first)
+    second = put_bytes_if(b"[1, 2]", uri, etag)
+    with pytest.raises(StorageConflict):
+        put_bytes_if(b"[1, 3]", uri, first)  # read before the write above: refused, nothing lost
+    assert get_bytes_etag(uri) == (b"[1, 2]", second)
+    assert isinstance(StorageConflict("x"), StorageError)  # callers that catch StorageError still do
+
+
 def test_corrupted_object_is_detected_and_nothing_is_written(s3_server, tmp_path):
     src = tmp_path / "src"
     files = _tree(src, big=6 * MiB)

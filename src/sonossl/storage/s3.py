@@ -55,6 +55,11 @@ class StorageError(ValueError):
     """A transfer that failed for a reason the user can act on (bad URI, missing object, checksum, endpoint, auth)."""
 
 
+class StorageConflict(StorageError):
+    """A conditional request lost: the object changed since it was read (``put_bytes_if``; a download's object
+    replaced mid-transfer)."""
+
+
 class StorageNotFound(StorageError):
     """The object (or bucket) does not exist: the one failure a caller may treat as "nothing there yet"."""
 
@@ -152,8 +157,8 @@ def _storage_error(e: BaseException, s3: Any, uri: str, action: str) -> StorageE
             return StorageError(f"cannot {action} {uri}: access denied by {endpoint} ({code}); check the "
                                 "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
                                 "bucket policy")
-        if code in ("PreconditionFailed", "412"):
-            return StorageError(f"cannot {action} {uri}: the object changed during the transfer; run it again")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return StorageConflict(f"cannot {action} {uri}: the object changed meanwhile; run it again")
         return StorageError(f"cannot {action} {uri}: {endpoint} answered {code or status}: "
                             f"{err.get('Message', '')}".rstrip(": "))
     if isinstance(e, EndpointConnectionError | ConnectionClosedError) or _is_connection_error(e):
@@ -412,6 +417,22 @@ def put_bytes(data: bytes, uri: str, *, client: Any = None) -> str:
     return key
 
 
+def put_bytes_if(data: bytes, uri: str, etag: str | None, *, client: Any = None) -> str:
+    """Write ``data`` to one object only if it is still the version read (``etag``, from ``get_bytes_etag``), or,
+    with ``etag=None``, only if there is none yet (S3's conditional writes, If-Match / If-None-Match); returns the
+    new ETag. Raises ``StorageConflict`` when another writer came first: read again, merge, try again. A server that
+    ignores the conditions (some S3-compatible ones) makes this a plain ``put_bytes``."""
+    s3 = client or _new_client()
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"not an object URI: {uri!r} (expected s3://bucket/key, not a prefix)")
+    condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+    digest = hashlib.sha256(data).hexdigest()
+    resp = _retrying(lambda: s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_KEY: digest},
+                                           **condition), s3, uri, "write")
+    return str(resp["ETag"])
+
+
 def _expected_sha256(head: dict[str, Any], uri: str) -> str:
     digest = head.get("Metadata", {}).get(SHA256_KEY)
     if not digest:
@@ -428,6 +449,11 @@ def _mismatch(uri: str, expected: str, got: str) -> StorageError:
 
 def get_bytes(uri: str, *, client: Any = None) -> bytes:
     """Read one object, verified against its sha256 metadata."""
+    return get_bytes_etag(uri, client=client)[0]
+
+
+def get_bytes_etag(uri: str, *, client: Any = None) -> tuple[bytes, str]:
+    """Read one object, verified against its sha256 metadata, and its ETag (for ``put_bytes_if``)."""
     s3 = client or _new_client()
     bucket, key = parse_s3_uri(uri)
 
@@ -440,7 +466,7 @@ def get_bytes(uri: str, *, client: Any = None) -> bytes:
     got = hashlib.sha256(data).hexdigest()
     if got != expected:
         raise _mismatch(uri, expected, got)
-    return data
+    return data, str(resp["ETag"])
 
 
 def list_uris(prefix_uri: str, *, client: Any = None, start_after: str = "") -> list[str]:
