@@ -69,6 +69,12 @@ def test_three_windows_no_drift_then_drift_then_drift(served, drift_export, tmp_
     assert {e["window"]: e["drift_detected"] for e in index} == {"heldout": False, "bright": True, "pocus": True}
     html = (tmp_path / "reports/index.html").read_text()
     assert all(f'href="{w}/drift.html"' in html for w in windows)
+    # the terminal's lines: each check's score against its threshold, the frame sizes' share too
+    from sonossl.monitor.drift import summary_text
+
+    fs = results["pocus"].summary["frame_size"]
+    assert f"  frame size   {fs['unseen_share']:8.3f}  threshold   0.500  (share of frames at a size the training " \
+           "data never had; window: " in summary_text(results["pocus"].summary)
 
 
 def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_path, capsys):

@@ -432,6 +432,8 @@ def summary_text(summary: dict[str, Any]) -> str:
                      f"{s['baseline']:.3f})"
                      + ("  DRIFT" if s["drift"] else ""))
     fs = summary["frame_size"]
-    lines.append(f"  frame size   {', '.join(fs['current'])} (training: {', '.join(fs['reference'])})"
-                 + ("  DRIFT" if fs["drift"] else ""))
+    share = summary["params"]["drift_share"]  # the share of frames at unseen sizes that is drift
+    lines.append(f"  frame size   {fs['unseen_share']:8.3f}  threshold {share:7.3f}  (share of frames at a size the "
+                 f"training data never had; window: {', '.join(fs['current'])}; training: "
+                 f"{', '.join(fs['reference'])})" + ("  DRIFT" if fs["drift"] else ""))
     return "\n".join(lines)
