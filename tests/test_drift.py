@@ -98,6 +98,30 @@ def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_pat
     assert not (tmp_path / "empty").exists()
 
 
+def test_a_log_nothing_was_written_to_for_days_is_an_error_with_stale_log_days(drift_export, tmp_path, capsys):
+    """Too few frames in the window is an answer (exit 3, or 0 on a schedule), but a server that stopped logging
+    looks the same: with --stale-log-days N, a log that got no part file in the N days up to the window's end is an
+    error (exit 2) naming the days."""
+    from sonossl.cli import main
+
+    log = tmp_path / "log"
+    (log / "date=2026-11-20").mkdir(parents=True)
+    (log / "date=2026-11-20/part-1.jsonl").write_text('{"ts": "2026-11-20T12:00:00+00:00"}\n')
+    common = ["drift", "--model-dir", str(drift_export), "--log", str(log), "--out", str(tmp_path / "reports"),
+              "--since", "2026-11-27T00:00", "--until", "2026-11-28T00:00", "--too-few-exit-code", "0"]
+    assert main(common) == 0  # without the option: a quiet day
+    assert main([*common, "--stale-log-days", "3"]) == 2
+    assert (f"request log {log}: nothing written to it from 2026-11-25 to 2026-11-28 (--stale-log-days 3)"
+            in capsys.readouterr().err)
+    (log / "date=2026-11-26").mkdir()
+    (log / "date=2026-11-26/part-2.jsonl").write_text('{"ts": "2026-11-26T23:00:00+00:00"}\n')
+    assert main([*common, "--stale-log-days", "3"]) == 0  # written two days ago: quiet, not stale
+    assert main([*common, "--stale-log-days", "1"]) == 2
+    with pytest.raises(SystemExit):
+        main([*common, "--stale-log-days", "-1"])
+    assert "expected a whole number 0 or more, got '-1'" in capsys.readouterr().err
+
+
 def test_too_few_frames_and_other_model_versions(served, drift_export, tmp_path, tiny_export):
     from sonossl.monitor.drift import drift_report
     from sonossl.monitor.request_log import RequestLog, read_request_log
