@@ -54,6 +54,22 @@ def test_mirror_copies_the_folder_while_it_runs_and_a_new_attempt_restores_it(s3
         assert sorted(p.name for p in second.rglob("*")) == ["checkpoints", "last.pt", "metrics.json"]
     with mirrored(tmp_path / "other", f"{store}/pretrain/key-2"):  # other work starts fresh
         assert not any((tmp_path / "other").iterdir())
+    # a damaged store (bytes that do not match their sha256 metadata) must not fail every retry: a warning, a fresh
+    # start, and the copies replace what it held
+    s3 = s3_server.client()
+    key = "checkpoints/pretrain/key-1/checkpoints/last.pt"
+    meta = s3.head_object(Bucket=s3_server.bucket, Key=key)["Metadata"]
+    s3.put_object(Bucket=s3_server.bucket, Key=key, Body=b"epoch 3", Metadata=meta)
+    third = tmp_path / "attempt3"
+    with mirrored(third, f"{store}/pretrain/key-1", interval=60):
+        assert not any(third.iterdir())
+        (third / "metrics.json").write_text('{"epoch": 1}')
+        (third / "checkpoints").mkdir()
+        (third / "checkpoints/last.pt").write_bytes(b"epoch 1 again")
+    assert f"checkpoint store {store}/pretrain/key-1: cannot be restored" in caplog.text
+    assert "checksum mismatch" in caplog.text and "starting fresh" in caplog.text
+    assert _objects(s3_server, "checkpoints/pretrain/key-1/") == {
+        "checkpoints/last.pt": b"epoch 1 again", "metrics.json": b'{"epoch": 1}'}
     with mirrored(tmp_path / "none", None) as uri:  # no store: nothing mirrored
         assert uri is None
     for store, key, message in [("/data/checkpoints", "key-1", "give an s3:// prefix"),

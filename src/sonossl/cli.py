@@ -221,7 +221,8 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
     s3 = client(args.endpoint_url)
     if args.action == "push":
         files, _ = files_to_upload(args.local)  # what upload sends (not the temporary files of a killed write)
-        keys = upload(args.local, args.uri, client=s3, progress=not args.quiet, delete=args.delete)
+        keys = upload(args.local, args.uri, client=s3, progress=not args.quiet, delete=args.delete,
+                      force=args.force)
         size = sum(p.stat().st_size for p in files)
         # keys already holding identical bytes are not sent again; the log line above says how many were sent
         print(f"pushed {args.local} -> {args.uri}: {len(keys)} file(s), {size:,} bytes in place (sha256 in metadata)")
@@ -455,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--delete", action="store_true",
                    help="a folder: also delete the objects under the prefix that it no longer holds, once every "
                         "file is up (the prefix becomes a copy of the folder, as `aws s3 sync --delete`)")
+    a.add_argument("--force", action="store_true",
+                   help="send every file again, also where an object with the same sha256 metadata is there: the "
+                        "repair of an object damaged on the server (a pull fails on it: checksum mismatch)")
     a.set_defaults(func=_cmd_artifacts)
     a = actions.add_parser("pull", help="download an object, or a prefix into a folder (replaced when complete)")
     a.add_argument("uri", help="s3://bucket/key or s3://bucket/prefix")

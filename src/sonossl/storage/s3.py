@@ -60,6 +60,11 @@ class StorageConflict(StorageError):
     replaced mid-transfer)."""
 
 
+class StorageCorrupt(StorageError):
+    """An object whose bytes do not match its sha256 metadata, or that has none: it cannot be trusted; push it
+    again with ``force`` (``sonossl artifacts push --force``)."""
+
+
 class StorageNotFound(StorageError):
     """The object (or bucket) does not exist: the one failure a caller may treat as "nothing there yet"."""
 
@@ -287,8 +292,9 @@ class _Snapshot(io.RawIOBase):
         return len(data)
 
 
-def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: Any) -> bool:
-    """Upload one file with its sha256 in the metadata; False when an identical object is already there.
+def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: Any, force: bool = False) -> bool:
+    """Upload one file with its sha256 in the metadata; False when an identical object is already there (by its
+    metadata and length; ``force`` sends it anyway, over an object damaged with its metadata left as it was).
 
     The file is opened once: hashed, then sent from the same handle, at most the bytes hashed. Hashing by name and
     sending by name again let a file replaced in between (a checkpoint, every epoch, under a running mirror) go up
@@ -304,7 +310,7 @@ def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: A
                 if not _forbidden(e):
                     raise
                 head = None  # allowed to write but not to read: just upload (a refused upload still fails clearly)
-            if head is not None and head.get("Metadata", {}).get(SHA256_KEY) == digest \
+            if not force and head is not None and head.get("Metadata", {}).get(SHA256_KEY) == digest \
                     and head.get("ContentLength") == size:
                 bar.update(size)
                 return False
@@ -351,13 +357,15 @@ def files_to_upload(local_path: str | os.PathLike) -> tuple[list[Path], int]:
 
 def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multipart_threshold: int | None = None,
            multipart_chunksize: int | None = None, progress: bool = False,
-           log_level: int = logging.INFO, delete: bool = False) -> list[str]:
+           log_level: int = logging.INFO, delete: bool = False, force: bool = False) -> list[str]:
     """Upload a file (to ``uri``, or ``uri/<name>`` when ``uri`` ends with ``/``) or a folder, recursively, under
     the prefix ``uri``. Returns the keys that now hold the files, sorted (objects already there with the same
     SHA-256 are kept, not sent again). ``log_level``: of the line that says what was sent (a caller that copies
     one file at a time, every minute, passes DEBUG); warnings stay warnings. ``delete`` (a folder only): then also
     delete the objects under the prefix that the folder no longer holds, once every file is up, so that the prefix
-    is a copy of the folder (a pull would otherwise bring back files deleted here)."""
+    is a copy of the folder (a pull would otherwise bring back files deleted here). ``force``: send every file,
+    even where an object with the same sha256 metadata and length is there (the repair of an object damaged on the
+    server, which its metadata alone cannot show)."""
     s3 = client or _new_client()
     local_path = Path(local_path)
     bucket, prefix = parse_s3_uri(uri)
@@ -380,7 +388,7 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
     sent = 0
     with _progress(sum(p.stat().st_size for p, _ in files), f"upload {local_path.name}", progress) as bar:
         for path, key in files:
-            sent += _upload_file(s3, path, bucket, key, config, bar)
+            sent += _upload_file(s3, path, bucket, key, config, bar, force)
     log.log(log_level, "uploaded %d of %d file(s) to %s (%d already there, identical)", sent, len(files), uri,
             len(files) - sent)
     keys = sorted(key for _, key in files)
@@ -436,13 +444,13 @@ def put_bytes_if(data: bytes, uri: str, etag: str | None, *, client: Any = None)
 def _expected_sha256(head: dict[str, Any], uri: str) -> str:
     digest = head.get("Metadata", {}).get(SHA256_KEY)
     if not digest:
-        raise StorageError(f"{uri}: object has no sha256 metadata (x-amz-meta-sha256), so it cannot be verified; "
+        raise StorageCorrupt(f"{uri}: object has no sha256 metadata (x-amz-meta-sha256), so it cannot be verified; "
                            "upload it with `sonossl artifacts push`")
     return str(digest)
 
 
 def _mismatch(uri: str, expected: str, got: str) -> StorageError:
-    return StorageError(f"{uri}: checksum mismatch: the object's sha256 metadata says {expected}, the downloaded "
+    return StorageCorrupt(f"{uri}: checksum mismatch: the object's sha256 metadata says {expected}, the downloaded "
                         f"bytes hash to {got}; the object is corrupted (or was overwritten without its metadata): "
                         "nothing was written")
 
@@ -573,6 +581,12 @@ def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, pro
     objects = [o for o in listing if not o["Key"].endswith("/")]  # folder markers some tools create
     if not objects:
         raise StorageError(f"cannot download {uri}: no such object or prefix at {_endpoint(s3)}")
+    here = Path.cwd().resolve()
+    if local_path.resolve() == here or local_path.resolve() in here.parents:  # '.', '..': replaced as a whole
+        raise StorageError(f"cannot download {uri} to {str(local_path)!r}: a prefix replaces its destination folder "
+                           f"as a whole, and {str(local_path)!r} is the current folder or one above it; give a "
+                           f"folder of its own (or end it with '/' to download into it: {local_path}/"
+                           f"{posixpath.basename(prefix.rstrip('/')) or bucket})")
     # every key is checked before anything is written
     rels = [(o, _safe_relative(bucket, o["Key"], prefix, uri)) for o in objects]
     with _progress(sum(int(o["Size"]) for o in objects), f"download {local_path.name}", progress) as bar, \
