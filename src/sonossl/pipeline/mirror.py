@@ -119,8 +119,9 @@ def mirrored(folder: str | Path, uri: str | None, interval: float | None = None,
         try:
             restored = restore(uri, folder, client=s3)
         except storage.StorageCorrupt as e:  # a damaged store must not fail every retry and every later run
-            log.warning("checkpoint store %s: cannot be restored (%s); starting fresh, and the copies below replace "
-                        "what it holds", uri, e)
+            log.warning("checkpoint store %s: cannot be restored (%s); deleting what it holds and starting fresh",
+                        uri, e)
+            storage.delete_prefix(uri, client=s3)
             restored = None
         if restored is not None:
             log.info("checkpoint store %s: %s", uri, f"restored {restored} file(s) of an earlier attempt"

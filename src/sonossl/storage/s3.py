@@ -397,8 +397,18 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
     return keys
 
 
-def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Path) -> None:
-    """Delete the objects under ``prefix`` whose keys are not in ``keep`` (1,000 per request, S3's limit)."""
+def delete_prefix(uri: str, *, client: Any = None) -> None:
+    """Delete every object under the prefix ``uri`` (``s3://bucket/prefix``; a whole bucket is refused)."""
+    s3 = client or _new_client()
+    bucket, prefix = parse_s3_uri(uri)
+    if not prefix.strip("/"):
+        raise StorageError(f"delete {uri}: give a prefix under the bucket (deleting a whole bucket is refused)")
+    _delete_others(s3, bucket, prefix.rstrip("/") + "/", set(), None)
+
+
+def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Path | None) -> None:
+    """Delete the objects under ``prefix`` whose keys are not in ``keep`` (1,000 per request, S3's limit);
+    ``folder``: the folder they are missing from, for the log line (None: every object was to go)."""
     uri = _uri(bucket, prefix)
     stale = [u.split("/", 3)[3] for u in list_uris(uri, client=s3)]
     stale = [k for k in stale if k not in keep]
@@ -410,7 +420,8 @@ def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Pa
             raise StorageError(f"cannot delete {_uri(bucket, first.get('Key', '?'))}: {first.get('Code')} "
                                f"{first.get('Message', '')}".rstrip())
     if stale:
-        log.info("deleted %d object(s) under %s that %s no longer holds", len(stale), uri, folder)
+        log.info("deleted %d object(s) under %s%s", len(stale), uri,
+                 f" that {folder} no longer holds" if folder is not None else "")
 
 
 def put_bytes(data: bytes, uri: str, *, client: Any = None) -> str:
