@@ -54,6 +54,23 @@ def test_mirror_copies_the_folder_while_it_runs_and_a_new_attempt_restores_it(s3
         assert sorted(p.name for p in second.rglob("*")) == ["checkpoints", "last.pt", "metrics.json"]
     with mirrored(tmp_path / "other", f"{store}/pretrain/key-2"):  # other work starts fresh
         assert not any((tmp_path / "other").iterdir())
+    # a damaged store (bytes that do not match their sha256 metadata) must not fail every retry: a warning, what it
+    # held deleted (a fresh run writing the same bytes would otherwise leave the damaged object, its metadata
+    # matching), a fresh start, and the copies fill it again
+    s3 = s3_server.client()
+    key = "checkpoints/pretrain/key-1/checkpoints/last.pt"
+    meta = s3.head_object(Bucket=s3_server.bucket, Key=key)["Metadata"]
+    s3.put_object(Bucket=s3_server.bucket, Key=key, Body=b"epoch 3", Metadata=meta)
+    third = tmp_path / "attempt3"
+    with mirrored(third, f"{store}/pretrain/key-1", interval=60):
+        assert not any(third.iterdir()) and _objects(s3_server, "checkpoints/pretrain/key-1/") == {}
+        (third / "checkpoints").mkdir()
+        (third / "checkpoints/last.pt").write_bytes(b"epoch 2")  # the same bytes as the damaged object's metadata
+    assert f"checkpoint store {store}/pretrain/key-1: cannot be restored" in caplog.text
+    assert "checksum mismatch" in caplog.text and "deleting what it holds and starting fresh" in caplog.text
+    assert _objects(s3_server, "checkpoints/pretrain/key-1/") == {"checkpoints/last.pt": b"epoch 2"}
+    with mirrored(tmp_path / "attempt4", f"{store}/pretrain/key-1", interval=60):  # and it restores again
+        assert (tmp_path / "attempt4/checkpoints/last.pt").read_bytes() == b"epoch 2"
     with mirrored(tmp_path / "none", None) as uri:  # no store: nothing mirrored
         assert uri is None
     for store, key, message in [("/data/checkpoints", "key-1", "give an s3:// prefix"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,14 @@ def test_crossval_refuses_videos_without_one_label_naming_the_dataset(tiny_clips
     with pytest.raises(ValueError, match="label, which is missing for 2 video\\(s\\)") as err:
         crossval(tmp_path / "clips", tmp_path / "cv", tiny_params, progress=False)
     assert str(tmp_path / "clips") in str(err.value) and not (tmp_path / "cv").exists()
+    # a video without a patient: named, as crossval groups folds by patient
+    labels = pd.read_csv(pocus_subset / "labels.csv")
+    labels.loc[labels.index[3], "patient_id"] = None
+    labels.to_csv(raw / "labels.csv", index=False)
+    preprocess(raw, tmp_path / "nopatient", tiny_params.preprocess, progress=False)
+    with pytest.raises(ValueError, match=f"patient_id, which is missing for 1 video\\(s\\), e.g. "
+                                         f"'{re.escape(labels.path[3])}': give each a patient_id"):
+        crossval(tmp_path / "nopatient", tmp_path / "cv", tiny_params, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")

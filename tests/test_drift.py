@@ -69,6 +69,12 @@ def test_three_windows_no_drift_then_drift_then_drift(served, drift_export, tmp_
     assert {e["window"]: e["drift_detected"] for e in index} == {"heldout": False, "bright": True, "pocus": True}
     html = (tmp_path / "reports/index.html").read_text()
     assert all(f'href="{w}/drift.html"' in html for w in windows)
+    # the terminal's lines: each check's score against its threshold, the frame sizes' share too
+    from sonossl.monitor.drift import summary_text
+
+    fs = results["pocus"].summary["frame_size"]
+    assert f"  frame size   {fs['unseen_share']:8.3f}  threshold   0.500  (share of frames at a size the training " \
+           "data never had; window: " in summary_text(results["pocus"].summary)
 
 
 def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_path, capsys):
@@ -90,6 +96,30 @@ def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_pat
         assert "too few frames to judge" in capsys.readouterr().err
         assert main([*common, *window, "--window", "empty", "--too-few-exit-code", "0"]) == 0
     assert not (tmp_path / "empty").exists()
+
+
+def test_a_log_nothing_was_written_to_for_days_is_an_error_with_stale_log_days(drift_export, tmp_path, capsys):
+    """Too few frames in the window is an answer (exit 3, or 0 on a schedule), but a server that stopped logging
+    looks the same: with --stale-log-days N, a log that got no part file in the N days up to the window's end is an
+    error (exit 2) naming the days."""
+    from sonossl.cli import main
+
+    log = tmp_path / "log"
+    (log / "date=2026-11-20").mkdir(parents=True)
+    (log / "date=2026-11-20/part-1.jsonl").write_text('{"ts": "2026-11-20T12:00:00+00:00"}\n')
+    common = ["drift", "--model-dir", str(drift_export), "--log", str(log), "--out", str(tmp_path / "reports"),
+              "--since", "2026-11-27T00:00", "--until", "2026-11-28T00:00", "--too-few-exit-code", "0"]
+    assert main(common) == 0  # without the option: a quiet day
+    assert main([*common, "--stale-log-days", "3"]) == 2
+    assert (f"request log {log}: nothing written to it from 2026-11-25 to 2026-11-28 (--stale-log-days 3)"
+            in capsys.readouterr().err)
+    (log / "date=2026-11-26").mkdir()
+    (log / "date=2026-11-26/part-2.jsonl").write_text('{"ts": "2026-11-26T23:00:00+00:00"}\n')
+    assert main([*common, "--stale-log-days", "3"]) == 0  # written two days ago: quiet, not stale
+    assert main([*common, "--stale-log-days", "1"]) == 2
+    with pytest.raises(SystemExit):
+        main([*common, "--stale-log-days", "-1"])
+    assert "expected a whole number 0 or more, got '-1'" in capsys.readouterr().err
 
 
 def test_too_few_frames_and_other_model_versions(served, drift_export, tmp_path, tiny_export):
@@ -293,7 +323,7 @@ def test_a_damaged_index_stops_the_report_before_it_writes_anything(served, drif
         (tmp_path / "reports/index.json").write_text(body)
         with pytest.raises(ValueError, match=r"reports/index.json: not a (readable )?drift report index"):
             drift_report(drift_export, log, tmp_path / "reports", since=since, until=until, window="w")
-        assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["index.json"]
+        assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [".index.lock", "index.json"]
 
 
 def test_frame_sizes_seen_in_training_are_every_training_videos(drift_export):
@@ -331,3 +361,69 @@ def test_a_frame_size_of_any_training_video_counts_as_seen(served, drift_export,
     (listed / "model_card.json").write_text(json.dumps(card))
     seen = drift_report(listed, tmp_path / "log", tmp_path / "r2").summary["frame_size"]
     assert seen["unseen_share"] == 0.0 and not seen["drift"] and "777x999" in seen["reference"]
+
+
+def _row(window: str) -> dict:
+    return {"window": window, "from": f"2026-11-{window[-2:]}T00:00:00+00:00", "to": "-", "frames": 50,
+            "drift_detected": False, "drifted": [], "model_version": "abc"}
+
+
+def test_reports_written_at_once_each_keep_their_row_in_the_s3_index(s3_server):
+    """A backfill beside the daily CronJob: each report reads the index, adds its row and writes it back. The
+    index is replaced only over the version read, so a report that read before another wrote adds its row to the
+    other's instead of dropping it; and the page ends up listing what the index lists."""
+    import threading
+
+    from sonossl.monitor.drift import _s3_index, _s3_update_index
+
+    prefix = f"s3://{s3_server.bucket}/drift"
+    stale, etag = _s3_index(prefix)  # read before the report below wrote
+    assert (stale, etag) == ([], None)
+    _s3_update_index(prefix, "w01", _row("w01"), *_s3_index(prefix))
+    _s3_update_index(prefix, "w02", _row("w02"), stale, etag)
+    assert [e["window"] for e in json.loads(s3_server.objects()["drift/index.json"])] == ["w01", "w02"]
+
+    stale, etag = _s3_index(prefix)  # eight reports at once, each from the same read
+    threads = [threading.Thread(target=_s3_update_index, args=(prefix, f"w{i:02d}", _row(f"w{i:02d}"), stale, etag))
+               for i in range(3, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    index = json.loads(s3_server.objects()["drift/index.json"])
+    assert sorted(e["window"] for e in index) == [f"w{i:02d}" for i in range(1, 11)]
+    page = s3_server.objects()["drift/index.html"].decode()
+    assert all(f">w{i:02d}</a>" in page for i in range(1, 11))
+
+
+class _Snapshot:  # what _write_outputs asks of Evidently's snapshot: its two files
+    def save_html(self, path: str) -> None:
+        Path(path).write_text("<html></html>")
+
+    def save_json(self, path: str) -> None:
+        Path(path).write_text("{}")
+
+
+def test_a_local_index_is_updated_by_one_report_at_a_time(tmp_path):
+    """On disk the index is read, merged and written under an exclusive lock: a report waits while another holds it,
+    then adds its row to what that one wrote."""
+    import fcntl
+    import threading
+
+    from sonossl.monitor.drift import _write_outputs
+
+    out = tmp_path / "reports"
+    _write_outputs(out, "w01", _Snapshot(), _row("w01"))
+    with open(out / ".index.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another report is writing
+        waiting = threading.Thread(target=_write_outputs, args=(out, "w02", _Snapshot(), _row("w02")))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not (out / "w02").exists()
+        index = json.loads((out / "index.json").read_text())
+        index.append(_row("w03"))  # what that other report wrote meanwhile
+        (out / "index.json").write_text(json.dumps(index))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiting.join(10)
+    assert [e["window"] for e in json.loads((out / "index.json").read_text())] == ["w01", "w03", "w02"]
+    assert (out / "w02/summary.json").is_file() and ">w03</a>" in (out / "index.html").read_text()

@@ -158,41 +158,44 @@ def test_dvc_repro_runs_the_whole_pipeline_on_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_subset):
-    """`train: [mine]` and `crossval_datasets: [mine]` (12 real videos): preprocess@mine, then pretrain, the SSL and
-    scratch fine-tunes, the report and the export under models/datasets/mine, and its cross-validation by patient;
-    DVC lists their metrics; a second run does nothing; the exported classifier answers a request."""
+    """`train: [my scans]` and `crossval_datasets: [my scans]` (12 real videos; a name with a space, as a user may
+    write it): preprocess@my scans, then pretrain, the SSL and scratch fine-tunes, the report and the export under
+    models/datasets/my scans, and its cross-validation by patient; DVC lists their metrics; a second run does
+    nothing; the exported classifier answers a request."""
+    mine = "my scans"
     root = tmp_path / "repo"
     root.mkdir()
     _copy_repo(root)
-    _edit_params(root, lambda d: d.update(profile="tiny", datasets={"mine": str(pocus_subset)}, train=["mine"],
-                                          crossval_datasets=["mine"]))
-    targets = ("train-export@mine", "train-evaluate@mine", "train-crossval@mine")
+    _edit_params(root, lambda d: d.update(profile="tiny", datasets={mine: str(pocus_subset)}, train=[mine],
+                                          crossval_datasets=[mine]))
+    targets = (f"train-export@{mine}", f"train-evaluate@{mine}", f"train-crossval@{mine}")
     out = _dvc(root, "repro", *targets)
-    for stage in ("preprocess@mine", "train-pretrain@mine", "train-ssl@mine", "train-scratch@mine", *targets):
+    for stage in (*(f"{s}@{mine}" for s in ("preprocess", "train-pretrain", "train-ssl", "train-scratch")), *targets):
         assert f"Running stage '{stage}'" in out, out
     assert "Running stage 'simulate'" not in out and "Running stage 'pretrain@" not in out
     assert "Running stage 'crossval'" not in out  # POCUS's own stage
-    cv = json.loads((root / "models/datasets/mine/crossval/results.json").read_text())
-    assert cv["dataset"] == "data/clips/mine" and cv["folds"] == 3 and cv["videos"] == 12
-    assert (root / "reports/datasets/mine/crossval.md").read_text().startswith(
-        "### Video classification, 3-fold cross-validation grouped by patient: data/clips/mine")
-    base = root / "models/datasets/mine"
+    cv = json.loads((root / f"models/datasets/{mine}/crossval/results.json").read_text())
+    assert cv["dataset"] == f"data/clips/{mine}" and cv["folds"] == 3 and cv["videos"] == 12
+    assert (root / f"reports/datasets/{mine}/crossval.md").read_text().startswith(
+        f"### Video classification, 3-fold cross-validation grouped by patient: data/clips/{mine}")
+    base = root / f"models/datasets/{mine}"
     assert (base / "pretrain/both-sequential/encoder.pt").is_file()
     ssl = json.loads((base / "finetune/ssl-planes/metrics.json").read_text())
-    assert ssl["encoder"] == "models/datasets/mine/pretrain/both-sequential" and ssl["task"] == "planes"
+    assert ssl["encoder"] == f"models/datasets/{mine}/pretrain/both-sequential" and ssl["task"] == "planes"
     card = json.loads((base / "export/model_card.json").read_text())
-    meta = json.loads((root / "data/clips/mine/meta.json").read_text())
+    meta = json.loads((root / f"data/clips/{mine}/meta.json").read_text())
     assert card["data"]["feature_version"] == meta["version"]
     assert card["classes"] == ["covid", "pneumonia", "regular"]
     assert card["metrics"]["saliency"] is None
-    results = (root / "reports/datasets/mine/results.md").read_text()
+    results = (root / f"reports/datasets/{mine}/results.md").read_text()
     assert "| SSL (both-sequential) |" in results and "| scratch (random init) |" in results
     assert "### Frame classification (covid, pneumonia, regular): test macro-F1" in results
-    assert f"the test split of data/clips/mine (version {meta['version']})" in results
+    assert f"the test split of data/clips/{mine} (version {meta['version']})" in results
     shown = _dvc(root, "metrics", "show")
-    for path in ("reports/datasets/mine/metrics.json", "models/datasets/mine/finetune/ssl-planes/metrics.json",
-                 "models/datasets/mine/pretrain/both-sequential/metrics.json",
-                 "models/datasets/mine/crossval/metrics.json"):
+    for path in (f"reports/datasets/{mine}/metrics.json",
+                 f"models/datasets/{mine}/finetune/ssl-planes/metrics.json",
+                 f"models/datasets/{mine}/pretrain/both-sequential/metrics.json",
+                 f"models/datasets/{mine}/crossval/metrics.json"):
         assert path in shown, shown
     assert "Running stage" not in _dvc(root, "repro", *targets)
     # the resume folders are not part of anything: a clone has none, and nothing is out of date without them
@@ -206,15 +209,15 @@ def test_dvc_repro_trains_on_the_datasets_listed_under_train(tmp_path, pocus_sub
     model = SonosslModel(model_dir=base / "export")
     model.load()
     size = card["input"]["frame_size"]
-    frames = np.load(root / "data/clips/mine/frames.npy", mmap_mode="r")[:3]
+    frames = np.load(root / f"data/clips/{mine}/frames.npy", mmap_mode="r")[:3]
     answer = model.predict({"instances": np.asarray(frames).tolist()})
     assert [set(p) for p in answer["predictions"]] == [{"label", "probs", "embedding", "blank"}] * 3
     assert answer["predictions"][0]["label"] in card["classes"] and frames.shape[1] == size
 
     # Under train_saliency without gaze maps: the saliency fine-tune fails, naming the clips, before training.
-    _edit_params(root, lambda d: d.update(train_saliency=["mine"]))
-    out = _dvc(root, "repro", "train-ssl-saliency@mine", ok=False)
-    assert "data/clips/mine: no saliency maps in this clip dataset" in out, out
+    _edit_params(root, lambda d: d.update(train_saliency=[mine]))
+    out = _dvc(root, "repro", f"train-ssl-saliency@{mine}", ok=False)
+    assert f"data/clips/{mine}: no saliency maps in this clip dataset" in out, out
     assert not (base / "finetune/ssl-saliency/model.pt").exists()
 
 

@@ -270,6 +270,7 @@ def test_drift_cronjob_script_runs_valid_sonossl_commands(tmp_path):
     # too few frames to judge (a day without traffic) ends the Job well; drift (1) and errors (2) fail it, and
     # sonossl runs as the container's process 1 (exec), so it gets the SIGTERM of activeDeadlineSeconds
     assert drift.too_few_exit_code == 0 and "exec sonossl drift" in c["args"][0]
+    assert drift.stale_log_days == 3  # ... unless nothing reached the log for three days: that fails it
     for code in (1, 2):
         (tmp_path / str(code)).mkdir()
         _run_script(c["args"][0], _container_env(docs, c), tmp_path / str(code), drift_exit=code, expect=code)

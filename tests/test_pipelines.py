@@ -406,6 +406,33 @@ def test_submit_checks_parameters_before_any_network_call():
         assert proc.returncode == 2 and f"pipeline parameter {key}: a cluster run reaches {forms} locations" \
             in proc.stderr, proc.stderr
 
+    # what would fail only on the cluster, some of it after all the training: refused before any network call
+    from sonossl.pipeline.submit import submit
+
+    host = f"http://127.0.0.1:{_closed_port()}"
+    dvc = "pipeline parameter dataset='dvc://data/raw/sim{}': a pod has no git checkout of its own"
+    for pipeline, params, message in [
+            ("training", {}, "the training pipeline needs --param dataset=... (it has no default)"),
+            ("training", {"dataset": ""}, "the training pipeline needs --param dataset="),
+            ("crossval", {"profile": "tiny"}, "the crossval pipeline needs --param dataset="),
+            ("monitoring", {"reports": "s3://r/drift"}, "the monitoring pipeline needs --param request_log="),
+            ("training", {"dataset": "dvc://data/raw/sim"}, dvc.format("")),
+            ("training", {"dataset": "dvc://data/raw/sim?repo=/home/me/sonossl"}, dvc.format("?repo=/home/me/sonossl")),
+            ("training", {"dataset": "s3://d/raw", "profile": "gpuu"}, "--param profile=gpuu: not a profile of "
+                                                                       "params.yaml (tiny, default, gpu)"),
+            ("training", {"dataset": "s3://d/raw", "canary_percent": "250"}, "--param canary_percent=250: give a "
+                                                                              "whole percentage 0-100"),
+            ("training", {"dataset": "s3://d/raw", "service_name": "Lung_Model"}, "--param service_name=Lung_Model: "
+                                                                                 "not a valid InferenceService name"),
+            ("monitoring", {"request_log": "s3://l/r", "namespace": "my ns"}, "--param namespace=my ns: not a valid "
+                                                                              "namespace")]:
+        with pytest.raises(ValueError) as err:
+            submit(host, pipeline, params, schedule="0 6 * * *" if pipeline == "monitoring" else None)
+        assert message in str(err.value), (params, str(err.value))
+    # a dvc:// location with a repository a pod can clone passes these checks and reaches the host check
+    with pytest.raises(Exception, match="cannot reach the Kubeflow Pipelines API"):
+        submit(host, "training", {"dataset": "dvc://data/raw/sim?repo=https://github.com/org/sonossl.git&rev=v1"})
+
 
 # ------------------------------------------------------------------------------------------ steps, datasets
 
@@ -643,6 +670,31 @@ def test_saliency_asked_of_data_without_gaze_maps_fails_at_preprocess(pocus_subs
     proc = _run(*SONOSSL, "pipeline", "run-local", "--out", str(tmp_path / "rl"), "--dataset", str(pocus_subset))
     assert proc.returncode == 2 and "no gaze maps" in proc.stderr and "--param tasks=planes" in proc.stderr
     assert not (tmp_path / "rl" / "kfp").exists()
+    # the profile and the dataset are run-local's own options: as --param they are refused, before anything is made
+    from sonossl.pipeline.local import run_local, run_local_crossval
+
+    for key, value in (("profile", "default"), ("dataset", str(pocus_subset))):
+        with pytest.raises(ValueError, match=f"--param {key}={value}: run-local takes the {key} as --{key} "):
+            run_local(tmp_path / "rl2", arguments={key: value})
+        with pytest.raises(ValueError, match=f"--param {key}={value}: run-local takes the {key} as --{key} "):
+            run_local_crossval(tmp_path / "rl2", str(pocus_subset), arguments={key: value})
+    assert not (tmp_path / "rl2").exists()
+    # a dvc:// location without the dataset (a typo) fails before kfp starts, not after the first task's tries
+    with pytest.raises(FileNotFoundError, match=f"dataset dvc://data/raw/simm\\?repo={REPO}: no "
+                                                f"data/raw/simm/labels.csv in {REPO} at revision HEAD"):
+        run_local(tmp_path / "rl3", dataset=f"dvc://data/raw/simm?repo={REPO}")
+    assert not (tmp_path / "rl3").exists()
+
+
+def test_an_s3_dataset_without_labels_csv_is_refused_before_the_pipeline_starts(s3_server, tmp_path):
+    from sonossl.pipeline.dataset import check_raw_dataset
+    from sonossl.storage import put_bytes
+
+    uri = f"s3://{s3_server.bucket}/raw/lungs"
+    with pytest.raises(FileNotFoundError, match=f"dataset {uri}: no labels.csv there"):
+        check_raw_dataset(uri)
+    put_bytes(b"path,label\n", f"{uri}/labels.csv")
+    check_raw_dataset(uri + "/")
 
 
 @pytest.mark.slow

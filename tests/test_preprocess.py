@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections import Counter
@@ -157,6 +158,7 @@ def test_bad_inputs_are_listed_and_the_good_ones_processed(tmp_path: Path) -> No
         row["annotations"] = annotations.get(row["path"], "")
     rows.insert(2, {"path": "videos/sweep one.mp4", "label": "dup", "annotations": ""})
     expected["videos/sweep one.mp4"] = "listed twice in labels.csv: the same file as row 2 (videos/sweep one.mp4)"
+    expected[""] = f"empty path in labels.csv row {[r['path'] for r in rows].index('') + 2}"  # the row names it
     _labels(root, rows)
 
     out = tmp_path / "clips"
@@ -478,7 +480,7 @@ def test_the_output_may_not_replace_or_sit_inside_the_raw_dataset(raw: Path, tmp
     assert _tree_digest(raw) == before  # nothing moved, nothing deleted
 
 
-def test_listing_and_label_spellings_that_would_mislead(tmp_path: Path) -> None:
+def test_listing_and_label_spellings_that_would_mislead(tmp_path: Path, caplog) -> None:
     root = tmp_path / "raw"
     for i in range(3):
         _fan_video(root, f"v{i}.mp4", seed=i)
@@ -500,6 +502,21 @@ def test_listing_and_label_spellings_that_would_mislead(tmp_path: Path) -> None:
     with pytest.raises(PreprocessError, match=r"differ only in case or spaces.*'covid' \(v0.mp4\), 'Covid' \(v1.mp4\)"):
         preprocess(root, tmp_path / "case", TINY, progress=False)
     assert not (tmp_path / "case").exists()
+    # a label only like another ("pnuemonia") may be a class of its own: a warning naming both, and the labels of
+    # a single video, which can be in one split only
+    for i in range(3, 5):
+        _fan_video(root, f"v{i}.mp4", seed=i)
+    _labels(root, [{"path": "v0.mp4", "label": "pneumonia"}, {"path": "v1.mp4", "label": "pneumonia"},
+                   {"path": "v2.mp4", "label": "pnuemonia"}, {"path": "v3.mp4", "label": "regular"},
+                   {"path": "v4.mp4", "label": "regular"}])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sonossl.data.clips"):
+        preprocess(root, tmp_path / "alike", TINY, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{root}: label 'pnuemonia' (1 video(s), e.g. v2.mp4) is much like 'pneumonia' (2 video(s), e.g. " \
+           "v0.mp4)" in " ".join(warned), warned
+    assert f"{root}: label 'pnuemonia' has a single video (v2.mp4)" in " ".join(warned), warned
+    assert not any("'regular'" in w for w in warned)
     # annotation labels: spaces are stripped, an empty one is a frame without a label, not a class ""
     save_annotations(root / "v0.npz", labels=["a "] * 6 + [""] * 6)
     save_annotations(root / "v1.npz", labels=[["a"] * 12])

@@ -229,6 +229,24 @@ def test_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert f"{tmp_path}: no exported model (model.pt)" in capsys.readouterr().err
 
 
+def test_the_client_sends_grey_levels_as_they_are_or_refuses_them(server, client, tiny_clips):
+    """Whole numbers 0-255 of any dtype are the same frames; frames in [0, 1] (as image libraries load them) or 16-bit
+    levels would have been cast to uint8, black or wrapped, and answered with confident labels: refused, naming the
+    range, before anything is sent."""
+    from sonossl.data.video import read_video
+
+    frames, _ = read_video(_sweep(tiny_clips))
+    frames = frames[:3]
+    expected = client.infer_frames(frames)["probs"]
+    assert np.allclose(client.infer_frames(frames.astype(np.float32))["probs"], expected, atol=1e-6)
+    assert np.allclose(client.infer_frames(frames.astype(np.int64).tolist())["probs"], expected, atol=1e-6)
+    for bad, match in [(frames / 255.0, r"dtype float64 with values from 0\.0 to .*frames in \[0, 1\]\?"),
+                       (frames.astype(np.uint16) * 4, "dtype uint16 with values from 0 to [0-9]+; expected grey levels"),
+                       (frames.astype(bool), "dtype bool")]:
+        with pytest.raises(ValueError, match=match):
+            client.infer_frames(bad)
+
+
 def test_the_binary_data_extension_gives_the_same_answer(server, client, tiny_clips):
     from sonossl.data.video import read_video
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sonossl.storage import StorageError, download, get_bytes, list_uris, parse_s3_uri, put_bytes, upload
+from sonossl.storage import (StorageCorrupt, StorageError, download, get_bytes, list_uris, parse_s3_uri, put_bytes,
+                             upload)
 from sonossl.storage import s3 as s3mod
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +120,24 @@ def test_single_file_push_and_bytes_round_trip(s3_server, tmp_path):
         put_bytes(b"x", f"s3://{s3_server.bucket}/prefix/")
 
 
+def test_conditional_writes_refuse_a_stale_version(s3_server):
+    """``put_bytes_if`` writes only over the version read (or only where nothing is yet): the S3 server's
+    If-Match / If-None-Match, which the drift index relies on when reports run at once."""
+    from sonossl.storage import StorageConflict, get_bytes_etag, put_bytes_if
+
+    uri = f"s3://{s3_server.bucket}/reports/index.json"
+    first = put_bytes_if(b"[1]", uri, None)  # nothing there yet
+    with pytest.raises(StorageConflict, match="reports/index.json: the object changed meanwhile"):
+        put_bytes_if(b"[2]", uri, None)  # another writer created it first
+    data, etag = get_bytes_etag(uri)
+    assert (data, etag) == (b"[1]", first)
+    second = put_bytes_if(b"[1, 2]", uri, etag)
+    with pytest.raises(StorageConflict):
+        put_bytes_if(b"[1, 3]", uri, first)  # read before the write above: refused, nothing lost
+    assert get_bytes_etag(uri) == (b"[1, 2]", second)
+    assert isinstance(StorageConflict("x"), StorageError)  # callers that catch StorageError still do
+
+
 def test_corrupted_object_is_detected_and_nothing_is_written(s3_server, tmp_path):
     src = tmp_path / "src"
     files = _tree(src, big=6 * MiB)
@@ -154,8 +174,17 @@ def test_corrupted_object_is_detected_and_nothing_is_written(s3_server, tmp_path
     with pytest.raises(StorageError, match="no sha256 metadata"):
         get_bytes(f"s3://{s3_server.bucket}/foreign.bin")
 
+    # A push compares metadata, which the damage left as it was: the same push sends nothing; --force repairs it.
+    seen = s3_server.bytes_seen
+    upload(src, uri, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    assert s3_server.bytes_seen == seen
+    upload(src, uri, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, force=True)
+    assert s3_server.bytes_seen - seen >= sum(len(b) for b in files.values())  # every file sent again
+    assert _read_tree(download(uri, tmp_path / "repaired")) == files
+    assert issubclass(StorageCorrupt, StorageError)
 
-def test_keys_that_would_escape_the_destination_are_refused(s3_server, tmp_path):
+
+def test_keys_that_would_escape_the_destination_are_refused(s3_server, tmp_path, monkeypatch):
     s3 = s3_server.client()
     put_bytes(b"ok", f"s3://{s3_server.bucket}/ds/ok.txt")
     digest = hashlib.sha256(b"evil").hexdigest()
@@ -165,6 +194,17 @@ def test_keys_that_would_escape_the_destination_are_refused(s3_server, tmp_path)
         download(f"s3://{s3_server.bucket}/ds", tmp_path / "a" / "b" / "dst")
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "a" / "evil.txt").exists()
     assert not (tmp_path / "a" / "b" / "dst").exists()
+    # the current folder or one above it would be replaced as a whole, siblings and all: refused, naming the way in
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    s3.delete_object(Bucket=s3_server.bucket, Key="ds/sub/../../../evil.txt")
+    for dest in (".", "..", str(tmp_path)):
+        with pytest.raises(StorageError, match=rf"to '{re.escape(dest)}': a prefix replaces its destination folder as "
+                                               rf"a whole, .* end it with '/' to download into it: {re.escape(dest)}/ds"):
+            download(f"s3://{s3_server.bucket}/ds", dest)
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+    assert download(f"s3://{s3_server.bucket}/ds", "./") == Path("ds")  # into it: ./ds
 
 
 def test_missing_object_and_bucket_give_clear_errors(s3_server, tmp_path):

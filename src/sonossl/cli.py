@@ -28,6 +28,16 @@ def _utc_time(text: str):
         raise argparse.ArgumentTypeError(f"not an ISO time: {text!r} (e.g. 2026-11-27T08:00)") from None
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
+    return value
+
+
 def _add_params_args(p: argparse.ArgumentParser, note: str = "", profile: str | None = None) -> None:
     """--params and --profile; ``note`` says when they are read, ``profile`` is a default other than the file's."""
     default = (f"default: {profile}; the file's `profile:` is not read" if profile
@@ -162,6 +172,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stale_log(args: argparse.Namespace) -> str | None:
+    """With ``--stale-log-days N``: why the request log counts as stale (no part file written in the N days up to
+    the window's end), or None."""
+    from datetime import UTC, datetime, timedelta
+
+    from sonossl.monitor.request_log import as_utc, last_written
+
+    if not args.stale_log_days:
+        return None
+    end = as_utc(args.until) or datetime.now(UTC)
+    first = (end - timedelta(days=args.stale_log_days)).date()
+    if last_written(args.log, first) is not None:
+        return None
+    return (f"request log {args.log}: nothing written to it from {first} to {end:%Y-%m-%d} (--stale-log-days "
+            f"{args.stale_log_days}): no traffic for that long, or a server that stopped logging")
+
+
 def _cmd_drift(args: argparse.Namespace) -> int:
     from sonossl.monitor.drift import DriftParams, TooFewFrames, drift_report, summary_text
 
@@ -171,6 +198,10 @@ def _cmd_drift(args: argparse.Namespace) -> int:
         result = drift_report(args.model_dir, args.log, args.out, params=params, since=args.since,
                               until=args.until, window=args.window)
     except TooFewFrames as e:  # nothing to judge in the window: an answer, not an error
+        stale = _stale_log(args)
+        if stale:  # ... unless nothing reached the log for days: a server that stopped logging looks the same
+            print(f"sonossl drift: {stale} ({e})", file=sys.stderr)
+            return 2
         print(f"sonossl drift: too few frames to judge: {e}", file=sys.stderr)
         return args.too_few_exit_code
     print(summary_text(result.summary))
@@ -190,7 +221,8 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
     s3 = client(args.endpoint_url)
     if args.action == "push":
         files, _ = files_to_upload(args.local)  # what upload sends (not the temporary files of a killed write)
-        keys = upload(args.local, args.uri, client=s3, progress=not args.quiet, delete=args.delete)
+        keys = upload(args.local, args.uri, client=s3, progress=not args.quiet, delete=args.delete,
+                      force=args.force)
         size = sum(p.stat().st_size for p in files)
         # keys already holding identical bytes are not sent again; the log line above says how many were sent
         print(f"pushed {args.local} -> {args.uri}: {len(keys)} file(s), {size:,} bytes in place (sha256 in metadata)")
@@ -402,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--too-few-exit-code", type=int, default=3,
                    help="exit code for a window with too few frames to judge (default 3; 0 for a schedule on which "
                         "a day without traffic is no failure)")
+    p.add_argument("--stale-log-days", type=_non_negative_int, default=0, metavar="N",
+                   help="with too few frames in the window, exit 2 (an error) instead when nothing was written to the "
+                        "log in the N days up to --until (or now): no traffic for that long, or a server that "
+                        "stopped logging (default 0: never)")
     p.set_defaults(func=_cmd_drift)
 
     p = sub.add_parser("serve", help="serve an exported model (same as python -m sonossl.serve; --help there)",
@@ -420,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--delete", action="store_true",
                    help="a folder: also delete the objects under the prefix that it no longer holds, once every "
                         "file is up (the prefix becomes a copy of the folder, as `aws s3 sync --delete`)")
+    a.add_argument("--force", action="store_true",
+                   help="send every file again, also where an object with the same sha256 metadata is there: the "
+                        "repair of an object damaged on the server (a pull fails on it: checksum mismatch)")
     a.set_defaults(func=_cmd_artifacts)
     a = actions.add_parser("pull", help="download an object, or a prefix into a folder (replaced when complete)")
     a.add_argument("uri", help="s3://bucket/key or s3://bucket/prefix")

@@ -253,6 +253,8 @@ def _plan(raw_dir: Path, listing: pd.DataFrame, params: PreprocessParams, work_d
     for idx, row in enumerate(listing.itertuples(index=False)):
         rel = row.path
         file, reason = _inside(root, rel)
+        if reason == "empty path":  # no name to report it by: the row says which
+            reason = f"empty path in labels.csv row {idx + 2}"
         if reason is None and not file.exists():
             reason = "file not found"
         if reason is None and not file.is_file():
@@ -1009,14 +1011,23 @@ def _check_apart(raw_dir: Path, out_dir: Path) -> None:
                          "the raw data (and of its DVC version); write them to a folder of its own")
 
 
+LABEL_LIKENESS = 0.8  # difflib's ratio above which two labels look like one written two ways
+
+
 def _check_label_spelling(raw_dir: Path, kept: list[_Task], results: Mapping[int, _VideoResult]) -> None:
     """Labels that differ only in case or spaces ("Covid", "covid ") are one class written two ways: fail, naming
-    a video of each, rather than train on a class split in two."""
+    a video of each, rather than train on a class split in two. A label that is only like another ("pnuemonia",
+    "pneumonia") may be a class of its own, so it is a warning, naming both, as is a label of a single video (it
+    can be in one split only: never both trained on and scored)."""
+    import difflib
+
     where: dict[str, str] = {}
+    videos: Counter[str] = Counter()
     for task in kept:
         for label in dict.fromkeys(results[task.idx].labels):
             if label is not None:
                 where.setdefault(label, task.path)
+                videos[label] += 1
     spellings: dict[str, list[str]] = {}
     for label in where:
         spellings.setdefault(" ".join(label.casefold().split()), []).append(label)
@@ -1025,6 +1036,15 @@ def _check_label_spelling(raw_dir: Path, kept: list[_Task], results: Mapping[int
         lines = "; ".join(", ".join(f"{n!r} ({where[n]})" for n in names) for names in clashes)
         raise PreprocessError(f"{raw_dir}: labels that differ only in case or spaces would be separate classes: "
                               f"{lines}; write each class one way in labels.csv and the annotations")
+    for a, b in itertools.combinations(sorted(where, key=lambda n: (-videos[n], n)), 2):
+        if difflib.SequenceMatcher(None, a.casefold(), b.casefold()).ratio() >= LABEL_LIKENESS:
+            log.warning("%s: label %r (%d video(s), e.g. %s) is much like %r (%d video(s), e.g. %s): if it is the "
+                        "same class misspelled, correct labels.csv (or the annotations), or it is trained as a class "
+                        "of its own", raw_dir, b, videos[b], where[b], a, videos[a], where[a])
+    for label, n in sorted(videos.items()):
+        if n == 1 and len(videos) > 1:
+            log.warning("%s: label %r has a single video (%s): it lands in one split only, so it is never both "
+                        "trained on and scored", raw_dir, label, where[label])
 
 
 def preprocess(

@@ -29,11 +29,13 @@ window with its verdict and model version. ``out`` may be an ``s3://`` prefix.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -226,41 +228,109 @@ def _index_entries(data: bytes, where: str | Path) -> list[dict[str, Any]]:
     return entries
 
 
+INDEX_ATTEMPTS = 10  # tries at replacing the S3 index while other reports replace it too
+
+
+def _merged(entries: list[dict[str, Any]], window: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in entries if e["window"] != window] + [row]
+
+
+def _s3_index(prefix: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The S3 index's rows, checked, and its ETag (None: no index yet, the first report)."""
+    from sonossl.storage import StorageNotFound, get_bytes_etag
+
+    try:
+        data, etag = get_bytes_etag(f"{prefix}/index.json")
+    except StorageNotFound:  # the first report; any other failure must not wipe the index
+        return [], None
+    return _index_entries(data, f"{prefix}/index.json"), etag
+
+
+def _s3_update_index(prefix: str, window: str, row: dict[str, Any], entries: list[dict[str, Any]],
+                     etag: str | None) -> list[dict[str, Any]]:
+    """Add ``row`` to the S3 index read as ``entries`` at ``etag``, and render its page; returns the rows written.
+
+    Reports may run at once (a backfill beside the daily CronJob), each reading the index, adding its row and
+    writing it back: unguarded, the later write drops the earlier report's row. So the index is replaced only if it
+    is still the version read (a conditional write); a report that lost reads it again and adds its row to the
+    other's. The page is rendered from the index this report wrote, then checked against the index as it is now: a
+    report that wrote a newer index may have written its page before this one, so an older page never stays last.
+    """
+    import random
+    import time
+
+    from sonossl.storage import StorageConflict, StorageError, put_bytes, put_bytes_if
+
+    uri = f"{prefix}/index.json"
+    for attempt in range(1, INDEX_ATTEMPTS + 1):
+        entries = _merged(entries, window, row)
+        try:
+            etag = put_bytes_if((json.dumps(entries, indent=2) + "\n").encode(), uri, etag)
+            break
+        except StorageConflict:
+            if attempt == INDEX_ATTEMPTS:
+                raise StorageError(f"{uri}: other reports replaced the index {attempt} times while this one tried "
+                                   f"to add window {window!r}; its report {prefix}/{window}/ is whole: run it again "
+                                   "to list it") from None
+            log.info("%s: another report replaced the index; reading it again (attempt %d of %d)", uri, attempt,
+                     INDEX_ATTEMPTS)
+            time.sleep(random.uniform(0.05, 0.2) * attempt)
+            entries, etag = _s3_index(prefix)
+    written = entries
+    for _ in range(INDEX_ATTEMPTS):
+        put_bytes(_index_html(entries).encode(), f"{prefix}/index.html")
+        now, now_etag = _s3_index(prefix)
+        if now_etag == etag:
+            return written
+        entries, etag = now, now_etag
+    log.warning("%s/index.html: the index kept changing while its page was written; the next report renders it "
+                "again", prefix)
+    return written
+
+
+@contextlib.contextmanager
+def _index_lock(out: Path) -> Iterator[None]:
+    """One report at a time updates a local folder's index (an exclusive ``flock`` on ``<out>/.index.lock``)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".index.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _write_outputs(out: str | Path, window: str, snap, summary: dict[str, Any]) -> tuple[str, str]:
-    """Window folder + updated index, atomically on disk or object by object on S3."""
+    """Window folder + updated index, atomically on disk or object by object on S3. The index is read and checked
+    before anything is written (a report whose index cannot be read writes nothing), and updated so that reports
+    running at once each keep their row: under a lock on disk, by conditional writes on S3."""
     from sonossl.atomic import atomic_write_text
 
+    row = {k: summary[k] for k in INDEX_KEYS}
     with tempfile.TemporaryDirectory(prefix="sonossl-drift-") as tmp:
         stage = Path(tmp)
         snap.save_html(str(stage / "drift.html"))
         snap.save_json(str(stage / "drift.json"))
         (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        # the index is read, checked and rendered first: a report whose index cannot be read writes nothing
         if is_s3(out):
-            from sonossl.storage import StorageNotFound, get_bytes, put_bytes, upload
+            from sonossl.storage import upload
 
             prefix = str(out).rstrip("/")
-            try:
-                entries = _index_entries(get_bytes(f"{prefix}/index.json"), f"{prefix}/index.json")
-            except StorageNotFound:  # the first report; any other failure must not wipe the index
-                entries = []
-        else:
-            out = Path(out)
-            index = out / "index.json"
-            entries = _index_entries(index.read_bytes(), index) if index.is_file() else []
-        entries = [e for e in entries if e["window"] != window] + [{k: summary[k] for k in INDEX_KEYS}]
-        index_json, page = json.dumps(entries, indent=2) + "\n", _index_html(entries)
-        if is_s3(out):
+            entries, etag = _s3_index(prefix)
             upload(stage, f"{prefix}/{window}/")
-            put_bytes(index_json.encode(), f"{prefix}/index.json")
-            put_bytes(page.encode(), f"{prefix}/index.html")
+            _s3_update_index(prefix, window, row, entries, etag)
             return f"{prefix}/{window}/drift.html", f"{prefix}/{window}/drift.json"
-        target = out / window
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("drift.html", "drift.json", "summary.json"):
-            atomic_write_text(target / name, (stage / name).read_text())
-        atomic_write_text(index, index_json)
-        atomic_write_text(out / "index.html", page)
+        out = Path(out)
+        index, target = out / "index.json", out / window
+        with _index_lock(out):
+            entries = _merged(_index_entries(index.read_bytes(), index) if index.is_file() else [], window, row)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("drift.html", "drift.json", "summary.json"):
+                atomic_write_text(target / name, (stage / name).read_text())
+            atomic_write_text(index, json.dumps(entries, indent=2) + "\n")
+            atomic_write_text(out / "index.html", _index_html(entries))
         return str(target / "drift.html"), str(target / "drift.json")
 
 
@@ -362,6 +432,8 @@ def summary_text(summary: dict[str, Any]) -> str:
                      f"{s['baseline']:.3f})"
                      + ("  DRIFT" if s["drift"] else ""))
     fs = summary["frame_size"]
-    lines.append(f"  frame size   {', '.join(fs['current'])} (training: {', '.join(fs['reference'])})"
-                 + ("  DRIFT" if fs["drift"] else ""))
+    share = summary["params"]["drift_share"]  # the share of frames at unseen sizes that is drift
+    lines.append(f"  frame size   {fs['unseen_share']:8.3f}  threshold {share:7.3f}  (share of frames at a size the "
+                 f"training data never had; window: {', '.join(fs['current'])}; training: "
+                 f"{', '.join(fs['reference'])})" + ("  DRIFT" if fs["drift"] else ""))
     return "\n".join(lines)

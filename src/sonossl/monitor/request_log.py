@@ -255,6 +255,13 @@ def _part_files(uri: str, first_day: date | None = None) -> list[str]:
     return [str(p) for p in sorted(root.rglob("*.jsonl"))]
 
 
+def last_written(uri: str | Path, first_day: date) -> date | None:
+    """The last day, from ``first_day`` on, on which the log got a part file (its ``date=`` folders), or None: a
+    log that nothing was written to since (no traffic, or a server that stopped logging)."""
+    days = [d for d in map(_written_on, _part_files(str(uri), first_day)) if d is not None and d >= first_day]
+    return max(days, default=None)
+
+
 def _holds_anything(uri: str) -> bool:
     """Whether an S3 log prefix holds any object (one short listing): a log with parts, none of them listed for a
     window after its last day, is a log with no rows there, not a wrong location."""

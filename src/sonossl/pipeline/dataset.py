@@ -65,6 +65,30 @@ def fetch_raw_dataset(location: str, dest: str | Path) -> Path:
     return path
 
 
+def check_raw_dataset(location: str) -> None:
+    """Fail now, naming it, when an ``s3://`` or ``dvc://`` location holds no raw dataset (no ``labels.csv``): a
+    check before a pipeline starts, where the first task would fail only after its retries."""
+    if location.startswith("s3://"):
+        from sonossl.storage import holds
+
+        if not holds(location.rstrip("/") + "/labels.csv"):
+            raise FileNotFoundError(f"dataset {location}: no labels.csv there (a raw dataset holds labels.csv and the "
+                                    "videos it lists)")
+    elif location.startswith(DVC_SCHEME):
+        from dvc.api import DVCFileSystem
+
+        loc = parse_dvc_location(location)
+        repo = loc.repo or str(Path.cwd())
+        try:
+            found = DVCFileSystem(repo, rev=loc.rev).isfile(f"{loc.path}/labels.csv")
+        except Exception as e:  # dvc raises many types (SCM, remote, revision errors): one clear message
+            raise ValueError(f"dataset {location} (repo {repo}, rev {loc.rev or 'HEAD'}): {type(e).__name__}: "
+                             f"{e}") from e
+        if not found:
+            raise FileNotFoundError(f"dataset {location}: no {loc.path}/labels.csv in {repo} at revision "
+                                    f"{loc.rev or 'HEAD'} (a raw dataset folder, tracked by DVC)")
+
+
 def _fetch_dvc(loc: DvcLocation, dest: Path) -> Path:
     from dvc.api import DVCFileSystem
 

@@ -120,13 +120,24 @@ def _run(out_dir: Path, params_file: Path, name: str, **arguments: Any) -> tuple
 
 
 def _check_local(location: str | None, what: str) -> None:
-    """A location that is neither ``s3://`` nor ``dvc://`` is a folder here (``sonossl.pipeline.dataset``): one that
-    does not exist fails now, naming it, not after the first task's retries."""
-    from sonossl.pipeline.dataset import DVC_SCHEME
+    """A dataset that is not there fails now, naming it, not after the first task's three tries: a folder here
+    (neither ``s3://`` nor ``dvc://``, ``sonossl.pipeline.dataset``) that does not exist, or an ``s3://`` or
+    ``dvc://`` location without a labels.csv."""
+    from sonossl.pipeline.dataset import DVC_SCHEME, check_raw_dataset
 
-    if location and not location.startswith(("s3://", DVC_SCHEME)) and not Path(location).is_dir():
+    if location and location.startswith(("s3://", DVC_SCHEME)):
+        check_raw_dataset(location)
+    elif location and not Path(location).is_dir():
         raise FileNotFoundError(f"{what} {location!r}: no such folder (a local raw dataset: labels.csv and videos; "
                                 f"or an s3:// or {DVC_SCHEME} location)")
+
+
+def _check_arguments(arguments: dict[str, Any] | None) -> dict[str, Any]:
+    """``--param`` values other than the two that run-local takes as options of its own."""
+    for key in ("profile", "dataset"):
+        if key in (arguments or {}):
+            raise ValueError(f"--param {key}={arguments[key]}: run-local takes the {key} as --{key} {arguments[key]}")
+    return dict(arguments or {})
 
 
 def run_local_crossval(out_dir: str | Path, dataset: str, profile: str = "tiny",
@@ -137,12 +148,12 @@ def run_local_crossval(out_dir: str | Path, dataset: str, profile: str = "tiny",
     from sonossl.config import load_params
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
+    arguments = _check_arguments(arguments)
     load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
     _check_local(dataset, "dataset")
     if Path(dataset).is_dir():  # a folder here: videos without patient or label fail now, not in the crossval task
         check_crossval_listing(Path(dataset), dataset)
-    run_dir, seconds, _ = _run(out_dir, params_file, "crossval", dataset=dataset, profile=profile,
-                               **(arguments or {}))
+    run_dir, seconds, _ = _run(out_dir, params_file, "crossval", dataset=dataset, profile=profile, **arguments)
     tasks = summarize_run(run_dir)
     return {"run": str(run_dir), "seconds": round(seconds, 1), "profile": profile, "dataset": dataset,
             "results": str(Path(tasks["crossval"]["artifacts"]["results"]["uri"]) / "results.json"),
@@ -156,8 +167,8 @@ def run_local(out_dir: str | Path, profile: str = "tiny", dataset: str | None = 
     from sonossl.config import load_params
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
+    arguments = {"deploy_dry_run": True, **_check_arguments(arguments)}
     params = load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
-    arguments = {"deploy_dry_run": True, **(arguments or {})}
     _check_local(dataset, "dataset")  # before anything is made: a typo costs nothing
     _check_local(arguments.get("test_dataset"), "test_dataset")
     out_dir.mkdir(parents=True, exist_ok=True)

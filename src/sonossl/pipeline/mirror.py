@@ -116,9 +116,16 @@ def mirrored(folder: str | Path, uri: str | None, interval: float | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     s3 = storage.client()
     if restore_first:
-        restored = restore(uri, folder, client=s3)
-        log.info("checkpoint store %s: %s", uri, f"restored {restored} file(s) of an earlier attempt" if restored
-                 else "nothing there yet; starting fresh")
+        try:
+            restored = restore(uri, folder, client=s3)
+        except storage.StorageCorrupt as e:  # a damaged store must not fail every retry and every later run
+            log.warning("checkpoint store %s: cannot be restored (%s); deleting what it holds and starting fresh",
+                        uri, e)
+            storage.delete_prefix(uri, client=s3)
+            restored = None
+        if restored is not None:
+            log.info("checkpoint store %s: %s", uri, f"restored {restored} file(s) of an earlier attempt"
+                     if restored else "nothing there yet; starting fresh")
     stop = threading.Event()
 
     def loop() -> None:

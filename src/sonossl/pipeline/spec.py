@@ -54,6 +54,12 @@ def parameter_types(name: str) -> dict[str, type]:
             for key, p in sorted(params.items())}
 
 
+def required_parameters(name: str) -> list[str]:
+    """The pipeline's run parameters without a default: a run must give each a value."""
+    params = pipeline_function(name).pipeline_spec.root.input_definitions.parameters
+    return sorted(key for key, p in params.items() if not p.HasField("default_value"))
+
+
 def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
     """``key -> text`` (from ``--param key=value``) as the types the pipeline declares (a list as JSON or
     comma-separated); unknown keys and, for the training pipeline, bad ``tasks`` and ``deploy_metric`` fail."""
@@ -82,7 +88,29 @@ def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
         out["tasks"] = check_tasks(out["tasks"])
     if name == "training" and "deploy_metric" in out:
         out["deploy_metric"] = check_gate_metric(out["deploy_metric"])
+    _check_values(out)
     return out
+
+
+def _check_values(out: dict[str, Any]) -> None:
+    """Values the steps would refuse only on the cluster (``canary_percent`` only in the deploy step, after all the
+    training): refused here, before anything is compiled, sent or run. The names follow ``sonossl.deploy``'s rules."""
+    from sonossl import deploy
+    from sonossl.config import PROFILES
+
+    def refuse(key: str, message: str) -> None:
+        raise ValueError(f"--param {key}={out[key]}: {message}")
+
+    if "profile" in out and out["profile"] not in PROFILES:
+        refuse("profile", f"not a profile of params.yaml ({', '.join(PROFILES)})")
+    if "canary_percent" in out and not 0 <= out["canary_percent"] <= 100:
+        refuse("canary_percent", "give a whole percentage 0-100 of the traffic for the new model (0: all of it)")
+    for key, pattern, max_len, what in [
+            ("service_name", deploy._DNS1035, 45, "InferenceService name"),
+            ("namespace", deploy._DNS1123_LABEL, 63, "namespace"),
+            ("service_account", deploy._DNS1123_SUBDOMAIN, 253, "service account name")]:
+        if key in out and (not pattern.fullmatch(out[key]) or len(out[key]) > max_len):
+            refuse(key, f"not a valid {what} (lower-case letters, digits and '-', at most {max_len} characters)")
 
 
 def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:

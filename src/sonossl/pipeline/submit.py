@@ -71,12 +71,21 @@ REMOTE_LOCATIONS = {"dataset": ("s3://", DVC_SCHEME), "test_dataset": ("s3://", 
                     "checkpoint_store": ("s3://",)}
 
 
-def _check_remote(arguments: dict[str, Any]) -> None:
-    """A cluster's pods cannot read or write a folder of this machine (what a pod writes to its own disk is lost
-    with it): each location in ``REMOTE_LOCATIONS`` must have one of its forms; anything else fails here, before
+GIT_URLS = ("https://", "http://", "ssh://", "git://", "git@")  # a repository a pod can clone
+
+
+def _check_run_arguments(pipeline: str, arguments: dict[str, Any]) -> None:
+    """A run needs a value for each parameter without a default, and a cluster's pods cannot read or write a folder
+    of this machine (what a pod writes to its own disk is lost with it): each location in ``REMOTE_LOCATIONS`` must
+    have one of its forms, and a DVC location a git repository the pods can clone; anything else fails here, before
     anything is sent."""
     from sonossl.config import ParamsError
+    from sonossl.pipeline.dataset import parse_dvc_location
+    from sonossl.pipeline.spec import required_parameters
 
+    for key in required_parameters(pipeline):
+        if arguments.get(key) in (None, ""):
+            raise ParamsError(f"the {pipeline} pipeline needs --param {key}=... (it has no default)")
     for key, forms in REMOTE_LOCATIONS.items():
         value = arguments.get(key)
         if isinstance(value, str) and value and not value.startswith(forms):
@@ -84,6 +93,12 @@ def _check_remote(arguments: dict[str, Any]) -> None:
                               "locations, not a folder of this machine; push a local folder first (`sonossl "
                               f"artifacts push {value} s3://BUCKET/PREFIX`), or run here with `sonossl pipeline "
                               "run-local`")
+        if isinstance(value, str) and value.startswith(DVC_SCHEME):
+            repo = parse_dvc_location(value).repo
+            if not (repo or "").startswith(GIT_URLS):
+                raise ParamsError(f"pipeline parameter {key}={value!r}: a pod has no git checkout of its own; give "
+                                  "the repository it clones as repo=<git URL> (https://, ssh:// or git@...), e.g. "
+                                  "dvc://data/raw/sim?repo=https://github.com/org/sonossl.git&rev=v0.1.0")
 
 
 def submit(host: str, pipeline: str = "training", params: dict[str, str] | None = None, *,
@@ -101,7 +116,7 @@ def submit(host: str, pipeline: str = "training", params: dict[str, str] | None 
     from sonossl.pipeline.spec import compile_pipeline, typed_parameters
 
     arguments = typed_parameters(pipeline, params or {})  # bad names and values fail before any network call
-    _check_remote(arguments)
+    _check_run_arguments(pipeline, arguments)
     cron = _cron(schedule) if schedule else None
     check_host(host, token, timeout)
     try:

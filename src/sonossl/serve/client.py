@@ -27,6 +27,25 @@ class EndpointError(RuntimeError):
         self.status = status
 
 
+def _grey_levels(frames: Any) -> np.ndarray:
+    """``frames`` as uint8, refusing what a cast would change: frames in [0, 1] (as image libraries load them) would
+    become black, 16-bit levels would wrap around, and the endpoint would answer for frames it was never shown."""
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return frames
+    if frames.dtype == bool or not np.issubdtype(frames.dtype, np.number):
+        raise ValueError(f"frames: dtype {frames.dtype}; expected grey levels, whole numbers 0-255 (uint8)")
+    if frames.size:
+        low, high = frames.min(), frames.max()
+        whole = bool(np.isfinite(frames).all() and (frames == np.round(frames)).all())
+        if not whole or low < 0 or high > 255:
+            hint = (": frames in [0, 1]? send (frames * 255).round().astype(np.uint8)" if whole is False and high <= 1
+                    else "")
+            raise ValueError(f"frames: dtype {frames.dtype} with values from {low} to {high}; expected grey levels, "
+                             f"whole numbers 0-255 (uint8); converting would change them{hint}")
+    return frames.astype(np.uint8)
+
+
 class Client:
     def __init__(self, url: str, model: str = "sonossl", timeout: float = 60.0):
         import requests
@@ -91,8 +110,9 @@ class Client:
 
     def infer_frames(self, frames: np.ndarray, binary: bool = False) -> dict[str, Any]:
         """Grey frames (N, H, W) uint8, as a JSON list of numbers, or raw (``binary``: the v2 binary data extension;
-        KServe 0.21 turns such a tensor back into a Python list, so it is no faster on the server)."""
-        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        KServe 0.21 turns such a tensor back into a Python list, so it is no faster on the server). Another dtype is
+        accepted only where every value is a whole number 0-255; anything else is refused (``ValueError``)."""
+        frames = np.ascontiguousarray(_grey_levels(frames))
         spec = {"name": "frames", "shape": list(frames.shape), "datatype": "UINT8"}
         if binary:
             return self._post({"inputs": [{**spec, "parameters": {"binary_data_size": frames.nbytes}}]},

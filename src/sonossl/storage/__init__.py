@@ -6,20 +6,26 @@
 """
 
 from sonossl.storage.s3 import (
+    StorageConflict,
+    StorageCorrupt,
     StorageError,
     StorageNotFound,
     client,
+    delete_prefix,
     download,
     endpoint_from_env,
     file_sha256,
     files_to_upload,
     get_bytes,
+    get_bytes_etag,
     holds,
     list_uris,
     parse_s3_uri,
     put_bytes,
+    put_bytes_if,
     upload,
 )
 
-__all__ = ["StorageError", "StorageNotFound", "client", "download", "endpoint_from_env", "file_sha256",
-           "files_to_upload", "get_bytes", "holds", "list_uris", "parse_s3_uri", "put_bytes", "upload"]
+__all__ = ["StorageConflict", "StorageCorrupt", "StorageError", "StorageNotFound", "client", "delete_prefix",
+           "download", "endpoint_from_env", "file_sha256", "files_to_upload", "get_bytes", "get_bytes_etag", "holds",
+           "list_uris", "parse_s3_uri", "put_bytes", "put_bytes_if", "upload"]

@@ -55,6 +55,16 @@ class StorageError(ValueError):
     """A transfer that failed for a reason the user can act on (bad URI, missing object, checksum, endpoint, auth)."""
 
 
+class StorageConflict(StorageError):
+    """A conditional request lost: the object changed since it was read (``put_bytes_if``; a download's object
+    replaced mid-transfer)."""
+
+
+class StorageCorrupt(StorageError):
+    """An object whose bytes do not match its sha256 metadata, or that has none: it cannot be trusted; push it
+    again with ``force`` (``sonossl artifacts push --force``)."""
+
+
 class StorageNotFound(StorageError):
     """The object (or bucket) does not exist: the one failure a caller may treat as "nothing there yet"."""
 
@@ -152,8 +162,8 @@ def _storage_error(e: BaseException, s3: Any, uri: str, action: str) -> StorageE
             return StorageError(f"cannot {action} {uri}: access denied by {endpoint} ({code}); check the "
                                 "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
                                 "bucket policy")
-        if code in ("PreconditionFailed", "412"):
-            return StorageError(f"cannot {action} {uri}: the object changed during the transfer; run it again")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return StorageConflict(f"cannot {action} {uri}: the object changed meanwhile; run it again")
         return StorageError(f"cannot {action} {uri}: {endpoint} answered {code or status}: "
                             f"{err.get('Message', '')}".rstrip(": "))
     if isinstance(e, EndpointConnectionError | ConnectionClosedError) or _is_connection_error(e):
@@ -282,8 +292,9 @@ class _Snapshot(io.RawIOBase):
         return len(data)
 
 
-def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: Any) -> bool:
-    """Upload one file with its sha256 in the metadata; False when an identical object is already there.
+def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: Any, force: bool = False) -> bool:
+    """Upload one file with its sha256 in the metadata; False when an identical object is already there (by its
+    metadata and length; ``force`` sends it anyway, over an object damaged with its metadata left as it was).
 
     The file is opened once: hashed, then sent from the same handle, at most the bytes hashed. Hashing by name and
     sending by name again let a file replaced in between (a checkpoint, every epoch, under a running mirror) go up
@@ -299,7 +310,7 @@ def _upload_file(s3: Any, path: Path, bucket: str, key: str, config: Any, bar: A
                 if not _forbidden(e):
                     raise
                 head = None  # allowed to write but not to read: just upload (a refused upload still fails clearly)
-            if head is not None and head.get("Metadata", {}).get(SHA256_KEY) == digest \
+            if not force and head is not None and head.get("Metadata", {}).get(SHA256_KEY) == digest \
                     and head.get("ContentLength") == size:
                 bar.update(size)
                 return False
@@ -346,13 +357,15 @@ def files_to_upload(local_path: str | os.PathLike) -> tuple[list[Path], int]:
 
 def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multipart_threshold: int | None = None,
            multipart_chunksize: int | None = None, progress: bool = False,
-           log_level: int = logging.INFO, delete: bool = False) -> list[str]:
+           log_level: int = logging.INFO, delete: bool = False, force: bool = False) -> list[str]:
     """Upload a file (to ``uri``, or ``uri/<name>`` when ``uri`` ends with ``/``) or a folder, recursively, under
     the prefix ``uri``. Returns the keys that now hold the files, sorted (objects already there with the same
     SHA-256 are kept, not sent again). ``log_level``: of the line that says what was sent (a caller that copies
     one file at a time, every minute, passes DEBUG); warnings stay warnings. ``delete`` (a folder only): then also
     delete the objects under the prefix that the folder no longer holds, once every file is up, so that the prefix
-    is a copy of the folder (a pull would otherwise bring back files deleted here)."""
+    is a copy of the folder (a pull would otherwise bring back files deleted here). ``force``: send every file,
+    even where an object with the same sha256 metadata and length is there (the repair of an object damaged on the
+    server, which its metadata alone cannot show)."""
     s3 = client or _new_client()
     local_path = Path(local_path)
     bucket, prefix = parse_s3_uri(uri)
@@ -375,7 +388,7 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
     sent = 0
     with _progress(sum(p.stat().st_size for p, _ in files), f"upload {local_path.name}", progress) as bar:
         for path, key in files:
-            sent += _upload_file(s3, path, bucket, key, config, bar)
+            sent += _upload_file(s3, path, bucket, key, config, bar, force)
     log.log(log_level, "uploaded %d of %d file(s) to %s (%d already there, identical)", sent, len(files), uri,
             len(files) - sent)
     keys = sorted(key for _, key in files)
@@ -384,8 +397,18 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
     return keys
 
 
-def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Path) -> None:
-    """Delete the objects under ``prefix`` whose keys are not in ``keep`` (1,000 per request, S3's limit)."""
+def delete_prefix(uri: str, *, client: Any = None) -> None:
+    """Delete every object under the prefix ``uri`` (``s3://bucket/prefix``; a whole bucket is refused)."""
+    s3 = client or _new_client()
+    bucket, prefix = parse_s3_uri(uri)
+    if not prefix.strip("/"):
+        raise StorageError(f"delete {uri}: give a prefix under the bucket (deleting a whole bucket is refused)")
+    _delete_others(s3, bucket, prefix.rstrip("/") + "/", set(), None)
+
+
+def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Path | None) -> None:
+    """Delete the objects under ``prefix`` whose keys are not in ``keep`` (1,000 per request, S3's limit);
+    ``folder``: the folder they are missing from, for the log line (None: every object was to go)."""
     uri = _uri(bucket, prefix)
     stale = [u.split("/", 3)[3] for u in list_uris(uri, client=s3)]
     stale = [k for k in stale if k not in keep]
@@ -397,7 +420,8 @@ def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Pa
             raise StorageError(f"cannot delete {_uri(bucket, first.get('Key', '?'))}: {first.get('Code')} "
                                f"{first.get('Message', '')}".rstrip())
     if stale:
-        log.info("deleted %d object(s) under %s that %s no longer holds", len(stale), uri, folder)
+        log.info("deleted %d object(s) under %s%s", len(stale), uri,
+                 f" that {folder} no longer holds" if folder is not None else "")
 
 
 def put_bytes(data: bytes, uri: str, *, client: Any = None) -> str:
@@ -412,22 +436,43 @@ def put_bytes(data: bytes, uri: str, *, client: Any = None) -> str:
     return key
 
 
+def put_bytes_if(data: bytes, uri: str, etag: str | None, *, client: Any = None) -> str:
+    """Write ``data`` to one object only if it is still the version read (``etag``, from ``get_bytes_etag``), or,
+    with ``etag=None``, only if there is none yet (S3's conditional writes, If-Match / If-None-Match); returns the
+    new ETag. Raises ``StorageConflict`` when another writer came first: read again, merge, try again. A server that
+    ignores the conditions (some S3-compatible ones) makes this a plain ``put_bytes``."""
+    s3 = client or _new_client()
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"not an object URI: {uri!r} (expected s3://bucket/key, not a prefix)")
+    condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+    digest = hashlib.sha256(data).hexdigest()
+    resp = _retrying(lambda: s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_KEY: digest},
+                                           **condition), s3, uri, "write")
+    return str(resp["ETag"])
+
+
 def _expected_sha256(head: dict[str, Any], uri: str) -> str:
     digest = head.get("Metadata", {}).get(SHA256_KEY)
     if not digest:
-        raise StorageError(f"{uri}: object has no sha256 metadata (x-amz-meta-sha256), so it cannot be verified; "
+        raise StorageCorrupt(f"{uri}: object has no sha256 metadata (x-amz-meta-sha256), so it cannot be verified; "
                            "upload it with `sonossl artifacts push`")
     return str(digest)
 
 
 def _mismatch(uri: str, expected: str, got: str) -> StorageError:
-    return StorageError(f"{uri}: checksum mismatch: the object's sha256 metadata says {expected}, the downloaded "
+    return StorageCorrupt(f"{uri}: checksum mismatch: the object's sha256 metadata says {expected}, the downloaded "
                         f"bytes hash to {got}; the object is corrupted (or was overwritten without its metadata): "
                         "nothing was written")
 
 
 def get_bytes(uri: str, *, client: Any = None) -> bytes:
     """Read one object, verified against its sha256 metadata."""
+    return get_bytes_etag(uri, client=client)[0]
+
+
+def get_bytes_etag(uri: str, *, client: Any = None) -> tuple[bytes, str]:
+    """Read one object, verified against its sha256 metadata, and its ETag (for ``put_bytes_if``)."""
     s3 = client or _new_client()
     bucket, key = parse_s3_uri(uri)
 
@@ -440,7 +485,7 @@ def get_bytes(uri: str, *, client: Any = None) -> bytes:
     got = hashlib.sha256(data).hexdigest()
     if got != expected:
         raise _mismatch(uri, expected, got)
-    return data
+    return data, str(resp["ETag"])
 
 
 def list_uris(prefix_uri: str, *, client: Any = None, start_after: str = "") -> list[str]:
@@ -547,6 +592,12 @@ def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, pro
     objects = [o for o in listing if not o["Key"].endswith("/")]  # folder markers some tools create
     if not objects:
         raise StorageError(f"cannot download {uri}: no such object or prefix at {_endpoint(s3)}")
+    here = Path.cwd().resolve()
+    if local_path.resolve() == here or local_path.resolve() in here.parents:  # '.', '..': replaced as a whole
+        raise StorageError(f"cannot download {uri} to {str(local_path)!r}: a prefix replaces its destination folder "
+                           f"as a whole, and {str(local_path)!r} is the current folder or one above it; give a "
+                           f"folder of its own (or end it with '/' to download into it: {local_path}/"
+                           f"{posixpath.basename(prefix.rstrip('/')) or bucket})")
     # every key is checked before anything is written
     rels = [(o, _safe_relative(bucket, o["Key"], prefix, uri)) for o in objects]
     with _progress(sum(int(o["Size"]) for o in objects), f"download {local_path.name}", progress) as bar, \

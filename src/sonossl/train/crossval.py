@@ -102,8 +102,10 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
         "pretrain_clips_per_epoch": AT_LEAST_1, "finetune_epochs": AT_LEAST_1})
     d = open_labelled(clips_dir)
     idx = d.data.index
-    if idx.patient_id.isna().any():
-        raise ValueError(f"{clips_dir}: crossval groups by patient_id, which is missing for some videos")
+    no_patient = idx.video[idx.patient_id.isna()].unique()
+    if len(no_patient):
+        raise ValueError(f"{clips_dir}: crossval groups by patient_id, which is missing for {len(no_patient)} "
+                         f"video(s), e.g. {no_patient[0]!r}: give each a patient_id in labels.csv")
     unlabelled = idx.video[idx.label.isna()].unique()
     if len(unlabelled):
         raise ValueError(f"{clips_dir}: crossval classifies whole videos by their label, which is missing for "
