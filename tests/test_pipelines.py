@@ -686,6 +686,37 @@ def test_saliency_asked_of_data_without_gaze_maps_fails_at_preprocess(pocus_subs
     assert not (tmp_path / "rl3").exists()
 
 
+def test_a_failed_local_run_names_what_went_wrong_in_its_task():
+    """kfp.local's error names only the task, in colour codes; the task's own error is in its output, which
+    run-local keeps the last lines of as it passes them on: the message ends with that error and its lines."""
+    import contextlib
+    import io
+
+    from sonossl.pipeline.local import _Tail, failure_message
+
+    out = io.StringIO()
+    tail = _Tail(out)
+    printed = ("19:51:40.1 - INFO - Executing task \x1b[96m'preprocess'\x1b[0m\n"
+               "    Traceback (most recent call last):\n"
+               "      File \"/app/src/sonossl/data/clips.py\", line 1090, in preprocess\n"
+               "        raise PreprocessError(\n"
+               "    sonossl.data.clips.PreprocessError: /data/raw: no usable video among the 1 listed in labels.csv:\n"
+               "      missing.mp4: file not found\n"
+               "    \n"
+               "19:51:48.9 - ERROR - Task \x1b[96m'preprocess'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m\n")
+    with contextlib.redirect_stdout(tail):
+        for part in (printed[:37], printed[37:200], printed[200:]):  # lines arrive in pieces, as print writes them
+            print(part, end="")
+    assert out.getvalue() == printed and len(tail.lines) == 8  # passed on whole; every complete line kept
+    kfp = ("Pipeline \x1b[95m'sonossl-training'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m. Inner task "
+           "failed: \x1b[96m'preprocess'\x1b[0m.")
+    assert failure_message(kfp, tail.lines) == (
+        "Pipeline 'sonossl-training' finished with status FAILURE. Inner task failed: 'preprocess'. The task's error: "
+        "sonossl.data.clips.PreprocessError: /data/raw: no usable video among the 1 listed in labels.csv:\n"
+        "  missing.mp4: file not found")
+    assert failure_message(kfp, ["no traceback here"]).endswith("Inner task failed: 'preprocess'.")
+
+
 def test_an_s3_dataset_without_labels_csv_is_refused_before_the_pipeline_starts(s3_server, tmp_path):
     from sonossl.pipeline.dataset import check_raw_dataset
     from sonossl.storage import put_bytes

@@ -21,12 +21,16 @@ pipeline's under ``<out_dir>/kfp/sonossl-crossval-<timestamp>/``; temporary file
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import json
 import logging
 import os
+import re
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +101,47 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# the last line of a Python traceback: "ValueError: ...", "sonossl.storage.s3.StorageError: ..."
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)\b.*")
+
+
+class _Tail(io.TextIOBase):
+    """A text stream that writes through to ``inner`` and keeps its last ``n`` lines: kfp.local prints each task's
+    output line by line on stdout, and its final error names only the task, not what went wrong in it."""
+
+    def __init__(self, inner: Any, n: int = 400) -> None:
+        self.inner, self.lines, self._part = inner, collections.deque(maxlen=n), ""
+
+    def write(self, text: str) -> int:
+        self.inner.write(text)
+        *done, self._part = (self._part + text).split("\n")
+        self.lines.extend(done)
+        return len(text)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+def failure_message(message: str, lines: Iterable[str]) -> str:
+    """kfp.local's "Pipeline ... finished with status FAILURE. Inner task failed: 'x'." without its colour codes,
+    followed by the failed task's own last error from its output, when there is one: the traceback's last line and
+    the lines of its message below it (indented further)."""
+    message = _ANSI.sub("", message).strip()
+    lines = [_ANSI.sub("", line).rstrip() for line in lines]
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line.strip())]
+    if not starts:
+        return message
+    first = lines[starts[-1]]
+    indent = len(first) - len(first.lstrip())
+    error = [first.strip()]
+    for line in lines[starts[-1] + 1:starts[-1] + 11]:
+        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+            break
+        error.append(line.strip())
+    return f"{message} The task's error: " + "\n  ".join(error)
+
+
 def _run(out_dir: Path, params_file: Path, name: str, **arguments: Any) -> tuple[Path, float, Any]:
     """Run the pipeline ``name`` with kfp.local under ``out_dir/kfp``; its run folder, seconds and output task."""
     from kfp import local
@@ -109,9 +154,13 @@ def _run(out_dir: Path, params_file: Path, name: str, **arguments: Any) -> tuple
     before = set(root.glob(pattern)) if root.is_dir() else set()
     pipeline = pipeline_function(name)
     t0 = time.perf_counter()
-    with _environ(TMPDIR=str(out_dir / "tmp"), **{PARAMS_ENV: str(params_file)}):
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-        task = pipeline(**arguments)
+    tail = _Tail(sys.stdout)
+    try:
+        with _environ(TMPDIR=str(out_dir / "tmp"), **{PARAMS_ENV: str(params_file)}), contextlib.redirect_stdout(tail):
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+            task = pipeline(**arguments)
+    except RuntimeError as e:  # a task failed (after its tries): say what went wrong in it, not only its name
+        raise RuntimeError(failure_message(str(e), tail.lines)) from None
     seconds = time.perf_counter() - t0
     runs = sorted(set(root.glob(pattern)) - before)
     if not runs:
