@@ -69,10 +69,25 @@ def _field(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
 
 
-def _check_name(value: Any, field: str, pattern: re.Pattern[str], max_len: int, what: str) -> str:
+# The names Kubernetes takes for each setting: (pattern, longest, what it names). KServe derives Knative route and
+# host names from the InferenceService's: DNS-1035, and short enough for the route name.
+NAME_RULES = {"name": (_DNS1035, 45, "InferenceService name"), "namespace": (_DNS1123_LABEL, 63, "namespace"),
+              "service_account": (_DNS1123_SUBDOMAIN, 253, "service account name"),
+              "runtime": (_DNS1123_SUBDOMAIN, 253, "ServingRuntime name")}
+
+
+def name_problem(field: str, value: Any) -> str | None:
+    """Why ``value`` is no valid name for the setting ``field`` (a key of ``NAME_RULES``), or None."""
+    pattern, max_len, what = NAME_RULES[field]
     if not isinstance(value, str) or not pattern.fullmatch(value) or len(value) > max_len:
-        raise ValueError(f"{_field(field)} {value!r} is not a valid {what} (lower-case letters, digits and '-', "
-                         f"at most {max_len} characters)")
+        return f"not a valid {what} (lower-case letters, digits and '-', at most {max_len} characters)"
+    return None
+
+
+def _check_name(value: Any, field: str) -> str:
+    problem = name_problem(field, value)
+    if problem:
+        raise ValueError(f"{_field(field)} {value!r} is {problem}")
     return value
 
 
@@ -164,11 +179,9 @@ def render(model_uri: str, *, name: str, namespace: str, image: str | None, cana
                                    V1Toleration)
 
     model_uri = _check_model_uri(model_uri)
-    # KServe derives Knative route and host names from it: DNS-1035, and short enough for the route name
-    _check_name(name, "name", _DNS1035, 45, "InferenceService name")
-    _check_name(namespace, "namespace", _DNS1123_LABEL, 63, "namespace")
-    _check_name(service_account, "service_account", _DNS1123_SUBDOMAIN, 253, "service account name")
-    _check_name(runtime, "runtime", _DNS1123_SUBDOMAIN, 253, "ServingRuntime name")
+    for field, value in (("name", name), ("namespace", namespace), ("service_account", service_account),
+                         ("runtime", runtime)):
+        _check_name(value, field)
     canary_percent = _check_canary(canary_percent)
     if image is not None and (not isinstance(image, str) or not image or any(c.isspace() for c in image)):
         raise ValueError(f"{_field('image')} {image!r}: give a container image reference such as {DEFAULT_IMAGE}")

@@ -14,9 +14,13 @@ The training pipeline's ``dataset`` parameter names one raw dataset (``labels.cs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
+
+T = TypeVar("T")
 
 DVC_SCHEME = "dvc://"
 
@@ -75,36 +79,36 @@ def check_raw_dataset(location: str) -> None:
             raise FileNotFoundError(f"dataset {location}: no labels.csv there (a raw dataset holds labels.csv and the "
                                     "videos it lists)")
     elif location.startswith(DVC_SCHEME):
-        from dvc.api import DVCFileSystem
-
         loc = parse_dvc_location(location)
-        repo = loc.repo or str(Path.cwd())
-        try:
-            found = DVCFileSystem(repo, rev=loc.rev).isfile(f"{loc.path}/labels.csv")
-        except Exception as e:  # dvc raises many types (SCM, remote, revision errors): one clear message
-            raise ValueError(f"dataset {location} (repo {repo}, rev {loc.rev or 'HEAD'}): {type(e).__name__}: "
-                             f"{e}") from e
-        if not found:
-            raise FileNotFoundError(f"dataset {location}: no {loc.path}/labels.csv in {repo} at revision "
-                                    f"{loc.rev or 'HEAD'} (a raw dataset folder, tracked by DVC)")
+        if not _with_dvc(loc, lambda fs: fs.isfile(f"{loc.path}/labels.csv")):
+            raise FileNotFoundError(f"dataset {location}: no {loc.path}/labels.csv in {loc.repo or Path.cwd()} at "
+                                    f"revision {loc.rev or 'HEAD'} (a raw dataset folder, tracked by DVC)")
 
 
-def _fetch_dvc(loc: DvcLocation, dest: Path) -> Path:
+def _with_dvc(loc: DvcLocation, action: Callable[[Any], T]) -> T:
+    """``action`` on the repository's ``DVCFileSystem`` at the location's revision; dvc's many error types (SCM,
+    remote, revision) become one clear ValueError; a FileNotFoundError of ``action``'s own passes as it is."""
     from dvc.api import DVCFileSystem
 
     repo = loc.repo or str(Path.cwd())
     try:
-        fs = DVCFileSystem(repo, rev=loc.rev)
-        if not fs.isdir(loc.path):
-            raise FileNotFoundError(f"dataset dvc://{loc.path}: no such folder in {repo} at revision "
-                                    f"{loc.rev or 'HEAD'}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(loc.path, str(dest), recursive=True)
+        return action(DVCFileSystem(repo, rev=loc.rev))
     except FileNotFoundError:
         raise
-    except Exception as e:  # dvc raises many types (SCM, remote, revision errors): one clear message
+    except Exception as e:
         raise ValueError(f"dataset dvc://{loc.path} (repo {repo}, rev {loc.rev or 'HEAD'}): {type(e).__name__}: "
                          f"{e}") from e
+
+
+def _fetch_dvc(loc: DvcLocation, dest: Path) -> Path:
+    def get(fs: Any) -> None:
+        if not fs.isdir(loc.path):
+            raise FileNotFoundError(f"dataset dvc://{loc.path}: no such folder in {loc.repo or Path.cwd()} at "
+                                    f"revision {loc.rev or 'HEAD'}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(loc.path, str(dest), recursive=True)
+
+    _with_dvc(loc, get)
     if not (dest / "labels.csv").is_file():
         raise FileNotFoundError(f"dataset dvc://{loc.path}: no labels.csv in it; a raw dataset folder holds "
                                 "labels.csv and the videos it lists")

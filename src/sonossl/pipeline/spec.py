@@ -94,7 +94,7 @@ def typed_parameters(name: str, values: dict[str, str]) -> dict[str, Any]:
 
 def _check_values(out: dict[str, Any]) -> None:
     """Values the steps would refuse only on the cluster (``canary_percent`` only in the deploy step, after all the
-    training): refused here, before anything is compiled, sent or run. The names follow ``sonossl.deploy``'s rules."""
+    training): refused here, before anything is compiled, sent or run, by ``sonossl.deploy``'s own rules."""
     from sonossl import deploy
     from sonossl.config import PROFILES
 
@@ -103,14 +103,16 @@ def _check_values(out: dict[str, Any]) -> None:
 
     if "profile" in out and out["profile"] not in PROFILES:
         refuse("profile", f"not a profile of params.yaml ({', '.join(PROFILES)})")
-    if "canary_percent" in out and not 0 <= out["canary_percent"] <= 100:
-        refuse("canary_percent", "give a whole percentage 0-100 of the traffic for the new model (0: all of it)")
-    for key, pattern, max_len, what in [
-            ("service_name", deploy._DNS1035, 45, "InferenceService name"),
-            ("namespace", deploy._DNS1123_LABEL, 63, "namespace"),
-            ("service_account", deploy._DNS1123_SUBDOMAIN, 253, "service account name")]:
-        if key in out and (not pattern.fullmatch(out[key]) or len(out[key]) > max_len):
-            refuse(key, f"not a valid {what} (lower-case letters, digits and '-', at most {max_len} characters)")
+    if "canary_percent" in out:
+        try:
+            deploy._check_canary(out["canary_percent"])
+        except ValueError:
+            refuse("canary_percent", "give a whole percentage 0-100 of the traffic for the new model (0: all of it)")
+    for key, field in (("service_name", "name"), ("namespace", "namespace"), ("service_account", "service_account"),
+                       ("runtime", "runtime")):
+        problem = deploy.name_problem(field, out[key]) if key in out else None
+        if problem:
+            refuse(key, problem)
 
 
 def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:

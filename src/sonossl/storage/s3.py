@@ -424,16 +424,21 @@ def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Pa
                  f" that {folder} no longer holds" if folder is not None else "")
 
 
-def put_bytes(data: bytes, uri: str, *, client: Any = None) -> str:
-    """Write ``data`` to one object, with its sha256 in the metadata; returns the key."""
+def _put(data: bytes, uri: str, client: Any, **condition: str) -> dict[str, Any]:
+    """One object written with its sha256 in the metadata (and S3's write ``condition``, if any); the response."""
     s3 = client or _new_client()
     bucket, key = parse_s3_uri(uri)
     if not key or key.endswith("/"):
         raise StorageError(f"not an object URI: {uri!r} (expected s3://bucket/key, not a prefix)")
     digest = hashlib.sha256(data).hexdigest()
-    _retrying(lambda: s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_KEY: digest}), s3, uri,
-              "write")
-    return key
+    return _retrying(lambda: s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_KEY: digest},
+                                           **condition), s3, uri, "write")
+
+
+def put_bytes(data: bytes, uri: str, *, client: Any = None) -> str:
+    """Write ``data`` to one object, with its sha256 in the metadata; returns the key."""
+    _put(data, uri, client)
+    return parse_s3_uri(uri)[1]
 
 
 def put_bytes_if(data: bytes, uri: str, etag: str | None, *, client: Any = None) -> str:
@@ -441,15 +446,8 @@ def put_bytes_if(data: bytes, uri: str, etag: str | None, *, client: Any = None)
     with ``etag=None``, only if there is none yet (S3's conditional writes, If-Match / If-None-Match); returns the
     new ETag. Raises ``StorageConflict`` when another writer came first: read again, merge, try again. A server that
     ignores the conditions (some S3-compatible ones) makes this a plain ``put_bytes``."""
-    s3 = client or _new_client()
-    bucket, key = parse_s3_uri(uri)
-    if not key or key.endswith("/"):
-        raise StorageError(f"not an object URI: {uri!r} (expected s3://bucket/key, not a prefix)")
     condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
-    digest = hashlib.sha256(data).hexdigest()
-    resp = _retrying(lambda: s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_KEY: digest},
-                                           **condition), s3, uri, "write")
-    return str(resp["ETag"])
+    return str(_put(data, uri, client, **condition)["ETag"])
 
 
 def _expected_sha256(head: dict[str, Any], uri: str) -> str:
