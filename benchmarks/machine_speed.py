@@ -69,13 +69,13 @@ def measure(batch: int = 32, steps: int = 5, repeats: int = 5) -> dict:
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5, help="training steps per timed block (default: 5)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/machine_speed.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if min(args.batch, args.steps, args.repeats) < 1:
         ap.error("--batch, --steps and --repeats must be at least 1")
     result: dict = {"benchmark": "machine_speed", "model": "torchvision resnet18, 1 input channel, weights=None",

@@ -576,3 +576,57 @@ def test_serve_benchmark_times_the_real_server_against_the_same_work_in_process(
     out.unlink()
     proc = subprocess.run([*cmd, "--requests", "5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "--requests: at least 20" in proc.stderr and not out.exists()
+
+
+def test_machine_speed_records_the_reference_speed_over_the_measured_one(tmp_path, monkeypatch, capsys):
+    """benchmarks/machine_speed.py: each size's slowdown is the issue's reference frames/s over the median of the
+    listed runs, the record's slowdown the median of the sizes', and it names the machine; bad counts are refused."""
+    import statistics
+
+    monkeypatch.syspath_prepend(str(LABEL_SEEDS.parent))
+    bench = importlib.import_module("machine_speed")
+    out = tmp_path / "speed.json"
+    assert bench.main(["--batch", "2", "--steps", "1", "--repeats", "3", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert (rec["batch"], rec["steps"], rec["repeats"]) == (2, 1, 3) and rec["machine"] and rec["torch"]
+    slowdowns = []
+    for size, reference in ((64, 55.0), (112, 26.0)):
+        runs = rec[f"{size}px"]
+        assert len(runs["frames_per_s"]) == 3 and runs["reference"] == reference
+        assert runs["median"] == pytest.approx(statistics.median(runs["frames_per_s"]), abs=0.051)
+        # from the unrounded median: within what rounding the median to 0.1 frames/s and the ratio to 0.01 allows
+        m = runs["median"]
+        assert reference / (m + 0.05) - 0.006 <= runs["slowdown"] <= reference / max(m - 0.05, 1e-9) + 0.006
+        slowdowns.append(runs["slowdown"])
+    assert rec["slowdown"] == pytest.approx(statistics.median(slowdowns), abs=0.011)
+    assert json.loads(capsys.readouterr().out) == rec
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--repeats", "0", "--out", str(tmp_path / "x.json")])
+    assert refused.value.code == 2 and "at least 1" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_drift_cases_serves_four_windows_and_reports_each(drift_export, pocus_subset, tmp_path):
+    """benchmarks/drift_cases.py (`make drift-demo`) on a tiny model: four windows sent through the real server, a
+    report and a record row for each; the real POCUS videos, of sizes the model never saw, drift. The other verdicts
+    are not checked: two tiny sweeps a window are too few to hold them (tests/test_drift.py checks verdicts)."""
+    from conftest import free_port
+
+    record, reports = tmp_path / "drift_cases.json", tmp_path / "reports"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "drift_cases.py"), "--model-dir", str(drift_export),
+           "--test-raw", str(drift_export.parent / "raw"), "--videos", "2", "--profile", "tiny", "--pocus",
+           str(pocus_subset), "--out", str(reports), "--record", str(record), "--port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(record.read_text())
+    windows = rec["windows"]
+    assert list(windows) == ["heldout", "fresh", "bright", "pocus"] and rec["machine"]
+    assert [w["videos"] for w in windows.values()] == [2, 2, 2, 3]  # pocus: one video of each class
+    assert all(w["frames"] == w["frames_served"] > 0 for w in windows.values())  # every served frame logged
+    assert windows["pocus"]["drift_detected"] and rec["model_version"] == json.loads(
+        (drift_export / "model_card.json").read_text())["model_version"]
+    html = (reports / "index.html").read_text()
+    assert all(f'href="{w}/drift.html"' in html for w in windows)
+    assert f"wrote {record}; reports: {reports}/index.html" in proc.stdout
+    bad = subprocess.run([*cmd[:6], "--pocus", str(tmp_path), "--record", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and f"{tmp_path}: no labels.csv" in bad.stderr and not (tmp_path / "x.json").exists()

@@ -94,7 +94,7 @@ def test_v1_frames_and_b64(server, tiny_clips):
     r = requests.post(url, json={"instances": frames[:3].tolist()}, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert len(body["predictions"]) == 3 and body["model_version"]
+    assert len(body["predictions"]) == 3 and body["model_version"] and len(body["crop"].split(",")) == 3
     p = body["predictions"][0]
     assert set(p) == {"label", "probs", "saliency", "embedding", "blank"}
     assert abs(sum(p["probs"].values()) - 1) < 1e-4 and p["label"] in body["classes"]
@@ -127,6 +127,12 @@ BAD_V2 = {
     "not base64": (_v2(data=["***"], shape=(1,), datatype="BYTES"), 400, "not valid base64"),
     "too many frames": (_v2(shape=(MAX_FRAMES + 1, 16, 16)), 400, f"the limit is {MAX_FRAMES}"),
     "frame too small": (_v2(shape=(1, 4, 4)), 400, "outside the accepted range"),
+    "crop not three numbers": ({**_v2(), "parameters": {"crop": "1,2"}}, 400,
+                               'parameters.crop: expected the sector crop as \\"x0,y0,side\\"'),
+    "crop not whole numbers": ({**_v2(), "parameters": {"crop": "0,0,20.5"}}, 400, "got '0,0,20.5'"),
+    "crop too small": ({**_v2(), "parameters": {"crop": "0,0,8"}}, 400, "the side at least 16 pixels"),
+    "crop outside the frames": ({**_v2(), "parameters": {"crop": "10,0,30"}}, 400,
+                                "a square of 30 pixels at x0=10, y0=0 does not fit the 32x32 frames"),
 }
 
 
@@ -159,12 +165,51 @@ def test_bad_inputs_get_a_4xx_that_names_the_problem_and_the_server_stays_up(ser
     # v1 mistakes
     for body, message in [({"instances": []}, "empty batch"), ({"rows": [1]}, "expected {\"instances\""),
                           ({"instances": [[1, 2, 3]]}, "H x W list"),
-                          ({"instances": [{"b64": "", "x": 1}]}, "one instance")]:
+                          ({"instances": [{"b64": "", "x": 1}]}, "one instance"),
+                          ({"instances": [[[0] * 32] * 32], "crop": [0, 0]}, "crop: expected the sector crop")]:
         r = requests.post(f"{server.url}/v1/models/sonossl:predict", json=body, timeout=30)
         assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
     # still serving
     assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
     assert client.infer_video(_sweep(tiny_clips))["probs"].shape[0] > 0
+
+
+def test_a_video_over_the_frame_limit_is_sent_in_parts_cropped_alike(server, client, tiny_export, tiny_clips,
+                                                                      tmp_path):
+    """One request takes at most --max-frames; infer_long_video sends a longer video in parts, each with the crop
+    preprocessing finds from the video's first frames pinned, so every frame gets the answer of the whole video
+    cropped once (parts that each found their own crop would each be cropped differently)."""
+    from conftest import write_video
+    from sonossl.data.clips import _video_crop
+    from sonossl.data.video import iter_frames, read_video
+    from sonossl.export import load_bundle
+    from sonossl.serve.client import EndpointError
+    from sonossl.serve.frames import card_preprocess_params, parse_crop, prepare_clip, video_head
+
+    frames = np.concatenate([read_video(_sweep(tiny_clips, i))[0] for i in range(3)])
+    assert len(frames) > 2 * MAX_FRAMES
+    path = write_video(tmp_path / "long.mp4", frames)
+    with pytest.raises(EndpointError, match=f"more than {MAX_FRAMES}, the limit per request; send it in parts with "
+                                            r"one crop pinned \(parameters.crop; Client.infer_long_video does\)"):
+        client.infer_video(path)
+    out = client.infer_long_video(path, frames_per_request=MAX_FRAMES)
+    grey = np.stack([np.array(f.image) for f in iter_frames(path)])
+    n = len(grey)
+    assert out["probs"].shape[0] == out["embedding"].shape[0] == out["blank"].shape[0] == len(out["label"]) == n
+    assert len(out["ids"]) == -(-n // MAX_FRAMES) and len(set(out["ids"])) == len(out["ids"])
+    bundle = load_bundle(tiny_export)
+    crop = _video_crop(video_head(iter_frames(path)))  # as preprocessing finds it, from the first frames
+    prepared = prepare_clip(grey, card_preprocess_params(bundle.card), crop)
+    assert out["crop"] == f"{prepared.crop.x0},{prepared.crop.y0},{prepared.crop.side}"
+    expected = bundle.predict(prepared.frames)
+    assert np.allclose(out["probs"], expected["probs"], atol=1e-5) and list(out["label"]) == list(expected["label"])
+    assert np.allclose(out["embedding"], expected["embedding"], atol=1e-4)
+    # a part sent again with that crop pinned gets the same answer; the pinned crop comes back as it was snapped
+    part = client.infer_frames(grey[-7:], crop=out["crop"])
+    assert part["crop"] == out["crop"] and np.allclose(part["probs"], out["probs"][-7:], atol=1e-5)
+    assert parse_crop(out["crop"], "x") == parse_crop(out["crop"].split(","), "x")
+    with pytest.raises(ValueError, match="frames_per_request: at least 1"):
+        client.infer_long_video(path, frames_per_request=0)
 
 
 def test_a_concurrent_burst_is_served_without_error(client, tiny_clips):

@@ -315,14 +315,14 @@ def test_refused_and_missing_credentials_are_clear_errors(s3_server, tmp_path, m
         get_bytes(f"s3://{s3_server.bucket}/x")
 
 
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sonossl.cli", "-q", "artifacts", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_cli_push_pull(s3_server, tmp_path):
     files = _tree(tmp_path / "export", big=300_000)
     uri = f"s3://{s3_server.bucket}/cli/export"
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "sonossl.cli", "-q", "artifacts", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-
     push = cli("push", str(tmp_path / "export"), uri, "--endpoint-url", s3_server.endpoint_url)
     assert push.returncode == 0, push.stderr
     size = sum(len(d) for d in files.values())
@@ -335,6 +335,36 @@ def test_cli_push_pull(s3_server, tmp_path):
     assert _read_tree(tmp_path / "back") == files
     missing = cli("pull", f"s3://{s3_server.bucket}/cli/nothing", str(tmp_path / "x"))
     assert missing.returncode == 2 and "no such object or prefix" in missing.stderr
+
+
+def test_cli_pull_of_a_damaged_checkpoint_store(s3_server, tmp_path):
+    """The PyTorchJob's master pulls the checkpoint store before torchrun starts. A copy damaged on the server fails
+    that pull, and so every restart of the job, unless --discard-damaged: a warning, the store emptied, the local
+    folder left as it is, and the job starts fresh (as the pipeline steps' store does)."""
+    uri = f"s3://{s3_server.bucket}/ck/pretrain"
+    _tree(tmp_path / "copy", big=1000)
+    upload(tmp_path / "copy", uri)
+    s3 = s3_server.client()
+    key = "ck/pretrain/model.pt"
+    meta = s3.head_object(Bucket=s3_server.bucket, Key=key)["Metadata"]
+    s3.put_object(Bucket=s3_server.bucket, Key=key, Body=b"damaged", Metadata=meta)
+    held = s3_server.objects()
+    local = tmp_path / "pretrain"
+    local.mkdir()
+    (local / "kept.txt").write_text("local")
+
+    plain = cli("pull", "--missing-ok", uri, str(local))
+    assert plain.returncode == 2 and f"{key}: checksum mismatch" in plain.stderr
+    assert s3_server.objects() == held
+    discard = cli("pull", "--missing-ok", "--discard-damaged", uri, str(local))
+    assert discard.returncode == 0, discard.stderr
+    assert f"WARNING sonossl.cli: s3://{s3_server.bucket}/{key}: checksum mismatch" in discard.stderr
+    assert discard.stdout.strip() == (f"deleted everything under {uri}, as it cannot be pulled; {local} left as it is "
+                                      "(--discard-damaged)")
+    assert not [k for k in s3_server.objects() if k.startswith("ck/pretrain/")]
+    assert _read_tree(local) == {"kept.txt": b"local"}
+    again = cli("pull", "--missing-ok", "--discard-damaged", uri, str(local))  # the next restart: nothing there
+    assert again.returncode == 0 and again.stdout.startswith(f"nothing at {uri}")
 
 
 def test_credentials_from_a_profile_are_used(s3_server, tmp_path, monkeypatch):

@@ -216,7 +216,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_artifacts(args: argparse.Namespace) -> int:
-    from sonossl.storage import client, download, files_to_upload, holds, upload
+    from sonossl.storage import StorageCorrupt, client, delete_prefix, download, files_to_upload, holds, upload
 
     s3 = client(args.endpoint_url)
     if args.action == "push":
@@ -229,7 +229,17 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
     elif args.missing_ok and not holds(args.uri, client=s3):
         print(f"nothing at {args.uri}; {args.local} left as it is (--missing-ok)")
     else:
-        out = download(args.uri, args.local, client=s3, progress=not args.quiet)
+        try:
+            out = download(args.uri, args.local, client=s3, progress=not args.quiet)
+        except StorageCorrupt as e:
+            if not args.discard_damaged:
+                raise
+            # a checkpoint store: a damaged copy must not fail every restart of the job (as the KFP steps' store)
+            logging.getLogger("sonossl.cli").warning("%s", e)
+            delete_prefix(args.uri, client=s3)
+            print(f"deleted everything under {args.uri}, as it cannot be pulled; {args.local} left as it is "
+                  "(--discard-damaged)")
+            return 0
         files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
         size = sum(p.stat().st_size for p in files)
         print(f"pulled {args.uri} -> {out}: {len(files)} file(s), {size:,} bytes (sha256 verified)")
@@ -467,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--endpoint-url", default=None, help=endpoint_help)
     a.add_argument("--missing-ok", action="store_true",
                    help="nothing at URI is not an error (a checkpoint store before its first copy)")
+    a.add_argument("--discard-damaged", action="store_true",
+                   help="an object that fails its checksum is not an error: warn, delete everything under URI and "
+                        "leave LOCAL as it is (a checkpoint store: the run starts fresh instead of failing every "
+                        "restart)")
     a.set_defaults(func=_cmd_artifacts)
     p = sub.add_parser("pipeline", help="Kubeflow pipelines: compile to YAML, submit to a cluster, run locally")
     actions = p.add_subparsers(dest="action", required=True)

@@ -2,12 +2,14 @@
 
     with Client("http://127.0.0.1:8080") as client:   # closes its connections at the end
         out = client.infer_video("sweep.mp4")          # or client.infer_frames(frames_u8)  (N, H, W)
-    out["label"], out["probs"].shape, out["model_version"]
+        out = client.infer_long_video("long.mp4")      # a video of more frames than one request takes
+    out["label"], out["probs"].shape, out["model_version"], out["crop"]
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import time
 from pathlib import Path
@@ -99,28 +101,74 @@ class Client:
 
     @staticmethod
     def decode(response: dict[str, Any]) -> dict[str, Any]:
-        """A v2 response as numpy arrays by output name, plus ``id``, ``model_version`` and ``classes``."""
+        """A v2 response as numpy arrays by output name, plus ``id``, ``model_version``, ``classes`` and ``crop``
+        (the sector crop used, "x0,y0,side")."""
         out: dict[str, Any] = {o["name"]: np.asarray(o["data"], dtype=_DTYPES.get(o["datatype"])).reshape(o["shape"])
                                for o in response["outputs"]}
         params = response.get("parameters") or {}
         out["id"] = response.get("id")
         out["model_version"] = params.get("model_version")
         out["classes"] = str(params.get("classes", "")).split(",")
+        out["crop"] = params.get("crop")
         return out
 
-    def infer_frames(self, frames: np.ndarray, binary: bool = False) -> dict[str, Any]:
+    def infer_frames(self, frames: np.ndarray, binary: bool = False, crop: str | None = None) -> dict[str, Any]:
         """Grey frames (N, H, W) uint8, as a JSON list of numbers, or raw (``binary``: the v2 binary data extension;
         KServe 0.21 turns such a tensor back into a Python list, so it is no faster on the server). Another dtype is
-        accepted only where every value is a whole number 0-255; anything else is refused (``ValueError``)."""
+        accepted only where every value is a whole number 0-255; anything else is refused (``ValueError``).
+        ``crop`` ("x0,y0,side", as a response's ``crop``) pins the sector crop instead of finding it from these
+        frames."""
         frames = np.ascontiguousarray(_grey_levels(frames))
         spec = {"name": "frames", "shape": list(frames.shape), "datatype": "UINT8"}
+        extra = {"parameters": {"crop": crop}} if crop is not None else {}
         if binary:
-            return self._post({"inputs": [{**spec, "parameters": {"binary_data_size": frames.nbytes}}]},
+            return self._post({"inputs": [{**spec, "parameters": {"binary_data_size": frames.nbytes}}], **extra},
                               frames.tobytes())
-        return self._post({"inputs": [{**spec, "data": frames.ravel().tolist()}]})
+        return self._post({"inputs": [{**spec, "data": frames.ravel().tolist()}], **extra})
 
     def infer_video(self, video: str | Path | bytes) -> dict[str, Any]:
         """An encoded video or image (a path or its bytes), sent base64 in JSON."""
         data = video if isinstance(video, bytes) else Path(video).read_bytes()
         return self._post({"inputs": [{"name": "video", "shape": [1], "datatype": "BYTES",
                                        "data": [base64.b64encode(data).decode()]}]})
+
+    def infer_long_video(self, video: str | Path, frames_per_request: int = 256, binary: bool = True) -> dict[str, Any]:
+        """A video of any length, the endpoint's frame limit per request (``--max-frames``, 256 by default) notwith-
+        standing. It is decoded here, its sector crop found as preprocessing finds it (from its first frames:
+        ``sonossl.serve.frames.video_head``), and sent as grey frames in parts of at most ``frames_per_request``
+        with that crop pinned, so each part is cropped alike. Returns the outputs concatenated in frame order, with
+        ``model_version``, ``classes``, ``crop`` and ``ids`` (one per request). A frame's answer is the one the whole
+        video sent as grey frames in one request would get; sent encoded (``infer_video``), the server maps levels
+        to grey after resizing, which can move a pixel by a grey level. Parts answered by different model versions
+        (a rollout under way) raise RuntimeError: their answers do not belong together."""
+        from sonossl.data.clips import _video_crop
+        from sonossl.data.video import open_video
+        from sonossl.serve.frames import crop_text, video_head
+
+        if frames_per_request < 1:
+            raise ValueError(f"frames_per_request: at least 1, got {frames_per_request}")
+        parts: list[dict[str, Any]] = []
+        with open_video(Path(video)) as v:
+            frames = v.frames()
+            head = video_head(frames)
+            crop = crop_text(_video_crop(head))
+            size = head[0].levels.shape
+
+            def grey() -> Any:
+                for f in itertools.chain(head, frames):
+                    if f.levels.shape != size:
+                        raise ValueError(f"{video}: frame size changes mid-video ({size[1]}x{size[0]} -> "
+                                         f"{f.levels.shape[1]}x{f.levels.shape[0]})")
+                    yield np.array(f.image)  # a copy: the decoder reuses its buffers
+
+            rest = grey()
+            while batch := list(itertools.islice(rest, frames_per_request)):
+                parts.append(self.infer_frames(np.stack(batch), binary=binary, crop=crop))
+        versions = sorted({p["model_version"] for p in parts})
+        if len(versions) > 1:
+            raise RuntimeError(f"{video}: the parts were answered by different model versions {versions} (a rollout "
+                               "under way?); send it again")
+        first = parts[0]
+        out = {k: np.concatenate([p[k] for p in parts]) for k, v in first.items() if isinstance(v, np.ndarray)}
+        return {**out, "model_version": first["model_version"], "classes": first["classes"], "crop": first["crop"],
+                "ids": [p["id"] for p in parts]}

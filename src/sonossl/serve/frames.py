@@ -5,6 +5,8 @@ training data may come in, or a still image), and ``sonossl.data.clips`` finds t
 crops inside it, resizes to the model's frame size and flags blank frames with the training thresholds. A frame
 served is therefore preprocessed exactly as a frame trained on. The sector is found from the clip's brightness and
 motion, so send a clip (a few frames of one sweep) where you can; a single frame still works from brightness alone.
+A request may pin the crop instead (``parse_crop``: "x0,y0,side", as every response gives it), so that the parts of a
+video too long for one request are cropped alike (``sonossl.serve.client.Client.infer_long_video``).
 
     clip = decode_media(data, max_frames=256)          # encoded video or image bytes -> (N, H, W) uint8
     prepared = prepare_clip(clip, card_preprocess_params(model_card))   # -> frames (N, S, S), blank (N,), ...
@@ -17,16 +19,19 @@ import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from sonossl.config import PreprocessParams
-from sonossl.data.clips import _frame_crop, _is_blank, _snap_crop, _video_crop
+from sonossl.data.clips import SECTOR_BUFFER_BYTES, _frame_crop, _is_blank, _snap_crop, _video_crop
 from sonossl.data.sector import CropBox
 from sonossl.data.video import DecodedFrame
 
 MIN_SIDE = 16  # smaller frames hold no ultrasound image worth a prediction
 MAX_DECODED_PIXELS = 2**29  # per request: 256 frames of 1920x1080 fit (512 MiB of grey levels)
+# what a client does with a video over the frame limit: parts cropped alike, not parts that each find their own crop
+SPLIT_HINT = "send it in parts with one crop pinned (parameters.crop; Client.infer_long_video does)"
 
 
 class RequestError(ValueError):
@@ -49,7 +54,7 @@ def check_shape(shape: tuple[int, ...] | list[int], max_frames: int, max_side: i
     if n == 0:
         raise RequestError("empty batch: the request holds no frames")
     if n > max_frames:
-        raise RequestError(f"too many frames: {n} in one request, the limit is {max_frames}; split the clip")
+        raise RequestError(f"too many frames: {n} in one request, the limit is {max_frames}; {SPLIT_HINT}")
     if min(h, w) < MIN_SIDE or max(h, w) > max_side:
         raise RequestError(f"frame size {w}x{h} is outside the accepted range ({MIN_SIDE} to {max_side} pixels a side)")
 
@@ -82,7 +87,7 @@ def decode_media(data: bytes, max_frames: int, max_side: int = 4096,
                 for f in video.frames():
                     if len(frames) == max_frames:
                         raise RequestError(f"too many frames: the video has more than {max_frames}, the limit "
-                                           "per request; split the clip")
+                                           f"per request; {SPLIT_HINT}")
                     if not frames:
                         check_shape((1, *f.levels.shape), max_frames, max_side)
                     elif f.levels.shape != frames[0].levels.shape:
@@ -141,12 +146,57 @@ def as_decoded(frames: np.ndarray) -> list[DecodedFrame]:
     return [DecodedFrame(i, float(i), np.ascontiguousarray(f)) for i, f in enumerate(frames)]
 
 
-def prepare_clip(frames: list[DecodedFrame] | np.ndarray, params: PreprocessParams) -> PreparedClip:
-    """Sector crop and resize, as in ``sonossl.data.clips.preprocess``; one crop box for the whole clip."""
+def prepare_clip(frames: list[DecodedFrame] | np.ndarray, params: PreprocessParams,
+                 crop: CropBox | None = None) -> PreparedClip:
+    """Sector crop and resize, as in ``sonossl.data.clips.preprocess``; one crop box for the whole clip: found
+    from its frames, or ``crop`` as given (snapped to the frame size as a found one is; RequestError where it does
+    not fit the frames)."""
     if isinstance(frames, np.ndarray):
         frames = as_decoded(frames)
-    crop = _snap_crop(_video_crop(frames), params.frame_size)
+    h, w = frames[0].levels.shape
+    if crop is None:
+        crop = _video_crop(frames)
+    elif crop.x0 + crop.side > w or crop.y0 + crop.side > h:
+        raise RequestError(f"crop {crop_text(crop)}: a square of {crop.side} pixels at x0={crop.x0}, y0={crop.y0} "
+                           f"does not fit the {w}x{h} frames")
+    crop = _snap_crop(crop, params.frame_size)
     small = np.stack([_frame_crop(f, crop, params.frame_size) for f in frames])
     blank = np.array([_is_blank(s, params) for s in small], dtype=bool)
-    h, w = frames[0].levels.shape
     return PreparedClip(frames=small, blank=blank, source_hw=(int(h), int(w)), crop=crop)
+
+
+def crop_text(crop: CropBox) -> str:
+    """A crop as requests and responses carry it: "x0,y0,side" in source pixels."""
+    return f"{crop.x0},{crop.y0},{crop.side}"
+
+
+def parse_crop(value: Any, where: str) -> CropBox:
+    """A crop pinned by a request: "x0,y0,side" (as responses give it; v2 parameters are scalars) or a list of the
+    three whole numbers; RequestError naming ``where`` otherwise."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        if not isinstance(parts, list | tuple) or len(parts) != 3 or any(isinstance(p, bool | float) for p in parts):
+            raise ValueError
+        x0, y0, side = (int(str(p).strip()) for p in parts)
+    except ValueError:
+        raise RequestError(f'{where}: expected the sector crop as "x0,y0,side" in whole pixels (as a response\'s '
+                           f"`crop` gives it), got {value!r}") from None
+    if min(x0, y0) < 0 or side < MIN_SIDE:
+        raise RequestError(f"{where}: crop {x0},{y0},{side}: x0 and y0 must be at least 0 and the side at least "
+                           f"{MIN_SIDE} pixels")
+    return CropBox(x0=x0, y0=y0, side=side, method="given")
+
+
+def video_head(frames: Iterator[DecodedFrame]) -> list[DecodedFrame]:
+    """The first frames of a video that preprocessing finds its sector from (``sonossl.data.clips._buffer_head``:
+    up to SECTOR_BUFFER_BYTES of frames, at least 2), copied, as the decoder reuses its buffers; the iterator goes
+    on from the next frame. ``sonossl.data.clips._video_crop`` of them is the video's crop as training found it."""
+    head: list[DecodedFrame] = []
+    for f in frames:
+        if head and f.levels.shape != head[0].levels.shape:
+            raise ValueError(f"frame size changes mid-video ({head[0].levels.shape[1]}x{head[0].levels.shape[0]} "
+                             f"-> {f.levels.shape[1]}x{f.levels.shape[0]})")
+        head.append(DecodedFrame(f.index, f.time, np.array(f.levels), f.lut))
+        if len(head) == max(2, SECTOR_BUFFER_BYTES // f.levels.size):
+            break
+    return head

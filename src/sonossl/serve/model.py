@@ -10,7 +10,10 @@ Input (one clip per request):
 Preprocessing is training's (``sonossl.serve.frames``). Output, per frame: ``probs`` (N, C) in the order of the
 model card's classes, ``label``, ``saliency`` (N, s, s) over the cropped frame (s in the model card; it sums to 1;
 only from a model exported with a saliency model), ``embedding`` (N, D) and ``blank`` (dark or uniform frames, which
-the model was not trained on). Every response names the model version. Bad requests raise
+the model was not trained on). Every response names the model version and the sector crop it used (``crop``,
+"x0,y0,side" in the frames' pixels: v2 ``parameters``, v1 top level); a request may pin the crop the same way (v2
+request ``parameters.crop``, v1 ``"crop"`` beside ``instances``), so that the parts of a long video are cropped
+alike. Bad requests raise
 ``kserve.errors.InvalidInput`` (HTTP 400) with a message that says what is wrong; the request log
 (``sonossl.monitor.request_log``) is fed off the request path.
 
@@ -34,8 +37,9 @@ import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from sonossl.serve.frames import (MAX_DECODED_PIXELS, PreparedClip, RequestError, card_preprocess_params,
-                                  check_shape, decode_media, prepare_clip)
+from sonossl.serve.frames import (MAX_DECODED_PIXELS, SPLIT_HINT, PreparedClip, RequestError,
+                                  card_preprocess_params, check_shape, crop_text, decode_media, parse_crop,
+                                  prepare_clip)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +162,7 @@ class SonosslModel(kserve.Model):
                                 self.limits.max_side, self.limits.max_pixels)
         if len(instances) > self.limits.max_frames:
             raise RequestError(f"too many frames: {len(instances)} in one request, the limit is "
-                               f"{self.limits.max_frames}; split the clip")
+                               f"{self.limits.max_frames}; {SPLIT_HINT}")
         first = np.asarray(instances[0], dtype=object)
         if first.ndim != 2:
             raise RequestError(f"v1 request: each instance must be one frame, an H x W list of grey levels "
@@ -180,12 +184,15 @@ class SonosslModel(kserve.Model):
         try:
             if isinstance(payload, InferRequest):
                 wanted = self._wanted_outputs(payload)
+                crop = (payload.parameters or {}).get("crop")
+                where = "parameters.crop"
                 clip, protocol = self._clip_v2(payload)
             elif isinstance(payload, dict):
+                crop, where = payload.get("crop"), "crop"
                 clip, protocol = self._clip_v1(payload), "v1"
             else:
                 raise RequestError(f"unsupported request body ({type(payload).__name__})")
-            prepared = prepare_clip(clip, self.preprocess_params)
+            prepared = prepare_clip(clip, self.preprocess_params, None if crop is None else parse_crop(crop, where))
         except RequestError as e:
             raise InvalidInput(str(e)) from None
         out = self.bundle.predict(prepared.frames)
@@ -224,7 +231,8 @@ class SonosslModel(kserve.Model):
                   "embedding": np.round(out["embedding"][i], 6).tolist(),
                   "blank": bool(prepared.blank[i])}
                  for i in range(len(prepared.frames))]
-        return {"predictions": preds, "model_version": self.model_version, "classes": classes}
+        return {"predictions": preds, "model_version": self.model_version, "classes": classes,
+                "crop": crop_text(prepared.crop)}
 
     def _wanted_outputs(self, request: InferRequest) -> list[str]:
         wanted = [o.name for o in request.request_outputs or []] or list(self.outputs)
@@ -247,7 +255,8 @@ class SonosslModel(kserve.Model):
                    "embedding": out["embedding"].astype(np.float32), "blank": np.asarray(prepared.blank, dtype=bool)}
         binary = request.use_binary_outputs or any(
             (o.parameters or {}).get("binary_data", False) for o in request.request_outputs or [])
-        parameters = {"model_version": self.model_version, "classes": ",".join(self.bundle.classes)}
+        parameters = {"model_version": self.model_version, "classes": ",".join(self.bundle.classes),
+                      "crop": crop_text(prepared.crop)}
         if binary or response_headers is None:
             outputs = [InferOutput(name=n, shape=list(tensors[n].shape), datatype=_V2_DTYPE[tensors[n].dtype.kind],
                                    data=tensors[n].astype(object) if tensors[n].dtype.kind == "U" else tensors[n])
