@@ -626,3 +626,55 @@ def test_the_body_limit_counts_a_chunked_body_even_beside_a_content_length():
     assert sent[0]["status"] == 413 and not seen and b"at least 1200 bytes" in sent[1]["body"]
     sent, seen = run([b"x" * 400, b"y" * 400], [(b"transfer-encoding", b"chunked")])
     assert sent[0]["status"] == 200 and seen == [b"x" * 400 + b"y" * 400]
+
+
+def test_the_infer_command_sends_a_raw_dataset_and_files_and_writes_every_frame(server, tiny_clips, tmp_path,
+                                                                                 capsys):
+    """`sonossl infer`: a raw dataset folder (its labels kept as `expected`) and a file, each answered whole by way
+    of parts; a file that is no video is named with its reason (exit 2) while the others are still written; an
+    endpoint that cannot be reached, a model it does not serve and a malformed header are one-line errors."""
+    import shutil
+
+    import pandas as pd
+
+    from conftest import free_port
+    from sonossl.cli import main
+    from sonossl.serve.client import Client
+
+    raw = tmp_path / "raw"  # a raw dataset of two of the tiny sweeps, labelled per video
+    (raw / "videos").mkdir(parents=True)
+    for i in (0, 2):
+        shutil.copy(_sweep(tiny_clips, i), raw / "videos" / f"v{i}.mp4")
+    (raw / "labels.csv").write_text("path,label\nvideos/v0.mp4,covid\nvideos/v2.mp4,regular\n")
+    one = _sweep(tiny_clips, 1)
+    out = tmp_path / "frames.csv"
+    args = ["-q", "infer", "--url", server.url, "--frames-per-request", str(MAX_FRAMES), "--out", str(out)]
+    assert main([*args, str(raw), str(one)]) == 0
+    frames = pd.read_csv(out, dtype={"crop": str, "expected": str}, keep_default_na=False)
+    assert list(frames["video"].unique()) == [str(raw / "videos/v0.mp4"), str(raw / "videos/v2.mp4"), str(one)]
+    assert frames.groupby("video", sort=False)["expected"].first().tolist() == ["covid", "regular", ""]
+    direct = Client(server.url).infer_long_video(one, frames_per_request=MAX_FRAMES)
+    sweep = frames[frames.video == str(one)]
+    assert list(sweep["label"]) == list(direct["label"]) and (sweep["crop"] == direct["crop"]).all()
+    assert list(sweep["frame"]) == list(range(len(direct["label"])))
+    assert np.allclose(sweep[[f"p_{c}" for c in direct["classes"]]].to_numpy(), direct["probs"], atol=2e-6)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["video", "frames", "blank", "label", "share", "expected"]
+    assert f"wrote {out}: {len(frames)} frame(s) of 3 video(s)" in printed
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    out.unlink()
+    assert main([*args, str(bad), str(one)]) == 2
+    err = capsys.readouterr().err
+    assert f"sonossl infer: {bad}: not a video (a text file)" in err and "1 of 2 video(s) not answered" in err
+    assert pd.read_csv(out)["video"].unique().tolist() == [str(one)]  # the answered one is written
+    for given, message in [(["--url", f"http://127.0.0.1:{free_port()}"], "cannot reach http://127.0.0.1:"),
+                           (["--url", server.url, "--model", "other"], "model 'other' is not ready (HTTP 404"),
+                           (["--url", server.url, "--header", "Host"], "--header 'Host': expected NAME=VALUE"),
+                           (["--url", server.url, "--frames-per-request", "0"], "--frames-per-request: at least 1"),
+                           (["--url", server.url, str(tmp_path / "nothing")], "neither a video file nor a raw")]:
+        assert main(["infer", *given, str(one)]) == 2
+        assert message in capsys.readouterr().err, given
+    with Client(server.url, headers={"Host": "sonossl.sonossl.example.com"}) as c:
+        assert c.session.headers["Host"] == "sonossl.sonossl.example.com"

@@ -246,6 +246,49 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    import requests
+
+    from sonossl.atomic import atomic_write_text
+    from sonossl.serve.batch import infer_videos, list_videos, per_video
+    from sonossl.serve.client import Client
+
+    if args.frames_per_request < 1:
+        raise ValueError(f"--frames-per-request: at least 1, got {args.frames_per_request}")
+    headers = {}
+    for pair in args.header:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--header {pair!r}: expected NAME=VALUE, e.g. Host=sonossl.sonossl.example.com")
+        headers[name.strip()] = value
+    videos = list_videos(args.videos)
+    if not videos:
+        raise ValueError(f"no videos in {', '.join(map(str, args.videos))} (an empty labels.csv?)")
+    with Client(args.url, model=args.model, timeout=args.timeout, headers=headers) as client:
+        try:
+            ready = client.session.get(f"{client.url}/v2/models/{args.model}/ready", timeout=10)
+        except requests.RequestException as e:
+            raise ValueError(f"cannot reach {args.url}: {type(e).__name__}: {e}") from None
+        if ready.status_code != 200:
+            raise ValueError(f"{args.url}: model {args.model!r} is not ready (HTTP {ready.status_code}: "
+                             f"{ready.text.strip()[:200]})")
+        try:
+            frames, failed = infer_videos(client, videos, args.frames_per_request, progress=not args.quiet)
+        except requests.ConnectionError as e:
+            raise ValueError(f"lost {args.url} mid-run: {e}") from None
+    if len(frames):
+        print(per_video(frames).to_string(index=False))
+    if args.out and len(frames):
+        atomic_write_text(args.out, frames.to_csv(index=False))
+        print(f"wrote {args.out}: {len(frames)} frame(s) of {frames['video'].nunique()} video(s)")
+    for video, reason in failed.items():
+        print(f"sonossl infer: {video}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"sonossl infer: error: {len(failed)} of {len(videos)} video(s) not answered", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     if args.action == "compile":
         from sonossl.pipeline.spec import PIPELINES, compile_pipelines, parse_pairs
@@ -454,6 +497,24 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("serve_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("infer", help="send videos to a running endpoint (sonossl serve or the InferenceService); "
+                                     "a label per video, and per-frame answers as CSV")
+    p.add_argument("videos", nargs="+", type=Path,
+                   help="video or image files, or raw dataset folders (labels.csv: their videos, labels kept)")
+    p.add_argument("--url", required=True,
+                   help="the endpoint, e.g. http://127.0.0.1:8080, or the InferenceService's URL")
+    p.add_argument("--model", default="sonossl", help="the model's name on the endpoint (default: sonossl)")
+    p.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                   help="an HTTP header for every request (repeatable), e.g. Host=sonossl.sonossl.example.com to "
+                        "call an InferenceService through the ingress gateway's address")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV of every frame: video, frame, label, blank, p_<class>..., crop, model_version "
+                        "(and expected, from labels.csv)")
+    p.add_argument("--frames-per-request", type=int, default=256,
+                   help="frames per request, at most the server's --max-frames (default: 256, its default)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: 120)")
+    p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser("artifacts", help="push/pull files and folders to/from S3 or MinIO, sha256-verified")
     actions = p.add_subparsers(dest="action", required=True)

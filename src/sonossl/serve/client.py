@@ -49,11 +49,15 @@ def _grey_levels(frames: Any) -> np.ndarray:
 
 
 class Client:
-    def __init__(self, url: str, model: str = "sonossl", timeout: float = 60.0):
+    def __init__(self, url: str, model: str = "sonossl", timeout: float = 60.0,
+                 headers: dict[str, str] | None = None):
+        """``headers`` go with every request: ``Host`` for an InferenceService behind an ingress gateway called by
+        its address, ``Authorization`` where the gateway wants a token."""
         import requests
 
         self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
         self.session = requests.Session()
+        self.session.headers.update(headers or {})
 
     def close(self) -> None:
         """Close the connections the client keeps open (also on leaving ``with Client(...) as c:``)."""

@@ -1,0 +1,85 @@
+"""Videos sent to a running endpoint, the answers collected per frame: ``sonossl infer``.
+
+Each video goes through ``Client.infer_long_video`` (decoded here, one sector crop, parts of at most
+``frames_per_request`` frames), so a video of any length works against an endpoint's default frame limit. A folder
+holding ``labels.csv`` is a raw dataset: its listed videos are sent, and their labels kept beside the answers.
+
+    videos = list_videos([Path("data/raw/sim_test"), Path("scan.mp4")])   # [(path, label or None), ...]
+    frames, failed = infer_videos(client, videos)                          # one row a frame; {video: reason}
+    summary = per_video(frames)                                            # one row a video
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def list_videos(inputs: list[Path]) -> list[tuple[Path, str | None]]:
+    """The videos to send, in order, with their labels where a raw dataset's labels.csv gives them; ValueError
+    naming an input that is neither a file nor a folder holding labels.csv, or a labels.csv without a path
+    column."""
+    videos: list[tuple[Path, str | None]] = []
+    for item in inputs:
+        if item.is_file():
+            videos.append((item, None))
+            continue
+        labels = item / "labels.csv"
+        if not labels.is_file():
+            raise ValueError(f"{item}: neither a video file nor a raw dataset folder (labels.csv and its videos)")
+        table = pd.read_csv(labels, dtype=str, keep_default_na=False)
+        if "path" not in table.columns:
+            raise ValueError(f"{labels}: no `path` column (columns: {', '.join(table.columns)})")
+        known = table["label"] if "label" in table.columns else [None] * len(table)
+        videos += [(item / path, label or None) for path, label in zip(table["path"], known, strict=True)]
+    return videos
+
+
+def infer_videos(client: Any, videos: list[tuple[Path, str | None]], frames_per_request: int = 256,
+                 progress: bool = False) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One row per frame of every video the endpoint answered (video, frame, label, blank, one ``p_<class>``
+    column per class, crop, model_version, and ``expected`` where a label is known), and the reason of each video
+    it did not (an undecodable file, a 4xx naming the problem, a timeout). An endpoint that cannot be reached
+    raises (``requests.ConnectionError``): every other video would fail the same way."""
+    import requests
+    from tqdm import tqdm
+
+    from sonossl.serve.client import EndpointError
+
+    parts, failed = [], {}
+    for path, expected in tqdm(videos, desc="infer", unit="video", disable=not progress):
+        try:
+            out = client.infer_long_video(path, frames_per_request=frames_per_request)
+        except requests.ConnectionError:
+            raise
+        except (EndpointError, ValueError, RuntimeError, OSError) as e:  # OSError: a timeout, a missing file
+            failed[str(path)] = str(e).removeprefix(f"{path}: ") or type(e).__name__  # VideoError names the path
+            continue
+        n = len(out["label"])
+        frame = pd.DataFrame({"video": str(path), "frame": range(n), "label": out["label"].astype(str),
+                              "blank": out["blank"].astype(bool)})
+        for j, name in enumerate(out["classes"]):
+            frame[f"p_{name}"] = out["probs"][:, j].round(6)
+        frame["crop"], frame["model_version"] = out["crop"], out["model_version"]
+        if expected is not None:
+            frame["expected"] = expected
+        parts.append(frame)
+    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()), failed
+
+
+def per_video(frames: pd.DataFrame) -> pd.DataFrame:
+    """One row per video: its frames, blank frames, the label of most of its other frames and their share (blank
+    frames are not judged: training leaves them out), and ``expected`` where known."""
+    rows = []
+    for video, group in frames.groupby("video", sort=False):
+        judged = group[~group["blank"]]
+        counts = judged["label"].value_counts()
+        row = {"video": video, "frames": len(group), "blank": int(group["blank"].sum()),
+               "label": counts.index[0] if len(counts) else "", "share": round(counts.iloc[0] / len(judged), 3)
+               if len(counts) else 0.0}
+        if "expected" in group.columns:
+            row["expected"] = group["expected"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
