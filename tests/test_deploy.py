@@ -45,7 +45,8 @@ def test_dry_run_renders_a_valid_inferenceservice_with_the_card(tiny_export):
     isvc = deploy("s3://models/sonossl/v1/", canary_percent=10, model_card=tiny_export, dry_run=True, **ARGS)
     check(isvc)  # strictly against kserve.models.V1beta1InferenceService
     p = isvc["spec"]["predictor"]
-    assert p["model"]["storageUri"] == "s3://models/sonossl/v1"
+    assert p["model"]["storageUri"] == "s3://models/sonossl/v1/"  # a folder: KServe lists its objects by prefix
+    assert isvc["metadata"]["annotations"]["sonossl.io/model-uri"] == "s3://models/sonossl/v1"
     assert p["serviceAccountName"] == "sonossl-s3" and p["canaryTrafficPercent"] == 10
     assert p["model"]["modelFormat"] == {"name": "sonossl"} and p["model"]["runtime"] == "sonossl"
     assert p["model"]["image"] == ARGS["image"]
@@ -82,7 +83,10 @@ def test_dry_run_on_gpu():
     ({"name": "x" * 46}, r"at most 45 characters"),
     ({"namespace": "my ns"}, r"namespace \(--namespace\) 'my ns'"),
     ({"service_account": ""}, r"service_account \(--service-account\) ''"),
-    ({"image": ""}, r"image \(--image\) '': give a container image reference"),
+    ({"image": ""}, r"image \(--image\) '': not a container image reference"),
+    ({"image": "UPPER/Case:tag"}, r"'UPPER/Case:tag': not a container image reference .* the path in lower case"),
+    ({"image": "ghcr.io/sonossl/sonossl:0.1.0 "}, r"not a container image reference"),
+    ({"image": "ghcr.io/sonossl/sonossl:bad tag"}, r"not a container image reference"),
 ])
 def test_bad_arguments_fail_with_a_clear_error(change, error):
     kwargs = {"model_uri": "s3://models/sonossl/v1", "canary_percent": None, **ARGS, **change}
@@ -90,12 +94,34 @@ def test_bad_arguments_fail_with_a_clear_error(change, error):
         deploy(kwargs.pop("model_uri"), dry_run=True, **kwargs)
 
 
+def test_image_references_kubernetes_pulls_are_taken():
+    from sonossl.deploy import image_problem
+
+    for ok in ("ghcr.io/sonossl/sonossl:0.1.0", "ghcr.io/sonossl/sonossl:0.1.0-cuda", "sonossl", "library/x:1",
+               "registry.example.com:5000/team/sonossl:0.1.0-abc1234", "localhost/sonossl", "Registry.Example.com/x",
+               "ghcr.io/sonossl/sonossl@sha256:" + "a" * 64, "ghcr.io/a/b:t@sha256:" + "0" * 64):
+        assert image_problem(ok) is None, ok
+    for bad in ("", "UPPER/case", "ghcr.io/Sonossl/x", "x:", "x::1", "-x", "x/", "ghcr.io/x:" + "t" * 129, None, 3):
+        assert image_problem(bad), bad
+
+
 def test_a_bad_model_card_fails_with_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model card"):
         deploy("s3://models/v1", canary_percent=None, model_card=tmp_path, dry_run=True, **ARGS)
-    (tmp_path / "model_card.json").write_text('{"metrics": {}}')
-    with pytest.raises(ValueError, match=r"model_card.json: not a model card \(no model_version\)"):
-        deploy("s3://models/v1", canary_percent=None, model_card=tmp_path, dry_run=True, **ARGS)
+    card = tmp_path / "model_card.json"
+    for text, error in [('{"metrics": {}}', r"model_card.json: not a model card \(no model_version\)"),
+                        ('{"model_version": "abc", "metrics": [1, 2]}', r"`metrics` is not task -> split ->"),
+                        ('{"model_version": "abc", "metrics": {"planes": {"val": 0.5}}}', r"`metrics` is not"),
+                        ('{"model_version": "abc", "data": "x"}', r"`data` is not an object of versions"),
+                        ('{"model_version": null}', r"model_version None is not a model version"),
+                        ('{"model_version": "ab c"}', r"model_version 'ab c' is not a model version"),
+                        ('{"model_version": "' + "a" * 64 + '"}', r"at most 63 letters")]:
+        card.write_text(text)
+        with pytest.raises(ValueError, match=error):
+            deploy("s3://models/v1", canary_percent=None, model_card=tmp_path, dry_run=True, **ARGS)
+    card.write_bytes(b'{"model_version": "\xff"}')
+    with pytest.raises(ValueError, match=rf"{card}: not a valid model card: not UTF-8 text \(invalid start byte"):
+        deploy("s3://models/v1", canary_percent=None, model_card=card, dry_run=True, **ARGS)
 
 
 def test_cli_dry_run_prints_the_inferenceservice_as_yaml(tiny_export, capsys):
@@ -136,6 +162,7 @@ class FakeKubeAPI:
         self.objects: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str]] = []
         self.refuse_with: int | None = None
+        self.no_kserve = False  # a cluster without KServe's CRDs: its paths answer the plain 404 page
         self.conflicts = 0  # PUTs to answer 409 first, each after a write of its own (as KServe writes status)
         api = self
 
@@ -153,6 +180,12 @@ class FakeKubeAPI:
             def _handle(self, method: str) -> None:
                 api.requests.append((method, self.path))
                 m = api.PATH.fullmatch(self.path.split("?")[0])
+                if api.no_kserve:  # kube-apiserver's answer for an API group it does not serve: no Status object
+                    self.send_response(404)
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
+                    self.send_header("Content-Length", "19")
+                    self.end_headers()
+                    return self.wfile.write(b"404 page not found\n")
                 if not m:
                     return self._status(404, "NotFound")
                 if api.refuse_with:
@@ -235,7 +268,8 @@ def test_deploy_creates_then_updates_and_promotes(tiny_export, s3_server, kube_a
     created = deploy(uri, canary_percent=None, **ARGS)
     assert [m for m, _ in kube_api.requests] == ["GET", "GET", "POST"]
     stored = kube_api.objects[("sonossl", "sonossl")]
-    assert created["metadata"]["resourceVersion"] == "1" and stored["spec"]["predictor"]["model"]["storageUri"] == uri
+    assert created["metadata"]["resourceVersion"] == "1"
+    assert stored["spec"]["predictor"]["model"]["storageUri"] == uri + "/"
     check({k: v for k, v in stored.items()})
     served = champion_metric("sonossl", "sonossl", metric)
     assert served == pytest.approx(card["metrics"]["planes"]["test"]["macro_f1"])
@@ -257,9 +291,11 @@ def test_deploy_creates_then_updates_and_promotes(tiny_export, s3_server, kube_a
         "GET", "PUT", "GET", "PUT", "GET", "PUT"]
     assert promoted["metadata"]["finalizers"] == ["inferenceservice.finalizers"]
     assert promoted["metadata"]["annotations"]["team.example.com/owner"] == "imaging"
-    kube_api.conflicts = 9  # a cluster that keeps changing it: a clear error after the last attempt
-    with pytest.raises(DeployError, match=r"InferenceService sonossl/sonossl: the cluster refused the update: .*409"):
+    kube_api.conflicts = 9  # a cluster that keeps changing it: a clear error after the last attempt, on one line
+    with pytest.raises(DeployError) as refused:
         deploy(uri, canary_percent=None, **ARGS)
+    assert str(refused.value) == ("InferenceService sonossl/sonossl: the cluster refused the update: 409 Conflict: "
+                                  "Conflict")
 
 
 @pytest.fixture
@@ -279,6 +315,31 @@ def test_a_refusing_cluster_gives_a_clear_error(kube_api, pushed):
         deploy(pushed, canary_percent=None, **ARGS)
     with pytest.raises(DeployError, match="403"):
         champion_metric("sonossl", "sonossl", "planes.test.macro_f1")
+
+
+def test_a_cluster_without_kserve_is_an_error_not_nothing_served(kube_api, pushed, capsys):
+    """A 404 that is not the API's Status about the object (no InferenceService API at all) must not read as "no
+    InferenceService yet": the champion gate would answer "deploy" and the failure would wait for the deploy step."""
+    from sonossl.cli import main
+
+    kube_api.no_kserve = True
+    missing = (r"http://127\.0\.0\.1:\d+ has no InferenceService API \(serving\.kserve\.io/v1beta1\): is KServe "
+               "installed")
+    with pytest.raises(DeployError, match=missing):
+        champion_metric("sonossl", "sonossl", "planes.test.macro_f1")
+    assert main(["champion"]) == 2 and re.search(missing, capsys.readouterr().err)
+    with pytest.raises(DeployError, match=missing + r".*404 Not Found: 404 page not found"):
+        deploy(pushed, canary_percent=None, **ARGS)
+
+
+def test_a_uri_with_a_card_but_no_model_is_refused_before_the_cluster(kube_api, s3_server, tiny_export):
+    from sonossl.storage import upload
+
+    uri = f"s3://{s3_server.bucket}/models/card-only"
+    upload(tiny_export / "model_card.json", uri + "/model_card.json")
+    with pytest.raises(DeployError, match=rf"{uri} holds a model card but no model.pt: push the whole export folder"):
+        deploy(uri, canary_percent=5, **ARGS)
+    assert kube_api.requests == []
 
 
 def test_an_unreachable_cluster_gives_a_clear_error(kube_api, pushed):

@@ -425,7 +425,12 @@ def test_submit_checks_parameters_before_any_network_call():
             ("training", {"dataset": "s3://d/raw", "service_name": "Lung_Model"}, "--param service_name=Lung_Model: "
                                                                                  "not a valid InferenceService name"),
             ("monitoring", {"request_log": "s3://l/r", "namespace": "my ns"}, "--param namespace=my ns: not a valid "
-                                                                              "namespace")]:
+                                                                              "namespace"),
+            ("training", {"dataset": "s3://d/raw", "model_store": "s3://Bad_Bucket/x"},
+             "--param model_store=s3://Bad_Bucket/x: 'Bad_Bucket' is not a valid S3 bucket name"),
+            ("training", {"dataset": "s3://d/raw", "image": ""}, "--param image=: not a container image reference"),
+            ("training", {"dataset": "s3://d/raw", "gpu_image": "Reg/Sonossl:1-cuda"},
+             "--param gpu_image=Reg/Sonossl:1-cuda: not a container image reference")]:
         with pytest.raises(ValueError) as err:
             submit(host, pipeline, params, schedule="0 6 * * *" if pipeline == "monitoring" else None)
         assert message in str(err.value), (params, str(err.value))
@@ -599,7 +604,7 @@ def test_run_local_runs_the_training_pipeline_and_matches_dvc_repro(tmp_path):
     assert summary["deploy"] == "deploy"
     isvc = summary["inference_service"]
     assert isvc == {"name": "sonossl", "namespace": "sonossl", "dry_run": True,
-                    "storageUri": f"s3://sonossl/models/export/{card['model_version']}"}
+                    "storageUri": f"s3://sonossl/models/export/{card['model_version']}/"}
     rendered = json.loads(json.loads((run / "deploy/executor_output.json").read_text())["parameterValues"]["Output"])
     assert rendered["metadata"]["annotations"]["sonossl.io/planes.test.macro_f1"] == \
         format(card["metrics"]["planes"]["test"]["macro_f1"], ".6g")
@@ -752,7 +757,8 @@ def test_run_local_on_real_videos_without_gaze_maps_trains_plane_models_only(poc
     logged = summary["tasks"]["export"]["artifacts"]["metrics"]["metadata"]
     assert set(logged) == {"planes.val.macro_f1", "planes.val.accuracy", "planes.test.macro_f1",
                            "planes.test.accuracy"}
-    assert summary["deploy"] == "deploy" and summary["inference_service"]["storageUri"].endswith(card["model_version"])
+    assert summary["deploy"] == "deploy"
+    assert summary["inference_service"]["storageUri"].endswith(f"{card['model_version']}/")
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ ANNOTATION_PREFIX = "sonossl.io/"
 MODEL_FORMAT = "sonossl"
 HTTP_PORT = 8080
 KSERVE_GROUP, KSERVE_VERSION, KSERVE_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+BUNDLE_FILE = "model.pt"  # sonossl.export.BUNDLE_FILE (not imported: that module loads torch)
 
 # CPU replicas start in seconds and cost nothing idle (Knative scales them to zero); a GPU replica waits for a GPU
 # node and CUDA start-up, so one stays warm.
@@ -57,6 +58,13 @@ _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _ANNOTATION_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+# a container image reference (the grammar of github.com/distribution/reference): [domain[:port]/]path[:tag][@digest],
+# the path's components lower-case; the first component is a domain only with a '.' or ':' in it, or as localhost
+_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(rf"(?:(?P<domain>{_DOMAIN}(?::[0-9]+)?)/)?{_PATH}(?:/{_PATH})*(?::[\w][\w.-]{{0,127}})?"
+                    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
 
 
 class DeployError(ValueError):
@@ -91,18 +99,37 @@ def _check_name(value: Any, field: str) -> str:
     return value
 
 
-def _check_model_uri(uri: Any) -> str:
+def s3_prefix_problem(uri: Any) -> str | None:
+    """Why ``uri`` is no ``s3://BUCKET/PREFIX`` KServe can fetch a model folder from (or a pipeline can upload
+    models under), or None."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ValueError(f"{_field('model_uri')} {uri!r}: KServe fetches the model from S3 here; give the exported "
-                         "model folder as s3://BUCKET/PREFIX (upload it with `sonossl artifacts push models/export "
-                         "s3://...`)")
+        return ("KServe fetches the model from S3 here; give the exported model folder as s3://BUCKET/PREFIX "
+                "(upload it with `sonossl artifacts push models/export s3://...`)")
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not _BUCKET.fullmatch(bucket):
-        raise ValueError(f"{_field('model_uri')} {uri!r}: {bucket!r} is not a valid S3 bucket name")
+        return f"{bucket!r} is not a valid S3 bucket name"
     if not key.strip("/"):
-        raise ValueError(f"{_field('model_uri')} {uri!r} names a whole bucket; give the folder of the exported model, "
-                         f"e.g. s3://{bucket}/models/sonossl/<model version>")
+        return f"names a whole bucket; give a folder in it, e.g. s3://{bucket}/models/sonossl/<model version>"
+    return None
+
+
+def _check_model_uri(uri: Any) -> str:
+    problem = s3_prefix_problem(uri)
+    if problem:
+        raise ValueError(f"{_field('model_uri')} {uri!r}: {problem}")
     return uri.rstrip("/")
+
+
+def image_problem(image: Any) -> str | None:
+    """Why ``image`` is no container image reference Kubernetes can pull, or None."""
+    m = _IMAGE.fullmatch(image) if isinstance(image, str) and len(image) <= 255 else None
+    domain = m and m.group("domain")
+    if m and domain and not ("." in domain or ":" in domain or domain == "localhost") and domain != domain.lower():
+        m = None  # a first component without '.' or ':' is part of the path, which is lower-case
+    if not m:
+        return (f"not a container image reference such as {DEFAULT_IMAGE} (registry/path:tag; the path in lower "
+                "case, no spaces)")
+    return None
 
 
 def _check_canary(percent: Any) -> int | None:
@@ -123,20 +150,35 @@ def load_model_card(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         from sonossl.storage import get_bytes
 
         uri = src if src.endswith(".json") else f"{src.rstrip('/')}/model_card.json"
-        where, text = uri, get_bytes(uri).decode()
+        where, data = uri, get_bytes(uri)
     else:
         path = Path(src)
         path = path / "model_card.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no model card (an export folder holds model_card.json; run "
                                     "`sonossl export` first)")
-        where, text = str(path), path.read_text()
+        where, data = str(path), path.read_bytes()
     try:
-        card = json.loads(text)
+        card = json.loads(data.decode())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not a valid model card: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not a valid model card: {e}") from None
     if not isinstance(card, dict) or "model_version" not in card:
         raise ValueError(f"{where}: not a model card (no model_version); it is written by `sonossl export`")
+    version = card["model_version"]
+    if not isinstance(version, str) or not _ANNOTATION_NAME.fullmatch(version) or len(version) > 63:
+        raise ValueError(f"{where}: model_version {version!r} is not a model version (at most 63 letters, digits, "
+                         "'-', '_' and '.', as `sonossl export` writes it); it becomes a Kubernetes label")
+    metrics, data_block = card.get("metrics"), card.get("data")
+    if not (metrics is None or isinstance(metrics, dict) and all(
+            splits is None or isinstance(splits, dict) and all(v is None or isinstance(v, dict)
+                                                               for v in splits.values())
+            for splits in metrics.values())):
+        raise ValueError(f"{where}: `metrics` is not task -> split -> {{metric: value}}, as `sonossl export` "
+                         "writes it")
+    if not (data_block is None or isinstance(data_block, dict)):
+        raise ValueError(f"{where}: `data` is not an object of versions, as `sonossl export` writes it")
     return card
 
 
@@ -183,8 +225,8 @@ def render(model_uri: str, *, name: str, namespace: str, image: str | None, cana
                          ("runtime", runtime)):
         _check_name(value, field)
     canary_percent = _check_canary(canary_percent)
-    if image is not None and (not isinstance(image, str) or not image or any(c.isspace() for c in image)):
-        raise ValueError(f"{_field('image')} {image!r}: give a container image reference such as {DEFAULT_IMAGE}")
+    if image is not None and image_problem(image):
+        raise ValueError(f"{_field('image')} {image!r}: {image_problem(image)}")
 
     annotations = card_annotations(card) if card else {}
     annotations[ANNOTATION_PREFIX + "model-uri"] = model_uri
@@ -196,7 +238,9 @@ def render(model_uri: str, *, name: str, namespace: str, image: str | None, cana
     res = RESOURCES[gpu]
     model = V1beta1ModelSpec(
         name="kserve-container", model_format=V1beta1ModelFormat(name=MODEL_FORMAT), runtime=runtime,
-        storage_uri=model_uri, protocol_version="v2",
+        # the folder with its '/': KServe lists the objects under storageUri by prefix, and without it
+        # s3://b/models/initial would also fetch models/initial-retrained/... into /mnt/models
+        storage_uri=model_uri + "/", protocol_version="v2",
         # the image the pipeline trained with, over the runtime's: served code = trained code; None (a deploy by
         # hand without --image): the ServingRuntime's, the image its kustomization names
         image=image,
@@ -226,6 +270,27 @@ def _client() -> Any:
                           "service account (k8s/base/rbac.yaml)") from None
 
 
+def _status_body(body: Any) -> dict[str, Any]:
+    """The API's error body as a Kubernetes Status object ({} when it is none: a proxy's page, plain text)."""
+    try:
+        status = json.loads(body or "")
+    except (TypeError, ValueError):
+        return {}
+    return status if isinstance(status, dict) and status.get("kind") == "Status" else {}
+
+
+def _api_error(e: BaseException) -> str:
+    """An API error in one line: status, reason and the Status' message (the kubernetes client's own text spreads
+    headers and body over several lines; KServeClient wraps that text in a RuntimeError)."""
+    from kubernetes.client.rest import ApiException
+
+    api = e if isinstance(e, ApiException) else e.__context__
+    if not isinstance(api, ApiException):
+        return " ".join(str(e).split())[:500]
+    message = _status_body(api.body).get("message") or " ".join(str(api.body or "").split())[:300]
+    return f"{api.status} {api.reason}: {message}"
+
+
 def _get(kc: Any, name: str, namespace: str) -> dict[str, Any] | None:
     from kubernetes.client.rest import ApiException
 
@@ -234,10 +299,12 @@ def _get(kc: Any, name: str, namespace: str) -> dict[str, Any] | None:
         return kc.api_instance.get_namespaced_custom_object(KSERVE_GROUP, KSERVE_VERSION, namespace,
                                                              KSERVE_PLURAL, name)
     except ApiException as e:
-        if e.status == 404:
-            return None
-        raise DeployError(f"reading InferenceService {namespace}/{name} from {host}: {e.status} {e.reason}: "
-                          f"{(e.body or '')[:300]}") from None
+        if e.status == 404 and _status_body(e.body).get("reason") == "NotFound":
+            return None  # the API answered for InferenceServices: there is none of that name
+        if e.status == 404:  # not the API's Status: no such API (KServe's CRD not installed) or a wrong server
+            raise DeployError(f"{host} has no InferenceService API ({KSERVE_GROUP}/{KSERVE_VERSION}): is KServe "
+                              f"installed on this cluster? ({_api_error(e)})") from None
+        raise DeployError(f"reading InferenceService {namespace}/{name} from {host}: {_api_error(e)}") from None
     except Exception as e:  # urllib3 connection errors after its retries
         raise DeployError(f"cannot reach the Kubernetes API at {host}: {e}") from None
 
@@ -255,8 +322,8 @@ def deploy(model_uri: str, *, name: str, namespace: str, image: str | None, cana
     """Create or update the InferenceService ``namespace/name`` serving ``model_uri``; return it as a dict.
 
     ``model_card`` (a dict, a local export folder or model_card.json) supplies the version and metric annotations;
-    a real deploy always reads ``<model_uri>/model_card.json`` from S3 (which also proves the model is there), uses
-    it when no card is given, and refuses a given card of another model version (its annotations, which the
+    a real deploy always reads ``<model_uri>/model_card.json`` from S3, checks that ``model.pt`` is beside it, uses
+    the card when no card is given, and refuses a given card of another model version (its annotations, which the
     champion gate compares, would describe another model than the one served). A dry run renders with the given
     card, or without annotations. ``dry_run`` only renders and checks the object."""
     from sonossl.manifests import check, to_dict
@@ -264,7 +331,12 @@ def deploy(model_uri: str, *, name: str, namespace: str, image: str | None, cana
     model_uri = _check_model_uri(model_uri)
     card = load_model_card(model_card) if model_card is not None else None
     if not dry_run:
+        from sonossl.storage import holds
+
         stored = load_model_card(model_uri)
+        if not holds(f"{model_uri}/{BUNDLE_FILE}"):
+            raise DeployError(f"{model_uri} holds a model card but no {BUNDLE_FILE}: push the whole export folder "
+                              f"there (`sonossl artifacts push models/export {model_uri}`)")
         if card is not None and card.get("model_version") != stored.get("model_version"):
             raise DeployError(f"--model-card {model_card if not isinstance(model_card, Mapping) else '(given)'} is "
                               f"of model version {card.get('model_version')!r}, but {model_uri} holds "
@@ -312,7 +384,7 @@ def deploy(model_uri: str, *, name: str, namespace: str, image: str | None, cana
                          namespace, name, verb, attempt, CONFLICT_ATTEMPTS)
                 continue
             raise DeployError(f"InferenceService {namespace}/{name}: the cluster refused the {verb}: "
-                              f"{message[:500]}") from None
+                              f"{_api_error(e)}") from None
         except Exception as e:  # urllib3 connection errors after its retries
             raise DeployError(f"InferenceService {namespace}/{name}: the {verb} did not reach the Kubernetes API "
                               f"({type(e).__name__}: {e})") from None

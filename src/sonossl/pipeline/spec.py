@@ -113,6 +113,13 @@ def _check_values(out: dict[str, Any]) -> None:
         problem = deploy.name_problem(field, out[key]) if key in out else None
         if problem:
             refuse(key, problem)
+    for key in ("image", "gpu_image"):  # gpu_image may be empty: the image with -cuda
+        problem = deploy.image_problem(out[key]) if key in out and (out[key] or key == "image") else None
+        if problem:
+            refuse(key, problem)
+    problem = deploy.s3_prefix_problem(out["model_store"]) if "model_store" in out else None
+    if problem:
+        refuse("model_store", problem)
 
 
 def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
