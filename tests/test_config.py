@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
         (lambda d: d["tiny"]["finetune"].update(head_init=None), "tiny.finetune.head_init: expected text, got null"),
         (lambda d: d["tiny"]["pretrain"].update(lr="1e-3"),
          "tiny.pretrain.lr: expected a number, got '1e-3' (YAML reads 1e-3 as text: write it with a decimal point"),
+        # YAML's .nan and .inf: a NaN passes every range check, and a NaN rotation sampled the padding it was to hide
+        (lambda d: d["tiny"]["pretrain"].update(lr=float("inf")), "tiny.pretrain.lr: expected a finite number, got inf"),
+        (lambda d: d["tiny"]["pretrain"].setdefault("transform", {}).update(rotations=[float("nan"), 0.0, 15.0]),
+         "tiny.pretrain.transform.rotations[0]: expected a finite number, got nan"),
     ],
 )
 def test_bad_entries_fail_naming_the_file_and_field(tmp_path, edit, message):
@@ -116,3 +121,33 @@ def test_a_key_given_twice_is_refused_not_the_first_one_dropped(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ParamsError, match="parameter file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_a_setting_out_of_range_names_the_file_and_a_fraction_given_twice_is_refused(tmp_path, tiny_clips, capsys):
+    """Ranges are checked by the step that uses a setting (it does not know the file): the CLI names the file; a
+    fraction listed twice trained the same runs twice, and k=2 frames have one order up to reversal."""
+    from sonossl.cli import main
+    from sonossl.config import task_fractions
+
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["profile"] = "tiny"
+    doc["tiny"]["pretrain"]["epochs"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["pretrain", "--params", str(path), "--clips", str(tiny_clips), "--out", str(tmp_path / "pt")]) == 2
+    assert f"sonossl pretrain: error: {path}: pretrain.epochs: must be at least 1, got -1" in capsys.readouterr().err
+    doc["tiny"]["pretrain"].update(epochs=1, k=2)
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["pretrain", "--params", str(path), "--clips", str(tiny_clips), "--out", str(tmp_path / "pt")]) == 2
+    assert "pretrain.k: must be at least 3 (2 frames have a single order up to reversal" in capsys.readouterr().err
+    assert not (tmp_path / "pt").exists()
+    doc["tiny"]["pretrain"]["k"] = 4
+    doc["tiny"]["finetune"]["fractions"] = [0.5, 0.5]
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["finetune", "--params", str(path), "--clips", str(tiny_clips), "--out", str(tmp_path / "ft")]) == 2
+    assert "finetune.fractions: must be a non-empty list of distinct fractions" in capsys.readouterr().err
+    params = load_params(REPO / "params.yaml", "tiny").finetune
+    for given, message in [("0.5,0.5", "a fraction given twice"), ("0,0.5", "fractions of the training videos in (0"),
+                           ("nan", "in (0, 1]"), ("half", "give all, ablation, or fractions")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            task_fractions(params, "planes", given)

@@ -87,6 +87,36 @@ def test_rows_come_from_what_each_run_was_trained_from_and_unknown_names_get_the
         evaluate(tmp_path / "pt", other, tmp_path / "out-other")
 
 
+def test_runs_of_one_task_scored_on_different_test_sets_are_refused_not_tabled_together(tmp_path):
+    """An SSL row scored on an independent test set beside a scratch row scored on the test split compared
+    nothing; the report named both test sets without saying which row used which."""
+    import json
+
+    from sonossl.evaluate.report import evaluate
+
+    ft = tmp_path / "ft"
+    _finetune_output(ft, "ssl-planes", "planes", "pretrained", [("finetune", 0.05, 0.5)])
+    _finetune_output(ft, "scratch-planes", "planes", "scratch", [("finetune", 0.05, 0.3)])
+    sets = {"ssl-planes": {"clips": "data/clips/sim_test", "split": "all", "data_version": "t1", "videos": 64,
+                           "frames": 1274},
+            "scratch-planes": {"clips": "data/clips/sim", "split": "test", "data_version": "v1", "videos": 10,
+                               "frames": 200}}
+    for name, test_set in sets.items():
+        path = ft / name / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "test_set": test_set}))
+    with pytest.raises(ValueError, match=r"the planes runs were scored on different test sets, which one table cannot "
+                                         r"compare \(scratch-planes: 10 videos, 200 frames: the test split of "
+                                         r"data/clips/sim \(version v1\); ssl-planes: 64 videos, 1,274 frames: every "
+                                         r"frame of data/clips/sim_test \(version t1\)\); fine-tune them all with the "
+                                         r"same --test-clips"):
+        evaluate(tmp_path / "pt", ft, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    path = ft / "scratch-planes" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "test_set": sets["ssl-planes"]}))
+    evaluate(tmp_path / "pt", ft, tmp_path / "out")  # one test set: one line naming it
+    assert (tmp_path / "out/results.md").read_text().count("Test set: ") == 1
+
+
 def test_the_per_class_table_and_confusion_plots_use_the_smallest_fraction_ssl_and_scratch_share(tmp_path):
     """An ablation encoder at a fraction below every SSL/scratch one left the per-class table and plots empty."""
     import json

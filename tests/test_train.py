@@ -52,7 +52,8 @@ def test_pretrain_writes_encoder_metrics_and_the_permutation_set_it_trained_with
     assert len(hist) == p.epochs
 
 
-def test_resume_continues_only_the_same_run(tiny_clips, tiny_params, tmp_path, caplog):
+def test_resume_continues_only_the_same_run(tiny_clips, tiny_params, tmp_path, caplog, monkeypatch):
+    from sonossl.train import loop
     from sonossl.train.pretrain import pretrain
 
     p = dataclasses.replace(tiny_params.pretrain, epochs=2)
@@ -64,7 +65,12 @@ def test_resume_continues_only_the_same_run(tiny_clips, tiny_params, tmp_path, c
     assert "resuming after epoch 2 of 2" in caplog.text
     caplog.clear()
     pretrain(tiny_clips, tmp_path / "pt", dataclasses.replace(p, lr=5e-4), mode="transform", resume=True)
-    assert "belongs to another run" in caplog.text
+    assert "belongs to another run (its parameters, data or mode differ): not resumed" in caplog.text
+    assert [r.levelname for r in caplog.records if "belongs to another run" in r.message] == ["WARNING"]
+    caplog.clear()  # a new version of any of the package's files: the message says so
+    monkeypatch.setattr(loop, "code_version", lambda: "0123456789abcdef")
+    pretrain(tiny_clips, tmp_path / "pt", dataclasses.replace(p, lr=5e-4), mode="transform", resume=True)
+    assert "belongs to another run (sonossl's code changed (any .py file of the package))" in caplog.text
 
 
 def test_the_same_pretraining_writes_the_same_encoder_bytes(tiny_clips, tiny_params, tmp_path):
@@ -864,7 +870,7 @@ def test_a_weighted_linear_probe_is_the_probe_on_rows_repeated_by_their_weights(
     assert not torch.allclose(weighted(x), linear_probe(z, y, z, y, 4, [info_p["C"]], 0)[0](x), atol=2e-3)
 
 
-def test_a_training_summary_left_empty_by_a_kill_does_not_stop_the_resume(tmp_path, caplog):
+def test_a_training_summary_left_empty_by_a_kill_does_not_stop_the_resume(tmp_path):
     """dvclive rewrites live/metrics.json in place every epoch; a kill -9 in that instant left it empty, and the
     resumed run failed on it ("Expecting value: line 1 column 1"), once in a `make test` run of the kill -9 test."""
     from sonossl.train.loop import LoopParams, fit
@@ -873,11 +879,9 @@ def test_a_training_summary_left_empty_by_a_kill_does_not_stop_the_resume(tmp_pa
     summary = tmp_path / "run/live/metrics.json"
     assert summary.is_file()
     summary.write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="sonossl.train.loop"):
-        res = fit(_TwoLayers(1.0), tmp_path / "run", LoopParams(epochs=3, lr=1e-2), resume=True, progress=False)
+    res = fit(_TwoLayers(1.0), tmp_path / "run", LoopParams(epochs=3, lr=1e-2), resume=True, progress=False)
     assert res.resumed_from == 2 and [e["epoch"] for e in res.history] == [1, 2, 3]
-    assert any("is damaged (a killed run was writing it)" in r.getMessage() for r in caplog.records)
-    assert json.loads(summary.read_text())["step"] == 2  # rewritten by the resumed epoch
+    assert json.loads(summary.read_text())["step"] == 2  # written again: the history, then the resumed epoch
 
 
 def test_saliency_targets_follow_their_frames_through_shift_zoom_and_flip(tiny_params):
@@ -1017,7 +1021,35 @@ def test_finetune_and_crossval_refuse_torchrun(tiny_params, tmp_path, monkeypatc
     from sonossl.train.finetune import finetune
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match=r"finetune runs in one process, not under torchrun \(WORLD_SIZE=2\)"):
+    with pytest.raises(ValueError, match=r"finetune runs in one process, not under torchrun \(WORLD_SIZE=2\)"):
         finetune(tmp_path / "no-clips", tmp_path / "out", tiny_params.finetune)
-    with pytest.raises(RuntimeError, match="crossval runs in one process"):
+    with pytest.raises(ValueError, match="crossval runs in one process"):
         crossval(tmp_path / "no-clips", tmp_path / "out", tiny_params)
+
+
+def test_a_resumed_run_s_curves_start_at_epoch_1_whatever_its_live_folder_holds(tmp_path):
+    """dvclive's curves are written again from the checkpoint's history when a run resumes: `dvc exp run` removes
+    the folder before a rerun (the curves then held only the resumed epochs), and a run resumed after its last
+    epoch wrote none (DVC then failed the stage for its missing plots output, at every rerun)."""
+    import shutil
+
+    from sonossl.train.loop import LoopParams, fit
+
+    def curve(run) -> list[tuple[str, str]]:
+        rows = (tmp_path / run / "live/plots/metrics/val/score.tsv").read_text().splitlines()[1:]
+        return [tuple(r.split("\t")) for r in rows]  # step, value
+
+    scores = [0.2, 0.5, 0.4]
+    params = LoopParams(epochs=3, lr=1e-2, select="val_score")
+    fit(_Scripted(scores), tmp_path / "whole", params, progress=False)
+    assert curve("whole") == [("0", "0.2"), ("1", "0.5"), ("2", "0.4")]
+    fit(_Scripted(scores), tmp_path / "cut", dataclasses.replace(params, stop_after=1), progress=False)
+    shutil.rmtree(tmp_path / "cut/live")  # as dvc exp run leaves it
+    fit(_Scripted(scores[1:]), tmp_path / "cut", params, resume=True, progress=False)
+    assert curve("cut") == curve("whole")
+    assert json.loads((tmp_path / "cut/live/metrics.json").read_text())["step"] == 2
+    shutil.rmtree(tmp_path / "cut/live")  # resumed after its last epoch: nothing to train, the curves written again
+    (tmp_path / "cut/live").mkdir()
+    (tmp_path / "cut/live/metrics.json").write_text("")  # and a metrics.json a kill -9 left empty
+    fit(_Scripted([]), tmp_path / "cut", params, resume=True, progress=False)
+    assert curve("cut") == curve("whole")

@@ -620,8 +620,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ParamsError, FileNotFoundError, ValueError) as e:
-        # Expected failures (bad parameters, bad inputs) get one clear line, not a traceback.
+    except (ParamsError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        # Expected failures (bad parameters, bad inputs, a loss that diverged) get one clear line, not a traceback;
+        # a setting out of its range is checked by the step that uses it, which does not know the file: named here
+        where = getattr(args, "params", None)
+        if isinstance(e, ParamsError) and where is not None and not str(e).startswith(str(where)):
+            e = ParamsError(f"{where}: {e}")
         print(f"sonossl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

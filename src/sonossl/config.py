@@ -17,6 +17,7 @@ changing one would make ``dvc repro`` restore a stale output from the run cache 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -242,7 +243,8 @@ AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 AT_LEAST_2 = (lambda v: v >= 2, "at least 2")
 POSITIVE = (lambda v: v > 0, "positive")
 NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
-FRACTIONS = (lambda v: len(v) > 0 and all(0 < f <= 1 for f in v), "a non-empty list of fractions in (0, 1]")
+FRACTIONS = (lambda v: len(v) > 0 and all(0 < f <= 1 for f in v) and len(set(v)) == len(v),
+             "a non-empty list of distinct fractions in (0, 1]")
 POSITIVES = (lambda v: len(v) > 0 and all(c > 0 for c in v), "a non-empty list of positive numbers")
 
 
@@ -314,6 +316,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if isinstance(value, str) and _is_number(value):
                 hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-3)"
             raise ParamsError(f"{where}: expected a number, got {value!r}{hint}")
+        if not math.isfinite(value):  # YAML's .nan and .inf: a NaN passes every range check (comparisons are False)
+            raise ParamsError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None or isinstance(value, (dict, list)):
@@ -433,10 +437,15 @@ def task_fractions(finetune: FinetuneParams, task: str, which: str = "all") -> l
     if which == "ablation":
         return list(finetune.ablation_fractions)
     try:
-        return [float(x) for x in which.split(",")]
+        fractions = [float(x) for x in which.split(",")]
     except ValueError:
-        raise ValueError(f"--fractions {which}: give all, ablation, or fractions of the training videos separated "
-                         "by commas, e.g. 0.05,0.2,1") from None
+        fractions = []
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ValueError(f"--fractions {which}: give all, ablation, or fractions of the training videos in (0, 1] "
+                         "separated by commas, e.g. 0.05,0.2,1")
+    if len(set(fractions)) < len(fractions):
+        raise ValueError(f"--fractions {which}: a fraction given twice would train the same runs twice")
+    return fractions
 
 
 def scratch_spec(params: Params) -> dict[str, Any]:

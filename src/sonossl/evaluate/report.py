@@ -232,6 +232,22 @@ def unique_test_sets(finetune: dict[str, dict]) -> list[dict[str, Any]]:
     return out
 
 
+def _check_one_test_set(finetune: dict[str, dict], finetune_dir: Path) -> None:
+    """The runs of a task share one table, so they must have been scored on one test set (older outputs, which
+    record none, are not compared); ValueError naming each run's otherwise."""
+    for task in sorted({m["task"] for m in finetune.values()}):
+        sets: dict[str, list[str]] = {}
+        for name, m in finetune.items():
+            if m["task"] == task and m.get("test_set"):
+                sets.setdefault(json.dumps(m["test_set"], sort_keys=True), []).append(name)
+        if len(sets) > 1:
+            listed = "; ".join(f"{', '.join(names)}: {describe_test_set(json.loads(key))}"
+                               for key, names in sets.items())
+            raise ValueError(f"{finetune_dir}: the {task} runs were scored on different test sets, which one table "
+                             f"cannot compare ({listed}); fine-tune them all with the same --test-clips, or all "
+                             "without")
+
+
 def describe_test_set(t: dict[str, Any]) -> str:
     """One line on where test scores come from, from a finetune output's ``test_set``."""
     what = "the test split of" if t["split"] == "test" else "every frame of"
@@ -256,6 +272,7 @@ def evaluate(pretrain_dir: str | Path, finetune_dir: str | Path, out_dir: str | 
         missing = sorted(set(tasks) - {m["task"] for m in finetune.values()})
         if missing:
             raise FileNotFoundError(f"{finetune_dir}: no finetune output for the {', '.join(missing)} task(s)")
+    _check_one_test_set(finetune, finetune_dir)
     runs = _runs(finetune, finetune_dir)
     fractions = sorted({k[3] for k in runs if k[1] == "planes"})
     # the per-class table and the confusion plots compare SSL with scratch: at the smallest fraction both have (an

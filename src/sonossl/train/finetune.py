@@ -335,13 +335,14 @@ class TestSet:
         return np.flatnonzero(self.scored & (self.has_saliency if saliency else self.labels >= 0))
 
 
-def open_test_set(d: LabelledFrames, test_clips: str | Path | None = None) -> TestSet:
+def open_test_set(d: LabelledFrames, test_clips: str | Path | None = None, task: str = "planes") -> TestSet:
     """The test split of ``d``, or every frame of the independent clip dataset ``test_clips``.
 
     An independent test set must be preprocessed like ``d`` (same frame size; for saliency, same map size: checked
     by the saliency runs), share at least one class with ``d``, and share no patient (by ``patient_id``) and no video
     (by content hash) with ``d``'s training and validation videos: each failure names the dataset. Its classes that
-    ``d`` lacks are scored too (the model never predicts them, so their frames count as errors), with a warning."""
+    ``d`` lacks are scored too (the model never predicts them, so their frames count as errors), with a warning
+    for the ``planes`` task (the saliency task has no classes to predict)."""
     if test_clips is None:
         scored, t, labels, classes = d.split == "test", d, d.labels, d.classes
     else:
@@ -358,7 +359,7 @@ def open_test_set(d: LabelledFrames, test_clips: str | Path | None = None) -> Te
         if len(extra) == len(t.classes):
             raise ValueError(f"{where}: none of its classes {t.classes} occurs in the training clips {d.data.path}, "
                              f"whose classes are {d.classes}")
-        if extra:
+        if extra and task == "planes":
             log.warning("%s: class(es) %s never occur in the training clips %s; the model cannot predict them, so "
                         "their frames count as errors", where, extra, d.data.path)
         # Patients by their id; videos by their bytes (a path names a file only inside its own dataset).
@@ -663,7 +664,7 @@ def finetune(clips_dir: str | Path, out_dir: str | Path, params: FinetuneParams,
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = open_labelled(clips_dir)
-    test = open_test_set(d, test_clips)  # fails early, naming the dataset, when it does not fit
+    test = open_test_set(d, test_clips, task)  # fails early, naming the dataset, when it does not fit
     fresh, origin = _fresh_encoder(encoder, encoder_spec)  # fail early on a bad encoder
     if task == "planes":
         check_pool_stages(fresh, params)

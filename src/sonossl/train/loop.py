@@ -139,12 +139,13 @@ def require_one_process(step: str) -> None:
     train the same model on every rank, each on GPU 0, each writing the same files."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        raise RuntimeError(f"{step} runs in one process, not under torchrun (WORLD_SIZE={world}); start it "
-                           "directly (only pretraining trains across processes)")
+        raise ValueError(f"{step} runs in one process, not under torchrun (WORLD_SIZE={world}); start it "
+                         "directly (only pretraining trains across processes)")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``), with a clear error when it is damaged."""
+def load_checkpoint(path: str | Path, remedy: str = "delete it to start over, or restore it") -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``), with a clear error when it is damaged, ending with
+    ``remedy`` (for a training checkpoint: start over; for an input such as an encoder, make it again)."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -153,7 +154,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
         raise CheckpointError(
             f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "it is truncated or corrupted: delete it to start over, or restore it"
+            f"it is truncated or corrupted: {remedy}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a sonossl checkpoint of format {CHECKPOINT_FORMAT}")
@@ -192,9 +193,12 @@ class _Live:
 
     Only dvclive's files are used (metrics.json and plots/, registered as plots in dvc.yaml); its DVC-experiment
     integration is skipped: it is not needed, and it fails in a git repository without commits ("Empty git repo").
+    The folder is always started afresh and a resumed run logs its checkpoint's history again first, so the curves
+    start at epoch 1 whatever the folder held: DVC may have removed it (``dvc exp run``), and a kill -9 can leave
+    dvclive's metrics.json half-written.
     """
 
-    def __init__(self, directory: Path | None, resume: bool):
+    def __init__(self, directory: Path | None, history: list[dict[str, float]]):
         self.live = None
         if directory is not None:
             from dvclive import Live
@@ -203,15 +207,9 @@ class _Live:
                 def _init_dvc(self) -> None:
                     pass
 
-            summary = Path(directory) / "metrics.json"
-            if resume and summary.is_file():
-                try:
-                    json.loads(summary.read_bytes())
-                except ValueError:  # dvclive rewrites it in place each step: a kill -9 can leave it empty
-                    log.warning("%s is damaged (a killed run was writing it); it is rewritten at the next epoch",
-                                summary)
-                    summary.unlink()
-            self.live = FileLive(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+            self.live = FileLive(dir=str(directory), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+            for entry in history:
+                self.log({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]) - 1)
 
     def log(self, values: dict[str, float], step: int) -> None:
         if self.live is None:
@@ -300,7 +298,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     evaluated = average.module if average else model  # what is validated and kept as best.pt
     result = FitResult()
     start_epoch = 0
-    ckpt = _resume_checkpoint(last_path, run_id, env) if resume else None
+    code = code_version()  # kept in last.pt, so that a run not resumed can say whether the code changed
+    ckpt = _resume_checkpoint(last_path, run_id, code, env) if resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -327,7 +326,7 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
     steps = task.steps_per_epoch(env.world)
     total = steps * params.epochs
     warmup = int(round(params.warmup_epochs * steps))
-    tracker = _Live(out_dir / "live" if (live and env.main) else None, resume=resume and start_epoch > 0)
+    tracker = _Live(out_dir / "live" if (live and env.main) else None, result.history)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and params.amp
                 else contextlib.nullcontext())
     t0 = time.perf_counter()
@@ -381,7 +380,8 @@ def fit(task: TrainTask, out_dir: str | Path, params: LoopParams, resume: bool =
                 # last.pt first: a run killed before best.pt is written finds its best epoch in last.pt and writes
                 # best.pt from it when it resumes (_mend_best); the other way round best.pt could hold an epoch
                 # that the resumed run trains again and history never names.
-                save_checkpoint(last_path, {"epoch": epoch + 1, "run_id": run_id, "model": model.state_dict(),
+                save_checkpoint(last_path, {"epoch": epoch + 1, "run_id": run_id, "code": code,
+                                            "model": model.state_dict(),
                                             "optimizer": opt.state_dict(), "history": result.history,
                                             "best": result.best,
                                             **({"average": average.state_dict()} if average else {})})
@@ -447,7 +447,7 @@ def _mend_best(best_path: Path, result: FitResult, start_epoch: int, evaluated: 
                                     "entry": result.best})
 
 
-def _resume_checkpoint(last_path: Path, run_id: str, env: Distributed) -> dict[str, Any] | None:
+def _resume_checkpoint(last_path: Path, run_id: str, code: str, env: Distributed) -> dict[str, Any] | None:
     """``last_path`` as rank 0 reads it, sent to every rank: the ranks resume after the same epoch with the same
     weights and optimizer state even when the other nodes hold an older copy of the folder, or none. ``None`` when
     there is nothing to resume (no file, or one of another run); a damaged file fails on every rank."""
@@ -458,7 +458,10 @@ def _resume_checkpoint(last_path: Path, run_id: str, env: Distributed) -> dict[s
         except Exception as e:  # damaged, or gone or unreadable since is_file(): every rank must hear of it
             failure, error = e, f"{e}" if isinstance(e, CheckpointError) else f"{last_path}: {type(e).__name__}: {e}"
         if ckpt is not None and ckpt.get("run_id", "") != run_id:
-            log.info("%s belongs to another run (parameters, data or code changed); starting over", last_path)
+            what = ("sonossl's code changed (any .py file of the package)" if ckpt.get("code") not in (None, code)
+                    else "its parameters, data or mode differ" if ckpt.get("code") == code
+                    else "its parameters, data, mode or code differ")
+            log.warning("%s belongs to another run (%s): not resumed, starting over", last_path, what)
             ckpt = None
     if env.world > 1:
         box = [(ckpt, error)]

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sonossl.atomic import atomic_write_text
-from sonossl.config import (AT_LEAST_1, AT_LEAST_2, NOT_NEGATIVE, POSITIVE, PretrainParams, as_dict, check_ranges,
-                            optional)
+from sonossl.config import (AT_LEAST_1, AT_LEAST_2, NOT_NEGATIVE, POSITIVE, ParamsError, PretrainParams, as_dict,
+                            check_ranges, optional)
 from sonossl.data.clips import ClipDataset, load_clip_dataset
 from sonossl.models.encoder import build_encoder
 from sonossl.models.pretext_heads import PretextModel
@@ -176,7 +176,7 @@ def at_budget(params: PretrainParams, budget: str) -> PretrainParams:
     for name in ("epochs", "ablation_epochs"):
         value = getattr(params, name)
         if value is not None and value < 1:
-            raise ValueError(f"pretrain.{name}: must be at least 1, got {value}")
+            raise ParamsError(f"pretrain.{name}: must be at least 1, got {value}")
     if budget == "ablation" and params.ablation_epochs is not None:
         return dataclasses.replace(params, epochs=params.ablation_epochs)
     return params
@@ -191,7 +191,8 @@ def loop_params(params: PretrainParams) -> LoopParams:
 def check_pretrain_params(params: PretrainParams) -> None:
     """Fail before any work, naming the setting, when one is outside its range."""
     check_ranges("pretrain", params, {
-        "k": AT_LEAST_2, "stride": AT_LEAST_1, "crop": AT_LEAST_2, "max_shift": NOT_NEGATIVE, "epochs": AT_LEAST_1,
+        "k": (lambda v: v >= 3, "at least 3 (2 frames have a single order up to reversal: nothing to learn)"),
+        "stride": AT_LEAST_1, "crop": AT_LEAST_2, "max_shift": NOT_NEGATIVE, "epochs": AT_LEAST_1,
         "ablation_epochs": optional(AT_LEAST_1), "clips_per_epoch": optional(AT_LEAST_1), "batch_size": AT_LEAST_1,
         "lr": POSITIVE, "weight_decay": NOT_NEGATIVE, "warmup_epochs": NOT_NEGATIVE, "val_clips": NOT_NEGATIVE})
     classes = math.factorial(params.k) // 2  # a permutation and its reverse are one class
@@ -259,7 +260,9 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / ENCODER_FILE
-    ckpt = load_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder {path}: no such file (give a pretrain output folder, or its {ENCODER_FILE})")
+    ckpt = load_checkpoint(path, remedy=f"pretrain it again (`sonossl pretrain --out {path.parent}`) or restore it")
     encoder = build_encoder(ckpt["encoder"])
     encoder.load_state_dict(ckpt["state_dict"])
     return encoder, ckpt
