@@ -79,7 +79,8 @@ def test_no_parameter_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
         (lambda d: d["tiny"]["pretrain"].update(lr="1e-3"),
          "tiny.pretrain.lr: expected a number, got '1e-3' (YAML reads 1e-3 as text: write it with a decimal point"),
         # YAML's .nan and .inf: a NaN passes every range check, and a NaN rotation sampled the padding it was to hide
-        (lambda d: d["tiny"]["pretrain"].update(lr=float("inf")), "tiny.pretrain.lr: expected a finite number, got inf"),
+        (lambda d: d["tiny"]["pretrain"].update(lr=float("inf")),
+         "tiny.pretrain.lr: expected a finite number, got inf"),
         (lambda d: d["tiny"]["pretrain"].setdefault("transform", {}).update(rotations=[float("nan"), 0.0, 15.0]),
          "tiny.pretrain.transform.rotations[0]: expected a finite number, got nan"),
     ],

@@ -137,8 +137,8 @@ class Client:
                                        "data": [base64.b64encode(data).decode()]}]})
 
     def infer_long_video(self, video: str | Path, frames_per_request: int = 256, binary: bool = True) -> dict[str, Any]:
-        """A video of any length, the endpoint's frame limit per request (``--max-frames``, 256 by default) notwith-
-        standing. It is decoded here, its sector crop found as preprocessing finds it (from its first frames:
+        """A video of any length, also one over the endpoint's frame limit per request (``--max-frames``, 256 by
+        default). It is decoded here, its sector crop found as preprocessing finds it (from its first frames:
         ``sonossl.serve.frames.video_head``), and sent as grey frames in parts of at most ``frames_per_request``
         with that crop pinned, so each part is cropped alike. Returns the outputs concatenated in frame order, with
         ``model_version``, ``classes``, ``crop`` and ``ids`` (one per request). A frame's answer is the one the whole
