@@ -87,6 +87,7 @@ def test_dry_run_on_gpu():
     ({"image": "UPPER/Case:tag"}, r"'UPPER/Case:tag': not a container image reference .* the path in lower case"),
     ({"image": "ghcr.io/sonossl/sonossl:0.1.0 "}, r"not a container image reference"),
     ({"image": "ghcr.io/sonossl/sonossl:bad tag"}, r"not a container image reference"),
+    ({"model_uri": "s3://models/sonossl/v1/model_card.json"}, r"names a file of the export; give its folder"),
 ])
 def test_bad_arguments_fail_with_a_clear_error(change, error):
     kwargs = {"model_uri": "s3://models/sonossl/v1", "canary_percent": None, **ARGS, **change}
@@ -99,9 +100,11 @@ def test_image_references_kubernetes_pulls_are_taken():
 
     for ok in ("ghcr.io/sonossl/sonossl:0.1.0", "ghcr.io/sonossl/sonossl:0.1.0-cuda", "sonossl", "library/x:1",
                "registry.example.com:5000/team/sonossl:0.1.0-abc1234", "localhost/sonossl", "Registry.Example.com/x",
-               "ghcr.io/sonossl/sonossl@sha256:" + "a" * 64, "ghcr.io/a/b:t@sha256:" + "0" * 64):
+               "ghcr.io/sonossl/sonossl@sha256:" + "a" * 64, "ghcr.io/a/b:t@sha256:" + "0" * 64,
+               "ghcr.io/" + "a" * 240 + "@sha256:" + "0" * 64):  # 255 is the name's limit, the digest aside
         assert image_problem(ok) is None, ok
-    for bad in ("", "UPPER/case", "ghcr.io/Sonossl/x", "x:", "x::1", "-x", "x/", "ghcr.io/x:" + "t" * 129, None, 3):
+    for bad in ("", "UPPER/case", "ghcr.io/Sonossl/x", "x:", "x::1", "-x", "x/", "ghcr.io/x:" + "t" * 129, None, 3,
+                "ghcr.io/a/b:t\u00e4g", "ghcr.io/a/b:\u0663", "ghcr.io/" + "a" * 250):
         assert image_problem(bad), bad
 
 
@@ -115,10 +118,16 @@ def test_a_bad_model_card_fails_with_a_clear_error(tmp_path):
                         ('{"model_version": "abc", "data": "x"}', r"`data` is not an object of versions"),
                         ('{"model_version": null}', r"model_version None is not a model version"),
                         ('{"model_version": "ab c"}', r"model_version 'ab c' is not a model version"),
-                        ('{"model_version": "' + "a" * 64 + '"}', r"at most 63 letters")]:
+                        ('{"model_version": "' + "a" * 64 + '"}', r"at most 63 letters"),
+                        ("[" * 100_000, r"not a valid model card: nested too deeply"),
+                        ('{"model_version": "abc", "metrics": {"planes": {"val": {"' + "f" * 60 + '": 0.5}}}}',
+                         r"cannot be an annotation name \(at most 63 letters")]:
         card.write_text(text)
         with pytest.raises(ValueError, match=error):
             deploy("s3://models/v1", canary_percent=None, model_card=tmp_path, dry_run=True, **ARGS)
+    card.write_text('{"model_version": "abc", "metrics": {"planes": {"val": {"macro_f1": 1' + "0" * 400 + '}}}}')
+    isvc = deploy("s3://models/v1", canary_percent=None, model_card=card, dry_run=True, **ARGS)  # beyond a float:
+    assert "sonossl.io/planes.val.macro_f1" not in isvc["metadata"]["annotations"]  # left out, as NaN is
     card.write_bytes(b'{"model_version": "\xff"}')
     with pytest.raises(ValueError, match=rf"{card}: not a valid model card: not UTF-8 text \(invalid start byte"):
         deploy("s3://models/v1", canary_percent=None, model_card=card, dry_run=True, **ARGS)

@@ -434,6 +434,11 @@ def test_submit_checks_parameters_before_any_network_call():
         with pytest.raises(ValueError) as err:
             submit(host, pipeline, params, schedule="0 6 * * *" if pipeline == "monitoring" else None)
         assert message in str(err.value), (params, str(err.value))
+    from sonossl.pipeline.spec import typed_parameters
+
+    # a whole bucket is a model store (the deploy step uploads to <store>/<model version>)
+    assert typed_parameters("training", {"dataset": "s3://d/raw", "model_store": "s3://models"})["model_store"] == \
+        "s3://models"
     # a dvc:// location with a repository a pod can clone passes these checks and reaches the host check
     with pytest.raises(Exception, match="cannot reach the Kubeflow Pipelines API"):
         submit(host, "training", {"dataset": "dvc://data/raw/sim?repo=https://github.com/org/sonossl.git&rev=v1"})

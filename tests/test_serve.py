@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -130,7 +131,10 @@ BAD_V2 = {
     "crop not three numbers": ({**_v2(), "parameters": {"crop": "1,2"}}, 400,
                                'parameters.crop: expected the sector crop as \\"x0,y0,side\\"'),
     "crop not whole numbers": ({**_v2(), "parameters": {"crop": "0,0,20.5"}}, 400, "got '0,0,20.5'"),
-    "crop too small": ({**_v2(), "parameters": {"crop": "0,0,8"}}, 400, "the side at least 16 pixels"),
+    "crop of no side": ({**_v2(), "parameters": {"crop": "0,0,0"}}, 400, "the side at least 1"),
+    "crop in other digits": ({**_v2(), "parameters": {"crop": "\u0661,\u0662,32"}}, 400, "three whole numbers"),
+    "crop with a sign": ({**_v2(), "parameters": {"crop": "+1,0,16"}}, 400, "three whole numbers"),
+    "crop too long to echo": ({**_v2(), "parameters": {"crop": "9" * 5000}}, 400, "got '" + "9" * 56 + '..."}'),
     "crop outside the frames": ({**_v2(), "parameters": {"crop": "10,0,30"}}, 400,
                                 "a square of 30 pixels at x0=10, y0=0 does not fit the 32x32 frames"),
 }
@@ -190,7 +194,8 @@ def test_a_video_over_the_frame_limit_is_sent_in_parts_cropped_alike(server, cli
     assert len(frames) > 2 * MAX_FRAMES
     path = write_video(tmp_path / "long.mp4", frames)
     with pytest.raises(EndpointError, match=f"more than {MAX_FRAMES}, the limit per request; send it in parts with "
-                                            r"one crop pinned \(parameters.crop; Client.infer_long_video does\)"):
+                                            r"one crop pinned \(a response's crop; v2 parameters.crop, v1 crop; "
+                                            r"Client.infer_long_video and `sonossl infer` do\)"):
         client.infer_video(path)
     out = client.infer_long_video(path, frames_per_request=MAX_FRAMES)
     grey = np.stack([np.array(f.image) for f in iter_frames(path)])
@@ -208,6 +213,9 @@ def test_a_video_over_the_frame_limit_is_sent_in_parts_cropped_alike(server, cli
     part = client.infer_frames(grey[-7:], crop=out["crop"])
     assert part["crop"] == out["crop"] and np.allclose(part["probs"], out["probs"][-7:], atol=1e-5)
     assert parse_crop(out["crop"], "x") == parse_crop(out["crop"].split(","), "x")
+    small = client.infer_frames(grey[:3, :16, :16])  # a small frame's crop (side under 16) can be sent back
+    assert int(small["crop"].split(",")[2]) < 16 and client.infer_frames(grey[:3, :16, :16], crop=small["crop"])[
+        "crop"] == small["crop"]
     with pytest.raises(ValueError, match="frames_per_request: at least 1"):
         client.infer_long_video(path, frames_per_request=0)
 
@@ -678,3 +686,64 @@ def test_the_infer_command_sends_a_raw_dataset_and_files_and_writes_every_frame(
         assert message in capsys.readouterr().err, given
     with Client(server.url, headers={"Host": "sonossl.sonossl.example.com"}) as c:
         assert c.session.headers["Host"] == "sonossl.sonossl.example.com"
+
+
+def test_the_infer_command_keeps_what_was_answered_and_refuses_ambiguous_lists(tmp_path, tiny_clips, capsys):
+    """A connection lost mid-run keeps the answers so far and lists the videos not sent; a 200 that is not a v2
+    response fails its video, not the run; a labels.csv listing a video twice, or a path outside its folder, is
+    refused before anything is sent (their frames would have merged under one name, or read another folder)."""
+    import shutil
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from conftest import send_json
+    from sonossl.serve.batch import infer_videos, list_videos
+    from sonossl.serve.client import Client, EndpointError
+
+    raw = tmp_path / "raw"
+    (raw / "videos").mkdir(parents=True)
+    shutil.copy(_sweep(tiny_clips, 0), raw / "videos/a.mp4")
+    for rows, message in [("videos/a.mp4,x\n./videos/a.mp4,y\n",
+                           f"labels.csv row 3: {raw / 'videos/a.mp4'} is listed twice (first: {raw}/labels.csv row 2)"),
+                          ("../a.mp4,x\n", "row 2: path '../a.mp4' is not a file inside"),
+                          (",x\n", "row 2: path '' is not a file inside")]:
+        (raw / "labels.csv").write_text("path,label\n" + rows)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            list_videos([raw])
+    with pytest.raises(ValueError, match="is listed twice"):
+        list_videos([raw / "videos/a.mp4", raw / "videos" / ".." / "videos/a.mp4"])
+
+    class Flaky:  # answers the first video, then the endpoint is gone
+        calls = 0
+
+        def infer_long_video(self, path, frames_per_request):
+            Flaky.calls += 1
+            if Flaky.calls > 1:
+                raise requests.ConnectionError("connection refused")
+            return {"label": np.array(["a", "b"]), "blank": np.array([False, False]), "classes": ["a", "b"],
+                    "probs": np.array([[0.9, 0.1], [0.2, 0.8]]), "crop": "0,0,16", "model_version": "v"}
+
+    videos = [(tmp_path / f"{i}.mp4", None) for i in range(4)]
+    frames, failed = infer_videos(Flaky(), videos)
+    assert frames["video"].unique().tolist() == [str(tmp_path / "0.mp4")] and Flaky.calls == 2
+    assert list(failed) == [str(p) for p, _ in videos[1:]]
+    assert all(r.startswith("not sent: the endpoint could not be reached any more") for r in failed.values())
+
+    class NotV2(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            send_json(self, 200, {"outputs": "nothing"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotV2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(EndpointError, match=r"HTTP 200: not an Open Inference Protocol v2 response"):
+            Client(f"http://127.0.0.1:{server.server_port}").infer_frames(np.zeros((1, 32, 32), np.uint8))
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -359,12 +359,28 @@ def test_cli_pull_of_a_damaged_checkpoint_store(s3_server, tmp_path):
     discard = cli("pull", "--missing-ok", "--discard-damaged", uri, str(local))
     assert discard.returncode == 0, discard.stderr
     assert f"WARNING sonossl.cli: s3://{s3_server.bucket}/{key}: checksum mismatch" in discard.stderr
-    assert discard.stdout.strip() == (f"deleted everything under {uri}, as it cannot be pulled; {local} left as it is "
+    assert discard.stdout.strip() == (f"deleted {uri} (5 object(s)), as it cannot be pulled; {local} left as it is "
                                       "(--discard-damaged)")
     assert not [k for k in s3_server.objects() if k.startswith("ck/pretrain/")]
     assert _read_tree(local) == {"kept.txt": b"local"}
     again = cli("pull", "--missing-ok", "--discard-damaged", uri, str(local))  # the next restart: nothing there
     assert again.returncode == 0 and again.stdout.startswith(f"nothing at {uri}")
+
+    # a URI that names an object (a pull reads that object, not the prefix of the same name): that object goes,
+    # the folder beside it stays; so does ck/pretrain10/, whose name merely starts the same
+    upload(tmp_path / "copy", uri)
+    upload(tmp_path / "copy", uri + "10")
+    s3.put_object(Bucket=s3_server.bucket, Key="ck/pretrain", Body=b"damaged", Metadata={"sha256": "0" * 64})
+    before = set(s3_server.objects())
+    one = cli("pull", "--discard-damaged", uri, str(tmp_path / "one"))
+    assert one.returncode == 0 and f"deleted {uri} (1 object(s))" in one.stdout
+    assert set(s3_server.objects()) == before - {"ck/pretrain"}
+    # an object without a checksum (written by another tool) is unverifiable, not known to be damaged: kept, and
+    # the pull fails as without the option
+    s3.put_object(Bucket=s3_server.bucket, Key="ck/plain/ckpt.pt", Body=b"bytes")
+    plain = cli("pull", "--discard-damaged", f"s3://{s3_server.bucket}/ck/plain", str(tmp_path / "plain"))
+    assert plain.returncode == 2 and "no sha256 metadata" in plain.stderr
+    assert "ck/plain/ckpt.pt" in s3_server.objects()
 
 
 def test_credentials_from_a_profile_are_used(s3_server, tmp_path, monkeypatch):

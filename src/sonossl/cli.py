@@ -216,7 +216,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_artifacts(args: argparse.Namespace) -> int:
-    from sonossl.storage import StorageCorrupt, client, delete_prefix, download, files_to_upload, holds, upload
+    from sonossl.storage import ChecksumMismatch, client, delete, download, files_to_upload, holds, upload
 
     s3 = client(args.endpoint_url)
     if args.action == "push":
@@ -231,13 +231,13 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
     else:
         try:
             out = download(args.uri, args.local, client=s3, progress=not args.quiet)
-        except StorageCorrupt as e:
+        except ChecksumMismatch as e:  # damaged; an object without a checksum (another tool's) still fails
             if not args.discard_damaged:
                 raise
             # a checkpoint store: a damaged copy must not fail every restart of the job (as the KFP steps' store)
             logging.getLogger("sonossl.cli").warning("%s", e)
-            delete_prefix(args.uri, client=s3)
-            print(f"deleted everything under {args.uri}, as it cannot be pulled; {args.local} left as it is "
+            n = delete(args.uri, client=s3)  # what the pull read: the object the URI names, or its prefix
+            print(f"deleted {args.uri} ({n} object(s)), as it cannot be pulled; {args.local} left as it is "
                   "(--discard-damaged)")
             return 0
         files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
@@ -272,15 +272,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         if ready.status_code != 200:
             raise ValueError(f"{args.url}: model {args.model!r} is not ready (HTTP {ready.status_code}: "
                              f"{ready.text.strip()[:200]})")
-        try:
-            frames, failed = infer_videos(client, videos, args.frames_per_request, progress=not args.quiet)
-        except requests.ConnectionError as e:
-            raise ValueError(f"lost {args.url} mid-run: {e}") from None
+        frames, failed = infer_videos(client, videos, args.frames_per_request, progress=not args.quiet)
     if len(frames):
         print(per_video(frames).to_string(index=False))
     if args.out and len(frames):
         atomic_write_text(args.out, frames.to_csv(index=False))
         print(f"wrote {args.out}: {len(frames)} frame(s) of {frames['video'].nunique()} video(s)")
+    elif args.out:
+        print(f"sonossl infer: {args.out} not written: no video was answered", file=sys.stderr)
     for video, reason in failed.items():
         print(f"sonossl infer: {video}: {reason}", file=sys.stderr)
     if failed:
@@ -539,9 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--missing-ok", action="store_true",
                    help="nothing at URI is not an error (a checkpoint store before its first copy)")
     a.add_argument("--discard-damaged", action="store_true",
-                   help="an object that fails its checksum is not an error: warn, delete everything under URI and "
-                        "leave LOCAL as it is (a checkpoint store: the run starts fresh instead of failing every "
-                        "restart)")
+                   help="an object whose bytes fail their sha256 is not an error: warn, delete what URI holds "
+                        "(the object it names, or everything under it) and leave LOCAL as it is (a checkpoint "
+                        "store: the run starts fresh instead of failing every restart); an object without a "
+                        "checksum still fails")
     a.set_defaults(func=_cmd_artifacts)
     p = sub.add_parser("pipeline", help="Kubeflow pipelines: compile to YAML, submit to a cluster, run locally")
     actions = p.add_subparsers(dest="action", required=True)

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,7 +64,8 @@ _ANNOTATION_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_IMAGE = re.compile(rf"(?:(?P<domain>{_DOMAIN}(?::[0-9]+)?)/)?{_PATH}(?:/{_PATH})*(?::[\w][\w.-]{{0,127}})?"
+_IMAGE = re.compile(rf"(?P<name>(?:(?P<domain>{_DOMAIN}(?::[0-9]+)?)/)?{_PATH}(?:/{_PATH})*)"
+                    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
                     r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
 
 
@@ -99,17 +101,19 @@ def _check_name(value: Any, field: str) -> str:
     return value
 
 
-def s3_prefix_problem(uri: Any) -> str | None:
-    """Why ``uri`` is no ``s3://BUCKET/PREFIX`` KServe can fetch a model folder from (or a pipeline can upload
-    models under), or None."""
+def s3_prefix_problem(uri: Any, whole_bucket: bool = False) -> str | None:
+    """Why ``uri`` is no ``s3://BUCKET/PREFIX`` folder KServe can fetch a model from, or None; ``whole_bucket``:
+    a bucket alone is fine too (a pipeline's ``model_store``, whose models go in folders under it)."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         return ("KServe fetches the model from S3 here; give the exported model folder as s3://BUCKET/PREFIX "
                 "(upload it with `sonossl artifacts push models/export s3://...`)")
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not _BUCKET.fullmatch(bucket):
         return f"{bucket!r} is not a valid S3 bucket name"
-    if not key.strip("/"):
+    if not key.strip("/") and not whole_bucket:
         return f"names a whole bucket; give a folder in it, e.g. s3://{bucket}/models/sonossl/<model version>"
+    if posixpath.basename(key.rstrip("/")) in (BUNDLE_FILE, "model_card.json"):
+        return "names a file of the export; give its folder"
     return None
 
 
@@ -122,7 +126,9 @@ def _check_model_uri(uri: Any) -> str:
 
 def image_problem(image: Any) -> str | None:
     """Why ``image`` is no container image reference Kubernetes can pull, or None."""
-    m = _IMAGE.fullmatch(image) if isinstance(image, str) and len(image) <= 255 else None
+    m = _IMAGE.fullmatch(image) if isinstance(image, str) and image.isascii() else None
+    if m and len(m.group("name")) > 255:  # the limit is the name's, tag and digest aside
+        m = None
     domain = m and m.group("domain")
     if m and domain and not ("." in domain or ":" in domain or domain == "localhost") and domain != domain.lower():
         m = None  # a first component without '.' or ':' is part of the path, which is lower-case
@@ -164,6 +170,8 @@ def load_model_card(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         raise ValueError(f"{where}: not a valid model card: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not a valid model card: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: not a valid model card: nested too deeply") from None
     if not isinstance(card, dict) or "model_version" not in card:
         raise ValueError(f"{where}: not a model card (no model_version); it is written by `sonossl export`")
     version = card["model_version"]
@@ -199,14 +207,20 @@ def card_annotations(card: Mapping[str, Any]) -> dict[str, str]:
     for task, splits in (card.get("metrics") or {}).items():
         for split, values in (splits or {}).items():
             for k, v in (values or {}).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n" and math.isfinite(v):
-                    ann[f"{task}.{split}.{k}"] = _fmt(v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n":
+                    try:
+                        finite = math.isfinite(v)
+                    except OverflowError:  # an int beyond any float
+                        finite = False
+                    if finite:
+                        ann[f"{task}.{split}.{k}"] = _fmt(v)
     out = {}
     for k, v in ann.items():
         if not v:
             continue
         if not _ANNOTATION_NAME.fullmatch(k) or len(k) > 63:
-            raise ValueError(f"model card: {k!r} cannot be an annotation name (letters, digits, '-', '_', '.')")
+            raise ValueError(f"model card: {k!r} cannot be an annotation name (at most 63 letters, digits, '-', '_' "
+                             "and '.', beginning and ending with a letter or digit)")
         out[ANNOTATION_PREFIX + k] = v
     return out
 

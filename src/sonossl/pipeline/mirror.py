@@ -118,7 +118,7 @@ def mirrored(folder: str | Path, uri: str | None, interval: float | None = None,
     if restore_first:
         try:
             restored = restore(uri, folder, client=s3)
-        except storage.StorageCorrupt as e:  # a damaged store must not fail every retry and every later run
+        except storage.ChecksumMismatch as e:  # a damaged store must not fail every retry and every later run
             log.warning("checkpoint store %s: cannot be restored (%s); deleting what it holds and starting fresh",
                         uri, e)
             storage.delete_prefix(uri, client=s3)

@@ -117,7 +117,7 @@ def _check_values(out: dict[str, Any]) -> None:
         problem = deploy.image_problem(out[key]) if key in out and (out[key] or key == "image") else None
         if problem:
             refuse(key, problem)
-    problem = deploy.s3_prefix_problem(out["model_store"]) if "model_store" in out else None
+    problem = deploy.s3_prefix_problem(out["model_store"], whole_bucket=True) if "model_store" in out else None
     if problem:
         refuse("model_store", problem)
 

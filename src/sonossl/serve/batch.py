@@ -19,21 +19,35 @@ import pandas as pd
 
 def list_videos(inputs: list[Path]) -> list[tuple[Path, str | None]]:
     """The videos to send, in order, with their labels where a raw dataset's labels.csv gives them; ValueError
-    naming an input that is neither a file nor a folder holding labels.csv, or a labels.csv without a path
-    column."""
+    naming an input that is neither a file nor a folder holding labels.csv, a labels.csv without a path column or
+    with a path outside its folder (as preprocess refuses it), or a video listed twice (its frames would be counted
+    twice under one name)."""
     videos: list[tuple[Path, str | None]] = []
+    seen: dict[Path, str] = {}
     for item in inputs:
         if item.is_file():
-            videos.append((item, None))
-            continue
-        labels = item / "labels.csv"
-        if not labels.is_file():
-            raise ValueError(f"{item}: neither a video file nor a raw dataset folder (labels.csv and its videos)")
-        table = pd.read_csv(labels, dtype=str, keep_default_na=False)
-        if "path" not in table.columns:
-            raise ValueError(f"{labels}: no `path` column (columns: {', '.join(table.columns)})")
-        known = table["label"] if "label" in table.columns else [None] * len(table)
-        videos += [(item / path, label or None) for path, label in zip(table["path"], known, strict=True)]
+            rows = [(item, None, str(item))]
+        else:
+            labels = item / "labels.csv"
+            if not labels.is_file():
+                raise ValueError(f"{item}: neither a video file nor a raw dataset folder (labels.csv and its videos)")
+            table = pd.read_csv(labels, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            if "path" not in table.columns:
+                raise ValueError(f"{labels}: no `path` column (columns: {', '.join(table.columns)})")
+            known = table["label"] if "label" in table.columns else [None] * len(table)
+            rows = []
+            root = item.resolve()
+            for i, (path, label) in enumerate(zip(table["path"], known, strict=True)):
+                where = f"{labels} row {i + 2}"
+                if not path.strip() or Path(path).is_absolute() or root not in (item / path).resolve().parents:
+                    raise ValueError(f"{where}: path {path!r} is not a file inside {item}")
+                rows.append((item / path, label or None, where))
+        for path, label, where in rows:
+            key = path.resolve()
+            if key in seen:
+                raise ValueError(f"{where}: {path} is listed twice (first: {seen[key]})")
+            seen[key] = where
+            videos.append((path, label))
     return videos
 
 
@@ -41,21 +55,27 @@ def infer_videos(client: Any, videos: list[tuple[Path, str | None]], frames_per_
                  progress: bool = False) -> tuple[pd.DataFrame, dict[str, str]]:
     """One row per frame of every video the endpoint answered (video, frame, label, blank, one ``p_<class>``
     column per class, crop, model_version, and ``expected`` where a label is known), and the reason of each video
-    it did not (an undecodable file, a 4xx naming the problem, a timeout). An endpoint that cannot be reached
-    raises (``requests.ConnectionError``): every other video would fail the same way."""
+    it did not (an undecodable file, a 4xx naming the problem, a timeout). Once the endpoint cannot be reached any
+    more, the videos left are not sent (each would fail the same way) and are listed as not sent."""
     import requests
     from tqdm import tqdm
 
     from sonossl.serve.client import EndpointError
 
     parts, failed = [], {}
-    for path, expected in tqdm(videos, desc="infer", unit="video", disable=not progress):
+    for i, (path, expected) in enumerate(tqdm(videos, desc="infer", unit="video", disable=not progress)):
         try:
             out = client.infer_long_video(path, frames_per_request=frames_per_request)
-        except requests.ConnectionError:
-            raise
+        except requests.ConnectionError as e:  # the endpoint is gone: the videos left are not sent, the answers kept
+            lost = f"not sent: the endpoint could not be reached any more ({type(e).__name__})"
+            failed.update({str(p): lost for p, _ in videos[i:]})
+            break
         except (EndpointError, ValueError, RuntimeError, OSError) as e:  # OSError: a timeout, a missing file
-            failed[str(path)] = str(e).removeprefix(f"{path}: ") or type(e).__name__  # VideoError names the path
+            reason = str(e).removeprefix(f"{path}: ") or type(e).__name__  # VideoError names the path
+            if isinstance(e, EndpointError) and e.status == 400 and "too many frames" in reason:
+                reason = (f"the server takes fewer than {frames_per_request} frames per request: give "
+                          f"--frames-per-request at most its --max-frames ({reason})")
+            failed[str(path)] = reason
             continue
         n = len(out["label"])
         frame = pd.DataFrame({"video": str(path), "frame": range(n), "label": out["label"].astype(str),

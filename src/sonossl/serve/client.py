@@ -101,7 +101,11 @@ class Client:
             except ValueError:
                 message = r.text
             raise EndpointError(r.status_code, message)
-        return self.decode(orjson.loads(r.content))  # orjson (a KServe dependency): a third of json's time
+        try:
+            return self.decode(orjson.loads(r.content))  # orjson (a KServe dependency): a third of json's time
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EndpointError(r.status_code, f"not an Open Inference Protocol v2 response ({type(e).__name__}: "
+                                               f"{e}): {r.text[:200]!r}") from None
 
     @staticmethod
     def decode(response: dict[str, Any]) -> dict[str, Any]:
@@ -141,9 +145,11 @@ class Client:
         default). It is decoded here, its sector crop found as preprocessing finds it (from its first frames:
         ``sonossl.serve.frames.video_head``), and sent as grey frames in parts of at most ``frames_per_request``
         with that crop pinned, so each part is cropped alike. Returns the outputs concatenated in frame order, with
-        ``model_version``, ``classes``, ``crop`` and ``ids`` (one per request). A frame's answer is the one the whole
-        video sent as grey frames in one request would get; sent encoded (``infer_video``), the server maps levels
-        to grey after resizing, which can move a pixel by a grey level. Parts answered by different model versions
+        ``model_version``, ``classes``, ``crop`` and ``ids`` (one per request). A frame's answer is the one it gets
+        in one request of the whole video as grey frames with that crop pinned. Unpinned, a server finds the crop
+        from every frame of a request, which for a video of more frames than preprocessing reads (48 MiB of them)
+        can differ by a few pixels; sent encoded (``infer_video``), the server also maps levels to grey after
+        resizing, which can move a pixel by a grey level. Parts answered by different model versions
         (a rollout under way) raise RuntimeError: their answers do not belong together."""
         from sonossl.data.clips import _video_crop
         from sonossl.data.video import open_video
@@ -168,7 +174,10 @@ class Client:
             rest = grey()
             while batch := list(itertools.islice(rest, frames_per_request)):
                 parts.append(self.infer_frames(np.stack(batch), binary=binary, crop=crop))
-        versions = sorted({p["model_version"] for p in parts})
+        missing = sorted({"probs", "label", "blank"} - set(parts[0]))
+        if missing:
+            raise EndpointError(200, f"the response has no {', '.join(missing)} output(s): not a sonossl model?")
+        versions = sorted({str(p["model_version"]) for p in parts})
         if len(versions) > 1:
             raise RuntimeError(f"{video}: the parts were answered by different model versions {versions} (a rollout "
                                "under way?); send it again")

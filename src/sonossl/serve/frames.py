@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from sonossl.data.video import DecodedFrame
 MIN_SIDE = 16  # smaller frames hold no ultrasound image worth a prediction
 MAX_DECODED_PIXELS = 2**29  # per request: 256 frames of 1920x1080 fit (512 MiB of grey levels)
 # what a client does with a video over the frame limit: parts cropped alike, not parts that each find their own crop
-SPLIT_HINT = "send it in parts with one crop pinned (parameters.crop; Client.infer_long_video does)"
+SPLIT_HINT = ("send it in parts with one crop pinned (a response's crop; v2 parameters.crop, v1 crop; "
+              "Client.infer_long_video and `sonossl infer` do)")
 
 
 class RequestError(ValueError):
@@ -172,18 +174,22 @@ def crop_text(crop: CropBox) -> str:
 
 def parse_crop(value: Any, where: str) -> CropBox:
     """A crop pinned by a request: "x0,y0,side" (as responses give it; v2 parameters are scalars) or a list of the
-    three whole numbers; RequestError naming ``where`` otherwise."""
+    three whole numbers, in ASCII digits; RequestError naming ``where`` otherwise. The side may be below MIN_SIDE:
+    the crop found in a small frame can be (a 16-pixel frame's is 13), and it must be possible to send it back."""
     parts = value.split(",") if isinstance(value, str) else value
-    try:
-        if not isinstance(parts, list | tuple) or len(parts) != 3 or any(isinstance(p, bool | float) for p in parts):
-            raise ValueError
-        x0, y0, side = (int(str(p).strip()) for p in parts)
-    except ValueError:
-        raise RequestError(f'{where}: expected the sector crop as "x0,y0,side" in whole pixels (as a response\'s '
-                           f"`crop` gives it), got {value!r}") from None
-    if min(x0, y0) < 0 or side < MIN_SIDE:
-        raise RequestError(f"{where}: crop {x0},{y0},{side}: x0 and y0 must be at least 0 and the side at least "
-                           f"{MIN_SIDE} pixels")
+    numbers = []
+    if isinstance(parts, list | tuple) and len(parts) == 3:
+        for part in parts:
+            text = part.strip() if isinstance(part, str) else part
+            if isinstance(text, int) and not isinstance(text, bool) and 0 <= text < 10**6:
+                numbers.append(text)
+            elif isinstance(text, str) and re.fullmatch(r"[0-9]{1,6}", text):
+                numbers.append(int(text))
+    if len(numbers) != 3 or numbers[2] < 1:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise RequestError(f'{where}: expected the sector crop as "x0,y0,side", three whole numbers of pixels (the '
+                           f"side at least 1), as a response's `crop` gives it; got {shown}")
+    x0, y0, side = numbers
     return CropBox(x0=x0, y0=y0, side=side, method="given")
 
 

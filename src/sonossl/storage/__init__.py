@@ -6,11 +6,13 @@
 """
 
 from sonossl.storage.s3 import (
+    ChecksumMismatch,
     StorageConflict,
     StorageCorrupt,
     StorageError,
     StorageNotFound,
     client,
+    delete,
     delete_prefix,
     download,
     endpoint_from_env,
@@ -26,6 +28,6 @@ from sonossl.storage.s3 import (
     upload,
 )
 
-__all__ = ["StorageConflict", "StorageCorrupt", "StorageError", "StorageNotFound", "client", "delete_prefix",
-           "download", "endpoint_from_env", "file_sha256", "files_to_upload", "get_bytes", "get_bytes_etag", "holds",
-           "list_uris", "parse_s3_uri", "put_bytes", "put_bytes_if", "upload"]
+__all__ = ["ChecksumMismatch", "StorageConflict", "StorageCorrupt", "StorageError", "StorageNotFound", "client",
+           "delete", "delete_prefix", "download", "endpoint_from_env", "file_sha256", "files_to_upload", "get_bytes",
+           "get_bytes_etag", "holds", "list_uris", "parse_s3_uri", "put_bytes", "put_bytes_if", "upload"]

@@ -65,6 +65,11 @@ class StorageCorrupt(StorageError):
     again with ``force`` (``sonossl artifacts push --force``)."""
 
 
+class ChecksumMismatch(StorageCorrupt):
+    """An object whose bytes do not match its sha256 metadata: damaged (one without metadata, written by another
+    tool, is a ``StorageCorrupt`` only: unverifiable, not known to be damaged)."""
+
+
 class StorageNotFound(StorageError):
     """The object (or bucket) does not exist: the one failure a caller may treat as "nothing there yet"."""
 
@@ -397,16 +402,29 @@ def upload(local_path: str | os.PathLike, uri: str, *, client: Any = None, multi
     return keys
 
 
-def delete_prefix(uri: str, *, client: Any = None) -> None:
-    """Delete every object under the prefix ``uri`` (``s3://bucket/prefix``; a whole bucket is refused)."""
+def delete_prefix(uri: str, *, client: Any = None) -> int:
+    """Delete every object under the prefix ``uri`` (``s3://bucket/prefix``; a whole bucket is refused); returns
+    how many."""
     s3 = client or _new_client()
     bucket, prefix = parse_s3_uri(uri)
     if not prefix.strip("/"):
         raise StorageError(f"delete {uri}: give a prefix under the bucket (deleting a whole bucket is refused)")
-    _delete_others(s3, bucket, prefix.rstrip("/") + "/", set(), None)
+    return _delete_others(s3, bucket, prefix.rstrip("/") + "/", set(), None)
 
 
-def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Path | None) -> None:
+def delete(uri: str, *, client: Any = None) -> int:
+    """Delete what ``download(uri, ...)`` reads: the object ``uri`` names, or else every object under the prefix
+    ``uri``; returns how many objects were deleted."""
+    s3 = client or _new_client()
+    bucket, key = parse_s3_uri(uri)
+    if key and not key.endswith("/") and _retrying(lambda: _head(s3, bucket, key), s3, uri, "delete") is not None:
+        _retrying(lambda: s3.delete_object(Bucket=bucket, Key=key), s3, uri, "delete")
+        log.info("deleted %s", uri)
+        return 1
+    return delete_prefix(uri, client=s3)
+
+
+def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Path | None) -> int:
     """Delete the objects under ``prefix`` whose keys are not in ``keep`` (1,000 per request, S3's limit);
     ``folder``: the folder they are missing from, for the log line (None: every object was to go)."""
     uri = _uri(bucket, prefix)
@@ -422,6 +440,7 @@ def _delete_others(s3: Any, bucket: str, prefix: str, keep: set[str], folder: Pa
     if stale:
         log.info("deleted %d object(s) under %s%s", len(stale), uri,
                  f" that {folder} no longer holds" if folder is not None else "")
+    return len(stale)
 
 
 def _put(data: bytes, uri: str, client: Any, **condition: str) -> dict[str, Any]:
@@ -459,7 +478,7 @@ def _expected_sha256(head: dict[str, Any], uri: str) -> str:
 
 
 def _mismatch(uri: str, expected: str, got: str) -> StorageError:
-    return StorageCorrupt(f"{uri}: checksum mismatch: the object's sha256 metadata says {expected}, the downloaded "
+    return ChecksumMismatch(f"{uri}: checksum mismatch: the object's sha256 metadata says {expected}, the downloaded "
                         f"bytes hash to {got}; the object is corrupted (or was overwritten without its metadata): "
                         "nothing was written")
 
