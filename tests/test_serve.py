@@ -707,13 +707,17 @@ def test_the_infer_command_keeps_what_was_answered_and_refuses_ambiguous_lists(t
     shutil.copy(_sweep(tiny_clips, 0), raw / "videos/a.mp4")
     for rows, message in [("videos/a.mp4,x\n./videos/a.mp4,y\n",
                            f"labels.csv row 3: {raw / 'videos/a.mp4'} is listed twice (first: {raw}/labels.csv row 2)"),
-                          ("../a.mp4,x\n", "row 2: path '../a.mp4' is not a file inside"),
-                          (",x\n", "row 2: path '' is not a file inside")]:
+                          ("../a.mp4,x\n", "row 2: path '../a.mp4': path outside the dataset root"),
+                          (",x\n", "row 2: path '': empty path")]:
         (raw / "labels.csv").write_text("path,label\n" + rows)
         with pytest.raises(ValueError, match=re.escape(message)):
             list_videos([raw])
     with pytest.raises(ValueError, match="is listed twice"):
         list_videos([raw / "videos/a.mp4", raw / "videos" / ".." / "videos/a.mp4"])
+    shutil.copy(_sweep(tiny_clips, 0), tmp_path / "cache.mp4")  # a symlink may point outside, as DVC's symlink
+    (raw / "videos/b.mp4").symlink_to(tmp_path / "cache.mp4")  # cache does: followed, as preprocess follows it
+    (raw / "labels.csv").write_text("path,label\nvideos/a.mp4,x\nvideos/b.mp4,y\n")
+    assert [(p.name, label) for p, label in list_videos([raw])] == [("a.mp4", "x"), ("b.mp4", "y")]
 
     class Flaky:  # answers the first video, then the endpoint is gone
         calls = 0

@@ -11,10 +11,13 @@ holding ``labels.csv`` is a raw dataset: its listed videos are sent, and their l
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from sonossl.data.clips import _inside
 
 
 def list_videos(inputs: list[Path]) -> list[tuple[Path, str | None]]:
@@ -36,14 +39,15 @@ def list_videos(inputs: list[Path]) -> list[tuple[Path, str | None]]:
                 raise ValueError(f"{labels}: no `path` column (columns: {', '.join(table.columns)})")
             known = table["label"] if "label" in table.columns else [None] * len(table)
             rows = []
-            root = item.resolve()
             for i, (path, label) in enumerate(zip(table["path"], known, strict=True)):
                 where = f"{labels} row {i + 2}"
-                if not path.strip() or Path(path).is_absolute() or root not in (item / path).resolve().parents:
-                    raise ValueError(f"{where}: path {path!r} is not a file inside {item}")
+                _, reason = _inside(item, path)  # preprocess's rule: a symlink may point anywhere (DVC's cache)
+                if reason:
+                    raise ValueError(f"{where}: path {path!r}: {reason}")
                 rows.append((item / path, label or None, where))
         for path, label, where in rows:
-            key = path.resolve()
+            path = Path(os.path.normpath(path))  # the name the answers go under: videos/x and ./videos/x are one
+            key = path
             if key in seen:
                 raise ValueError(f"{where}: {path} is listed twice (first: {seen[key]})")
             seen[key] = where
