@@ -250,23 +250,19 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     import requests
 
     from sonossl.atomic import atomic_write_text
+    from sonossl.pipeline.spec import parse_pairs
     from sonossl.serve.batch import infer_videos, list_videos, per_video
     from sonossl.serve.client import Client
 
     if args.frames_per_request < 1:
         raise ValueError(f"--frames-per-request: at least 1, got {args.frames_per_request}")
-    headers = {}
-    for pair in args.header:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--header {pair!r}: expected NAME=VALUE, e.g. Host=sonossl.sonossl.example.com")
-        headers[name.strip()] = value
+    headers = parse_pairs(args.header, "--header", "NAME=VALUE, e.g. Host=sonossl.sonossl.example.com")
     videos = list_videos(args.videos)
     if not videos:
         raise ValueError(f"no videos in {', '.join(map(str, args.videos))} (an empty labels.csv?)")
     with Client(args.url, model=args.model, timeout=args.timeout, headers=headers) as client:
         try:
-            ready = client.session.get(f"{client.url}/v2/models/{args.model}/ready", timeout=10)
+            ready = client.ready(timeout=10)
         except requests.RequestException as e:
             raise ValueError(f"cannot reach {args.url}: {type(e).__name__}: {e}") from None
         if ready.status_code != 200:

@@ -239,8 +239,9 @@ def render(model_uri: str, *, name: str, namespace: str, image: str | None, cana
                          ("runtime", runtime)):
         _check_name(value, field)
     canary_percent = _check_canary(canary_percent)
-    if image is not None and image_problem(image):
-        raise ValueError(f"{_field('image')} {image!r}: {image_problem(image)}")
+    problem = image_problem(image) if image is not None else None
+    if problem:
+        raise ValueError(f"{_field('image')} {image!r}: {problem}")
 
     annotations = card_annotations(card) if card else {}
     annotations[ANNOTATION_PREFIX + "model-uri"] = model_uri

@@ -122,13 +122,13 @@ def _check_values(out: dict[str, Any]) -> None:
         refuse("model_store", problem)
 
 
-def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
-    """``["k=v", ...]`` -> ``{"k": "v"}``; a pair without ``=`` fails."""
+def parse_pairs(pairs: Iterable[str], option: str = "--param", form: str = "key=value") -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``; a pair without ``=`` fails, naming ``option`` and the ``form`` it takes."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--param {pair!r}: expected key=value")
+            raise ValueError(f"{option} {pair!r}: expected {form}")
         out[key.strip()] = value
     return out
 

@@ -47,10 +47,9 @@ def list_videos(inputs: list[Path]) -> list[tuple[Path, str | None]]:
                 rows.append((item / path, label or None, where))
         for path, label, where in rows:
             path = Path(os.path.normpath(path))  # the name the answers go under: videos/x and ./videos/x are one
-            key = path
-            if key in seen:
-                raise ValueError(f"{where}: {path} is listed twice (first: {seen[key]})")
-            seen[key] = where
+            if path in seen:
+                raise ValueError(f"{where}: {path} is listed twice (first: {seen[path]})")
+            seen[path] = where
             videos.append((path, label))
     return videos
 

@@ -69,6 +69,10 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def ready(self, timeout: float = 2.0) -> Any:
+        """One request to the model's readiness route; the response (200: ready)."""
+        return self.session.get(f"{self.url}/v2/models/{self.model}/ready", timeout=timeout)
+
     def wait_ready(self, timeout: float = 60.0, process=None) -> None:
         """Poll the model's readiness route until it answers 200 (or the server ``process`` exits)."""
         import requests
@@ -78,7 +82,7 @@ class Client:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
             try:
-                if self.session.get(f"{self.url}/v2/models/{self.model}/ready", timeout=2).status_code == 200:
+                if self.ready().status_code == 200:
                     return
             except requests.ConnectionError:
                 pass
