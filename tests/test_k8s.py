@@ -288,6 +288,7 @@ def test_pytorchjob_script_runs_pretrain_under_torchrun(tmp_path):
     assert (pull.command, pull.action) == ("artifacts", "pull") and (push.command, push.action) == ("artifacts", "push")
     assert (restore.action, restore.missing_ok, restore.uri) == ("pull", True, env["SONOSSL_CHECKPOINTS_URI"])
     assert restore.discard_damaged  # a damaged copy starts the job fresh instead of failing every restart
+    assert restore.replace  # the store's copy replaces what a restarted container's folder still holds
     torchrun = calls[2]
     assert {"--nnodes=2", "--nproc_per_node=1", "--node_rank=0", "--master_port=23456"} <= set(torchrun)
     m = torchrun.index("-m")

@@ -81,11 +81,14 @@ def test_push_pull_tree_is_byte_identical_multipart_included(s3_server, tmp_path
         meta = s3.head_object(Bucket=s3_server.bucket, Key=key)["Metadata"]
         assert meta["sha256"] == hashlib.sha256(files[key.removeprefix("runs/export/")]).hexdigest()
 
-    # Pull into a folder that holds an older version: it is replaced as a whole.
+    # Pull into a folder that holds an older version, with a file the new one lacks: refused unless replace=True,
+    # then replaced as a whole.
     dst = tmp_path / "restored"
     (dst / "stale").mkdir(parents=True)
     (dst / "stale" / "old.bin").write_bytes(b"old")
-    assert download(uri, dst) == dst
+    with pytest.raises(StorageError, match=r"holds 1 file\(s\) that .* does not \(stale/old.bin\)"):
+        download(uri, dst)
+    assert download(uri, dst, replace=True) == dst
     assert _read_tree(dst) == files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "restored"]  # no staging or temp files left
 
@@ -163,7 +166,7 @@ def test_corrupted_object_is_detected_and_nothing_is_written(s3_server, tmp_path
     dst.mkdir()
     (dst / "previous.txt").write_text("previous version")
     with pytest.raises(StorageError, match="checksum mismatch"):
-        download(uri, dst)
+        download(uri, dst, replace=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "restored", "src"]
     assert _read_tree(dst) == {"previous.txt": b"previous version"}
 
@@ -353,10 +356,10 @@ def test_cli_pull_of_a_damaged_checkpoint_store(s3_server, tmp_path):
     local.mkdir()
     (local / "kept.txt").write_text("local")
 
-    plain = cli("pull", "--missing-ok", uri, str(local))
+    plain = cli("pull", "--missing-ok", "--replace", uri, str(local))  # as the PyTorchJob pulls
     assert plain.returncode == 2 and f"{key}: checksum mismatch" in plain.stderr
     assert s3_server.objects() == held
-    discard = cli("pull", "--missing-ok", "--discard-damaged", uri, str(local))
+    discard = cli("pull", "--missing-ok", "--discard-damaged", "--replace", uri, str(local))
     assert discard.returncode == 0, discard.stderr
     assert f"WARNING sonossl.cli: s3://{s3_server.bucket}/{key}: checksum mismatch" in discard.stderr
     assert discard.stdout.strip() == (f"deleted {uri} (5 object(s)), as it cannot be pulled; {local} left as it is "
@@ -480,6 +483,52 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_download_into(s3_server,
     monkeypatch.setattr(s3mod, "fsync_file", lambda p: synced.append(Path(p).name))
     download(f"s3://{s3_server.bucket}/clips/sim/frames.npy", tmp_path / "again.npy")
     assert len(synced) == 1 and synced[0].startswith(".again.npy.") and synced[0].endswith(".part")
+
+
+def test_a_pull_never_deletes_local_files_the_prefix_does_not_hold_unless_told(s3_server, tmp_path):
+    """`pull s3://…/models/export models` used to replace models/ (the user's other models) by the export's
+    files. A destination holding files the prefix does not, or a file or link in the folder's place, is refused
+    before anything is downloaded, naming them; pulling again over the prefix's own files replaces them; --replace
+    (replace=True) replaces the folder as a whole."""
+    (tmp_path / "up/ref").mkdir(parents=True)
+    (tmp_path / "up/model.pt").write_bytes(b"new model")
+    (tmp_path / "up/ref/emb.npy").write_bytes(b"new emb")
+    uri = f"s3://{s3_server.bucket}/models/export"
+    upload(tmp_path / "up", uri)
+    models = tmp_path / "models"
+    for name in ("model.pt", "pretrain/encoder.pt", "finetune/a.pt", "finetune/b.pt", "finetune/c.pt"):
+        (models / name).parent.mkdir(parents=True, exist_ok=True)
+        (models / name).write_bytes(b"mine")
+    (models / ".frames.npy.tmp-123.npy").write_bytes(b"a killed write's")  # not the user's: not counted
+    held = _read_tree(models)
+    with pytest.raises(StorageError) as e:
+        download(uri, models)
+    assert str(e.value) == (f"cannot download {uri} to {models}: {models} holds 4 file(s) that {uri} does not "
+                            "(finetune/a.pt, finetune/b.pt, finetune/c.pt, ...), and a prefix replaces its "
+                            "destination as a whole; give a folder of its own, end it with '/' to download into it "
+                            f"({models}/export), or replace it (`sonossl artifacts pull --replace`, replace=True)")
+    assert _read_tree(models) == held
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "up", target_is_directory=True)
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"mine")
+    for dest in (link, a_file):
+        with pytest.raises(StorageError, match=f"{dest} is not a folder, and a prefix replaces"):
+            download(uri, dest)
+    assert a_file.read_bytes() == b"mine" and _read_tree(tmp_path / "up") == {"model.pt": b"new model",
+                                                                               "ref/emb.npy": b"new emb"}
+
+    export = tmp_path / "export"  # a copy pulled earlier, stale: the same files, other bytes
+    (export / "ref").mkdir(parents=True)
+    (export / "model.pt").write_bytes(b"old model")
+    (export / "ref/emb.npy").write_bytes(b"old emb")
+    assert _read_tree(download(uri, export)) == {"model.pt": b"new model", "ref/emb.npy": b"new emb"}
+
+    out = cli("pull", "--replace", uri, str(models))
+    assert out.returncode == 0, out.stderr
+    assert _read_tree(models) == {"model.pt": b"new model", "ref/emb.npy": b"new emb"}
+    refused = cli("pull", uri, str(a_file))
+    assert refused.returncode == 2 and "is not a folder" in refused.stderr and "--replace" in refused.stderr
 
 
 def test_push_with_delete_makes_the_prefix_a_copy_of_the_folder(s3_server, tmp_path):

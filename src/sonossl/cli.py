@@ -230,7 +230,7 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
         print(f"nothing at {args.uri}; {args.local} left as it is (--missing-ok)")
     else:
         try:
-            out = download(args.uri, args.local, client=s3, progress=not args.quiet)
+            out = download(args.uri, args.local, client=s3, progress=not args.quiet, replace=args.replace)
         except ChecksumMismatch as e:  # damaged; an object without a checksum (another tool's) still fails
             if not args.discard_damaged:
                 raise
@@ -531,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("local", help="file or folder to write; ending in / a folder to write into, under the URI's "
                                  "last name (the rest of the folder is left alone)")
     a.add_argument("--endpoint-url", default=None, help=endpoint_help)
+    a.add_argument("--replace", action="store_true",
+                   help="a prefix: replace LOCAL even when it holds files the prefix does not (they are deleted; "
+                        "without it such a pull is refused)")
     a.add_argument("--missing-ok", action="store_true",
                    help="nothing at URI is not an error (a checkpoint store before its first copy)")
     a.add_argument("--discard-damaged", action="store_true",

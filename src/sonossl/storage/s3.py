@@ -575,12 +575,27 @@ def _safe_relative(bucket: str, key: str, prefix: str, uri: str) -> str:
     return rel
 
 
-def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, progress: bool = False) -> Path:
+def _would_delete(dest: Path, incoming: set[str]) -> list[str]:
+    """What replacing ``dest`` by a folder of the files ``incoming`` (paths relative to it) would lose: ``dest``
+    itself when it is a file or a symbolic link, else its files that are not incoming (relative paths, sorted;
+    temporary files of a killed write left out)."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        return [str(dest)]
+    if not dest.exists():
+        return []
+    rels = (p.relative_to(dest) for p in dest.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(r.as_posix() for r in rels if r.as_posix() not in incoming and not any(map(is_temporary, r.parts)))
+
+
+def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, progress: bool = False,
+             replace: bool = False) -> Path:
     """Download one object to the file ``local_path`` (into it, when it is a folder), or every object under the
     prefix ``uri`` into the folder ``local_path``, which is replaced as a whole only once every file is in and
     verified. A ``local_path`` written with a trailing ``/`` is a folder to download into, under the object's or
     the prefix's last name, like ``cp -r``: ``download("s3://b/clips/sim", "data/clips/")`` writes
-    ``data/clips/sim`` and leaves the rest of ``data/clips`` alone. Returns the path written."""
+    ``data/clips/sim`` and leaves the rest of ``data/clips`` alone. Replacing a folder that holds files the prefix
+    does not (or a file, or a symbolic link) would delete them: refused, before anything is downloaded, unless
+    ``replace``. Returns the path written."""
     s3 = client or _new_client()
     into = str(local_path).endswith(("/", os.sep))
     local_path = Path(local_path)
@@ -617,6 +632,15 @@ def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, pro
                            f"{posixpath.basename(prefix.rstrip('/')) or bucket})")
     # every key is checked before anything is written
     rels = [(o, _safe_relative(bucket, o["Key"], prefix, uri)) for o in objects]
+    lost = [] if replace else _would_delete(local_path, {rel for _, rel in rels})
+    if lost:
+        what = (f"{local_path} is not a folder" if lost == [str(local_path)] else
+                f"{local_path} holds {len(lost)} file(s) that {uri} does not ({', '.join(lost[:3])}"
+                f"{', ...' if len(lost) > 3 else ''})")
+        raise StorageError(f"cannot download {uri} to {local_path}: {what}, and a prefix replaces its destination "
+                           f"as a whole; give a folder of its own, end it with '/' to download into it "
+                           f"({local_path}/{posixpath.basename(prefix.rstrip('/')) or bucket}), or replace it "
+                           "(`sonossl artifacts pull --replace`, replace=True)")
     with _progress(sum(int(o["Size"]) for o in objects), f"download {local_path.name}", progress) as bar, \
             atomic_dir(local_path) as staging:
         for obj, rel in rels:
