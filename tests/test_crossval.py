@@ -43,9 +43,18 @@ def test_crossval_folds_by_patient_and_reports_video_level(pocus_subset, tiny_pa
         pt = json.loads((tmp_path / f"cv/folds/fold{f}/pretrain/metrics.json").read_text())
         assert pt["train_clips"] > 0 and pt["val_clips"] > 0  # inner-train clips; inner-validation ones
         assert out["fold_runs"][f]["pretrain_videos"] == out["fold_runs"][f]["train_videos"]
+    # each test fold's patients (the audit trail of "grouped by patient"), every patient in exactly one
+    tested = [p for r in out["fold_runs"] for p in r["test_patients"]]
+    assert sorted(tested) == sorted(labels.patient_id.astype(str)) and out["rejected"] == 0 and out["rejects"] == []
+    for f, r in enumerate(out["fold_runs"]):
+        assert sum(r["test_videos_per_class"].values()) == r["test_videos"] == sum(folds == f)
     md = (tmp_path / "cv.md").read_text()
     heading = f"### Video classification, 3-fold cross-validation grouped by patient: {tmp_path / 'clips'}"
     assert md.startswith(heading)
+    r = out["fold_runs"][0]
+    assert (f"| 1 | {len(r['test_patients'])} | {r['test_videos']} | " + " | ".join(
+        str(r["test_videos_per_class"][c]) for c in out["classes"]) + " |") in md
+    assert "(`fold_runs[].test_patients`)" in md and "left out by preprocessing" not in md
     assert "| ssl | finetune |" in md and "inner validation videos included" not in md and "every frame" not in md
     assert json.loads((tmp_path / "cv/metrics.json").read_text())["ssl/finetune"]["video_accuracy"] >= 0
 
@@ -98,6 +107,64 @@ def test_crossval_refuses_videos_without_one_label_naming_the_dataset(tiny_clips
     with pytest.raises(ValueError, match=f"patient_id, which is missing for 1 video\\(s\\), e.g. "
                                          f"'{re.escape(labels.path[3])}': give each a patient_id"):
         crossval(tmp_path / "nopatient", tmp_path / "cv", tiny_params, progress=False)
+
+
+def test_a_class_with_fewer_patients_than_folds_or_a_single_class_is_refused_naming_it(pocus_subset, tiny_params,
+                                                                                         tmp_path):
+    """A class whose patients all fall in one fold was never trained on in that fold, yet got an F1 (a review ran
+    one pneumonia patient in 4 folds: "F1 pneumonia 0.267", no warning). Refused before any training, naming the
+    class and its patients; so is a dataset of a single class (the message named neither the dataset nor the
+    column, and "plane detection"), and run-local refuses both from labels.csv alone, before kfp starts."""
+    from sonossl.data.clips import preprocess
+    from sonossl.pipeline.steps import check_crossval_listing
+    from sonossl.train.crossval import crossval
+
+    raw = tmp_path / "raw"
+    shutil.copytree(pocus_subset, raw)
+    labels = pd.read_csv(raw / "labels.csv")
+    labels.loc[labels.label == "pneumonia", "patient_id"] = "PT7"
+    labels.to_csv(raw / "labels.csv", index=False)
+    preprocess(raw, tmp_path / "clips", tiny_params.preprocess, progress=False)
+    short = ("3 folds grouped by patient need at least 3 patients of each class, so that every fold trains on every "
+             "class, but 'pneumonia' has 1 (PT7): use fewer folds (crossval.folds) or add patients of that class")
+    with pytest.raises(ValueError) as err:
+        crossval(tmp_path / "clips", tmp_path / "cv", tiny_params, progress=False)
+    assert str(err.value) == f"{tmp_path / 'clips'} (crossval.folds=3): {short}"
+    assert not (tmp_path / "cv").exists()
+    with pytest.raises(ValueError) as err:
+        check_crossval_listing(raw, "lungs", folds=3)
+    assert str(err.value) == f"lungs (folds=3; labels.csv): {short}"
+    check_crossval_listing(raw, "lungs")  # without folds: the rows only, as before
+    with pytest.raises(ValueError, match="folds: at least 2, got 1"):
+        check_crossval_listing(pocus_subset, "lungs", folds=1)
+
+    labels["label"] = "covid"
+    labels.to_csv(raw / "labels.csv", index=False)
+    preprocess(raw, tmp_path / "one", tiny_params.preprocess, progress=False)
+    with pytest.raises(ValueError) as err:
+        crossval(tmp_path / "one", tmp_path / "cv", tiny_params, progress=False)
+    assert str(err.value) == (f"{tmp_path / 'one'}: classifying needs labels of at least 2 classes, and it has only "
+                              "'covid': give labels.csv a `label` per video (or per frame in an annotations file) of "
+                              "at least 2 classes")
+
+
+def test_a_fold_training_without_a_class_is_refused_and_one_selecting_without_it_warned(caplog):
+    """Enough patients per class overall can still leave a fold's inner training videos without a class (its
+    training patients all set aside for model selection): refused, naming the fold; a class missing from the inner
+    validation videos only is a warning (the selection does not see it)."""
+    from sonossl.train.crossval import check_fold_classes
+
+    classes = ["a", "b"]
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    fold_of = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # each fold trains on the other's four videos: a, b, a, b
+    fine = [np.array([0, 0, 1, 1]), np.array([1, 0, 1, 1])]  # per training video its inner fold, 0 = validation
+    check_fold_classes(classes, labels, fold_of, fine, "lungs")
+    assert "fold 2: its inner validation videos hold no video of ['a']" in caplog.text
+    assert "fold 1:" not in caplog.text
+    with pytest.raises(ValueError) as err:
+        check_fold_classes(classes, labels, fold_of, [fine[0], np.array([1, 0, 1, 0])], "lungs")
+    assert str(err.value) == ("lungs: fold 2's training videos, once its inner validation patients are set aside, "
+                              "hold no video of ['b']: use fewer folds or add patients of that class")
 
 
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")

@@ -166,6 +166,27 @@ def test_a_crossval_file_that_is_not_there_is_an_error_and_readme_markers_out_of
         insert_into_readme(tmp_path / "results.md", readme)
 
 
+def test_the_crossval_report_lists_each_test_fold_and_the_videos_preprocessing_left_out():
+    from sonossl.evaluate.report import crossval_markdown
+
+    cv = {"folds": 2, "dataset": "data/clips/lungs", "classes": ["a", "b"], "videos": 5, "patients": 4,
+          "data_version": "v1", "seconds": 60, "rejected": 4,
+          "rejects": [{"path": f"videos/{i}.mp4", "reason": "file not found"} for i in range(4)],
+          "results": [{"init": "ssl", "method": "probe", "accuracy": 0.8, "fold_accuracy": [1.0, 0.5],
+                       "per_class_f1": {"a": 0.8, "b": 0.7}}],
+          "fold_runs": [{"test_patients": ["p1", "p2"], "test_videos": 3, "test_videos_per_class": {"a": 2, "b": 1}},
+                        {"test_patients": ["p3", "p4"], "test_videos": 2, "test_videos_per_class": {"a": 1, "b": 1}}]}
+    md = crossval_markdown(cv)
+    assert ("5 videos of 4 patients; clip dataset version v1; 1.0 min on this machine. 4 video(s) of its labels.csv "
+            "were left out by preprocessing as unusable (videos/0.mp4: file not found; videos/1.mp4: file not found; "
+            "videos/2.mp4: file not found, ...; the clip dataset's meta.json lists them).") in md
+    assert ("| test fold | patients | videos | a | b |\n|---|---|---|---|---|\n| 1 | 2 | 3 | 2 | 1 |\n"
+            "| 2 | 2 | 2 | 1 | 1 |\n") in md
+    # results of an older version (no test_patients, no rejects): the report as it was
+    old = {**cv, "rejected": 0, "rejects": [], "fold_runs": [{"test_videos": 3}, {"test_videos": 2}]}
+    assert crossval_markdown(old).endswith("1.0 min on this machine.\n")
+
+
 def test_crossval_metrics_are_keyed_by_the_dataset_cross_validated(tmp_path):
     """`evaluate --crossval` names the metrics after the clip dataset of the cross-validation (they were `pocus/...`
     whatever the dataset)."""

@@ -360,6 +360,12 @@ def _resample(frames: Iterator[DecodedFrame], fps: float | None) -> Iterator[Dec
 _head_store = np.empty(0, dtype=np.uint8)  # per process, reused by every video (see _buffer_head)
 
 
+def head_frames(height: int, width: int) -> int:
+    """How many first frames of a video of that frame size the sector is found from: up to SECTOR_BUFFER_BYTES,
+    at least 2 (``_buffer_head``; the server's ``sonossl.serve.frames.video_head`` holds the same)."""
+    return max(2, SECTOR_BUFFER_BYTES // (height * width))
+
+
 def _buffer_head(frames: Iterator[DecodedFrame]) -> list[DecodedFrame]:
     """The first frames of a video, up to SECTOR_BUFFER_BYTES, copied into one array that each process reuses.
 
@@ -374,7 +380,7 @@ def _buffer_head(frames: Iterator[DecodedFrame]) -> list[DecodedFrame]:
     for frame in frames:
         if store is None:
             h, w = frame.levels.shape
-            capacity = max(2, SECTOR_BUFFER_BYTES // (h * w))
+            capacity = head_frames(h, w)
             if _head_store.size < capacity * h * w:
                 _head_store = np.empty(capacity * h * w, dtype=np.uint8)
             store = _head_store[: capacity * h * w].reshape(capacity, h, w)

@@ -216,11 +216,31 @@ def crossval_markdown(cv: dict) -> str:
             "likely. " if opts.get("fresh_frames") else "")
     how += ("Each test frame was classified as it is and mirrored left-right, its probabilities the mean of the "
             "two (\"frames alone\": without the mirrors). " if opts.get("flip_test") else "")
+    left_out = ""
+    if cv.get("rejected"):
+        shown = "; ".join(f"{r['path']}: {r['reason']}" for r in cv.get("rejects", [])[:3])
+        more = ", ..." if cv["rejected"] > 3 else ""
+        left_out = (f" {cv['rejected']} video(s) of its labels.csv were left out by preprocessing as unusable "
+                    f"({shown}{more}; the clip dataset's meta.json lists them).")
     return "\n".join([
         f"### Video classification, {cv['folds']}-fold cross-validation grouped by patient: {cv['dataset']}", "",
         *crossval_table(cv), "",
         f"{how}{cv['videos']} videos of {cv['patients']} patients; clip dataset version {cv['data_version']}; "
-        f"{minutes:.1f} min on this machine.", ""])
+        f"{minutes:.1f} min on this machine.{left_out}", "", *crossval_folds_table(cv)])
+
+
+def crossval_folds_table(cv: dict) -> list[str]:
+    """Per test fold: its patients and videos, per class (outputs of older versions record none: no table)."""
+    runs = cv.get("fold_runs", [])
+    if not runs or any("test_patients" not in r for r in runs):
+        return []
+    classes = cv["classes"]
+    lines = ["| test fold | patients | videos | " + " | ".join(classes) + " |", "|" + "---|" * (3 + len(classes))]
+    for f, r in enumerate(runs):
+        per = r["test_videos_per_class"]
+        lines.append(f"| {f + 1} | {len(r['test_patients'])} | {r['test_videos']} | "
+                     + " | ".join(str(per.get(c, 0)) for c in classes) + " |")
+    return [*lines, "", "Each fold's test patients are listed in its results.json (`fold_runs[].test_patients`).", ""]
 
 
 def unique_test_sets(finetune: dict[str, dict]) -> list[dict[str, Any]]:

@@ -198,10 +198,11 @@ def run_local_crossval(out_dir: str | Path, dataset: str, profile: str = "tiny",
 
     out_dir, params_file = Path(out_dir).resolve(), Path(params_file).resolve()
     arguments = _check_arguments(arguments)
-    load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
+    params = load_params(params_file, profile)  # a bad file or profile fails here, not in the first task
     _check_local(dataset, "dataset")
-    if Path(dataset).is_dir():  # a folder here: videos without patient or label fail now, not in the crossval task
-        check_crossval_listing(Path(dataset), dataset)
+    if Path(dataset).is_dir():  # a folder here: videos without patient or label, or too few patients of a class for
+        # the folds, fail now, not in the crossval task after its retries
+        check_crossval_listing(Path(dataset), dataset, int(arguments.get("folds") or params.crossval.folds))
     run_dir, seconds, _ = _run(out_dir, params_file, "crossval", dataset=dataset, profile=profile, **arguments)
     tasks = summarize_run(run_dir)
     return {"run": str(run_dir), "seconds": round(seconds, 1), "profile": profile, "dataset": dataset,

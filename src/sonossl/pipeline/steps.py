@@ -103,11 +103,13 @@ def check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
                          f"tasks are {tasks}: run it with tasks ['planes'] (--param tasks=planes), or add the gaze maps")
 
 
-def check_crossval_listing(raw_dir: Path, dataset: str) -> None:
+def check_crossval_listing(raw_dir: Path, dataset: str, folds: int | None = None) -> None:
     """Fail, naming the dataset and a row, when a video of the raw dataset has no ``patient_id`` (crossval groups
-    folds by it) or neither a ``label`` nor an ``annotations`` file (crossval classifies whole videos); only
-    labels.csv is read, so a local run fails before kfp starts."""
+    folds by it) or neither a ``label`` nor an ``annotations`` file (crossval classifies whole videos); with
+    ``folds``, also when there are fewer folds than 2 or a class (of the videos labelled in labels.csv) has fewer
+    patients than folds. Only labels.csv is read, so a local run fails before kfp starts."""
     from sonossl.data.clips import read_listing
+    from sonossl.train.crossval import check_class_patients
 
     listing = read_listing(raw_dir)
 
@@ -120,6 +122,13 @@ def check_crossval_listing(raw_dir: Path, dataset: str) -> None:
             first = int(rows.to_numpy().argmax())
             raise ValueError(f"{dataset}: crossval needs a {what} for every video; {int(rows.sum())} row(s) of "
                              f"labels.csv have none, e.g. row {first + 2} ({listing['path'].iloc[first]!r})")
+    if folds is None:
+        return
+    if folds < 2:
+        raise ValueError(f"folds: at least 2, got {folds}")
+    labelled = listing[~empty("label")]
+    check_class_patients(labelled["label"].tolist(), labelled["patient_id"].to_numpy(), folds,
+                         f"{dataset} (folds={folds}; labels.csv)")
 
 
 def _flat(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from sonossl.config import PreprocessParams
-from sonossl.data.clips import SECTOR_BUFFER_BYTES, _frame_crop, _is_blank, _snap_crop, _video_crop
+from sonossl.data.clips import _frame_crop, _is_blank, _snap_crop, _video_crop, head_frames
 from sonossl.data.sector import CropBox
 from sonossl.data.video import DecodedFrame
 
@@ -194,8 +194,8 @@ def parse_crop(value: Any, where: str) -> CropBox:
 
 
 def video_head(frames: Iterator[DecodedFrame]) -> list[DecodedFrame]:
-    """The first frames of a video that preprocessing finds its sector from (``sonossl.data.clips._buffer_head``:
-    up to SECTOR_BUFFER_BYTES of frames, at least 2), copied, as the decoder reuses its buffers; the iterator goes
+    """The first frames of a video that preprocessing finds its sector from (``sonossl.data.clips.head_frames``
+    of them), copied, as the decoder reuses its buffers; the iterator goes
     on from the next frame. ``sonossl.data.clips._video_crop`` of them is the video's crop as training found it."""
     head: list[DecodedFrame] = []
     for f in frames:
@@ -203,6 +203,6 @@ def video_head(frames: Iterator[DecodedFrame]) -> list[DecodedFrame]:
             raise ValueError(f"frame size changes mid-video ({head[0].levels.shape[1]}x{head[0].levels.shape[0]} "
                              f"-> {f.levels.shape[1]}x{f.levels.shape[0]})")
         head.append(DecodedFrame(f.index, f.time, np.array(f.levels), f.lut))
-        if len(head) == max(2, SECTOR_BUFFER_BYTES // f.levels.size):
+        if len(head) == head_frames(*f.levels.shape):
             break
     return head

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,44 @@ def video_folds(video_label: np.ndarray, video_group: np.ndarray, folds: int, se
         raise ValueError(f"{folds} folds grouped by patient, but {what} has only {n_groups} patients")
     fold = np.zeros(len(video_label), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for f, (_, test) in enumerate(splitter.split(np.zeros(len(video_label)), video_label, video_group)):
-        fold[test] = f
+    with warnings.catch_warnings():  # it counts videos, not patients; crossval checks the classes of every fold
+        warnings.filterwarnings("ignore", message="The least populated class in y has only")
+        for f, (_, test) in enumerate(splitter.split(np.zeros(len(video_label)), video_label, video_group)):
+            fold[test] = f
     return fold
+
+
+def check_class_patients(labels: list[str], patients: np.ndarray, folds: int, what: str) -> None:
+    """Every class needs at least ``folds`` patients, or some fold trains without it (its F1 then means nothing):
+    ValueError naming each class short of patients and its patients."""
+    short = []
+    for c in sorted(set(labels)):
+        held = sorted({str(p) for p, lab in zip(patients, labels) if lab == c})
+        if len(held) < folds:
+            short.append(f"{c!r} has {len(held)} ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''})")
+    if short:
+        raise ValueError(f"{what}: {folds} folds grouped by patient need at least {folds} patients of each class, so "
+                         f"that every fold trains on every class, but {'; '.join(short)}: use fewer folds "
+                         "(crossval.folds) or add patients of that class")
+
+
+def check_fold_classes(classes: list[str], video_label: np.ndarray, fold_of: np.ndarray, inners: list[np.ndarray],
+                       where: str) -> None:
+    """Every fold's models must train on every class: ValueError naming the fold and the class when its training
+    videos, less its inner validation ones (``inners[f]``: the inner fold of each of its training videos, 0 the
+    validation one), hold none of it. A class missing from the inner validation videos is a warning: the model
+    selection does not see it."""
+    def missing(labels: np.ndarray) -> list[str]:
+        return [c for i, c in enumerate(classes) if i not in set(labels.tolist())]
+
+    for f, inner in enumerate(inners):
+        rest = video_label[fold_of != f]
+        if lacking := missing(rest[inner != 0]):
+            raise ValueError(f"{where}: fold {f + 1}'s training videos, once its inner validation patients are set "
+                             f"aside, hold no video of {lacking}: use fewer folds or add patients of that class")
+        if unseen := missing(rest[inner == 0]):
+            log.warning("fold %d: its inner validation videos hold no video of %s: its model selection (L2 strength, "
+                        "epoch) does not see that class", f + 1, unseen)
 
 
 def _even(rows: np.ndarray, n: int) -> np.ndarray:
@@ -120,13 +156,16 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
     vlabel = np.array([d.classes.index(str(x)) for x in videos.label])
     label_of = dict(zip(vid_ids.tolist(), vlabel.tolist()))
     patients = videos.patient.to_numpy()
-    fold_of = video_folds(vlabel, patients, cv.folds, cv.seed, what=f"{clips_dir} (crossval.folds={cv.folds})")
+    where = f"{clips_dir} (crossval.folds={cv.folds})"
+    check_class_patients([str(x) for x in videos.label], patients, cv.folds, where)
+    fold_of = video_folds(vlabel, patients, cv.folds, cv.seed, what=where)
     # each fold's training videos split again for model selection, checked for every fold before any training
     inner_k = min(4, cv.folds)
     inners = [video_folds(vlabel[fold_of != f], patients[fold_of != f], inner_k, cv.seed + f + 1,
                           what=f"{clips_dir}: fold {f + 1}'s training videos, split again for model selection "
                                f"(crossval.folds={cv.folds}: the dataset needs more patients than folds)")
               for f in range(cv.folds)]
+    check_fold_classes(d.classes, vlabel, fold_of, inners, where)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pre = dataclasses.replace(params.pretrain, epochs=cv.pretrain_epochs, clips_per_epoch=cv.pretrain_clips_per_epoch)
     ft = dataclasses.replace(params.finetune, epochs=cv.finetune_epochs)
@@ -160,7 +199,10 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
         if cv.fresh_frames:
             ft_train, ft_train_w = _all_frames(d.video_idx, train_v)
             ft_refit, ft_refit_w = _all_frames(d.video_idx, np.concatenate([train_v, val_v]))
-        info_f: dict[str, Any] = {"train_videos": len(train_v), "val_videos": len(val_v), "test_videos": len(test_v),
+        info_f: dict[str, Any] = {"test_patients": sorted({str(p) for p in patients[fold_of == f]}),
+                                  "test_videos_per_class": {c: int(np.sum(vlabel[fold_of == f] == i))
+                                                            for i, c in enumerate(d.classes)},
+                                  "train_videos": len(train_v), "val_videos": len(val_v), "test_videos": len(test_v),
                                   "pretrain_videos": len(train_v) + len(val_v) * cv.pretrain_on_validation,
                                   "train_frames": len(train_rows)}
         if cv.refit:
@@ -242,6 +284,9 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
         results.append(entry)
     out = {"dataset": str(clips_dir), "data_version": d.data.version, "folds": cv.folds, "classes": d.classes,
            "videos": int(len(vid_ids)), "patients": int(videos.patient.nunique()),
+           # videos of labels.csv that preprocessing left out as unusable (meta.json lists at most 20)
+           "rejected": int(d.data.meta.get("counts", {}).get("rejected", 0)),
+           "rejects": d.data.meta.get("rejects", []),
            "fold_of_video": {str(idx.video[idx.video_idx == v].iloc[0]): int(fo) for v, fo in zip(vid_ids, fold_of)},
            "params": {"crossval": as_dict(cv), "pretrain": as_dict(pre), "finetune": as_dict(ft)},
            "fold_runs": fold_info, "results": results, "seconds": round(time.perf_counter() - t0, 1)}

@@ -117,11 +117,14 @@ def labelling_plan(index, params: FinetuneParams) -> tuple[list[int], int]:
     return order, len(set(video_strata(index).values())) if params.every_main_label else 1
 
 
-def class_list(index) -> list[str]:
-    labels = index.label.dropna().unique()
+def class_list(index, where: str | Path = "the clip dataset") -> list[str]:
+    """The sorted classes of ``index``'s labels; ValueError naming ``where`` with fewer than two."""
+    labels = sorted(str(x) for x in index.label.dropna().unique())
     if len(labels) < 2:
-        raise ValueError("the clip dataset has fewer than 2 labelled classes; plane detection needs labels")
-    return sorted(str(x) for x in labels)
+        held = f"only {labels[0]!r}" if labels else "none (no `label` column in its labels.csv, or it is empty)"
+        raise ValueError(f"{where}: classifying needs labels of at least 2 classes, and it has {held}: give "
+                         "labels.csv a `label` per video (or per frame in an annotations file) of at least 2 classes")
+    return labels
 
 
 def class_balance(y: np.ndarray, n_classes: int, row_weights: np.ndarray | None = None) -> np.ndarray:
@@ -311,7 +314,7 @@ class LabelledFrames:
 def open_labelled(clips_dir: str | Path) -> LabelledFrames:
     """A clip dataset in memory with its class list and per-row class indices (-1 where unlabelled)."""
     data = load_clip_dataset(clips_dir)
-    classes = class_list(data.index)
+    classes = class_list(data.index, clips_dir)
     lookup = {c: i for i, c in enumerate(classes)}
     labels = np.array([lookup.get(str(v), -1) if v is not None else -1 for v in data.index.label], dtype=np.int64)
     return LabelledFrames(data, frames_tensor(data), classes, labels, data.index.split.to_numpy(),
