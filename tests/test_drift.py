@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -91,11 +91,22 @@ def test_cli_exit_code_says_whether_there_is_drift(served, drift_export, tmp_pat
     assert "DRIFT in" in out and "threshold" in out and "report:" in out
     # nothing to judge (no rows in the window, or too few): exit 3, no report, not the error code 2; a schedule
     # may make it 0 (--too-few-exit-code)
-    for window in (["--since", "2031-01-01T00:00"], ["--until", since.isoformat(), "--since", since.isoformat()]):
+    for window in (["--since", "2031-01-01T00:00"], ["--until", "2000-01-01T00:00"]):
         assert main([*common, *window, "--window", "empty"]) == 3
         assert "too few frames to judge" in capsys.readouterr().err
         assert main([*common, *window, "--window", "empty", "--too-few-exit-code", "0"]) == 0
     assert not (tmp_path / "empty").exists()
+    # --since not before --until (swapped in a backfill script) is bad input, not an empty window that a schedule's
+    # --too-few-exit-code 0 would pass as success every day
+    for until in (since, since - timedelta(days=1)):
+        assert main([*common, "--since", since.isoformat(), "--until", until.isoformat(), "--window", "x",
+                     "--too-few-exit-code", "0"]) == 2
+        assert f"--since {since.isoformat()} is not before --until {until.isoformat()}" in capsys.readouterr().err
+    # an exit code of its own: 0 or 3 to 125 (256 was 0, 1 meant drift)
+    for code in ("1", "2", "256", "-1", "x"):
+        with pytest.raises(SystemExit):
+            main([*common, "--too-few-exit-code", code])
+        assert "expected 0 or a number from 3 to 125" in capsys.readouterr().err
 
 
 def test_a_log_nothing_was_written_to_for_days_is_an_error_with_stale_log_days(drift_export, tmp_path, capsys):
@@ -117,6 +128,12 @@ def test_a_log_nothing_was_written_to_for_days_is_an_error_with_stale_log_days(d
     (log / "date=2026-11-26/part-2.jsonl").write_text('{"ts": "2026-11-26T23:00:00+00:00"}\n')
     assert main([*common, "--stale-log-days", "3"]) == 0  # written two days ago: quiet, not stale
     assert main([*common, "--stale-log-days", "1"]) == 2
+    # a part of a later day (a backfill's window; a replica whose clock runs ahead) does not make the days up to
+    # --until written to: it turned the check off
+    (log / "date=2026-11-26/part-2.jsonl").unlink()
+    (log / "date=2027-03-01").mkdir()
+    (log / "date=2027-03-01/part-3.jsonl").write_text('{"ts": "2027-03-01T00:00:01+00:00"}\n')
+    assert main([*common, "--stale-log-days", "3"]) == 2
     with pytest.raises(SystemExit):
         main([*common, "--stale-log-days", "-1"])
     assert "expected a whole number 0 or more, got '-1'" in capsys.readouterr().err
@@ -238,6 +255,50 @@ def test_a_scheduled_report_covers_yesterday_on_the_served_model(served, drift_e
     with pytest.raises(ValueError, match="model_uri is empty and InferenceService sonossl/sonossl names no model"):
         steps.drift_step("", str(moved), tmp_path / "r.html", now=run)
 
+
+
+def test_a_window_of_one_video_is_judged_against_single_unchanged_videos(served, drift_export, tmp_path, capsys):
+    """The thresholds were made for windows of half the held-out videos whatever the window held: one unchanged scan
+    on a quiet day (a late promotion) was DRIFT in every check. The calibration now draws windows of as many videos
+    as the window has requests (at most half the held-out ones; --window-videos sets it) and says so. A damaged
+    line of the log is left out and counted, not a failed report."""
+    import shutil
+
+    from sonossl.cli import main
+    from sonossl.monitor.drift import DriftParams, drift_report, summary_text
+    from sonossl.monitor.request_log import read_request_log
+
+    log, windows = served
+    since, until, _ = windows["heldout"]
+    rows = read_request_log(log, since, until)
+    n = rows.request_id.nunique()
+    end_of_first = rows[rows.request_id == rows.request_id.iloc[0]].ts.max() + timedelta(milliseconds=1)
+    one = drift_report(drift_export, log, tmp_path / "r", since=since, until=end_of_first, window="one")
+    assert one.summary["calibration"]["window_videos"] == one.summary["calibration"]["window_requests"] == 1
+    assert "thresholds from 40 windows of 1 unchanged held-out video(s) (the window's requests: 1)" in summary_text(
+        one.summary)
+    most = drift_report(drift_export, log, tmp_path / "r", since=since, until=until, window="most",
+                        params=DriftParams(window_videos=10_000)).summary["calibration"]["window_videos"]
+    whole = drift_report(drift_export, log, tmp_path / "r", since=since, until=until, window="all")
+    assert n > 1 and whole.summary["calibration"]["window_requests"] == n
+    assert whole.summary["calibration"]["window_videos"] == min(n, most) > 1
+    # --window-videos 1 (clients sending a video in many requests set it): the one-video window's thresholds
+    assert main(["drift", "--model-dir", str(drift_export), "--log", str(log), "--out", str(tmp_path / "r"),
+                 "--since", since.isoformat(), "--until", until.isoformat(), "--window", "w1",
+                 "--window-videos", "1"]) in (0, 1)
+    w1 = json.loads((tmp_path / "r/w1/summary.json").read_text())
+    assert {c: s["threshold"] for c, s in w1["columns"].items()} == {
+        c: s["threshold"] for c, s in one.summary["columns"].items()}
+    assert w1["embedding"]["threshold"] == one.summary["embedding"]["threshold"]
+    capsys.readouterr()
+
+    damaged = tmp_path / "log"
+    shutil.copytree(log, damaged)
+    part = sorted(damaged.rglob("*.jsonl"))[0]
+    part.write_text(part.read_text() + '{"ts":"2026-12-01T00:00:01+00:00","model_ver\n')
+    r = drift_report(drift_export, damaged, tmp_path / "r", since=since, until=until, window="damaged")
+    assert r.summary["log_damaged"] == 1 and r.summary["frames"] == whole.summary["frames"]
+    assert f"1 damaged line(s) or file(s) of the log left out, e.g. {part}: line " in summary_text(r.summary)
 
 
 def test_the_index_page_escapes_what_it_shows():

@@ -164,6 +164,38 @@ def test_a_line_that_is_not_a_row_or_not_text_names_the_file_and_line(tmp_path):
         read_request_log(tmp_path / "log")
 
 
+def test_damaged_lines_are_errors_or_with_a_skipped_list_left_out_and_named(tmp_path, caplog):
+    """One damaged line (not JSON, a bad time, a part not UTF-8) stopped every drift report that read its part,
+    backfills included, and a bad `ts` did not name its file. Strict by default, naming file and line; with a
+    `skipped` list (what drift passes) the rest is read and the damage described; nothing readable is an error."""
+    import pytest
+
+    log = tmp_path / "log/date=2026-11-27"
+    log.mkdir(parents=True)
+    (log / "part-1.jsonl").write_text('{"ts": "2026-11-27T10:00:00+00:00", "request_id": "a"}\n'
+                                      '{"ts": "2026-11-27T10:00:01+00:00", "request_id": "b"}\n'
+                                      '{"ts":"2026-11-27T10:00:02+00:00","model_ver\n'
+                                      '{"ts": "yesterday", "request_id": "c"}\n')
+    (log / "part-2.jsonl").write_bytes(b'{"ts": "2026-11-27T10:00:03+00:00", "request_id": "\xff"}\n')
+    (log / "part-3.jsonl").write_text('{"request_id": "d"}\n')
+    with pytest.raises(ValueError, match=r"part-1\.jsonl: line 3 is not JSON \(Unterminated string"):
+        read_request_log(tmp_path / "log")
+    skipped: list[str] = []
+    frame = read_request_log(tmp_path / "log", skipped=skipped)
+    assert list(frame.request_id) == ["a", "b"]
+    assert [x.split("/")[-1] for x in skipped] == [
+        "part-1.jsonl: line 3 is not JSON (Unterminated string starting at)",
+        "part-1.jsonl: line 4: `ts` 'yesterday' is not an ISO 8601 time",
+        "part-2.jsonl: not UTF-8 text (invalid start byte at byte 51); is this a request log?",
+        "part-3.jsonl: rows have no `ts` column; is this a sonossl request log?"]
+    assert caplog.text.count("request log: left out: ") == 4
+    (log / "part-1.jsonl").write_text('{"ts": "yesterday"}\n')
+    with pytest.raises(ValueError, match=r"part-1\.jsonl: line 1: `ts` 'yesterday' is not an ISO 8601 time"):
+        read_request_log(tmp_path / "log")  # the file named (it was pandas' message alone)
+    with pytest.raises(ValueError, match=r"no readable row, 3 damaged line\(s\) or file\(s\)"):
+        read_request_log(tmp_path / "log", skipped=[])
+
+
 def test_a_window_reads_only_the_days_it_can_hold_and_takes_naive_times_as_utc(tmp_path):
     """A part file is written after every row in it, so the parts of days more than a day before ``since`` are never
     read (here one of them is not even JSON; the day before is, for a clock stepped back), while a later day's part

@@ -38,6 +38,18 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _exit_code(text: str) -> int:
+    """An exit code of its own: 0, or 3 to 125 (1 and 2 mean something else to the caller; a shell gives 126 and
+    up other meanings, and 256 would be 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value != 0 and not 3 <= value <= 125:
+        raise argparse.ArgumentTypeError(f"expected 0 or a number from 3 to 125 (1 is drift, 2 an error), got {text!r}")
+    return value
+
+
 def _add_params_args(p: argparse.ArgumentParser, note: str = "", profile: str | None = None) -> None:
     """--params and --profile; ``note`` says when they are read, ``profile`` is a default other than the file's."""
     default = (f"default: {profile}; the file's `profile:` is not read" if profile
@@ -183,7 +195,7 @@ def _stale_log(args: argparse.Namespace) -> str | None:
         return None
     end = as_utc(args.until) or datetime.now(UTC)
     first = (end - timedelta(days=args.stale_log_days)).date()
-    if last_written(args.log, first) is not None:
+    if last_written(args.log, first, end.date()) is not None:
         return None
     return (f"request log {args.log}: nothing written to it from {first} to {end:%Y-%m-%d} (--stale-log-days "
             f"{args.stale_log_days}): no traffic for that long, or a server that stopped logging")
@@ -192,8 +204,11 @@ def _stale_log(args: argparse.Namespace) -> str | None:
 def _cmd_drift(args: argparse.Namespace) -> int:
     from sonossl.monitor.drift import DriftParams, TooFewFrames, drift_report, summary_text
 
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        raise ValueError(f"--since {args.since.isoformat()} is not before --until {args.until.isoformat()}: the "
+                         "window [since, until) is empty")
     params = DriftParams(margin=args.margin, drift_share=args.drift_share, min_frames=args.min_frames,
-                         max_frames=args.max_frames)
+                         max_frames=args.max_frames, window_videos=args.window_videos)
     try:
         result = drift_report(args.model_dir, args.log, args.out, params=params, since=args.since,
                               until=args.until, window=args.window)
@@ -479,9 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=5000,
                    help="score at most this many of the window's frames, evenly spaced in time (the embedding "
                         "check's memory grows with the square of reference + window frames)")
-    p.add_argument("--too-few-exit-code", type=int, default=3,
-                   help="exit code for a window with too few frames to judge (default 3; 0 for a schedule on which "
-                        "a day without traffic is no failure)")
+    p.add_argument("--window-videos", type=_non_negative_int, default=0, metavar="N",
+                   help="videos in the window, for the thresholds (made from windows of that many unchanged "
+                        "videos, at most half the model's held-out videos); default 0: the window's requests (a "
+                        "video sent whole is one request); give it when clients send a video in many requests")
+    p.add_argument("--too-few-exit-code", type=_exit_code, default=3,
+                   help="exit code for a window with too few frames to judge: 0, or 3 to 125 (default 3; 0 for a "
+                        "schedule on which a day without traffic is no failure; 1 and 2 mean drift and error)")
     p.add_argument("--stale-log-days", type=_non_negative_int, default=0, metavar="N",
                    help="with too few frames in the window, exit 2 (an error) instead when nothing was written to the "
                         "log in the N days up to --until (or now): no traffic for that long, or a server that "

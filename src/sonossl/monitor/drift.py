@@ -63,17 +63,21 @@ class DriftParams:
     # (reference + window)^2 kernel in float64; against 2,000 reference frames, 5,000 window frames took 387 MiB
     # more peak memory and 10,000 took 1,113 MiB (MMDDriftMethod alone), so a busy day ran out of memory unbounded.
     max_frames: int = 5000
+    # Videos per calibration window: 0 takes the window's requests (a video sent whole is one request; in parts,
+    # each part is one), at most half the held-out videos; the thresholds are then made for windows of that many
+    # videos, so that a window of one scan is judged against single unchanged videos, not against ten at once.
+    window_videos: int = 0
     seed: int = 0
     columns: tuple[str, ...] = STAT_COLUMNS
 
     def __post_init__(self) -> None:
         checks = {"margin": self.margin > 0, "quantile": 0 < self.quantile < 1, "null_draws": self.null_draws >= 1,
                   "drift_share": 0 < self.drift_share <= 1, "min_frames": self.min_frames >= 1,
-                  "max_frames": self.max_frames >= self.min_frames}
+                  "max_frames": self.max_frames >= self.min_frames, "window_videos": self.window_videos >= 0}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             rules = {"margin": "> 0", "quantile": "in (0, 1)", "null_draws": ">= 1", "drift_share": "in (0, 1]",
-                     "min_frames": ">= 1",
+                     "min_frames": ">= 1", "window_videos": ">= 0 (0: the window's requests)",
                      "max_frames": f">= min_frames (--min-frames) = {self.min_frames}: raise the one or lower "
                                    "the other"}
             raise ValueError("drift parameters out of range: " + "; ".join(
@@ -125,22 +129,31 @@ def load_reference(model_dir: str | Path):
     return card, table(*needed[1:4]), table(*needed[4:7])
 
 
-def calibration_videos(heldout) -> int:
-    """Videos per drawn window: half of the held-out videos, so that windows differ from one draw to the next."""
-    return int(heldout.video.nunique()) // 2
+def calibration_videos(heldout, window_videos: int = 0) -> int:
+    """Videos per drawn window: ``window_videos`` (the videos of the window being judged; 0: as many as allowed), at
+    most half of the held-out videos, so that windows differ from one draw to the next."""
+    most = int(heldout.video.nunique()) // 2
+    return min(window_videos, most) if window_videos > 0 else most
+
+
+def window_videos(current, params: DriftParams) -> int:
+    """How many videos the window holds, for the calibration: ``params.window_videos`` when given, else its requests
+    (0, as many as the calibration allows, for a log without request ids)."""
+    if params.window_videos or "request_id" not in current.columns:
+        return params.window_videos
+    return int(current.request_id.nunique())
 
 
 def null_thresholds(reference, heldout, columns: list[str], emb_cols: list[str], floors: dict[str, float],
-                    params: DriftParams) -> tuple[dict[str, float], dict[str, float]]:
-    """(thresholds, quantiles): scores of windows of whole held-out videos (never trained on) against the reference,
-    computed as Evidently computes them (normed Wasserstein: the distance over the reference's standard deviation;
-    MMD: Evidently's own ``MMDDriftMethod``)."""
+                    params: DriftParams, videos_per_window: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """(thresholds, quantiles): scores of windows of ``videos_per_window`` whole held-out videos (never trained on;
+    see ``calibration_videos``) against the reference, computed as Evidently computes them (normed Wasserstein: the
+    distance over the reference's standard deviation; MMD: Evidently's own ``MMDDriftMethod``)."""
     from evidently.metrics.embeddings import MMDDriftMethod
     from scipy.stats import wasserstein_distance
 
     videos = np.unique(heldout.video.to_numpy())
-    k = calibration_videos(heldout)
-    if k < 2:
+    if calibration_videos(heldout) < 2:
         raise ValueError(f"the export holds frames of {len(videos)} held-out videos (validation and test): too few to "
                          "learn drift thresholds from windows of unseen videos (need at least 4; train on more "
                          "videos)")
@@ -148,6 +161,7 @@ def null_thresholds(reference, heldout, columns: list[str], emb_cols: list[str],
     scores: dict[str, list[float]] = {k_: [] for k_ in [*columns, "embedding"]}
     norms = {c: max(float(np.std(reference[c])), 0.001) for c in columns}
     mmd = MMDDriftMethod()
+    k = calibration_videos(heldout, videos_per_window)
     for _ in range(params.null_draws):
         cur = heldout[heldout.video.isin(rng.choice(videos, size=k, replace=False))]
         for c in columns:
@@ -208,7 +222,9 @@ def _index_html(entries: list[dict[str, Any]]) -> str:
             "tr.drift{background:#fdd}tr.ok{background:#dfd}</style>"
             "<h1>sonossl drift reports</h1><p>One row per time window, newest first; open a window for Evidently's "
             "report.</p><table><tr><th>window</th><th>from</th><th>to</th><th>frames</th><th>verdict</th>"
-            f"<th>drifted</th><th>model version</th></tr>\n{rows}\n</table>\n")
+            f"<th>over threshold</th><th>model version</th></tr>\n{rows}\n</table>\n"
+            "<p>Over threshold: the checks whose score passed their threshold; drift needs the embeddings, or a "
+            "share of the statistics (or of the frames at an unseen size) of at least the report's drift_share.</p>\n")
 
 
 INDEX_KEYS = ("window", "from", "to", "frames", "drift_detected", "drifted", "model_version")  # one index row
@@ -350,10 +366,12 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     with tempfile.TemporaryDirectory(prefix="sonossl-model-") as tmp:
         card, reference, heldout = load_reference(_local_model_dir(model_dir, Path(tmp)))
     version = card["model_version"]
-    rows = read_request_log(log, since, until)
+    skipped: list[str] = []  # damaged lines of the log: left out, counted in the summary
+    rows = read_request_log(log, since, until, skipped=skipped)
+    damage = f"; {len(skipped)} damaged line(s) or file(s) of the log left out, e.g. {skipped[0]}" if skipped else ""
     if rows.empty:
         raise TooFewFrames(f"request log {log}: no rows in the window (need at least {params.min_frames} usable "
-                           f"frames of model {version})")
+                           f"frames of model {version}){damage}")
     columns = list(params.columns)
     emb_cols = [c for c in reference.columns if c.startswith("emb_")]
     if "model_version" not in rows.columns:
@@ -362,7 +380,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     ours = rows[rows.model_version == version]  # another model's rows may have other columns (embedding size)
     if ours.empty:
         raise TooFewFrames(f"request log {log}: 0 usable frames of model {version} in the window (need at least "
-                           f"{params.min_frames}; {len(other)} rows of other model versions, none of this one)")
+                           f"{params.min_frames}; {len(other)} rows of other model versions, none of this one)"
+                           f"{damage}")
     missing = [c for c in columns + emb_cols + ["blank", "height", "width"] if c not in ours.columns
                or ours[c].isna().all()]
     if missing:
@@ -373,7 +392,7 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     if len(usable) < params.min_frames:
         raise TooFewFrames(f"request log {log}: {len(usable)} usable frames of model {version} in the window "
                            f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
-                           f"{int(blank.sum())} blank frames left out)")
+                           f"{int(blank.sum())} blank frames left out){damage}")
     current = usable.iloc[np.linspace(  # read_request_log sorts the rows by time
         0, len(usable) - 1, min(params.max_frames, len(usable))).astype(int)]
     if len(current) < len(usable):
@@ -382,7 +401,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
             len(usable), len(current))
 
     floors = {**{c: EVIDENTLY_WASSERSTEIN for c in columns}, "embedding": EVIDENTLY_MMD}
-    thresholds, baseline = null_thresholds(reference, heldout, columns, emb_cols, floors, params)
+    n_videos = window_videos(usable, params)
+    thresholds, baseline = null_thresholds(reference, heldout, columns, emb_cols, floors, params, n_videos)
     snap, scores = _evidently_scores(reference, current, columns, emb_cols, thresholds)
 
     seen_sizes = set(map(tuple, reference[["height", "width"]].astype(int).to_numpy()))
@@ -402,8 +422,11 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
         "model_version": version, "feature_version": card["data"]["feature_version"],
         "frames": int(len(usable)), "frames_scored": int(len(current)), "frames_other_versions": int(len(other)),
         "frames_blank": int(blank.sum()),
+        # lines or files of the log that could not be read (not JSON, a bad time, not UTF-8): left out, the first named
+        "log_damaged": len(skipped), "log_damaged_first": skipped[:5],
         "reference_frames": int(len(reference)), "heldout_frames": int(len(heldout)),
-        "calibration": {"window_videos": calibration_videos(heldout), "draws": params.null_draws,
+        "calibration": {"window_videos": calibration_videos(heldout, n_videos), "draws": params.null_draws,
+                        "window_requests": int(usable.request_id.nunique()) if "request_id" in usable else None,
                         "quantile": params.quantile, "margin": params.margin},
         "drift_detected": bool(detected),
         "drifted": [c for c in columns if col_drift[c]] + (["embedding"] if emb_drift else [])
@@ -424,16 +447,28 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    """A few lines for the terminal: the verdict and every score against its threshold."""
+    """A few lines for the terminal: the verdict and every score against its threshold (a check over its threshold
+    in a window without drift is marked as such, not as drift)."""
+    over = summary["drifted"]
+    verdict = ("DRIFT in " + ", ".join(over) if summary["drift_detected"] else
+               "no drift" + (f" (over threshold: {', '.join(over)}; not enough for drift)" if over else ""))
     lines = [f"drift report {summary['window']} (model {summary['model_version']}, {summary['frames']} frames): "
-             + ("DRIFT in " + ", ".join(summary["drifted"]) if summary["drift_detected"] else "no drift")]
+             + verdict]
+    mark = "  DRIFT" if summary["drift_detected"] else "  over threshold"
     for name, s in [*summary["columns"].items(), ("embedding", summary["embedding"])]:
         lines.append(f"  {name:<12} {s['score']:8.3f}  threshold {s['threshold']:7.3f}  (unchanged videos: "
                      f"{s['baseline']:.3f})"
-                     + ("  DRIFT" if s["drift"] else ""))
+                     + (mark if s["drift"] else ""))
     fs = summary["frame_size"]
     share = summary["params"]["drift_share"]  # the share of frames at unseen sizes that is drift
     lines.append(f"  frame size   {fs['unseen_share']:8.3f}  threshold {share:7.3f}  (share of frames at a size the "
                  f"training data never had; window: {', '.join(fs['current'])}; training: "
-                 f"{', '.join(fs['reference'])})" + ("  DRIFT" if fs["drift"] else ""))
+                 f"{', '.join(fs['reference'])})" + (mark if fs["drift"] else ""))
+    cal = summary.get("calibration", {})
+    if cal.get("window_videos"):
+        lines.append(f"  thresholds from {cal['draws']} windows of {cal['window_videos']} unchanged held-out video(s)"
+                     + (f" (the window's requests: {cal['window_requests']})" if cal.get("window_requests") else ""))
+    if summary.get("log_damaged"):
+        lines.append(f"  {summary['log_damaged']} damaged line(s) or file(s) of the log left out, e.g. "
+                     f"{summary['log_damaged_first'][0]}")
     return "\n".join(lines)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000  # rows held while storage is unreachable; older rows are dropped beyond this
 MAX_QUEUED = 20_000  # rows of requests queued and not yet taken by the writer (each holds its frames until built)
+MAX_SKIPPED_SHOWN = 5  # damaged lines or files named in the warnings of one read (the rest counted)
 MAX_BACKOFF_S = 300.0  # longest wait between two attempts to write while storage fails
 CLOSE_RETRY_S = (1.0, 2.0, 4.0)  # pauses between the last tries at shutdown, while close()'s time lasts
 # how long close() waits for the last write: a pod's grace period is 30 s by default, and with storage down the
@@ -258,10 +259,13 @@ def _part_files(uri: str, first_day: date | None = None) -> list[str]:
     return [str(p) for p in sorted(root.rglob("*.jsonl"))]
 
 
-def last_written(uri: str | Path, first_day: date) -> date | None:
-    """The last day, from ``first_day`` on, on which the log got a part file (its ``date=`` folders), or None: a
-    log that nothing was written to since (no traffic, or a server that stopped logging)."""
-    days = [d for d in map(_written_on, _part_files(str(uri), first_day)) if d is not None and d >= first_day]
+def last_written(uri: str | Path, first_day: date, last_day: date | None = None) -> date | None:
+    """The last day from ``first_day`` to ``last_day`` (default: no end) on which the log got a part file (its
+    ``date=`` folders), or None: a log that nothing was written to in those days (no traffic, or a server that
+    stopped logging). Parts of later days do not count: they cannot show that the log was written to then (a
+    backfill's window, or a replica whose clock runs days ahead)."""
+    days = [d for d in map(_written_on, _part_files(str(uri), first_day))
+            if d is not None and d >= first_day and (last_day is None or d <= last_day)]
     return max(days, default=None)
 
 
@@ -279,12 +283,18 @@ def as_utc(t: datetime | None) -> datetime | None:
     return t if t is None or t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def read_request_log(uri: str | Path, since: datetime | None = None, until: datetime | None = None):
+def read_request_log(uri: str | Path, since: datetime | None = None, until: datetime | None = None,
+                     skipped: list[str] | None = None):
     """All rows of a request log (local folder or ``s3://`` prefix), oldest first, within [since, until); a naive
     ``since`` or ``until`` is UTC. A part file is written after every row it holds, so those under a ``date=``
     folder more than a day before ``since`` are neither read nor, on S3, listed: a window costs the days it covers
     (and the files written after it), not the whole history. (The day's margin: a wall clock stepped back across
-    midnight can write a row of the next day into the day before.)"""
+    midnight can write a row of the next day into the day before.)
+
+    A line that is not a JSON object, a row whose ``ts`` is not an ISO 8601 time, or a part that is not UTF-8 text
+    (the server writes none of these: another tool, or damage) is an error naming the file and line; with a
+    ``skipped`` list, it is left out instead and described there (a report then judges the rows it could read, and
+    says how many it could not), unless nothing could be read at all."""
     import pandas as pd
 
     uri = str(uri)
@@ -294,6 +304,13 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
     names = _part_files(uri, first_day)
     if not names and not (first_day is not None and is_s3(uri) and _holds_anything(uri)):
         raise FileNotFoundError(f"request log {uri}: no log files (part-*.jsonl) found")
+    bad: list[str] = []
+
+    def damaged(problem: str) -> None:
+        if skipped is None:
+            raise ValueError(problem)
+        bad.append(problem)
+
     for name in names:
         day = _written_on(name)
         if first_day is not None and day is not None and day < first_day:
@@ -307,30 +324,48 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
         try:
             text = data.decode()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); is this a request "
-                             "log?") from None
-        rows = []
+            damaged(f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); is this a request log?")
+            continue
+        rows, lines = [], []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{name}: line {n} is not JSON ({e.msg})") from None
+                damaged(f"{name}: line {n} is not JSON ({e.msg})")
+                continue
             if not isinstance(row, dict):
-                raise ValueError(f"{name}: line {n} is JSON but not an object (a request log row is one), "
-                                 f"got {type(row).__name__}")
+                damaged(f"{name}: line {n} is JSON but not an object (a request log row is one), got "
+                        f"{type(row).__name__}")
+                continue
             rows.append(row)
-        if rows:
-            frames.append(pd.DataFrame(rows))
+            lines.append(n)
+        if not rows:
+            continue
+        part = pd.DataFrame(rows)
+        if "ts" not in part.columns:
+            damaged(f"{name}: rows have no `ts` column; is this a sonossl request log?")
+            continue
+        # ISO 8601 in any of its forms: isoformat() leaves out the fraction of a time on a whole second (1 in 10^6
+        # requests), and pandas would otherwise take the first row's form for every row and fail on such a one
+        ts = pd.to_datetime(part["ts"], utc=True, format="ISO8601", errors="coerce")
+        for i in ts.index[ts.isna()]:  # a RangeIndex: positions
+            damaged(f"{name}: line {lines[i]}: `ts` {part['ts'].iloc[i]!r} is not an ISO 8601 time")
+        frames.append(part.assign(ts=ts)[ts.notna()])
+    if bad:
+        for problem in bad[:MAX_SKIPPED_SHOWN]:
+            log.warning("request log: left out: %s", problem)
+        if len(bad) > MAX_SKIPPED_SHOWN:
+            log.warning("request log: left out %d more damaged line(s) or file(s)", len(bad) - MAX_SKIPPED_SHOWN)
+        if not any(len(f) for f in frames):
+            raise ValueError(f"request log {uri}: no readable row, {len(bad)} damaged line(s) or file(s), e.g. "
+                             f"{bad[0]}; is this a sonossl request log?")
+        skipped.extend(bad)  # type: ignore[union-attr]  # bad is only filled when skipped is a list
+    frames = [f for f in frames if len(f)]
     if not frames:  # every part is of a day before the window, or empty
         return pd.DataFrame({"ts": pd.Series([], dtype="datetime64[ns, UTC]")})
     out = pd.concat(frames, ignore_index=True)
-    if "ts" not in out.columns:
-        raise ValueError(f"request log {uri}: rows have no `ts` column; is this a sonossl request log?")
-    # ISO 8601 in any of its forms: isoformat() leaves out the fraction of a time on a whole second (1 in 10^6
-    # requests), and pandas would otherwise take the first row's form for every row and fail on such a one
-    out["ts"] = pd.to_datetime(out["ts"], utc=True, format="ISO8601")
     if since is not None:
         out = out[out.ts >= pd.Timestamp(since)]
     if until is not None:
