@@ -135,6 +135,13 @@ def test_a_class_with_fewer_patients_than_folds_or_a_single_class_is_refused_nam
         check_crossval_listing(raw, "lungs", folds=3)
     assert str(err.value) == f"lungs (folds=3; labels.csv): {short}"
     check_crossval_listing(raw, "lungs")  # without folds: the rows only, as before
+    # labelled by annotation files (per-frame labels), or partly: crossval counts those itself, run-local cannot
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "labels.csv").write_text("path,patient_id,annotations\nvideos/a.mp4,p1,a.json\nvideos/b.mp4,p2,b.json\n")
+    check_crossval_listing(ann, "ann", folds=3)
+    (ann / "labels.csv").write_text("path,label,patient_id,annotations\nvideos/a.mp4,x,p1,\nvideos/b.mp4,,p2,b.json\n")
+    check_crossval_listing(ann, "ann", folds=3)
     with pytest.raises(ValueError, match="folds: at least 2, got 1"):
         check_crossval_listing(pocus_subset, "lungs", folds=1)
 

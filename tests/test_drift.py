@@ -260,8 +260,10 @@ def test_a_scheduled_report_covers_yesterday_on_the_served_model(served, drift_e
 def test_a_window_of_one_video_is_judged_against_single_unchanged_videos(served, drift_export, tmp_path, capsys):
     """The thresholds were made for windows of half the held-out videos whatever the window held: one unchanged scan
     on a quiet day (a late promotion) was DRIFT in every check. The calibration now draws windows of as many videos
-    as the window has requests (at most half the held-out ones; --window-videos sets it) and says so. A damaged
-    line of the log is left out and counted, not a failed report."""
+    as the window has requests (at most half the held-out ones; --window-videos sets it) and says so. Requests are
+    counted by their times, not ids: a client that sends every request with one v2 id made a day one video and
+    its thresholds lenient. A damaged line of the log is left out and counted, not a failed report; with too few
+    frames in the window it is an error, as the window's rows may be the damaged ones."""
     import shutil
 
     from sonossl.cli import main
@@ -271,12 +273,13 @@ def test_a_window_of_one_video_is_judged_against_single_unchanged_videos(served,
     log, windows = served
     since, until, _ = windows["heldout"]
     rows = read_request_log(log, since, until)
-    n = rows.request_id.nunique()
+    n = rows.ts.nunique()
+    assert n == rows.request_id.nunique()  # the client's ids are unique here
     end_of_first = rows[rows.request_id == rows.request_id.iloc[0]].ts.max() + timedelta(milliseconds=1)
     one = drift_report(drift_export, log, tmp_path / "r", since=since, until=end_of_first, window="one")
     assert one.summary["calibration"]["window_videos"] == one.summary["calibration"]["window_requests"] == 1
-    assert "thresholds from 40 windows of 1 unchanged held-out video(s) (the window's requests: 1)" in summary_text(
-        one.summary)
+    assert ("thresholds from 40 windows of 1 unchanged held-out video(s) (the window's requests: 1; --window-videos "
+            "sets the number)") in summary_text(one.summary)
     most = drift_report(drift_export, log, tmp_path / "r", since=since, until=until, window="most",
                         params=DriftParams(window_videos=10_000)).summary["calibration"]["window_videos"]
     whole = drift_report(drift_export, log, tmp_path / "r", since=since, until=until, window="all")
@@ -292,6 +295,15 @@ def test_a_window_of_one_video_is_judged_against_single_unchanged_videos(served,
     assert w1["embedding"]["threshold"] == one.summary["embedding"]["threshold"]
     capsys.readouterr()
 
+    same_id = tmp_path / "same_id"
+    shutil.copytree(log, same_id)
+    for part in same_id.rglob("*.jsonl"):
+        part.write_text("".join(json.dumps({**json.loads(line), "request_id": "1"}) + "\n"
+                                for line in part.read_text().splitlines()))
+    again = drift_report(drift_export, same_id, tmp_path / "r", since=since, until=until, window="same")
+    assert again.summary["calibration"] == whole.summary["calibration"]
+    assert again.summary["columns"] == whole.summary["columns"]
+
     damaged = tmp_path / "log"
     shutil.copytree(log, damaged)
     part = sorted(damaged.rglob("*.jsonl"))[0]
@@ -299,6 +311,14 @@ def test_a_window_of_one_video_is_judged_against_single_unchanged_videos(served,
     r = drift_report(drift_export, damaged, tmp_path / "r", since=since, until=until, window="damaged")
     assert r.summary["log_damaged"] == 1 and r.summary["frames"] == whole.summary["frames"]
     assert f"1 damaged line(s) or file(s) of the log left out, e.g. {part}: line " in summary_text(r.summary)
+    # too few frames beside a damaged line: the window's rows may be the damaged ones, so not "nothing to judge"
+    # (exit 3, or 0 on the CronJob) but an error (exit 2)
+    late = since - timedelta(seconds=1)
+    assert main(["drift", "--model-dir", str(drift_export), "--log", str(damaged), "--out", str(tmp_path / "r"),
+                 "--since", (late - timedelta(minutes=1)).isoformat(), "--until", late.isoformat(),
+                 "--too-few-exit-code", "0"]) == 2
+    assert ("damaged line(s) or file(s) of the log that may hold rows of the window were left out"
+            in capsys.readouterr().err)
 
 
 def test_the_index_page_escapes_what_it_shows():

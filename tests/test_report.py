@@ -179,7 +179,7 @@ def test_the_crossval_report_lists_each_test_fold_and_the_videos_preprocessing_l
     md = crossval_markdown(cv)
     assert ("5 videos of 4 patients; clip dataset version v1; 1.0 min on this machine. 4 video(s) of its labels.csv "
             "were left out by preprocessing as unusable (videos/0.mp4: file not found; videos/1.mp4: file not found; "
-            "videos/2.mp4: file not found, ...; the clip dataset's meta.json lists them).") in md
+            "videos/2.mp4: file not found, ...; results.json and the clip dataset's meta.json list them).") in md
     assert ("| test fold | patients | videos | a | b |\n|---|---|---|---|---|\n| 1 | 2 | 3 | 2 | 1 |\n"
             "| 2 | 2 | 2 | 1 | 1 |\n") in md
     # results of an older version (no test_patients, no rejects): the report as it was

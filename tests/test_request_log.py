@@ -189,6 +189,19 @@ def test_damaged_lines_are_errors_or_with_a_skipped_list_left_out_and_named(tmp_
         "part-2.jsonl: not UTF-8 text (invalid start byte at byte 51); is this a request log?",
         "part-3.jsonl: rows have no `ts` column; is this a sonossl request log?"]
     assert caplog.text.count("request log: left out: ") == 4
+    # only damage that may hold a row of the window is described: a part written by the day after `until` (or
+    # outside a date= folder); a later part's is warned about, not counted against every window before it
+    later = tmp_path / "log/date=2026-12-01"
+    later.mkdir()
+    (later / "part-9.jsonl").write_text('{"ts": "2026-12-01T10:00:00+00:00", "request_id": "e"}\n{"ts"\n')
+    window: list[str] = []
+    frame = read_request_log(tmp_path / "log", datetime(2026, 11, 27), datetime(2026, 11, 28), skipped=window)
+    assert list(frame.request_id) == ["a", "b"] and len(window) == 4
+    window = []
+    read_request_log(tmp_path / "log", datetime(2026, 11, 27), datetime(2026, 11, 30), skipped=window)
+    assert len(window) == 5 and window[-1].endswith("part-9.jsonl: line 2 is not JSON (Expecting ':' delimiter)")
+    caplog.clear()
+    (later / "part-9.jsonl").unlink()
     (log / "part-1.jsonl").write_text('{"ts": "yesterday"}\n')
     with pytest.raises(ValueError, match=r"part-1\.jsonl: line 1: `ts` 'yesterday' is not an ISO 8601 time"):
         read_request_log(tmp_path / "log")  # the file named (it was pandas' message alone)

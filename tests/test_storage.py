@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_push_pull_tree_is_byte_identical_multipart_included(s3_server, tmp_path
     dst = tmp_path / "restored"
     (dst / "stale").mkdir(parents=True)
     (dst / "stale" / "old.bin").write_bytes(b"old")
-    with pytest.raises(StorageError, match=r"holds 1 file\(s\) that .* does not \(stale/old.bin\)"):
+    with pytest.raises(StorageError, match=r"holds 1 file\(s\) or folder\(s\) that .* does not \(stale/old.bin\)"):
         download(uri, dst)
     assert download(uri, dst, replace=True) == dst
     assert _read_tree(dst) == files
@@ -499,12 +500,11 @@ def test_a_pull_never_deletes_local_files_the_prefix_does_not_hold_unless_told(s
     for name in ("model.pt", "pretrain/encoder.pt", "finetune/a.pt", "finetune/b.pt", "finetune/c.pt"):
         (models / name).parent.mkdir(parents=True, exist_ok=True)
         (models / name).write_bytes(b"mine")
-    (models / ".frames.npy.tmp-123.npy").write_bytes(b"a killed write's")  # not the user's: not counted
     held = _read_tree(models)
     with pytest.raises(StorageError) as e:
         download(uri, models)
-    assert str(e.value) == (f"cannot download {uri} to {models}: {models} holds 4 file(s) that {uri} does not "
-                            "(finetune/a.pt, finetune/b.pt, finetune/c.pt, ...), and a prefix replaces its "
+    assert str(e.value) == (f"cannot download {uri} to {models}: {models} holds 4 file(s) or folder(s) that {uri} "
+                            "does not (finetune/a.pt, finetune/b.pt, finetune/c.pt, ...), and a prefix replaces its "
                             "destination as a whole; give a folder of its own, end it with '/' to download into it "
                             f"({models}/export), or replace it (`sonossl artifacts pull --replace`, replace=True)")
     assert _read_tree(models) == held
@@ -512,9 +512,23 @@ def test_a_pull_never_deletes_local_files_the_prefix_does_not_hold_unless_told(s
     link.symlink_to(tmp_path / "up", target_is_directory=True)
     a_file = tmp_path / "a_file"
     a_file.write_bytes(b"mine")
-    for dest in (link, a_file):
-        with pytest.raises(StorageError, match=f"{dest} is not a folder, and a prefix replaces"):
+    for dest, kind in ((link, "a symbolic link"), (a_file, "a file")):
+        with pytest.raises(StorageError) as e:
             download(uri, dest)
+        assert str(e.value) == (f"cannot download {uri} to {dest}: {dest} is {kind}, not a folder, and a prefix "
+                                "replaces its destination as a whole; give a folder of its own, or replace it "
+                                "(`sonossl artifacts pull --replace`, replace=True)")
+    # nothing is deleted unasked: a hidden name like a temporary one, a killed write's file, an empty folder; and
+    # with the '/' already given there is no folder of its own to suggest
+    for extra in (".settings.old-2024", ".frames.npy.tmp-123.npy", "empty/"):
+        mine = tmp_path / "dl" / "export"
+        shutil.rmtree(tmp_path / "dl", ignore_errors=True)
+        download(uri, f"{tmp_path / 'dl'}/")
+        (mine / extra).mkdir() if extra.endswith("/") else (mine / extra).write_bytes(b"mine")
+        with pytest.raises(StorageError) as e:
+            download(uri, f"{tmp_path / 'dl'}/")
+        assert f"{mine} holds 1 file(s) or folder(s) that {uri} does not ({extra}), and" in str(e.value)
+        assert "end it with '/'" not in str(e.value)
     assert a_file.read_bytes() == b"mine" and _read_tree(tmp_path / "up") == {"model.pt": b"new model",
                                                                                "ref/emb.npy": b"new emb"}
 
@@ -528,7 +542,7 @@ def test_a_pull_never_deletes_local_files_the_prefix_does_not_hold_unless_told(s
     assert out.returncode == 0, out.stderr
     assert _read_tree(models) == {"model.pt": b"new model", "ref/emb.npy": b"new emb"}
     refused = cli("pull", uri, str(a_file))
-    assert refused.returncode == 2 and "is not a folder" in refused.stderr and "--replace" in refused.stderr
+    assert refused.returncode == 2 and "is a file, not a folder" in refused.stderr and "--replace" in refused.stderr
 
 
 def test_push_with_delete_makes_the_prefix_a_copy_of_the_folder(s3_server, tmp_path):

@@ -221,7 +221,7 @@ def crossval_markdown(cv: dict) -> str:
         shown = "; ".join(f"{r['path']}: {r['reason']}" for r in cv.get("rejects", [])[:3])
         more = ", ..." if cv["rejected"] > 3 else ""
         left_out = (f" {cv['rejected']} video(s) of its labels.csv were left out by preprocessing as unusable "
-                    f"({shown}{more}; the clip dataset's meta.json lists them).")
+                    f"({shown}{more}; results.json and the clip dataset's meta.json list them).")
     return "\n".join([
         f"### Video classification, {cv['folds']}-fold cross-validation grouped by patient: {cv['dataset']}", "",
         *crossval_table(cv), "",

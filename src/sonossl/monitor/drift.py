@@ -64,8 +64,9 @@ class DriftParams:
     # more peak memory and 10,000 took 1,113 MiB (MMDDriftMethod alone), so a busy day ran out of memory unbounded.
     max_frames: int = 5000
     # Videos per calibration window: 0 takes the window's requests (a video sent whole is one request; in parts,
-    # each part is one), at most half the held-out videos; the thresholds are then made for windows of that many
-    # videos, so that a window of one scan is judged against single unchanged videos, not against ten at once.
+    # each part is one; counted by their times, as every row of a request has its time, whatever id the client
+    # gave), at most half the held-out videos; the thresholds are then made for windows of that many videos, so
+    # that a window of one scan is judged against single unchanged videos, not against ten at once.
     window_videos: int = 0
     seed: int = 0
     columns: tuple[str, ...] = STAT_COLUMNS
@@ -136,12 +137,17 @@ def calibration_videos(heldout, window_videos: int = 0) -> int:
     return min(window_videos, most) if window_videos > 0 else most
 
 
+def window_requests(current) -> int:
+    """The requests that ``current``'s rows came from: the server gives every row of a request that request's time
+    (``ts``), so distinct times count them; request ids would not, as a client may send every request with the same
+    v2 ``id`` (or none)."""
+    return int(current.ts.nunique())
+
+
 def window_videos(current, params: DriftParams) -> int:
-    """How many videos the window holds, for the calibration: ``params.window_videos`` when given, else its requests
-    (0, as many as the calibration allows, for a log without request ids)."""
-    if params.window_videos or "request_id" not in current.columns:
-        return params.window_videos
-    return int(current.request_id.nunique())
+    """How many videos the window holds, for the calibration: ``params.window_videos`` when given, else its
+    requests."""
+    return params.window_videos or window_requests(current)
 
 
 def null_thresholds(reference, heldout, columns: list[str], emb_cols: list[str], floors: dict[str, float],
@@ -366,12 +372,20 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     with tempfile.TemporaryDirectory(prefix="sonossl-model-") as tmp:
         card, reference, heldout = load_reference(_local_model_dir(model_dir, Path(tmp)))
     version = card["model_version"]
-    skipped: list[str] = []  # damaged lines of the log: left out, counted in the summary
+    skipped: list[str] = []  # damaged lines of the log that may hold rows of the window: left out, counted
     rows = read_request_log(log, since, until, skipped=skipped)
-    damage = f"; {len(skipped)} damaged line(s) or file(s) of the log left out, e.g. {skipped[0]}" if skipped else ""
+
+    def too_few(message: str) -> Exception:
+        """Too few frames is an answer (exit 3, or 0 on a schedule) only when no damaged line may have held the
+        window's rows; otherwise it cannot be told from a day whose rows are all unreadable: an error."""
+        if not skipped:
+            return TooFewFrames(message)
+        return ValueError(f"{message}, and {len(skipped)} damaged line(s) or file(s) of the log that may hold rows of "
+                          f"the window were left out, e.g. {skipped[0]}: repair or move aside the damaged part(s)")
+
     if rows.empty:
-        raise TooFewFrames(f"request log {log}: no rows in the window (need at least {params.min_frames} usable "
-                           f"frames of model {version}){damage}")
+        raise too_few(f"request log {log}: no rows in the window (need at least {params.min_frames} usable frames of "
+                      f"model {version})")
     columns = list(params.columns)
     emb_cols = [c for c in reference.columns if c.startswith("emb_")]
     if "model_version" not in rows.columns:
@@ -379,9 +393,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     other = rows[rows.model_version != version]
     ours = rows[rows.model_version == version]  # another model's rows may have other columns (embedding size)
     if ours.empty:
-        raise TooFewFrames(f"request log {log}: 0 usable frames of model {version} in the window (need at least "
-                           f"{params.min_frames}; {len(other)} rows of other model versions, none of this one)"
-                           f"{damage}")
+        raise too_few(f"request log {log}: 0 usable frames of model {version} in the window (need at least "
+                      f"{params.min_frames}; {len(other)} rows of other model versions, none of this one)")
     missing = [c for c in columns + emb_cols + ["blank", "height", "width"] if c not in ours.columns
                or ours[c].isna().all()]
     if missing:
@@ -390,9 +403,9 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
     blank = ours.blank.astype(bool)
     usable = ours[~blank]
     if len(usable) < params.min_frames:
-        raise TooFewFrames(f"request log {log}: {len(usable)} usable frames of model {version} in the window "
-                           f"(need at least {params.min_frames}; {len(other)} rows of other model versions, "
-                           f"{int(blank.sum())} blank frames left out){damage}")
+        raise too_few(f"request log {log}: {len(usable)} usable frames of model {version} in the window (need at "
+                      f"least {params.min_frames}; {len(other)} rows of other model versions, {int(blank.sum())} "
+                      "blank frames left out)")
     current = usable.iloc[np.linspace(  # read_request_log sorts the rows by time
         0, len(usable) - 1, min(params.max_frames, len(usable))).astype(int)]
     if len(current) < len(usable):
@@ -426,7 +439,7 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
         "log_damaged": len(skipped), "log_damaged_first": skipped[:5],
         "reference_frames": int(len(reference)), "heldout_frames": int(len(heldout)),
         "calibration": {"window_videos": calibration_videos(heldout, n_videos), "draws": params.null_draws,
-                        "window_requests": int(usable.request_id.nunique()) if "request_id" in usable else None,
+                        "window_requests": window_requests(usable),
                         "quantile": params.quantile, "margin": params.margin},
         "drift_detected": bool(detected),
         "drifted": [c for c in columns if col_drift[c]] + (["embedding"] if emb_drift else [])
@@ -467,7 +480,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     cal = summary.get("calibration", {})
     if cal.get("window_videos"):
         lines.append(f"  thresholds from {cal['draws']} windows of {cal['window_videos']} unchanged held-out video(s)"
-                     + (f" (the window's requests: {cal['window_requests']})" if cal.get("window_requests") else ""))
+                     f" (the window's requests: {cal.get('window_requests')}; --window-videos sets the number)")
     if summary.get("log_damaged"):
         lines.append(f"  {summary['log_damaged']} damaged line(s) or file(s) of the log left out, e.g. "
                      f"{summary['log_damaged_first'][0]}")

@@ -293,8 +293,10 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
 
     A line that is not a JSON object, a row whose ``ts`` is not an ISO 8601 time, or a part that is not UTF-8 text
     (the server writes none of these: another tool, or damage) is an error naming the file and line; with a
-    ``skipped`` list, it is left out instead and described there (a report then judges the rows it could read, and
-    says how many it could not), unless nothing could be read at all."""
+    ``skipped`` list, it is left out with a warning instead, unless nothing could be read at all, and described in
+    ``skipped`` when it may hold a row of the window: a part written by the day after ``until`` (a part's rows are
+    written before it, the day's margin for a clock), or outside any ``date=`` folder. (Rows held through a storage
+    outage can land in a later part; damage there is warned about, not counted against every window before it.)"""
     import pandas as pd
 
     uri = str(uri)
@@ -304,12 +306,16 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
     names = _part_files(uri, first_day)
     if not names and not (first_day is not None and is_s3(uri) and _holds_anything(uri)):
         raise FileNotFoundError(f"request log {uri}: no log files (part-*.jsonl) found")
-    bad: list[str] = []
+    bad: list[str] = []  # every damaged line or file read
+    in_window: list[str] = []  # those that may hold a row of the window
+    last_day = until.astimezone(UTC).date() + timedelta(days=1) if until is not None else None
 
-    def damaged(problem: str) -> None:
+    def damaged(problem: str) -> None:  # of the part being read (``day``: its date, None outside a date= folder)
         if skipped is None:
             raise ValueError(problem)
         bad.append(problem)
+        if last_day is None or day is None or day <= last_day:
+            in_window.append(problem)
 
     for name in names:
         day = _written_on(name)
@@ -361,7 +367,7 @@ def read_request_log(uri: str | Path, since: datetime | None = None, until: date
         if not any(len(f) for f in frames):
             raise ValueError(f"request log {uri}: no readable row, {len(bad)} damaged line(s) or file(s), e.g. "
                              f"{bad[0]}; is this a sonossl request log?")
-        skipped.extend(bad)  # type: ignore[union-attr]  # bad is only filled when skipped is a list
+        skipped.extend(in_window)  # type: ignore[union-attr]  # only filled when skipped is a list
     frames = [f for f in frames if len(f)]
     if not frames:  # every part is of a day before the window, or empty
         return pd.DataFrame({"ts": pd.Series([], dtype="datetime64[ns, UTC]")})

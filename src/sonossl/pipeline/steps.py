@@ -106,8 +106,9 @@ def check_gaze_maps(raw_dir: Path, dataset: str, tasks: list[str]) -> None:
 def check_crossval_listing(raw_dir: Path, dataset: str, folds: int | None = None) -> None:
     """Fail, naming the dataset and a row, when a video of the raw dataset has no ``patient_id`` (crossval groups
     folds by it) or neither a ``label`` nor an ``annotations`` file (crossval classifies whole videos); with
-    ``folds``, also when there are fewer folds than 2 or a class (of the videos labelled in labels.csv) has fewer
-    patients than folds. Only labels.csv is read, so a local run fails before kfp starts."""
+    ``folds``, also when there are fewer folds than 2 or, where labels.csv labels every video (not an annotations
+    file: crossval checks those), a class has fewer patients than folds. Only labels.csv is read, so a local run fails
+    before kfp starts."""
     from sonossl.data.clips import read_listing
     from sonossl.train.crossval import check_class_patients
 
@@ -126,9 +127,9 @@ def check_crossval_listing(raw_dir: Path, dataset: str, folds: int | None = None
         return
     if folds < 2:
         raise ValueError(f"folds: at least 2, got {folds}")
-    labelled = listing[~empty("label")]
-    check_class_patients(labelled["label"].tolist(), labelled["patient_id"].to_numpy(), folds,
-                         f"{dataset} (folds={folds}; labels.csv)")
+    if not empty("label").any():
+        check_class_patients(listing["label"].tolist(), listing["patient_id"].to_numpy(), folds,
+                             f"{dataset} (folds={folds}; labels.csv)")
 
 
 def _flat(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:

@@ -33,7 +33,7 @@ import posixpath
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from sonossl.atomic import atomic_dir, current_umask, fsync_file, is_temporary
@@ -577,14 +577,24 @@ def _safe_relative(bucket: str, key: str, prefix: str, uri: str) -> str:
 
 def _would_delete(dest: Path, incoming: set[str]) -> list[str]:
     """What replacing ``dest`` by a folder of the files ``incoming`` (paths relative to it) would lose: ``dest``
-    itself when it is a file or a symbolic link, else its files that are not incoming (relative paths, sorted;
-    temporary files of a killed write left out)."""
+    itself when it is a file or a symbolic link, else every entry under it that is not incoming (relative paths,
+    sorted; an empty folder ends in '/'), hidden and temporary-looking names included: a pull deletes nothing
+    unasked."""
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         return [str(dest)]
     if not dest.exists():
         return []
-    rels = (p.relative_to(dest) for p in dest.rglob("*") if p.is_file() or p.is_symlink())
-    return sorted(r.as_posix() for r in rels if r.as_posix() not in incoming and not any(map(is_temporary, r.parts)))
+    folders = {str(PurePosixPath(rel).parent) for rel in incoming}
+    folders |= {str(p) for rel in folders for p in PurePosixPath(rel).parents}
+    lost = []
+    for p in dest.rglob("*"):
+        rel = p.relative_to(dest).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            if rel not in folders and not any(p.iterdir()):
+                lost.append(rel + "/")
+        elif rel not in incoming:
+            lost.append(rel)
+    return sorted(lost)
 
 
 def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, progress: bool = False,
@@ -634,13 +644,18 @@ def download(uri: str, local_path: str | os.PathLike, *, client: Any = None, pro
     rels = [(o, _safe_relative(bucket, o["Key"], prefix, uri)) for o in objects]
     lost = [] if replace else _would_delete(local_path, {rel for _, rel in rels})
     if lost:
-        what = (f"{local_path} is not a folder" if lost == [str(local_path)] else
-                f"{local_path} holds {len(lost)} file(s) that {uri} does not ({', '.join(lost[:3])}"
-                f"{', ...' if len(lost) > 3 else ''})")
+        into_it = ""
+        if lost != [str(local_path)]:
+            what = (f"{local_path} holds {len(lost)} file(s) or folder(s) that {uri} does not "
+                    f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''})")
+            if not into:  # a folder of its own inside it (with the '/' already given, that folder is this one)
+                into_it = (f" end it with '/' to download into it ({local_path}/"
+                           f"{posixpath.basename(prefix.rstrip('/')) or bucket}),")
+        else:
+            what = f"{local_path} is {'a symbolic link' if local_path.is_symlink() else 'a file'}, not a folder"
         raise StorageError(f"cannot download {uri} to {local_path}: {what}, and a prefix replaces its destination "
-                           f"as a whole; give a folder of its own, end it with '/' to download into it "
-                           f"({local_path}/{posixpath.basename(prefix.rstrip('/')) or bucket}), or replace it "
-                           "(`sonossl artifacts pull --replace`, replace=True)")
+                           f"as a whole; give a folder of its own,{into_it} or replace it (`sonossl artifacts pull "
+                           "--replace`, replace=True)")
     with _progress(sum(int(o["Size"]) for o in objects), f"download {local_path.name}", progress) as bar, \
             atomic_dir(local_path) as staging:
         for obj, rel in rels:

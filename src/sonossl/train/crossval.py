@@ -284,7 +284,7 @@ def crossval(clips_dir: str | Path, out_dir: str | Path, params: Params, progres
         results.append(entry)
     out = {"dataset": str(clips_dir), "data_version": d.data.version, "folds": cv.folds, "classes": d.classes,
            "videos": int(len(vid_ids)), "patients": int(videos.patient.nunique()),
-           # videos of labels.csv that preprocessing left out as unusable (meta.json lists at most 20)
+           # videos of labels.csv that preprocessing left out as unusable, each with its reason (from meta.json)
            "rejected": int(d.data.meta.get("counts", {}).get("rejected", 0)),
            "rejects": d.data.meta.get("rejects", []),
            "fold_of_video": {str(idx.video[idx.video_idx == v].iloc[0]): int(fo) for v, fo in zip(vid_ids, fold_of)},
