@@ -144,12 +144,6 @@ def window_requests(current) -> int:
     return int(current.ts.nunique())
 
 
-def window_videos(current, params: DriftParams) -> int:
-    """How many videos the window holds, for the calibration: ``params.window_videos`` when given, else its
-    requests."""
-    return params.window_videos or window_requests(current)
-
-
 def null_thresholds(reference, heldout, columns: list[str], emb_cols: list[str], floors: dict[str, float],
                     params: DriftParams, videos_per_window: int = 0) -> tuple[dict[str, float], dict[str, float]]:
     """(thresholds, quantiles): scores of windows of ``videos_per_window`` whole held-out videos (never trained on;
@@ -414,7 +408,8 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
             len(usable), len(current))
 
     floors = {**{c: EVIDENTLY_WASSERSTEIN for c in columns}, "embedding": EVIDENTLY_MMD}
-    n_videos = window_videos(usable, params)
+    requests = window_requests(usable)
+    n_videos = params.window_videos or requests  # the window's videos, for the calibration
     thresholds, baseline = null_thresholds(reference, heldout, columns, emb_cols, floors, params, n_videos)
     snap, scores = _evidently_scores(reference, current, columns, emb_cols, thresholds)
 
@@ -439,7 +434,7 @@ def drift_report(model_dir: str | Path, log: str | Path, out_dir: str | Path, *,
         "log_damaged": len(skipped), "log_damaged_first": skipped[:5],
         "reference_frames": int(len(reference)), "heldout_frames": int(len(heldout)),
         "calibration": {"window_videos": calibration_videos(heldout, n_videos), "draws": params.null_draws,
-                        "window_requests": window_requests(usable),
+                        "window_requests": requests,
                         "quantile": params.quantile, "margin": params.margin},
         "drift_detected": bool(detected),
         "drifted": [c for c in columns if col_drift[c]] + (["embedding"] if emb_drift else [])
