@@ -54,7 +54,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
       > /tmp/requirements.txt \
  && pip install -c constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY src ./src
 # the Kubeflow component and pipeline definitions, so `sonossl pipeline compile --out /work/pipelines` works inside
 # the image too (with --out: /app, where the default dist/pipelines would go, belongs to root, not the image's user)
@@ -67,7 +67,8 @@ RUN pip install setuptools==84.2.1 \
  && pip check \
  && python -c "import sonossl, torch; print('sonossl', sonossl.__version__, 'torch', torch.__version__)"
 # `sonossl <step>` reads ./params.yaml by default: the profiles travel with the image. The pipeline steps read
-# $SONOSSL_PARAMS, set here so that they find it whatever working directory a task starts in.
+# $SONOSSL_PARAMS, set here so that they find it whatever working directory a task starts in, and so does
+# `sonossl <step>` started in a folder without a params.yaml of its own (`docker run -w /work ...`).
 COPY params.yaml ./
 ENV SONOSSL_PARAMS=/app/params.yaml
 

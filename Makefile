@@ -215,17 +215,19 @@ contact-sheet: setup
 	sonossl contact-sheet --raw data/raw/sim --out docs/contact_sheet.png --per-class 6 --real $(POCUS)
 
 # The one image (Dockerfile): cpu variant tagged <TAG>, cuda variant <TAG>-cuda; TAG is the package version unless
-# given (TAG=0.1.0-$(git rev-parse --short HEAD) for unreleased code: nodes do not pull a tag they hold). Needs Docker.
+# given (TAG=0.1.0-$(git rev-parse --short HEAD) for unreleased code: nodes do not pull a tag they hold);
+# VARIANTS=cpu (or cuda) builds and pushes one of them. Needs Docker.
 IMAGE ?= ghcr.io/sonossl/sonossl
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 TAG ?= $(VERSION)
+VARIANTS ?= cpu cuda
+tag = $(IMAGE):$(TAG)$(if $(filter cpu,$(1)),,-$(1))
 image:
-	docker build --build-arg VARIANT=cpu  --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(TAG) .
-	docker build --build-arg VARIANT=cuda --build-arg SONOSSL_VERSION=$(VERSION) -t $(IMAGE):$(TAG)-cuda .
+	$(foreach v,$(VARIANTS),docker build --build-arg VARIANT=$(v) --build-arg SONOSSL_VERSION=$(VERSION) \
+		-t $(call tag,$(v)) . &&) true
 
 image-push: image
-	docker push $(IMAGE):$(TAG)
-	docker push $(IMAGE):$(TAG)-cuda
+	$(foreach v,$(VARIANTS),docker push $(call tag,$(v)) &&) true
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,7 +5,7 @@ function of ``sonossl.pipeline.steps``. They are ``@dsl.component``s with ``inst
 packages to install: the image (``IMAGE``, tagged with the package version) already holds sonossl and kfp, and
 ``kfp.local``'s SubprocessRunner runs them with this interpreter. The helpers below add what the cluster needs.
 
-    from components import GPU_IMAGE, gpu_step, with_s3_credentials
+    from sonossl.kubeflow.components import GPU_IMAGE, gpu_step, with_s3_credentials
     task = gpu_step(with_s3_credentials(pretrain(clips=..., data_version=..., profile="gpu")))
     task.set_container_image(GPU_IMAGE)
 """

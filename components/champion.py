@@ -1,13 +1,13 @@
 """The champion component: the deploy gate. Does the new model beat the one being served?
 
-    from components.champion import champion
+    from sonossl.kubeflow.components.champion import champion
     gate = champion(name="sonossl", namespace="models", metric="planes.val.macro_f1", score=exp.outputs["score"])
     with dsl.If(gate.output == "deploy"): ...
 """
 
 from kfp import dsl
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

@@ -1,13 +1,13 @@
 """The crossval component: video classification, k-fold cross-validation grouped by patient (GPU step).
 
-    from components.crossval import crossval
+    from sonossl.kubeflow.components.crossval import crossval
     task = crossval(clips=pre.outputs["clips"], data_version=pre.outputs["Output"], profile="gpu")
 """
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Output
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

@@ -1,7 +1,7 @@
 """The deploy component: upload the exported model to the model store and serve it with KServe (optionally as a
 canary).
 
-    from components.deploy import deploy
+    from sonossl.kubeflow.components.deploy import deploy
     task = deploy(model=exp.outputs["model"], model_store="s3://sonossl/models/export", name="sonossl",
                   namespace="sonossl", image=IMAGE, service_account="sonossl-s3", runtime="sonossl")
 """
@@ -9,7 +9,7 @@ canary).
 from kfp import dsl
 from kfp.dsl import Input, Model
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

@@ -1,13 +1,13 @@
 """The drift component: an Evidently drift report over the endpoint's request log, against the model's reference.
 
-    from components.drift import drift
+    from sonossl.kubeflow.components.drift import drift
     task = drift(model_uri="s3://models/sonossl/export", request_log="s3://logs/sonossl/")   # task.output: bool
 """
 
 from kfp import dsl
 from kfp.dsl import HTML, Metrics, Output
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

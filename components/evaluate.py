@@ -1,6 +1,6 @@
 """The evaluate component: the results report of the main line (SSL against scratch, per task).
 
-    from components.evaluate import evaluate
+    from sonossl.kubeflow.components.evaluate import evaluate
     task = evaluate(encoder=pt.outputs["encoder"], ssl=dsl.Collected(ssl_ft.outputs["model"]),
                     scratch=dsl.Collected(scratch_ft.outputs["model"]))   # finetune tasks in dsl.ParallelFor
 """
@@ -10,7 +10,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Input, Markdown, Metrics, Model, Output
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

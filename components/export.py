@@ -1,6 +1,6 @@
 """The export component: the model to serve, with its model card and reference statistics.
 
-    from components.export import export
+    from sonossl.kubeflow.components.export import export
     task = export(clips=..., data_version=..., profile="gpu", ssl=dsl.Collected(ssl_ft.outputs["model"]),
                   scratch=dsl.Collected(scratch_ft.outputs["model"]), metric="planes.val.macro_f1")
     task.outputs["score"]
@@ -11,7 +11,7 @@ from typing import List, NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

@@ -1,6 +1,6 @@
 """The finetune component: downstream training from a pretrained encoder, or from scratch (GPU step).
 
-    from components.finetune import finetune
+    from sonossl.kubeflow.components.finetune import finetune
     ssl = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="ssl-planes", encoder=enc)
     scratch = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="scratch-planes")
     scored = finetune(clips=..., data_version=..., profile="gpu", task="planes", name="ssl-planes", encoder=enc,
@@ -12,7 +12,7 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

@@ -1,6 +1,6 @@
 """The preprocess component: a raw dataset (S3 prefix, DVC revision or local folder) -> a versioned clip dataset.
 
-    from components.preprocess import preprocess
+    from sonossl.kubeflow.components.preprocess import preprocess
     task = preprocess(dataset="s3://datasets/raw/sim", profile="default", tasks=["planes", "saliency"])
     # outputs: "clips", "Output" (version)
     test = preprocess_test(dataset="s3://datasets/raw/sim_test", profile="default", tasks=["planes"])  # "": none
@@ -9,7 +9,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

@@ -1,13 +1,13 @@
 """The pretrain component: pretext training of the frame encoder on the clip dataset (GPU step).
 
-    from components.pretrain import pretrain
+    from sonossl.kubeflow.components.pretrain import pretrain
     task = pretrain(clips=pre.outputs["clips"], data_version=pre.outputs["Output"], profile="gpu")
 """
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import COMPONENT_OPTIONS
+from sonossl.kubeflow.components import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

@@ -11,9 +11,9 @@ does). The preprocess task runs the project image (the ``image`` parameter) and 
 
 from kfp import dsl
 
-from components import cpu_step, gpu_step, with_s3_credentials
-from components.crossval import crossval as crossval_step
-from components.preprocess import preprocess
+from sonossl.kubeflow.components import cpu_step, gpu_step, with_s3_credentials
+from sonossl.kubeflow.components.crossval import crossval as crossval_step
+from sonossl.kubeflow.components.preprocess import preprocess
 from sonossl.pipeline import GPU_IMAGE, IMAGE
 
 

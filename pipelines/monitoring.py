@@ -8,8 +8,8 @@ the last (``window_days``, yesterday by default), on the model the InferenceServ
 
 from kfp import dsl
 
-from components import cpu_step, with_s3_credentials
-from components.drift import drift
+from sonossl.kubeflow.components import cpu_step, with_s3_credentials
+from sonossl.kubeflow.components.drift import drift
 from sonossl.pipeline import IMAGE
 
 

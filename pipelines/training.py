@@ -22,14 +22,14 @@ scored on, as ``dvc repro`` scores ``data/raw/sim_test``; without it, the runs a
 from kfp import dsl
 from kfp.dsl import Model
 
-from components import cpu_step, gpu_step, with_s3_credentials
-from components.champion import champion
-from components.deploy import deploy
-from components.evaluate import evaluate
-from components.export import export
-from components.finetune import finetune
-from components.preprocess import preprocess, preprocess_test
-from components.pretrain import pretrain
+from sonossl.kubeflow.components import cpu_step, gpu_step, with_s3_credentials
+from sonossl.kubeflow.components.champion import champion
+from sonossl.kubeflow.components.deploy import deploy
+from sonossl.kubeflow.components.evaluate import evaluate
+from sonossl.kubeflow.components.export import export
+from sonossl.kubeflow.components.finetune import finetune
+from sonossl.kubeflow.components.preprocess import preprocess, preprocess_test
+from sonossl.kubeflow.components.pretrain import pretrain
 from sonossl.pipeline import GPU_IMAGE, IMAGE
 from sonossl.pipeline.steps import DOWNSTREAM_TASKS
 

@@ -59,6 +59,22 @@ def test_bad_parameter_file_names_the_field(tmp_path, capsys):
     assert "tiny.simulate: unknown key(s) ['colour']" in capsys.readouterr().err
 
 
+def test_the_parameter_file_is_the_working_directorys_else_sonossl_params(tmp_path, capsys, monkeypatch):
+    """The image's case: `docker run -w /work IMAGE sonossl simulate ...` in a folder without a params.yaml reads
+    $SONOSSL_PARAMS (the image's own copy); a params.yaml in the working directory (a DVC repo's) comes first."""
+    from sonossl.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SONOSSL_PARAMS", raising=False)
+    assert main(["simulate", "--out", "sim"]) == 2
+    assert "params.yaml: parameter file not found" in capsys.readouterr().err
+    monkeypatch.setenv("SONOSSL_PARAMS", str(REPO / "params.yaml"))
+    assert build_parser().parse_args(["simulate", "--out", "sim"]).params == REPO / "params.yaml"
+    (tmp_path / "params.yaml").write_text("profile: tiny\n")
+    assert build_parser().parse_args(["simulate", "--out", "sim"]).params == Path("params.yaml")
+    assert build_parser().parse_args(["simulate", "--out", "sim", "--params", "p.yaml"]).params == Path("p.yaml")
+
+
 def test_bad_fractions_name_the_option(tmp_path, capsys):
     assert main(["finetune", "--profile", "tiny", "--clips", str(tmp_path), "--out", str(tmp_path / "ft"),
                  "--fractions", "0.05,5%"]) == 2

@@ -7,6 +7,7 @@ the Dockerfile in step with pyproject.toml, the installed torch build and the k8
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -173,3 +174,45 @@ def test_constraints_hold_every_pin_of_pyproject_and_both_installs_use_them():
     assert "$(STAMP): pyproject.toml constraints.txt" in (REPO / "Makefile").read_text()
     runs = [a for i, a in instructions() if i == "RUN"]
     assert any("pip install -c constraints.txt -r /tmp/requirements.txt" in a for a in runs)
+
+
+def test_the_wheel_holds_one_top_level_package_and_compiles_the_pipelines_beside_a_users_own(tmp_path):
+    """What `pip install .` (the image's install) puts in site-packages: the package ``sonossl`` alone, with the
+    repository's components/ and pipelines/ inside it as ``sonossl.kubeflow.*`` (top-level packages named
+    ``components`` and ``pipelines`` would clash with a user's own), every module of the checkout, and the
+    LICENSE. Installed so, it compiles the pipelines to the golden YAML from a folder holding a ``pipelines``
+    package of the user's (built in a copy of the checkout's files, with the virtualenv's setuptools)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("src", "components", "pipelines"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "golden"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("sonossl-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        top = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+        assert zf.read(top).decode().split() == ["sonossl"]
+        zf.extractall(tmp_path / "site")
+    package = REPO / "src/sonossl"
+    modules = {f"sonossl/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")}
+    modules |= {f"sonossl/kubeflow/{d}/{p.name}" for d in ("components", "pipelines") for p in (REPO / d).glob("*.py")}
+    assert not modules - names, f"left out of the wheel (pyproject.toml's packages): {sorted(modules - names)}"
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+
+    user = tmp_path / "project"
+    for pkg in ("components", "pipelines"):
+        (user / pkg).mkdir(parents=True)
+        (user / pkg / "__init__.py").write_text("raise SystemExit('imported a package of the user')\n")
+    code = "from sonossl.pipeline.spec import compile_pipelines; compile_pipelines('out')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", code], cwd=user, env=env, check=True, timeout=300)
+    for name in ("training", "monitoring", "crossval"):
+        assert (user / "out" / f"{name}.yaml").read_bytes() == (REPO / "pipelines/golden" / f"{name}.yaml").read_bytes()

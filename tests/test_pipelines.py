@@ -94,7 +94,7 @@ def test_training_yaml_carries_the_cluster_settings():
     assert {c.removeprefix("comp-").split("-")[0] for c in components} >= {
         "preprocess", "pretrain", "finetune", "evaluate", "export", "champion", "deploy"}
     # every CPU step requests CPU and memory (none runs BestEffort, the first evicted), the GPU steps their own
-    from components import CPU_REQUESTS
+    from sonossl.kubeflow.components import CPU_REQUESTS
 
     kinds = {"exec-preprocess": "preprocess", "exec-preprocess-test": "preprocess", "exec-evaluate": "evaluate",
              "exec-export": "export", "exec-champion": "control", "exec-deploy": "control"}
@@ -216,7 +216,7 @@ def test_compile_overrides_defaults_and_rejects_unknown_parameters(tmp_path):
     mon, _ = _docs(tmp_path / "monitoring.yaml")
     assert mon["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == "ghcr.io/sonossl/sonossl:0.9.1"
     # the drift step is no BestEffort pod either: it asks what the drift CronJob in k8s/ asks
-    from components import CPU_REQUESTS
+    from sonossl.kubeflow.components import CPU_REQUESTS
 
     res = mon["deploymentSpec"]["executors"]["exec-drift"]["container"]["resources"]
     assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == CPU_REQUESTS["drift"] == ("1", "2Gi")
@@ -239,7 +239,7 @@ def test_a_gpu_step_given_a_gpu_its_torch_cannot_use_fails_at_once(monkeypatch, 
     a CPU node) nothing is checked. The deploy step serves a GPU model with the CUDA image too."""
     import torch
 
-    from components.deploy import deploy
+    from sonossl.kubeflow.components.deploy import deploy
     from sonossl.pipeline import GPU_IMAGE, IMAGE
     from sonossl.pipeline.steps import require_usable_gpu
 

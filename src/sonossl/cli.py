@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -50,12 +51,20 @@ def _exit_code(text: str) -> int:
     return value
 
 
+def _default_params() -> Path:
+    """``params.yaml`` in the working directory, as DVC reads it; where there is none, ``$SONOSSL_PARAMS`` (the
+    image sets it to its own copy, so that a container started in another folder finds the profiles)."""
+    here, env = Path("params.yaml"), os.environ.get("SONOSSL_PARAMS")
+    return Path(env) if env and not here.is_file() else here
+
+
 def _add_params_args(p: argparse.ArgumentParser, note: str = "", profile: str | None = None) -> None:
     """--params and --profile; ``note`` says when they are read, ``profile`` is a default other than the file's."""
     default = (f"default: {profile}; the file's `profile:` is not read" if profile
                else "default: the file's `profile:`")
-    p.add_argument("--params", default="params.yaml", type=Path,
-                   help=f"parameter file (default: params.yaml){note}")
+    p.add_argument("--params", default=_default_params(), type=Path,
+                   help=f"parameter file (default: params.yaml, or $SONOSSL_PARAMS where the working directory has "
+                        f"none){note}")
     p.add_argument("--profile", default=profile, help=f"profile: tiny|default|gpu ({default}){note}")
 
 

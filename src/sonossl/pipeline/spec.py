@@ -20,8 +20,8 @@ from typing import Any
 
 from sonossl.atomic import atomic_write_bytes
 
-PIPELINES = {"training": ("pipelines.training", "training"), "monitoring": ("pipelines.monitoring", "monitoring"),
-             "crossval": ("pipelines.crossval", "crossval")}
+# name -> (module, attribute): the repository's pipelines/, installed as sonossl.kubeflow.pipelines
+PIPELINES = {name: (f"sonossl.kubeflow.pipelines.{name}", name) for name in ("training", "monitoring", "crossval")}
 # Parameter types of the pipeline IR, as Python types for ``key=value`` arguments
 _TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "LIST": list}
 
