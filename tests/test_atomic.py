@@ -85,3 +85,41 @@ def test_the_temporary_names_of_atomic_writes_and_downloads_are_recognised_and_n
     assert all(is_temporary(n) for n in made), made
     for data in ("frames.npy", ".dvcignore", ".env.local.tmp", ".data.v2.part", ".gitignore", "a.tmp"):
         assert not is_temporary(data), data
+
+
+def test_a_second_writer_of_the_same_folder_is_refused_and_leaves_the_first_ones_work_alone(tmp_path):
+    """Two runs into one output: the second is refused before it touches anything (it used to delete the first
+    one's staging folder, whose workers then wrote a dataset with files missing, both exiting 0); the first ends
+    whole; a staging folder nobody holds (a killed run's) is still cleared away."""
+    out = tmp_path / "ds"
+    with atomic.atomic_dir(out) as staging:
+        (staging / "a.txt").write_text("first")
+        with pytest.raises(atomic.OutputRefused, match=r"ds: another process is writing it now \(\.ds\.staging-"):
+            with atomic.atomic_dir(out):
+                pass
+        assert staging.is_dir() and (staging / "a.txt").is_file()
+    assert (out / "a.txt").read_text() == "first"
+    left = tmp_path / ".ds.staging-abcd1234"
+    left.mkdir()
+    with atomic.atomic_dir(out) as staging:
+        (staging / "b.txt").write_text("second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"] and (out / "b.txt").is_file()
+
+
+def test_an_output_is_replaced_only_where_it_holds_nothing_but_an_earlier_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "link").symlink_to(mine)
+    for path, said in ((".", "is the working directory"), ("..", "or a folder above it"),
+                       ("afile", "is a file"), ("link", "is a symbolic link"),
+                       ("mine", r"holds 1 file\(s\) or folder\(s\) \(notes.txt\) but no meta.json")):
+        with pytest.raises(atomic.OutputRefused, match=said):
+            atomic.check_replaceable(path, "meta.json", "clip dataset")
+    (mine / "meta.json").write_text("{}")
+    atomic.check_replaceable("mine", "meta.json", "clip dataset")  # an earlier one: replaced
+    atomic.check_replaceable("new/sub", "meta.json", "clip dataset")
+    (tmp_path / "empty").mkdir()
+    atomic.check_replaceable("empty", "meta.json", "clip dataset")

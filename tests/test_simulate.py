@@ -248,3 +248,53 @@ def test_faster_sums_and_scatterers_give_the_same_bits():
     for seed in (0, 12345, 2**31 - 1):
         for got, want in zip(scatterers(p, seed), reference(p, seed), strict=True):
             assert np.array_equal(got, want)
+
+
+def test_settings_out_of_range_and_outputs_that_hold_other_files_are_refused_by_name(tmp_path, capsys):
+    """A setting outside what renders is one line naming it and the file (beams 0 was an IndexError, crf 99 was
+    recorded but encoded at 51, fps below 1 failed with "high <= 0"); --out over a folder of other files, a file
+    or the working directory is refused before any work (it replaced them)."""
+    from sonossl.cli import main
+
+    for setting, said in (("beams: 0", "tiny.simulate.beams: must be at least 8, got 0"),
+                          ("crf: 99", "tiny.simulate.crf: must be from 0 (lossless) to 51"),
+                          ("fps: 0.5", "tiny.simulate.fps: must be from 1 to 120, got 0.5"),
+                          ("height: 20000", "tiny.simulate.height: must be an even number from 64 to 2048")):
+        params = tmp_path / "p.yaml"
+        params.write_text(f"profile: tiny\ntiny:\n  simulate:\n    {setting}\n")
+        assert main(["simulate", "--params", str(params), "--out", str(tmp_path / "sim")]) == 2
+        assert f"{params}: {said}" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: 1\n")
+    assert main(["simulate", "--params", str(params), "--out", str(mine)]) == 2
+    assert "but no simulator.json" in capsys.readouterr().err and (mine / "thesis.txt").read_text() == "precious"
+    assert not (tmp_path / "sim").exists()
+
+
+def test_sigterm_stops_the_workers_and_leaves_no_staging_folder(tmp_path):
+    """`timeout`, a scheduler or `kill` end a run as Ctrl-C does: exit 143, the workers gone, no staging folder
+    (SIGTERM left both workers alive and idle, and the staging folder, behind)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    params = tmp_path / "p.yaml"
+    params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: 24\n    seconds: 6\n    height: 96\n"
+                      "    workers: 2\n")
+    proc = subprocess.Popen([sys.executable, "-m", "sonossl.cli", "-q", "simulate", "--params", str(params),
+                             "--out", str(tmp_path / "ds")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".ds.staging-*/videos/*.mp4")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert children, "the run should render with two worker processes"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped (SIGTERM)" in proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+    time.sleep(0.5)
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid

@@ -11,12 +11,57 @@ Every file and dataset directory sonossl produces goes through here, so that an 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+class OutputRefused(ValueError):
+    """An output path that cannot be written: replacing it would destroy what is not an earlier output of the same
+    step, or another process is writing it now."""
+
+
+def check_replaceable(path: str | os.PathLike, marker: str, what: str) -> None:
+    """Refuse, before any work, an output folder whose replacement would delete something else: the working
+    directory or a folder above it, a file or symbolic link in the folder's place, or a folder that holds anything
+    but lacks ``marker``, the file every ``what`` holds (an earlier output of the same step is replaced, as
+    ``atomic_dir`` does; an empty folder is filled)."""
+    path = Path(path)
+    where, here = path.resolve(), Path.cwd().resolve()
+    if where == here or where in here.parents:
+        raise OutputRefused(f"{path}: is the working directory{'' if where == here else ' or a folder above it'}, "
+                            f"which the {what} would replace: give a folder of its own")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        kind = "a symbolic link" if path.is_symlink() else "a file"
+        raise OutputRefused(f"{path}: is {kind}, which the {what} would replace: give a folder path "
+                            f"{'(the folder it links to) ' if path.is_symlink() else ''}instead")
+    if path.is_dir() and not (path / marker).is_file():
+        held = sorted(p.name for p in path.iterdir())
+        if held:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise OutputRefused(f"{path}: holds {len(held)} file(s) or folder(s) ({shown}) but no {marker}, so it "
+                                f"is not an earlier {what}, and writing one there would delete them: give a new or "
+                                "empty folder, or delete this one first")
+
+
+def _held_by_another(folder: Path) -> bool:
+    """Whether a running ``atomic_dir`` holds ``folder`` (its staging folder, or the one it has just put in place):
+    it keeps a lock on it while it writes, which the kernel drops when the process ends, however it ends."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it our lock
+    return False
 
 
 def current_umask() -> int:
@@ -108,20 +153,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     between leaves its pieces, which the next run puts right: a staging folder or a half-deleted old one
     (``.name.trash-PID``) is deleted; a swapped-out previous one (``.name.old-PID``, whole: it is renamed to trash
     before any of it is deleted) comes back when ``path`` is missing (killed between the two renames), the newest if
-    there are several, and is deleted otherwise. One writer per ``path`` at a time: a second one would delete the
-    first one's staging folder.
+    there are several, and is deleted otherwise. One writer per ``path`` at a time: while another process is writing
+    it (its staging folder, or the new ``path`` until it is done, is locked), OutputRefused, before anything is
+    touched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Leftovers of runs that were killed before they could clean up.
+    busy = [p for p in [*path.parent.glob(f".{path.name}.staging-*"), path] if _held_by_another(p)]
+    if busy:
+        raise OutputRefused(f"{path}: another process is writing it now ({busy[0].name} is in use): wait for it to "
+                            "finish, or stop it, then run again")
+    # Leftovers of runs that were killed before they could clean up (a staging folder that another writer has
+    # locked since the check above is its, not a leftover)
     for stale in [*path.parent.glob(f".{path.name}.staging-*"), *path.parent.glob(f".{path.name}.trash-*")]:
-        _remove_tree(stale)
+        if not _held_by_another(stale):
+            _remove_tree(stale)
     swapped = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.lstat().st_mtime_ns)
     if swapped and not (path.exists() or path.is_symlink()):
         os.replace(swapped.pop(), path)
     for old in swapped:
         _remove_tree(old)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # on the folder, whatever its name: held until the end, after the swap too
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         yield staging
@@ -143,6 +197,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        os.close(lock)
 
 
 def _remove_tree(path: Path) -> None:

@@ -11,11 +11,14 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 from sonossl import __version__
+from sonossl.atomic import check_replaceable
 
 
 def _utc_time(text: str):
@@ -73,10 +76,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from sonossl.data.simulate import simulate
 
     loaded = load_params(args.params, args.profile)
-    params = loaded.simulate_test if args.test_set else loaded.simulate
+    block = "simulate_test" if args.test_set else "simulate"
+    params = getattr(loaded, block)
     if params is None:
         raise ParamsError(f"{args.params}: {loaded.profile} has no simulate_test block, which --test-set renders")
-    report = simulate(args.out, params, progress=not args.quiet)
+    check_replaceable(args.out, "simulator.json", "simulated dataset")
+    report = simulate(args.out, params, progress=not args.quiet, section=f"{loaded.profile}.{block}")
     print(json.dumps(report.summary(), indent=2))
     return 0
 
@@ -86,6 +91,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from sonossl.data.clips import preprocess
 
     params = load_params(args.params, args.profile).preprocess
+    check_replaceable(args.out, "meta.json", "clip dataset")
     report = preprocess(args.raw, args.out, params, progress=not args.quiet)
     print(json.dumps(report.summary(), indent=2))
     return 0
@@ -187,6 +193,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from sonossl.config import load_params
     from sonossl.export import export
 
+    check_replaceable(args.out, "model_card.json", "model bundle")
     card = export(args.clips, args.finetune, args.out, load_params(args.params, args.profile),
                   tasks=_train_tasks(args))
     print(json.dumps({k: card[k] for k in ("model_version", "classes", "metrics")}, indent=2))
@@ -645,8 +652,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sonossl.config import ParamsError
 
+    def stop(signum, frame):  # SIGTERM (a scheduler, `timeout`, a pod being stopped) ends a step as Ctrl-C does:
+        # through its clean-up (staging folders removed, workers stopped), not with the process alone
+        print(f"sonossl {args.command}: stopped (SIGTERM)", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"sonossl {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ParamsError, FileNotFoundError, ValueError, FloatingPointError) as e:
         # Expected failures (bad parameters, bad inputs, a loss that diverged) get one clear line, not a traceback;
         # a setting out of its range is checked by the step that uses it, which does not know the file: named here

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sonossl.atomic import atomic_dir, atomic_write_text
-from sonossl.config import SimulateParams, as_dict
+from sonossl.config import AT_LEAST_1, NOT_NEGATIVE, SimulateParams, as_dict, check_ranges
 from sonossl.data.annotations import save_annotations
 from sonossl.data.bmode import BModeRenderer, Settings
 from sonossl.data.gaze import saliency_maps, simulate_gaze
@@ -156,14 +156,29 @@ class SimulateReport:
                 "labels": self.label_counts, "seconds": round(self.seconds, 1)}
 
 
-def simulate(out_dir: str | Path, params: SimulateParams, progress: bool = True) -> SimulateReport:
-    """Render ``params.videos`` sweeps into a raw dataset at ``out_dir`` (replaced atomically)."""
+# What each setting must be, checked before any work (the smallest images that render, H.264's quality range, and
+# bounds that keep one sweep's frames in memory): ParamsError names the setting.
+RANGES = {
+    "videos": AT_LEAST_1,
+    "seconds": (lambda v: 0 < v <= 600, "more than 0 and at most 600 (ten minutes a sweep)"),
+    "fps": (lambda v: 1 <= v <= 120, "from 1 to 120"),
+    "height": (lambda v: 64 <= v <= 2048 and v % 2 == 0, "an even number from 64 to 2048"),
+    "beams": (lambda v: v >= 8, "at least 8"),
+    "samples": (lambda v: v >= 16, "at least 16"),
+    "saliency_size": AT_LEAST_1,
+    "crf": (lambda v: 0 <= v <= 51, "from 0 (lossless) to 51, H.264's range"),
+    "seed": NOT_NEGATIVE,
+    "workers": NOT_NEGATIVE,
+}
+
+
+def simulate(out_dir: str | Path, params: SimulateParams, progress: bool = True,
+             section: str = "simulate") -> SimulateReport:
+    """Render ``params.videos`` sweeps into a raw dataset at ``out_dir`` (replaced atomically); ``section``: where
+    the parameters come from, for the message of one out of range."""
     from tqdm import tqdm
 
-    if params.videos < 1 or params.seconds <= 0 or params.fps <= 0:
-        raise ValueError(f"simulate: need videos >= 1, seconds > 0 and fps > 0, got {params}")
-    if params.height % 2 or params.height < 64:
-        raise ValueError(f"simulate.height: must be even and at least 64, got {params.height}")
+    check_ranges(section, params, RANGES)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     workers = min(params.videos, params.workers or os.cpu_count() or 1)
@@ -175,11 +190,18 @@ def simulate(out_dir: str | Path, params: SimulateParams, progress: bool = True)
                 rows[i] = _write_sweep(i, params, str(staging))
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            try:
                 futures = {pool.submit(_write_sweep, i, params, str(staging)): i for i in range(params.videos)}
                 for fut in as_completed(futures):
                     rows[futures[fut]] = fut.result()
                     bar.update()
+            except BaseException:
+                # Interrupted (Ctrl-C, SIGTERM) or failed: drop the queued sweeps and wait for the running ones,
+                # so that no worker writes into the staging folder after it is removed (as preprocess does)
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
         bar.close()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
