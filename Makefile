@@ -12,8 +12,16 @@ export DVC_NO_ANALYTICS := 1
 # dvc stages call `sonossl`: the one from this venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test ran bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time gpu-check drift-demo serve-example results contact-sheet image image-push clean
-setup: $(STAMP)
+.PHONY: setup exps-links run test ran bench label-seeds pretext-rates selection-oracle label-levers crossval-seeds pipeline-time gpu-check drift-demo serve-example results contact-sheet image image-push clean
+setup: $(STAMP) exps-links
+
+# Queued and --temp DVC experiments (`dvc exp run --queue`, `--temp`) run in copies of the repository under
+# .dvc/tmp/exps/, where the POCUS dataset's path, ../shared/data/pocus, would point inside .dvc/tmp: these links
+# send it to the ../shared beside the checkout.
+exps-links:
+	@if [ -d $(POCUS) ]; then mkdir -p .dvc/tmp/exps/standalone \
+	  && ln -sfn $(abspath ../shared) .dvc/tmp/exps/shared \
+	  && ln -sfn $(abspath ../shared) .dvc/tmp/exps/standalone/shared; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
