@@ -93,6 +93,12 @@ def test_dvc_repro_runs_once_then_only_what_changed(tmp_path):
     for stage in ("simulate", DATA):
         assert "modified:           src/sonossl/config.py" in _dvc(root, "status", stage), stage
 
+    # A stage runs the code of the repository it is in (the code DVC hashes), not the checkout the virtualenv's
+    # editable install points at: a queued experiment's copy, or a second clone sharing the venv
+    simulate = root / "src/sonossl/data/simulate.py"
+    simulate.write_text(simulate.read_text() + "\nimport sys\nprint('THIS COPY OF THE CODE', file=sys.stderr)\n")
+    assert "THIS COPY OF THE CODE" in _dvc(root, "repro", "simulate")
+
 
 def test_dvc_add_of_your_own_videos_gives_a_dvc_file_git_commits_and_ignores_the_videos(tmp_path):
     """README, "Your own videos", step 2: `dvc add data/raw/<name>`, then commit the .dvc file (a .gitignore of the
