@@ -123,3 +123,18 @@ def test_an_output_is_replaced_only_where_it_holds_nothing_but_an_earlier_output
     atomic.check_replaceable("new/sub", "meta.json", "clip dataset")
     (tmp_path / "empty").mkdir()
     atomic.check_replaceable("empty", "meta.json", "clip dataset")
+
+
+def test_a_file_system_without_locks_on_folders_still_writes(tmp_path, monkeypatch):
+    """NFS emulates flock with byte-range write locks, which a folder opened to read cannot take (EBADF): the
+    write goes on unguarded, as before the lock, instead of failing every step on such a volume."""
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
+    with atomic.atomic_dir(tmp_path / "ds") as staging:
+        (staging / "a.txt").write_text("x")
+        assert not atomic._held_by_another(staging)
+    assert (tmp_path / "ds" / "a.txt").read_text() == "x"

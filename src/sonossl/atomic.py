@@ -59,6 +59,8 @@ def _held_by_another(folder: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:  # no locks on folders here (see atomic_dir): nothing to tell
+        return False
     finally:
         os.close(fd)  # and with it our lock
     return False
@@ -175,7 +177,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _remove_tree(old)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
     lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(lock, fcntl.LOCK_EX)  # on the folder, whatever its name: held until the end, after the swap too
+    # on the folder, whatever its name: held until the end, after the swap too. A file system without locks on
+    # folders (NFS emulates flock with byte-range write locks, which a folder opened to read cannot take) writes
+    # unguarded, as before.
+    with contextlib.suppress(OSError):
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         yield staging
