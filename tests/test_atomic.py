@@ -115,7 +115,7 @@ def test_an_output_is_replaced_only_where_it_holds_nothing_but_an_earlier_output
     (tmp_path / "link").symlink_to(mine)
     for path, said in ((".", "is the working directory"), ("..", "or a folder above it"),
                        ("afile", "is a file"), ("link", "is a symbolic link"),
-                       ("mine", r"holds 1 file\(s\) or folder\(s\) \(notes.txt\) but no meta.json")):
+                       ("mine", r"holds 1 file\(s\) or folder\(s\) \(notes.txt\) but no file meta.json")):
         with pytest.raises(atomic.OutputRefused, match=said):
             atomic.check_replaceable(path, "meta.json", "clip dataset")
     (mine / "meta.json").write_text("{}")
@@ -138,3 +138,38 @@ def test_a_file_system_without_locks_on_folders_still_writes(tmp_path, monkeypat
         (staging / "a.txt").write_text("x")
         assert not atomic._held_by_another(staging)
     assert (tmp_path / "ds" / "a.txt").read_text() == "x"
+
+
+def test_a_writer_killed_with_sigkill_leaves_no_lock_behind_in_the_children_it_forked(tmp_path):
+    """A writer killed with SIGKILL (the OOM killer, `timeout -s KILL`) can leave idle pool workers behind: they must
+    not keep its lock (the output was refused to every later run for as long as they lived); its staging folder is
+    a leftover, cleared by the next run. Names with glob characters are guarded too."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run[1]"
+    script = ("import multiprocessing as mp, sys, time\nfrom sonossl import atomic\n"
+              "with atomic.atomic_dir(sys.argv[1]) as s:\n"
+              "    child = mp.get_context('fork').Process(target=time.sleep, args=(120,))\n"
+              "    child.start()\n    print(child.pid, flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        with pytest.raises(atomic.OutputRefused, match="another process is writing it now"):
+            with atomic.atomic_dir(out):
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert Path(f"/proc/{child}").exists(), "the forked child outlives the writer"
+        with atomic.atomic_dir(out) as staging:
+            (staging / "a.txt").write_text("after")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run[1]"]
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_an_output_named_dot_dot_is_refused_before_any_work(tmp_path):
+    with pytest.raises(atomic.OutputRefused, match=r"name the output folder itself"):
+        with atomic.atomic_dir(tmp_path / "x" / ".."):
+            pass

@@ -269,7 +269,7 @@ def test_settings_out_of_range_and_outputs_that_hold_other_files_are_refused_by_
     (mine / "thesis.txt").write_text("precious")
     params.write_text("profile: tiny\ntiny:\n  simulate:\n    videos: 1\n")
     assert main(["simulate", "--params", str(params), "--out", str(mine)]) == 2
-    assert "but no simulator.json" in capsys.readouterr().err and (mine / "thesis.txt").read_text() == "precious"
+    assert "but no file simulator.json" in capsys.readouterr().err and (mine / "thesis.txt").read_text() == "precious"
     assert not (tmp_path / "sim").exists()
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,9 +45,27 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str) -> None:
         held = sorted(p.name for p in path.iterdir())
         if held:
             shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-            raise OutputRefused(f"{path}: holds {len(held)} file(s) or folder(s) ({shown}) but no {marker}, so it "
+            raise OutputRefused(f"{path}: holds {len(held)} file(s) or folder(s) ({shown}) but no file {marker}, so it "
                                 f"is not an earlier {what}, and writing one there would delete them: give a new or "
                                 "empty folder, or delete this one first")
+
+
+# This process's writer locks (see atomic_dir). A forked child (a worker pool) closes its copies: a lock is shared by
+# every copy of its descriptor, so a child that outlives its writer (idle pool workers left by a writer killed with
+# SIGKILL) would otherwise hold the output locked for as long as it lives.
+_WRITER_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _WRITER_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _WRITER_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+# A new staging folder's name until its writer holds its lock (microseconds): one this old was left by a kill then
+NEW_STALE_S = 60.0
 
 
 def _held_by_another(folder: Path) -> bool:
@@ -83,9 +103,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 # The temporary names of the writes below (and of storage's downloads), `tempfile`'s random part being 8 of
-# [a-z0-9_]: `.<name>.<random>.tmp`, `.<name>.tmp-<pid><suffix>`, `.<name>.staging-<random>`, `.<name>.old-<pid>`
-# (the replaced folder, between its two renames), `.<name>.<random>.part`.
-_TEMPORARY = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.(?:tmp|part)|tmp-\d+(?:\.[^./]+)?|staging-[a-z0-9_]{8}|old-\d+)")
+# [a-z0-9_]: `.<name>.<random>.tmp`, `.<name>.tmp-<pid><suffix>`, `.<name>.staging-<random>` (`.<name>.new-<random>`
+# until its writer locks it), `.<name>.old-<pid>` (the replaced folder, between its two renames),
+# `.<name>.<random>.part`.
+_TEMPORARY = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.(?:tmp|part)|tmp-\d+(?:\.[^./]+)?"
+                        r"|(?:staging|new)-[a-z0-9_]{8}|old-\d+)")
 
 
 def is_temporary(name: str) -> bool:
@@ -160,29 +182,42 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     touched.
     """
     path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise OutputRefused(f"{path}: name the output folder itself (not '.' or '..')")
     path.parent.mkdir(parents=True, exist_ok=True)
-    busy = [p for p in [*path.parent.glob(f".{path.name}.staging-*"), path] if _held_by_another(p)]
-    if busy:
-        raise OutputRefused(f"{path}: another process is writing it now ({busy[0].name} is in use): wait for it to "
-                            "finish, or stop it, then run again")
+    name = glob.escape(path.name)
+
+    def staging_folders() -> list[Path]:
+        return sorted(path.parent.glob(f".{name}.staging-*"))
+
+    _refuse_if_busy(path, [*staging_folders(), path])
     # Leftovers of runs that were killed before they could clean up (a staging folder that another writer has
     # locked since the check above is its, not a leftover)
-    for stale in [*path.parent.glob(f".{path.name}.staging-*"), *path.parent.glob(f".{path.name}.trash-*")]:
+    for stale in [*staging_folders(), *path.parent.glob(f".{name}.trash-*")]:
         if not _held_by_another(stale):
             _remove_tree(stale)
-    swapped = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.lstat().st_mtime_ns)
+    for new in path.parent.glob(f".{name}.new-*"):
+        if time.time() - new.lstat().st_mtime > NEW_STALE_S and not _held_by_another(new):
+            _remove_tree(new)
+    swapped = sorted(path.parent.glob(f".{name}.old-*"), key=lambda p: p.lstat().st_mtime_ns)
     if swapped and not (path.exists() or path.is_symlink()):
         os.replace(swapped.pop(), path)
     for old in swapped:
         _remove_tree(old)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
-    lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    # The staging folder gets its name only once locked, so that no other writer takes it for a leftover. The lock is
     # on the folder, whatever its name: held until the end, after the swap too. A file system without locks on
     # folders (NFS emulates flock with byte-range write locks, which a folder opened to read cannot take) writes
     # unguarded, as before.
+    fresh = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    lock = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY)
+    _WRITER_LOCKS.add(lock)
     with contextlib.suppress(OSError):
         fcntl.flock(lock, fcntl.LOCK_EX)
+    staging = path.parent / f".{path.name}.staging-{fresh.name[len(f'.{path.name}.new-'):]}"
+    os.replace(fresh, staging)
     try:
+        # a writer that started at the same moment, past the check above: the later one to get here gives way
+        _refuse_if_busy(path, [p for p in staging_folders() if p != staging])
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         yield staging
         for root, _, files in os.walk(staging):
@@ -203,7 +238,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        _WRITER_LOCKS.discard(lock)
         os.close(lock)
+
+
+def _refuse_if_busy(path: Path, folders: list[Path]) -> None:
+    busy = [p for p in folders if _held_by_another(p)]
+    if busy:
+        raise OutputRefused(f"{path}: another process is writing it now ({busy[0].name} is in use): wait for it to "
+                            "finish, or stop it, then run again")
 
 
 def _remove_tree(path: Path) -> None:

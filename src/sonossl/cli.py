@@ -652,13 +652,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sonossl.config import ParamsError
 
+    me = os.getpid()
+
     def stop(signum, frame):  # SIGTERM (a scheduler, `timeout`, a pod being stopped) ends a step as Ctrl-C does:
-        # through its clean-up (staging folders removed, workers stopped), not with the process alone
-        print(f"sonossl {args.command}: stopped (SIGTERM)", file=sys.stderr)
+        # through its clean-up (staging folders removed, workers stopped), not with the process alone; said once,
+        # by this process, not by the workers it forked (which inherit the handler)
+        if os.getpid() == me:
+            print(f"sonossl {args.command}: stopped (SIGTERM)", file=sys.stderr)
         raise SystemExit(128 + signum)
 
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGTERM, stop)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -678,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"sonossl {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:  # main() called from other Python code (a test, a notebook): its handler back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ RANGES = {
     "samples": (lambda v: v >= 16, "at least 16"),
     "saliency_size": AT_LEAST_1,
     "crf": (lambda v: 0 <= v <= 51, "from 0 (lossless) to 51, H.264's range"),
+    "gain_db": (lambda v: -40 <= v <= 40, "from -40 to 40 (dB)"),
     "seed": NOT_NEGATIVE,
     "workers": NOT_NEGATIVE,
 }
