@@ -216,7 +216,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     staging = path.parent / f".{path.name}.staging-{fresh.name[len(f'.{path.name}.new-'):]}"
     os.replace(fresh, staging)
     try:
-        # a writer that started at the same moment, past the check above: the later one to get here gives way
+        # a writer that started at the same moment, past the check above: give way (if both do, neither writes)
         _refuse_if_busy(path, [p for p in staging_folders() if p != staging])
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         yield staging
