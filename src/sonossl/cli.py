@@ -644,6 +644,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _child_processes() -> list[int]:
+    """This process's descendants (Linux: the children of every thread, theirs, and so on; a task runs under a
+    shell), or none where /proc cannot say."""
+    found: list[int] = []
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                kids = [int(k) for k in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:  # the server has its own parser (KServe's options included): hand over everything
@@ -656,9 +671,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(signum, frame):  # SIGTERM (a scheduler, `timeout`, a pod being stopped) ends a step as Ctrl-C does:
         # through its clean-up (staging folders removed, workers stopped), not with the process alone; said once,
-        # by this process, not by the workers it forked (which inherit the handler)
+        # by this process, not by the workers it forked (which inherit the handler). Its child processes get the
+        # signal too (their own children included), as a Ctrl-C reaches the whole process group: a clean-up that
+        # waits for them (a worker pool, kfp.local's task processes) then waits for their ends, not for their work.
         if os.getpid() == me:
             print(f"sonossl {args.command}: stopped (SIGTERM)", file=sys.stderr)
+            for pid in _child_processes():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signum)
         raise SystemExit(128 + signum)
 
     previous = None
