@@ -875,21 +875,11 @@ def test_sigterm_stops_run_local_and_its_task_processes_at_once(tmp_path):
     running task to finish, 7-9 s of a tiny fine-tune in a review; on a real profile, a whole step)."""
     import signal
 
+    from sonossl.cli import _child_processes as descendants
+
     proc = subprocess.Popen([sys.executable, "-m", "sonossl.cli", "pipeline", "run-local", "--params",
                              str(REPO / "params.yaml"), "--out", str(tmp_path / "rl")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def descendants(pid: int) -> list[int]:
-        found, todo = [], [pid]
-        while todo:
-            for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-                try:
-                    kids = [int(k) for k in (task / "children").read_text().split()]
-                except OSError:
-                    continue
-                found += kids
-                todo += kids
-        return found
 
     def finetuning() -> bool:  # a fine-tune task has started: several seconds of work even on the tiny profile
         for pid in descendants(proc.pid):

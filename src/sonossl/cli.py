@@ -644,11 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _child_processes() -> list[int]:
-    """This process's descendants (Linux: the children of every thread, theirs, and so on; a task runs under a
-    shell), or none where /proc cannot say."""
+def _child_processes(root: int | None = None) -> list[int]:
+    """The descendants of process ``root`` (this process by default; Linux: the children of every thread, theirs,
+    and so on: a task runs under a shell), or none where /proc cannot say."""
     found: list[int] = []
-    todo = [os.getpid()]
+    todo = [os.getpid() if root is None else root]
     while todo:
         pid = todo.pop()
         for task in Path(f"/proc/{pid}/task").glob("*"):
